@@ -1,0 +1,107 @@
+"""`diffray` command line: init-model, data, train, generate, config.
+
+Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
+non-zero (2 for config errors). Heavy imports happen inside commands so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diffray.errors import DiffrayError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the sample set.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+
+@app.command("init-model")
+def init_model(preset: str = typer.Argument(..., help="tiny | sd15-shaped"),
+               out_dir: Path = typer.Argument(..., help="Directory to write the diffusers pipeline to"),
+               seed: int = typer.Option(0, help="Weight-init seed (deterministic)")) -> None:
+    """Build a randomly initialised Stable Diffusion pipeline dir (no download)."""
+    from diffray.models.tiny import build_pipeline_dir
+
+    path = build_pipeline_dir(out_dir, preset=preset, seed=seed)
+    typer.echo(f"wrote {preset} pipeline to {path}")
+
+
+@data_app.command("sample")
+def data_sample(out_dir: Path = typer.Argument(..., help="Directory for the generated dataset"),
+                num_images: int = typer.Option(32, min=1, help="Images in the train split"),
+                resolution: int = typer.Option(64, min=8, help="Image size in pixels"),
+                seed: int = typer.Option(0, help="Generator seed")) -> None:
+    """Generate the procedural captioned sample dataset (imagefolder + metadata.jsonl)."""
+    from diffray.data.sample import write_sample_dataset
+
+    path = write_sample_dataset(out_dir, num_images=num_images, resolution=resolution, seed=seed)
+    typer.echo(f"wrote sample dataset to {path}")
+
+
+@app.command("train", context_settings={"allow_extra_args": False})
+def train(config: Path = typer.Argument(..., help="Job YAML (see configs/)"),
+          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Train with Ray Train on the cluster in RAY_ADDRESS, or on a local one."""
+    from diffray.config import load_config
+    from diffray.trainers.runner import run_training
+
+    cfg = load_config(config, overrides or [])
+    result = run_training(cfg)
+    typer.echo(result.summary_line())
+
+
+@config_app.command("show")
+def config_show(config: Path = typer.Argument(..., help="Job YAML"),
+                overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Print the fully resolved config (defaults filled in) as YAML."""
+    import yaml
+
+    from diffray.config import load_config
+
+    cfg = load_config(config, overrides or [])
+    typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+@app.command("generate")
+def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)"),
+             adapter: Optional[Path] = typer.Option(None, help="LoRA adapter dir (pytorch_lora_weights.safetensors)"),
+             model: Optional[str] = typer.Option(None, help="Base model (default: the adapter card's base)"),
+             out: Path = typer.Option(Path("outputs/generated.png"), help="Output PNG (a grid)"),
+             seed: int = typer.Option(0, help="Seed of the first image"),
+             num_images: int = typer.Option(1, min=1, max=16, help="Images per prompt"),
+             steps: int = typer.Option(20, min=1, max=500, help="Sampler steps"),
+             guidance: float = typer.Option(7.5, min=0.0, max=50.0, help="Classifier-free guidance scale"),
+             lora_scale: float = typer.Option(1.0, help="LoRA strength"),
+             compare_base: bool = typer.Option(False, help="Add a row per prompt from the base model (same seeds)")) -> None:
+    """Render images with the base model and/or a LoRA adapter, saved as one grid PNG."""
+    from diffray.generate import generate_grid
+
+    path = generate_grid(prompts=prompt, adapter=str(adapter) if adapter else None, model=model, out=out,
+                         seed=seed, num_images=num_images, steps=steps, guidance=guidance,
+                         lora_scale=lora_scale, compare_base=compare_base)
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and an exit code, never a traceback."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app()
+    except DiffrayError as exc:
+        typer.echo(f"diffray: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("diffray: interrupted (rerun the same command to resume training)", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Typed job configs: YAML -> pydantic models, dotted `key=value` overrides, one-line errors.
+
+Every section forbids unknown keys so a typo fails at load time with the field path named. Configs are
+plain data: they travel to Ray workers as dicts (`model_dump()`) and are re-validated there. This
+module must never touch the environment (cache dirs, Ray, CUDA): resolving `builtin:` paths and
+devices is the runner's job.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from diffray.errors import ConfigError
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("lora-sample", pattern=RUN_NAME_PATTERN,
+                      description="Run name; a rerun with the same name and storage_path resumes.")
+    storage_path: str = Field("./runs", description="Local dir or pyarrow URI (s3://...) for checkpoints.")
+    seed: int = Field(0, ge=0, description="Seed for LoRA init, noise, timesteps and data augmentation.")
+
+
+class ModelSection(Section):
+    path: str = Field("builtin:tiny", description="Diffusers model dir, hub id, or builtin:tiny / builtin:sd15-shaped.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Training target; None uses the model's scheduler config.")
+
+
+class DataSection(Section):
+    path: str = Field("builtin:sample", description="Imagefolder dir (metadata.jsonl) or builtin:sample.")
+    resolution: int = Field(64, ge=8, le=4096, description="Square training resolution in pixels (multiple of 8).")
+    center_crop: bool = Field(True, description="Center crop after resizing (else a random crop).")
+    random_flip: bool = Field(False, description="Random horizontal flip, seeded per sample.")
+    caption_column: str = Field("text", description="Caption column in metadata.jsonl.")
+    image_column: str = Field("file_name", description="Image file column in metadata.jsonl.")
+    materialize: bool = Field(True, description="Keep the preprocessed dataset in the object store "
+                              "(fast epochs; turn off for data larger than object-store memory).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+
+class LoraSection(Section):
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                      description="UNet module names (suffixes) that get LoRA.")
+    train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder.")
+    text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1,
+                                                   description="Text-encoder modules that get LoRA.")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant_with_warmup", description="Learning-rate schedule (diffusers.optimization).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables.")
+
+
+class TrainSection(Section):
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to train.")
+    micro_batch_size: int = Field(2, ge=1, description="Samples per worker per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp32; always fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward.")
+    snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
+    noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength.")
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last K checkpoints.")
+    validate_every: int | None = Field(None, ge=1, description="Render validation grids every N steps.")
+    validation_prompts: list[str] = Field(["a red circle on a blue background"],
+                                          description="Prompts for validation grids.")
+    validation_inference_steps: int = Field(10, ge=1, le=200, description="Sampler steps for validation.")
+    progress_bar: bool = Field(True, description="Show a progress bar (rank 0).")
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (torch threads follow it).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict,
+                                                    description="Extra custom resources per worker.")
+
+
+class StrategySection(Section):
+    name: Literal["deepspeed", "ddp"] = Field("deepspeed", description="Data-parallel engine.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (deepspeed only).")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
+
+    @model_validator(mode="after")
+    def _check(self) -> StrategySection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.name == "ddp" and (self.offload_optimizer or self.offload_params):
+            raise ValueError("offload_* options need name: deepspeed")
+        return self
+
+
+class FailureSection(Section):
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = forever).")
+
+
+class KillRank(Section):
+    rank: int = Field(..., ge=0)
+    step: int = Field(..., ge=1)
+
+
+class FaultsSection(Section):
+    """Fault injection for tests and failure drills; all off by default."""
+
+    nan_loss_at_step: int | None = Field(None, ge=1, description="Make the loss NaN at this step.")
+    kill_rank_at_step: KillRank | None = Field(None, description="SIGKILL this rank's worker once at this step.")
+    kill_during_checkpoint_at_step: int | None = Field(
+        None, ge=1, description="SIGKILL rank 0 half-way through writing this step's checkpoint.")
+    kill_driver_after_step: int | None = Field(None, ge=1, description="Kill the driver once this step is checkpointed.")
+
+
+class LoraTrainConfig(Section):
+    method: Literal["lora"] = Field("lora", description="Training method.")
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    failure: FailureSection = Field(default_factory=FailureSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
+
+
+METHODS: dict[str, type[Section]] = {"lora": LoraTrainConfig}
+
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; missing file or bad syntax -> ConfigError naming the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)=(.*)$", re.S)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides in order; values are parsed as YAML (`8`, `1e-4`, `[a, b]`, `null`)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        m = _OVERRIDE.match(item)
+        if not m:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        path, raw = m.group(1), m.group(2)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and _looks_like_float(value):
+            value = float(value)
+        node = out
+        keys = path.split(".")
+        for i, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"cannot set {path}: {'.'.join(keys[: i + 1])} is not a section", field=path)
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def _looks_like_float(s: str) -> bool:
+    # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean a number.
+    return bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", s.strip()))
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem: `field.path: message (allowed: ...)`."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            msg = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    cls: Any = model
+    for key in loc:
+        field = getattr(cls, "model_fields", {}).get(key)
+        if field is None:
+            return []
+        cls = field.annotation
+        # unwrap Optional[...] / X | None
+        for arg in getattr(cls, "__args__", ()) or ():
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                cls = arg
+    return sorted(getattr(cls, "model_fields", {}).keys())
+
+
+def validate_config(data: dict[str, Any]) -> Section:
+    """Validate a raw dict against the config class of its `method` (default lora)."""
+    method = data.get("method", "lora")
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown method {method!r} (allowed: {', '.join(METHODS)})", field="method")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, cls)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Section:
+    """Load a job config file, apply CLI overrides and validate it."""
+    return validate_config(apply_overrides(read_yaml(path), overrides or []))

@@ -1,0 +1,76 @@
+"""Noise, timesteps, targets and losses for epsilon / v-prediction diffusion training.
+
+Randomness is keyed by (seed, step, sample_id) rather than drawn from a global generator, so the
+noise a sample gets does not depend on which worker sees it, on the micro-batch size, or on whether
+the run was resumed: data-parallel layouts and restarts reproduce the same training signal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+
+def sample_generator(seed: int, step: int, sample_id: int) -> torch.Generator:
+    """A CPU generator unique to (seed, step, sample_id)."""
+    # Large odd multipliers keep the three keys from colliding for any realistic run.
+    key = (seed * 1_000_003 + step) * 2_147_483_647 + sample_id
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+def sample_noise_and_timesteps(
+    latent_shape: tuple[int, ...],
+    sample_ids: list[int],
+    step: int,
+    seed: int,
+    num_train_timesteps: int,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample noise [B, C, H, W] and integer timesteps [B], deterministic per sample.
+
+    Args:
+        latent_shape: shape of ONE latent (C, H, W).
+        noise_offset: offset-noise strength: adds a per-channel constant so the model can learn
+            very dark/bright images.
+    """
+    noises, timesteps = [], []
+    c = latent_shape[0]
+    for sid in sample_ids:
+        g = sample_generator(seed, step, int(sid))
+        n = torch.randn(latent_shape, generator=g)
+        if noise_offset:
+            n = n + noise_offset * torch.randn((c, 1, 1), generator=g)
+        noises.append(n)
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+    return torch.stack(noises), torch.cat(timesteps).long()
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     prediction_type: str) -> torch.Tensor:
+    """What the UNet should predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (allowed: epsilon, v_prediction)")
+
+
+def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                    prediction_type: str, snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE per sample [B], optionally Min-SNR weighted (Hang et al., 2023)."""
+    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if snr_gamma is None:
+        return mse
+    snr = compute_snr(scheduler, timesteps).to(mse.device)
+    weight = torch.clamp(snr, max=snr_gamma)
+    weight = weight / snr if prediction_type == "epsilon" else weight / (snr + 1)
+    return mse * weight
+
+
+def encode_latents(vae, pixel_values: torch.Tensor, sample_ids: list[int], step: int, seed: int) -> torch.Tensor:
+    """VAE latents (sampled from the posterior, scaled), the sample drawn per (seed, step, sample_id)."""
+    dist = vae.encode(pixel_values).latent_dist
+    eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=sample_generator(seed + 7919, step, int(s)))
+                       for s in sample_ids]).to(dist.mean.device, dist.mean.dtype)
+    return (dist.mean + dist.std * eps) * vae.config.scaling_factor

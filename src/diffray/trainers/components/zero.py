@@ -1,0 +1,51 @@
+"""Build a DeepSpeed config dict from our typed settings (never a hand-written JSON)."""
+
+from __future__ import annotations
+
+
+def build_deepspeed_config(
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    max_grad_norm: float | None,
+    precision: str = "fp32",
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict:
+    """Return a DeepSpeed config for a client-supplied optimizer and LR scheduler.
+
+    Args:
+        precision: "fp32", "fp16" or "bf16" (fp16/bf16 only make sense on GPUs).
+    """
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+    zero: dict = {"stage": zero_stage}
+    if zero_stage >= 2:
+        # Overlapped reduce-scatter buckets; contiguous gradients avoid fragmentation.
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if zero_stage == 3:
+        # Gather parameters for the whole forward on small models; keep the defaults otherwise.
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # Our AdamW is a plain torch optimizer; allow it with offload too.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    if max_grad_norm is not None:
+        config["gradient_clipping"] = float(max_grad_norm)
+    if precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    elif precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config

@@ -1,0 +1,185 @@
+"""The Ray edge on the driver: connect to a cluster, build the TorchTrainer for a method, run it,
+turn failures into one readable error, and export the final artifact out of the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from diffray.errors import DatasetError, DiffrayError, TrainingError
+from diffray.trainers.session import ARTIFACT_DIR
+
+# method -> "module:function" of its per-worker loop (imported lazily: workers import it themselves)
+TRAIN_LOOPS = {"lora": "diffray.trainers.lora:train_loop_per_worker"}
+
+WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one.
+
+    A local cluster keeps Ray's defaults for token auth and binds nothing beyond localhost.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+@ray.remote(num_cpus=0)
+class RunStatus:
+    """Side channel from workers to the driver for outcomes that are not checkpoints."""
+
+    def __init__(self):
+        self.values: dict[str, Any] = {}
+
+    def set(self, key: str, value: Any) -> None:
+        self.values[key] = value
+
+    def get(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    artifact_dir: str
+    steps: int
+    loss_first_mean: float
+    loss_last_mean: float
+    wall_time_s: float
+    metrics: dict[str, Any]
+
+    def summary_line(self) -> str:
+        return (f"done: steps={self.steps} loss first10={self.loss_first_mean:.4f} "
+                f"last10={self.loss_last_mean:.4f} artifact={self.artifact_dir} wall={self.wall_time_s:.1f}s")
+
+
+def storage_root(storage_path: str) -> str:
+    """Absolute local path or URI; relative local paths resolve against the driver's cwd."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def resolve_loop(method: str):
+    module, fn = TRAIN_LOOPS[method].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def build_dataset(cfg, model_path: str):
+    """The preprocessed training dataset (Ray Data), materialized when configured."""
+    from diffray.data import resolve_data_path
+    from diffray.data.imagefolder import prepare_training_dataset
+
+    d = cfg.data
+    ds = prepare_training_dataset(resolve_data_path(d.path), model_path, d.resolution, d.center_crop,
+                                  d.random_flip, cfg.run.seed, d.caption_column, d.image_column)
+    if d.materialize:
+        ds = ds.materialize()
+    rows = ds.count()
+    need = cfg.scaling.num_workers * cfg.train.micro_batch_size
+    if rows < need:
+        raise DatasetError(f"{d.path}: {rows} rows, but num_workers x micro_batch_size = {need} are needed per step")
+    return ds
+
+
+def build_trainer(cfg, model_path: str, dataset, log_dir: str, status) -> TorchTrainer:
+    """A configured TorchTrainer for `cfg.method`."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=storage_root(cfg.run.storage_path),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        worker_runtime_env={"env_vars": WORKER_ENV},
+    )
+    return TorchTrainer(
+        resolve_loop(cfg.method),
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "log_dir": log_dir,
+                           "status_actor": status},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=run_config,
+        datasets={"train": dataset},
+    )
+
+
+def run_training(cfg) -> RunResult:
+    """Train `cfg` on the connected cluster; resume if a run of that name exists; export the artifact."""
+    from diffray.models.loading import resolve_model_path
+
+    t0 = time.time()
+    connect_ray()
+    model_path = resolve_model_path(cfg.model.path)
+    run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+    log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
+    dataset = build_dataset(cfg, model_path)
+    status = RunStatus.remote()
+    try:
+        result = build_trainer(cfg, model_path, dataset, log_dir, status).fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training run {cfg.run.name!r} failed: {root_cause(exc)} "
+                            f"(logs: {log_dir}; rerun the same command to resume from the last checkpoint)") from None
+    outcome = ray.get(status.get.remote())
+    if "nonfinite_loss_step" in outcome:
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingError(f"loss became NaN/inf at step {outcome['nonfinite_loss_step']}; training stopped. "
+                            f"Last good checkpoint: {last}. Try a lower optim.lr or optim.max_grad_norm.")
+    if result.checkpoint is None:
+        raise TrainingError(f"run {cfg.run.name!r} ended without a checkpoint")
+    artifact = export_artifact(result.checkpoint, f"{run_dir}/{ARTIFACT_DIR}")
+    m = result.metrics or {}
+    return RunResult(run_dir, artifact, int(m.get("step", 0)), float(m.get("loss_first_mean", float("nan"))),
+                     float(m.get("loss_last_mean", float("nan"))), time.time() - t0, dict(m))
+
+
+def export_artifact(checkpoint: ray.train.Checkpoint, dest: str) -> str:
+    """Copy the checkpoint's `artifact/` to `dest`; on local disk the swap is atomic."""
+    fs, src = checkpoint.filesystem, f"{checkpoint.path}/{ARTIFACT_DIR}"
+    if fs.get_file_info(src).type != pafs.FileType.Directory:
+        raise TrainingError(f"final checkpoint {checkpoint.path} holds no {ARTIFACT_DIR}/")
+    if "://" in dest:
+        pafs.copy_files(src, dest, source_filesystem=fs)
+        return dest
+    tmp = Path(f"{dest}.tmp-{uuid.uuid4().hex[:8]}")
+    pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    old = Path(f"{dest}.old-{uuid.uuid4().hex[:8]}")
+    if Path(dest).exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old.exists():
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost meaningful message of a (possibly Ray-wrapped) worker failure."""
+    failures = getattr(exc, "worker_failures", None)
+    if failures:
+        rank, err = sorted(failures.items())[0]
+        cause = err
+        while getattr(cause, "cause", None) is not None:
+            cause = cause.cause
+        if isinstance(cause, DiffrayError):
+            return str(cause)
+        text = str(cause).strip().splitlines()
+        return f"worker rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}"
+    return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

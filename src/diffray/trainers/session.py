@@ -1,0 +1,220 @@
+"""Worker-side pieces every trainer shares: rank/device setup, the batch stream, metrics logging,
+checkpoint save + report + restore, and the fault-injection hooks used by tests and drills.
+
+These are small functions and one logger class, not a base trainer: each method file writes its own
+setup -> train -> save loop and calls what it needs from here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from diffray.config import FaultsSection, TrainSection
+from diffray.errors import DatasetError
+
+STATE_FILE = "trainer_state.json"
+ARTIFACT_DIR = "artifact"
+LOSS_WINDOW = 10
+
+
+@dataclass
+class WorkerEnv:
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str  # fp32 | fp16 | bf16
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype for frozen components (VAE, frozen text encoder)."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+
+
+def worker_env(mixed_precision: str, use_gpu: bool, cpus_per_worker: float) -> WorkerEnv:
+    """Rank, device and precision for this worker; pins torch threads to the CPUs Ray reserved."""
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(cpus_per_worker)))
+    if use_gpu and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+        if mixed_precision == "auto":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = {"no": "fp32"}.get(mixed_precision, mixed_precision)
+    else:
+        device, precision = torch.device("cpu"), "fp32"  # half precision on CPU is slow and lossy
+    return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, precision)
+
+
+def batch_stream(shard, micro_batch_size: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless micro-batches from this worker's dataset shard, epoch after epoch.
+
+    `skip` micro-batches are consumed without yielding (resume). drop_last keeps every rank at the
+    same number of batches per epoch, which DDP and ZeRO collectives require.
+    """
+    seen = 0
+    while True:
+        n_epoch = 0
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
+            n_epoch += 1
+            seen += 1
+            if seen > skip:
+                yield batch
+        if n_epoch == 0:
+            raise DatasetError(f"a worker's data shard has fewer rows than micro_batch_size={micro_batch_size}; "
+                               "use a smaller batch, fewer workers or more data")
+
+
+def global_mean(value: torch.Tensor) -> float:
+    """Mean of a scalar over all ranks. NaN/inf on any rank makes it non-finite on every rank, so
+    all ranks see a bad loss at the same step and stop together."""
+    t = value.detach().float().reshape(1).cpu()
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def advance_state(state: dict[str, Any], step: int, loss: float) -> dict[str, Any]:
+    """Trainer state after `step`: the step and the first/last losses the summary needs."""
+    first = list(state.get("first_losses", []))
+    if len(first) < LOSS_WINDOW:
+        first.append(loss)
+    recent = (list(state.get("recent_losses", [])) + [loss])[-LOSS_WINDOW:]
+    return {**state, "step": step, "first_losses": first, "recent_losses": recent}
+
+
+def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
+    """Metrics attached to a checkpoint (what the driver's Result.metrics shows)."""
+    first, recent = state["first_losses"], state["recent_losses"]
+    return {"step": state["step"], "loss": recent[-1],
+            "loss_first_mean": sum(first) / len(first), "loss_last_mean": sum(recent) / len(recent)}
+
+
+def card(cfg, model_path: str, state: dict[str, Any]) -> dict[str, Any]:
+    """Model card fields common to every method."""
+    return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
+            "steps": state["step"], "metrics": summary_metrics(state),
+            "config": cfg.model_dump(mode="json")}
+
+
+class MetricsLogger:
+    """Rank 0: metrics to `metrics.jsonl` + TensorBoard + a progress bar. Other ranks: no-ops."""
+
+    def __init__(self, log_dir: str, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
+        self.enabled = enabled
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self.tb = self.bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress_bar:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", position=0)
+            self.bar.update(start_step)
+
+    def event(self, **fields: Any) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"time": time.time(), **fields}) + "\n")
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.event(step=step, **metrics)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.bar is not None:
+            self.bar.set_description(f"train loss={metrics.get('loss', float('nan')):.4f}")
+            self.bar.update(1)
+
+    def image(self, tag: str, step: int, image) -> None:
+        if self.enabled:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def restore(engine) -> dict[str, Any] | None:
+    """Load the latest reported checkpoint into `engine`; returns its trainer state or None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        engine.load(Path(d))
+    return state
+
+
+def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict[str, float],
+                    faults: FaultsSection, log_dir: str, artifact: Path | None = None) -> None:
+    """Write engine state (+ an exported `artifact` dir, rank 0) and report it; all ranks call this.
+
+    Ray registers the checkpoint only after every rank has reported, so a write interrupted by a
+    crash never replaces the last good checkpoint. `trainer_state.json` is written last.
+    """
+    with tempfile.TemporaryDirectory(prefix="diffray-ckpt-") as tmp:
+        d = Path(tmp)
+        engine.save(d)
+        if env.is_main and faults.kill_during_checkpoint_at_step == state["step"]:
+            _kill_self_once(Path(log_dir), f"checkpoint-{state['step']}")
+        if artifact is not None:
+            shutil.copytree(artifact, d / ARTIFACT_DIR)
+            shutil.rmtree(artifact, ignore_errors=True)
+        if env.is_main:
+            (d / STATE_FILE).write_text(json.dumps(state))
+        has_files = any(d.iterdir())
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
+
+
+def maybe_kill_rank(faults: FaultsSection, env: WorkerEnv, step: int, log_dir: str) -> None:
+    """Fault injection: SIGKILL this worker once at the configured (rank, step)."""
+    k = faults.kill_rank_at_step
+    if k is not None and k.rank == env.rank and k.step == step:
+        _kill_self_once(Path(log_dir), f"rank{k.rank}-step{k.step}")
+
+
+def _kill_self_once(log_dir: Path, name: str) -> None:
+    # The marker lives in the run's log dir so a restarted worker group does not fire it again.
+    marker = log_dir / "faults" / name
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:
+    """(log, validate, checkpoint) decisions for an optimizer step (1-based)."""
+    last = step == train.max_steps
+    log = step % train.log_every == 0 or last or step == 1
+    validate = train.validate_every is not None and (step % train.validate_every == 0 or last)
+    ckpt = step % train.checkpoint_every == 0 or last
+    return log, validate, ckpt
