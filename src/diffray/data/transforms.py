@@ -1,0 +1,64 @@
+"""Image and caption transforms for training batches. Pure PIL/numpy (never imports ray).
+
+Random choices (crop offset, flip) are drawn from a generator keyed by (seed, sample_id), so a sample
+is transformed the same way whichever worker or batch it lands in.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from diffray.errors import DatasetError
+
+
+def decode_image(data: bytes, source: str) -> Image.Image:
+    """Decode to RGB with EXIF orientation applied; undecodable data -> DatasetError naming `source`."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DatasetError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                rng: np.random.Generator) -> Image.Image:
+    """Resize the shorter side to `resolution`, crop a square, maybe flip horizontally."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[str], resolution: int,
+                      center_crop: bool, random_flip: bool, seed: int) -> np.ndarray:
+    """Decode + resize/crop/flip + normalize to float32 [B, 3, R, R] in [-1, 1]."""
+    out = np.empty((len(images), 3, resolution, resolution), dtype=np.float32)
+    for i, (data, sid, src) in enumerate(zip(images, sample_ids, sources)):
+        rng = np.random.default_rng((seed, int(sid)))
+        img = resize_crop(decode_image(data, src), resolution, center_crop, random_flip, rng)
+        out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return out
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> np.ndarray:
+    """Token ids int64 [B, model_max_length], padded and truncated."""
+    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="np").input_ids
+    return ids.astype(np.int64)

@@ -1,0 +1,72 @@
+"""Pure training components: per-sample noise, targets, min-SNR loss, DeepSpeed config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffray.trainers.components.diffusion import (
+    diffusion_target,
+    per_sample_loss,
+    sample_noise_and_timesteps,
+)
+from diffray.trainers.components.zero import build_deepspeed_config
+
+
+@pytest.fixture
+def scheduler():
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_noise_depends_on_sample_not_batch():
+    n_ab, t_ab = sample_noise_and_timesteps((4, 8, 8), [3, 9], step=5, seed=0, num_train_timesteps=1000)
+    n_b, t_b = sample_noise_and_timesteps((4, 8, 8), [9], step=5, seed=0, num_train_timesteps=1000)
+    assert torch.equal(n_ab[1], n_b[0]) and t_ab[1] == t_b[0]
+    n_next, _ = sample_noise_and_timesteps((4, 8, 8), [9], step=6, seed=0, num_train_timesteps=1000)
+    assert not torch.equal(n_next[0], n_b[0])
+    n_seed, _ = sample_noise_and_timesteps((4, 8, 8), [9], step=5, seed=1, num_train_timesteps=1000)
+    assert not torch.equal(n_seed[0], n_b[0])
+    assert n_ab.shape == (2, 4, 8, 8) and t_ab.dtype == torch.long and (0 <= t_ab).all() and (t_ab < 1000).all()
+
+
+def test_offset_noise_shifts_channel_means():
+    plain, _ = sample_noise_and_timesteps((4, 32, 32), list(range(64)), 1, 0, 1000)
+    offset, _ = sample_noise_and_timesteps((4, 32, 32), list(range(64)), 1, 0, 1000, noise_offset=0.5)
+    spread = lambda n: n.mean(dim=(2, 3)).std().item()  # noqa: E731
+    assert spread(offset) > 3 * spread(plain)
+
+
+def test_targets(scheduler):
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    assert torch.equal(diffusion_target(scheduler, latents, noise, t, "epsilon"), noise)
+    v = diffusion_target(scheduler, latents, noise, t, "v_prediction")
+    a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(v, a * noise - s * latents)
+    with pytest.raises(ValueError, match="allowed: epsilon, v_prediction"):
+        diffusion_target(scheduler, latents, noise, t, "sample")
+
+
+def test_min_snr_weighting(scheduler):
+    pred, target = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    t = torch.tensor([5, 990])  # very high SNR, very low SNR
+    plain = per_sample_loss(pred, target, t, scheduler, "epsilon")
+    torch.testing.assert_close(plain, torch.ones(2))
+    weighted = per_sample_loss(pred, target, t, scheduler, "epsilon", snr_gamma=5.0)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    torch.testing.assert_close(weighted, torch.clamp(snr, max=5.0) / snr)
+    assert weighted[0] < 0.1 and weighted[1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_config(stage):
+    c = build_deepspeed_config(stage, micro_batch_size=2, grad_accum_steps=3, world_size=2, max_grad_norm=1.0)
+    assert c["train_batch_size"] == 12 and c["zero_optimization"]["stage"] == stage
+    assert c["gradient_clipping"] == 1.0 and "fp16" not in c and "bf16" not in c
+    off = build_deepspeed_config(3, 1, 1, 1, None, "bf16", offload_optimizer=True, offload_params=True)
+    assert off["bf16"]["enabled"] and off["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "gradient_clipping" not in off
+    with pytest.raises(ValueError, match="precision"):
+        build_deepspeed_config(2, 1, 1, 1, None, "fp8")

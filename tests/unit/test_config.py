@@ -1,0 +1,83 @@
+"""Config system: YAML + overrides -> typed configs; errors name the field and allowed values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffray.config import LoraTrainConfig, apply_overrides, load_config, validate_config
+from diffray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# diffray ") and path.name in first, "first line must name the command"
+    assert cfg.model.path.startswith("builtin:"), "shipped configs run as-is on the embedded model"
+
+
+def test_overrides_parse_types():
+    cfg = validate_config(apply_overrides({}, ["train.max_steps=7", "optim.lr=1e-4", "lora.target_modules=[to_q, to_v]",
+                                               "train.snr_gamma=null", "scaling.use_gpu=true", "model.path=/x/y"]))
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == pytest.approx(1e-4)
+    assert cfg.lora.target_modules == ["to_q", "to_v"] and cfg.train.snr_gamma is None
+    assert cfg.scaling.use_gpu is True and cfg.model.path == "/x/y"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("lora.rnk=4", "lora.rnk: unknown key (allowed: alpha, dropout, rank,"),
+    ("strategy.name=fsdp", "strategy.name: Input should be 'deepspeed' or 'ddp'"),
+    ("strategy.zero_stage=4", "strategy.zero_stage: Input should be 0, 1, 2 or 3"),
+    ("train.max_steps=0", "train.max_steps: Input should be greater than or equal to 1"),
+    ("train.max_steps=abc", "train.max_steps: Input should be a valid integer"),
+    ("data.resolution=60", "data.resolution: must be a multiple of 8"),
+    ("strategy.offload_params=true", "offload_params needs zero_stage 3"),
+    ("method=dreamboat", "method: unknown method 'dreamboat' (allowed: lora)"),
+    ("run.name=../etc", "run.name: String should match pattern"),
+    ("bogus.key=1", "bogus: unknown key"),
+])
+def test_bad_values_name_the_field(override, expected):
+    with pytest.raises(ConfigError) as err:
+        validate_config(apply_overrides({}, [override]))
+    assert expected in str(err.value)
+
+
+def test_bad_override_syntax_and_non_section():
+    with pytest.raises(ConfigError, match="not of the form key.path=value"):
+        apply_overrides({}, ["max_steps"])
+    with pytest.raises(ConfigError, match="train.max_steps is not a section"):
+        apply_overrides({"train": {"max_steps": 3}}, ["train.max_steps.x=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML at line"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+
+
+def test_config_round_trips_through_dict():
+    cfg = load_config(REPO / "configs" / "lora.yaml", ["lora.rank=16"])
+    again = LoraTrainConfig.model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg and again.lora.scale_alpha == 8.0
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffray.cli", "train", str(REPO / "configs" / "lora.yaml"),
+                           "lora.rank=0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "diffray: error: lora.rank: Input should be greater than or equal to 1"
+    assert "Traceback" not in proc.stderr
