@@ -101,6 +101,12 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("diffray: interrupted (rerun the same command to resume training)", err=True)
         sys.exit(130)
+    except Exception as exc:  # an unexpected failure: still one line, the traceback on request
+        if os.environ.get("DIFFRAY_DEBUG"):
+            raise
+        typer.echo(f"diffray: internal error: {type(exc).__name__}: {exc} (set DIFFRAY_DEBUG=1 for the traceback)",
+                   err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

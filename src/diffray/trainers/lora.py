@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
     start = state["step"]
     prediction_type = cfg.model.prediction_type or comps.noise_scheduler.config.prediction_type
     batches = session.batch_stream(ray.train.get_dataset_shard("train"), t.micro_batch_size, skip=start * gas)
-    logger = session.MetricsLogger(log_dir, env.is_main, t.max_steps, start, t.progress_bar)
+    logger = session.MetricsLogger(log_dir, env.is_main, t.max_steps, start, config.get("progress_bar", False))
     logger.event(event="start", resumed_from_step=start, world_size=env.world_size, precision=env.precision,
                  strategy=cfg.strategy.name, zero_stage=cfg.strategy.zero_stage)
 

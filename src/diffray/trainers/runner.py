@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -112,7 +114,7 @@ def build_trainer(cfg, model_path: str, dataset, log_dir: str, status) -> TorchT
     return TorchTrainer(
         resolve_loop(cfg.method),
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "log_dir": log_dir,
-                           "status_actor": status},
+                           "status_actor": status, "progress_bar": cfg.train.progress_bar and sys.stdout.isatty()},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
@@ -158,15 +160,13 @@ def export_artifact(checkpoint: ray.train.Checkpoint, dest: str) -> str:
         pafs.copy_files(src, dest, source_filesystem=fs)
         return dest
     tmp = Path(f"{dest}.tmp-{uuid.uuid4().hex[:8]}")
-    pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    with checkpoint.as_directory() as local:
+        shutil.copytree(Path(local) / ARTIFACT_DIR, tmp)
     old = Path(f"{dest}.old-{uuid.uuid4().hex[:8]}")
     if Path(dest).exists():
         os.replace(dest, old)
     os.replace(tmp, dest)
-    if old.exists():
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

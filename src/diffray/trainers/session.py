@@ -141,7 +141,7 @@ class MetricsLogger:
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.event(step=step, **metrics)
+        self.event(**{**metrics, "step": step})
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(f"train/{k}", v, step)
