@@ -1,0 +1,89 @@
+"""The `diffray` CLI as a user drives it: README commands end to end, and a driver killed mid-run
+that resumes when the same command is run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+DIFFRAY = str(Path(sys.executable).parent / "diffray")
+
+
+def run(args: list[str], env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([DIFFRAY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def test_readme_commands_end_to_end(tmp_path):
+    model, data, runs = tmp_path / "tiny-sd", tmp_path / "sample", tmp_path / "runs"
+    assert run(["init-model", "tiny", str(model)]).returncode == 0
+    assert (model / "model_index.json").is_file() and (model / "controlnet" / "config.json").is_file()
+    assert run(["data", "sample", str(data)]).returncode == 0
+    assert (data / "train" / "metadata.jsonl").is_file()
+    shown = run(["config", "show", "configs/lora.yaml", "lora.rank=16"])
+    assert shown.returncode == 0 and "rank: 16" in shown.stdout
+
+    # No RAY_ADDRESS: the CLI starts (and stops) its own local cluster.
+    env = {"RAY_ADDRESS": ""}
+    proc = run(["train", "configs/lora.yaml", f"model.path={model}", f"data.path={data / 'train'}",
+                f"run.storage_path={runs}", "train.max_steps=12", "train.checkpoint_every=6",
+                "train.validate_every=null", "scaling.num_workers=1"], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("done: steps=12 loss first10=") and "artifact=" in summary and "wall=" in summary
+    artifact = Path(summary.split("artifact=")[1].split()[0])
+    assert (artifact / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((artifact / "diffray_card.json").read_text())["base_model"] == str(model)
+
+    out = tmp_path / "grid.png"
+    gen = run(["generate", "--adapter", str(artifact), "-p", "a red circle on a blue background",
+               "--compare-base", "--num-images", "2", "--steps", "4", "--out", str(out)])
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    with Image.open(out) as grid:
+        assert grid.height > 2 * 64 and grid.width > 2 * 64  # 2 rows (base, lora) x 2 seeds
+
+    bad = run(["generate", "--adapter", str(tmp_path), "-p", "x", "--model", str(model)])
+    assert bad.returncode == 1 and bad.stderr.strip().endswith("(is this a LoRA adapter dir?)")
+    assert "Traceback" not in bad.stderr
+
+
+def test_driver_killed_and_rerun_resumes(ray_cluster, tmp_path):
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    runs = tmp_path / "runs"
+    args = [DIFFRAY, "train", "configs/lora.yaml", f"run.storage_path={runs}", "run.name=driver-kill",
+            "train.max_steps=300", "train.checkpoint_every=50", "train.validate_every=null"]
+    metrics = runs / "driver-kill" / "logs" / "metrics.jsonl"
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, last = time.time() + 300, 0
+    while time.time() < deadline and last < 120:
+        time.sleep(0.2)
+        if metrics.is_file():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if '"loss"' in x]
+            last = max(steps, default=0)
+        assert driver.poll() is None, "driver ended before it was killed"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert last >= 120
+
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("done: steps=300 ")
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    starts = [e["resumed_from_step"] for e in events if e.get("event") == "start"]
+    assert starts[0] == 0 and len(starts) == 2
+    assert starts[1] >= 50 and starts[1] % 50 == 0 and starts[1] <= last, starts
+    after = [e["step"] for e in events[events.index(next(e for e in events if e.get("resumed_from_step") == starts[1]
+                                                           and e.get("event") == "start")):] if "loss" in e]
+    assert after[0] == starts[1] + 1 and after[-1] == 300
