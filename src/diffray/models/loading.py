@@ -1,4 +1,8 @@
-"""Resolve a model reference (builtin:, local dir, hub id) and load pipeline components from it."""
+"""Resolve a model reference (`builtin:`, local dir, hub id) and load Stable Diffusion components from it.
+
+Loads are safetensors-only and every load failure becomes a `ModelError` naming the path. Never imports
+ray, and never downloads by itself: a hub id is passed through to `from_pretrained` unchanged.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from filelock import FileLock
 
 from diffray.errors import ModelError
 from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin
+
+LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing or malformed files
 
 
 def quiet_hf() -> None:
@@ -25,6 +31,8 @@ def quiet_hf() -> None:
 
 @dataclass
 class SDComponents:
+    """The pieces a trainer needs; `noise_scheduler` is the training (DDPM) scheduler."""
+
     tokenizer: Any
     text_encoder: Any
     vae: Any
@@ -32,60 +40,109 @@ class SDComponents:
     noise_scheduler: Any
 
 
+def parse_builtin(ref: str) -> tuple[str, int]:
+    """`builtin:<preset>[?seed=N]` -> (preset, seed). Raises `ModelError` for a bad preset or query."""
+    from diffray.models.tiny import PRESETS
+
+    preset, _, query = ref[len(BUILTIN_PREFIX):].partition("?")
+    if preset not in PRESETS:
+        allowed = ", ".join(BUILTIN_PREFIX + p for p in PRESETS)
+        raise ModelError(f"unknown builtin model {ref!r} (allowed: {allowed})")
+    if not query:
+        return preset, 0
+    key, _, value = query.partition("=")
+    if key != "seed" or not value.isdigit():
+        raise ModelError(f"{ref!r}: the only option is '?seed=<non-negative int>'")
+    return preset, int(value)
+
+
+def _build_cached(preset: str, seed: int) -> Path:
+    """The cached dir of a builtin preset, built under a file lock so racing processes build it once."""
+    from diffray.models.tiny import build_pipeline_dir
+
+    target = cache_dir() / "models" / f"{preset}-seed{seed}"
+    if (target / "model_index.json").is_file():  # written last (dir appears atomically): complete
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):
+        if not (target / "model_index.json").is_file():
+            build_pipeline_dir(target, preset=preset, seed=seed)
+    return target
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is exactly "name" or "org/name"; anything else must be a local path.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
 def resolve_model_path(path: str) -> str:
-    """`builtin:<preset>[?seed=N]` -> a cached dir built on first use; a local dir is checked;
-    anything else is passed through as a hub id."""
+    """Turn a model reference into something `from_pretrained` can read.
+
+    Args:
+        path: `builtin:<preset>[?seed=N]` (built into `cache_dir()/models/<preset>-seed<N>` on first
+            use), a local diffusers dir, or a hub id.
+    Returns:
+        An absolute dir for builtins and local dirs; a hub id unchanged.
+    Raises:
+        ModelError: unknown builtin preset, or a local dir that is missing or not a diffusers layout.
+    """
+    path = str(path)
     if is_builtin(path):
-        from diffray.models.tiny import PRESETS, build_pipeline_dir
-
-        spec = path[len(BUILTIN_PREFIX):]
-        preset, _, query = spec.partition("?")
-        seed = int(query.split("=", 1)[1]) if query.startswith("seed=") else 0
-        if preset not in PRESETS:
-            raise ModelError(f"unknown builtin model {path!r} (allowed: {', '.join('builtin:' + p for p in PRESETS)})")
-        target = cache_dir() / "models" / f"{preset}-seed{seed}"
-        with FileLock(str(target) + ".lock"):
-            if not (target / "model_index.json").is_file():
-                build_pipeline_dir(target, preset=preset, seed=seed)
-        return str(target)
+        return str(_build_cached(*parse_builtin(path)))
     p = Path(path).expanduser()
-    if p.exists() or path.startswith((".", "/", "~")):
-        if not (p / "model_index.json").is_file():
-            raise ModelError(f"{p}: not a diffusers model dir (no model_index.json)")
-        return str(p.resolve())
-    return path  # a hub id: from_pretrained resolves it where the cluster has network access
+    if not p.exists():
+        if _looks_local(path):
+            raise ModelError(f"{p}: model dir does not exist")
+        return path  # a hub id: from_pretrained resolves it where the cluster has network access
+    if not ((p / "model_index.json").is_file() or (p / "unet" / "config.json").is_file()):
+        raise ModelError(f"{p}: not a diffusers model dir (no model_index.json and no unet/config.json)")
+    return str(p.resolve())
 
 
-def _load(cls, path: str, subfolder: str, **kwargs):
+def _load(cls: Any, path: str, subfolder: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelError(f"{path}: cannot load {subfolder}: {str(exc).splitlines()[0]}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{path}: cannot load {subfolder}: {str(exc).strip().splitlines()[0]}") from None
 
 
-def load_components(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> SDComponents:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler (DDPM) from a diffusers dir."""
+def _checked_tokenizer(tokenizer: Any, path: str) -> Any:
+    # transformers 5 returns a specials-only tokenizer instead of failing when its files are missing.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(f"{path}: cannot load tokenizer: no vocabulary found (tokenizer/ missing, empty "
+                         "or not reachable)")
+    return tokenizer
+
+
+def load_components(path: str, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> SDComponents:
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler (DDPM) from a diffusers dir
+    (or hub id); the three models are loaded in `dtype` and moved to `device`. Raises `ModelError` naming
+    the path."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     quiet_hf()
+    models = dict(dtype=dtype, use_safetensors=True)  # dtype at load keeps diffusers' fp32-only modules
     return SDComponents(
-        tokenizer=_load(CLIPTokenizer, path, "tokenizer"),
-        text_encoder=_load(CLIPTextModel, path, "text_encoder", use_safetensors=True).to(device, dtype),
-        vae=_load(AutoencoderKL, path, "vae", use_safetensors=True).to(device, dtype),
-        unet=_load(UNet2DConditionModel, path, "unet", use_safetensors=True).to(device, dtype),
+        tokenizer=_checked_tokenizer(_load(CLIPTokenizer, path, "tokenizer"), path),
+        text_encoder=_load(CLIPTextModel, path, "text_encoder", **models).to(device),
+        vae=_load(AutoencoderKL, path, "vae", **models).to(device),
+        unet=_load(UNet2DConditionModel, path, "unet", **models).to(device),
         noise_scheduler=_load(DDPMScheduler, path, "scheduler"),
     )
 
 
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A stock `StableDiffusionPipeline` (no safety checker) from a diffusers dir or hub id."""
+    """A stock `StableDiffusionPipeline` (no safety checker) from a diffusers dir or hub id.
+    Raises `ModelError` naming the path."""
     from diffusers import StableDiffusionPipeline
 
     quiet_hf()
     try:
         pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
                                                        use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot load pipeline: {str(exc).splitlines()[0]}") from None
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{path}: cannot load pipeline: {str(exc).strip().splitlines()[0]}") from None
+    _checked_tokenizer(pipe.tokenizer, path)
     return pipe.to(device)

@@ -1,7 +1,9 @@
 """Deterministic Stable Diffusion pipelines built from config, saved as real diffusers dirs.
 
-`tiny` is a few-MB pipeline for tests and demos; `sd15-shaped` is the real SD 1.5 architecture with
-random weights, for throughput benchmarks. Nothing here downloads anything.
+`tiny` is a few-MB pipeline (64 px images, 8x8 latents) for tests and demos; `sd15-shaped` is the real
+SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise).
+Both use a character-level CLIP tokenizer whose files we write ourselves. Nothing here downloads
+anything, and building never disturbs the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -18,10 +20,21 @@ from diffray.errors import ModelError
 
 PRESETS = ("tiny", "sd15-shaped")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+MAX_TOKENS = 77
+SD15_VOCAB = 49408  # the sd15-shaped tokenizer is padded to SD 1.5's embedding-table size
+# SD 1.5's scheduler_config.json; the DDIM/PNDM-only keys make `from_config` of those match SD 1.5.
+SCHEDULER_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
+                        set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
 
 
 def preset_configs(preset: str) -> dict[str, dict]:
-    """Component configs (UNet, VAE, text encoder) of a preset."""
+    """Constructor kwargs of each component of a preset: `unet`, `vae`, `text_encoder` (CLIPTextConfig
+    minus the vocabulary/token ids, which come from the tokenizer) and `scheduler`.
+
+    Raises:
+        ModelError: `preset` is not one of `PRESETS`.
+    """
     if preset == "tiny":
         return {
             "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
@@ -32,7 +45,8 @@ def preset_configs(preset: str) -> dict[str, dict]:
                         block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8),
             "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                 num_attention_heads=4, max_position_embeddings=77, projection_dim=32),
+                                 num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=32),
+            "scheduler": dict(SCHEDULER_CONFIG),
         }
     if preset == "sd15-shaped":
         return {
@@ -45,16 +59,18 @@ def preset_configs(preset: str) -> dict[str, dict]:
                         block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32),
             "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                 num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                                 num_attention_heads=12, max_position_embeddings=MAX_TOKENS, projection_dim=768,
                                  hidden_act="quick_gelu"),
+            "scheduler": dict(SCHEDULER_CONFIG),
         }
     raise ModelError(f"unknown model preset {preset!r} (allowed: {', '.join(PRESETS)})")
 
 
 def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None) -> int:
-    """A character-level CLIP BPE vocabulary (every byte, with and without `</w>`) and empty merges.
+    """Write a character-level CLIP BPE `vocab.json` (every byte, with and without `</w>`, then the
+    two special tokens) and an empty `merges.txt`. `vocab_size` pads with unused tokens.
 
-    Returns the vocabulary size. `vocab_size` pads with unused tokens (to match a real model's table).
+    Returns the vocabulary size (514 unpadded).
     """
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -68,51 +84,67 @@ def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None) -> int:
     return len(tokens)
 
 
-def build_components(preset: str = "tiny", seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
-    """Instantiate every pipeline component with seeded random weights."""
+def _vocab_size(preset: str) -> int | None:
+    return SD15_VOCAB if preset == "sd15-shaped" else None
+
+
+def build_components(preset: str = "tiny", seed: int = 0) -> dict:
+    """Instantiate every pipeline component with random weights drawn from `torch.manual_seed(seed)`
+    (in a forked RNG, so the caller's RNG state is untouched). Keys match `StableDiffusionPipeline`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfgs = preset_configs(preset)
-    tok_dir = tokenizer_dir or Path(tempfile.mkdtemp(prefix="diffray-tok-"))
-    vocab = write_tokenizer_files(tok_dir, 49408 if preset == "sd15-shaped" else None)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfgs["unet"])
-    vae = AutoencoderKL(**cfgs["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **cfgs["text_encoder"]))
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
-                              steps_offset=1)
+    with tempfile.TemporaryDirectory(prefix="diffray-tok-") as tok_dir:
+        vocab = write_tokenizer_files(Path(tok_dir), _vocab_size(preset))
+        tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=MAX_TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfgs["unet"])
+        vae = AutoencoderKL(**cfgs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **cfgs["text_encoder"]))
+    scheduler = DDPMScheduler.from_config(cfgs["scheduler"])  # from_config keeps the DDIM/PNDM-only keys
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Build a preset and save it with `save_pretrained` (safetensors); atomic: the dir appears whole.
+def _save_controlnet(unet: torch.nn.Module, out_dir: Path, seed: int) -> None:
+    """A ControlNet initialised from the UNet (its conditioning embedding is the only random part)."""
+    from diffusers import ControlNetModel
 
-    The tiny preset also gets a matching ControlNet under `controlnet/`.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        ControlNetModel.from_unet(unet).save_pretrained(out_dir, safe_serialization=True)
+
+
+def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
+    """Build a preset and save it as a diffusers dir (safetensors). Atomic: everything is written to
+    a temporary sibling that is then renamed onto `out_dir`, so a half-written dir never appears there
+    (an existing `out_dir` is replaced). The tiny preset also gets a matching ControlNet in `controlnet/`.
+
+    Returns the absolute output dir. Raises `ModelError` for an unknown preset (before any work).
     """
-    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from diffray.models.loading import quiet_hf
 
-    preset_configs(preset)  # validate before any work
+    preset_configs(preset)
     quiet_hf()
-    out = Path(out_dir).resolve()
+    out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        comps = build_components(preset, seed, tokenizer_dir=tmp / "_tok")
+        comps = build_components(preset, seed)
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
-        shutil.rmtree(tmp / "_tok")
+        # transformers 5 saves only tokenizer.json; the slow-tokenizer files keep 4.x loaders working.
+        write_tokenizer_files(tmp / "tokenizer", _vocab_size(preset))
         if preset == "tiny":
-            torch.manual_seed(seed + 1)
-            ControlNetModel.from_unet(comps["unet"]).save_pretrained(tmp / "controlnet", safe_serialization=True)
+            _save_controlnet(comps["unet"], tmp / "controlnet", seed)
         (tmp / "diffray_model.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be read by other users' workers
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
