@@ -1,4 +1,4 @@
-"""The Ray Data imagefolder reader and training preprocessing on a local cluster."""
+"""The Ray Data imagefolder reader and training preprocessing on a small local cluster."""
 
 from __future__ import annotations
 
@@ -9,27 +9,77 @@ import pytest
 
 from diffray.data.imagefolder import prepare_training_dataset, read_imagefolder
 from diffray.data.sample import write_sample_dataset
+from diffray.data.transforms import preprocess_images
 from diffray.errors import DatasetError
 
 pytestmark = pytest.mark.integration
 
 
-def test_reader_and_preprocessing(ray_cluster, tmp_path, tiny_model_path):
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    """A 2-CPU local cluster for this module; reuses (and leaves running) one that is already up."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A model dir holding only `tokenizer/`: a byte-level CLIPTokenizer (no merges, 77 tokens)."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    out = tmp_path_factory.mktemp("model")
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77).save_pretrained(out / "tokenizer")
+    return str(out)
+
+
+def test_reader_and_preprocessing(ray_2cpu, model_dir, tmp_path):
     root = write_sample_dataset(tmp_path / "s", num_images=6) / "train"
+    meta = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
     rows = sorted(read_imagefolder(str(root)).take_all(), key=lambda r: r["sample_id"])
-    assert [r["sample_id"] for r in rows] == list(range(6)) and all(r["caption"] and r["image"] for r in rows)
-    ds = prepare_training_dataset(str(root), tiny_model_path, 32, True, True, seed=0)
-    batch = ds.sort("sample_id").take_batch(6, batch_format="numpy")
-    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["input_ids"].shape == (6, 77)
-    again = prepare_training_dataset(str(root), tiny_model_path, 32, True, True, seed=0).sort("sample_id")
-    np.testing.assert_array_equal(again.take_batch(6, batch_format="numpy")["pixel_values"], batch["pixel_values"])
+    assert [r["sample_id"] for r in rows] == list(range(6))
+    assert [(r["source"], r["caption"]) for r in rows] == [(m["file_name"], m["text"]) for m in meta]
+    assert all(r["image"] == (root / r["source"]).read_bytes() for r in rows)
+
+    ds = prepare_training_dataset(str(root), model_dir, 32, False, True, seed=3)
+    batch = ds.take_batch(6, batch_format="numpy")
+    batch = {k: v[np.argsort(batch["sample_id"])] for k, v in batch.items()}  # cheaper than ds.sort
+    assert batch["sample_id"].dtype == np.int64 and list(batch["sample_id"]) == list(range(6))
+    assert batch["pixel_values"].shape == (6, 3, 32, 32) and batch["pixel_values"].dtype == np.float32
+    assert batch["input_ids"].shape == (6, 77) and batch["input_ids"].dtype == np.int64
+    # Same numbers as the pure transform on the driver: per-sample randomness, not per-worker.
+    expected = preprocess_images([r["image"] for r in rows], list(range(6)), [r["source"] for r in rows],
+                                 32, False, True, seed=3)
+    np.testing.assert_array_equal(batch["pixel_values"], expected)
+    torch_batch = next(iter(ds.iter_torch_batches(batch_size=4)))  # what training consumes
+    assert tuple(torch_batch["pixel_values"].shape) == (4, 3, 32, 32) and str(torch_batch["input_ids"].dtype) == "torch.int64"
 
 
-def test_reader_errors_name_the_file(ray_cluster, tmp_path):
+def test_bad_folders_raise_dataset_error_naming_the_file(ray_2cpu, model_dir, tmp_path):
     root = write_sample_dataset(tmp_path / "s", num_images=3) / "train"
+    (root / "0001.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match=r"train/0001.png: cannot decode image") as err:
+        prepare_training_dataset(str(root), model_dir, 32, True, False, seed=0).materialize()
+    assert isinstance(err.value.cause, DatasetError)  # RayTaskError(DatasetError); .cause is the original
     (root / "0001.png").unlink()
-    with pytest.raises(DatasetError, match=r"metadata.jsonl:2: image file not found: .*0001.png"):
+    with pytest.raises(DatasetError, match=r"metadata.jsonl:2: image file not found: .*train/0001.png"):
         read_imagefolder(str(root))
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0000.png", "caption": "x"}) + "\n")
     with pytest.raises(DatasetError, match=r"missing column 'text' \(has: caption, file_name\)"):
         read_imagefolder(str(root))
+    (root / "metadata.jsonl").unlink()
+    with pytest.raises(DatasetError, match=r"train: no metadata.jsonl or metadata.csv"):
+        read_imagefolder(str(root))
+    (root / "metadata.csv").write_text("file_name,caption\n0000.png,a red circle\n0002.png,a blue square\n")
+    rows = read_imagefolder(f"file://{root}", caption_column="caption").take_all()
+    assert sorted((r["sample_id"], r["caption"]) for r in rows) == [(0, "a red circle"), (1, "a blue square")]

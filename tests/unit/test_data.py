@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,9 @@ def test_sample_set_is_deterministic_and_complete(tmp_path):
     assert len(subject) == 3 and {r["text"] for r in subject} == {INSTANCE_PROMPT}
     with Image.open(a / "train" / rows[0]["file_name"]) as im:
         assert im.size == (64, 64) and im.mode == "RGB"
+    info = json.loads((a / "dataset.json").read_text())
+    assert info["seed"] == 0 and info["train_images"] == 8 and info["class_prompt"] == "a photo of a widget"
+    assert "sks widget" in (a / "README.txt").read_text()
 
 
 def test_builtin_sample_resolves(tmp_path, monkeypatch):
@@ -60,7 +65,9 @@ def test_preprocess_shape_range_and_per_sample_determinism():
     assert out.shape == (2, 3, 32, 32) and out.dtype == np.float32 and out.min() >= -1 and out.max() <= 1
     np.testing.assert_allclose(out[0, 0], 1.0, atol=1e-2)  # pure red -> R channel at +1
     alone = preprocess_images(imgs[1:], [1], ["b"], 32, center_crop=False, random_flip=True, seed=0)
-    np.testing.assert_array_equal(alone[0], out[1])  # independent of batch composition
+    np.testing.assert_array_equal(alone[0], out[1])  # independent of batch composition...
+    swapped = preprocess_images(imgs[::-1], [1, 0], ["b", "a"], 32, center_crop=False, random_flip=True, seed=0)
+    np.testing.assert_array_equal(swapped[::-1], out)  # ...and of order within the batch
 
 
 def test_random_flip_flips_some_samples():
@@ -95,10 +102,28 @@ def test_garbage_names_the_source():
         decode_image(png(Image.new("RGB", (64, 64)))[:40], "trunc.png")
 
 
-def test_tokenize_captions(tiny_model_path):
+def byte_level_clip_tokenizer(out: Path):
+    """A real CLIPTokenizer with a byte-level vocab and no merges (every char is its own token)."""
     from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    tok = CLIPTokenizer.from_pretrained(tiny_model_path, subfolder="tokenizer")
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
+
+
+def test_tokenize_captions_pads_and_truncates(tmp_path):
+    tok = byte_level_clip_tokenizer(tmp_path)
     ids = tokenize_captions(tok, ["a red circle", "x" * 200])
     assert ids.shape == (2, 77) and ids.dtype == np.int64
-    assert ids[0, 0] == tok.bos_token_id and ids[1, -1] == tok.eos_token_id
+    words = tok.convert_tokens_to_ids(tok.tokenize("a red circle"))  # 10 byte-level tokens
+    assert list(ids[0, :12]) == [tok.bos_token_id, *words, tok.eos_token_id]
+    assert (ids[0, 12:] == tok.pad_token_id).all()
+    assert ids[1, 0] == tok.bos_token_id and ids[1, -1] == tok.eos_token_id  # truncated to 77
+
+
+def test_data_package_does_not_import_ray():
+    code = "import sys, diffray.data; sys.exit('ray' in sys.modules or 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,73 +1,151 @@
-"""Read an HF-style imagefolder (`metadata.jsonl` + image files) into a Ray Dataset and prepare it
-for training (decode, resize/crop/flip, normalize, tokenize) with `map_batches`."""
+"""Read an HF-style imagefolder (`metadata.jsonl` or `metadata.csv` + image files) into a Ray Dataset
+and prepare it for training (decode, resize/crop/flip, normalize, tokenize) with `map_batches`.
+
+The folder may be a local path or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`). Metadata is
+parsed and checked on the driver, so a bad folder fails at read time with a `DatasetError` naming the
+file instead of deep inside a Ray task. This is the only data module that imports ray.
+"""
 
 from __future__ import annotations
 
+import csv
+import functools
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import ray.data
 
 from diffray.data.transforms import preprocess_images, tokenize_captions
 from diffray.errors import DatasetError
 
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
-def read_metadata(root: Path, caption_column: str, image_column: str) -> list[dict]:
-    """Rows of metadata.jsonl with the two columns checked; files referenced must exist."""
-    meta = root / "metadata.jsonl"
-    if not meta.is_file():
-        raise DatasetError(f"{root}: no metadata.jsonl (expected an imagefolder with file_name/text lines)")
-    rows = []
-    for n, line in enumerate(meta.read_text().splitlines(), start=1):
+
+def open_folder(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and absolute root of `path` (absolute, so Ray workers in any cwd find it)."""
+    if "://" in path:
+        try:
+            fs, root = pafs.FileSystem.from_uri(path)
+        except pa.ArrowException as exc:  # unknown scheme, filesystem not built in, bad credentials
+            raise DatasetError(f"{path}: cannot open dataset URI ({exc})") from None
+        return fs, root.rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def parse_metadata(name: str, text: str) -> list[tuple[int, dict]]:
+    """(line number, record) pairs from metadata.jsonl or metadata.csv text; blank lines skipped."""
+    if name.endswith(".csv"):
+        # line 1 is the header; numbering is off only for quoted captions spanning lines
+        return [(n, rec) for n, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            records.append((n, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{meta}:{n}: invalid JSON ({exc.msg})") from None
+            raise DatasetError(f"{name}:{n}: invalid JSON ({exc.msg})") from None
+    return records
+
+
+def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str) -> tuple[str, list[dict]]:
+    """The metadata file and its rows {sample_id, source, caption, line} in file order."""
+    infos = fs.get_file_info([f"{root}/{name}" for name in METADATA_FILES])
+    meta = next((i.path for i in infos if i.type == pafs.FileType.File), None)
+    if meta is None:
+        raise DatasetError(f"{root}: no metadata.jsonl or metadata.csv (expected an imagefolder with "
+                           f"{image_column}/{caption_column} columns)")
+    with fs.open_input_stream(meta) as f:
+        records = parse_metadata(meta, f.read().decode("utf-8"))
+    rows = []
+    for n, rec in records:
         for col in (image_column, caption_column):
             if col not in rec:
-                raise DatasetError(f"{meta}:{n}: missing column {col!r} (has: {', '.join(sorted(rec))})")
-        if not (root / rec[image_column]).is_file():
-            raise DatasetError(f"{meta}:{n}: image file not found: {root / rec[image_column]}")
-        rows.append({"sample_id": len(rows), "source": str(rec[image_column]), "caption": str(rec[caption_column])})
+                raise DatasetError(f"{meta}:{n}: missing column {col!r} (has: {', '.join(sorted(map(str, rec)))})")
+        rows.append({"sample_id": len(rows), "source": str(rec[image_column]), "caption": str(rec[caption_column]),
+                     "line": n})
     if not rows:
         raise DatasetError(f"{meta}: no rows")
-    return rows
+    return meta, rows
+
+
+def check_rows(fs: pafs.FileSystem, root: str, meta: str, rows: list[dict]) -> list[dict]:
+    """Every referenced image must exist. The seam for fuller validation / quarantine of bad rows."""
+    infos = fs.get_file_info([f"{root}/{r['source']}" for r in rows])
+    for row, info in zip(rows, infos):
+        if info.type != pafs.FileType.File:
+            raise DatasetError(f"{meta}:{row['line']}: image file not found: {info.path}")
+    return [{k: v for k, v in r.items() if k != "line"} for r in rows]
 
 
 def read_imagefolder(path: str, caption_column: str = "text", image_column: str = "file_name") -> ray.data.Dataset:
-    """Rows {sample_id, image (bytes), caption, source}; sample_id is the metadata line order."""
-    root = Path(path)
-    rows = read_metadata(root, caption_column, image_column)
+    """Rows {sample_id int, image bytes, caption str, source str}; sample_id is the metadata row order.
+
+    Raises:
+        DatasetError: no metadata file, a missing column, or a referenced image that does not exist.
+    """
+    fs, root = open_folder(path)
+    meta, rows = read_metadata(fs, root, caption_column, image_column)
+    rows = check_rows(fs, root, meta, rows)
 
     def load_bytes(batch: dict) -> dict:
-        batch["image"] = np.array([(root / s).read_bytes() for s in batch["source"]], dtype=object)
+        data = []
+        for source in batch["source"]:
+            with fs.open_input_stream(f"{root}/{source}") as f:
+                data.append(f.read())
+        batch["image"] = np.array(data, dtype=object)
         return batch
 
-    return ray.data.from_items(rows).map_batches(load_bytes, batch_format="numpy")
+    return raise_original_errors(ray.data.from_items(rows).map_batches(load_bytes, batch_format="numpy"))
 
 
-class _Preprocess:
-    """Callable class for map_batches: loads the tokenizer once per actor/task from the model dir."""
+def raise_original_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Make an error raised in our map functions reach the consumer as `RayTaskError(<original type>)`.
 
-    def __init__(self, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool, seed: int):
-        from transformers import CLIPTokenizer
+    By default Ray Data wraps it in a `UserCodeException` and drops the original (its `__cause__` does
+    not survive pickling), so `except DatasetError` would never match. This changes only this
+    dataset's context, not the process-wide one; `.cause` of the raised error is the original.
+    """
+    ds.context.raise_original_map_exception = True
+    return ds
 
-        self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
-        self.args = (resolution, center_crop, random_flip, seed)
 
-    def __call__(self, batch: dict) -> dict:
-        ids = [int(i) for i in batch["sample_id"]]
-        pixels = preprocess_images(list(batch["image"]), ids, list(batch["source"]), *self.args)
-        return {"sample_id": np.asarray(ids, dtype=np.int64), "pixel_values": pixels,
-                "input_ids": tokenize_captions(self.tokenizer, list(batch["caption"]))}
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(tokenizer_path: str):
+    """The CLIP tokenizer of a model dir, loaded once per worker process (never shipped from the driver)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
+
+
+def preprocess_batch(batch: dict, root: str, tokenizer_path: str, resolution: int, center_crop: bool,
+                     random_flip: bool, seed: int) -> dict:
+    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids}; errors name root/source."""
+    ids = [int(i) for i in batch["sample_id"]]
+    sources = [f"{root.rstrip('/')}/{s}" for s in batch["source"]]
+    pixels = preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop, random_flip, seed)
+    input_ids = tokenize_captions(load_tokenizer(tokenizer_path), [str(c) for c in batch["caption"]])
+    return {"sample_id": np.asarray(ids, dtype=np.int64), "pixel_values": pixels, "input_ids": input_ids}
 
 
 def prepare_training_dataset(path: str, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
-                             seed: int, caption_column: str = "text", image_column: str = "file_name") -> ray.data.Dataset:
-    """Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77]."""
+                             seed: int, caption_column: str = "text",
+                             image_column: str = "file_name") -> ray.data.Dataset:
+    """Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77].
+
+    `tokenizer_path` is a model dir with a `tokenizer/` subfolder. Preprocessing runs as plain Ray tasks
+    (no actor pool), so it never holds CPUs that training workers need.
+
+    Raises:
+        DatasetError: at once for a bad folder (see `read_imagefolder`); when the dataset is consumed
+            for an undecodable image, as `RayTaskError(DatasetError)` naming the file.
+    """
     ds = read_imagefolder(path, caption_column, image_column)
-    return ds.map_batches(_Preprocess, fn_constructor_args=(tokenizer_path, resolution, center_crop, random_flip, seed),
-                          batch_size=32, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    ds = ds.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
+                        fn_kwargs={"root": path, "tokenizer_path": tokenizer_path, "resolution": resolution,
+                                   "center_crop": center_crop, "random_flip": random_flip, "seed": seed})
+    return raise_original_errors(ds)

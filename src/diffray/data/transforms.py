@@ -48,7 +48,16 @@ def resize_crop(img: Image.Image, resolution: int, center_crop: bool, random_fli
 
 def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[str], resolution: int,
                       center_crop: bool, random_flip: bool, seed: int) -> np.ndarray:
-    """Decode + resize/crop/flip + normalize to float32 [B, 3, R, R] in [-1, 1]."""
+    """Decode, resize the shorter side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
+
+    Args:
+        sample_ids: keys of each image's random crop/flip, drawn from `default_rng((seed, sample_id))`.
+        sources: names used in errors (file paths).
+    Returns:
+        float32 array [B, 3, resolution, resolution].
+    Raises:
+        DatasetError: an image cannot be decoded; the message names its source.
+    """
     out = np.empty((len(images), 3, resolution, resolution), dtype=np.float32)
     for i, (data, sid, src) in enumerate(zip(images, sample_ids, sources)):
         rng = np.random.default_rng((seed, int(sid)))
