@@ -35,6 +35,8 @@ def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection, max_s
 class Engine:
     """Common surface of the two strategies."""
 
+    collective_forward = False  # True where a forward pass needs every rank (ZeRO-3)
+
     def __init__(self, module: torch.nn.Module, grad_accum_steps: int):
         self.module = module
         self.grad_accum_steps = grad_accum_steps
@@ -87,6 +89,11 @@ class DeepSpeedEngine(Engine):
     @property
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
+
+    @property
+    def collective_forward(self) -> bool:
+        """ZeRO-3 gathers partitioned weights inside forward: all ranks must run every forward together."""
+        return self.zero_stage == 3
 
     def gathered(self):
         """Context in which ZeRO-3 partitioned trainable weights are whole on every rank."""

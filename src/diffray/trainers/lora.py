@@ -107,8 +107,10 @@ def train_loop_per_worker(config: dict) -> None:
     # --- setup
     comps = load_components(model_path)
     model = build_model(cfg, comps).to(env.device)
-    comps.vae.to(env.device, env.dtype).requires_grad_(False)
-    comps.text_encoder.to(env.device)
+    comps.vae.requires_grad_(False)
+    session.place_frozen(comps.vae, env)
+    if not cfg.lora.train_text_encoder:
+        session.place_frozen(comps.text_encoder, env)
     engine = build_engine(model, cfg.strategy, cfg.optim, t.micro_batch_size, gas, t.max_steps, env.precision,
                           env.device)
     state = session.restore(engine) or {"step": 0, "first_losses": [], "recent_losses": []}
@@ -123,6 +125,7 @@ def train_loop_per_worker(config: dict) -> None:
     for step in range(start + 1, t.max_steps + 1):
         t0 = time.perf_counter()
         session.maybe_kill_rank(cfg.faults, env, step, log_dir)
+        session.seed_step(cfg.run.seed, step, env.rank)
         step_loss = 0.0
         for _ in range(gas):
             loss = compute_loss(engine, comps, next(batches), step, cfg, env, prediction_type)
@@ -138,22 +141,23 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             step_loss += mean_loss / gas
-        state = session.advance_state(state, step, step_loss)
         elapsed = time.perf_counter() - t0
+        state = session.advance_state(state, step, step_loss, elapsed)
         do_log, do_validate, do_ckpt = session.schedule(t, step)
         metrics = {"step": step, "loss": step_loss, "lr": engine.lr, "grad_norm": engine.last_grad_norm or 0.0,
                    "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed}
         if do_log:
             logger.step(step, metrics)
-        if do_validate:
-            with engine.gathered():
-                if env.is_main:
-                    grid = render_validation(comps, model, t.validation_prompts, t.validation_inference_steps,
-                                             cfg.run.seed, env.device)
-                    out = Path(log_dir) / "validation" / f"step_{step:06d}.png"
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    grid.save(out)
-                    logger.image("validation", step, grid)
+        # Under ZeRO-3 every forward all-gathers partitioned weights, so every rank renders (same seeds,
+        # same images) and only rank 0 writes; otherwise rank 0 renders alone.
+        if do_validate and (env.is_main or engine.collective_forward):
+            grid = render_validation(comps, model, t.validation_prompts, t.validation_inference_steps,
+                                     cfg.run.seed, env.device)
+            if env.is_main:
+                out = Path(log_dir) / "validation" / f"step_{step:06d}.png"
+                out.parent.mkdir(parents=True, exist_ok=True)
+                grid.save(out)
+                logger.image("validation", step, grid)
         if do_ckpt:
             artifact = None
             if step == t.max_steps:  # --- save: the final checkpoint also carries the exported adapter

@@ -20,6 +20,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from diffray.errors import DatasetError, DiffrayError, TrainingError
+from diffray.models.adapters import read_card, write_card
 from diffray.trainers.session import ARTIFACT_DIR
 
 # method -> "module:function" of its per-worker loop (imported lazily: workers import it themselves)
@@ -147,8 +148,11 @@ def run_training(cfg) -> RunResult:
         raise TrainingError(f"run {cfg.run.name!r} ended without a checkpoint")
     artifact = export_artifact(result.checkpoint, f"{run_dir}/{ARTIFACT_DIR}")
     m = result.metrics or {}
+    wall = time.time() - t0
+    if "://" not in artifact:
+        write_card(artifact, {**read_card(artifact), "wall_time_s": round(wall, 3)})
     return RunResult(run_dir, artifact, int(m.get("step", 0)), float(m.get("loss_first_mean", float("nan"))),
-                     float(m.get("loss_last_mean", float("nan"))), time.time() - t0, dict(m))
+                     float(m.get("loss_last_mean", float("nan"))), wall, dict(m))
 
 
 def export_artifact(checkpoint: ray.train.Checkpoint, dest: str) -> str:

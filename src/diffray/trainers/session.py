@@ -62,6 +62,14 @@ def worker_env(mixed_precision: str, use_gpu: bool, cpus_per_worker: float) -> W
     return WorkerEnv(ctx.get_world_rank(), ctx.get_world_size(), device, precision)
 
 
+def place_frozen(module: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
+    """Move a frozen component to the device, in half precision on GPUs (fp32 stays untouched)."""
+    module.to(env.device)
+    if env.dtype != torch.float32:
+        module.to(dtype=env.dtype)
+    return module
+
+
 def batch_stream(shard, micro_batch_size: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches from this worker's dataset shard, epoch after epoch.
 
@@ -85,19 +93,25 @@ def global_mean(value: torch.Tensor) -> float:
     """Mean of a scalar over all ranks. NaN/inf on any rank makes it non-finite on every rank, so
     all ranks see a bad loss at the same step and stop together."""
     t = value.detach().float().reshape(1).cpu()
-    if dist.is_initialized():
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return float(t.item())
 
 
-def advance_state(state: dict[str, Any], step: int, loss: float) -> dict[str, Any]:
-    """Trainer state after `step`: the step and the first/last losses the summary needs."""
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's global RNG (LoRA dropout) from (seed, step, rank): resumable without RNG state."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def advance_state(state: dict[str, Any], step: int, loss: float, step_time: float) -> dict[str, Any]:
+    """Trainer state after `step`: the step, training time and the first/last losses for the summary."""
     first = list(state.get("first_losses", []))
     if len(first) < LOSS_WINDOW:
         first.append(loss)
     recent = (list(state.get("recent_losses", [])) + [loss])[-LOSS_WINDOW:]
-    return {**state, "step": step, "first_losses": first, "recent_losses": recent}
+    return {**state, "step": step, "first_losses": first, "recent_losses": recent,
+            "train_time_s": state.get("train_time_s", 0.0) + step_time}
 
 
 def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
@@ -111,6 +125,7 @@ def card(cfg, model_path: str, state: dict[str, Any]) -> dict[str, Any]:
     """Model card fields common to every method."""
     return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
             "steps": state["step"], "metrics": summary_metrics(state),
+            "train_time_s": round(state.get("train_time_s", 0.0), 3),
             "config": cfg.model_dump(mode="json")}
 
 
