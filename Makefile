@@ -18,12 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# Trains configs/lora.yaml (a rerun resumes the finished run; `make clean` starts over), exports the
+# adapter, renders outputs/demo_grid.png (base rows, then adapter rows, same seeds).
 demo: setup
-	@mkdir -p outputs
-	$(BIN)/diffray train configs/lora.yaml
-	$(BIN)/diffray generate --adapter runs/lora-sample/artifact --compare-base --num-images 4 --steps 20 \
-	    -p "a red circle on a blue background" -p "a green square on a white background" \
-	    --out outputs/demo_grid.png
+	$(BIN)/diffray demo --config configs/lora.yaml --out-dir outputs
 
 test: setup
 	$(BIN)/python -m pytest tests -m "not slow and not gpu" $(PYTEST_ARGS)

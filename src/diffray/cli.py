@@ -58,6 +58,28 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see configs/)"),
     typer.echo(result.summary_line())
 
 
+@app.command("demo")
+def demo(config: Path = typer.Option(Path("configs/lora.yaml"), help="The LoRA job to run"),
+         out_dir: Path = typer.Option(Path("outputs"), help="Where the image grid goes"),
+         overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Train the LoRA demo (configs/lora.yaml), export it, and render base-vs-adapter grids."""
+    import time
+
+    from diffray.config import load_config
+    from diffray.generate import generate_grid
+    from diffray.trainers.runner import run_training
+
+    t0 = time.time()
+    cfg = load_config(config, overrides or [])
+    result = run_training(cfg)
+    typer.echo(result.summary_line())
+    grid = generate_grid(prompts=cfg.train.validation_prompts, adapter=result.artifact_dir, model=cfg.model.path,
+                         out=out_dir / "demo_grid.png", num_images=4, steps=20, compare_base=True)
+    typer.echo(f"demo: steps={result.steps} loss first10={result.loss_first_mean:.4f} "
+               f"last10={result.loss_last_mean:.4f} artifact={result.artifact_dir} grid={grid} "
+               f"wall={time.time() - t0:.1f}s")
+
+
 @config_app.command("show")
 def config_show(config: Path = typer.Argument(..., help="Job YAML"),
                 overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
