@@ -7,6 +7,8 @@ the run was resumed: data-parallel layouts and restarts reproduce the same train
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -74,3 +76,22 @@ def encode_latents(vae, pixel_values: torch.Tensor, sample_ids: list[int], step:
     eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=sample_generator(seed + 7919, step, int(s)))
                        for s in sample_ids]).to(dist.mean.device, dist.mean.dtype)
     return (dist.mean + dist.std * eps) * vae.config.scaling_factor
+
+
+class NoisedLatents(NamedTuple):
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    noisy: torch.Tensor
+
+
+def noise_latents(vae, scheduler, pixel_values: torch.Tensor, sample_ids: list[int], step: int, seed: int,
+                  noise_offset: float = 0.0) -> NoisedLatents:
+    """The images' latents (no grad, fp32) and the noise, timesteps and noisy latents of one training
+    step, every draw keyed by (seed, step, sample_id)."""
+    with torch.no_grad():
+        latents = encode_latents(vae, pixel_values, sample_ids, step, seed).float()
+    noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), sample_ids, step, seed,
+                                                  scheduler.config.num_train_timesteps, noise_offset)
+    noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+    return NoisedLatents(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))
