@@ -82,15 +82,80 @@ def check_rows(fs: pafs.FileSystem, root: str, meta: str, rows: list[dict]) -> l
     return [{k: v for k, v in r.items() if k != "line"} for r in rows]
 
 
-def read_imagefolder(path: str, caption_column: str = "text", image_column: str = "file_name") -> ray.data.Dataset:
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def list_images(fs: pafs.FileSystem, root: str, prompt: str) -> list[dict]:
+    """Rows for a plain folder of images (no metadata file), every caption `prompt`, in name order."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    names = sorted(i.base_name for i in infos
+                   if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise DatasetError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) and no metadata.jsonl/csv")
+    return [{"sample_id": n, "source": name, "caption": prompt} for n, name in enumerate(names)]
+
+
+def folder_rows(path: str, caption_column: str = "text", image_column: str = "file_name",
+                prompt: str | None = None, id_offset: int = 0) -> tuple[pafs.FileSystem, str, list[dict]]:
+    """The filesystem, root and checked rows {sample_id, source, caption} of a dataset folder.
+
+    With `prompt`, every caption is that prompt and a folder without a metadata file is read as a
+    plain list of images (DreamBooth instance/class folders). `id_offset` is added to sample ids, so
+    rows of two datasets trained together never share noise keys.
+    """
+    fs, root = open_folder(path)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        raise DatasetError(f"{path}: not a directory")
+    has_meta = any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES]))
+    if prompt is not None and not has_meta:
+        rows = list_images(fs, root, prompt)
+    else:
+        meta, rows = read_metadata(fs, root, caption_column, image_column)
+        rows = check_rows(fs, root, meta, rows)
+        if prompt is not None:
+            rows = [{**r, "caption": prompt} for r in rows]
+    return fs, root, [{**r, "sample_id": r["sample_id"] + id_offset} for r in rows]
+
+
+def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str, min_images: int,
+                         what: str) -> int:
+    """Decode every image of a small concept folder (DreamBooth instances, Textual Inversion images) on
+    the driver, before any Ray work; returns how many there are.
+
+    Raises:
+        DatasetError: one line naming `what`, the folder and up to five bad files, or too few images.
+    """
+    from diffray.data.transforms import decode_image
+
+    try:
+        fs, root, rows = folder_rows(path, caption_column, image_column, prompt=prompt)
+    except DatasetError as exc:
+        raise DatasetError(f"{what}: {exc}") from None
+    bad = []
+    for row in rows:
+        try:
+            with fs.open_input_stream(f"{root}/{row['source']}") as f:
+                decode_image(f.read(), row["source"])
+        except DatasetError as exc:
+            bad.append(str(exc))
+    if bad:
+        valid = len(rows) - len(bad)
+        raise DatasetError(f"{what} in {root}: {len(bad)} of {len(rows)} cannot be used"
+                           f"{' (no valid images)' if valid == 0 else ''}: {'; '.join(bad[:5])}")
+    if len(rows) < min_images:
+        raise DatasetError(f"{what} in {root}: {len(rows)} found, train.micro_batch_size needs {min_images}")
+    return len(rows)
+
+
+def read_imagefolder(path: str, caption_column: str = "text", image_column: str = "file_name",
+                     prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
     """Rows {sample_id int, image bytes, caption str, source str}; sample_id is the metadata row order.
 
     Raises:
         DatasetError: no metadata file, a missing column, or a referenced image that does not exist.
     """
-    fs, root = open_folder(path)
-    meta, rows = read_metadata(fs, root, caption_column, image_column)
-    rows = check_rows(fs, root, meta, rows)
+    fs, root, rows = folder_rows(path, caption_column, image_column, prompt, id_offset)
 
     def load_bytes(batch: dict) -> dict:
         data = []
@@ -133,8 +198,8 @@ def preprocess_batch(batch: dict, root: str, tokenizer_path: str, resolution: in
 
 
 def prepare_training_dataset(path: str, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
-                             seed: int, caption_column: str = "text",
-                             image_column: str = "file_name") -> ray.data.Dataset:
+                             seed: int, caption_column: str = "text", image_column: str = "file_name",
+                             prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
     """Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77].
 
     `tokenizer_path` is a model dir with a `tokenizer/` subfolder. Preprocessing runs as plain Ray tasks
@@ -144,7 +209,7 @@ def prepare_training_dataset(path: str, tokenizer_path: str, resolution: int, ce
         DatasetError: at once for a bad folder (see `read_imagefolder`); when the dataset is consumed
             for an undecodable image, as `RayTaskError(DatasetError)` naming the file.
     """
-    ds = read_imagefolder(path, caption_column, image_column)
+    ds = read_imagefolder(path, caption_column, image_column, prompt, id_offset)
     ds = ds.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
                         fn_kwargs={"root": path, "tokenizer_path": tokenizer_path, "resolution": resolution,
                                    "center_crop": center_crop, "random_flip": random_flip, "seed": seed})
