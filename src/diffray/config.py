@@ -156,7 +156,94 @@ class LoraTrainConfig(Section):
     faults: FaultsSection = Field(default_factory=FaultsSection)
 
 
-METHODS: dict[str, type[Section]] = {"lora": LoraTrainConfig}
+class TextualInversionSection(Section):
+    placeholder_token: str = Field("<sks-widget>", pattern=r"^\S+$",
+                                   description="New token that names the concept in prompts (no spaces).")
+    initializer_token: str = Field("o", min_length=1,
+                                   description="Existing single-token word whose embedding starts the new vector(s) "
+                                               "(e.g. 'toy' on SD 1.5; the builtin tiny tokenizer is per character).")
+    num_vectors: int = Field(1, ge=1, le=64, description="Embedding vectors learned for the token: <tok>, <tok>_1, ...")
+    learnable_property: Literal["object", "style"] = Field(
+        "object", description="Prompt templates: 'a photo of a {}' (object) or 'a painting in the style of {}' (style).")
+
+
+class TextualInversionTrainConfig(Section):
+    method: Literal["textual_inversion"] = Field("textual_inversion", description="Training method.")
+    run: RunSection = Field(default_factory=lambda: RunSection(name="textual-inversion-sample"))
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=lambda: DataSection(path="builtin:sample/subject"),
+                              description="The concept's images; their captions are replaced by templates.")
+    textual_inversion: TextualInversionSection = Field(default_factory=TextualInversionSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    failure: FailureSection = Field(default_factory=FailureSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> TextualInversionTrainConfig:
+        # Row restore edits the whole embedding matrix in place; under ZeRO-3 it is partitioned across ranks.
+        if self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
+            raise ValueError("strategy.zero_stage: textual inversion trains one small embedding matrix; "
+                             "use zero_stage 0-2 or name: ddp")
+        return self
+
+
+class DreamBoothSection(Section):
+    instance_prompt: str = Field("a photo of sks widget", min_length=1,
+                                 description="Prompt of every instance image, with the rare identifier.")
+    class_prompt: str = Field("a photo of a widget", min_length=1, description="Prompt of the subject's class.")
+    with_prior_preservation: bool = Field(True, description="Add the class-image loss (prior preservation).")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss.")
+    num_class_images: int = Field(16, ge=1, le=100_000,
+                                  description="Class images wanted; missing ones are generated with the base model.")
+    class_data_dir: str | None = Field(None, description="Folder of class images (read, and filled up when short); "
+                                       "None = a cache folder keyed by model, prompt and sampler settings.")
+    class_inference_steps: int = Field(25, ge=1, le=500, description="Sampler steps for class-image generation.")
+    class_guidance_scale: float = Field(7.5, ge=0, description="CFG scale for class-image generation.")
+    class_batch_size: int = Field(4, ge=1, description="Images per generation batch.")
+    mode: Literal["lora", "full"] = Field("lora", description="lora: train a LoRA adapter (lora section); "
+                                          "full: fine-tune all UNet weights (artifact is a full pipeline).")
+    train_text_encoder: bool = Field(False, description="full mode: also fine-tune the text encoder's weights "
+                                     "(in lora mode use lora.train_text_encoder).")
+
+
+def _dreambooth_data() -> DataSection:
+    return DataSection(path="builtin:sample/subject", random_flip=True)
+
+
+class DreamBoothTrainConfig(Section):
+    method: Literal["dreambooth"] = Field("dreambooth", description="Training method.")
+    run: RunSection = Field(default_factory=lambda: RunSection(name="dreambooth-sample"))
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=_dreambooth_data,
+                              description="data.path is the instance-image folder (metadata file optional).")
+    dreambooth: DreamBoothSection = Field(default_factory=DreamBoothSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    train: TrainSection = Field(default_factory=lambda: TrainSection(validation_prompts=[]))
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    failure: FailureSection = Field(default_factory=FailureSection)
+    faults: FaultsSection = Field(default_factory=FaultsSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> DreamBoothTrainConfig:
+        db = self.dreambooth
+        if db.mode == "full" and self.lora.train_text_encoder:
+            raise ValueError("lora.train_text_encoder: dreambooth.mode is full; use dreambooth.train_text_encoder")
+        if db.mode == "lora" and db.train_text_encoder:
+            raise ValueError("dreambooth.train_text_encoder is for mode full; in mode lora use lora.train_text_encoder")
+        return self
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.lora.train_text_encoder if self.dreambooth.mode == "lora" else self.dreambooth.train_text_encoder
+
+
+METHODS: dict[str, type[Section]] = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
+                                     "textual_inversion": TextualInversionTrainConfig}
 
 
 

@@ -24,7 +24,11 @@ from diffray.models.adapters import read_card, write_card
 from diffray.trainers.session import ARTIFACT_DIR
 
 # method -> "module:function" of its per-worker loop (imported lazily: workers import it themselves)
-TRAIN_LOOPS = {"lora": "diffray.trainers.lora:train_loop_per_worker"}
+TRAIN_LOOPS = {
+    "lora": "diffray.trainers.lora:train_loop_per_worker",
+    "dreambooth": "diffray.trainers.dreambooth:train_loop_per_worker",
+    "textual_inversion": "diffray.trainers.textual_inversion:train_loop_per_worker",
+}
 
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
@@ -82,6 +86,14 @@ def resolve_loop(method: str):
     return getattr(importlib.import_module(module), fn)
 
 
+def preflight(cfg, model_path: str) -> None:
+    """The method's driver-side checks (an optional `preflight(cfg, model_path)` next to its loop), run
+    before Ray starts so bad input fails fast with one line."""
+    check = getattr(importlib.import_module(TRAIN_LOOPS[cfg.method].split(":")[0]), "preflight", None)
+    if check is not None:
+        check(cfg, model_path)
+
+
 def build_dataset(cfg, model_path: str):
     """The preprocessed training dataset (Ray Data), materialized when configured."""
     from diffray.data import resolve_data_path
@@ -99,7 +111,15 @@ def build_dataset(cfg, model_path: str):
     return ds
 
 
-def build_trainer(cfg, model_path: str, dataset, log_dir: str, status) -> TorchTrainer:
+def build_datasets(cfg, model_path: str) -> dict[str, Any]:
+    """The method's named training datasets: its module's `prepare_datasets(cfg, model_path)` when it
+    has one (driver-side preparation such as class-image generation), else {"train": build_dataset()}."""
+    module = importlib.import_module(TRAIN_LOOPS[cfg.method].split(":")[0])
+    prepare = getattr(module, "prepare_datasets", None)
+    return prepare(cfg, model_path) if prepare is not None else {"train": build_dataset(cfg, model_path)}
+
+
+def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status) -> TorchTrainer:
     """A configured TorchTrainer for `cfg.method`."""
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
@@ -119,7 +139,7 @@ def build_trainer(cfg, model_path: str, dataset, log_dir: str, status) -> TorchT
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
-        datasets={"train": dataset},
+        datasets=datasets,
     )
 
 
@@ -128,14 +148,15 @@ def run_training(cfg) -> RunResult:
     from diffray.models.loading import resolve_model_path
 
     t0 = time.time()
-    connect_ray()
     model_path = resolve_model_path(cfg.model.path)
+    preflight(cfg, model_path)
+    connect_ray()
     run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
-    dataset = build_dataset(cfg, model_path)
+    datasets = build_datasets(cfg, model_path)
     status = RunStatus.remote()
     try:
-        result = build_trainer(cfg, model_path, dataset, log_dir, status).fit()
+        result = build_trainer(cfg, model_path, datasets, log_dir, status).fit()
     except ray.train.TrainingFailedError as exc:
         raise TrainingError(f"training run {cfg.run.name!r} failed: {root_cause(exc)} "
                             f"(logs: {log_dir}; rerun the same command to resume from the last checkpoint)") from None

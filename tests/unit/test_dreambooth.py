@@ -1,0 +1,100 @@
+"""DreamBooth pieces without Ray: the prior-preservation loss, full-mode parameters, class-folder keys,
+and the instance-folder checks that run before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffray.config import validate_config
+from diffray.errors import ConfigError, DatasetError
+from diffray.models.loading import load_components
+from diffray.trainers.dreambooth import build_model, class_dir_for, dreambooth_loss, preflight
+from diffray.trainers.lora import denoising_losses
+from diffray.trainers.session import WorkerEnv
+
+ENV = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
+
+
+def cfg_of(**sections):
+    return validate_config({"method": "dreambooth", **sections})
+
+
+def batch(comps, ids: list[int], prompt: str, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tok = comps.tokenizer([prompt] * len(ids), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return {"sample_id": torch.tensor(ids), "pixel_values": torch.rand(len(ids), 3, 64, 64, generator=g) * 2 - 1,
+            "input_ids": tok}
+
+
+def test_prior_weight_zero_equals_instance_loss_and_weight_adds_class_loss(tiny_model_path):
+    comps = load_components(tiny_model_path)
+    cfg = cfg_of(dreambooth={"prior_loss_weight": 0.0})
+    model = build_model(cfg, comps)
+    pred = comps.noise_scheduler.config.prediction_type
+    inst, klass = batch(comps, [0, 1], "a photo of sks widget", 1), batch(comps, [1_000_000, 1_000_001], "a photo of a widget", 2)
+    with torch.no_grad():
+        no_prior = denoising_losses(model, comps, inst, 3, cfg, ENV, pred, False).mean()
+        with_zero = dreambooth_loss(model, comps, inst, klass, 3, cfg, ENV, pred)
+        class_only = denoising_losses(model, comps, klass, 3, cfg, ENV, pred, False).mean()
+        cfg_w = cfg_of(dreambooth={"prior_loss_weight": 0.5})
+        weighted = dreambooth_loss(model, comps, inst, klass, 3, cfg_w, ENV, pred)
+    assert torch.allclose(with_zero, no_prior, atol=1e-6), (with_zero, no_prior)
+    assert torch.allclose(weighted, no_prior + 0.5 * class_only, atol=1e-6)
+    assert class_only.item() > 0 and abs(class_only.item() - no_prior.item()) > 1e-4
+
+
+def test_full_mode_trains_every_unet_weight_lora_mode_only_adapters(tiny_model_path):
+    full = build_model(cfg_of(dreambooth={"mode": "full"}), load_components(tiny_model_path))
+    assert all(p.requires_grad for p in full.unet.parameters()) and full.text_encoder is None
+    full_te = build_model(cfg_of(dreambooth={"mode": "full", "train_text_encoder": True}),
+                          load_components(tiny_model_path))
+    assert all(p.requires_grad for p in full_te.text_encoder.parameters())
+    lora = build_model(cfg_of(), load_components(tiny_model_path))
+    names = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+
+
+def test_text_encoder_flags_are_checked_against_mode():
+    with pytest.raises(ConfigError, match="dreambooth.train_text_encoder"):
+        cfg_of(dreambooth={"mode": "full"}, lora={"train_text_encoder": True})
+    with pytest.raises(ConfigError, match="lora.train_text_encoder"):
+        cfg_of(dreambooth={"train_text_encoder": True})
+    with pytest.raises(ConfigError, match="prior_loss_weight"):
+        cfg_of(dreambooth={"prior_loss_weight": -1})
+
+
+def test_class_folder_key_changes_with_every_setting_that_changes_images(tmp_path):
+    base = class_dir_for(cfg_of(), "/m")
+    assert base == class_dir_for(cfg_of(), "/m")
+    for other in (cfg_of(dreambooth={"class_prompt": "a photo of a gadget"}), cfg_of(data={"resolution": 32}),
+                  cfg_of(dreambooth={"class_inference_steps": 7}), cfg_of(run={"seed": 1})):
+        assert class_dir_for(other, "/m") != base
+    assert class_dir_for(cfg_of(), "/other-model") != base
+    assert class_dir_for(cfg_of(dreambooth={"class_data_dir": str(tmp_path)}), "/m") == tmp_path
+
+
+def test_instance_folder_checks_run_before_any_work(tmp_path, tiny_model_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "b.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"2 of 2 cannot be used \(no valid images\).*a\.png"):
+        preflight(cfg_of(data={"path": str(bad)}), tiny_model_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="no images"):
+        preflight(cfg_of(data={"path": str(empty)}), tiny_model_path)
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(good / "x.jpg")
+    with pytest.raises(DatasetError, match="1 found, train.micro_batch_size needs 2"):
+        preflight(cfg_of(data={"path": str(good)}, train={"micro_batch_size": 2}), tiny_model_path)
+    preflight(cfg_of(data={"path": str(good)}, train={"micro_batch_size": 1}), tiny_model_path)
+    with pytest.raises(DatasetError, match="not found"):
+        preflight(cfg_of(data={"path": str(Path(tmp_path) / "missing")}), tiny_model_path)
