@@ -1,4 +1,4 @@
-"""Image generation with a stock diffusers pipeline plus an optional LoRA adapter (no Ray)."""
+"""Image generation with a stock diffusers pipeline plus an optional adapter: LoRA or Textual Inversion (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ import torch
 from diffray.errors import AdapterError
 from diffray.images import make_grid
 from diffray.models.adapters import LORA_WEIGHTS, read_card
+from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
 
 
 def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
-    """`pipe.load_lora_weights` on a diffray/diffusers LoRA dir (safetensors only)."""
+    """Load a diffray adapter dir (safetensors only) by what it holds: a LoRA (`pipe.load_lora_weights`)
+    or Textual Inversion embeddings (`pipe.load_textual_inversion`; prompts must use its token)."""
     d = Path(adapter_dir)
+    if (d / TI_WEIGHTS).is_file():
+        return load_textual_inversion(pipe, d)
     if not (d / LORA_WEIGHTS).is_file():
         raise AdapterError(f"{d}: no {LORA_WEIGHTS} (is this a LoRA adapter dir?)")
     try:
@@ -51,7 +55,7 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     if adapter is not None:
         load_adapter(pipe, adapter)
         rows += render(pipe, prompts, seed, num_images, steps, guidance, lora_scale)
-        labels += ["lora"] * len(prompts)
+        labels += [read_card(adapter).get("method", "adapter")] * len(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, labels).save(out)
