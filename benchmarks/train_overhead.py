@@ -1,0 +1,117 @@
+"""Ray Train overhead: median LoRA step time of a plain single-process PyTorch loop vs Ray Train with
+1 worker (DDP strategy and DeepSpeed ZeRO-2), same tiny model, data, batch and thread count, measured
+side by side in one run. Start-up (cluster, worker group, first steps) is excluded.
+
+    .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 2] [--batch-sizes 4 16]
+
+Prints a table and writes benchmarks/results/train_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from diffray.config import load_config
+from diffray.data.sample import write_sample_dataset
+from diffray.models.loading import load_components, resolve_model_path
+from diffray.trainers.lora import build_model, compute_loss
+from diffray.trainers.runner import build_dataset, run_training
+from diffray.trainers.session import WorkerEnv
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 2
+
+
+def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, data: str):
+    return load_config(REPO / "configs" / "lora.yaml", [f"train.micro_batch_size={batch}", f"data.path={data}",
+        f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={steps}",
+        f"train.checkpoint_every={steps}", "train.validate_every=null", "train.progress_bar=false",
+        "scaling.num_workers=1", f"scaling.cpus_per_worker={THREADS}", f"strategy.name={strategy}",
+        "strategy.zero_stage=2", "failure.max_failures=0"])
+
+
+def plain_loop(cfg, steps: int) -> list[float]:
+    """The same model, loss and data with a bare torch AdamW loop in this process."""
+    torch.set_num_threads(THREADS)
+    model_path = resolve_model_path(cfg.model.path)
+    comps = load_components(model_path)
+    model = build_model(cfg, comps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
+    ds = build_dataset(cfg, model_path)
+    pred = comps.noise_scheduler.config.prediction_type
+
+    def batches():
+        while True:
+            yield from ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True)
+
+    it, times = batches(), []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        loss = compute_loss(model, comps, next(it), step, cfg, env, pred)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ray_loop(cfg) -> list[float]:
+    result = run_training(cfg)
+    lines = (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["step_time"] for x in lines if '"step_time"' in x]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three variants")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="micro-batch sizes to measure")
+    ap.add_argument("--num-images", type=int, default=512, help="sample-set size (epoch length)")
+    args = ap.parse_args()
+    os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    storage = tempfile.mkdtemp(prefix="diffray-bench-")
+    data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")
+    results = {}
+    for b in args.batch_sizes:
+        samples: dict[str, list[float]] = {"plain": [], "ray_ddp": [], "ray_zero2": []}
+        for r in range(args.rounds):
+            cut = args.warmup
+            samples["plain"] += plain_loop(make_cfg(storage, f"plain{b}-{r}", args.steps, "ddp", b, data), args.steps)[cut:]
+            samples["ray_ddp"] += ray_loop(make_cfg(storage, f"ddp{b}-{r}", args.steps, "ddp", b, data))[cut:]
+            samples["ray_zero2"] += ray_loop(make_cfg(storage, f"zero2{b}-{r}", args.steps, "deepspeed", b, data))[cut:]
+        base = statistics.median(samples["plain"])
+        results[f"batch{b}"] = {k: {"median_step_ms": 1000 * statistics.median(v),
+                                    "overhead_ms": 1000 * (statistics.median(v) - base),
+                                    "mean_step_ms": 1000 * statistics.mean(v),
+                                    "ratio_vs_plain": statistics.median(v) / base, "steps_measured": len(v)}
+                                for k, v in samples.items()}
+    ray.shutdown()
+    print(f"{'batch':<7}{'variant':<12}{'median step (ms)':>18}{'mean (ms)':>11}{'overhead (ms)':>15}"
+          f"{'ratio vs plain':>16}{'steps':>7}")
+    for b, rows in results.items():
+        for k, row in rows.items():
+            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}{row['overhead_ms']:>15.2f}"
+                  f"{row['ratio_vs_plain']:>16.3f}{row['steps_measured']:>7}")
+    out = REPO / "benchmarks" / "results" / "train_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "results": results,
+                               "torch": torch.__version__, "ray": ray.__version__}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
