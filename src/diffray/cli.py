@@ -94,7 +94,8 @@ def config_show(config: Path = typer.Argument(..., help="Job YAML"),
 
 @app.command("generate")
 def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt (repeatable)"),
-             adapter: Optional[Path] = typer.Option(None, help="LoRA adapter dir (pytorch_lora_weights.safetensors)"),
+             adapter: Optional[Path] = typer.Option(None, help="Adapter dir: LoRA (pytorch_lora_weights.safetensors) "
+                                                    "or Textual Inversion (learned_embeds.safetensors)"),
              model: Optional[str] = typer.Option(None, help="Base model (default: the adapter card's base)"),
              out: Path = typer.Option(Path("outputs/generated.png"), help="Output PNG (a grid)"),
              seed: int = typer.Option(0, help="Seed of the first image"),
