@@ -142,18 +142,25 @@ class FaultsSection(Section):
     kill_driver_after_step: int | None = Field(None, ge=1, description="Kill the driver once this step is checkpointed.")
 
 
-class LoraTrainConfig(Section):
-    method: Literal["lora"] = Field("lora", description="Training method.")
+class TrainConfig(Section):
+    """The sections every training method shares; a method's config subclasses it, fixes `method`,
+    adds its own section and may change defaults."""
+
+    method: str = Field(description="Training method.")
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
-    lora: LoraSection = Field(default_factory=LoraSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     train: TrainSection = Field(default_factory=TrainSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     failure: FailureSection = Field(default_factory=FailureSection)
     faults: FaultsSection = Field(default_factory=FaultsSection)
+
+
+class LoraTrainConfig(TrainConfig):
+    method: Literal["lora"] = Field("lora", description="Training method.")
+    lora: LoraSection = Field(default_factory=LoraSection)
 
 
 class TextualInversionSection(Section):
@@ -167,19 +174,12 @@ class TextualInversionSection(Section):
         "object", description="Prompt templates: 'a photo of a {}' (object) or 'a painting in the style of {}' (style).")
 
 
-class TextualInversionTrainConfig(Section):
+class TextualInversionTrainConfig(TrainConfig):
     method: Literal["textual_inversion"] = Field("textual_inversion", description="Training method.")
     run: RunSection = Field(default_factory=lambda: RunSection(name="textual-inversion-sample"))
-    model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=lambda: DataSection(path="builtin:sample/subject"),
                               description="The concept's images; their captions are replaced by templates.")
     textual_inversion: TextualInversionSection = Field(default_factory=TextualInversionSection)
-    optim: OptimSection = Field(default_factory=OptimSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-    strategy: StrategySection = Field(default_factory=StrategySection)
-    failure: FailureSection = Field(default_factory=FailureSection)
-    faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @model_validator(mode="after")
     def _check(self) -> TextualInversionTrainConfig:
@@ -213,20 +213,14 @@ def _dreambooth_data() -> DataSection:
     return DataSection(path="builtin:sample/subject", random_flip=True)
 
 
-class DreamBoothTrainConfig(Section):
+class DreamBoothTrainConfig(TrainConfig):
     method: Literal["dreambooth"] = Field("dreambooth", description="Training method.")
     run: RunSection = Field(default_factory=lambda: RunSection(name="dreambooth-sample"))
-    model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=_dreambooth_data,
                               description="data.path is the instance-image folder (metadata file optional).")
+    train: TrainSection = Field(default_factory=lambda: TrainSection(validation_prompts=[]))
     dreambooth: DreamBoothSection = Field(default_factory=DreamBoothSection)
     lora: LoraSection = Field(default_factory=LoraSection)
-    optim: OptimSection = Field(default_factory=OptimSection)
-    train: TrainSection = Field(default_factory=lambda: TrainSection(validation_prompts=[]))
-    scaling: ScalingSection = Field(default_factory=ScalingSection)
-    strategy: StrategySection = Field(default_factory=StrategySection)
-    failure: FailureSection = Field(default_factory=FailureSection)
-    faults: FaultsSection = Field(default_factory=FaultsSection)
 
     @model_validator(mode="after")
     def _check(self) -> DreamBoothTrainConfig:
@@ -242,8 +236,8 @@ class DreamBoothTrainConfig(Section):
         return self.lora.train_text_encoder if self.dreambooth.mode == "lora" else self.dreambooth.train_text_encoder
 
 
-METHODS: dict[str, type[Section]] = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
-                                     "textual_inversion": TextualInversionTrainConfig}
+METHODS: dict[str, type[TrainConfig]] = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
+                                         "textual_inversion": TextualInversionTrainConfig}
 
 
 

@@ -26,10 +26,9 @@ import torch
 
 from diffray.config import DreamBoothTrainConfig
 from diffray.models.adapters import export_lora, write_card
-from diffray.models.loading import load_components
 from diffray.paths import cache_dir
 from diffray.trainers import session
-from diffray.trainers.lora import LoraDenoiser, denoising_losses
+from diffray.trainers.lora import LoraDenoiser, LoraTask, denoising_losses
 from diffray.trainers.loop import render_prompts, run_worker
 
 CLASS_ID_OFFSET = 1_000_000  # class rows' sample ids start here (distinct noise keys from instance rows)
@@ -192,19 +191,19 @@ def export_pipeline(out_dir: Path, comps, unet: torch.nn.Module, text_encoder: t
     return out_dir
 
 
-class DreamBoothTask:
-    """DreamBooth in the shared loop (see `diffray.trainers.loop.Task`)."""
+class DreamBoothTask(LoraTask):
+    """DreamBooth in the shared loop (see `diffray.trainers.loop.Task`): LoRA's set-up with its own
+    model, two data streams, the prior-preservation loss, its validation rows and artifact."""
 
-    def __init__(self, cfg: DreamBoothTrainConfig, model_path: str, env: session.WorkerEnv):
-        self.cfg, self.env = cfg, env
-        self.comps = load_components(model_path)
-        self.module = build_model(cfg, self.comps).to(env.device)
-        self.comps.vae.requires_grad_(False)
-        session.place_frozen(self.comps.vae, env)
-        if not cfg.trains_text_encoder:
-            session.place_frozen(self.comps.text_encoder, env)
-        self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
-        self.instances = self.classes = None
+    instances = classes = None
+
+    @staticmethod
+    def build_model(cfg, comps) -> LoraDenoiser:
+        return build_model(cfg, comps)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.trains_text_encoder
 
     def start(self, engine, skip_micro_batches: int) -> None:
         mb = self.cfg.train.micro_batch_size
@@ -216,9 +215,6 @@ class DreamBoothTask:
         klass = next(self.classes) if self.classes is not None else None
         return dreambooth_loss(engine, self.comps, next(self.instances), klass, step, self.cfg, self.env,
                                self.prediction_type)
-
-    def after_optimizer_step(self) -> None:
-        pass
 
     def validation_grid(self, step: int):
         """Row 1: the instance prompt; row 2: the class prompt (language drift); then extra prompts."""

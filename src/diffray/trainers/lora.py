@@ -15,12 +15,7 @@ from diffray.config import LoraTrainConfig
 from diffray.models.adapters import add_lora, export_lora
 from diffray.models.loading import load_components
 from diffray.trainers import session
-from diffray.trainers.components.diffusion import (
-    diffusion_target,
-    encode_latents,
-    per_sample_loss,
-    sample_noise_and_timesteps,
-)
+from diffray.trainers.components.diffusion import diffusion_target, noise_latents, per_sample_loss
 from diffray.trainers.loop import render_prompts, run_worker
 
 
@@ -67,23 +62,17 @@ def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEn
     module runs the text encoder itself (it trains); otherwise prompts are encoded here without grad.
     """
     ids = [int(i) for i in batch["sample_id"]]
-    pixels = batch["pixel_values"].to(env.device, env.dtype)
-    with torch.no_grad():
-        latents = encode_latents(comps.vae, pixels, ids, step, cfg.run.seed).float()
-    noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), ids, step, cfg.run.seed,
-                                                  comps.noise_scheduler.config.num_train_timesteps,
-                                                  cfg.train.noise_offset)
-    noise, timesteps = noise.to(env.device), timesteps.to(env.device)
-    noisy = comps.noise_scheduler.add_noise(latents, noise, timesteps)
+    n = noise_latents(comps.vae, comps.noise_scheduler, batch["pixel_values"].to(env.device, env.dtype), ids, step,
+                      cfg.run.seed, cfg.train.noise_offset)
     input_ids = batch["input_ids"].to(env.device)
     if text_encoder_in_engine:
-        pred = engine(noisy, timesteps, input_ids=input_ids)
+        pred = engine(n.noisy, n.timesteps, input_ids=input_ids)
     else:
         with torch.no_grad():
             hidden = comps.text_encoder(input_ids)[0]
-        pred = engine(noisy, timesteps, encoder_hidden_states=hidden)
-    target = diffusion_target(comps.noise_scheduler, latents, noise, timesteps, prediction_type)
-    return per_sample_loss(pred, target, timesteps, comps.noise_scheduler, prediction_type, cfg.train.snr_gamma)
+        pred = engine(n.noisy, n.timesteps, encoder_hidden_states=hidden)
+    target = diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)
+    return per_sample_loss(pred, target, n.timesteps, comps.noise_scheduler, prediction_type, cfg.train.snr_gamma)
 
 
 class LoraTask:
@@ -92,13 +81,21 @@ class LoraTask:
     def __init__(self, cfg: LoraTrainConfig, model_path: str, env: session.WorkerEnv):
         self.cfg, self.env = cfg, env
         self.comps = load_components(model_path)
-        self.module = build_model(cfg, self.comps).to(env.device)
+        self.module = self.build_model(cfg, self.comps).to(env.device)
         self.comps.vae.requires_grad_(False)
         session.place_frozen(self.comps.vae, env)
-        if not cfg.lora.train_text_encoder:
+        if not self.trains_text_encoder:
             session.place_frozen(self.comps.text_encoder, env)
         self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
         self.batches = None
+
+    @staticmethod
+    def build_model(cfg, comps) -> LoraDenoiser:
+        return build_model(cfg, comps)
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.lora.train_text_encoder
 
     def start(self, engine, skip_micro_batches: int) -> None:
         self.batches = session.batch_stream(ray.train.get_dataset_shard("train"), self.cfg.train.micro_batch_size,
