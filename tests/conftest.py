@@ -31,3 +31,79 @@ def tiny_model_path() -> str:
     from diffray.models.loading import resolve_model_path
 
     return resolve_model_path("builtin:tiny")
+
+
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img, **kwargs) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, **kwargs)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (8-bit gray) over a tiny, unfinished IDAT: what a
+    decompression bomb looks like to a reader that trusts the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+
+
+@pytest.fixture()
+def messy_folder(tmp_path):
+    """An imagefolder of 12 good sample images, 6 good-but-awkward files (CMYK, 16-bit, palette with
+    transparency, RGBA, LA, EXIF-rotated) and one row of every bad kind. Returns (root, bad) where bad
+    maps each bad file name to a substring of its quarantine reason."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from diffray.data.sample import write_sample_dataset
+
+    root = write_sample_dataset(tmp_path / "messy", num_images=12) / "train"
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    good = Image.open(root / rows[0]["file_name"]).convert("RGB")
+    gray16 = Image.fromarray((np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    rgba = good.convert("RGBA")
+    rgba.putalpha(128)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    files = {
+        "cmyk.jpg": _jpeg(good.convert("CMYK")),
+        "gray16.png": _png(gray16),
+        "palette.png": _png(good.convert("P", palette=Image.Palette.ADAPTIVE)),
+        "rgba.png": _png(rgba),
+        "la.png": _png(good.convert("LA")),
+        "exif_rotated.jpg": _jpeg(good.resize((96, 64)), exif=exif),
+        "truncated.png": _png(good)[: len(_png(good)) // 2],
+        "truncated.jpg": _jpeg(good)[:400],
+        "zero.png": b"",
+        "text.png": b"this is a text file, not an image\n",
+        "bomb.png": _bomb_png(40_000, 40_000),
+        "tiny.png": _png(good.resize((16, 16))),
+        "no_caption.png": _png(good),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    bad = {"truncated.png": "cannot decode image", "truncated.jpg": "cannot decode image",
+           "zero.png": "empty file", "text.png": "cannot decode image", "bomb.png": "decompression-bomb limit",
+           "tiny.png": "too small: 16x16", "no_caption.png": "empty caption", "missing.png": "image file not found"}
+    extra = [{"file_name": n, "text": "" if n == "no_caption.png" else f"an awkward file {n}"}
+             for n in list(files) + ["missing.png"]]
+    with (root / "metadata.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in extra)
+    return root, bad

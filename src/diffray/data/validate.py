@@ -1,0 +1,64 @@
+"""Row validation for training data: what makes a row unusable, as one short reason. Pure Python +
+PIL (never imports ray); the Ray Data pass that applies it and the quarantine report live in
+`diffray.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffray.data.transforms import DEFAULT_MAX_PIXELS, decode_image
+from diffray.errors import DatasetError
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What a usable row needs (from the `data` config section)."""
+
+    min_image_size: int = 32
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    default_caption: str | None = None
+    conditioning: bool = False  # rows need a conditioning image of the image's size
+
+    @classmethod
+    def of(cls, data) -> Rules:
+        return cls(data.min_image_size, data.max_image_pixels, data.default_caption,
+                   data.conditioning_column is not None)
+
+
+def caption_of(caption, rules: Rules) -> str | None:
+    """The caption a row trains with: its own when non-empty, else the configured default, else None."""
+    text = str(caption).strip() if isinstance(caption, str) else ""
+    return text or rules.default_caption
+
+
+def as_bytes(value) -> bytes | None:
+    """A cell of an image column as bytes, or None when absent (Ray Data turns an all-None object
+    column into NaN floats, so anything that is not bytes counts as absent)."""
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+def check_sample(image: bytes | None, caption, conditioning: bytes | None, source: str, rules: Rules) -> str | None:
+    """None when the row is usable, else why not (one line, no file name: the report has the source)."""
+    image, conditioning = as_bytes(image), as_bytes(conditioning)
+    if image is None:
+        return "image file not found"
+    try:
+        img = decode_image(image, source, rules.max_image_pixels)
+    except DatasetError as exc:
+        return str(exc).removeprefix(f"{source}: ")
+    w, h = img.size
+    if min(w, h) < rules.min_image_size:
+        return f"too small: {w}x{h}, shorter side below data.min_image_size={rules.min_image_size}"
+    if caption_of(caption, rules) is None:
+        return "empty caption (set data.default_caption to train such rows)"
+    if rules.conditioning:
+        if conditioning is None:
+            return "conditioning image not found"
+        try:
+            cond = decode_image(conditioning, source, rules.max_image_pixels)
+        except DatasetError as exc:
+            return "conditioning image: " + str(exc).removeprefix(f"{source}: ")
+        if cond.size != img.size:
+            return f"conditioning image is {cond.size[0]}x{cond.size[1]}, the image {w}x{h}"
+    return None
