@@ -38,12 +38,31 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    path: str = Field("builtin:sample", description="Imagefolder dir (metadata.jsonl) or builtin:sample.")
+    path: str = Field("builtin:sample", description="Imagefolder dir (metadata.jsonl/csv), Parquet file or dir, "
+                      "a pyarrow URI (s3://...) of either, or builtin:sample.")
+    format: Literal["auto", "imagefolder", "parquet"] = Field(
+        "auto", description="auto: .parquet files -> parquet, a folder with metadata.jsonl/csv -> imagefolder.")
     resolution: int = Field(64, ge=8, le=4096, description="Square training resolution in pixels (multiple of 8).")
     center_crop: bool = Field(True, description="Center crop after resizing (else a random crop).")
     random_flip: bool = Field(False, description="Random horizontal flip, seeded per sample.")
-    caption_column: str = Field("text", description="Caption column in metadata.jsonl.")
-    image_column: str = Field("file_name", description="Image file column in metadata.jsonl.")
+    caption_column: str = Field("text", description="Caption column (metadata or Parquet).")
+    image_column: str = Field("file_name", description="Image column: file name in metadata; in Parquet image "
+                              "bytes or an HF Image struct {bytes, path} (default there: 'image' if this is absent).")
+    conditioning_column: str | None = Field(None, description="Conditioning image column (ControlNet); rows then "
+                                            "need one of the image's size.")
+    default_caption: str | None = Field(None, description="Caption for rows whose caption is missing or empty; "
+                                        "None quarantines them.")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability a sample trains with the empty "
+                                   "caption (for classifier-free guidance), drawn per (seed, step, sample).")
+    min_image_size: int = Field(32, ge=1, description="Rows whose shorter image side is smaller are quarantined.")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="Decompression-bomb limit: larger images "
+                                  "(width x height, read from the header) are quarantined undecoded.")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="Fail the job when more than this fraction "
+                                    "of rows is quarantined.")
+    shuffle_buffer: int = Field(256, ge=0, description="Per-epoch shuffle of each worker's rows through a local "
+                                "buffer of this size, seeded by (run.seed, epoch, rank); 0 keeps the dataset order.")
+    cache: str = Field("off", description="Latent cache: off | auto (build under the cache dir on first use, "
+                       "keyed by data, model and transform settings) | DIR (built by `diffray data prepare`).")
     materialize: bool = Field(True, description="Keep the preprocessed dataset in the object store "
                               "(fast epochs; turn off for data larger than object-store memory).")
 

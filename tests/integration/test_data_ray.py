@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from diffray.data.imagefolder import prepare_training_dataset, read_imagefolder
+from diffray.config import DataSection
+from diffray.data.imagefolder import read_imagefolder
+from diffray.data.pipeline import prepare_training_dataset
 from diffray.data.sample import write_sample_dataset
 from diffray.data.transforms import preprocess_images
 from diffray.errors import DatasetError
@@ -48,10 +50,12 @@ def test_reader_and_preprocessing(ray_2cpu, model_dir, tmp_path):
     meta = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
     rows = sorted(read_imagefolder(str(root)).take_all(), key=lambda r: r["sample_id"])
     assert [r["sample_id"] for r in rows] == list(range(6))
-    assert [(r["source"], r["caption"]) for r in rows] == [(m["file_name"], m["text"]) for m in meta]
-    assert all(r["image"] == (root / r["source"]).read_bytes() for r in rows)
+    assert [(r["source"], r["caption"]) for r in rows] == [(str(root / m["file_name"]), m["text"]) for m in meta]
+    assert all(r["image"] == (root / m["file_name"]).read_bytes() for r, m in zip(rows, meta))
 
-    ds = prepare_training_dataset(str(root), model_dir, 32, False, True, seed=3)
+    data = DataSection(path=str(root), resolution=32, center_crop=False, random_flip=True)
+    ds, report = prepare_training_dataset(str(root), model_dir, data, seed=3)
+    assert (report.total, report.used, report.quarantined) == (6, 6, [])
     batch = ds.take_batch(6, batch_format="numpy")
     batch = {k: v[np.argsort(batch["sample_id"])] for k, v in batch.items()}  # cheaper than ds.sort
     assert batch["sample_id"].dtype == np.int64 and list(batch["sample_id"]) == list(range(6))
@@ -65,15 +69,20 @@ def test_reader_and_preprocessing(ray_2cpu, model_dir, tmp_path):
     assert tuple(torch_batch["pixel_values"].shape) == (4, 3, 32, 32) and str(torch_batch["input_ids"].dtype) == "torch.int64"
 
 
-def test_bad_folders_raise_dataset_error_naming_the_file(ray_2cpu, model_dir, tmp_path):
+def test_bad_rows_are_quarantined_and_bad_folders_raise(ray_2cpu, model_dir, tmp_path):
     root = write_sample_dataset(tmp_path / "s", num_images=3) / "train"
     (root / "0001.png").write_bytes(b"not a png")
-    with pytest.raises(DatasetError, match=r"train/0001.png: cannot decode image") as err:
-        prepare_training_dataset(str(root), model_dir, 32, True, False, seed=0).materialize()
-    assert isinstance(err.value.cause, DatasetError)  # RayTaskError(DatasetError); .cause is the original
+    strict = DataSection(path=str(root), resolution=32)
+    with pytest.raises(DatasetError, match=r"1 of 3 rows are bad \(33.3%\), above data.max_bad_fraction=0.05 "
+                                           r"\(report: .*quarantine.jsonl\): .*train/0001.png: cannot decode image"):
+        prepare_training_dataset(str(root), model_dir, strict, 0, tmp_path / "reports")
+    lenient = strict.model_copy(update={"max_bad_fraction": 0.5})
+    ds, report = prepare_training_dataset(str(root), model_dir, lenient, 0, tmp_path / "reports")
+    assert report.used == 2 and [r["sample_id"] for r in report.quarantined] == [1]
+    assert sorted(ds.materialize().to_pandas()["sample_id"]) == [0, 2], "the bad row never reaches training"
     (root / "0001.png").unlink()
-    with pytest.raises(DatasetError, match=r"metadata.jsonl:2: image file not found: .*train/0001.png"):
-        read_imagefolder(str(root))
+    _, report = prepare_training_dataset(str(root), model_dir, lenient, 0)
+    assert [r["reason"] for r in report.quarantined] == ["image file not found"]
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0000.png", "caption": "x"}) + "\n")
     with pytest.raises(DatasetError, match=r"missing column 'text' \(has: caption, file_name\)"):
         read_imagefolder(str(root))

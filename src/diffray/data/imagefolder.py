@@ -1,15 +1,15 @@
-"""Read an HF-style imagefolder (`metadata.jsonl` or `metadata.csv` + image files) into a Ray Dataset
-and prepare it for training (decode, resize/crop/flip, normalize, tokenize) with `map_batches`.
+"""Read an HF-style imagefolder (`metadata.jsonl` or `metadata.csv` + image files, optionally a
+conditioning image column) into raw Ray Dataset rows; `diffray.data.pipeline` validates and
+preprocesses them.
 
 The folder may be a local path or any pyarrow filesystem URI (`s3://`, `gs://`, `file://`). Metadata is
 parsed and checked on the driver, so a bad folder fails at read time with a `DatasetError` naming the
-file instead of deep inside a Ray task. This is the only data module that imports ray.
+file instead of deep inside a Ray task.
 """
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 from pathlib import Path
@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
 
-from diffray.data.transforms import preprocess_images, tokenize_captions
 from diffray.errors import DatasetError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -52,8 +51,13 @@ def parse_metadata(name: str, text: str) -> list[tuple[int, dict]]:
     return records
 
 
-def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str) -> tuple[str, list[dict]]:
-    """The metadata file and its rows {sample_id, source, caption, line} in file order."""
+def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str,
+                  conditioning_column: str | None = None) -> tuple[str, list[dict]]:
+    """The metadata file and its rows {sample_id, source, caption, line[, conditioning_source]} in file order.
+
+    A column absent from every row is a config mistake (DatasetError naming it and the columns there
+    are); a value absent from some rows is left None for validation to quarantine.
+    """
     infos = fs.get_file_info([f"{root}/{name}" for name in METADATA_FILES])
     meta = next((i.path for i in infos if i.type == pafs.FileType.File), None)
     if meta is None:
@@ -61,24 +65,26 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
                            f"{image_column}/{caption_column} columns)")
     with fs.open_input_stream(meta) as f:
         records = parse_metadata(meta, f.read().decode("utf-8"))
+    if not records:
+        raise DatasetError(f"{meta}: no rows")
+    for col in (image_column, caption_column, conditioning_column):
+        if col is not None and not any(col in rec for _, rec in records):
+            have = sorted({str(k) for _, rec in records for k in rec})
+            raise DatasetError(f"{meta}: missing column {col!r} (has: {', '.join(have)})")
     rows = []
     for n, rec in records:
-        for col in (image_column, caption_column):
-            if col not in rec:
-                raise DatasetError(f"{meta}:{n}: missing column {col!r} (has: {', '.join(sorted(map(str, rec)))})")
-        rows.append({"sample_id": len(rows), "source": str(rec[image_column]), "caption": str(rec[caption_column]),
-                     "line": n})
-    if not rows:
-        raise DatasetError(f"{meta}: no rows")
+        caption = rec.get(caption_column)
+        row = {"sample_id": len(rows), "source": str(rec.get(image_column) or ""),
+               "caption": None if caption is None else str(caption), "line": n}
+        if conditioning_column is not None:
+            row["conditioning_source"] = str(rec.get(conditioning_column) or "")
+        rows.append(row)
     return meta, rows
 
 
 def check_rows(fs: pafs.FileSystem, root: str, meta: str, rows: list[dict]) -> list[dict]:
-    """Every referenced image must exist. The seam for fuller validation / quarantine of bad rows."""
-    infos = fs.get_file_info([f"{root}/{r['source']}" for r in rows])
-    for row, info in zip(rows, infos):
-        if info.type != pafs.FileType.File:
-            raise DatasetError(f"{meta}:{row['line']}: image file not found: {info.path}")
+    """Rows without the bookkeeping `line`. Missing image files are not an error here: the reader
+    yields no bytes for them and validation quarantines the row."""
     return [{k: v for k, v in r.items() if k != "line"} for r in rows]
 
 
@@ -96,8 +102,9 @@ def list_images(fs: pafs.FileSystem, root: str, prompt: str) -> list[dict]:
 
 
 def folder_rows(path: str, caption_column: str = "text", image_column: str = "file_name",
-                prompt: str | None = None, id_offset: int = 0) -> tuple[pafs.FileSystem, str, list[dict]]:
-    """The filesystem, root and checked rows {sample_id, source, caption} of a dataset folder.
+                prompt: str | None = None, id_offset: int = 0,
+                conditioning_column: str | None = None) -> tuple[pafs.FileSystem, str, list[dict]]:
+    """The filesystem, root and rows {sample_id, source, caption[, conditioning_source]} of a folder.
 
     With `prompt`, every caption is that prompt and a folder without a metadata file is read as a
     plain list of images (DreamBooth instance/class folders). `id_offset` is added to sample ids, so
@@ -111,11 +118,20 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
     if prompt is not None and not has_meta:
         rows = list_images(fs, root, prompt)
     else:
-        meta, rows = read_metadata(fs, root, caption_column, image_column)
+        meta, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column)
         rows = check_rows(fs, root, meta, rows)
         if prompt is not None:
             rows = [{**r, "caption": prompt} for r in rows]
     return fs, root, [{**r, "sample_id": r["sample_id"] + id_offset} for r in rows]
+
+
+def read_file(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A file's bytes, or None when it does not exist or cannot be read (validation quarantines it)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str, min_images: int,
@@ -134,9 +150,11 @@ def check_concept_images(path: str, caption_column: str, image_column: str, prom
         raise DatasetError(f"{what}: {exc}") from None
     bad = []
     for row in rows:
+        data = read_file(fs, f"{root}/{row['source']}")
         try:
-            with fs.open_input_stream(f"{root}/{row['source']}") as f:
-                decode_image(f.read(), row["source"])
+            if data is None:
+                raise DatasetError(f"{row['source']}: image file not found")
+            decode_image(data, row["source"])
         except DatasetError as exc:
             bad.append(str(exc))
     if bad:
@@ -149,20 +167,23 @@ def check_concept_images(path: str, caption_column: str, image_column: str, prom
 
 
 def read_imagefolder(path: str, caption_column: str = "text", image_column: str = "file_name",
-                     prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
-    """Rows {sample_id int, image bytes, caption str, source str}; sample_id is the metadata row order.
+                     prompt: str | None = None, id_offset: int = 0,
+                     conditioning_column: str | None = None) -> ray.data.Dataset:
+    """Rows {sample_id int, source str, caption str|None, image bytes|None[, conditioning_image]};
+    sample_id is the metadata row order; a missing file reads as None (validation quarantines it).
 
     Raises:
-        DatasetError: no metadata file, a missing column, or a referenced image that does not exist.
+        DatasetError: no metadata file, no rows, or a column absent from every row.
     """
-    fs, root, rows = folder_rows(path, caption_column, image_column, prompt, id_offset)
+    fs, root, rows = folder_rows(path, caption_column, image_column, prompt, id_offset, conditioning_column)
 
     def load_bytes(batch: dict) -> dict:
-        data = []
-        for source in batch["source"]:
-            with fs.open_input_stream(f"{root}/{source}") as f:
-                data.append(f.read())
-        batch["image"] = np.array(data, dtype=object)
+        batch["image"] = np.array([read_file(fs, f"{root}/{s}") if s else None for s in batch["source"]],
+                                  dtype=object)
+        if "conditioning_source" in batch:
+            batch["conditioning_image"] = np.array(
+                [read_file(fs, f"{root}/{s}") if s else None for s in batch["conditioning_source"]], dtype=object)
+        batch["source"] = np.array([f"{root}/{s}" for s in batch["source"]], dtype=object)
         return batch
 
     return raise_original_errors(ray.data.from_items(rows).map_batches(load_bytes, batch_format="numpy"))
@@ -177,40 +198,3 @@ def raise_original_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
     """
     ds.context.raise_original_map_exception = True
     return ds
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(tokenizer_path: str):
-    """The CLIP tokenizer of a model dir, loaded once per worker process (never shipped from the driver)."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
-
-
-def preprocess_batch(batch: dict, root: str, tokenizer_path: str, resolution: int, center_crop: bool,
-                     random_flip: bool, seed: int) -> dict:
-    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids}; errors name root/source."""
-    ids = [int(i) for i in batch["sample_id"]]
-    sources = [f"{root.rstrip('/')}/{s}" for s in batch["source"]]
-    pixels = preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop, random_flip, seed)
-    input_ids = tokenize_captions(load_tokenizer(tokenizer_path), [str(c) for c in batch["caption"]])
-    return {"sample_id": np.asarray(ids, dtype=np.int64), "pixel_values": pixels, "input_ids": input_ids}
-
-
-def prepare_training_dataset(path: str, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
-                             seed: int, caption_column: str = "text", image_column: str = "file_name",
-                             prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
-    """Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77].
-
-    `tokenizer_path` is a model dir with a `tokenizer/` subfolder. Preprocessing runs as plain Ray tasks
-    (no actor pool), so it never holds CPUs that training workers need.
-
-    Raises:
-        DatasetError: at once for a bad folder (see `read_imagefolder`); when the dataset is consumed
-            for an undecodable image, as `RayTaskError(DatasetError)` naming the file.
-    """
-    ds = read_imagefolder(path, caption_column, image_column, prompt, id_offset)
-    ds = ds.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
-                        fn_kwargs={"root": path, "tokenizer_path": tokenizer_path, "resolution": resolution,
-                                   "center_crop": center_crop, "random_flip": random_flip, "seed": seed})
-    return raise_original_errors(ds)

@@ -1,0 +1,141 @@
+"""Read Parquet datasets of image bytes + captions (the layout HF `datasets` `to_parquet` and
+LAION-style shards use) into the same raw rows as the imagefolder reader.
+
+The driver lists the files and reads only their footers (row counts per row group), so every row
+gets a stable `sample_id` (file order, then row order) before any data is read; each Ray task then
+reads one row group. The image column may hold raw bytes, an HF `Image` struct {bytes, path}, or a
+path string (relative to the Parquet file's folder).
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray.data
+
+from diffray.data.imagefolder import open_folder, raise_original_errors, read_file
+from diffray.errors import DatasetError
+
+HF_IMAGE_COLUMN = "image"
+
+
+def parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """A .parquet file, or every .parquet file under a folder (recursive, sorted)."""
+    fs, root = open_folder(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    if info.type != pafs.FileType.Directory:
+        raise DatasetError(f"{path}: not found")
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise DatasetError(f"{path}: no .parquet files")
+    return fs, files
+
+
+def is_parquet(path: str) -> bool:
+    """True for a .parquet file or a folder holding .parquet files and no imagefolder metadata."""
+    from diffray.data.imagefolder import METADATA_FILES
+
+    fs, root = open_folder(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return root.endswith(".parquet")
+    if info.type != pafs.FileType.Directory:
+        return False
+    if any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES])):
+        return False
+    return any(i.path.endswith(".parquet") for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
+
+
+def resolve_columns(schema: pa.Schema, file: str, caption_column: str, image_column: str,
+                    conditioning_column: str | None) -> tuple[str, str, str | None]:
+    """The image, caption and conditioning column names in this schema (image falls back to HF's 'image')."""
+    names = set(schema.names)
+    image = image_column if image_column in names else (HF_IMAGE_COLUMN if HF_IMAGE_COLUMN in names else None)
+    for want, got in ((image_column, image), (caption_column, caption_column if caption_column in names else None),
+                      (conditioning_column, conditioning_column if conditioning_column in names else None)):
+        if want is not None and got is None:
+            raise DatasetError(f"{file}: missing column {want!r} (has: {', '.join(schema.names)})")
+    return image, caption_column, conditioning_column
+
+
+def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image_column: str,
+               conditioning_column: str | None) -> list[dict]:
+    """One work item per row group {file, row_group, first_id, num_rows, columns}, ids in file order."""
+    items, next_id = [], 0
+    for file in files:
+        try:
+            with fs.open_input_file(file) as f:
+                meta = pq.ParquetFile(f).metadata
+                schema = meta.schema.to_arrow_schema()
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{file}: not a readable Parquet file ({exc})") from None
+        image, caption, cond = resolve_columns(schema, file, caption_column, image_column, conditioning_column)
+        first_row = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            items.append({"file": file, "row_group": g, "first_id": next_id, "first_row": first_row, "num_rows": n,
+                          "image": image, "caption": caption, "conditioning": cond or ""})
+            next_id, first_row = next_id + n, first_row + n
+    if next_id == 0:
+        raise DatasetError(f"{files[0] if len(files) == 1 else posixpath.dirname(files[0])}: no rows")
+    return items
+
+
+def image_bytes(fs: pafs.FileSystem, value, folder: str) -> bytes | None:
+    """Bytes of one image cell: raw bytes, an HF Image struct {bytes, path}, or a path string."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+        if not value:
+            return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    path = str(value)
+    return read_file(fs, path if path.startswith("/") or "://" in path else f"{folder}/{path}")
+
+
+def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
+                      conditioning_column: str | None = None, id_offset: int = 0) -> tuple[ray.data.Dataset, int]:
+    """Rows {sample_id, source ("file#row"), caption, image bytes|None[, conditioning_image]}, and how many.
+
+    Raises:
+        DatasetError: no Parquet files, an unreadable footer, or a missing column (named with the
+            columns the file has).
+    """
+    fs, files = parquet_files(path)
+    items = row_groups(fs, files, caption_column, image_column, conditioning_column)
+
+    def read_group(batch: dict) -> dict:
+        out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": []}
+        if conditioning_column is not None:
+            out["conditioning_image"] = []
+        for file, g, first_id, first_row, image, caption, cond in zip(
+                batch["file"], batch["row_group"], batch["first_id"], batch["first_row"], batch["image"],
+                batch["caption"], batch["conditioning"]):
+            with fs.open_input_file(file) as f:
+                table = pq.ParquetFile(f).read_row_group(int(g), columns=[c for c in (image, caption, cond) if c])
+            folder = posixpath.dirname(file)
+            images, captions = table.column(image).to_pylist(), table.column(caption).to_pylist()
+            conds = table.column(cond).to_pylist() if cond else None
+            for i in range(table.num_rows):
+                out["sample_id"].append(int(first_id) + i + id_offset)
+                out["source"].append(f"{file}#{int(first_row) + i}")
+                out["caption"].append(None if captions[i] is None else str(captions[i]))
+                out["image"].append(image_bytes(fs, images[i], folder))
+                if conds is not None:
+                    out["conditioning_image"].append(image_bytes(fs, conds[i], folder))
+        return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
+                **{k: np.array(v, dtype=object) for k, v in out.items()}}
+
+    ds = ray.data.from_items(items).map_batches(read_group, batch_size=1, batch_format="numpy")
+    return raise_original_errors(ds), sum(it["num_rows"] for it in items)

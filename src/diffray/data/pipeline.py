@@ -1,0 +1,175 @@
+"""The training data pipeline on Ray Data: read a source -> validate every row (bad rows go to a
+quarantine report, the job fails only above `data.max_bad_fraction`) -> decode, resize/crop/flip,
+normalize, tokenize.
+
+Validation is its own pass that returns only the bad rows to the driver, so the report and the
+"N rows used, M quarantined" line exist before training starts; the training pass then skips those
+rows by id. Good images are decoded twice (once per pass); the latent cache (`diffray.data.cache`)
+does both passes once and training then decodes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.data
+
+from diffray.data.imagefolder import raise_original_errors, read_imagefolder
+from diffray.data.transforms import preprocess_images, tokenize_captions
+from diffray.data.validate import Rules, caption_of, check_sample
+from diffray.errors import DatasetError
+
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+def source_format(path: str, fmt: str = "auto") -> str:
+    """'imagefolder' or 'parquet' for `data.format` (auto: by what `path` holds)."""
+    if fmt != "auto":
+        return fmt
+    from diffray.data.parquet import is_parquet
+
+    return "parquet" if is_parquet(path) else "imagefolder"
+
+
+def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) -> tuple[ray.data.Dataset, int]:
+    """Raw rows {sample_id, source, caption, image[, conditioning_image]} of `path` and their count.
+
+    `data` is the config's `data` section (format and column names). `prompt` replaces every caption
+    (and lets a plain image folder stand without metadata); `id_offset` shifts sample ids.
+    """
+    if source_format(path, data.format) == "parquet":
+        from diffray.data.parquet import read_parquet_rows
+
+        image_column = "image" if data.image_column == "file_name" else data.image_column
+        ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset)
+        if prompt is not None:
+            ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
+                                batch_format="numpy")
+        return ds, total
+    from diffray.data.imagefolder import folder_rows
+
+    _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column)
+    return read_imagefolder(path, data.caption_column, data.image_column, prompt, id_offset,
+                            data.conditioning_column), len(rows)
+
+
+def check_batch(batch: dict, rules: Rules) -> dict:
+    """map_batches: only the bad rows of a batch, as {sample_id, source, reason}."""
+    bad = {"sample_id": [], "source": [], "reason": []}
+    conds = batch.get("conditioning_image")
+    for i, (sid, src, img, cap) in enumerate(zip(batch["sample_id"], batch["source"], batch["image"],
+                                                  batch["caption"])):
+        reason = check_sample(img, cap, None if conds is None else conds[i], str(src), rules)
+        if reason is not None:
+            bad["sample_id"].append(int(sid))
+            bad["source"].append(str(src))
+            bad["reason"].append(reason)
+    return {"sample_id": np.asarray(bad["sample_id"], dtype=np.int64),
+            "source": np.array(bad["source"], dtype=object), "reason": np.array(bad["reason"], dtype=object)}
+
+
+@dataclass
+class DataReport:
+    """The outcome of validation: rows read, rows quarantined (with reasons), where the report is."""
+
+    source: str
+    total: int
+    quarantined: list[dict]
+    report_path: str | None
+
+    @property
+    def used(self) -> int:
+        return self.total - len(self.quarantined)
+
+    @property
+    def bad_ids(self) -> frozenset[int]:
+        return frozenset(r["sample_id"] for r in self.quarantined)
+
+    def summary(self) -> str:
+        where = f" (report: {self.report_path})" if self.quarantined and self.report_path else ""
+        return f"data {self.source}: {self.used} rows used, {len(self.quarantined)} quarantined{where}"
+
+
+def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, max_bad_fraction: float,
+                  report_dir: str | Path | None) -> DataReport:
+    """Run the validation pass; write `quarantine.jsonl` (source, row id, reason) into report_dir.
+
+    Raises:
+        DatasetError: more than `max_bad_fraction` of the rows are bad, or none is usable; the
+            message names the limit, the counts, the report and the first reasons.
+    """
+    bad = raw.map_batches(check_batch, fn_kwargs={"rules": rules}, batch_format="numpy").take_all()
+    bad = sorted(({"sample_id": int(r["sample_id"]), "source": str(r["source"]), "reason": str(r["reason"])}
+                  for r in bad), key=lambda r: r["sample_id"])
+    report_path = None
+    if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        report_path = str(Path(report_dir) / QUARANTINE_FILE)
+        Path(report_path).write_text("".join(json.dumps(r) + "\n" for r in bad))
+    report = DataReport(path, total, bad, report_path)
+    if bad and (len(bad) > max_bad_fraction * total or report.used == 0):
+        first = "; ".join(f"{r['source']}: {r['reason']}" for r in bad[:3])
+        raise DatasetError(f"{path}: {len(bad)} of {total} rows are bad ({len(bad) / total:.1%}), above "
+                           f"data.max_bad_fraction={max_bad_fraction:g}"
+                           f"{f' (report: {report_path})' if report_path else ''}: {first}")
+    return report
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(tokenizer_path: str):
+    """The CLIP tokenizer of a model dir, loaded once per worker process (never shipped from the driver)."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
+
+
+def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
+                     seed: int, rules: Rules, skip: frozenset[int] = frozenset()) -> dict:
+    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values]}.
+
+    Rows whose id is in `skip` (quarantined) are dropped. The conditioning image gets the same resize,
+    crop and flip as its image (same key)."""
+    if skip:
+        keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
+        batch = {k: v[keep] for k, v in batch.items()}
+    ids = [int(i) for i in batch["sample_id"]]
+    sources = [str(s) for s in batch["source"]]
+    tokenizer = load_tokenizer(tokenizer_path)
+    out = {"sample_id": np.asarray(ids, dtype=np.int64),
+           "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
+                                             random_flip, seed, rules.max_image_pixels),
+           "input_ids": (tokenize_captions(tokenizer, [caption_of(c, rules) or "" for c in batch["caption"]]) if ids
+                         else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
+    if "conditioning_image" in batch:
+        cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
+                                 random_flip, seed, rules.max_image_pixels)
+        out["conditioning_pixel_values"] = (cond + 1.0) / 2.0  # ControlNet conditioning is in [0, 1]
+    return out
+
+
+def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, report_dir: str | Path | None = None,
+                             prompt: str | None = None, id_offset: int = 0) -> tuple[ray.data.Dataset, DataReport]:
+    """The training dataset of `path` (validated, bad rows skipped) and its data report.
+
+    Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77] (and
+    conditioning_pixel_values in [0,1] with `data.conditioning_column`). Preprocessing runs as plain
+    Ray tasks (no actor pool), so it never holds CPUs that training workers need.
+
+    Raises:
+        DatasetError: a bad source (no metadata, missing column, no files) at once; too many bad rows
+            after validation (see `validate_rows`).
+    """
+    rules = Rules.of(data)
+    raw, total = read_source(path, data, prompt, id_offset)
+    report = validate_rows(raw, total, path, rules, data.max_bad_fraction, report_dir)
+    print(report.summary(), file=sys.stderr, flush=True)
+    ds = raw.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
+                         fn_kwargs={"tokenizer_path": tokenizer_path, "resolution": data.resolution,
+                                    "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,
+                                    "rules": rules, "skip": report.bad_ids})
+    return raise_original_errors(ds), report
