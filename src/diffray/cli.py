@@ -17,7 +17,7 @@ from diffray.errors import DiffrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
-data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the sample set.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: sample set, latent cache, inspection.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
@@ -44,6 +44,42 @@ def data_sample(out_dir: Path = typer.Argument(..., help="Directory for the gene
 
     path = write_sample_dataset(out_dir, num_images=num_images, resolution=resolution, seed=seed)
     typer.echo(f"wrote sample dataset to {path}")
+
+
+@data_app.command("prepare")
+def data_prepare(config: Path = typer.Argument(..., help="Job YAML (its data section and model)"),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
+    """Validate the job's dataset(s) and build the latent cache (VAE latents + text embeddings as Parquet)
+    as a Ray Data job; training with the same settings and `data.cache` then does no encoder work."""
+    from diffray.config import load_config
+    from diffray.trainers.runner import prepare_data
+
+    cfg = load_config(config, overrides or [])
+    for name, folder in prepare_data(cfg).items():
+        typer.echo(f"{name}: latent cache {folder}")
+
+
+@data_app.command("inspect")
+def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet file/dir, or a URI of either"),
+                 out: Optional[Path] = typer.Option(Path("outputs/contact_sheet.png"), help="Contact sheet PNG"),
+                 sample: int = typer.Option(16, min=1, max=256, help="Images on the contact sheet"),
+                 caption_column: str = typer.Option("text", help="Caption column"),
+                 image_column: str = typer.Option("file_name", help="Image column"),
+                 min_image_size: int = typer.Option(32, min=1, help="Validation: minimum shorter side"),
+                 as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON")) -> None:
+    """Counts, image-size histogram, caption lengths, what validation would quarantine, and a contact sheet."""
+    import json
+
+    from diffray.config import DataSection
+    from diffray.data import resolve_data_path
+    from diffray.data.inspect import format_summary, inspect_dataset
+    from diffray.trainers.runner import connect_ray
+
+    data = DataSection(path=path, caption_column=caption_column, image_column=image_column,
+                       min_image_size=min_image_size)
+    connect_ray()
+    summary = inspect_dataset(resolve_data_path(path), data, out, sample).summary()
+    typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 @app.command("train", context_settings={"allow_extra_args": False})

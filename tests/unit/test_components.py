@@ -70,3 +70,14 @@ def test_deepspeed_config(stage):
     assert "gradient_clipping" not in off
     with pytest.raises(ValueError, match="precision"):
         build_deepspeed_config(2, 1, 1, 1, None, "fp8")
+
+
+def test_caption_dropout_is_keyed_per_sample_and_hits_its_rate():
+    from diffray.trainers.components.diffusion import caption_dropout_mask
+
+    ids = list(range(4000))
+    mask = caption_dropout_mask(ids, step=3, seed=0, p=0.25)
+    assert abs(mask.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(caption_dropout_mask(ids[10:20], 3, 0, 0.25), mask[10:20]), "independent of the batch"
+    assert not torch.equal(caption_dropout_mask(ids, 4, 0, 0.25), mask), "redrawn every step"
+    assert not caption_dropout_mask(ids, 3, 0, 0.0).any() and caption_dropout_mask(ids, 3, 0, 1.0).all()

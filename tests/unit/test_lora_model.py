@@ -75,3 +75,27 @@ def test_export_reproduces_trained_model_in_stock_diffusers(tiny_model_path, tmp
     lora_img = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
                     output_type="np").images
     assert abs(lora_img - base_img).max() > 1e-3, "the adapter must change the generated image"
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_caption_dropout_trains_on_the_empty_caption(tiny_model_path, train_text_encoder):
+    from diffray.trainers.lora import denoising_losses, empty_prompt
+    from diffray.trainers.session import WorkerEnv
+
+    comps = load_components(tiny_model_path)
+    cfg = LoraTrainConfig.model_validate({"lora": {"train_text_encoder": train_text_encoder},
+                                          "data": {"caption_dropout": 1.0}})
+    model = build_model(cfg, comps)
+    _perturb(model)
+    _, _, ids, _ = _inputs(comps)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
+    empty = empty_prompt(comps, env.device)
+    batch = {"sample_id": torch.tensor([0, 1]), "pixel_values": pixels, "input_ids": ids}
+    no_drop = cfg.model_copy(update={"data": cfg.data.model_copy(update={"caption_dropout": 0.0})})
+    with torch.no_grad():
+        dropped = denoising_losses(model, comps, batch, 1, cfg, env, "epsilon", train_text_encoder, empty)
+        blank = denoising_losses(model, comps, {**batch, "input_ids": empty["input_ids"].repeat(2, 1)}, 1, no_drop,
+                                 env, "epsilon", train_text_encoder)
+        captioned = denoising_losses(model, comps, batch, 1, no_drop, env, "epsilon", train_text_encoder)
+    assert torch.allclose(dropped, blank, atol=1e-6) and not torch.allclose(dropped, captioned, atol=1e-4)

@@ -1,6 +1,6 @@
 """DreamBooth: teach the model a subject from a few instance images, with prior preservation.
 
-Driver side (`preflight`, `prepare_datasets`): the instance images are checked before anything starts;
+Driver side (`preflight`, `dataset_sources`): the instance images are checked before anything starts;
 missing class images are generated with the base model as a Ray Data batch-inference job (an actor
 pool over the cluster, a GPU each when `scaling.use_gpu`), written to a class folder keyed by model,
 prompt and sampler settings, and reused by every later run. Worker side (`DreamBoothTask` in the
@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-import ray.train
+import ray.data
 import torch
 
 from diffray.config import DreamBoothTrainConfig
@@ -130,23 +129,18 @@ def ensure_class_images(cfg: DreamBoothTrainConfig, model_path: str) -> tuple[Pa
     return out, generated
 
 
-def prepare_datasets(cfg: DreamBoothTrainConfig, model_path: str) -> dict[str, Any]:
-    """{"train": instance rows, "class": class rows (with prior preservation)}, preprocessed."""
+def dataset_sources(cfg: DreamBoothTrainConfig, model_path: str) -> dict:
+    """{"train": the instance images, "class": the class images (with prior preservation; generated
+    first when short)}, each captioned by its prompt."""
     from diffray.data import resolve_data_path
-    from diffray.data.imagefolder import prepare_training_dataset
+    from diffray.trainers.runner import DataSource
 
-    d, db = cfg.data, cfg.dreambooth
-
-    def prepared(path: str, prompt: str, id_offset: int):
-        ds = prepare_training_dataset(path, model_path, d.resolution, d.center_crop, d.random_flip, cfg.run.seed,
-                                      d.caption_column, d.image_column, prompt=prompt, id_offset=id_offset)
-        return ds.materialize() if d.materialize else ds
-
-    datasets = {"train": prepared(resolve_data_path(d.path), db.instance_prompt, 0)}
+    db = cfg.dreambooth
+    sources = {"train": DataSource(resolve_data_path(cfg.data.path), db.instance_prompt)}
     if db.with_prior_preservation:
         class_dir, _ = ensure_class_images(cfg, model_path)
-        datasets["class"] = prepared(str(class_dir), db.class_prompt, CLASS_ID_OFFSET)
-    return datasets
+        sources["class"] = DataSource(str(class_dir), db.class_prompt, CLASS_ID_OFFSET)
+    return sources
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -166,11 +160,10 @@ def build_model(cfg: DreamBoothTrainConfig, comps) -> LoraDenoiser:
 
 
 def dreambooth_loss(engine, comps, instance: dict, klass: dict | None, step: int, cfg: DreamBoothTrainConfig,
-                    env: session.WorkerEnv, prediction_type: str) -> torch.Tensor:
+                    env: session.WorkerEnv, prediction_type: str, empty: dict | None = None) -> torch.Tensor:
     """Instance loss + prior_loss_weight x class loss, both rows in one forward pass."""
-    batch = instance if klass is None else {k: torch.cat([instance[k], klass[k]]) for k in
-                                            ("sample_id", "pixel_values", "input_ids")}
-    losses = denoising_losses(engine, comps, batch, step, cfg, env, prediction_type, cfg.trains_text_encoder)
+    batch = instance if klass is None else {k: torch.cat([instance[k], klass[k]]) for k in instance}
+    losses = denoising_losses(engine, comps, batch, step, cfg, env, prediction_type, cfg.trains_text_encoder, empty)
     n = len(instance["sample_id"])
     loss = losses[:n].mean()
     if klass is not None:
@@ -206,15 +199,14 @@ class DreamBoothTask(LoraTask):
         return self.cfg.trains_text_encoder
 
     def start(self, engine, skip_micro_batches: int) -> None:
-        mb = self.cfg.train.micro_batch_size
-        self.instances = session.batch_stream(ray.train.get_dataset_shard("train"), mb, skip=skip_micro_batches)
+        self.instances = session.data_stream("train", self.cfg, self.env, skip_micro_batches)
         if self.cfg.dreambooth.with_prior_preservation:
-            self.classes = session.batch_stream(ray.train.get_dataset_shard("class"), mb, skip=skip_micro_batches)
+            self.classes = session.data_stream("class", self.cfg, self.env, skip_micro_batches)
 
     def loss(self, engine, step: int) -> torch.Tensor:
         klass = next(self.classes) if self.classes is not None else None
         return dreambooth_loss(engine, self.comps, next(self.instances), klass, step, self.cfg, self.env,
-                               self.prediction_type)
+                               self.prediction_type, self.empty)
 
     def validation_grid(self, step: int):
         """Row 1: the instance prompt; row 2: the class prompt (language drift); then extra prompts."""

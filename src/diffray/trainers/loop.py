@@ -34,6 +34,9 @@ class Task(Protocol):
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (e.g. restore frozen rows)."""
 
+    # Optional: `counters` with `take() -> dict[str, int]` (e.g. session.EncoderCalls): per-step counts
+    # added to the step's metrics.
+
     def validation_grid(self, step: int):
         """A PIL grid of validation images from the current weights (called on every rank under ZeRO-3)."""
 
@@ -64,6 +67,9 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
         t0 = time.perf_counter()
         session.maybe_kill_rank(cfg.faults, env, step, log_dir)
         session.seed_step(cfg.run.seed, step, env.rank)
+        counters = getattr(task, "counters", None)
+        if counters is not None:
+            counters.take()  # drop calls made outside training steps (validation, set-up)
         step_loss = 0.0
         for _ in range(gas):
             loss = task.loss(engine, step)
@@ -84,7 +90,8 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
         state = session.advance_state(state, step, step_loss, elapsed)
         do_log, do_validate, do_ckpt = session.schedule(t, step)
         metrics = {"step": step, "loss": step_loss, "lr": engine.lr, "grad_norm": engine.last_grad_norm or 0.0,
-                   "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed}
+                   "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed,
+                   **(counters.take() if counters is not None else {})}
         if do_log:
             logger.step(step, metrics)
         # Under ZeRO-3 every forward all-gathers partitioned weights, so every rank renders (same seeds,

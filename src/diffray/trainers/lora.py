@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ray.train
 import torch
 
 from diffray.config import LoraTrainConfig
 from diffray.models.adapters import add_lora, export_lora
 from diffray.models.loading import load_components
 from diffray.trainers import session
-from diffray.trainers.components.diffusion import diffusion_target, noise_latents, per_sample_loss
+from diffray.trainers.components.diffusion import (
+    caption_dropout_mask,
+    diffusion_target,
+    noise_latents,
+    per_sample_loss,
+)
 from diffray.trainers.loop import render_prompts, run_worker
 
 
@@ -53,23 +57,44 @@ def compute_loss(engine, comps, batch, step: int, cfg: LoraTrainConfig, env: ses
                             cfg.lora.train_text_encoder).mean()
 
 
-def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEnv, prediction_type: str,
-                     text_encoder_in_engine: bool) -> torch.Tensor:
-    """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values, input_ids}.
+def empty_prompt(comps, device) -> dict[str, torch.Tensor]:
+    """Token ids [77] and frozen text-encoder states [77, D] of the empty caption (caption dropout)."""
+    ids = comps.tokenizer([""], padding="max_length", truncation=True, max_length=comps.tokenizer.model_max_length,
+                          return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        return {"input_ids": ids[0], "hidden": comps.text_encoder(ids)[0][0]}
 
-    Noise, timestep and VAE sample of each row are keyed by (cfg.run.seed, step, sample_id), so a row's
-    loss does not depend on which batch or rank it lands in. `text_encoder_in_engine`: the engine's
+
+def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEnv, prediction_type: str,
+                     text_encoder_in_engine: bool, empty: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values | latent_mean+latent_std,
+    input_ids[, prompt_embeds]}.
+
+    Noise, timestep, VAE sample and caption dropout of each row are keyed by (cfg.run.seed, step,
+    sample_id), so a row's loss does not depend on which batch or rank it lands in. Rows from the
+    latent cache need no VAE or (frozen) text-encoder work. `text_encoder_in_engine`: the engine's
     module runs the text encoder itself (it trains); otherwise prompts are encoded here without grad.
+    `empty`: the empty caption (see `empty_prompt`), computed here when dropout needs it and it is None.
     """
     ids = [int(i) for i in batch["sample_id"]]
-    n = noise_latents(comps.vae, comps.noise_scheduler, batch["pixel_values"].to(env.device, env.dtype), ids, step,
-                      cfg.run.seed, cfg.train.noise_offset)
+    n = noise_latents(comps.vae, comps.noise_scheduler, batch, env.device, env.dtype, step, cfg.run.seed,
+                      cfg.train.noise_offset)
+    drop = caption_dropout_mask(ids, step, cfg.run.seed, cfg.data.caption_dropout).to(env.device)
+    if drop.any() and empty is None:
+        empty = empty_prompt(comps, env.device)
     input_ids = batch["input_ids"].to(env.device)
+    if drop.any():
+        input_ids = torch.where(drop[:, None], empty["input_ids"][None], input_ids)
     if text_encoder_in_engine:
         pred = engine(n.noisy, n.timesteps, input_ids=input_ids)
     else:
-        with torch.no_grad():
-            hidden = comps.text_encoder(input_ids)[0]
+        if "prompt_embeds" in batch:
+            hidden = batch["prompt_embeds"].to(env.device, env.dtype)
+            if drop.any():
+                hidden = torch.where(drop[:, None, None], empty["hidden"][None].to(hidden.dtype), hidden)
+        else:
+            with torch.no_grad():
+                hidden = comps.text_encoder(input_ids)[0]
         pred = engine(n.noisy, n.timesteps, encoder_hidden_states=hidden)
     target = diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)
     return per_sample_loss(pred, target, n.timesteps, comps.noise_scheduler, prediction_type, cfg.train.snr_gamma)
@@ -87,6 +112,8 @@ class LoraTask:
         if not self.trains_text_encoder:
             session.place_frozen(self.comps.text_encoder, env)
         self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
+        self.empty = empty_prompt(self.comps, env.device) if cfg.data.caption_dropout > 0 else None
+        self.counters = session.EncoderCalls(self.comps)
         self.batches = None
 
     @staticmethod
@@ -98,12 +125,11 @@ class LoraTask:
         return self.cfg.lora.train_text_encoder
 
     def start(self, engine, skip_micro_batches: int) -> None:
-        self.batches = session.batch_stream(ray.train.get_dataset_shard("train"), self.cfg.train.micro_batch_size,
-                                            skip=skip_micro_batches)
+        self.batches = session.data_stream("train", self.cfg, self.env, skip_micro_batches)
 
     def loss(self, engine, step: int) -> torch.Tensor:
-        return compute_loss(engine, self.comps, next(self.batches), step, self.cfg, self.env,
-                            self.prediction_type)
+        return denoising_losses(engine, self.comps, next(self.batches), step, self.cfg, self.env,
+                                self.prediction_type, self.trains_text_encoder, self.empty).mean()
 
     def after_optimizer_step(self) -> None:
         pass

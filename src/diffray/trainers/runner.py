@@ -94,29 +94,81 @@ def preflight(cfg, model_path: str) -> None:
         check(cfg, model_path)
 
 
-def build_dataset(cfg, model_path: str):
-    """The preprocessed training dataset (Ray Data), materialized when configured."""
+def build_dataset(cfg, model_path: str, report_dir: str | None = None, path: str | None = None,
+                  prompt: str | None = None, id_offset: int = 0):
+    """A training dataset (Ray Data) of `path` (default `data.path`): validated (bad rows quarantined
+    to `report_dir/quarantine.jsonl`), preprocessed or read from the latent cache, materialized when
+    configured. `prompt` replaces every caption; `id_offset` shifts sample ids.
+
+    Raises:
+        DatasetError: a bad source, too many bad rows, or fewer rows than one global batch.
+    """
     from diffray.data import resolve_data_path
-    from diffray.data.imagefolder import prepare_training_dataset
 
     d = cfg.data
-    ds = prepare_training_dataset(resolve_data_path(d.path), model_path, d.resolution, d.center_crop,
-                                  d.random_flip, cfg.run.seed, d.caption_column, d.image_column)
+    path = resolve_data_path(d.path) if path is None else path
+    if d.cache != "off":
+        from diffray.data.cache import cached_dataset
+
+        ds = cached_dataset(cfg, model_path, path, prompt, id_offset)
+    else:
+        from diffray.data.pipeline import prepare_training_dataset
+
+        ds, _ = prepare_training_dataset(path, model_path, d, cfg.run.seed, report_dir, prompt, id_offset)
     if d.materialize:
         ds = ds.materialize()
     rows = ds.count()
     need = cfg.scaling.num_workers * cfg.train.micro_batch_size
     if rows < need:
-        raise DatasetError(f"{d.path}: {rows} rows, but num_workers x micro_batch_size = {need} are needed per step")
+        raise DatasetError(f"{path}: {rows} usable rows, but num_workers x micro_batch_size = {need} are needed "
+                           "per step")
     return ds
 
 
-def build_datasets(cfg, model_path: str) -> dict[str, Any]:
-    """The method's named training datasets: its module's `prepare_datasets(cfg, model_path)` when it
-    has one (driver-side preparation such as class-image generation), else {"train": build_dataset()}."""
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset a method trains on: where, an optional caption for every row, a sample-id offset."""
+
+    path: str
+    prompt: str | None = None
+    id_offset: int = 0
+
+
+def dataset_sources(cfg, model_path: str) -> dict[str, DataSource]:
+    """The method's named datasets: its module's `dataset_sources(cfg, model_path)` when it has one
+    (which may prepare data on the driver first, e.g. generate class images), else {"train": data.path}."""
+    from diffray.data import resolve_data_path
+
     module = importlib.import_module(TRAIN_LOOPS[cfg.method].split(":")[0])
-    prepare = getattr(module, "prepare_datasets", None)
-    return prepare(cfg, model_path) if prepare is not None else {"train": build_dataset(cfg, model_path)}
+    sources = getattr(module, "dataset_sources", None)
+    if sources is not None:
+        return sources(cfg, model_path)
+    return {"train": DataSource(resolve_data_path(cfg.data.path))}
+
+
+def build_datasets(cfg, model_path: str, report_dir: str | None = None) -> dict[str, Any]:
+    """{name: training dataset} for the method; quarantine reports go to report_dir (the first
+    dataset's) or report_dir/<name>."""
+    out = {}
+    for i, (name, src) in enumerate(dataset_sources(cfg, model_path).items()):
+        reports = report_dir if report_dir is None or i == 0 else f"{report_dir}/{name}"
+        out[name] = build_dataset(cfg, model_path, reports, src.path, src.prompt, src.id_offset)
+    return out
+
+
+def prepare_data(cfg) -> dict[str, str]:
+    """`diffray data prepare`: validate and encode every dataset the job trains on into the latent
+    cache (`data.cache`; `auto` when off), without training. Returns {dataset name: cache folder}."""
+    from diffray.data.cache import build_cache
+    from diffray.models.loading import resolve_model_path
+
+    if cfg.data.cache == "off":
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": "auto"})})
+    model_path = resolve_model_path(cfg.model.path)
+    preflight(cfg, model_path)
+    connect_ray()
+    return {name: str(build_cache(cfg, model_path, src.path, src.prompt, src.id_offset)[0])
+            for name, src in dataset_sources(cfg, model_path).items()}
 
 
 def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status) -> TorchTrainer:
@@ -153,7 +205,7 @@ def run_training(cfg) -> RunResult:
     connect_ray()
     run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
-    datasets = build_datasets(cfg, model_path)
+    datasets = build_datasets(cfg, model_path, log_dir)
     status = RunStatus.remote()
     try:
         result = build_trainer(cfg, model_path, datasets, log_dir, status).fit()

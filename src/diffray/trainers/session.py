@@ -70,16 +70,21 @@ def place_frozen(module: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
     return module
 
 
-def batch_stream(shard, micro_batch_size: int, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: int = 0,
+                 seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches from this worker's dataset shard, epoch after epoch.
 
-    `skip` micro-batches are consumed without yielding (resume). drop_last keeps every rank at the
-    same number of batches per epoch, which DDP and ZeRO collectives require.
+    With `shuffle_buffer` > 0 each epoch is reshuffled through a local buffer of that many rows,
+    seeded by (seed, epoch), so the order is reproducible for a given shard order. `skip` micro-batches
+    are consumed without yielding (resume). drop_last keeps every rank at the same number of batches
+    per epoch, which DDP and ZeRO collectives require.
     """
-    seen = 0
+    seen, epoch = 0, 0
     while True:
         n_epoch = 0
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True):
+        shuffle = {"local_shuffle_buffer_size": shuffle_buffer,
+                   "local_shuffle_seed": (seed * 1_000_003 + epoch) % 2**31} if shuffle_buffer else {}
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, **shuffle):
             n_epoch += 1
             seen += 1
             if seen > skip:
@@ -87,6 +92,17 @@ def batch_stream(shard, micro_batch_size: int, skip: int = 0) -> Iterator[dict[s
         if n_epoch == 0:
             raise DatasetError(f"a worker's data shard has fewer rows than micro_batch_size={micro_batch_size}; "
                                "use a smaller batch, fewer workers or more data")
+        epoch += 1
+
+
+def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """`batch_stream` over this worker's shard of dataset `name`, shuffled as `data.shuffle_buffer` says
+    (seeded by run seed, dataset name and rank)."""
+    import zlib
+
+    seed = cfg.run.seed * 7919 + zlib.crc32(name.encode()) % 10_007 * 131 + env.rank
+    return batch_stream(ray.train.get_dataset_shard(name), cfg.train.micro_batch_size, skip,
+                        cfg.data.shuffle_buffer, seed)
 
 
 def global_mean(value: torch.Tensor) -> float:
@@ -233,3 +249,30 @@ def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:
     validate = train.validate_every is not None and (step % train.validate_every == 0 or last)
     ckpt = step % train.checkpoint_every == 0 or last
     return log, validate, ckpt
+
+
+class EncoderCalls:
+    """Counts VAE encodes and text-encoder forwards on a worker (the latent cache should make both 0).
+
+    `take()` returns the counts since the last `take()` and resets them; the loop takes once at the
+    start of a step (dropping validation's calls) and once into the step's metrics.
+    """
+
+    def __init__(self, comps):
+        self.counts = {"vae_encode_calls": 0, "text_encoder_calls": 0}
+        encode = comps.vae.encode
+
+        def counted_encode(*args, **kwargs):
+            self.counts["vae_encode_calls"] += 1
+            return encode(*args, **kwargs)
+
+        comps.vae.encode = counted_encode
+        comps.text_encoder.register_forward_pre_hook(lambda module, args: self._add("text_encoder_calls"))
+
+    def _add(self, key: str) -> None:
+        self.counts[key] += 1
+
+    def take(self) -> dict[str, int]:
+        out = dict(self.counts)
+        self.counts = dict.fromkeys(self.counts, 0)
+        return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import ray.train
 import torch
 
 from diffray.config import TextualInversionTrainConfig
@@ -70,8 +69,8 @@ def compute_loss(engine, comps, batch, step: int, cfg: TextualInversionTrainConf
     prompts = template_prompts(ti.learnable_property, placeholder_text(ti.placeholder_token, ti.num_vectors), ids,
                                step, cfg.run.seed)
     input_ids = torch.from_numpy(tokenize_captions(comps.tokenizer, prompts)).to(env.device)
-    n = noise_latents(comps.vae, comps.noise_scheduler, batch["pixel_values"].to(env.device, env.dtype), ids, step,
-                      cfg.run.seed, cfg.train.noise_offset)
+    n = noise_latents(comps.vae, comps.noise_scheduler, batch, env.device, env.dtype, step, cfg.run.seed,
+                      cfg.train.noise_offset)
     pred = engine(n.noisy, n.timesteps, input_ids)
     target = diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)
     return per_sample_loss(pred, target, n.timesteps, comps.noise_scheduler, prediction_type,
@@ -96,7 +95,8 @@ def preflight(cfg: TextualInversionTrainConfig, model_path: str) -> None:
         DatasetError: no images, or a bad one (named).
     """
     from diffray.data import resolve_data_path
-    from diffray.data.imagefolder import check_concept_images, load_tokenizer
+    from diffray.data.imagefolder import check_concept_images
+    from diffray.data.pipeline import load_tokenizer
 
     ti = cfg.textual_inversion
     check_tokens(load_tokenizer(model_path), ti.placeholder_token, ti.initializer_token, ti.num_vectors)
@@ -104,16 +104,12 @@ def preflight(cfg: TextualInversionTrainConfig, model_path: str) -> None:
                          ti.placeholder_token, cfg.train.micro_batch_size, "data.path: concept images")
 
 
-def prepare_datasets(cfg: TextualInversionTrainConfig, model_path: str) -> dict[str, Any]:
+def dataset_sources(cfg: TextualInversionTrainConfig, model_path: str) -> dict:
     """{"train": the concept images} (a plain image folder is fine: captions come from the templates)."""
     from diffray.data import resolve_data_path
-    from diffray.data.imagefolder import prepare_training_dataset
+    from diffray.trainers.runner import DataSource
 
-    d = cfg.data
-    ds = prepare_training_dataset(resolve_data_path(d.path), model_path, d.resolution, d.center_crop, d.random_flip,
-                                  cfg.run.seed, d.caption_column, d.image_column,
-                                  prompt=cfg.textual_inversion.placeholder_token)
-    return {"train": ds.materialize() if d.materialize else ds}
+    return {"train": DataSource(resolve_data_path(cfg.data.path), cfg.textual_inversion.placeholder_token)}
 
 
 class TextualInversionTask:
@@ -130,12 +126,12 @@ class TextualInversionTask:
         # weight-decayed old rows into the weight, which `start` undoes.
         self.guard = RowGuard(self.comps.text_encoder.get_input_embeddings().weight, self.token_ids).register()
         self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
+        self.counters = session.EncoderCalls(self.comps)
         self.batches = None
 
     def start(self, engine, skip_micro_batches: int) -> None:
         self.guard.restore()
-        self.batches = session.batch_stream(ray.train.get_dataset_shard("train"), self.cfg.train.micro_batch_size,
-                                            skip=skip_micro_batches)
+        self.batches = session.data_stream("train", self.cfg, self.env, skip_micro_batches)
 
     def loss(self, engine, step: int) -> torch.Tensor:
         return compute_loss(engine, self.comps, next(self.batches), step, self.cfg, self.env, self.prediction_type)

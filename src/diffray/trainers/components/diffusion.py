@@ -70,12 +70,26 @@ def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.T
     return mse * weight
 
 
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, sample_ids: list[int], step: int, seed: int,
+                   scaling_factor: float) -> torch.Tensor:
+    """A draw from the VAE posterior N(mean, std^2), scaled; the draw keyed by (seed, step, sample_id)."""
+    eps = torch.stack([torch.randn(mean.shape[1:], generator=sample_generator(seed + 7919, step, int(s)))
+                       for s in sample_ids]).to(mean.device, mean.dtype)
+    return (mean + std * eps) * scaling_factor
+
+
 def encode_latents(vae, pixel_values: torch.Tensor, sample_ids: list[int], step: int, seed: int) -> torch.Tensor:
     """VAE latents (sampled from the posterior, scaled), the sample drawn per (seed, step, sample_id)."""
     dist = vae.encode(pixel_values).latent_dist
-    eps = torch.stack([torch.randn(dist.mean.shape[1:], generator=sample_generator(seed + 7919, step, int(s)))
-                       for s in sample_ids]).to(dist.mean.device, dist.mean.dtype)
-    return (dist.mean + dist.std * eps) * vae.config.scaling_factor
+    return sample_latents(dist.mean, dist.std, sample_ids, step, seed, vae.config.scaling_factor)
+
+
+def caption_dropout_mask(sample_ids: list[int], step: int, seed: int, p: float) -> torch.Tensor:
+    """Bool [B]: which samples train with the empty caption this step (probability p, keyed per sample)."""
+    if p <= 0:
+        return torch.zeros(len(sample_ids), dtype=torch.bool)
+    return torch.tensor([bool(torch.rand((), generator=sample_generator(seed + 15_485_863, step, int(s))) < p)
+                         for s in sample_ids])
 
 
 class NoisedLatents(NamedTuple):
@@ -85,13 +99,23 @@ class NoisedLatents(NamedTuple):
     noisy: torch.Tensor
 
 
-def noise_latents(vae, scheduler, pixel_values: torch.Tensor, sample_ids: list[int], step: int, seed: int,
+def noise_latents(vae, scheduler, batch: dict, device, dtype, step: int, seed: int,
                   noise_offset: float = 0.0) -> NoisedLatents:
-    """The images' latents (no grad, fp32) and the noise, timesteps and noisy latents of one training
-    step, every draw keyed by (seed, step, sample_id)."""
+    """The batch's latents (fp32, no grad) and the noise, timesteps and noisy latents of one training
+    step, every draw keyed by (seed, step, sample_id).
+
+    The latents come from the latent cache (`latent_mean`/`latent_std` columns: no VAE work) or from
+    encoding `pixel_values` with the VAE; both give the same draw for the same sample.
+    """
+    ids = [int(i) for i in batch["sample_id"]]
     with torch.no_grad():
-        latents = encode_latents(vae, pixel_values, sample_ids, step, seed).float()
-    noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), sample_ids, step, seed,
+        if "latent_mean" in batch:
+            latents = sample_latents(batch["latent_mean"].to(device, torch.float32),
+                                     batch["latent_std"].to(device, torch.float32), ids, step, seed,
+                                     vae.config.scaling_factor)
+        else:
+            latents = encode_latents(vae, batch["pixel_values"].to(device, dtype), ids, step, seed).float()
+    noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), ids, step, seed,
                                                   scheduler.config.num_train_timesteps, noise_offset)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     return NoisedLatents(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))

@@ -1,0 +1,169 @@
+"""Latent cache: VAE posterior statistics and text-encoder states of a validated, preprocessed dataset,
+computed once by a Ray Data `map_batches` job (an actor pool, a GPU per actor when `scaling.use_gpu`)
+and stored as Parquet shards, so training does no VAE or frozen text-encoder work per step.
+
+Each cache lives in `<root>/<key>/`, the key a hash of everything that changes its contents: the
+source files (names, sizes, mtimes), the model's VAE/text-encoder/tokenizer files, resolution, crop,
+flip, seed (crop and flip are drawn per sample from it), column names, validation rules and the
+caption override. A changed setting is a new key, so a stale cache is never read. `<root>` is
+`$DIFFRAY_CACHE/latents` for `data.cache: auto`, else the configured folder.
+
+Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, R/8, R/8] (the posterior,
+so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
+[77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values.
+Quarantined rows are reported in the cache folder's `quarantine.jsonl`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray.data
+import torch
+
+from diffray.errors import DatasetError
+from diffray.paths import cache_dir
+
+CACHE_VERSION = 1
+CACHE_INFO = "cache.json"
+SHARDS = "shards"
+MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
+
+
+def _file_infos(fs: pafs.FileSystem, paths: list[str]) -> list[list]:
+    return [[i.path, i.size, i.mtime_ns] for i in fs.get_file_info(paths)]
+
+
+def source_fingerprint(path: str, fmt: str) -> list:
+    """Names, sizes and mtimes of every file the dataset reads (metadata, images or Parquet files)."""
+    from diffray.data.imagefolder import open_folder
+    from diffray.data.pipeline import source_format
+
+    fs, root = open_folder(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return _file_infos(fs, [root])
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if i.type == pafs.FileType.File)
+    if source_format(path, fmt) == "parquet":
+        files = [f for f in files if f.endswith(".parquet")]
+    return _file_infos(fs, files)
+
+
+def model_fingerprint(model_path: str) -> list:
+    """Names, sizes and mtimes of the VAE, text encoder and tokenizer files (a hub id: the id itself)."""
+    root = Path(model_path)
+    if not root.is_dir():
+        return [model_path]
+    files = sorted(p for part in MODEL_PARTS for p in (root / part).rglob("*") if p.is_file())
+    return [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files] + [str(root)]
+
+
+def cache_settings(cfg, path: str, prompt: str | None, id_offset: int) -> dict:
+    """Every setting the cached values depend on (readable; hashed into the key)."""
+    d = cfg.data
+    return {"version": CACHE_VERSION, "source": path, "format": d.format, "resolution": d.resolution,
+            "center_crop": d.center_crop, "random_flip": d.random_flip, "seed": cfg.run.seed,
+            "caption_column": d.caption_column, "image_column": d.image_column,
+            "conditioning_column": d.conditioning_column, "default_caption": d.default_caption,
+            "min_image_size": d.min_image_size, "max_image_pixels": d.max_image_pixels, "prompt": prompt,
+            "id_offset": id_offset}
+
+
+def cache_key(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0) -> str:
+    blob = json.dumps({"settings": cache_settings(cfg, path, prompt, id_offset),
+                       "data": source_fingerprint(path, cfg.data.format), "model": model_fingerprint(model_path)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cache_root(cfg) -> Path:
+    c = cfg.data.cache
+    if c == "off":
+        raise ValueError("data.cache is off")
+    return (cache_dir() / "latents") if c == "auto" else Path(c).expanduser().resolve()
+
+
+class Encoder:
+    """Ray Data actor: the frozen VAE and text encoder, loaded once; preprocessed rows -> cached rows."""
+
+    def __init__(self, model_path: str, use_gpu: bool):
+        from diffray.models.loading import load_components
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        comps = load_components(model_path, device=self.device)
+        self.vae, self.text_encoder = comps.vae.eval(), comps.text_encoder.eval()
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(batch["pixel_values"]).to(self.device)
+        dist = self.vae.encode(pixels).latent_dist
+        out = self.text_encoder(torch.from_numpy(batch["input_ids"]).to(self.device))
+        cached = {"sample_id": batch["sample_id"], "input_ids": batch["input_ids"],
+                  "latent_mean": dist.mean.float().cpu().numpy(), "latent_std": dist.std.float().cpu().numpy(),
+                  "prompt_embeds": out[0].float().cpu().numpy(), "pooled_prompt_embeds": out[1].float().cpu().numpy()}
+        if "conditioning_pixel_values" in batch:
+            cached["conditioning_pixel_values"] = batch["conditioning_pixel_values"]
+        return cached
+
+
+def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0,
+                batch_size: int = 16) -> tuple[Path, bool]:
+    """The cache folder for this dataset and settings, built if absent; returns (folder, built now).
+
+    The job validates (quarantine report into the folder; fails above `data.max_bad_fraction`),
+    preprocesses and encodes; it writes into a temporary sibling and renames it into place last, so
+    an interrupted build is never read.
+    """
+    from diffray.data.pipeline import prepare_training_dataset
+
+    out = cache_root(cfg) / cache_key(cfg, model_path, path, prompt, id_offset)
+    if (out / CACHE_INFO).is_file():
+        return out, False
+    t0 = time.time()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ds, report = prepare_training_dataset(path, model_path, cfg.data, cfg.run.seed, tmp, prompt, id_offset)
+    s = cfg.scaling
+    encoded = ds.map_batches(Encoder, batch_size=batch_size, batch_format="numpy",
+                             fn_constructor_kwargs={"model_path": model_path, "use_gpu": s.use_gpu},
+                             concurrency=(1, max(1, s.num_workers)), num_cpus=s.cpus_per_worker,
+                             num_gpus=1 if s.use_gpu else 0)
+    encoded.write_parquet(str(tmp / SHARDS))
+    info = {"key": out.name, "settings": cache_settings(cfg, path, prompt, id_offset), "model": model_path,
+            "rows": report.used, "quarantined": len(report.quarantined), "build_time_s": round(time.time() - t0, 3)}
+    (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another build of the same key finished first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / CACHE_INFO).is_file():
+            raise
+    print(f"latent cache {out}: {report.used} rows encoded, {len(report.quarantined)} quarantined "
+          f"in {info['build_time_s']:.1f}s", file=sys.stderr, flush=True)
+    return out, True
+
+
+def read_cache(folder: Path) -> ray.data.Dataset:
+    """The cached rows of a built cache folder."""
+    if not (folder / CACHE_INFO).is_file():
+        raise DatasetError(f"{folder}: not a latent cache (no {CACHE_INFO}); build it with `diffray data prepare`")
+    return ray.data.read_parquet(str(folder / SHARDS))
+
+
+def cached_dataset(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
+    """The training dataset from the latent cache (built first if absent)."""
+    folder, _ = build_cache(cfg, model_path, path, prompt, id_offset)
+    info = json.loads((folder / CACHE_INFO).read_text())
+    print(f"data {path}: {info['rows']} rows from latent cache {folder}, {info['quarantined']} quarantined",
+          file=sys.stderr, flush=True)
+    return read_cache(folder)
