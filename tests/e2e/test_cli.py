@@ -52,6 +52,17 @@ def test_readme_commands_end_to_end(tmp_path):
     with Image.open(out) as grid:
         assert grid.height > 2 * 64 and grid.width > 2 * 64  # 2 rows (base, lora) x 2 seeds
 
+    inspected = run(["data", "inspect", str(data / "train"), "--out", str(tmp_path / "sheet.png"), "--json"], env=env)
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    facts = json.loads(inspected.stdout)
+    assert (facts["rows"], facts["usable"], facts["quarantined"]) == (32, 32, 0)
+    assert Path(facts["contact_sheet"]).is_file()
+    prepared = run(["data", "prepare", "configs/lora.yaml", f"model.path={model}", f"data.path={data / 'train'}",
+                    f"data.cache={tmp_path / 'latents'}"], env=env)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    folder = Path(prepared.stdout.strip().splitlines()[-1].split("latent cache ")[1])
+    assert json.loads((folder / "cache.json").read_text())["rows"] == 32
+
     bad = run(["generate", "--adapter", str(tmp_path), "-p", "x", "--model", str(model)])
     assert bad.returncode == 1 and bad.stderr.strip().endswith("(is this a LoRA adapter dir?)")
     assert "Traceback" not in bad.stderr

@@ -1,0 +1,142 @@
+"""`diffray data inspect`: what a dataset holds before training on it: row counts, image sizes and
+modes, caption lengths, what validation would quarantine (and why), and a contact sheet of a sample.
+
+One Ray Data pass over the raw rows returns a small record per row (no pixels); the contact sheet
+decodes only the sampled rows.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from diffray.data.validate import Rules, as_bytes, caption_of, check_sample
+
+SIZE_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2048)
+
+
+def describe_batch(batch: dict, rules: Rules) -> dict:
+    """map_batches: per row {sample_id, source, width, height, mode, caption_chars, caption_words, reason}."""
+    out: dict[str, list] = {k: [] for k in ("sample_id", "source", "width", "height", "mode", "caption_chars",
+                                            "caption_words", "reason")}
+    conds = batch.get("conditioning_image")
+    for i, (sid, src, img, cap) in enumerate(zip(batch["sample_id"], batch["source"], batch["image"],
+                                                  batch["caption"])):
+        w = h = -1
+        mode = ""
+        img = as_bytes(img)
+        if img is not None:
+            try:
+                with Image.open(io.BytesIO(img)) as im:
+                    (w, h), mode = im.size, im.mode
+            except Exception:  # undecodable: validation gives the reason
+                pass
+        text = caption_of(cap, rules) or ""
+        out["sample_id"].append(int(sid))
+        out["source"].append(str(src))
+        out["width"].append(w)
+        out["height"].append(h)
+        out["mode"].append(mode)
+        out["caption_chars"].append(len(text))
+        out["caption_words"].append(len(text.split()))
+        out["reason"].append(check_sample(img, cap, None if conds is None else conds[i], str(src), rules) or "")
+    return {k: np.array(v, dtype=object if k in ("source", "mode", "reason") else np.int64) for k, v in out.items()}
+
+
+def size_bucket(side: int) -> str:
+    """'256-511' style label of the shorter image side."""
+    for lo, hi in zip(SIZE_EDGES, SIZE_EDGES[1:]):
+        if side < hi:
+            return f"{lo}-{hi - 1}"
+    return f">={SIZE_EDGES[-1]}"
+
+
+@dataclass
+class Inspection:
+    source: str
+    rows: list[dict]
+    sheet: str | None = None
+    quarantine_reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def good(self) -> list[dict]:
+        return [r for r in self.rows if not r["reason"]]
+
+    def summary(self) -> dict:
+        good, bad = self.good, [r for r in self.rows if r["reason"]]
+        chars = np.array([r["caption_chars"] for r in good] or [0])
+        words = np.array([r["caption_words"] for r in good] or [0])
+        return {
+            "source": self.source, "rows": len(self.rows), "usable": len(good), "quarantined": len(bad),
+            "shorter_side_histogram": dict(sorted(Counter(size_bucket(min(r["width"], r["height"]))
+                                                          for r in good).items(),
+                                                  key=lambda kv: int(kv[0].lstrip(">=").split("-")[0]))),
+            "modes": dict(Counter(r["mode"] for r in good)),
+            "caption_chars": {"min": int(chars.min()), "mean": round(float(chars.mean()), 1), "max": int(chars.max())},
+            "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 1), "max": int(words.max())},
+            "quarantine_reasons": dict(Counter(r["reason"].split(" (")[0] for r in bad).most_common()),
+            "contact_sheet": self.sheet,
+        }
+
+
+def contact_sheet(images: list[tuple[bytes, str]], out: Path, cell: int = 128, columns: int = 4,
+                  max_pixels: int = 89_478_485) -> Path:
+    """A grid PNG of (image bytes, caption) pairs, each fitted into a cell with its caption below."""
+    from PIL import ImageDraw
+
+    from diffray.data.transforms import decode_image
+
+    rows = max(1, -(-len(images) // columns))
+    sheet = Image.new("RGB", (columns * cell, rows * (cell + 16)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (data, caption) in enumerate(images):
+        img = decode_image(data, "contact sheet", max_pixels)
+        img.thumbnail((cell, cell))
+        x, y = (i % columns) * cell, (i // columns) * (cell + 16)
+        sheet.paste(img, (x + (cell - img.width) // 2, y + (cell - img.height) // 2))
+        draw.text((x + 2, y + cell + 2), caption[: cell // 6], fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16) -> Inspection:
+    """Describe every row of the source at `path` (`data`: the config's data section) and write a
+    contact sheet of the first `sample` usable rows to `sheet`."""
+    from diffray.data.pipeline import read_source
+
+    rules = Rules.of(data)
+    raw, _ = read_source(path, data)
+    rows = raw.map_batches(describe_batch, fn_kwargs={"rules": rules}, batch_format="numpy").take_all()
+    rows = sorted(({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows),
+                  key=lambda r: r["sample_id"])
+    result = Inspection(path, rows)
+    if sheet is not None and result.good:
+        want = {r["sample_id"] for r in result.good[:sample]}
+        picked = raw.filter(lambda r: int(r["sample_id"]) in want).take_all()
+        picked.sort(key=lambda r: int(r["sample_id"]))
+        result.sheet = str(contact_sheet([(r["image"], caption_of(r["caption"], rules) or "") for r in picked], sheet,
+                                         max_pixels=rules.max_image_pixels))
+    return result
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines (the JSON form is `json.dumps(summary)`)."""
+    lines = [f"{summary['source']}: {summary['rows']} rows, {summary['usable']} usable, "
+             f"{summary['quarantined']} would be quarantined"]
+    lines.append("shorter side: " + ", ".join(f"{k}px: {v}" for k, v in summary["shorter_side_histogram"].items()))
+    lines.append("modes: " + ", ".join(f"{k}: {v}" for k, v in summary["modes"].items()))
+    c, w = summary["caption_chars"], summary["caption_words"]
+    lines.append(f"captions: {c['min']}-{c['max']} chars (mean {c['mean']}), {w['min']}-{w['max']} words "
+                 f"(mean {w['mean']})")
+    for reason, n in summary["quarantine_reasons"].items():
+        lines.append(f"  quarantine: {n} x {reason}")
+    if summary["contact_sheet"]:
+        lines.append(f"contact sheet: {summary['contact_sheet']}")
+    return "\n".join(lines)
+

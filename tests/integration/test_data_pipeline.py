@@ -1,0 +1,149 @@
+"""The data layer on a local Ray cluster: quarantine of bad rows during a real training run, Parquet
+(ours and HF `datasets`') read as the same samples as an imagefolder, the latent cache reproducing
+uncached training with zero encoder calls, and `inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffray.config import load_config
+from diffray.data.pipeline import QUARANTINE_FILE, prepare_training_dataset
+from diffray.data.sample import write_sample_dataset
+from diffray.errors import DatasetError
+from diffray.trainers.runner import prepare_data, run_training
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def lora_cfg(tmp_path, name: str, *overrides: str):
+    base = [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.progress_bar=false",
+            "train.validate_every=null"]
+    return load_config(REPO / "configs" / "lora.yaml", base + list(overrides))
+
+
+def sorted_batch(ds) -> dict[str, np.ndarray]:
+    batch = ds.take_batch(10_000, batch_format="numpy")
+    order = np.argsort(batch["sample_id"])
+    return {k: v[order] for k, v in batch.items()}
+
+
+def step_metrics(run_dir: str) -> list[dict]:
+    lines = (Path(run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if "loss" in e and "event" not in e]
+
+
+def test_messy_dataset_trains_and_quarantines_exactly_the_bad_rows(ray_cluster, tmp_path, messy_folder):
+    root, bad = messy_folder
+    total = len((root / "metadata.jsonl").read_text().splitlines())
+    cfg = lora_cfg(tmp_path, "messy", f"data.path={root}", "data.max_bad_fraction=0.4", "train.max_steps=4",
+                   "train.checkpoint_every=4", "train.log_every=1")
+    result = run_training(cfg)
+    assert result.steps == 4 and np.isfinite(result.loss_last_mean)
+    report = [json.loads(x) for x in (Path(result.run_dir) / "logs" / QUARANTINE_FILE).read_text().splitlines()]
+    assert {Path(r["source"]).name: r["reason"] for r in report}.keys() == bad.keys()
+    for r in report:
+        assert bad[Path(r["source"]).name] in r["reason"] and isinstance(r["sample_id"], int)
+
+    # Above the limit: one line with the counts, the limit and the report, before any training.
+    with pytest.raises(DatasetError) as err:
+        run_training(lora_cfg(tmp_path, "messy-strict", f"data.path={root}", "data.max_bad_fraction=0.2"))
+    msg = str(err.value)
+    assert f"{len(bad)} of {total} rows are bad" in msg and "data.max_bad_fraction=0.2" in msg
+    assert QUARANTINE_FILE in msg and "\n" not in msg
+    assert not list((tmp_path / "runs" / "messy-strict").glob("checkpoint_*"))
+
+
+def write_parquet(root: Path, out: Path, files: int = 2, row_group_size: int = 3) -> None:
+    """Our own LAION-style shards: image bytes + caption, split over files and small row groups."""
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    out.mkdir(parents=True)
+    per = -(-len(rows) // files)
+    for i in range(files):
+        part = rows[i * per:(i + 1) * per]
+        table = pa.table({"jpg": [(root / r["file_name"]).read_bytes() for r in part],
+                          "caption": [r["text"] for r in part]})
+        pq.write_table(table, out / f"part-{i:05d}.parquet", row_group_size=row_group_size)
+
+
+def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_cluster, tmp_path, tiny_model_path):
+    import datasets
+
+    root = write_sample_dataset(tmp_path / "s", num_images=10) / "train"
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    cfg = lora_cfg(tmp_path, "x", "data.random_flip=true", "data.center_crop=false")
+    folder_ds, report = prepare_training_dataset(str(root), tiny_model_path, cfg.data, 3)
+    assert report.used == 10 and not report.quarantined
+    expected = sorted_batch(folder_ds)
+
+    write_parquet(root, tmp_path / "shards")
+    d = cfg.data.model_copy(update={"image_column": "jpg", "caption_column": "caption"})
+    got = sorted_batch(prepare_training_dataset(str(tmp_path / "shards"), tiny_model_path, d, 3)[0])
+    for key in ("sample_id", "pixel_values", "input_ids"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+    # What HF `datasets` writes for an Image feature: a struct {bytes, path} column named "image".
+    hf = datasets.Dataset.from_dict({"image": [str(root / r["file_name"]) for r in rows],
+                                     "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
+    hf.to_parquet(str(tmp_path / "hf.parquet"))
+    assert pq.read_schema(tmp_path / "hf.parquet").field("image").type.num_fields == 2
+    got = sorted_batch(prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, cfg.data, 3)[0])
+    for key in ("sample_id", "pixel_values", "input_ids"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+    with pytest.raises(DatasetError, match=r"hf\.parquet: missing column 'caption' \(has: image, text\)"):
+        prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, d, 3)
+
+
+def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_cluster, tmp_path):
+    data = write_sample_dataset(tmp_path / "s", num_images=8) / "train"
+    # One worker, the whole set in every batch: the loss of a step does not depend on row order.
+    common = [f"data.path={data}", "scaling.num_workers=1", "strategy.name=ddp", "train.micro_batch_size=8",
+              "train.max_steps=3", "train.checkpoint_every=3", "train.log_every=1", "data.random_flip=true",
+              "data.caption_dropout=0.3"]
+    plain = run_training(lora_cfg(tmp_path, "uncached", *common))
+    cache_root = tmp_path / "latents"
+    cfg = lora_cfg(tmp_path, "cached", *common, f"data.cache={cache_root}")
+    folders = prepare_data(cfg)
+    (folder,) = folders.values()
+    info = json.loads((Path(folder) / "cache.json").read_text())
+    assert info["rows"] == 8 and info["quarantined"] == 0
+    built_at = (Path(folder) / "cache.json").stat().st_mtime_ns
+    cached = run_training(cfg)  # finds the prepared cache: no rebuild
+    assert (Path(folder) / "cache.json").stat().st_mtime_ns == built_at and len(list(cache_root.iterdir())) == 1
+
+    a, b = step_metrics(plain.run_dir), step_metrics(cached.run_dir)
+    assert [e["step"] for e in a] == [e["step"] for e in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * max(1.0, abs(x["loss"])), (x["loss"], y["loss"])
+        assert x["vae_encode_calls"] > 0 and x["text_encoder_calls"] > 0
+        assert y["vae_encode_calls"] == 0 and y["text_encoder_calls"] == 0
+
+    # Another setting is another cache: a stale one is never read.
+    other = prepare_data(lora_cfg(tmp_path, "cached", *common, f"data.cache={cache_root}", "data.resolution=32"))
+    assert set(other.values()).isdisjoint(folders.values()) and len(list(cache_root.iterdir())) == 2
+
+
+def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, tmp_path, messy_folder):
+    from PIL import Image
+
+    from diffray.config import DataSection
+    from diffray.data.inspect import format_summary, inspect_dataset
+
+    root, bad = messy_folder
+    total = len((root / "metadata.jsonl").read_text().splitlines())
+    summary = inspect_dataset(str(root), DataSection(path=str(root)), tmp_path / "sheet.png", sample=8).summary()
+    assert summary["rows"] == total and summary["quarantined"] == len(bad) and summary["usable"] == total - len(bad)
+    assert sum(summary["shorter_side_histogram"].values()) == total - len(bad)
+    assert summary["shorter_side_histogram"] == {"64-127": total - len(bad)} and summary["modes"]["CMYK"] == 1
+    assert summary["caption_words"]["min"] >= 1 and sum(summary["quarantine_reasons"].values()) == len(bad)
+    sheet = Image.open(summary["contact_sheet"])
+    assert sheet.size == (4 * 128, 2 * 144)
+    text = format_summary(summary)
+    assert f"{total} rows, {total - len(bad)} usable, {len(bad)} would be quarantined" in text
