@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.diffray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -24,13 +24,18 @@ demo: setup
 	$(BIN)/diffray demo --config configs/lora.yaml --out-dir outputs
 
 test: setup
-	$(BIN)/python -m pytest tests -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+
+# The long cases (option matrix, every shipped config end to end); CI runs them after `test`.
+test-slow: setup
+	$(BIN)/python -m pytest tests -m "slow and not gpu" --durations=10 $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/python -m pytest tests -m "not gpu" $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/latent_cache.py
 
 clean:
 	rm -rf runs outputs .pytest_cache

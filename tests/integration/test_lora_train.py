@@ -161,6 +161,7 @@ def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):
     assert validate_config(apply_overrides({}, [])).data.path == "builtin:sample"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
     ("zero3", ["strategy.zero_stage=3", "train.validate_every=4"]),
     ("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"]),
@@ -182,6 +183,7 @@ def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
         assert (Path(result.run_dir) / "logs" / "validation" / "step_000004.png").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_run(ray_cluster, tmp_path, path):
     cfg = load_config(path, [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=2", "train.checkpoint_every=2",
