@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from diffray.errors import DiffrayError
+from diffray.errors import ConfigError, DiffrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
@@ -66,6 +66,9 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
                  caption_column: str = typer.Option("text", help="Caption column"),
                  image_column: str = typer.Option("file_name", help="Image column"),
                  min_image_size: int = typer.Option(32, min=1, help="Validation: minimum shorter side"),
+                 buckets: Optional[int] = typer.Option(None, "--buckets", min=8, metavar="RESOLUTION",
+                                                      help="Also count rows per aspect bucket at this resolution"),
+                 bucket_step: int = typer.Option(64, min=8, help="Bucket side granularity (with --buckets)"),
                  as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON")) -> None:
     """Counts, image-size histogram, caption lengths, what validation would quarantine, and a contact sheet."""
     import json
@@ -75,8 +78,12 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     from diffray.data.inspect import format_summary, inspect_dataset
     from diffray.trainers.runner import connect_ray
 
+    if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
+        raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
+                          "multiple of 8")
     data = DataSection(path=path, caption_column=caption_column, image_column=image_column,
-                       min_image_size=min_image_size)
+                       min_image_size=min_image_size, aspect_buckets=buckets is not None,
+                       resolution=buckets or 64, bucket_step=bucket_step if buckets else 64)
     connect_ray()
     summary = inspect_dataset(resolve_data_path(path), data, out, sample).summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

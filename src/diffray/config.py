@@ -45,6 +45,12 @@ class DataSection(Section):
     resolution: int = Field(64, ge=8, le=4096, description="Square training resolution in pixels (multiple of 8).")
     center_crop: bool = Field(True, description="Center crop after resizing (else a random crop).")
     random_flip: bool = Field(False, description="Random horizontal flip, seeded per sample.")
+    aspect_buckets: bool = Field(False, description="Aspect-ratio buckets: crop each image to the bucket (about "
+                                 "resolution^2 pixels, sides multiples of bucket_step) nearest its aspect ratio "
+                                 "instead of a square; each micro-batch holds one bucket.")
+    bucket_step: int = Field(64, ge=8, le=1024, description="Bucket side granularity in pixels (multiple of 8; 64 "
+                             "suits SD 1.x/2.x UNets, whose latents must divide by 8).")
+    max_aspect_ratio: float = Field(2.0, ge=1.0, le=8.0, description="Longest bucket side over its shortest side.")
     caption_column: str = Field("text", description="Caption column (metadata or Parquet).")
     image_column: str = Field("file_name", description="Image column: file name in metadata; in Parquet image "
                               "bytes or an HF Image struct {bytes, path} (default there: 'image' if this is absent).")
@@ -72,6 +78,25 @@ class DataSection(Section):
         if v % 8:
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
         return v
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @field_validator("bucket_step")
+    @classmethod
+    def _step_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> DataSection:
+        if self.aspect_buckets and self.resolution % self.bucket_step:
+            raise ValueError(f"data.resolution={self.resolution} must be a multiple of data.bucket_step="
+                             f"{self.bucket_step} with data.aspect_buckets")
+        return self
 
 
 class LoraSection(Section):
@@ -248,6 +273,9 @@ class DreamBoothTrainConfig(TrainConfig):
             raise ValueError("lora.train_text_encoder: dreambooth.mode is full; use dreambooth.train_text_encoder")
         if db.mode == "lora" and db.train_text_encoder:
             raise ValueError("dreambooth.train_text_encoder is for mode full; in mode lora use lora.train_text_encoder")
+        if db.with_prior_preservation and self.data.aspect_buckets:
+            raise ValueError("data.aspect_buckets: not supported with dreambooth.with_prior_preservation (instance "
+                             "and class rows share one forward pass, so they need one size)")
         return self
 
     @property

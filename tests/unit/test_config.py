@@ -29,6 +29,9 @@ def test_overrides_parse_types():
     assert cfg.train.max_steps == 7 and cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.lora.target_modules == ["to_q", "to_v"] and cfg.train.snr_gamma is None
     assert cfg.scaling.use_gpu is True and cfg.model.path == "/x/y"
+    # YAML reads a bare `off` as false; data.cache takes it as the word it looks like.
+    assert validate_config(apply_overrides({}, ["data.cache=off"])).data.cache == "off"
+    assert validate_config({"data": {"cache": "auto"}}).data.cache == "auto"
 
 
 @pytest.mark.parametrize("override, expected", [

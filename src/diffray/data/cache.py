@@ -4,11 +4,11 @@ and stored as Parquet shards, so training does no VAE or frozen text-encoder wor
 
 Each cache lives in `<root>/<key>/`, the key a hash of everything that changes its contents: the
 source files (names, sizes, mtimes), the model's VAE/text-encoder/tokenizer files, resolution, crop,
-flip, seed (crop and flip are drawn per sample from it), column names, validation rules and the
+flip, aspect buckets, seed (crop and flip are drawn per sample from it), column names, validation rules and the
 caption override. A changed setting is a new key, so a stale cache is never read. `<root>` is
 `$DIFFRAY_CACHE/latents` for `data.cache: auto`, else the configured folder.
 
-Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, R/8, R/8] (the posterior,
+Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, H/8, W/8] (the posterior,
 so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
 [77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values.
 Quarantined rows are reported in the cache folder's `quarantine.jsonl`.
@@ -72,6 +72,7 @@ def cache_settings(cfg, path: str, prompt: str | None, id_offset: int) -> dict:
     d = cfg.data
     return {"version": CACHE_VERSION, "source": path, "format": d.format, "resolution": d.resolution,
             "center_crop": d.center_crop, "random_flip": d.random_flip, "seed": cfg.run.seed,
+            "aspect_buckets": d.aspect_buckets, "bucket_step": d.bucket_step, "max_aspect_ratio": d.max_aspect_ratio,
             "caption_column": d.caption_column, "image_column": d.image_column,
             "conditioning_column": d.conditioning_column, "default_caption": d.default_caption,
             "min_image_size": d.min_image_size, "max_image_pixels": d.max_image_pixels, "prompt": prompt,
@@ -95,24 +96,49 @@ def cache_root(cfg) -> Path:
 class Encoder:
     """Ray Data actor: the frozen VAE and text encoder, loaded once; preprocessed rows -> cached rows."""
 
-    def __init__(self, model_path: str, use_gpu: bool):
+    def __init__(self, model_path: str, use_gpu: bool, threads: int = 1):
         from diffray.models.loading import load_components
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, threads))
         comps = load_components(model_path, device=self.device)
         self.vae, self.text_encoder = comps.vae.eval(), comps.text_encoder.eval()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = torch.from_numpy(batch["pixel_values"]).to(self.device)
-        dist = self.vae.encode(pixels).latent_dist
+        pixels = batch["pixel_values"]  # [B, 3, H, W], or an object array of mixed shapes (aspect buckets)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        mean, std = np.empty(len(pixels), dtype=object), np.empty(len(pixels), dtype=object)
+        for idx in groups.values():  # one VAE call per shape
+            dist = self.vae.encode(torch.from_numpy(np.stack([pixels[i] for i in idx])).to(self.device)).latent_dist
+            for j, i in enumerate(idx):
+                mean[i], std[i] = dist.mean[j].float().cpu().numpy(), dist.std[j].float().cpu().numpy()
+        if len(groups) == 1:
+            mean, std = np.stack(list(mean)), np.stack(list(std))
         out = self.text_encoder(torch.from_numpy(batch["input_ids"]).to(self.device))
-        cached = {"sample_id": batch["sample_id"], "input_ids": batch["input_ids"],
-                  "latent_mean": dist.mean.float().cpu().numpy(), "latent_std": dist.std.float().cpu().numpy(),
-                  "prompt_embeds": out[0].float().cpu().numpy(), "pooled_prompt_embeds": out[1].float().cpu().numpy()}
+        cached = {"sample_id": batch["sample_id"], "input_ids": batch["input_ids"], "latent_mean": mean,
+                  "latent_std": std, "prompt_embeds": out[0].float().cpu().numpy(),
+                  "pooled_prompt_embeds": out[1].float().cpu().numpy()}
         if "conditioning_pixel_values" in batch:
             cached["conditioning_pixel_values"] = batch["conditioning_pixel_values"]
         return cached
+
+
+def encoder_resources(scaling, cluster_cpus: float) -> tuple[float, int]:
+    """(CPUs per encoder actor, most actors) for a cluster with `cluster_cpus` CPUs.
+
+    The read/decode/preprocess tasks feeding the pool need a CPU too, so the pool never takes every
+    CPU (an actor holding all of them would leave its own input unproduced). GPU actors reserve one
+    CPU each; CPU actors up to `scaling.cpus_per_worker`, and at most `scaling.num_workers` of them.
+    """
+    spare = max(cluster_cpus - 1.0, 0.5)
+    cpus = 1.0 if scaling.use_gpu else min(scaling.cpus_per_worker, spare)
+    if scaling.use_gpu:
+        return min(cpus, spare), max(1, scaling.num_workers)
+    return cpus, max(1, min(scaling.num_workers, int(spare // cpus)))
 
 
 def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0,
@@ -133,11 +159,12 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     ds, report = prepare_training_dataset(path, model_path, cfg.data, cfg.run.seed, tmp, prompt, id_offset)
-    s = cfg.scaling
+    cpus, pool = encoder_resources(cfg.scaling, ray.cluster_resources().get("CPU", 1.0))
     encoded = ds.map_batches(Encoder, batch_size=batch_size, batch_format="numpy",
-                             fn_constructor_kwargs={"model_path": model_path, "use_gpu": s.use_gpu},
-                             concurrency=(1, max(1, s.num_workers)), num_cpus=s.cpus_per_worker,
-                             num_gpus=1 if s.use_gpu else 0)
+                             fn_constructor_kwargs={"model_path": model_path, "use_gpu": cfg.scaling.use_gpu,
+                                                    "threads": int(cfg.scaling.cpus_per_worker)},
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus,
+                             num_gpus=1 if cfg.scaling.use_gpu else 0)
     encoded.write_parquet(str(tmp / SHARDS))
     info = {"key": out.name, "settings": cache_settings(cfg, path, prompt, id_offset), "model": model_path,
             "rows": report.used, "quarantined": len(report.quarantined), "build_time_s": round(time.time() - t0, 3)}

@@ -34,6 +34,8 @@ def describe_batch(batch: dict, rules: Rules) -> dict:
             try:
                 with Image.open(io.BytesIO(img)) as im:
                     (w, h), mode = im.size, im.mode
+                    if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF-rotated by 90 degrees: displayed h x w
+                        w, h = h, w
             except Exception:  # undecodable: validation gives the reason
                 pass
         text = caption_of(cap, rules) or ""
@@ -62,6 +64,7 @@ class Inspection:
     rows: list[dict]
     sheet: str | None = None
     quarantine_reasons: Counter = field(default_factory=Counter)
+    buckets: list[tuple[int, int]] | None = None
 
     @property
     def good(self) -> list[dict]:
@@ -81,7 +84,15 @@ class Inspection:
             "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 1), "max": int(words.max())},
             "quarantine_reasons": dict(Counter(r["reason"].split(" (")[0] for r in bad).most_common()),
             "contact_sheet": self.sheet,
+            **({"aspect_buckets": self.bucket_histogram()} if self.buckets else {}),
         }
+
+    def bucket_histogram(self) -> dict[str, int]:
+        """Usable rows per aspect bucket ('WxH'), in bucket order (narrowest first)."""
+        from diffray.data.transforms import nearest_bucket
+
+        counts = Counter(nearest_bucket(r["width"], r["height"], self.buckets) for r in self.good)
+        return {f"{w}x{h}": counts[(w, h)] for w, h in self.buckets}
 
 
 def contact_sheet(images: list[tuple[bytes, str]], out: Path, cell: int = 128, columns: int = 4,
@@ -107,7 +118,8 @@ def contact_sheet(images: list[tuple[bytes, str]], out: Path, cell: int = 128, c
 
 def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16) -> Inspection:
     """Describe every row of the source at `path` (`data`: the config's data section) and write a
-    contact sheet of the first `sample` usable rows to `sheet`."""
+    contact sheet of the first `sample` usable rows to `sheet`. With `data.aspect_buckets` the summary
+    also counts usable rows per bucket."""
     from diffray.data.pipeline import read_source
 
     rules = Rules.of(data)
@@ -115,7 +127,9 @@ def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16) -> In
     rows = raw.map_batches(describe_batch, fn_kwargs={"rules": rules}, batch_format="numpy").take_all()
     rows = sorted(({k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in rows),
                   key=lambda r: r["sample_id"])
-    result = Inspection(path, rows)
+    from diffray.data.pipeline import bucket_sizes
+
+    result = Inspection(path, rows, buckets=bucket_sizes(data))
     if sheet is not None and result.good:
         want = {r["sample_id"] for r in result.good[:sample]}
         picked = raw.filter(lambda r: int(r["sample_id"]) in want).take_all()
@@ -134,6 +148,8 @@ def format_summary(summary: dict) -> str:
     c, w = summary["caption_chars"], summary["caption_words"]
     lines.append(f"captions: {c['min']}-{c['max']} chars (mean {c['mean']}), {w['min']}-{w['max']} words "
                  f"(mean {w['mean']})")
+    if "aspect_buckets" in summary:
+        lines.append("aspect buckets: " + ", ".join(f"{k}: {v}" for k, v in summary["aspect_buckets"].items()))
     for reason, n in summary["quarantine_reasons"].items():
         lines.append(f"  quarantine: {n} x {reason}")
     if summary["contact_sheet"]:

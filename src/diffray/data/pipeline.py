@@ -20,7 +20,7 @@ import numpy as np
 import ray.data
 
 from diffray.data.imagefolder import raise_original_errors, read_imagefolder
-from diffray.data.transforms import preprocess_images, tokenize_captions
+from diffray.data.transforms import aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_sample
 from diffray.errors import DatasetError
 
@@ -128,12 +128,21 @@ def load_tokenizer(tokenizer_path: str):
     return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
 
 
+def bucket_sizes(data) -> list[tuple[int, int]] | None:
+    """The aspect-ratio buckets of a `data` config section, or None when `data.aspect_buckets` is off."""
+    if not data.aspect_buckets:
+        return None
+    return aspect_buckets(data.resolution, data.bucket_step, data.max_aspect_ratio)
+
+
 def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
-                     seed: int, rules: Rules, skip: frozenset[int] = frozenset()) -> dict:
+                     seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
+                     buckets: list[tuple[int, int]] | None = None) -> dict:
     """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values]}.
 
-    Rows whose id is in `skip` (quarantined) are dropped. The conditioning image gets the same resize,
-    crop and flip as its image (same key)."""
+    Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
+    bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
+    image gets the same resize, crop and flip as its image (same key, same size)."""
     if skip:
         keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -142,13 +151,18 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     tokenizer = load_tokenizer(tokenizer_path)
     out = {"sample_id": np.asarray(ids, dtype=np.int64),
            "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
-                                             random_flip, seed, rules.max_image_pixels),
+                                             random_flip, seed, rules.max_image_pixels, buckets),
            "input_ids": (tokenize_captions(tokenizer, [caption_of(c, rules) or "" for c in batch["caption"]]) if ids
                          else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
     if "conditioning_image" in batch:
         cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
-                                 random_flip, seed, rules.max_image_pixels)
-        out["conditioning_pixel_values"] = (cond + 1.0) / 2.0  # ControlNet conditioning is in [0, 1]
+                                 random_flip, seed, rules.max_image_pixels, buckets)
+        if buckets is None:
+            out["conditioning_pixel_values"] = (cond + 1.0) / 2.0  # ControlNet conditioning is in [0, 1]
+        else:
+            scaled = np.empty(len(cond), dtype=object)
+            scaled[:] = [(c + 1.0) / 2.0 for c in cond]
+            out["conditioning_pixel_values"] = scaled
     return out
 
 
@@ -156,8 +170,9 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
                              prompt: str | None = None, id_offset: int = 0) -> tuple[ray.data.Dataset, DataReport]:
     """The training dataset of `path` (validated, bad rows skipped) and its data report.
 
-    Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1], input_ids int64 [77] (and
-    conditioning_pixel_values in [0,1] with `data.conditioning_column`). Preprocessing runs as plain
+    Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1] ([3,H,W] of the row's bucket with
+    `data.aspect_buckets`), input_ids int64 [77] (and conditioning_pixel_values in [0,1] with
+    `data.conditioning_column`). Preprocessing runs as plain
     Ray tasks (no actor pool), so it never holds CPUs that training workers need.
 
     Raises:
@@ -171,5 +186,5 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
     ds = raw.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
                          fn_kwargs={"tokenizer_path": tokenizer_path, "resolution": data.resolution,
                                     "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,
-                                    "rules": rules, "skip": report.bad_ids})
+                                    "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data)})
     return raise_original_errors(ds), report

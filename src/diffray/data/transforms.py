@@ -61,18 +61,47 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
     return img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+def aspect_buckets(resolution: int, step: int, max_aspect_ratio: float) -> list[tuple[int, int]]:
+    """Bucket sizes (width, height) for aspect-ratio bucketing, sorted by aspect ratio (w / h).
+
+    Every side is a multiple of `step`, every area at most resolution**2, the long side at most
+    `max_aspect_ratio` times the short side; for each width the tallest height that fits is kept, and
+    the square (resolution, resolution) is always a bucket. The list is symmetric: (w, h) and (h, w).
+    """
+    if resolution % step:
+        raise ValueError(f"resolution {resolution} is not a multiple of the bucket step {step}")
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    w = step
+    while w * step <= area:
+        h = (area // w) // step * step
+        if h >= step and max(w, h) <= max_aspect_ratio * min(w, h):
+            sizes.update({(w, h), (h, w)})
+        w += step
+    return sorted(sizes, key=lambda s: (s[0] / s[1], s[0]))
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width/height in log space (ties: the smaller ratio)."""
+    import math
+
+    target = math.log(width / height)
+    return min(buckets, key=lambda s: (abs(math.log(s[0] / s[1]) - target), s[0] / s[1]))
+
+
+def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
                 rng: np.random.Generator) -> Image.Image:
-    """Resize the shorter side to `resolution`, crop a square, maybe flip horizontally."""
+    """Resize to cover `size` (a square side or (width, height)), crop it, maybe flip horizontally."""
+    bw, bh = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
     img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     if center_crop:
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        left, top = (nw - bw) // 2, (nh - bh) // 2
     else:
-        left, top = int(rng.integers(0, nw - resolution + 1)), int(rng.integers(0, nh - resolution + 1))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left, top = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
+    img = img.crop((left, top, left + bw, top + bh))
     if random_flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
@@ -80,21 +109,29 @@ def resize_crop(img: Image.Image, resolution: int, center_crop: bool, random_fli
 
 def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[str], resolution: int,
                       center_crop: bool, random_flip: bool, seed: int,
-                      max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode, resize the shorter side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
+                      max_pixels: int = DEFAULT_MAX_PIXELS,
+                      buckets: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """Decode, resize to cover the target size, crop, maybe flip, scale to [-1, 1].
+
+    The target is the square `resolution`, or with `buckets` the bucket nearest each image's aspect
+    ratio (see `aspect_buckets`).
 
     Args:
         sample_ids: keys of each image's random crop/flip, drawn from `default_rng((seed, sample_id))`.
         sources: names used in errors (file paths).
     Returns:
-        float32 array [B, 3, resolution, resolution].
+        float32 array [B, 3, resolution, resolution]; with `buckets` an object array of float32
+        [3, H, W] arrays (Ray Data stores it as a variable-shaped tensor column).
     Raises:
         DatasetError: an image cannot be decoded; the message names its source.
     """
-    out = np.empty((len(images), 3, resolution, resolution), dtype=np.float32)
+    out = (np.empty((len(images), 3, resolution, resolution), dtype=np.float32) if buckets is None
+           else np.empty(len(images), dtype=object))
     for i, (data, sid, src) in enumerate(zip(images, sample_ids, sources)):
         rng = np.random.default_rng((seed, int(sid)))
-        img = resize_crop(decode_image(data, src, max_pixels), resolution, center_crop, random_flip, rng)
+        img = decode_image(data, src, max_pixels)
+        size = resolution if buckets is None else nearest_bucket(*img.size, buckets)
+        img = resize_crop(img, size, center_crop, random_flip, rng)
         out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
     return out
 

@@ -16,8 +16,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -70,26 +71,59 @@ def place_frozen(module: torch.nn.Module, env: WorkerEnv) -> torch.nn.Module:
     return module
 
 
+def group_by_shape(batches: Iterable[dict[str, np.ndarray]], size: int,
+                   buffers: dict[tuple, list[dict]]) -> Iterator[dict[str, np.ndarray]]:
+    """Micro-batches of `size` rows of one image shape (one aspect bucket), in the order they fill.
+
+    `batches` are numpy batches whose image column (latent_mean, else pixel_values) may mix shapes.
+    `buffers` (shape -> pending rows) outlives the call: rows of a bucket still partial at the end of
+    an epoch open that bucket's next micro-batch in the following epoch, so every row trains and
+    every micro-batch is full.
+    """
+    for batch in batches:
+        key = "latent_mean" if "latent_mean" in batch else "pixel_values"
+        for i in range(len(batch[key])):
+            row = {k: v[i] for k, v in batch.items()}
+            shape = tuple(np.shape(row[key]))
+            pending = buffers.setdefault(shape, [])
+            pending.append(row)
+            if len(pending) == size:
+                del buffers[shape]
+                yield {k: np.stack([r[k] for r in pending]) for k in pending[0]}
+
+
+def _epoch_batches(shard, micro_batch_size: int, shuffle: dict, buffers: dict | None) -> Iterator[dict]:
+    if buffers is None:
+        yield from shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, **shuffle)
+        return
+    numpy_batches = shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", **shuffle)
+    for batch in group_by_shape(numpy_batches, micro_batch_size, buffers):
+        yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
 def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: int = 0,
-                 seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                 seed: int = 0, buckets: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Endless micro-batches from this worker's dataset shard, epoch after epoch.
 
     With `shuffle_buffer` > 0 each epoch is reshuffled through a local buffer of that many rows,
     seeded by (seed, epoch), so the order is reproducible for a given shard order. `skip` micro-batches
-    are consumed without yielding (resume). drop_last keeps every rank at the same number of batches
-    per epoch, which DDP and ZeRO collectives require.
+    are consumed without yielding (resume). Square data: drop_last keeps every rank at the same number
+    of batches per epoch, which DDP and ZeRO collectives require. `buckets` (aspect-ratio buckets):
+    rows are grouped by shape into full micro-batches (see `group_by_shape`); ranks may then end
+    epochs at different steps, which is safe because the stream never ends.
     """
     seen, epoch = 0, 0
+    buffers: dict | None = {} if buckets else None
     while True:
         n_epoch = 0
         shuffle = {"local_shuffle_buffer_size": shuffle_buffer,
                    "local_shuffle_seed": (seed * 1_000_003 + epoch) % 2**31} if shuffle_buffer else {}
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, **shuffle):
+        for batch in _epoch_batches(shard, micro_batch_size, shuffle, buffers):
             n_epoch += 1
             seen += 1
             if seen > skip:
                 yield batch
-        if n_epoch == 0:
+        if n_epoch == 0 and (buffers is None or sum(map(len, buffers.values())) < micro_batch_size):
             raise DatasetError(f"a worker's data shard has fewer rows than micro_batch_size={micro_batch_size}; "
                                "use a smaller batch, fewer workers or more data")
         epoch += 1
@@ -97,12 +131,12 @@ def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: in
 
 def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """`batch_stream` over this worker's shard of dataset `name`, shuffled as `data.shuffle_buffer` says
-    (seeded by run seed, dataset name and rank)."""
+    (seeded by run seed, dataset name and rank), grouped by bucket with `data.aspect_buckets`."""
     import zlib
 
     seed = cfg.run.seed * 7919 + zlib.crc32(name.encode()) % 10_007 * 131 + env.rank
     return batch_stream(ray.train.get_dataset_shard(name), cfg.train.micro_batch_size, skip,
-                        cfg.data.shuffle_buffer, seed)
+                        cfg.data.shuffle_buffer, seed, cfg.data.aspect_buckets)
 
 
 def global_mean(value: torch.Tensor) -> float:
