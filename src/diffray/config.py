@@ -72,7 +72,7 @@ class DataSection(Section):
     materialize: bool = Field(True, description="Keep the preprocessed dataset in the object store "
                               "(fast epochs; turn off for data larger than object-store memory).")
 
-    @field_validator("resolution")
+    @field_validator("resolution", "bucket_step")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
@@ -83,13 +83,6 @@ class DataSection(Section):
     @classmethod
     def _cache_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML reads a bare `off` as false
-
-    @field_validator("bucket_step")
-    @classmethod
-    def _step_multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8), got {v}")
-        return v
 
     @model_validator(mode="after")
     def _check_buckets(self) -> DataSection:
