@@ -4,9 +4,9 @@ and stored as Parquet shards, so training does no VAE or frozen text-encoder wor
 
 Each cache lives in `<root>/<key>/`, the key a hash of everything that changes its contents: the
 source files (names, sizes, mtimes), the model's VAE/text-encoder/tokenizer files, resolution, crop,
-flip, aspect buckets, seed (crop and flip are drawn per sample from it), column names, validation rules and the
-caption override. A changed setting is a new key, so a stale cache is never read. `<root>` is
-`$DIFFRAY_CACHE/latents` for `data.cache: auto`, else the configured folder.
+flip, aspect buckets, seed (crop and flip are drawn per sample from it), column names, validation
+rules and the caption override. A changed setting is a new key, so a stale cache is never read.
+`<root>` is `$DIFFRAY_CACHE/latents` for `data.cache: auto`, else the configured folder.
 
 Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, H/8, W/8] (the posterior,
 so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
@@ -135,9 +135,9 @@ def encoder_resources(scaling, cluster_cpus: float) -> tuple[float, int]:
     CPU each; CPU actors up to `scaling.cpus_per_worker`, and at most `scaling.num_workers` of them.
     """
     spare = max(cluster_cpus - 1.0, 0.5)
-    cpus = 1.0 if scaling.use_gpu else min(scaling.cpus_per_worker, spare)
     if scaling.use_gpu:
-        return min(cpus, spare), max(1, scaling.num_workers)
+        return min(1.0, spare), max(1, scaling.num_workers)
+    cpus = min(scaling.cpus_per_worker, spare)
     return cpus, max(1, min(scaling.num_workers, int(spare // cpus)))
 
 
