@@ -59,6 +59,35 @@ def data_prepare(config: Path = typer.Argument(..., help="Job YAML (its data sec
         typer.echo(f"{name}: latent cache {folder}")
 
 
+@data_app.command("condition")
+def data_condition(src: str = typer.Argument(..., help="Image dataset: imagefolder, Parquet, or a URI of either"),
+                   dst: Path = typer.Argument(..., help="New folder for the paired dataset"),
+                   kind: str = typer.Option("canny", "--type", help="Preprocessor: canny | depth (| registered ones)"),
+                   low_threshold: int = typer.Option(100, help="canny: lower hysteresis threshold"),
+                   high_threshold: int = typer.Option(200, help="canny: upper hysteresis threshold"),
+                   model_path: Optional[Path] = typer.Option(None, help="depth: local transformers "
+                                                             "depth-estimation model dir"),
+                   caption_column: str = typer.Option("text", help="Caption column"),
+                   image_column: str = typer.Option("file_name", help="Image column"),
+                   max_bad_fraction: float = typer.Option(0.05, min=0.0, max=1.0, help="Fail above this fraction "
+                                                          "of bad rows")) -> None:
+    """Pair every image with a control image (Ray Data job): DST gets images/, conditioning/, metadata.jsonl
+    (file_name, text, conditioning_image) and quarantine.jsonl; train ControlNet on it."""
+    from diffray.config import DataSection
+    from diffray.data import resolve_data_path
+    from diffray.data.conditioning import condition_dataset, make_preprocessor
+    from diffray.trainers.runner import connect_ray
+
+    options = ({"low_threshold": low_threshold, "high_threshold": high_threshold} if kind == "canny"
+               else {"model_path": str(model_path)} if model_path is not None else {})
+    make_preprocessor(kind, **options)  # a bad type or option fails before Ray starts
+    data = DataSection(path=src, caption_column=caption_column, image_column=image_column,
+                       max_bad_fraction=max_bad_fraction)
+    connect_ray()
+    out, pairs, bad = condition_dataset(resolve_data_path(src), dst, kind, options, data)
+    typer.echo(f"wrote {pairs} pairs to {out} ({bad} quarantined)")
+
+
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet file/dir, or a URI of either"),
                  out: Optional[Path] = typer.Option(Path("outputs/contact_sheet.png"), help="Contact sheet PNG"),
@@ -146,13 +175,20 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
              steps: int = typer.Option(20, min=1, max=500, help="Sampler steps"),
              guidance: float = typer.Option(7.5, min=0.0, max=50.0, help="Classifier-free guidance scale"),
              lora_scale: float = typer.Option(1.0, help="LoRA strength"),
-             compare_base: bool = typer.Option(False, help="Add a row per prompt from the base model (same seeds)")) -> None:
-    """Render images with the base model and/or a LoRA adapter, saved as one grid PNG."""
+             compare_base: bool = typer.Option(False, help="Add a row per prompt from the base model (same seeds)"),
+             controlnet: Optional[list[Path]] = typer.Option(None, help="ControlNet dir (repeatable: several "
+                                                             "make a MultiControlNet)"),
+             control_image: Optional[list[Path]] = typer.Option(None, help="Control image, one per --controlnet"),
+             control_scale: Optional[list[float]] = typer.Option(None, help="Control strength: one, or one per "
+                                                                 "--controlnet (default 1.0)")) -> None:
+    """Render images with the base model, a LoRA / Textual Inversion adapter and/or ControlNets, as one grid PNG."""
     from diffray.generate import generate_grid
 
     path = generate_grid(prompts=prompt, adapter=str(adapter) if adapter else None, model=model, out=out,
                          seed=seed, num_images=num_images, steps=steps, guidance=guidance,
-                         lora_scale=lora_scale, compare_base=compare_base)
+                         lora_scale=lora_scale, compare_base=compare_base,
+                         controlnets=[str(c) for c in controlnet or []],
+                         control_images=[str(c) for c in control_image or []], control_scales=control_scale or [])
     typer.echo(f"wrote {path}")
 
 

@@ -1,4 +1,5 @@
-"""Image generation with a stock diffusers pipeline plus an optional adapter: LoRA or Textual Inversion (no Ray)."""
+"""Image generation with a stock diffusers pipeline plus optional adapters: LoRA or Textual Inversion, and
+one or more ControlNets with their control images (no Ray)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from diffray.errors import AdapterError
+from diffray.errors import AdapterError, ConfigError
 from diffray.images import make_grid
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
@@ -27,10 +28,50 @@ def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
     return pipe
 
 
+def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str], scales: list[float]):
+    """The base pipeline as a `StableDiffusionControlNetPipeline` (a MultiControlNet for several) and the
+    call arguments (image, controlnet_conditioning_scale) for its control images.
+
+    Control images decode like training's: EXIF applied, grayscale to RGB, alpha on black.
+
+    Raises:
+        ConfigError: counts of --controlnet, --control-image and --control-scale do not match, or a
+            control image cannot be read.
+    """
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from diffray.data.transforms import BLACK, decode_image
+    from diffray.errors import DatasetError
+    from diffray.trainers.controlnet import load_controlnet
+
+    if len(control_images) != len(controlnets):
+        raise ConfigError(f"{len(controlnets)} --controlnet but {len(control_images)} --control-image; give one "
+                          "control image per ControlNet, in the same order")
+    scales = scales or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(controlnets)
+    if len(scales) != len(controlnets):
+        raise ConfigError(f"{len(scales)} --control-scale for {len(controlnets)} --controlnet (give one, or one each)")
+    models = [load_controlnet(d) for d in controlnets]
+    images = []
+    for p in control_images:
+        try:
+            images.append(decode_image(Path(p).read_bytes(), p, background=BLACK))
+        except (OSError, DatasetError) as exc:
+            raise ConfigError(f"control image {p}: {exc}") from None
+    cn_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=models[0] if len(models) == 1 else models)
+    if len(models) == 1:
+        return cn_pipe, {"image": images[0], "controlnet_conditioning_scale": scales[0]}
+    return cn_pipe, {"image": images, "controlnet_conditioning_scale": scales}
+
+
 def render(pipe, prompts: list[str], seed: int, num_images: int, steps: int, guidance: float,
-           lora_scale: float | None = None) -> list[list]:
-    """One row of `num_images` PIL images per prompt; image j uses seed + j."""
-    extra = {"cross_attention_kwargs": {"scale": lora_scale}} if lora_scale is not None else {}
+           lora_scale: float | None = None, extra: dict | None = None) -> list[list]:
+    """One row of `num_images` PIL images per prompt; image j uses seed + j. `extra`: more pipeline
+    arguments (control images and scales)."""
+    extra = dict(extra or {})
+    if lora_scale is not None:
+        extra["cross_attention_kwargs"] = {"scale": lora_scale}
     rows = []
     for p in prompts:
         gens = [torch.Generator().manual_seed(seed + j) for j in range(num_images)]
@@ -41,21 +82,35 @@ def render(pipe, prompts: list[str], seed: int, num_images: int, steps: int, gui
 
 def generate_grid(prompts: list[str], adapter: str | None, model: str | None, out: Path, seed: int = 0,
                   num_images: int = 1, steps: int = 20, guidance: float = 7.5, lora_scale: float = 1.0,
-                  compare_base: bool = False) -> Path:
-    """Render prompts (base rows first when `compare_base`) and save one labelled grid PNG."""
+                  compare_base: bool = False, controlnets: list[str] | None = None,
+                  control_images: list[str] | None = None, control_scales: list[float] | None = None) -> Path:
+    """Render prompts (base rows first when `compare_base`) and save one labelled grid PNG.
+
+    With `controlnets` every image is controlled by their `control_images` (one each) at
+    `control_scales`; the base rows are then the same pipeline at control scale 0 (no control)."""
     from diffray.models.loading import load_pipeline, resolve_model_path
 
-    base = model or (read_card(adapter).get("base_model") if adapter else None) or "builtin:tiny"
+    controlnets = list(controlnets or [])
+    cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
+    base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
     pipe = load_pipeline(resolve_model_path(base))
+    extra, off = {}, {}
+    if controlnets:
+        pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), list(control_scales or []))
+        off = {**extra, "controlnet_conditioning_scale": [0.0] * len(controlnets) if len(controlnets) > 1 else 0.0}
+    elif control_images:
+        raise ConfigError("--control-image needs --controlnet")
     pipe.set_progress_bar_config(disable=True)
     rows, labels = [], []
-    if compare_base or adapter is None:
-        rows += render(pipe, prompts, seed, num_images, steps, guidance)
+    if compare_base or (adapter is None and not controlnets):
+        rows += render(pipe, prompts, seed, num_images, steps, guidance, extra=off)
         labels += ["base"] * len(prompts)
     if adapter is not None:
         load_adapter(pipe, adapter)
-        rows += render(pipe, prompts, seed, num_images, steps, guidance, lora_scale)
-        labels += [read_card(adapter).get("method", "adapter")] * len(prompts)
+    if adapter is not None or controlnets:
+        rows += render(pipe, prompts, seed, num_images, steps, guidance, lora_scale if adapter else None, extra)
+        names = ([read_card(adapter).get("method", "adapter")] if adapter else []) + (["controlnet"] if controlnets else [])
+        labels += ["+".join(names)] * len(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     make_grid(rows, labels).save(out)

@@ -32,7 +32,7 @@ import torch
 from diffray.errors import DatasetError
 from diffray.paths import cache_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: control images with alpha composited on black
 CACHE_INFO = "cache.json"
 SHARDS = "shards"
 MODEL_PARTS = ("vae", "text_encoder", "tokenizer")

@@ -20,7 +20,7 @@ import numpy as np
 import ray.data
 
 from diffray.data.imagefolder import raise_original_errors, read_imagefolder
-from diffray.data.transforms import aspect_buckets, preprocess_images, tokenize_captions
+from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_sample
 from diffray.errors import DatasetError
 
@@ -142,7 +142,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
-    image gets the same resize, crop and flip as its image (same key, same size)."""
+    image gets the same resize, crop and flip as its image (same key, same size); its alpha is
+    composited on black (transparent = no control signal)."""
     if skip:
         keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -156,7 +157,7 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
                          else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
     if "conditioning_image" in batch:
         cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
-                                 random_flip, seed, rules.max_image_pixels, buckets)
+                                 random_flip, seed, rules.max_image_pixels, buckets, background=BLACK)
         if buckets is None:
             out["conditioning_pixel_values"] = (cond + 1.0) / 2.0  # ControlNet conditioning is in [0, 1]
         else:

@@ -117,7 +117,8 @@ def write_sample_dataset(out_dir: str | Path, num_images: int = 32, resolution: 
 def resolve_data_path(path: str) -> str:
     """Where the dataset named by `path` lives.
 
-    `builtin:sample[/subject]` -> that split of the cached sample set (built once, under a file lock);
+    `builtin:sample[/subject|/canny]` -> that split of the cached sample set (built once, under a file
+    lock; `canny` pairs the train split with its Canny edge maps, for ControlNet);
     URIs (s3://, gs://, ...) pass through unchanged; local paths come back absolute, so Ray workers
     whose cwd differs from the driver's still find them.
 
@@ -126,13 +127,22 @@ def resolve_data_path(path: str) -> str:
     """
     if is_builtin(path):
         name, _, split = path[len(BUILTIN_PREFIX):].partition("/")
-        if name != "sample" or split not in ("", "train", "subject"):
-            raise DatasetError(f"unknown builtin dataset {path!r} (allowed: builtin:sample, builtin:sample/subject)")
+        if name != "sample" or split not in ("", "train", "subject", "canny"):
+            raise DatasetError(f"unknown builtin dataset {path!r} (allowed: builtin:sample, builtin:sample/subject, "
+                               "builtin:sample/canny)")
         root = cache_dir() / "data" / "sample-seed0"
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not (root / "dataset.json").is_file():
                 write_sample_dataset(root)
+            if split == "canny" and not (root / "canny" / "metadata.jsonl").is_file():
+                from diffray.data.conditioning import condition_folder_locally
+
+                tmp = root / f".canny-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                condition_folder_locally(root / "train", tmp, "canny")
+                shutil.rmtree(root / "canny", ignore_errors=True)
+                os.replace(tmp, root / "canny")
         return str(root / (split or "train"))
     if "://" in path:
         return path

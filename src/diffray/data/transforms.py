@@ -19,9 +19,14 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's decompression-bomb threshold (about 945
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB: EXIF orientation applied, alpha composited on white, palette/CMYK/1-bit converted,
-    16-bit and float grayscale scaled to 8 bits.
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Decode to RGB: EXIF orientation applied, alpha composited on `background` (white for photos;
+    black for control images, where transparent means "no signal"), palette/CMYK/1-bit converted,
+    grayscale replicated to 3 channels, 16-bit and float grayscale scaled to 8 bits.
 
     The size in the header is checked against `max_pixels` before any pixel is decoded, so a
     decompression bomb costs nothing. Raises DatasetError naming `source` for empty, undecodable,
@@ -56,8 +61,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return img.convert("RGB")
 
 
@@ -110,11 +114,12 @@ def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool
 def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[str], resolution: int,
                       center_crop: bool, random_flip: bool, seed: int,
                       max_pixels: int = DEFAULT_MAX_PIXELS,
-                      buckets: list[tuple[int, int]] | None = None) -> np.ndarray:
+                      buckets: list[tuple[int, int]] | None = None,
+                      background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """Decode, resize to cover the target size, crop, maybe flip, scale to [-1, 1].
 
     The target is the square `resolution`, or with `buckets` the bucket nearest each image's aspect
-    ratio (see `aspect_buckets`).
+    ratio (see `aspect_buckets`). Alpha is composited on `background` (see `decode_image`).
 
     Args:
         sample_ids: keys of each image's random crop/flip, drawn from `default_rng((seed, sample_id))`.
@@ -129,7 +134,7 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
            else np.empty(len(images), dtype=object))
     for i, (data, sid, src) in enumerate(zip(images, sample_ids, sources)):
         rng = np.random.default_rng((seed, int(sid)))
-        img = decode_image(data, src, max_pixels)
+        img = decode_image(data, src, max_pixels, background)
         size = resolution if buckets is None else nearest_bucket(*img.size, buckets)
         img = resize_crop(img, size, center_crop, random_flip, rng)
         out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0

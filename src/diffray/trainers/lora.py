@@ -66,7 +66,8 @@ def empty_prompt(comps, device) -> dict[str, torch.Tensor]:
 
 
 def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEnv, prediction_type: str,
-                     text_encoder_in_engine: bool, empty: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                     text_encoder_in_engine: bool, empty: dict[str, torch.Tensor] | None = None,
+                     forward_kwargs: dict | None = None) -> torch.Tensor:
     """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values | latent_mean+latent_std,
     input_ids[, prompt_embeds]}.
 
@@ -75,6 +76,7 @@ def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEn
     latent cache need no VAE or (frozen) text-encoder work. `text_encoder_in_engine`: the engine's
     module runs the text encoder itself (it trains); otherwise prompts are encoded here without grad.
     `empty`: the empty caption (see `empty_prompt`), computed here when dropout needs it and it is None.
+    `forward_kwargs`: extra inputs of the engine's module (e.g. the ControlNet's control images).
     """
     ids = [int(i) for i in batch["sample_id"]]
     n = noise_latents(comps.vae, comps.noise_scheduler, batch, env.device, env.dtype, step, cfg.run.seed,
@@ -86,7 +88,7 @@ def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEn
     if drop.any():
         input_ids = torch.where(drop[:, None], empty["input_ids"][None], input_ids)
     if text_encoder_in_engine:
-        pred = engine(n.noisy, n.timesteps, input_ids=input_ids)
+        pred = engine(n.noisy, n.timesteps, input_ids=input_ids, **(forward_kwargs or {}))
     else:
         if "prompt_embeds" in batch:
             hidden = batch["prompt_embeds"].to(env.device, env.dtype)
@@ -95,7 +97,7 @@ def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEn
         else:
             with torch.no_grad():
                 hidden = comps.text_encoder(input_ids)[0]
-        pred = engine(n.noisy, n.timesteps, encoder_hidden_states=hidden)
+        pred = engine(n.noisy, n.timesteps, encoder_hidden_states=hidden, **(forward_kwargs or {}))
     target = diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)
     return per_sample_loss(pred, target, n.timesteps, comps.noise_scheduler, prediction_type, cfg.train.snr_gamma)
 

@@ -28,6 +28,7 @@ TRAIN_LOOPS = {
     "lora": "diffray.trainers.lora:train_loop_per_worker",
     "dreambooth": "diffray.trainers.dreambooth:train_loop_per_worker",
     "textual_inversion": "diffray.trainers.textual_inversion:train_loop_per_worker",
+    "controlnet": "diffray.trainers.controlnet:train_loop_per_worker",
 }
 
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}

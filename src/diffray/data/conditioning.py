@@ -1,0 +1,188 @@
+"""Conditioning preprocessors for ControlNet: image -> control image (same size, RGB), and the Ray Data
+job that turns an image dataset into a paired one (`diffray data condition`).
+
+A preprocessor is a callable `PIL.Image -> PIL.Image` registered under a name. `canny` ships (OpenCV,
+thresholds configurable). Model-based preprocessors (depth, pose, segmentation) register the same
+way and take their model from a local path (`model_path` option); nothing is downloaded. `depth`
+wraps a transformers depth-estimation model (DPT, Depth Anything, ...) saved in a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+from diffray.errors import ConfigError, DatasetError
+
+Preprocessor = Callable[[Image.Image], Image.Image]
+PREPROCESSORS: dict[str, Callable[..., Preprocessor]] = {}
+CONDITIONING_DIR = "conditioning"
+IMAGES_DIR = "images"
+
+
+def register(name: str):
+    """Decorator: register a preprocessor factory `factory(**options) -> Preprocessor` under `name`."""
+
+    def wrap(factory):
+        PREPROCESSORS[name] = factory
+        return factory
+
+    return wrap
+
+
+def make_preprocessor(kind: str, **options: Any) -> Preprocessor:
+    """The preprocessor `kind` built with `options`.
+
+    Raises:
+        ConfigError: an unknown kind (naming the known ones) or an option it does not take.
+    """
+    if kind not in PREPROCESSORS:
+        raise ConfigError(f"unknown conditioning type {kind!r} (allowed: {', '.join(sorted(PREPROCESSORS))})",
+                          field="type")
+    try:
+        return PREPROCESSORS[kind](**options)
+    except TypeError as exc:
+        raise ConfigError(f"{kind}: {exc}", field="type") from None
+
+
+@register("canny")
+def canny(low_threshold: int = 100, high_threshold: int = 200) -> Preprocessor:
+    """Canny edges of the grayscale image (OpenCV, L2 gradient off, aperture 3), white on black, as RGB.
+
+    Deterministic: the same image gives the same edge map on every machine.
+    """
+    if not 0 <= low_threshold <= high_threshold <= 1000:
+        raise ConfigError(f"need 0 <= low_threshold ({low_threshold}) <= high_threshold ({high_threshold}) <= 1000",
+                          field="canny")
+
+    def run(img: Image.Image) -> Image.Image:
+        import cv2
+
+        gray = np.asarray(img.convert("L"))
+        edges = cv2.Canny(gray, low_threshold, high_threshold)
+        return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2), mode="RGB")
+
+    return run
+
+
+@register("depth")
+def depth(model_path: str) -> Preprocessor:
+    """Relative depth from a transformers depth-estimation model in a local folder, as RGB (near = bright)."""
+    if not Path(model_path).is_dir():
+        raise ConfigError(f"depth model not found: {model_path} (a local folder; nothing is downloaded)",
+                          field="model_path")
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=model_path, device="cpu")
+
+    def run(img: Image.Image) -> Image.Image:
+        d = np.asarray(estimator(img)["predicted_depth"].squeeze().float().numpy(), dtype=np.float64)
+        d = (d - d.min()) / max(d.max() - d.min(), 1e-12) * 255.0
+        out = Image.fromarray(d.round().astype(np.uint8)).resize(img.size, Image.Resampling.BICUBIC)
+        return out.convert("RGB")
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def write_pair(img: Image.Image, sample_id: int, run: Preprocessor, root: Path, source: str) -> dict:
+    """Save `img` and its control image under `root` (images/, conditioning/); their metadata row."""
+    name = f"{sample_id:08d}.png"
+    control = run(img)
+    if control.size != img.size:
+        raise DatasetError(f"{source}: the preprocessor returned {control.size[0]}x{control.size[1]}, "
+                           f"the image is {img.size[0]}x{img.size[1]}")
+    img.save(root / IMAGES_DIR / name)
+    control.save(root / CONDITIONING_DIR / name)
+    return {"file_name": f"{IMAGES_DIR}/{name}", "conditioning_image": f"{CONDITIONING_DIR}/{name}"}
+
+
+def condition_batch(batch: dict, kind: str, options: dict, out_dir: str, rules, skip: frozenset[int]) -> dict:
+    """map_batches: decode each good row, write it (PNG) and its control image into `out_dir`; return
+    the metadata rows {sample_id, file_name, text, conditioning_image}."""
+    from diffray.data.transforms import decode_image
+    from diffray.data.validate import caption_of
+
+    run = make_preprocessor(kind, **options)
+    out: dict[str, list] = {"sample_id": [], "file_name": [], "text": [], "conditioning_image": []}
+    for sid, src, data, cap in zip(batch["sample_id"], batch["source"], batch["image"], batch["caption"]):
+        if int(sid) in skip:
+            continue
+        img = decode_image(bytes(data), str(src), rules.max_image_pixels)
+        row = write_pair(img, int(sid), run, Path(out_dir), str(src))
+        for k, v in {"sample_id": int(sid), "text": caption_of(cap, rules) or "", **row}.items():
+            out[k].append(v)
+    return {"sample_id": np.asarray(out["sample_id"], dtype=np.int64),
+            **{k: np.array(v, dtype=object) for k, v in out.items() if k != "sample_id"}}
+
+
+def _prepare_out(dst: str | Path) -> Path:
+    out = Path(dst)
+    if out.exists() and any(out.iterdir()):
+        raise DatasetError(f"{out}: output folder exists and is not empty")
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    (out / CONDITIONING_DIR).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _finish(out: Path, rows: list[dict], src: str, kind: str, options: dict) -> None:
+    rows = sorted(rows, key=lambda r: r["file_name"])
+    (out / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": r["file_name"], "text": r["text"], "conditioning_image": r["conditioning_image"]})
+        + "\n" for r in rows))
+    (out / "conditioning.json").write_text(json.dumps({"source": src, "type": kind, "options": options}, indent=2))
+
+
+def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None = None,
+                      data=None) -> tuple[Path, int, int]:
+    """Write the paired dataset of `src` into `dst` as a Ray Data job: images/ (PNG), conditioning/
+    (control images, same size), metadata.jsonl {file_name, text, conditioning_image}, and
+    quarantine.jsonl for rows that fail validation. Returns (dst, pairs written, rows quarantined).
+
+    `data`: a config `data` section (columns, validation limits, bad-row limit); defaults when None.
+
+    Raises:
+        ConfigError: unknown preprocessor or option (before any work).
+        DatasetError: `dst` exists and is not empty; the source is unreadable or too many rows are bad.
+    """
+    from diffray.config import DataSection
+    from diffray.data.pipeline import read_source, validate_rows
+    from diffray.data.validate import Rules
+
+    options = dict(options or {})
+    make_preprocessor(kind, **options)  # a bad type or option fails before anything is read
+    data = (data or DataSection(path=src)).model_copy(update={"conditioning_column": None})
+    out = _prepare_out(dst)
+    raw, total = read_source(src, data)
+    rules = Rules.of(data)
+    report = validate_rows(raw, total, src, rules, data.max_bad_fraction, out)
+    rows = raw.map_batches(condition_batch, batch_format="numpy", batch_size=16,
+                           fn_kwargs={"kind": kind, "options": options, "out_dir": str(out.resolve()),
+                                      "rules": rules, "skip": report.bad_ids}).take_all()
+    _finish(out, rows, src, kind, options)
+    print(f"conditioned {src} -> {out}: {len(rows)} pairs ({kind}), {len(report.quarantined)} quarantined",
+          file=sys.stderr, flush=True)
+    return out, len(rows), len(report.quarantined)
+
+
+def condition_folder_locally(src: Path, dst: Path, kind: str, options: dict | None = None) -> Path:
+    """`condition_dataset` for a small, known-good imagefolder without Ray (the built-in sample set)."""
+    from diffray.data.transforms import decode_image
+
+    options = dict(options or {})
+    run = make_preprocessor(kind, **options)
+    out = _prepare_out(dst)
+    rows = []
+    for i, line in enumerate((src / "metadata.jsonl").read_text().splitlines()):
+        rec = json.loads(line)
+        img = decode_image((src / rec["file_name"]).read_bytes(), str(src / rec["file_name"]))
+        rows.append({"text": rec["text"], **write_pair(img, i, run, out, rec["file_name"])})
+    _finish(out, rows, str(src), kind, options)
+    return out

@@ -1,0 +1,185 @@
+"""ControlNet training on Ray Train: a ControlNet (initialised from the base UNet with zero
+convolutions, or loaded from `controlnet.init_from`) learns to steer the frozen UNet from a control
+image; the UNet, VAE and text encoder stay frozen.
+
+The engine wraps `ControlledUNet` (ControlNet + frozen UNet), so DeepSpeed ZeRO shards the ControlNet's
+weights, gradients and optimizer state across workers (stage from `strategy.zero_stage`). The loss is
+the same keyed denoising loss as LoRA's, with caption dropout and a per-sample control-image dropout.
+The artifact is `ControlNetModel.save_pretrained` (safetensors) + `card.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffray.config import ControlNetTrainConfig
+from diffray.errors import ConfigError
+from diffray.models.adapters import write_card
+from diffray.models.loading import load_components
+from diffray.trainers import session
+from diffray.trainers.components.diffusion import caption_dropout_mask
+from diffray.trainers.lora import denoising_losses, empty_prompt
+from diffray.trainers.loop import run_worker
+
+CONTROL_DROPOUT_KEY = 1_299_709  # keeps control-image dropout draws apart from caption dropout's
+
+
+class ControlledUNet(torch.nn.Module):
+    """ControlNet residuals added to a frozen UNet's down and mid blocks: the module the engine trains."""
+
+    def __init__(self, controlnet: torch.nn.Module, unet: torch.nn.Module):
+        super().__init__()
+        self.controlnet = controlnet
+        self.unet = unet
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0):
+        down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                    controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
+                                    return_dict=False)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+
+def load_controlnet(path: str):
+    """A ControlNet from a diffusers dir (safetensors only). Raises ConfigError naming the path."""
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ConfigError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})",
+                          field="controlnet.init_from") from None
+
+
+def build_controlnet(cfg: ControlNetTrainConfig, unet) -> torch.nn.Module:
+    """`controlnet.init_from` loaded, or a new ControlNet copying the UNet's encoder (zero convolutions)."""
+    from diffusers import ControlNetModel
+
+    if cfg.controlnet.init_from:
+        return load_controlnet(cfg.controlnet.init_from)
+    return ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=tuple(cfg.controlnet.conditioning_embedding_out_channels))
+
+
+def preflight(cfg: ControlNetTrainConfig, model_path: str) -> None:
+    """Driver-side checks before Ray starts: the ControlNet to continue from and the validation images."""
+    if cfg.controlnet.init_from and not (Path(cfg.controlnet.init_from) / "config.json").is_file():
+        raise ConfigError(f"{cfg.controlnet.init_from}: not a ControlNet dir (no config.json)",
+                          field="controlnet.init_from")
+    for p in cfg.controlnet.validation_images:
+        if not Path(p).is_file():
+            raise ConfigError(f"validation image not found: {p}", field="controlnet.validation_images")
+
+
+def validation_controls(cfg: ControlNetTrainConfig) -> list[tuple[Any, str]]:
+    """(control image, prompt) pairs for validation grids: `controlnet.validation_images` with
+    `train.validation_prompts` (cycled), else the first two rows of a local imagefolder dataset, else a
+    blank control image."""
+    from diffray.data import resolve_data_path
+    from diffray.data.transforms import decode_image
+
+    def control(path: Path):
+        return decode_image(path.read_bytes(), str(path), background=(0, 0, 0))
+
+    from PIL import Image
+
+    prompts = cfg.train.validation_prompts or ["a photo"]
+    if cfg.controlnet.validation_images:
+        return [(control(Path(p)), prompts[i % len(prompts)]) for i, p in enumerate(cfg.controlnet.validation_images)]
+    root = Path(resolve_data_path(cfg.data.path))
+    meta = root / "metadata.jsonl"
+    if not meta.is_file():  # Parquet or a remote dataset: a blank control image
+        size = (cfg.data.resolution, cfg.data.resolution)
+        return [(Image.new("RGB", size), prompts[0])]
+    rows = [json.loads(line) for line in meta.read_text().splitlines()[:2]]
+    return [(control(root / r[cfg.data.conditioning_column]), str(r.get(cfg.data.caption_column) or prompts[0]))
+            for r in rows]
+
+
+def render_controlled(comps, controlnet, unet, pairs: list[tuple[Any, str]], resolution: int, steps: int,
+                      seed: int, scale: float = 1.0) -> list[list]:
+    """Rows [control image, generated image] from the current weights (DDIM, seeds seed+i)."""
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet, controlnet=controlnet,
+        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rows = []
+    for i, (image, prompt) in enumerate(pairs):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        out = pipe(prompt, image=image, num_inference_steps=steps, height=resolution, width=resolution,
+                   controlnet_conditioning_scale=scale, generator=torch.Generator().manual_seed(seed + i)).images[0]
+        rows.append([image, out])
+    return rows
+
+
+class ControlNetTask:
+    """ControlNet in the shared loop (see `diffray.trainers.loop.Task`)."""
+
+    def __init__(self, cfg: ControlNetTrainConfig, model_path: str, env: session.WorkerEnv):
+        self.cfg, self.env = cfg, env
+        self.comps = load_components(model_path)
+        for frozen in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
+            frozen.requires_grad_(False)
+        controlnet = build_controlnet(cfg, self.comps.unet)
+        controlnet.requires_grad_(True)
+        controlnet.train()
+        if cfg.train.gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
+        self.module = ControlledUNet(controlnet, self.comps.unet).to(env.device)
+        session.place_frozen(self.comps.vae, env)
+        session.place_frozen(self.comps.text_encoder, env)
+        self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
+        self.empty = empty_prompt(self.comps, env.device) if cfg.data.caption_dropout > 0 else None
+        self.counters = session.EncoderCalls(self.comps)
+        self.batches = None
+        self._pairs: list | None = None
+
+    def start(self, engine, skip_micro_batches: int) -> None:
+        self.batches = session.data_stream("train", self.cfg, self.env, skip_micro_batches)
+
+    def loss(self, engine, step: int) -> torch.Tensor:
+        batch = next(self.batches)
+        ids = [int(i) for i in batch["sample_id"]]
+        cond = batch["conditioning_pixel_values"].to(self.env.device)
+        drop = caption_dropout_mask(ids, step, self.cfg.run.seed + CONTROL_DROPOUT_KEY,
+                                    self.cfg.controlnet.conditioning_dropout).to(self.env.device)
+        if drop.any():
+            cond = torch.where(drop[:, None, None, None], torch.zeros_like(cond), cond)
+        extra = {"controlnet_cond": cond, "conditioning_scale": self.cfg.controlnet.conditioning_scale}
+        return denoising_losses(engine, self.comps, batch, step, self.cfg, self.env, self.prediction_type, False,
+                                self.empty, forward_kwargs=extra).mean()
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def validation_grid(self, step: int):
+        from diffray.images import make_grid
+
+        if self._pairs is None:
+            self._pairs = validation_controls(self.cfg)
+        t = self.cfg.train
+        return make_grid(render_controlled(self.comps, self.module.controlnet, self.module.unet, self._pairs,
+                                           self.cfg.data.resolution, t.validation_inference_steps, self.cfg.run.seed,
+                                           self.cfg.controlnet.conditioning_scale))
+
+    def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
+        self.module.controlnet.save_pretrained(out_dir, safe_serialization=True)
+        from diffray.data import resolve_data_path
+
+        info = Path(resolve_data_path(self.cfg.data.path)) / "conditioning.json"
+        conditioning = json.loads(info.read_text()) if info.is_file() else None
+        write_card(out_dir, {**card, "conditioning": conditioning,
+                             "conditioning_scale": self.cfg.controlnet.conditioning_scale})
+        return out_dir
+
+
+def train_loop_per_worker(config: dict) -> None:
+    run_worker(config, ControlNetTrainConfig, ControlNetTask)

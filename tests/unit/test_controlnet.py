@@ -1,0 +1,153 @@
+"""ControlNet pieces without Ray: Canny edge maps of known shapes, the preprocessor registry, the
+zero-convolution identity at initialisation, control-image conversions and config errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from diffray.config import ControlNetTrainConfig, validate_config
+from diffray.data.conditioning import PREPROCESSORS, make_preprocessor
+from diffray.data.transforms import BLACK, preprocess_images
+from diffray.errors import ConfigError
+from diffray.models.loading import load_components
+from diffray.trainers.controlnet import ControlledUNet, build_controlnet
+
+# Canny (thresholds 100/200) of a white rectangle [8..23] x [10..21] on black, rows 6-25, columns 4-27:
+# a one-pixel outline (outside on the left/top, inside on the right/bottom, corners cut).
+RECTANGLE_EDGES = """\
+........................
+........................
+........................
+.....##############.....
+....#..............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+...#...............#....
+....################....
+........................
+........................
+........................
+........................"""
+
+
+def edges_of(img: Image.Image, **options) -> np.ndarray:
+    out = np.asarray(make_preprocessor("canny", **options)(img))
+    assert out.shape == (img.height, img.width, 3) and set(np.unique(out)) <= {0, 255}
+    assert (out[:, :, 0] == out[:, :, 1]).all() and (out[:, :, 0] == out[:, :, 2]).all()
+    return out[:, :, 0] > 0
+
+
+def test_canny_edges_of_a_rectangle_match_the_known_map():
+    img = Image.new("RGB", (32, 32))
+    ImageDraw.Draw(img).rectangle([8, 10, 23, 21], fill=(255, 255, 255))
+    e = edges_of(img)
+    assert "\n".join("".join(".#"[int(v)] for v in row[4:28]) for row in e[6:26]) == RECTANGLE_EDGES
+    assert e.sum() == RECTANGLE_EDGES.count("#")  # nothing outside the window
+    np.testing.assert_array_equal(edges_of(img), e)  # deterministic
+
+
+def test_canny_edges_of_a_disc_lie_on_its_circle_all_the_way_round():
+    img = Image.new("RGB", (48, 48))
+    ImageDraw.Draw(img).ellipse([8, 8, 39, 39], fill=(255, 255, 255))  # radius 16 around (23.5, 23.5)
+    ys, xs = np.nonzero(edges_of(img))
+    r = np.hypot(ys - 23.5, xs - 23.5)
+    assert r.min() > 15.0 and r.max() < 17.0
+    angles = np.degrees(np.arctan2(ys - 23.5, xs - 23.5)) // 10
+    assert len(np.unique(angles)) == 36  # every 10-degree sector has edge pixels
+    assert not edges_of(Image.new("RGB", (32, 32), (120, 120, 120))).any()  # flat: no edges
+    # Thresholds matter: a weak step (gray 80 vs 50) is an edge at 10/20, not at 100/200.
+    weak = Image.new("RGB", (32, 32), (50, 50, 50))
+    ImageDraw.Draw(weak).rectangle([8, 8, 23, 23], fill=(80, 80, 80))
+    assert not edges_of(weak).any() and edges_of(weak, low_threshold=10, high_threshold=20).any()
+
+
+def test_preprocessor_registry_errors_name_the_problem(tmp_path):
+    assert {"canny", "depth"} <= set(PREPROCESSORS)
+    with pytest.raises(ConfigError, match=r"unknown conditioning type 'pose' \(allowed: canny, depth"):
+        make_preprocessor("pose")
+    with pytest.raises(ConfigError, match="canny: .*unexpected keyword argument 'sigma'"):
+        make_preprocessor("canny", sigma=2)
+    with pytest.raises(ConfigError, match=r"low_threshold \(300\) <= high_threshold \(200\)"):
+        make_preprocessor("canny", low_threshold=300, high_threshold=200)
+    with pytest.raises(ConfigError, match="depth model not found: .*nothing is downloaded"):
+        make_preprocessor("depth", model_path=str(tmp_path / "none"))
+
+
+def test_controlnet_at_init_leaves_the_unet_output_unchanged(tiny_model_path):
+    comps = load_components(tiny_model_path)
+    g = torch.Generator().manual_seed(0)
+    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    hidden = torch.randn(2, 77, comps.text_encoder.config.hidden_size, generator=g)
+    controls = [torch.rand(2, 3, 64, 64, generator=g), torch.zeros(2, 3, 64, 64)]
+    model = ControlledUNet(build_controlnet(ControlNetTrainConfig(), comps.unet), comps.unet).eval()
+    with torch.no_grad():
+        plain = comps.unet(latents, t, encoder_hidden_states=hidden).sample
+        for cond in controls:  # zero convolutions: no residual, whatever the control image
+            assert torch.equal(model(latents, t, hidden, cond), plain)
+        # Once the zero convolutions (control-image embedding output, residual projections) move, the
+        # output depends on the control image.
+        cn = model.controlnet
+        for m in (cn.controlnet_cond_embedding.conv_out, cn.controlnet_down_blocks, cn.controlnet_mid_block):
+            for p in m.parameters():
+                assert not p.any()
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        a, b = (model(latents, t, hidden, cond) for cond in controls)
+    assert (a - b).abs().max() > 1e-4 and (a - plain).abs().max() > 1e-4
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_grayscale_and_alpha_control_images_become_rgb_on_black():
+    gray = Image.new("L", (32, 32), 0)
+    ImageDraw.Draw(gray).line([0, 16, 31, 16], fill=255)
+    rgba = Image.new("RGBA", (32, 32), (255, 255, 255, 0))  # transparent white: no signal
+    ImageDraw.Draw(rgba).line([0, 16, 31, 16], fill=(255, 255, 255, 255))
+    out = preprocess_images([png(gray), png(rgba)], [0, 1], ["gray", "rgba"], 32, True, False, 0, background=BLACK)
+    for x in out:  # 3 equal channels, the line at +1, the rest (black or transparent) at -1
+        assert x.shape == (3, 32, 32) and (x[0] == x[1]).all() and (x[0] == x[2]).all()
+        assert x[0, 16].min() > 0.9 and x[0, :8].max() < -0.99
+    np.testing.assert_array_equal(out[0], out[1])
+
+
+def test_controlnet_config_needs_a_conditioning_column():
+    cfg = validate_config({"method": "controlnet"})
+    assert cfg.data.conditioning_column == "conditioning_image" and cfg.data.path == "builtin:sample/canny"
+    with pytest.raises(ConfigError, match=r"data\.conditioning_column: ControlNet trains on .* pairs"):
+        validate_config({"method": "controlnet", "data": {"conditioning_column": None}})
+    with pytest.raises(ConfigError, match=r"controlnet\.conditioning_dropout"):
+        validate_config({"method": "controlnet", "controlnet": {"conditioning_dropout": 2}})
+
+
+def test_depth_preprocessor_runs_a_local_model(tmp_path):
+    # A tiny DPT built from config and saved locally stands in for a real depth model (no download).
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=8, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5])
+    torch.manual_seed(0)
+    DPTForDepthEstimation(config).save_pretrained(tmp_path / "dpt")
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(tmp_path / "dpt")
+    img = Image.new("RGB", (48, 40))
+    ImageDraw.Draw(img).ellipse([8, 8, 30, 30], fill=(255, 255, 255))
+    depth = make_preprocessor("depth", model_path=str(tmp_path / "dpt"))
+    out = np.asarray(depth(img))
+    assert out.shape == (40, 48, 3) and out.min() == 0 and out.max() == 255  # normalised to the full range
+    assert (out[:, :, 0] == out[:, :, 1]).all()
+    np.testing.assert_array_equal(out, np.asarray(depth(img)))
