@@ -28,6 +28,21 @@ def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
     return pipe
 
 
+def check_controls(controlnets: list[str], control_images: list[str], scales: list[float]) -> list[float]:
+    """The per-ControlNet scales; ConfigError when the counts do not match (checked before any loading)."""
+    if control_images and not controlnets:
+        raise ConfigError("--control-image needs --controlnet")
+    if len(control_images) != len(controlnets):
+        raise ConfigError(f"{len(controlnets)} --controlnet but {len(control_images)} --control-image; give one "
+                          "control image per ControlNet, in the same order")
+    scales = list(scales) or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(controlnets)
+    if len(scales) != len(controlnets):
+        raise ConfigError(f"{len(scales)} --control-scale for {len(controlnets)} --controlnet (give one, or one each)")
+    return scales
+
+
 def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str], scales: list[float]):
     """The base pipeline as a `StableDiffusionControlNetPipeline` (a MultiControlNet for several) and the
     call arguments (image, controlnet_conditioning_scale) for its control images.
@@ -44,14 +59,7 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
     from diffray.errors import DatasetError
     from diffray.trainers.controlnet import load_controlnet
 
-    if len(control_images) != len(controlnets):
-        raise ConfigError(f"{len(controlnets)} --controlnet but {len(control_images)} --control-image; give one "
-                          "control image per ControlNet, in the same order")
-    scales = scales or [1.0]
-    if len(scales) == 1:
-        scales = scales * len(controlnets)
-    if len(scales) != len(controlnets):
-        raise ConfigError(f"{len(scales)} --control-scale for {len(controlnets)} --controlnet (give one, or one each)")
+    scales = check_controls(controlnets, control_images, scales)
     models = [load_controlnet(d) for d in controlnets]
     images = []
     for p in control_images:
@@ -91,6 +99,7 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     from diffray.models.loading import load_pipeline, resolve_model_path
 
     controlnets = list(controlnets or [])
+    check_controls(controlnets, list(control_images or []), list(control_scales or []))
     cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
     base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
     pipe = load_pipeline(resolve_model_path(base))
@@ -98,8 +107,6 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     if controlnets:
         pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), list(control_scales or []))
         off = {**extra, "controlnet_conditioning_scale": [0.0] * len(controlnets) if len(controlnets) > 1 else 0.0}
-    elif control_images:
-        raise ConfigError("--control-image needs --controlnet")
     pipe.set_progress_bar_config(disable=True)
     rows, labels = [], []
     if compare_base or (adapter is None and not controlnets):

@@ -151,3 +151,20 @@ def test_depth_preprocessor_runs_a_local_model(tmp_path):
     assert out.shape == (40, 48, 3) and out.min() == 0 and out.max() == 255  # normalised to the full range
     assert (out[:, :, 0] == out[:, :, 1]).all()
     np.testing.assert_array_equal(out, np.asarray(depth(img)))
+
+
+def test_generate_control_arguments_are_checked_before_loading(tmp_path):
+    from diffray.errors import ModelError
+    from diffray.generate import check_controls, generate_grid
+    from diffray.trainers.controlnet import load_controlnet
+
+    assert check_controls(["a", "b"], ["x.png", "y.png"], [0.5]) == [0.5, 0.5]
+    assert check_controls(["a"], ["x.png"], []) == [1.0]
+    for cns, imgs, scales, msg in [([], ["x.png"], [], "--control-image needs --controlnet"),
+                                   (["a", "b"], ["x.png"], [], "2 --controlnet but 1 --control-image"),
+                                   (["a", "b"], ["x.png", "y.png"], [1, 2, 3], "3 --control-scale for 2")]:
+        with pytest.raises(ConfigError, match=msg):
+            generate_grid(["p"], None, str(tmp_path / "no-model"), tmp_path / "o.png", controlnets=cns,
+                          control_images=imgs, control_scales=scales)
+    with pytest.raises(ModelError, match="not a ControlNet dir"):
+        load_controlnet(str(tmp_path))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from diffray.config import ControlNetTrainConfig
-from diffray.errors import ConfigError
+from diffray.errors import ConfigError, ModelError
 from diffray.models.adapters import write_card
 from diffray.models.loading import load_components
 from diffray.trainers import session
@@ -45,14 +45,13 @@ class ControlledUNet(torch.nn.Module):
 
 
 def load_controlnet(path: str):
-    """A ControlNet from a diffusers dir (safetensors only). Raises ConfigError naming the path."""
+    """A ControlNet from a diffusers dir (safetensors only). Raises ModelError naming the path."""
     from diffusers import ControlNetModel
 
     try:
         return ControlNetModel.from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ConfigError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})",
-                          field="controlnet.init_from") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})") from None
 
 
 def build_controlnet(cfg: ControlNetTrainConfig, unet) -> torch.nn.Module:
