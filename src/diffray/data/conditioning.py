@@ -147,6 +147,8 @@ def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None
     quarantine.jsonl for rows that fail validation. Returns (dst, pairs written, rows quarantined).
 
     `data`: a config `data` section (columns, validation limits, bad-row limit); defaults when None.
+    Each task writes its files into `dst` directly, so on a multi-node cluster `dst` must be a shared
+    filesystem path.
 
     Raises:
         ConfigError: unknown preprocessor or option (before any work).
