@@ -143,6 +143,12 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (torch threads follow it).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict,
                                                     description="Extra custom resources per worker.")
+    wait_for_resources: bool = Field(False, description="false: fail at once when the cluster's nodes cannot hold "
+                                     "the workers; true: wait for them (an autoscaling cluster adds nodes).")
+
+    def worker_bundle(self) -> dict[str, float]:
+        """What one training worker reserves."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {}), **self.resources_per_worker}
 
 
 class StrategySection(Section):

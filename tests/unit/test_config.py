@@ -84,3 +84,15 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "diffray: error: lora.rank: Input should be greater than or equal to 1"
     assert "Traceback" not in proc.stderr
+
+
+def test_workers_that_fit_count_whole_bundles_per_node():
+    from diffray.trainers.runner import workers_that_fit
+
+    gpu = {"CPU": 2.0, "GPU": 1.0}
+    assert workers_that_fit(gpu, [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 3.0, "GPU": 4.0}, {"CPU": 64.0}]) == 9
+    assert workers_that_fit({"CPU": 1.5}, [{"CPU": 2.0}, {"CPU": 3.0}]) == 3  # bundles never span nodes
+    assert workers_that_fit({"CPU": 1.0, "accel_a100": 1.0}, [{"CPU": 8.0}]) == 0
+    assert workers_that_fit({"CPU": 1.0}, []) == 0
+    cfg = validate_config({"scaling": {"use_gpu": True, "cpus_per_worker": 4, "resources_per_worker": {"a": 1}}})
+    assert cfg.scaling.worker_bundle() == {"CPU": 4.0, "GPU": 1.0, "a": 1.0}

@@ -19,7 +19,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from diffray.errors import DatasetError, DiffrayError, TrainingError
+from diffray.errors import ConfigError, DatasetError, DiffrayError, TrainingError
 from diffray.models.adapters import read_card, write_card
 from diffray.trainers.session import ARTIFACT_DIR
 
@@ -168,6 +168,7 @@ def prepare_data(cfg) -> dict[str, str]:
     model_path = resolve_model_path(cfg.model.path)
     preflight(cfg, model_path)
     connect_ray()
+    check_resources(cfg.scaling)
     return {name: str(build_cache(cfg, model_path, src.path, src.prompt, src.id_offset)[0])
             for name, src in dataset_sources(cfg, model_path).items()}
 
@@ -175,9 +176,7 @@ def prepare_data(cfg) -> dict[str, str]:
 def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status) -> TorchTrainer:
     """A configured TorchTrainer for `cfg.method`."""
     s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1
+    resources = s.worker_bundle()
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
         storage_path=storage_root(cfg.run.storage_path),
@@ -196,6 +195,36 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
     )
 
 
+def workers_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many worker bundles the nodes (their total resources) can hold, each bundle on one node."""
+    fit = 0
+    for node in nodes:
+        fit += int(min((node.get(k, 0.0) / v for k, v in bundle.items() if v > 0), default=0) + 1e-9)
+    return fit
+
+
+def check_resources(scaling) -> None:
+    """Fail fast when the cluster's alive nodes can never hold `scaling.num_workers` workers (unless
+    `scaling.wait_for_resources`): Ray would otherwise wait forever for a placement.
+
+    Raises:
+        ConfigError: naming each resource a worker needs, the count and what the nodes have.
+    """
+    if scaling.wait_for_resources:
+        return
+    bundle = scaling.worker_bundle()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = workers_that_fit(bundle, nodes)
+    if fit >= scaling.num_workers:
+        return
+    need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    have = "; ".join(", ".join(f"{n.get(k, 0):g} {k}" for k in bundle) for n in nodes) or "no nodes"
+    raise ConfigError(f"scaling: {scaling.num_workers} workers x ({need}) do not fit this cluster, whose "
+                      f"{len(nodes)} node(s) have [{have}] (room for {fit}); lower scaling.num_workers or "
+                      "cpus_per_worker, set scaling.use_gpu=false, or scaling.wait_for_resources=true on an "
+                      "autoscaling cluster")
+
+
 def run_training(cfg) -> RunResult:
     """Train `cfg` on the connected cluster; resume if a run of that name exists; export the artifact."""
     from diffray.models.loading import resolve_model_path
@@ -204,6 +233,7 @@ def run_training(cfg) -> RunResult:
     model_path = resolve_model_path(cfg.model.path)
     preflight(cfg, model_path)
     connect_ray()
+    check_resources(cfg.scaling)
     run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
     log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
     datasets = build_datasets(cfg, model_path, log_dir)
