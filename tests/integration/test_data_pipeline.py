@@ -221,3 +221,38 @@ def test_aspect_buckets_train_on_two_zero2_workers(ray_cluster, tmp_path):
                                    "train.checkpoint_every=6", "train.log_every=1"))
     losses = [e["loss"] for e in step_metrics(result.run_dir)]
     assert result.steps == 6 and len(losses) == 6 and all(np.isfinite(losses))
+
+
+def test_worker_streams_are_disjoint_reshuffled_per_epoch_and_reproducible(ray_cluster):
+    import threading
+
+    import ray
+
+    from diffray.trainers.session import batch_stream
+
+    def two_workers(seed: int) -> dict[int, list[list[int]]]:
+        # What Ray Train hands two workers: streaming_split iterators, consumed concurrently.
+        ds = ray.data.from_items([{"sample_id": i, "x": float(i)} for i in range(32)], override_num_blocks=8)
+        shards = ds.materialize().streaming_split(2, equal=True)
+        out: dict[int, list[list[int]]] = {}
+
+        def consume(rank: int) -> None:
+            stream = batch_stream(shards[rank], 4, shuffle_buffer=8, seed=seed + rank)
+            out[rank] = [b["sample_id"].tolist() for b in itertools.islice(stream, 8)]  # 2 epochs of 4 batches
+
+        threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    run = two_workers(100)
+    epochs = {r: [sum(run[r][:4], []), sum(run[r][4:], [])] for r in run}
+    for e in range(2):  # each epoch: the ranks' rows are disjoint and together the whole dataset
+        assert not set(epochs[0][e]) & set(epochs[1][e])
+        assert sorted(epochs[0][e] + epochs[1][e]) == list(range(32))
+    for r in run:  # the same shard, in a new order each epoch
+        assert sorted(epochs[r][0]) == sorted(epochs[r][1]) and epochs[r][0] != epochs[r][1]
+    assert two_workers(100) == run  # same seed, same order
+    assert two_workers(7) != run
