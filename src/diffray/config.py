@@ -355,17 +355,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = raw
         if isinstance(value, str) and _looks_like_float(value):
             value = float(value)
-        node = out
-        keys = path.split(".")
-        for i, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"cannot set {path}: {'.'.join(keys[: i + 1])} is not a section", field=path)
-            node = child
-        node[keys[-1]] = value
+        set_path(out, path, value)
     return out
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict in place, creating sections; ConfigError if a prefix is not a section."""
+    node = data
+    keys = path.split(".")
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {path}: {'.'.join(keys[: i + 1])} is not a section", field=path)
+        node = child
+    node[keys[-1]] = value
 
 
 def _looks_like_float(s: str) -> bool:

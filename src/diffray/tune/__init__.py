@@ -1,0 +1,1 @@
+"""Hyperparameter search over training configs with Ray Tune."""
