@@ -69,6 +69,10 @@ class DataSection(Section):
                                 "buffer of this size, seeded by (run.seed, epoch, rank); 0 keeps the dataset order.")
     cache: str = Field("off", description="Latent cache: off | auto (build under the cache dir on first use, "
                        "keyed by data, model and transform settings) | DIR (built by `diffray data prepare`).")
+    validation_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Hold out this fraction of the rows "
+                                       "(picked by a hash of the sample id: the same rows for the same data) and "
+                                       "log their denoising loss, at fixed noise and timesteps, as val_loss at "
+                                       "every validation step and the last step.")
     materialize: bool = Field(True, description="Keep the preprocessed dataset in the object store "
                               "(fast epochs; turn off for data larger than object-store memory).")
 

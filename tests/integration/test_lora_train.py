@@ -177,9 +177,29 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
+def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
+    from diffray.trainers.runner import build_datasets
+
+    common = ["data.validation_fraction=0.25", "train.max_steps=4", "train.validate_every=2", "train.log_every=4",
+              "train.checkpoint_every=4"]
+    cfg = small_cfg(tmp_path, "val-a", *common)
+    datasets = build_datasets(cfg, tiny_model_path)
+    ids = {k: sorted(int(i) for i in ds.take_batch(100, batch_format="numpy")["sample_id"]) for k, ds in datasets.items()}
+    assert set(ids) == {"train", "validation"} and 4 <= len(ids["validation"]) <= 12
+    assert not set(ids["train"]) & set(ids["validation"]) and sorted(ids["train"] + ids["validation"]) == list(range(32))
+
+    runs = [run_training(cfg), run_training(small_cfg(tmp_path, "val-b", *common))]
+    vals = [[(e["step"], e["val_loss"]) for e in json.loads("[" + ",".join(
+        (Path(r.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()) + "]") if "val_loss" in e] for r in runs]
+    assert [s for s, _ in vals[0]] == [2, 4]  # at every validation step and the last one
+    for (_, x), (_, y) in zip(*vals):  # same data, seed and weights: the same value
+        assert abs(x - y) < 1e-6 and 0 < x < 10
+    assert runs[0].metrics["val_loss"] == vals[0][-1][1] and "val_loss=" in runs[0].summary_line()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
-    ("zero3", ["strategy.zero_stage=3", "train.validate_every=4"]),
+    ("zero3", ["strategy.zero_stage=3", "train.validate_every=4", "data.validation_fraction=0.2"]),
     ("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"]),
     ("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"]),
     ("ddp-te-vpred", ["strategy.name=ddp", "lora.train_text_encoder=true", "model.prediction_type=v_prediction",

@@ -127,3 +127,17 @@ def test_tokenize_captions_pads_and_truncates(tmp_path):
 def test_data_package_does_not_import_ray():
     code = "import sys, diffray.data; sys.exit('ray' in sys.modules or 'torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_held_out_rows_are_a_stable_hash_of_the_sample_id():
+    from diffray.data.pipeline import held_out_mask, keep_rows
+
+    ids = np.arange(10_000)
+    mask = held_out_mask(ids, 0.1)
+    assert 0.09 < mask.mean() < 0.11
+    np.testing.assert_array_equal(held_out_mask(ids[::-1], 0.1), mask[::-1])  # per id, not per position
+    assert not held_out_mask(ids, 0.0).any() and held_out_mask(ids, 0.2)[mask].all()  # nested as it grows
+    batch = {"sample_id": ids[:100], "x": ids[:100] * 2}
+    held, kept = keep_rows(batch, 0.1, True), keep_rows(batch, 0.1, False)
+    assert sorted(held["sample_id"].tolist() + kept["sample_id"].tolist()) == list(range(100))
+    np.testing.assert_array_equal(held["x"], held["sample_id"] * 2)

@@ -128,6 +128,21 @@ def load_tokenizer(tokenizer_path: str):
     return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
 
 
+def held_out_mask(sample_ids, fraction: float) -> np.ndarray:
+    """Bool per row: held out for validation. A hash of the sample id, so the same rows are held out
+    whichever batch, shard or format they come from, and about `fraction` of them."""
+    ids = np.asarray(sample_ids, dtype=np.uint64)
+    h = (ids * np.uint64(2654435761) + np.uint64(40503)) % np.uint64(2**32)
+    return h.astype(np.float64) / 2**32 < fraction
+
+
+def keep_rows(batch: dict, fraction: float, held_out: bool) -> dict:
+    """map_batches: the held-out rows (`held_out`) or the others."""
+    mask = held_out_mask(batch["sample_id"], fraction)
+    keep = mask if held_out else ~mask
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def bucket_sizes(data) -> list[tuple[int, int]] | None:
     """The aspect-ratio buckets of a `data` config section, or None when `data.aspect_buckets` is off."""
     if not data.aspect_buckets:

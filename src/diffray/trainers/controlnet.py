@@ -159,6 +159,13 @@ class ControlNetTask:
     def after_optimizer_step(self) -> None:
         pass
 
+    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
+        extra = {"controlnet_cond": batch["conditioning_pixel_values"].to(self.env.device),
+                 "conditioning_scale": self.cfg.controlnet.conditioning_scale}
+        return denoising_losses(engine, self.comps, batch, session.VALIDATION_STEP, self.cfg, self.env,
+                                self.prediction_type, False, self.empty, forward_kwargs=extra,
+                                caption_dropout=0.0).mean()
+
     def validation_grid(self, step: int):
         from diffray.images import make_grid
 

@@ -37,6 +37,10 @@ class Task(Protocol):
     # Optional: `counters` with `take() -> dict[str, int]` (e.g. session.EncoderCalls): per-step counts
     # added to the step's metrics.
 
+    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
+        """Mean loss of a held-out micro-batch at fixed noise/timesteps (step key session.VALIDATION_STEP),
+        no dropout (called under no_grad, module in eval mode)."""
+
     def validation_grid(self, step: int):
         """A PIL grid of validation images from the current weights (called on every rank under ZeRO-3)."""
 
@@ -48,6 +52,7 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
     """The body of every method's `train_loop_per_worker(config)`."""
     cfg = cfg_cls.model_validate(config["cfg"])
     model_path, log_dir, status = config["model_path"], config["log_dir"], config.get("status_actor")
+    has_validation = config.get("has_validation", False)
     env = session.worker_env(cfg.train.mixed_precision, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker)
     t, gas = cfg.train, cfg.train.grad_accum_steps
 
@@ -92,6 +97,10 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
         metrics = {"step": step, "loss": step_loss, "lr": engine.lr, "grad_norm": engine.last_grad_norm or 0.0,
                    "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed,
                    **(counters.take() if counters is not None else {})}
+        if has_validation and (do_validate or step == t.max_steps):
+            metrics["val_loss"] = validation_loss(task, engine, cfg)
+            state = {**state, "val_loss": metrics["val_loss"], "val_loss_step": step}
+            do_log = True
         if do_log:
             logger.step(step, metrics)
         # Under ZeRO-3 every forward all-gathers partitioned weights, so every rank renders (same seeds,
@@ -122,6 +131,22 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
     logger.close()
     if dist.is_initialized():
         dist.barrier()
+
+
+def validation_loss(task: Task, engine, cfg) -> float:
+    """Mean loss of every held-out row at fixed noise and timesteps (keyed by sample id and
+    session.VALIDATION_STEP), without dropout. Every rank computes all rows (same forwards on every
+    rank, as ZeRO-3 needs), so every rank has the same value."""
+    was_training = task.module.training
+    task.module.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in session.validation_batches(cfg):
+            n = len(batch["sample_id"])
+            total += float(task.validation_loss(engine, batch)) * n
+            count += n
+    task.module.train(was_training)
+    return total / max(count, 1)
 
 
 def render_prompts(comps, unet: torch.nn.Module, text_encoder: torch.nn.Module, prompts: list[str], steps: int,

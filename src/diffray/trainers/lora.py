@@ -67,7 +67,7 @@ def empty_prompt(comps, device) -> dict[str, torch.Tensor]:
 
 def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEnv, prediction_type: str,
                      text_encoder_in_engine: bool, empty: dict[str, torch.Tensor] | None = None,
-                     forward_kwargs: dict | None = None) -> torch.Tensor:
+                     forward_kwargs: dict | None = None, caption_dropout: float | None = None) -> torch.Tensor:
     """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values | latent_mean+latent_std,
     input_ids[, prompt_embeds]}.
 
@@ -77,11 +77,13 @@ def denoising_losses(engine, comps, batch, step: int, cfg, env: session.WorkerEn
     module runs the text encoder itself (it trains); otherwise prompts are encoded here without grad.
     `empty`: the empty caption (see `empty_prompt`), computed here when dropout needs it and it is None.
     `forward_kwargs`: extra inputs of the engine's module (e.g. the ControlNet's control images).
+    `caption_dropout`: overrides `data.caption_dropout` (0 for validation losses).
     """
     ids = [int(i) for i in batch["sample_id"]]
     n = noise_latents(comps.vae, comps.noise_scheduler, batch, env.device, env.dtype, step, cfg.run.seed,
                       cfg.train.noise_offset)
-    drop = caption_dropout_mask(ids, step, cfg.run.seed, cfg.data.caption_dropout).to(env.device)
+    p = cfg.data.caption_dropout if caption_dropout is None else caption_dropout
+    drop = caption_dropout_mask(ids, step, cfg.run.seed, p).to(env.device)
     if drop.any() and empty is None:
         empty = empty_prompt(comps, env.device)
     input_ids = batch["input_ids"].to(env.device)
@@ -135,6 +137,10 @@ class LoraTask:
 
     def after_optimizer_step(self) -> None:
         pass
+
+    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
+        return denoising_losses(engine, self.comps, batch, session.VALIDATION_STEP, self.cfg, self.env,
+                                self.prediction_type, self.trains_text_encoder, self.empty, caption_dropout=0.0).mean()
 
     def validation_grid(self, step: int):
         return render_validation(self.comps, self.module, self.cfg.train.validation_prompts,

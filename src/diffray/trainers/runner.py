@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from diffray.errors import ConfigError, DatasetError, DiffrayError, TrainingError
 from diffray.models.adapters import read_card, write_card
-from diffray.trainers.session import ARTIFACT_DIR
+from diffray.trainers.session import ARTIFACT_DIR, VALIDATION
 
 # method -> "module:function" of its per-worker loop (imported lazily: workers import it themselves)
 TRAIN_LOOPS = {
@@ -73,8 +73,9 @@ class RunResult:
     metrics: dict[str, Any]
 
     def summary_line(self) -> str:
+        val = f" val_loss={self.metrics['val_loss']:.4f}" if "val_loss" in self.metrics else ""
         return (f"done: steps={self.steps} loss first10={self.loss_first_mean:.4f} "
-                f"last10={self.loss_last_mean:.4f} artifact={self.artifact_dir} wall={self.wall_time_s:.1f}s")
+                f"last10={self.loss_last_mean:.4f}{val} artifact={self.artifact_dir} wall={self.wall_time_s:.1f}s")
 
 
 def storage_root(storage_path: str) -> str:
@@ -149,12 +150,33 @@ def dataset_sources(cfg, model_path: str) -> dict[str, DataSource]:
 
 def build_datasets(cfg, model_path: str, report_dir: str | None = None) -> dict[str, Any]:
     """{name: training dataset} for the method; quarantine reports go to report_dir (the first
-    dataset's) or report_dir/<name>."""
+    dataset's) or report_dir/<name>. With `data.validation_fraction` the first dataset's held-out rows
+    become the `validation` dataset (every worker reads all of it)."""
     out = {}
     for i, (name, src) in enumerate(dataset_sources(cfg, model_path).items()):
         reports = report_dir if report_dir is None or i == 0 else f"{report_dir}/{name}"
         out[name] = build_dataset(cfg, model_path, reports, src.path, src.prompt, src.id_offset)
+        if i == 0 and cfg.data.validation_fraction > 0:
+            out[name], out[VALIDATION] = split_validation(out[name], cfg, src.path)
     return out
+
+
+def split_validation(ds, cfg, path: str):
+    """(training rows, held-out rows) of a built dataset; DatasetError when either side is too small."""
+    from diffray.data.pipeline import keep_rows
+
+    f = cfg.data.validation_fraction
+    train, held = (ds.map_batches(keep_rows, fn_kwargs={"fraction": f, "held_out": side}, batch_format="numpy")
+                   for side in (False, True))
+    if cfg.data.materialize:
+        train, held = train.materialize(), held.materialize()
+    n_train, n_held = train.count(), held.count()
+    need = cfg.scaling.num_workers * cfg.train.micro_batch_size
+    if n_held == 0 or n_train < need:
+        raise DatasetError(f"{path}: data.validation_fraction={f:g} holds out {n_held} rows and leaves {n_train} "
+                           f"for training (need >= 1 and >= {need}); change the fraction or add data")
+    print(f"data {path}: {n_held} rows held out for val_loss, {n_train} train", file=sys.stderr, flush=True)
+    return train, held
 
 
 def prepare_data(cfg) -> dict[str, str]:
@@ -187,11 +209,14 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
     return TorchTrainer(
         resolve_loop(cfg.method),
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "log_dir": log_dir,
-                           "status_actor": status, "progress_bar": cfg.train.progress_bar and sys.stdout.isatty()},
+                           "status_actor": status, "progress_bar": cfg.train.progress_bar and sys.stdout.isatty(),
+                           "has_validation": VALIDATION in datasets},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
         datasets=datasets,
+        # The validation rows are not split: every worker computes the same val_loss over all of them.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[n for n in datasets if n != VALIDATION]),
     )
 
 

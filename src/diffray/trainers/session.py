@@ -27,6 +27,8 @@ from diffray.config import FaultsSection, TrainSection
 from diffray.errors import DatasetError
 
 STATE_FILE = "trainer_state.json"
+VALIDATION = "validation"  # the held-out dataset (data.validation_fraction), read whole by every worker
+VALIDATION_STEP = 0  # the noise key of validation losses; training steps are 1, 2, ... so never collide
 ARTIFACT_DIR = "artifact"
 LOSS_WINDOW = 10
 
@@ -129,6 +131,18 @@ def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: in
         epoch += 1
 
 
+def validation_batches(cfg) -> list[dict[str, torch.Tensor]]:
+    """Every held-out row, in micro-batches (with aspect buckets: one shape per batch, partial ones too)."""
+    shard = ray.train.get_dataset_shard(VALIDATION)
+    mb = cfg.train.micro_batch_size
+    if not cfg.data.aspect_buckets:
+        return list(shard.iter_torch_batches(batch_size=mb))
+    buffers: dict = {}
+    full = list(group_by_shape(shard.iter_batches(batch_size=mb, batch_format="numpy"), mb, buffers))
+    partial = [{k: np.stack([r[k] for r in rows]) for k in rows[0]} for rows in buffers.values()]
+    return [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in full + partial]
+
+
 def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """`batch_stream` over this worker's shard of dataset `name`, shuffled as `data.shuffle_buffer` says
     (seeded by run seed, dataset name and rank), grouped by bucket with `data.aspect_buckets`."""
@@ -167,8 +181,11 @@ def advance_state(state: dict[str, Any], step: int, loss: float, step_time: floa
 def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
     """Metrics attached to a checkpoint (what the driver's Result.metrics shows)."""
     first, recent = state["first_losses"], state["recent_losses"]
-    return {"step": state["step"], "loss": recent[-1],
-            "loss_first_mean": sum(first) / len(first), "loss_last_mean": sum(recent) / len(recent)}
+    out = {"step": state["step"], "loss": recent[-1],
+           "loss_first_mean": sum(first) / len(first), "loss_last_mean": sum(recent) / len(recent)}
+    if "val_loss" in state:
+        out["val_loss"], out["val_loss_step"] = state["val_loss"], state["val_loss_step"]
+    return out
 
 
 def card(cfg, model_path: str, state: dict[str, Any]) -> dict[str, Any]:

@@ -139,6 +139,10 @@ class TextualInversionTask:
     def after_optimizer_step(self) -> None:
         self.guard.restore()
 
+    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
+        return compute_loss(engine, self.comps, batch, session.VALIDATION_STEP, self.cfg, self.env,
+                            self.prediction_type)
+
     def validation_grid(self, step: int):
         return render_validation(self.comps, self.module, self.cfg.train.validation_prompts,
                                  self.cfg.train.validation_inference_steps, self.cfg.run.seed, self.env.device)
