@@ -63,6 +63,17 @@ def test_readme_commands_end_to_end(tmp_path):
     folder = Path(prepared.stdout.strip().splitlines()[-1].split("latent cache ")[1])
     assert json.loads((folder / "cache.json").read_text())["rows"] == 32
 
+    # ControlNet pairs as a Ray Data job, then controlled generation with the model's own ControlNet.
+    paired = run(["data", "condition", "--type", "canny", str(data / "train"), str(tmp_path / "pairs")], env=env)
+    assert paired.returncode == 0, paired.stderr[-2000:]
+    assert paired.stdout.strip().endswith(f"wrote 32 pairs to {tmp_path / 'pairs'} (0 quarantined)")
+    control = tmp_path / "pairs" / "conditioning" / "00000000.png"
+    cn = run(["generate", "--controlnet", str(model / "controlnet"), "--control-image", str(control), "-p", "a circle",
+              "--model", str(model), "--steps", "2", "--compare-base", "--out", str(tmp_path / "cn.png")])
+    assert cn.returncode == 0 and (tmp_path / "cn.png").is_file(), cn.stderr[-2000:]
+    mismatch = run(["generate", "--control-image", str(control), "-p", "x", "--model", str(model)])
+    assert mismatch.returncode == 2 and mismatch.stderr.strip() == "diffray: error: --control-image needs --controlnet"
+
     bad = run(["generate", "--adapter", str(tmp_path), "-p", "x", "--model", str(model)])
     assert bad.returncode == 1 and bad.stderr.strip().endswith("(is this a LoRA adapter dir?)")
     assert "Traceback" not in bad.stderr
