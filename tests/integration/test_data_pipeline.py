@@ -85,9 +85,11 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
 
     write_parquet(root, tmp_path / "shards")
     d = cfg.data.model_copy(update={"image_column": "jpg", "caption_column": "caption"})
-    got = sorted_batch(prepare_training_dataset(str(tmp_path / "shards"), tiny_model_path, d, 3)[0])
-    for key in ("sample_id", "pixel_values", "input_ids"):
-        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # The same shards by path and by a pyarrow URI (s3://... on a cluster; file:// here).
+    for source in (str(tmp_path / "shards"), f"file://{tmp_path / 'shards'}"):
+        got = sorted_batch(prepare_training_dataset(source, tiny_model_path, d, 3)[0])
+        for key in ("sample_id", "pixel_values", "input_ids"):
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{source}: {key}")
 
     # What HF `datasets` writes for an Image feature: a struct {bytes, path} column named "image".
     hf = datasets.Dataset.from_dict({"image": [str(root / r["file_name"]) for r in rows],
