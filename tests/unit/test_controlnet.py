@@ -91,6 +91,7 @@ def test_controlnet_at_init_leaves_the_unet_output_unchanged(tiny_model_path):
     latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
     hidden = torch.randn(2, 77, comps.text_encoder.config.hidden_size, generator=g)
     controls = [torch.rand(2, 3, 64, 64, generator=g), torch.zeros(2, 3, 64, 64)]
+    torch.manual_seed(0)  # the control-image encoder's (non-zero) layers are drawn from the global RNG
     model = ControlledUNet(build_controlnet(ControlNetTrainConfig(), comps.unet), comps.unet).eval()
     with torch.no_grad():
         plain = comps.unet(latents, t, encoder_hidden_states=hidden).sample
@@ -102,9 +103,11 @@ def test_controlnet_at_init_leaves_the_unet_output_unchanged(tiny_model_path):
         for m in (cn.controlnet_cond_embedding.conv_out, cn.controlnet_down_blocks, cn.controlnet_mid_block):
             for p in m.parameters():
                 assert not p.any()
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
         a, b = (model(latents, t, hidden, cond) for cond in controls)
-    assert (a - b).abs().max() > 1e-4 and (a - plain).abs().max() > 1e-4
+    # Exactly equal before; now the control image changes the output (no float noise: same inputs,
+    # same result).
+    assert (a - b).abs().max() > 1e-4 and (a - plain).abs().max() > 1e-2
 
 
 def png(img: Image.Image) -> bytes:
