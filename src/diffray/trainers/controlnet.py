@@ -60,6 +60,7 @@ def build_controlnet(cfg: ControlNetTrainConfig, unet) -> torch.nn.Module:
 
     if cfg.controlnet.init_from:
         return load_controlnet(cfg.controlnet.init_from)
+    torch.manual_seed(cfg.run.seed)  # the control-image encoder's non-zero layers: same on every rank and run
     return ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=tuple(cfg.controlnet.conditioning_embedding_out_channels))
 
