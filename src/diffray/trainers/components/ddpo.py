@@ -1,0 +1,270 @@
+"""DDPO (Black et al., 2023, "Training Diffusion Models with Reinforcement Learning"): stochastic DDIM
+trajectories with the log-probability of every denoising step, and the PPO pieces that train on them.
+
+Sampling with eta > 0 makes each DDIM step a Gaussian policy x_{t-1} ~ N(mean_theta(x_t, t), sigma_t^2),
+so the UNet's per-step log-probabilities give a policy gradient. The PPO update recomputes a stored
+step's log-probability with `transition_log_prob` and must get exactly what sampling recorded when the
+weights have not changed (ratio 1): both go through `guided_noise_pred` and `ddim_step_with_logprob`.
+
+Log-probabilities are the MEAN over all non-batch dims of the per-element Gaussian log-density (as the
+reference implementation, kvablack/ddpo-pytorch, and trl's DDPOTrainer do), not the sum: the sum is the
+true log-density of the step but scales with the latent size, and DDPO's tiny clip range (1e-4) is tuned
+for ratios exp(mean difference). Randomness comes only from the caller's `torch.Generator`, drawn on the
+generator's device and moved, so a seed gives the same trajectory on any device. Never imports ray or
+deepspeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled denoising chains.
+
+    latents: [B, T+1, C, H, W] the states x_T (initial noise), ..., x_0 (final latents), fp32.
+    timesteps: [T] the scheduler timestep of each step (the same for every sample).
+    log_probs: [B, T] log-probability of step j's transition latents[:, j] -> latents[:, j+1].
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+
+    @property
+    def states(self) -> torch.Tensor:
+        """[B, T, C, H, W]: the input x_t of every step."""
+        return self.latents[:, :-1]
+
+    @property
+    def next_latents(self) -> torch.Tensor:
+        """[B, T, C, H, W]: the output x_{t-1} of every step."""
+        return self.latents[:, 1:]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """[B, C, H, W]: x_0, to decode with the VAE."""
+        return self.latents[:, -1]
+
+
+def ddim_scheduler(scheduler):
+    """A `DDIMScheduler` with the noise schedule of `scheduler` (e.g. a model's training DDPMScheduler)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[N] (N = 1 or B) -> [N, 1, ..., 1] fp32 on `like`'s device, broadcastable against `like`."""
+    return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float,
+                           prev_sample: torch.Tensor | None = None,
+                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} (DDIM paper eqs. 12 and 16, as `DDIMScheduler.step`) and its log-probability.
+
+    The math runs in fp32. With `prev_sample` None the step samples x_{t-1} = mean + sigma_t * noise, the
+    noise drawn from `generator` (the same draw as `DDIMScheduler.step(..., eta, variance_noise=noise)`);
+    with `prev_sample` given it only scores that sample (the PPO update).
+
+    Args:
+        scheduler: a `DDIMScheduler` after `set_timesteps` (its step size is used).
+        model_output: the UNet's (guided) prediction [B, ...] of the scheduler's `prediction_type`.
+        timestep: an int / 0-d tensor, or a [B] tensor (one timestep per sample).
+        sample: x_t [B, ...].
+        eta: DDIM noise weight, > 0 (1 = DDPM's posterior variance).
+        prev_sample: x_{t-1} to score instead of sampling one.
+        generator: randomness for the sampled x_{t-1}; not allowed with `prev_sample`.
+
+    Returns:
+        (x_{t-1} fp32 [B, ...], log_prob fp32 [B]: the mean over non-batch dims of log N(x_{t-1}; mean, sigma_t^2)).
+        The log-probability carries gradients to `model_output`; x_{t-1} is treated as a constant.
+
+    Raises:
+        ValueError: eta <= 0, `set_timesteps` not called, both `prev_sample` and `generator`, or a step with
+            zero variance (a scheduler with `set_alpha_to_one=True` has one at the last step).
+    """
+    if eta <= 0:
+        raise ValueError(f"eta must be > 0 for a stochastic policy with a log-probability, got {eta}")
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(steps) before ddim_step_with_logprob")
+    if prev_sample is not None and generator is not None:
+        raise ValueError("pass either prev_sample (to score it) or generator (to sample one), not both")
+    t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    alpha_t = alphas[t]
+    alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.as_tensor(scheduler.final_alpha_cumprod,
+                                                                                      dtype=torch.float32))
+    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    if (std <= 0).any():
+        raise ValueError(f"DDIM step at timestep(s) {t[std <= 0].tolist()} has zero variance (no log-probability); "
+                         "use a scheduler with set_alpha_to_one=False")
+    x, eps_or_v = sample.float(), model_output.float()
+    alpha_t, alpha_prev, std = (_per_sample(v, x) for v in (alpha_t, alpha_prev, std))
+    x0, eps = _predict_x0_and_eps(scheduler, eps_or_v, x, alpha_t)
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device)
+        prev_sample = mean + std * noise.to(x.device)
+    prev_sample = prev_sample.detach().float()
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def _predict_x0_and_eps(scheduler, model_output: torch.Tensor, x: torch.Tensor,
+                        alpha_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted x_0, predicted noise) from the model output, clipped/thresholded as the scheduler says."""
+    kind, beta_t = scheduler.config.prediction_type, 1 - alpha_t
+    if kind == "epsilon":
+        x0, eps = (x - beta_t.sqrt() * model_output) / alpha_t.sqrt(), model_output
+    elif kind == "sample":
+        x0 = model_output
+        eps = (x - alpha_t.sqrt() * x0) / beta_t.sqrt()
+    elif kind == "v_prediction":
+        x0 = alpha_t.sqrt() * x - beta_t.sqrt() * model_output
+        eps = alpha_t.sqrt() * model_output + beta_t.sqrt() * x
+    else:
+        raise ValueError(f"unknown prediction_type {kind!r} (allowed: epsilon, sample, v_prediction)")
+    if scheduler.config.thresholding:
+        x0 = scheduler._threshold_sample(x0)
+    elif scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return x0, eps
+
+
+def guided_noise_pred(unet, latents: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
+                      negative_embeds: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """The UNet prediction at (latents, timestep), with classifier-free guidance when `negative_embeds`
+    is given and `guidance` > 1 (one batched forward of [negative; prompt], as diffusers pipelines do).
+
+    Args:
+        latents: x_t [B, C, H, W] (cast to the UNet's dtype for the forward).
+        timestep: int / 0-d tensor or [B] (one per sample).
+        prompt_embeds: text-encoder states [B, L, D].
+        negative_embeds: [B or 1, L, D] states of the negative / empty prompt, or None (no guidance).
+        guidance: the guidance scale w: uncond + w * (cond - uncond).
+
+    Returns:
+        fp32 [B, C, H, W].
+    """
+    b = latents.shape[0]
+    t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(b)
+    x = latents.to(unet.dtype)  # DDIM's scale_model_input is the identity, so it is not called
+    if negative_embeds is None or guidance <= 1.0:
+        return unet(x, t, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
+    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(unet.dtype)
+    uncond, cond = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=embeds).sample.float().chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                      steps: int, guidance: float, eta: float, generator: torch.Generator,
+                      latents_shape: Sequence[int] | None = None) -> Trajectory:
+    """Sample a batch of DDIM chains from pure noise, recording every state and step log-probability.
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (any dtype; the chain is kept in fp32).
+        scheduler: a `DDIMScheduler` (see `ddim_scheduler`); `set_timesteps(steps)` is called on it.
+        prompt_embeds: [B, L, D]; B is the batch size and its device the sampling device.
+        negative_embeds: [B or 1, L, D] for classifier-free guidance, or None.
+        steps: number of denoising steps T.
+        guidance: classifier-free guidance scale (ignored without `negative_embeds` or when <= 1).
+        eta: DDIM noise weight, > 0.
+        generator: the only source of randomness (initial noise, then each step's noise).
+        latents_shape: the shape (C, H, W) of ONE latent; default (in_channels, sample_size, sample_size).
+
+    Returns:
+        A `Trajectory`: latents [B, T+1, C, H, W], timesteps [T], log_probs [B, T].
+    """
+    if latents_shape is None:
+        size = unet.config.sample_size
+        latents_shape = (unet.config.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
+    device = prompt_embeds.device
+    scheduler.set_timesteps(steps, device=device)
+    shape = (prompt_embeds.shape[0], *latents_shape)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
+    latents = noise.to(device) * scheduler.init_noise_sigma
+    states, log_probs = [latents], []
+    for t in scheduler.timesteps:
+        pred = guided_noise_pred(unet, latents, t, prompt_embeds, negative_embeds, guidance)
+        latents, log_prob = ddim_step_with_logprob(scheduler, pred, t, latents, eta, generator=generator)
+        states.append(latents)
+        log_probs.append(log_prob)
+    return Trajectory(torch.stack(states, dim=1), scheduler.timesteps.clone(), torch.stack(log_probs, dim=1))
+
+
+def transition_log_prob(unet, scheduler, latents: torch.Tensor, next_latents: torch.Tensor, timestep,
+                        prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance: float,
+                        eta: float) -> torch.Tensor:
+    """Log-probability [B] (with gradients to the UNet) of stored transitions latents -> next_latents under
+    the UNet's current weights: the PPO update's new log-probability. `timestep` may differ per sample
+    ([B]); `scheduler` must have had `set_timesteps` with the sampling step count."""
+    pred = guided_noise_pred(unet, latents, timestep, prompt_embeds, negative_embeds, guidance)
+    return ddim_step_with_logprob(scheduler, pred, timestep, latents, eta, prev_sample=next_latents)[1]
+
+
+class PerPromptStatTracker:
+    """Reward -> advantage normalisation per prompt (DDPO): each prompt keeps its last `buffer_size`
+    rewards; a reward's advantage is (r - mean) / (std + 1e-6) over its prompt's buffer, or over the
+    current batch while the prompt has fewer than `min_count` rewards buffered."""
+
+    def __init__(self, buffer_size: int | None, min_count: int):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+        """Add a batch of (prompt, reward) and return the advantages [B] float32 (same order)."""
+        rewards = np.asarray(rewards, dtype=np.float64)
+        prompts = np.asarray(prompts, dtype=object)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # first-seen order; numpy's unique would sort
+            mask = prompts == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            ref = np.asarray(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[mask] = (rewards[mask] - ref.mean()) / (ref.std() + 1e-6)
+        return advantages.astype(np.float32)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """{prompt: {mean, std, count}} of the buffers (for logging)."""
+        return {p: {"mean": float(np.mean(b)), "std": float(np.std(b)), "count": len(b)}
+                for p, b in self.buffers.items()}
+
+
+def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                        clip_range: float, adv_clip_max: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss for one denoising step of a batch (as DDPO's train loop).
+
+    Args:
+        log_prob: [B] under the current weights (with gradients).
+        old_log_prob: [B] recorded at sampling time.
+        advantages: [B], first clamped to [-adv_clip_max, adv_clip_max].
+        clip_range: ratio clip epsilon (DDPO: 1e-4).
+
+    Returns:
+        (loss = mean(max(-A * r, -A * clip(r, 1-eps, 1+eps))), approx_kl = 0.5 * mean((log_prob - old)^2),
+        clip_fraction = mean(|r - 1| > eps)); the last two detached. r = exp(log_prob - old_log_prob).
+    """
+    adv = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    diff = log_prob - old_log_prob
+    ratio = torch.exp(diff)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * (diff.detach() ** 2).mean()
+    clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl, clip_fraction
