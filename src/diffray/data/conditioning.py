@@ -18,21 +18,15 @@ import numpy as np
 from PIL import Image
 
 from diffray.errors import ConfigError, DatasetError
+from diffray.registry import Registry
 
 Preprocessor = Callable[[Image.Image], Image.Image]
-PREPROCESSORS: dict[str, Callable[..., Preprocessor]] = {}
+PREPROCESSORS = Registry("conditioning type", field="type")  # name -> factory(**options)
 CONDITIONING_DIR = "conditioning"
 IMAGES_DIR = "images"
 
 
-def register(name: str):
-    """Decorator: register a preprocessor factory `factory(**options) -> Preprocessor` under `name`."""
-
-    def wrap(factory):
-        PREPROCESSORS[name] = factory
-        return factory
-
-    return wrap
+register = PREPROCESSORS.register
 
 
 def make_preprocessor(kind: str, **options: Any) -> Preprocessor:
@@ -41,13 +35,7 @@ def make_preprocessor(kind: str, **options: Any) -> Preprocessor:
     Raises:
         ConfigError: an unknown kind (naming the known ones) or an option it does not take.
     """
-    if kind not in PREPROCESSORS:
-        raise ConfigError(f"unknown conditioning type {kind!r} (allowed: {', '.join(sorted(PREPROCESSORS))})",
-                          field="type")
-    try:
-        return PREPROCESSORS[kind](**options)
-    except TypeError as exc:
-        raise ConfigError(f"{kind}: {exc}", field="type") from None
+    return PREPROCESSORS.build(kind, **options)
 
 
 @register("canny")

@@ -24,20 +24,14 @@ import torch
 from PIL import Image
 
 from diffray.errors import ConfigError, ModelError
+from diffray.registry import Registry
 
 RewardFn = Callable[[Any, Sequence[str], Sequence[dict] | None], np.ndarray]
-REWARDS: dict[str, Callable[..., RewardFn]] = {}
+REWARDS = Registry("reward", field="reward")  # name -> factory(**options) -> RewardFn
 JPEG_QUALITY = 95  # DDPO's setting
 
 
-def register(name: str):
-    """Decorator: register a reward factory `factory(**options) -> RewardFn` under `name`."""
-
-    def wrap(factory):
-        REWARDS[name] = factory
-        return factory
-
-    return wrap
+register = REWARDS.register
 
 
 def get_reward(name: str, **options: Any) -> RewardFn:
@@ -47,12 +41,7 @@ def get_reward(name: str, **options: Any) -> RewardFn:
         ConfigError: an unknown name (listing the known ones), an option it does not take, or a model
             path that does not exist (naming the option).
     """
-    if name not in REWARDS:
-        raise ConfigError(f"unknown reward {name!r} (allowed: {', '.join(sorted(REWARDS))})", field="reward")
-    try:
-        return REWARDS[name](**options)
-    except TypeError as exc:
-        raise ConfigError(f"{name}: {exc}", field="reward") from None
+    return REWARDS.build(name, **options)
 
 
 def to_pil_images(images) -> list[Image.Image]:
