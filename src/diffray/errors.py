@@ -37,3 +37,28 @@ class TrainingError(DiffrayError):
 
 class AdapterError(DiffrayError):
     """An adapter artifact is missing, malformed or does not match the base model."""
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter with this id in the adapter registry. `adapter_id` is the id asked for."""
+
+    def __init__(self, adapter_id: str, where: str = ""):
+        self.adapter_id = adapter_id
+        self.where = where
+        super().__init__(f"unknown adapter {adapter_id!r}" + (f" (not in {where})" if where else ""))
+
+    def __reduce__(self):  # keep the fields when Ray pickles the error across processes
+        return (type(self), (self.adapter_id, self.where))
+
+
+class RequestError(DiffrayError):
+    """A serving request is invalid: the API answers `status` with a JSON error naming `param`."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error"):
+        self.param, self.status, self.kind = param, status, kind
+        super().__init__(f"{param}: {message}" if param else message)
+        self.message = message
+
+    def __reduce__(self):  # keep the fields when Ray pickles the error across processes
+        return (type(self), (self.message, self.param, self.status, self.kind))

@@ -1,0 +1,205 @@
+"""Serving overheads on the tiny model, side by side in one run:
+
+1. latency p50/p99 of a direct pipeline call (the same `ImageEngine.run` a replica does: pipeline +
+   PNG encoding) vs the same request through Serve over HTTP (proxy -> Ingress -> Generator), one at a
+   time, rounds interleaved; steps chosen so one generation takes >= 50 ms;
+2. throughput at concurrency 8 with dynamic batching on vs off (two apps, one Generator replica each,
+   rounds interleaved);
+3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline.
+
+    .venv/bin/python benchmarks/serve.py            # --requests 60 --rounds 3 --steps 10
+
+Prints a table with the ratios and writes benchmarks/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def post(url: str, body: dict) -> float:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+        assert r.status == 200
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def app_args(reg: str, steps: int, threads: int, batching: bool) -> dict:
+    return {"model": "builtin:tiny", "adapters_dir": reg, "default_steps": steps,
+            "generator": {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 8,
+                          "max_queued_requests": -1},
+            "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+            "ingress": {"num_cpus": 0.25}}
+
+
+def throughput(url: str, body: dict, concurrency: int, total: int) -> float:
+    """Requests per second with `concurrency` clients sending `total` requests in all."""
+    counter, lock = [0], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if counter[0] >= total:
+                    return
+                counter[0] += 1
+                seed = counter[0]
+            post(url, {**body, "seed": seed})
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return total / (time.perf_counter() - t0)
+
+
+def adapter_switch(engine, job_cls, steps: int, repeats: int) -> dict:
+    """Median seconds: switching between two resident LoRAs, one generation, reloading the pipeline."""
+    from diffray.models.loading import load_pipeline
+
+    engine.acquire(["lora-a"])
+    engine.acquire(["lora-b"])
+    switch = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        engine.activate(((("lora-a", "lora-b")[i % 2], 1.0),))
+        switch.append(time.perf_counter() - t0)
+    job = job_cls(prompt="a red circle", n=1, width=64, height=64, steps=steps, guidance=7.5, seed=0,
+                  adapters=(("lora-a", 1.0),))
+    gen = []
+    for _ in range(max(5, repeats // 4)):
+        t0 = time.perf_counter()
+        engine.run([job])
+        gen.append(time.perf_counter() - t0)
+    reload = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        load_pipeline(engine.model_path)
+        reload.append(time.perf_counter() - t0)
+    return {"switch": statistics.median(switch), "generation": statistics.median(gen),
+            "reload_pipeline": statistics.median(reload)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=60, help="sequential requests per variant per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="sampler steps (a generation should take >= 50 ms)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, driver and replicas alike")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--throughput-requests", type=int, default=48)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.json"))
+    args = ap.parse_args()
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ray
+    import torch
+    from ray import serve
+
+    from diffray.models.loading import resolve_model_path
+    from diffray.serve.app import build_app
+    from diffray.serve.config import parse_args
+    from diffray.serve.demo_adapters import random_lora
+    from diffray.serve.engine import ImageEngine
+    from diffray.serve.schemas import Job
+
+    torch.set_num_threads(args.threads)
+    model = resolve_model_path("builtin:tiny")
+    reg = tempfile.mkdtemp(prefix="diffray-bench-adapters-")
+    random_lora(model, Path(reg) / "lora-a", seed=1)
+    random_lora(model, Path(reg) / "lora-b", seed=2)
+
+    engine = ImageEngine(parse_args({"model": model, "adapters_dir": reg}), device="cpu")
+    body = {"prompt": "a red circle", "steps": args.steps, "seed": 0}
+    job = Job(prompt=body["prompt"], n=1, width=64, height=64, steps=args.steps, guidance=7.5, seed=0)
+    for _ in range(3):
+        engine.run([job])  # warm-up
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
+    serve.run(build_app(app_args(reg, args.steps, args.threads, True)), name="on", route_prefix="/on")
+    serve.run(build_app(app_args(reg, args.steps, args.threads, False)), name="off", route_prefix="/off")
+    base = f"http://127.0.0.1:{port}"
+    for prefix in ("/on", "/off"):
+        for _ in range(3):
+            post(f"{base}{prefix}/v1/generate", body)
+
+    direct, served, tput = [], [], {"on": [], "off": []}
+    for r in range(args.rounds):
+        for _ in range(args.requests):
+            t0 = time.perf_counter()
+            engine.run([job])
+            direct.append(time.perf_counter() - t0)
+        served += [post(f"{base}/off/v1/generate", body) for _ in range(args.requests)]
+        for variant in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            tput[variant].append(throughput(f"{base}/{variant}/v1/generate", body, args.concurrency,
+                                            args.throughput_requests))
+        print(f"round {r + 1}/{args.rounds}: direct p50 {pct(direct, 50) * 1e3:.1f} ms, serve p50 "
+              f"{pct(served, 50) * 1e3:.1f} ms, batching on {tput['on'][-1]:.1f} rps, off {tput['off'][-1]:.1f} rps",
+              flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    switch = adapter_switch(engine, Job, args.steps, 40)
+
+    res = {
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}",
+        "date": time.strftime("%Y-%m-%d"), "settings": vars(args),
+        "latency_ms": {"direct_p50": pct(direct, 50) * 1e3, "direct_p99": pct(direct, 99) * 1e3,
+                       "serve_p50": pct(served, 50) * 1e3, "serve_p99": pct(served, 99) * 1e3},
+        "throughput_rps": {"batching_on": statistics.median(tput["on"]), "batching_off": statistics.median(tput["off"]),
+                           "rounds_on": tput["on"], "rounds_off": tput["off"]},
+        "adapter_switch_ms": {k: v * 1e3 for k, v in switch.items()},
+    }
+    lat, tp, sw = res["latency_ms"], res["throughput_rps"], res["adapter_switch_ms"]
+    res["ratios"] = {
+        "serve_over_direct_p50": lat["serve_p50"] / lat["direct_p50"],
+        "serve_over_direct_p99": lat["serve_p99"] / lat["direct_p99"],
+        "batching_on_over_off": tp["batching_on"] / tp["batching_off"],
+        "switch_over_generation": sw["switch"] / sw["generation"],
+        "reload_over_switch": sw["reload_pipeline"] / sw["switch"],
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"\n| measure | value | target |\n|---|---|---|\n"
+          f"| direct p50 / p99 (ms) | {lat['direct_p50']:.1f} / {lat['direct_p99']:.1f} | generation >= 50 ms |\n"
+          f"| Serve p50 / p99 (ms) | {lat['serve_p50']:.1f} / {lat['serve_p99']:.1f} | |\n"
+          f"| Serve / direct p50, p99 | {res['ratios']['serve_over_direct_p50']:.3f}, "
+          f"{res['ratios']['serve_over_direct_p99']:.3f} | <= 1.10 |\n"
+          f"| throughput @{args.concurrency} batching on / off (req/s) | {tp['batching_on']:.2f} / "
+          f"{tp['batching_off']:.2f} = {res['ratios']['batching_on_over_off']:.2f}x | >= 1.5x |\n"
+          f"| adapter switch / generation / pipeline reload (ms) | {sw['switch']:.2f} / {sw['generation']:.1f} / "
+          f"{sw['reload_pipeline']:.0f} | |\n"
+          f"| switch / generation | {res['ratios']['switch_over_generation']:.3%} | <= 5% |\n"
+          f"| reload / switch | {res['ratios']['reload_over_switch']:.0f}x | >= 10x |\n\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`build_app(args)`: the Serve application builder named in configs/serve.yaml
+(`import_path: diffray.serve.app:build_app`), so `serve run`, `serve deploy` and `diffray serve` all
+build the same app. Args are validated here (ConfigError naming the field) before anything deploys.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from diffray.serve.config import ServeArgs, check_exposure, parse_args
+
+log = logging.getLogger(__name__)
+
+
+def serve_http_host() -> str | None:
+    """The host the running Serve instance's HTTP proxies bind; None when it cannot be asked."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().get_serve_details()["http_options"]["host"]
+    except Exception as exc:  # no Serve instance reachable from here: the caller decides
+        log.warning("cannot read the Serve HTTP host: %s", exc)
+        return None
+
+
+def generator_options(args: ServeArgs) -> dict[str, Any]:
+    """Deployment options of the Generator from the args (replicas or autoscaling, resources, queue)."""
+    g = args.generator
+    opts: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+        "max_ongoing_requests": g.max_ongoing_requests,
+        "max_queued_requests": g.max_queued_requests,
+    }
+    if g.num_replicas is not None:
+        opts["num_replicas"] = g.num_replicas
+    else:
+        a = g.autoscaling
+        opts["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+    return opts
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The diffray Serve application: Ingress -> Generator.
+
+    Args:
+        args: `ServeArgs` fields (model, adapters_dir, controlnets, limits, auth, generator, batching,
+            ingress); the `args:` mapping of a Serve config file.
+    Raises:
+        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host.
+    """
+    from diffray.serve.deployments import Generator, Ingress
+
+    cfg = parse_args(args)
+    check_exposure(cfg, cfg.auth.host or serve_http_host())
+    plain = cfg.model_dump(mode="json")
+    generator = Generator.options(**generator_options(cfg)).bind(plain)
+    return Ingress.options(num_replicas=cfg.ingress.num_replicas,
+                           ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+                           max_ongoing_requests=cfg.ingress.max_ongoing_requests).bind(generator, plain)
+
+
+def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool = True) -> None:
+    """`diffray serve CONFIG`: start Serve with the file's http_options on the cluster in RAY_ADDRESS (or a
+    local one) and run the diffray application from it, blocking until interrupted."""
+    from ray import serve
+
+    from diffray.serve.config import load_serve_file
+    from diffray.trainers.runner import connect_ray
+
+    http_options, app, args = load_serve_file(path, overrides)
+    check_exposure(args, args.auth.host or str(http_options.get("host", "127.0.0.1")))
+    connect_ray()
+    serve.start(http_options=http_options)
+    serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"],
+              blocking=blocking)

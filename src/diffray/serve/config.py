@@ -1,0 +1,169 @@
+"""Typed arguments of the Serve application (`args:` of configs/serve.yaml, passed to `build_app`).
+
+Plain pydantic, `extra="forbid"`, every field described; an error names the field path. Never imports
+ray: the args are validated where the app is built and travel to replicas as a dict.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from diffray.config import Section, format_validation_error
+from diffray.errors import ConfigError
+
+API_KEYS_ENV = "DIFFRAY_API_KEYS"  # comma-separated keys, added to auth.api_keys
+
+
+class ControlNetEntry(Section):
+    path: str = Field(..., description="ControlNet dir (save_pretrained, safetensors) or a base model dir / "
+                      "builtin: ref with `subfolder`.")
+    subfolder: str | None = Field(None, description="Subfolder of `path` holding the ControlNet (the tiny model "
+                                  "ships one in `controlnet`).")
+    preprocess: Literal["canny", "none"] = Field("canny", description="What the server runs on a request's "
+                                                 "`control.raw_image` to make the control image.")
+
+
+class Limits(Section):
+    max_prompt_chars: int = Field(1000, ge=1, description="Longest prompt / negative prompt in characters.")
+    max_n: int = Field(4, ge=1, le=64, description="Most images per request.")
+    max_side: int = Field(512, ge=8, description="Largest width or height in pixels.")
+    min_side: int = Field(8, ge=8, description="Smallest width or height in pixels.")
+    max_steps: int = Field(50, ge=1, description="Most sampler steps.")
+    max_guidance: float = Field(30.0, gt=0, description="Largest guidance scale.")
+    max_adapters: int = Field(4, ge=1, description="Most adapters combined in one request.")
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above).")
+    max_control_pixels: int = Field(4_194_304, ge=64, description="Largest control image (width x height).")
+    request_timeout_s: float = Field(120.0, gt=0, description="A generation not done by then answers 504.")
+
+
+class Auth(Section):
+    api_keys: list[str] = Field([], description=f"Accepted bearer keys; keys in ${API_KEYS_ENV} (comma-separated) "
+                                "are added. Any key switches auth on for /v1/*.")
+    allow_unauthenticated: bool = Field(False, description="Allow serving without keys on a non-loopback host.")
+    host: str | None = Field(None, description="The HTTP host the proxy binds (for the no-keys check); None "
+                             "asks the running Serve instance.")
+
+
+class Autoscaling(Section):
+    min_replicas: int = Field(1, ge=0, description="Fewest Generator replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most Generator replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start (default min_replicas).")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before adding a replica.")
+    downscale_delay_s: float = Field(120.0, ge=0, description="Sustained idleness before removing one.")
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class Batching(Section):
+    enabled: bool = Field(True, description="Dynamic batching of requests with the same adapters and shape.")
+    max_batch_size: int = Field(8, ge=1, le=64, description="Most requests in one pipeline call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="How long a batch waits to fill.")
+
+
+class GeneratorSection(Section):
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; None uses `autoscaling`.")
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (the pipeline then runs on CUDA).")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (CPU).")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(32, ge=-1, description="Requests waiting for a replica; beyond it 503 "
+                                     "(-1: unbounded).")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on a 503.")
+    max_adapters_per_replica: int = Field(4, ge=1, description="Resident adapter sets per replica (LRU).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Pipeline dtype (fp16 "
+                                                             "only on GPU).")
+
+
+class IngressSection(Section):
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Open HTTP requests per ingress replica.")
+
+
+class ServeArgs(Section):
+    model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny.")
+    adapters_dir: str = Field("./adapters", description="Adapter registry: a folder of artifact dirs, one per "
+                              "id (LoRA, Textual Inversion, ControlNet, each with diffray_card.json).")
+    controlnets: dict[str, ControlNetEntry] = Field({}, description="ControlNets by name (the `control.model` of "
+                                                    "a request); registry ControlNets are usable by id too.")
+    default_size: int | None = Field(None, ge=8, description="Width and height when a request gives none; None: "
+                                     "the model's native size.")
+    default_steps: int = Field(20, ge=1, description="Sampler steps when a request gives none.")
+    limits: Limits = Field(default_factory=Limits, description="Request limits (400 beyond them).")
+    auth: Auth = Field(default_factory=Auth, description="API-key auth.")
+    generator: GeneratorSection = Field(default_factory=GeneratorSection, description="Generator deployment.")
+    batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the Generator.")
+    ingress: IngressSection = Field(default_factory=IngressSection, description="Ingress deployment.")
+
+    def api_keys(self) -> list[str]:
+        """Configured keys plus those in $DIFFRAY_API_KEYS (read where this runs: the ingress replica)."""
+        env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return list(dict.fromkeys([*self.auth.api_keys, *env]))
+
+
+def parse_args(data: dict[str, Any] | None) -> ServeArgs:
+    """Validate `build_app` args. Raises ConfigError naming the field path(s)."""
+    try:
+        return ServeArgs.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, ServeArgs)) from None
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(args: ServeArgs, host: str | None) -> None:
+    """Refuse to serve without keys on a non-loopback host (unknown host counts as exposed).
+
+    Raises:
+        ConfigError: naming `auth.api_keys`.
+    """
+    if args.api_keys() or args.auth.allow_unauthenticated or (host is not None and is_loopback(host)):
+        return
+    raise ConfigError(f"the HTTP proxy binds {host or 'an unknown host'} (not loopback) and no API key is "
+                      f"configured: set auth.api_keys or ${API_KEYS_ENV}, or auth.allow_unauthenticated: true",
+                      field="auth.api_keys")
+
+
+def load_serve_file(path: str, overrides: list[str] | None = None) -> tuple[dict[str, Any], dict[str, Any],
+                                                                         ServeArgs]:
+    """A Serve config file (the format `serve run` / `serve deploy` read) -> (http_options, {name,
+    route_prefix} of its diffray application, validated args of it). Overrides `http_options.port=8001` change the file's top level;
+    any other `key.path=value` changes the app's args (`generator.num_replicas=2`).
+
+    Raises:
+        ConfigError: unreadable file, no diffray application, or a bad arg (naming its path).
+    """
+    from diffray.config import apply_overrides, read_yaml
+
+    data = read_yaml(path)
+    apps = data.get("applications")
+    if not isinstance(apps, list) or not apps or not isinstance(apps[0], dict):
+        raise ConfigError(f"{path}: needs `applications:` with the diffray app first", field="applications")
+    if apps[0].get("import_path") != APP_IMPORT_PATH:
+        raise ConfigError(f"{path}: the first application must have import_path: {APP_IMPORT_PATH}",
+                          field="applications.0.import_path")
+    top = [o for o in overrides or [] if o.startswith("http_options.")]
+    data = apply_overrides(data, top)
+    args = apply_overrides(apps[0].get("args") or {}, [o for o in overrides or [] if o not in top])
+    app = {"name": apps[0].get("name", "diffray"), "route_prefix": apps[0].get("route_prefix", "/")}
+    return dict(data.get("http_options") or {}), app, parse_args(args)
+
+
+APP_IMPORT_PATH = "diffray.serve.app:build_app"

@@ -1,0 +1,66 @@
+"""Untrained but non-trivial adapters for a base model, written with the project's own exporters: a LoRA
+with random non-zero B, a Textual Inversion token with a random vector, and a ControlNet from the UNet.
+
+For tests, demos and benchmarks of serving, where the point is that an adapter changes the image, not
+what it learned. Never imports ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffray.models.adapters import add_lora, export_lora, write_card
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, std: float = 0.5) -> Path:
+    """A LoRA on the UNet attention projections with B ~ N(0, std) (so it changes the output)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
+    add_lora(unet, rank, float(rank), 0.0, TARGETS, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return export_lora(out_dir, unet, None, {"base_model": model_path, "method": "lora", "note": "random"})
+
+
+def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, seed: int,
+                             std: float = 3.0) -> Path:
+    """A one-vector Textual Inversion token with a random embedding."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffray.models.textual_inversion import add_placeholder_tokens, export_textual_inversion
+
+    tok = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")
+    te = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", use_safetensors=True)
+    ids = add_placeholder_tokens(tok, te, token, "a", 1)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = te.get_input_embeddings().weight
+        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=gen) * std
+    return export_textual_inversion(out_dir, te, ids, token, {"base_model": model_path,
+                                                              "method": "textual_inversion", "note": "random"})
+
+
+def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Path:
+    """A ControlNet copying the UNet encoder (zero convolutions perturbed so the control image matters)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    out = Path(out_dir)
+    cn.save_pretrained(out, safe_serialization=True)
+    write_card(out, {"base_model": model_path, "method": "controlnet", "note": "random"})
+    return out

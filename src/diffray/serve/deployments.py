@@ -1,0 +1,246 @@
+"""The two Serve deployments: `Generator` (the pipeline; multiplexed adapters, dynamic batching) and
+`Ingress` (FastAPI: the OpenAI-style and full APIs, models list, health, auth, limits).
+
+This is the Ray edge of serving: request checks live in `schemas`, the pipeline in `engine`, HTTP
+policy in `http`. The ingress turns every Ray failure into a JSON 4xx/503/504, never a 500.
+(No `from __future__ import annotations` here: FastAPI must see the real request-body types.)
+"""
+
+
+import asyncio
+import base64
+import time
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, ModelError, RequestError
+from diffray.serve.config import parse_args
+from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
+from diffray.serve.registry import AdapterRegistry
+from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job,
+                                   images_job)
+
+REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
+
+api = FastAPI(title="diffray", version="1", description="Stable Diffusion with trained adapters on Ray Serve: "
+              "an OpenAI-compatible images API plus the full set of options.")
+POLICY = EdgePolicy()  # filled in by the ingress replica's constructor
+api.add_middleware(EdgeMiddleware, policy=POLICY)
+install_error_handlers(api)
+
+
+def _overloaded(message: str, retry_after: int) -> RequestError:
+    err = RequestError(message, status=503, kind="overloaded")
+    err.retry_after = retry_after
+    return err
+
+
+def _client_error(exc: DiffrayError) -> RequestError:
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
+    if isinstance(cause, RequestError):
+        return cause
+    if isinstance(cause, AdapterNotFound):
+        return RequestError(str(cause), param="model", status=404, kind="not_found_error")
+    if isinstance(cause, (AdapterError, ModelError)):
+        return RequestError(str(cause), param="model", status=422)
+    return RequestError(str(cause), status=422)
+
+
+def _native_size(model_path: str) -> int:
+    """Pixels of the model's native square size, from its config files (no weights loaded)."""
+    import json
+    from pathlib import Path
+
+    try:
+        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
+        vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError):
+        return 512
+
+
+class ResidentAdapters:
+    """A multiplexed "model": a set of adapters held resident in the engine until Serve evicts it."""
+
+    def __init__(self, engine, ids: list[str]):
+        self.engine, self.ids, self.live = engine, ids, False
+        engine.acquire(ids)
+        self.live = True
+
+    def __del__(self):  # Serve calls this on LRU eviction (in a thread); later calls do nothing
+        if getattr(self, "live", False):
+            self.live = False
+            self.engine.release(self.ids)
+
+
+@serve.deployment(name="Generator")
+class Generator:
+    """One pipeline per replica; requests with the same adapters and shape share a pipeline call."""
+
+    def __init__(self, args: dict):
+        import torch
+
+        from diffray.serve.engine import ImageEngine
+
+        self.args = parse_args(args)
+        if self.args.generator.torch_threads:
+            torch.set_num_threads(self.args.generator.torch_threads)
+        self.engine = ImageEngine(self.args)
+        b = self.args.batching
+        self.run_batch.set_max_batch_size(b.max_batch_size if b.enabled else 1)
+        self.run_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s if b.enabled else 0.0)
+        engine = self.engine
+
+        async def load_adapters(key: str) -> ResidentAdapters:
+            return await asyncio.to_thread(ResidentAdapters, engine, key.split("+"))
+
+        self.adapter_set = serve.multiplexed(max_num_models_per_replica=self.args.generator.max_adapters_per_replica)(
+            load_adapters)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+    async def generate(self, job: Job) -> dict:
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self.adapter_set(key)
+        images = await self.run_batch(job)
+        return {"images": images, "replica": self.replica_id}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def run_batch(self, jobs: list[Job]) -> list[list[bytes]]:
+        return await asyncio.to_thread(self.engine.run, jobs)
+
+    def info(self) -> dict:
+        return {"replica": self.replica_id, "native_size": self.engine.native_size,
+                "resident": sorted(self.engine.resident)}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP in, jobs to the Generator, images out."""
+
+    def __init__(self, generator, args: dict):
+        from diffray.models.loading import resolve_model_path
+
+        self.args = parse_args(args)
+        self.generator = generator
+        self.registry = AdapterRegistry(self.args.adapters_dir)
+        POLICY.api_keys = self.args.api_keys()
+        POLICY.max_body_bytes = self.args.limits.max_body_bytes
+        self.default_size = self.args.default_size or _native_size(resolve_model_path(self.args.model))
+
+    # ----------------------------------------------------------------------------------------- routes
+    @api.get("/healthz", summary="Liveness: 200 while the ingress answers")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models", summary="The base model and every servable adapter (rescanned per call)")
+    async def models(self) -> dict:
+        now = int(time.time())
+        data = [{"id": "base", "object": "model", "created": now, "owned_by": "diffray", "kind": "base",
+                 "path": self.args.model}]
+        data += [{"id": a.id, "object": "model", "created": int(a.mtime), "owned_by": "diffray", "kind": a.kind,
+                  "base_model": a.card.get("base_model"), "method": a.card.get("method")}
+                 for a in self.registry.list()]
+        data += [{"id": name, "object": "model", "created": now, "owned_by": "diffray", "kind": "controlnet"}
+                 for name in self.args.controlnets]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/images/generations", summary="OpenAI Images API: prompt, n, size, model, response_format")
+    async def images_generations(self, req: ImagesRequest) -> JSONResponse:
+        job = images_job(req, self.args.limits, self.default_size, self.args.default_steps)
+        self._check_adapters(job, single_param="model")
+        result = await self._run(job)
+        if req.response_format == "url":
+            data = [{"url": "data:image/png;base64," + base64.b64encode(png).decode(), "revised_prompt": None}
+                    for png in result["images"]]
+        else:
+            data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in result["images"]]
+        return JSONResponse({"created": int(time.time()), "data": data},
+                            headers={"X-Diffray-Replica": result["replica"]})
+
+    @api.post("/v1/generate", summary="Everything: negative prompt, steps, guidance, seed, scheduler, "
+              "adapters with weights, ControlNet with a control image")
+    async def generate(self, req: GenerateRequest) -> JSONResponse:
+        job = generate_job(req, self.args.limits, self.default_size, self.args.default_steps)
+        self._check_adapters(job, single_param="adapter" if req.adapter is not None else None)
+        if req.control is not None:
+            job.controlnet, job.control_image = await asyncio.to_thread(self._control, req, job)
+        result = await self._run(job)
+        images = [{"b64_json": base64.b64encode(png).decode(), "seed": job.seed + i}
+                  for i, png in enumerate(result["images"])]
+        return JSONResponse({"created": int(time.time()), "model": job.adapter_key() or "base", "seed": job.seed,
+                             "width": job.width, "height": job.height, "images": images},
+                            headers={"X-Diffray-Replica": result["replica"]})
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _check_adapters(self, job: Job, single_param: str | None) -> None:
+        for i, (adapter_id, _) in enumerate(job.adapters):
+            param = single_param or f"adapters.{i}.id"
+            try:
+                info = self.registry.get(adapter_id, param=param)
+            except AdapterNotFound:
+                raise RequestError(f"unknown adapter {adapter_id!r} (GET /v1/models lists them)", param=param,
+                                   status=404, kind="not_found_error") from None
+            except AdapterError as exc:
+                raise RequestError(str(exc), param=param, status=422) from None
+            if info.kind not in ("lora", "textual_inversion"):
+                raise RequestError(f"{adapter_id!r} is a {info.kind}; use it as control.model", param=param)
+
+    def _control(self, req: GenerateRequest, job: Job):
+        """(ControlNet name, control image at the job's size) from the request; canny for a raw image."""
+        from PIL import Image
+
+        from diffray.data.conditioning import make_preprocessor
+
+        spec = req.control
+        if (spec.image is None) == (spec.raw_image is None):
+            raise RequestError("give exactly one of control.image and control.raw_image", param="control.image")
+        entry = self.args.controlnets.get(spec.model)
+        if entry is None:
+            try:
+                info = self.registry.get(spec.model, param="control.model")
+            except AdapterNotFound:
+                raise RequestError(f"unknown ControlNet {spec.model!r}", param="control.model", status=404,
+                                   kind="not_found_error") from None
+            except AdapterError as exc:
+                raise RequestError(str(exc), param="control.model", status=422) from None
+            if info.kind != "controlnet":
+                raise RequestError(f"{spec.model!r} is a {info.kind}, not a ControlNet", param="control.model")
+        param = "control.image" if spec.image is not None else "control.raw_image"
+        img = decode_b64_image(spec.image or spec.raw_image, param, self.args.limits.max_control_pixels)
+        img = img.resize((job.width, job.height), Image.Resampling.BICUBIC)
+        if spec.raw_image is not None and (entry is None or entry.preprocess == "canny"):
+            img = make_preprocessor("canny")(img)
+        return spec.model, img
+
+    async def _run(self, job: Job) -> dict:
+        """The Generator's answer; overload -> 503 (Retry-After), timeout -> 504, a lost replica is retried
+        once, then 503."""
+        key = job.adapter_key()
+        handle = self.generator.options(multiplexed_model_id=key) if key else self.generator
+        retry_after = self.args.generator.retry_after_s
+        for attempt in range(2):
+            response = handle.generate.remote(job)
+            try:
+                return await asyncio.wait_for(response, timeout=self.args.limits.request_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise RequestError(f"generation took longer than {self.args.limits.request_timeout_s}s",
+                                   status=504, kind="timeout") from None
+            except BackPressureError:
+                raise _overloaded("the server is at capacity; retry later", retry_after) from None
+            except DeploymentUnavailableError:
+                raise _overloaded("no Generator replica is available yet; retry later", retry_after) from None
+            except REPLICA_GONE:
+                if attempt == 0:
+                    continue
+                raise _overloaded("the Generator replica went away; retry", retry_after) from None
+            except DiffrayError as exc:
+                raise _client_error(exc) from None
+        raise AssertionError("unreachable")
+

@@ -1,0 +1,138 @@
+"""The HTTP edge of the ingress: body-size cap and bearer-key auth (one ASGI middleware), and exception
+handlers that give every error OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`.
+
+A bad request is always a 4xx naming the field; nothing a client sends may produce a 5xx. Never imports
+ray (the ingress deployment maps Ray's errors onto `RequestError` before they get here).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from diffray.errors import RequestError
+from diffray.serve.schemas import error_body
+
+PROTECTED_PREFIX = "/v1/"
+
+
+@dataclass
+class EdgePolicy:
+    """What the middleware enforces; set by the ingress replica from its args."""
+
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 4_000_000
+
+
+def json_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+               headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
+
+
+def key_ok(header: str | None, keys: list[str]) -> bool:
+    """A `Bearer <key>` header matching one of `keys` (constant-time compare)."""
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    token_b = token.strip().encode()
+    return any(hmac.compare_digest(token_b, k.encode()) for k in keys)
+
+
+class EdgeMiddleware:
+    """ASGI middleware: 413 above the body cap (Content-Length or counted), 401 without a valid key."""
+
+    def __init__(self, app, policy: EdgePolicy):
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.policy.api_keys and scope["path"].startswith(PROTECTED_PREFIX) \
+                and not key_ok(headers.get("authorization"), self.policy.api_keys):
+            resp = json_error(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
+                              "authorization", "invalid_api_key")
+            return await resp(scope, receive, send)
+        cap = self.policy.max_body_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            return await self._too_large(scope, receive, send, int(declared))
+        chunks, size = [], 0
+        while True:  # buffer the (capped) body so an undeclared oversize body is refused too
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > cap:
+                return await self._too_large(scope, receive, send, size)
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send, size: int):
+        resp = json_error(413, f"request body of {size} bytes exceeds the limit of {self.policy.max_body_bytes}",
+                          "body", "request_too_large")
+        await resp(scope, receive, send)
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(x) for x in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def validation_message(err: dict) -> str:
+    if err.get("type") == "json_invalid":
+        return f"malformed JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+    if err.get("type") == "extra_forbidden":
+        return "unknown field"
+    if err.get("type") == "missing":
+        return "field required"
+    msg = str(err.get("msg", "invalid value"))
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON shape; validation errors as 400 naming the first bad field."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = list(exc.errors()) or [{"loc": ("body",), "msg": "invalid request"}]
+        first = errors[0]
+        param = "body" if first.get("type") == "json_invalid" else _param(tuple(first.get("loc", ())))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return json_error(400, validation_message(first) + more, param)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        headers = {"Retry-After": str(exc.retry_after)} if getattr(exc, "retry_after", None) is not None else None
+        return json_error(exc.status, exc.message, exc.param, exc.kind, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        return json_error(exc.status_code, detail, None, kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug, never the client's input
+        return json_error(500, f"internal error: {type(exc).__name__}", None, "server_error")

@@ -1,0 +1,138 @@
+"""Serve args, the shipped configs/serve.yaml, exposure rules and request checks (no Ray, no torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffray.errors import ConfigError, RequestError
+from diffray.serve.config import Limits, check_exposure, is_loopback, load_serve_file, parse_args
+from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job, images_job,
+                                   parse_size)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_serve_yaml_loads_and_validates():
+    http, app, args = load_serve_file(str(REPO / "configs" / "serve.yaml"))
+    assert (REPO / "configs" / "serve.yaml").read_text().startswith("# serve run configs/serve.yaml")
+    assert http["port"] == 8000 and is_loopback(http["host"])
+    assert app == {"name": "diffray", "route_prefix": "/"}
+    assert args.model == "builtin:tiny" and "canny" in args.controlnets
+    check_exposure(args, http["host"])  # runs as-is: loopback, no keys needed
+
+
+def test_overrides_reach_args_and_http_options():
+    http, _, args = load_serve_file(str(REPO / "configs" / "serve.yaml"),
+                                    ["http_options.port=8001", "generator.num_replicas=2", "limits.max_n=2"])
+    assert http["port"] == 8001 and args.generator.num_replicas == 2 and args.limits.max_n == 2
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"limits": {"max_n": 0}}, "limits.max_n"),
+    ({"generator": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}, "generator.autoscaling"),
+    ({"batching": {"max_batch_size": "many"}}, "batching.max_batch_size"),
+    ({"modle": "x"}, "modle"),
+    ({"controlnets": {"canny": {"path": "x", "preprocess": "sobel"}}}, "controlnets.canny.preprocess"),
+])
+def test_bad_args_name_the_field(data, field):
+    with pytest.raises(ConfigError) as err:
+        parse_args(data)
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("host,keys,allow,ok", [
+    ("127.0.0.1", [], False, True), ("localhost", [], False, True), ("::1", [], False, True),
+    ("0.0.0.0", [], False, False), ("10.0.0.5", [], False, False), (None, [], False, False),
+    ("0.0.0.0", ["k"], False, True), ("0.0.0.0", [], True, True),
+])
+def test_exposed_without_keys_refuses(host, keys, allow, ok, monkeypatch):
+    monkeypatch.delenv("DIFFRAY_API_KEYS", raising=False)
+    args = parse_args({"auth": {"api_keys": keys, "allow_unauthenticated": allow}})
+    if ok:
+        check_exposure(args, host)
+    else:
+        with pytest.raises(ConfigError, match="auth.api_keys"):
+            check_exposure(args, host)
+
+
+def test_api_keys_from_environment(monkeypatch):
+    monkeypatch.setenv("DIFFRAY_API_KEYS", "a, b,,a")
+    args = parse_args({"auth": {"api_keys": ["c"]}})
+    assert args.api_keys() == ["c", "a", "b"]
+    check_exposure(args, "0.0.0.0")
+
+
+def test_build_app_refuses_exposed_host_without_keys(monkeypatch):
+    monkeypatch.delenv("DIFFRAY_API_KEYS", raising=False)
+    from diffray.serve.app import build_app
+
+    with pytest.raises(ConfigError, match="auth.api_keys"):
+        build_app({"auth": {"host": "0.0.0.0"}})
+
+
+def test_build_app_deployment_options():
+    from diffray.serve.app import build_app, generator_options
+
+    args = parse_args({"generator": {"max_queued_requests": 5, "autoscaling": {"max_replicas": 3}}})
+    opts = generator_options(args)
+    assert opts["max_queued_requests"] == 5 and opts["autoscaling_config"]["max_replicas"] == 3
+    app = build_app({"auth": {"host": "127.0.0.1"}})
+    assert type(app).__name__ == "Application"
+
+
+LIMITS = Limits(max_side=256, max_n=4, max_steps=50)
+
+
+@pytest.mark.parametrize("size,want", [("64x64", (64, 64)), ("256x128", (256, 128)), (None, (64, 64))])
+def test_parse_size(size, want):
+    assert parse_size(size, 64, LIMITS) == want
+
+
+@pytest.mark.parametrize("size", ["65x64", "64x", "x64", "1024x64", "0x0", "64X64", "64x64x64", "-64x64"])
+def test_bad_size_names_size(size):
+    with pytest.raises(RequestError) as err:
+        parse_size(size, 64, LIMITS)
+    assert err.value.param == "size" and err.value.status == 400
+
+
+def test_images_job_maps_model_to_adapter():
+    job = images_job(ImagesRequest(prompt="p", model="my-lora", n=2, size="64x128", seed=3), LIMITS, 64, 4)
+    assert (job.width, job.height, job.n, job.seed, job.adapters) == (64, 128, 2, 3, (("my-lora", 1.0),))
+    for base in (None, "base", "dall-e-2"):
+        assert images_job(ImagesRequest(prompt="p", model=base), LIMITS, 64, 4).adapters == ()
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": ""}, "prompt"), ({"prompt": "x", "n": 5}, "n"), ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "steps": 51}, "steps"), ({"prompt": "x", "guidance": 31}, "guidance"),
+    ({"prompt": "x", "width": 12}, "width"), ({"prompt": "x", "seed": -5}, "seed"),
+    ({"prompt": "x", "adapter": "a", "adapters": [{"id": "b"}]}, "adapters"),
+    ({"prompt": "x", "adapters": [{"id": "a"}, {"id": "a"}]}, "adapters"),
+])
+def test_generate_job_limits(body, param):
+    with pytest.raises(RequestError) as err:
+        generate_job(GenerateRequest(**body), LIMITS, 64, 4)
+    assert err.value.param == param
+
+
+def test_job_keys_group_compatible_requests():
+    a = generate_job(GenerateRequest(prompt="x", adapters=[{"id": "b", "weight": 1}, {"id": "a", "weight": 1}]),
+                     LIMITS, 64, 4)
+    b = generate_job(GenerateRequest(prompt="y", seed=9, adapters=[{"id": "b", "weight": 1},
+                                                                    {"id": "a", "weight": 1}]), LIMITS, 64, 4)
+    c = generate_job(GenerateRequest(prompt="y", steps=5), LIMITS, 64, 4)
+    assert a.adapter_key() == "a+b" and a.batch_key() == b.batch_key() != c.batch_key()
+    assert Job(prompt="p", n=1, width=8, height=8, steps=1, guidance=1, seed=0).adapter_key() == ""
+
+
+def test_decode_b64_image_errors_name_param():
+    import base64
+
+    with pytest.raises(RequestError, match="base64") as err:
+        decode_b64_image("%%%", "control.image", 10_000)
+    assert err.value.param == "control.image"
+    with pytest.raises(RequestError) as err:
+        decode_b64_image(base64.b64encode(b"GIF89a nope").decode(), "control.raw_image", 10_000)
+    assert err.value.param == "control.raw_image"
