@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from diffray.errors import ConfigError
-from diffray.models.tiny import write_tokenizer_files
+from diffray.models.tiny import build_tiny_clip, write_aesthetic_head
 from diffray.trainers.components.rewards import REWARDS, get_reward, register, to_pil_images
 
 PROJ = 16
@@ -21,38 +20,13 @@ PROJ = 16
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    out = tmp_path_factory.mktemp("clip") / "tiny-clip"
-    vocab = write_tokenizer_files(out)
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77)
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, **ids),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                           num_attention_heads=4),
-        projection_dim=PROJ)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        CLIPModel(config).save_pretrained(out)
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(out)
-    return out
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", projection_dim=PROJ)
 
 
 @pytest.fixture(scope="module")
 def head_path(tmp_path_factory) -> Path:
     """A LAION-layout head (Linear at 0, 2, 4, 6, 7; dropouts between) over PROJ features."""
-    g = torch.Generator().manual_seed(3)
-    dims = {0: (24, PROJ), 2: (12, 24), 4: (8, 12), 6: (4, 8), 7: (1, 4)}
-    state = {}
-    for i, (o, n) in dims.items():
-        state[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n**0.5
-        state[f"layers.{i}.bias"] = torch.randn(o, generator=g)
-    path = tmp_path_factory.mktemp("head") / "head.safetensors"
-    save_file(state, str(path))
-    return path
+    return write_aesthetic_head(tmp_path_factory.mktemp("head") / "head.safetensors", PROJ)
 
 
 def images_batch(seed: int = 0) -> np.ndarray:

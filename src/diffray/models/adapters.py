@@ -35,10 +35,15 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, ta
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights in diffusers naming, on CPU."""
+    """The adapter weights in diffusers naming, on CPU; in PEFT naming (lora_A/lora_B, which
+    `load_lora_weights` also reads) when some targets have no diffusers name (e.g. conv layers): diffusers
+    renames only attention projections, and a file mixing both namings loads only half of its layers."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    peft_sd = get_peft_model_state_dict(model)
+    sd = convert_state_dict_to_diffusers(dict(peft_sd))
+    if any(".lora_A." in k or ".lora_B." in k for k in sd):
+        sd = peft_sd
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 

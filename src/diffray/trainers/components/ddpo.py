@@ -268,3 +268,26 @@ def clipped_policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
     approx_kl = 0.5 * (diff.detach() ** 2).mean()
     clip_fraction = ((ratio.detach() - 1.0).abs() > clip_range).float().mean()
     return loss, approx_kl, clip_fraction
+
+
+def batch_advantages(prompts: Sequence[str], rewards: np.ndarray, tracker: PerPromptStatTracker | None) -> np.ndarray:
+    """Advantages [B] float32 of one epoch's rewards: per prompt through `tracker` (which it updates), or,
+    with no tracker, normalised over the whole batch."""
+    if tracker is not None:
+        return tracker.update(prompts, rewards)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return ((rewards - rewards.mean()) / (rewards.std() + 1e-6)).astype(np.float32)
+
+
+def draw_prompts(prompts: Sequence[str], count: int, key: Sequence[int]) -> list[str]:
+    """`count` prompts drawn uniformly with replacement, reproducibly from an integer `key` (e.g. seed,
+    epoch, rank, batch), so a resumed run draws what the interrupted one would have."""
+    rng = np.random.default_rng([int(k) for k in key])
+    return [prompts[i] for i in rng.integers(0, len(prompts), size=count)]
+
+
+def best_and_worst(rewards: np.ndarray, k: int) -> tuple[list[int], list[int]]:
+    """Indices of the k highest rewards (best first) and the k lowest (worst first); stable on ties."""
+    order = np.argsort(np.asarray(rewards), kind="stable")
+    k = min(k, len(order))
+    return order[::-1][:k].tolist(), order[:k].tolist()

@@ -1,0 +1,121 @@
+"""DDPO trainer pieces without a cluster: config validation, driver-side preflight, the epoch helpers
+(advantages over gathered rewards, prompt draws, best/worst picks), inline reward scoring, and the LoRA
+export of conv + attention targets loading back exactly with stock diffusers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffray.config import DDPOTrainConfig, apply_overrides, validate_config
+from diffray.errors import ConfigError
+from diffray.trainers.components.ddpo import PerPromptStatTracker, batch_advantages, best_and_worst, draw_prompts
+
+
+def ddpo(*overrides: str):
+    return validate_config(apply_overrides({"method": "ddpo"}, list(overrides)))
+
+
+def test_defaults_validate_without_a_dataset():
+    cfg = ddpo()
+    assert isinstance(cfg, DDPOTrainConfig) and cfg.data is None
+    assert cfg.ddpo.reward.name == "jpeg_compressibility" and cfg.ddpo.reward.actors == 1
+    assert cfg.run.name == "ddpo-sample" and cfg.train.max_steps == 10
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("data.path=builtin:sample", r"^data: DDPO trains on samples of ddpo.prompts, not a dataset"),
+    ("lora.train_text_encoder=true", r"^lora.train_text_encoder: DDPO trains LoRA on the UNet only"),
+    ("ddpo.resolution=60", r"ddpo.resolution must be a multiple of 8"),
+    ("ddpo.sample_batch_size=5", r"ddpo.samples_per_epoch=16 must be a multiple of ddpo.sample_batch_size=5"),
+    ("train.micro_batch_size=3", r"must be a multiple of train.micro_batch_size x train.grad_accum_steps = 3"),
+    ("ddpo.eta=0", r"^ddpo.eta: Input should be greater than 0"),
+    ("ddpo.timestep_fraction=1.5", r"^ddpo.timestep_fraction: Input should be less than or equal to 1"),
+    ("ddpo.reward.actors=-1", r"^ddpo.reward.actors: Input should be greater than or equal to 0"),
+    ("ddpo.reward.nme=x", r"^ddpo.reward.nme: unknown key \(allowed: actors, max_restarts, name, num_cpus"),
+    ("ddpo.prompts=[]", r"^ddpo.prompts: List should have at least 1 item"),
+])
+def test_bad_settings_name_the_field(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        ddpo(override)
+
+
+def test_preflight_checks_prompts_and_reward(tmp_path):
+    from diffray.trainers.ddpo import preflight, read_prompts
+
+    preflight(ddpo("ddpo.reward.options={quality: 80}"), "unused")
+    with pytest.raises(ConfigError, match=r"^ddpo.reward.name: unknown reward 'sharpness' \(allowed: aesthetic, "):
+        preflight(ddpo("ddpo.reward.name=sharpness"), "unused")
+    with pytest.raises(ConfigError, match=r"^ddpo.reward.options: jpeg_compressibility: .*'clip_path'"):
+        preflight(ddpo("ddpo.reward.options={clip_path: /x}"), "unused")
+    with pytest.raises(ConfigError, match=r"^ddpo.prompts_file: prompts file not found"):
+        preflight(ddpo(f"ddpo.prompts_file={tmp_path / 'missing.txt'}"), "unused")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(ConfigError, match=r"holds no prompts"):
+        read_prompts(ddpo(f"ddpo.prompts_file={tmp_path / 'empty.txt'}").ddpo)
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert read_prompts(ddpo(f"ddpo.prompts_file={tmp_path / 'p.txt'}").ddpo) == ["a cat", "a dog"]
+
+
+def test_advantages_from_gathered_rewards_match_on_every_rank():
+    prompts = ["a", "b", "a", "b", "a", "b"]
+    rewards = np.array([1.0, 10.0, 3.0, 20.0, 5.0, 30.0], dtype=np.float32)
+    # Two ranks that saw the same gathered batch hold identical trackers and advantages.
+    t0, t1 = PerPromptStatTracker(8, 2), PerPromptStatTracker(8, 2)
+    a0, a1 = batch_advantages(prompts, rewards, t0), batch_advantages(prompts, rewards, t1)
+    np.testing.assert_array_equal(a0, a1)
+    assert t0.stats() == t1.stats()
+    # Per prompt: 'a' rewards 1, 3, 5 -> mean 3, std sqrt(8/3).
+    np.testing.assert_allclose(a0[[0, 2, 4]], (np.array([1, 3, 5]) - 3) / (np.sqrt(8 / 3) + 1e-6), rtol=1e-5)
+    # Without a tracker: normalised over the whole batch.
+    whole = batch_advantages(prompts, rewards, None)
+    np.testing.assert_allclose(whole, (rewards - rewards.mean()) / (rewards.std() + 1e-6), rtol=1e-5)
+
+
+def test_prompt_draws_are_keyed_and_best_worst_picks():
+    prompts = ["p0", "p1", "p2"]
+    assert draw_prompts(prompts, 8, [0, 1, 0, 0]) == draw_prompts(prompts, 8, [0, 1, 0, 0])
+    assert draw_prompts(prompts, 32, [0, 1, 0, 0]) != draw_prompts(prompts, 32, [0, 1, 1, 0])  # another rank
+    assert set(draw_prompts(prompts, 64, [3])) == set(prompts)
+    best, worst = best_and_worst(np.array([0.5, 3.0, -1.0, 2.0]), 2)
+    assert best == [1, 3] and worst == [2, 0]
+    assert best_and_worst(np.array([1.0]), 4) == ([0], [0])
+
+
+def test_inline_reward_pool_scores_at_submit():
+    from diffray.trainers.components.rewards import get_reward, jpeg_size_kb, to_pil_images
+    from diffray.trainers.ddpo import RewardPool
+
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    pool = RewardPool([], get_reward("jpeg_incompressibility"), retries=0)
+    pending = pool.submit(images, ["x"] * 3)
+    np.testing.assert_allclose(pool.result(pending), [jpeg_size_kb(i) for i in to_pil_images(images)])
+    assert pool.restarted_actors() == 0 and pool.resubmitted == 0
+
+
+def test_conv_and_attention_lora_export_loads_back_exactly(tmp_path, tiny_model_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffray.models.adapters import add_lora, export_lora
+    from diffray.models.loading import load_components
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "conv_in", "conv_out", "proj_in", "proj_out",
+               "time_emb_proj"]
+    comps = load_components(tiny_model_path)
+    add_lora(comps.unet, 4, 4.0, 0.0, targets, seed=0)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    export_lora(tmp_path, comps.unet, None, {"method": "ddpo"})
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    g = torch.Generator().manual_seed(0)
+    x, hidden, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 500])
+    with torch.no_grad():
+        base = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        pipe.load_lora_weights(tmp_path)
+        loaded = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        expected = comps.unet(x, t, encoder_hidden_states=hidden).sample
+    assert (loaded - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, expected, atol=1e-6, rtol=1e-5)
