@@ -10,7 +10,7 @@ import yaml
 
 from diffray.config import read_yaml
 from diffray.errors import ConfigError
-from diffray.tune.space import check_space, param_space, parse_space, trial_config
+from diffray.tune.space import check_space, param_space, parse_space, resolve_params, trial_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_space_resolves_to_trial_configs_through_tune():
     assert sorted({(v["lora.rank"], v["optim.lr"]) for v in variants}) == [
         (r, lr) for r in (4, 8, 16, 32) for lr in (1e-4, 1e-3)]
     for v in variants:
-        cfg = trial_config(base, v)
+        cfg = trial_config(base, resolve_params(domains, v))
         assert cfg.lora.rank == v["lora.rank"] and cfg.lora.alpha == cfg.lora.rank  # tied by the rule
         assert 0.0 <= cfg.lora.dropout <= 0.2 and cfg.train.micro_batch_size in (2, 4)
         assert cfg.optim.lr == v["optim.lr"] and cfg.data.path == base["data"]["path"]
@@ -56,3 +56,19 @@ def test_bad_spaces_name_the_path(space, message):
     base = read_yaml(REPO / "configs" / "lora.yaml")
     with pytest.raises(ConfigError, match=message):
         check_space(base, parse_space(space))
+
+
+def test_shuffled_grid_is_the_same_points_in_a_seeded_order():
+    from ray.tune.search.variant_generator import generate_variants
+
+    domains = parse_space(SPACE)
+    key = lambda p: (p["lora.rank"], p["optim.lr"])  # noqa: E731
+
+    def order(seed=None):
+        return [resolve_params(domains, v) for _, v in generate_variants(param_space(domains, seed))]
+
+    written, first, again, other = order(), order(0), order(0), order(1)
+    assert len(first) == 8 and sorted(map(key, first)) == sorted(map(key, written))
+    assert list(map(key, first)) == list(map(key, again))  # the seed fixes the order
+    assert list(map(key, first)) != list(map(key, written)) and list(map(key, first)) != list(map(key, other))
+    assert all(p["lora.alpha"] == p["lora.rank"] and 0.0 <= p["lora.dropout"] <= 0.2 for p in first)

@@ -40,7 +40,7 @@ class Domain:
         return []
 
     def to_tune(self):
-        """The Ray Tune domain."""
+        """The Ray Tune domain (`same_as` has none: `resolve_params` fills ties in after sampling)."""
         from ray import tune
 
         if self.kind == "choice":
@@ -53,8 +53,7 @@ class Domain:
             return tune.uniform(*self.args)
         if self.kind == "randint":
             return tune.randint(*self.args)
-        target = self.args[0]
-        return tune.sample_from(lambda config: config[target])
+        raise ValueError(f"{self.path}: same_as is resolved by resolve_params, not by Tune")
 
 
 def _number(x: Any) -> bool:
@@ -126,6 +125,35 @@ def check_space(base: dict[str, Any], domains: list[Domain]) -> None:
                 raise ConfigError(f"value {value!r}: {exc}", field=f"tune.space.{d.path}") from None
 
 
-def param_space(domains: list[Domain]) -> dict[str, Any]:
-    """The Tune `param_space` ({path: domain}); trials get {path: value} and build `trial_config`."""
-    return {d.path: d.to_tune() for d in domains}
+def param_space(domains: list[Domain], shuffle_seed: int | None = None) -> dict[str, Any]:
+    """The Tune `param_space` ({path: domain}) of the sampled paths; ties are left to `resolve_params`,
+    so any searcher (not only Tune's variant generator) can drive the space.
+
+    With `shuffle_seed`, the grid points (the product of all grid domains) become one grid over
+    {path: value} dicts in a seeded random order. Tune runs a grid in the order written, and ASHA's
+    asynchronous rungs always promote the first trials to arrive: a grid listed from small to large
+    values (often worst to best) would otherwise promote nearly every trial.
+    """
+    import itertools
+    import random
+
+    from ray import tune
+
+    grids = [d for d in domains if d.kind == "grid"] if shuffle_seed is not None else []
+    space = {d.path: d.to_tune() for d in domains if d.kind != "same_as" and d not in grids}
+    if grids:
+        points = [dict(zip((d.path for d in grids), values)) for values in itertools.product(*(d.args for d in grids))]
+        random.Random(shuffle_seed).shuffle(points)
+        space[GRID_KEY] = tune.grid_search(points)
+    return space
+
+
+GRID_KEY = "grid_point"
+
+
+def resolve_params(domains: list[Domain], sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's {path: value}: the sampled values plus each `same_as` path set to its target's value."""
+    sampled = {**sampled, **sampled.get(GRID_KEY, {})}
+    out = {d.path: sampled[d.path] for d in domains if d.kind != "same_as"}
+    out.update({d.path: sampled[d.args[0]] for d in domains if d.kind == "same_as"})
+    return out

@@ -1,0 +1,134 @@
+"""A Tune job's YAML: a training config of any method plus a `tune:` section (space, metric, scheduler,
+search). Loading validates both halves and every value the space can produce before Ray starts.
+
+    method: lora
+    ...                      # the training config every trial starts from
+    tune:
+      space: {lora.rank: {grid: [4, 8, 16, 32]}, optim.lr: {grid: [1.0e-4, 1.0e-3]}}
+      scheduler: {name: asha, grace_period: 10}
+
+Like `diffray.config`, this module never touches Ray or the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from diffray.config import (RUN_NAME_PATTERN, Section, TrainConfig, apply_overrides, format_validation_error,
+                            read_yaml, validate_config)
+from diffray.errors import ConfigError
+from diffray.tune.space import Domain, check_space, parse_space
+
+# Trials share one set of datasets and one resource shape, so the space may not touch these sections.
+FIXED_SECTIONS = ("method", "run", "model", "data", "scaling", "faults")
+
+
+class SchedulerSection(Section):
+    name: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early at rungs; fifo: run "
+                                          "every trial to train.max_steps.")
+    grace_period: int = Field(10, ge=1, description="ASHA: steps every trial runs before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    max_t: int | None = Field(None, ge=1, description="ASHA: the last rung in steps; None = train.max_steps.")
+
+
+class TuneSection(Section):
+    name: str | None = Field(None, pattern=RUN_NAME_PATTERN, description="Experiment name under run.storage_path; "
+                             "None = run.name. Rerunning the same name resumes the experiment.")
+    space: dict[str, Any] = Field(description="Config path -> Tune domain ({choice|grid|loguniform|uniform|"
+                                  "randint: ...} or {same_as: other.path}).")
+    metric: str = Field("val_loss", description="Reported metric to optimise (val_loss: held-out denoising loss).")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    search: Literal["grid", "random", "tpe"] = Field(
+        "random", description="grid: every combination of grid domains (only grid domains allowed); random: grid "
+        "domains expanded, the others sampled num_samples times (Tune's variant generator); tpe: Optuna's TPE "
+        "(Bayesian) sampler proposes num_samples trials from the results so far (needs the `tpe` extra; no grid "
+        "domains: use choice).")
+    shuffle_grid: bool = Field(True, description="Run the grid points in a random order seeded by run.seed "
+                               "(ASHA promotes the first trials to reach a rung; a grid written from small to "
+                               "large values would run its worst points first). false: the order written.")
+    num_samples: int = Field(1, ge=1, description="Repeats of the space (random search: samples per grid point; "
+                             "tpe: trials in all).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None = as many trials as the cluster's "
+                                              "nodes hold worker groups for (scaling.* per trial).")
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    max_failures: int = Field(0, ge=0, description="Tune retries of a failed trial (inside a trial, "
+                              "failure.max_failures restarts workers from the trial's checkpoint).")
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    base: dict[str, Any]        # the raw training config every trial starts from
+    train: TrainConfig          # the validated base config
+    tune: TuneSection
+    domains: list[Domain]
+
+    @property
+    def name(self) -> str:
+        return self.tune.name or self.train.run.name
+
+    @property
+    def max_steps(self) -> int:
+        return self.train.train.max_steps
+
+
+def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJob:
+    """Load a Tune YAML, apply `a.b=c` overrides (`tune.*` ones included) and validate everything.
+
+    Raises:
+        ConfigError: naming the field (`tune.space.<path>`, `tune.scheduler.grace_period`, ...).
+    """
+    data = apply_overrides(read_yaml(path), overrides or [])
+    if not isinstance(data.get("tune"), dict):
+        raise ConfigError("a Tune job needs a `tune:` section with a `space`", field="tune")
+    raw_tune = data.pop("tune")
+    try:
+        tune = TuneSection.model_validate(raw_tune)
+    except ValidationError as exc:
+        raise ConfigError("tune." + format_validation_error(exc, TuneSection)) from None
+    train = validate_config(data)
+    domains = parse_space(tune.space)
+    check_job(data, train, tune, domains)
+    return TuneJob(data, train, tune, domains)
+
+
+def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domains: list[Domain]) -> None:
+    """The rules that join the two halves: fixed sections, search kind, the metric's source, ASHA rungs."""
+    for d in domains:
+        if d.path.split(".")[0] in FIXED_SECTIONS:
+            raise ConfigError(f"the {d.path.split('.')[0]} section is shared by all trials and cannot be searched "
+                              f"(searchable: optim, train, strategy and the method's section)",
+                              field=f"tune.space.{d.path}")
+        if tune.search == "grid" and d.kind not in ("grid", "same_as"):
+            raise ConfigError(f"search: grid takes only grid (or same_as) domains; got {d.kind}",
+                              field=f"tune.space.{d.path}")
+        if tune.search == "tpe" and d.kind == "grid":
+            raise ConfigError("search: tpe samples every value; use {choice: [...]} instead of grid",
+                              field=f"tune.space.{d.path}")
+    check_space(base, domains)
+    t = train.train
+    if train.method == "ddpo":  # no dataset: every epoch reports the epoch's mean reward
+        if (tune.metric, tune.mode) != ("reward_mean", "max"):
+            raise ConfigError("DDPO trials report the epoch's mean reward: set tune.metric: reward_mean and "
+                              "tune.mode: max", field="tune.metric")
+    elif tune.metric == "val_loss":
+        if train.data is None or train.data.validation_fraction <= 0:
+            raise ConfigError("metric val_loss needs held-out rows: set data.validation_fraction (e.g. 0.2)",
+                              field="data.validation_fraction")
+        if t.validate_every is None:
+            raise ConfigError("trials report at validation steps; set train.validate_every (e.g. 5)",
+                              field="train.validate_every")
+    s = tune.scheduler
+    if s.name == "asha":
+        max_t = s.max_t or t.max_steps
+        if max_t > t.max_steps:
+            raise ConfigError(f"{max_t} is beyond train.max_steps ({t.max_steps})", field="tune.scheduler.max_t")
+        if s.grace_period >= max_t:
+            raise ConfigError(f"{s.grace_period} must be below the last rung ({max_t} steps)",
+                              field="tune.scheduler.grace_period")
+        if train.method != "ddpo" and t.validate_every is not None and s.grace_period < t.validate_every:
+            raise ConfigError(f"{s.grace_period} is below train.validate_every ({t.validate_every}): no report "
+                              "reaches the first rung in time", field="tune.scheduler.grace_period")

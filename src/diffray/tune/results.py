@@ -1,0 +1,195 @@
+"""A Tune experiment's results read back from its directory: the trial table (printed, CSV, Parquet) and
+plots of the metric against steps and against the searched values. Used after `diffray tune` finishes
+and by `diffray tune results DIR`, which needs only the directory (the job YAML is saved in it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from diffray.errors import ConfigError
+
+JOB_FILE = "tune_job.yaml"
+STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    status: str                        # completed | stopped early | running | pending | error
+    steps: int                         # the last reported step
+    metric: float                      # the metric at that step (nan when none was reported)
+    best_metric: float                 # the best value it reported at any step
+    checkpoint_path: str | None = None
+    error: str | None = None
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status == "stopped early"
+
+
+def collect_rows(exp_dir: str, job) -> list[TrialRow]:
+    """Every trial of the experiment in `exp_dir`, best first (finished trials before stopped ones)."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from diffray.tune.space import resolve_params
+
+    analysis = ExperimentAnalysis(exp_dir, default_metric=job.tune.metric, default_mode=job.tune.mode)
+    frames = analysis.trial_dataframes
+    errors = {r.path: r.error for r in ResultGrid(analysis)}
+    metric, sign = job.tune.metric, (1.0 if job.tune.mode == "min" else -1.0)
+    rows = []
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        history = _history(frames.get(trial.trial_id), metric)
+        steps = int(last.get("step", 0) or 0)
+        err = errors.get(trial.path)
+        status = _status(trial.status, steps, job.max_steps, err is not None)
+        values = [v for _, v in history]
+        rows.append(TrialRow(
+            trial.trial_id, resolve_params(job.domains, trial.config), status, steps,
+            float(last.get(metric, math.nan)) if history else math.nan,
+            (min(values, key=lambda v: sign * v) if values else math.nan),
+            last.get("checkpoint_path"), str(err).strip().splitlines()[-1] if err else None, history))
+    rows.sort(key=lambda r: (STATUS_ORDER[r.status], _nan_last(sign * r.metric)))
+    return rows
+
+
+def _history(df, metric: str) -> list[tuple[int, float]]:
+    if df is None or df.empty or metric not in df or "step" not in df:
+        return []
+    df = df[["step", metric]].dropna()
+    return [(int(s), float(v)) for s, v in zip(df["step"], df[metric])]
+
+
+def _status(tune_status: str, steps: int, max_steps: int, errored: bool) -> str:
+    if errored or tune_status == "ERROR":
+        return "error"
+    if tune_status in ("RUNNING", "PENDING", "PAUSED"):
+        return tune_status.lower() if tune_status != "PAUSED" else "pending"
+    return "completed" if steps >= max_steps else "stopped early"
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def to_table(rows: list[TrialRow], metric: str) -> pa.Table:
+    """One row per trial: trial_id, each searched path, metric, best metric, steps, status, stopped_early."""
+    paths = list(rows[0].params) if rows else []
+    cols: dict[str, list] = {"trial_id": [r.trial_id for r in rows]}
+    for p in paths:
+        cols[p] = [r.params.get(p) for r in rows]
+    cols[metric] = [r.metric for r in rows]
+    cols[f"best_{metric}"] = [r.best_metric for r in rows]
+    cols["steps"] = [r.steps for r in rows]
+    cols["status"] = [r.status for r in rows]
+    cols["stopped_early"] = [r.stopped_early for r in rows]
+    cols["error"] = [r.error for r in rows]
+    return pa.table(cols)
+
+
+def format_table(rows: list[TrialRow], metric: str) -> str:
+    """The table as aligned text, best first."""
+    table = to_table(rows, metric).drop(["error"])
+    header = table.column_names
+    body = [[_fmt(v) for v in row.values()] for row in table.to_pylist()]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def write_report(rows: list[TrialRow], job, exp_dir: str) -> dict[str, str]:
+    """results.csv, results.parquet and plots/ in the experiment dir; returns {what: path}."""
+    table = to_table(rows, job.tune.metric)
+    out = {"csv": f"{exp_dir}/results.csv", "parquet": f"{exp_dir}/results.parquet"}
+    fs, base = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (pafs.LocalFileSystem(), exp_dir)
+    fs.create_dir(base, recursive=True)
+    pq.write_table(table, f"{base}/results.parquet", filesystem=fs)
+    with fs.open_output_stream(f"{base}/results.csv") as f:
+        pacsv.write_csv(table, f)
+    if "://" not in exp_dir:
+        out.update(plot_results(rows, job, Path(exp_dir) / "plots"))
+    return out
+
+
+def plot_results(rows: list[TrialRow], job, out_dir: Path) -> dict[str, str]:
+    """metric_vs_step.png (every trial) and metric_vs_params.png (finished trials, one panel per path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = job.tune.metric
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r.history:
+            steps, values = zip(*r.history)
+            ax.plot(steps, values, marker=".", linestyle="-" if r.status == "completed" else "--",
+                    label=f"{r.trial_id} " + " ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in r.params.items()))
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{job.name}: {metric} per trial (dashed: stopped early)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    step_png = out_dir / "metric_vs_step.png"
+    fig.savefig(step_png, dpi=100)
+    plt.close(fig)
+
+    finished = [r for r in rows if r.status == "completed"]
+    numeric = [d.path for d in job.domains if d.kind != "same_as"
+               and all(isinstance(r.params.get(d.path), (int, float)) for r in finished)]
+    fig, axes = plt.subplots(1, max(1, len(numeric)), figsize=(4 * max(1, len(numeric)), 3.5), squeeze=False)
+    for ax, path in zip(axes[0], numeric):
+        xs = [r.params[path] for r in finished]
+        ax.scatter(xs, [r.metric for r in finished])
+        if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(path)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{job.name}: final {metric} of finished trials")
+    fig.tight_layout()
+    params_png = out_dir / "metric_vs_params.png"
+    fig.savefig(params_png, dpi=100)
+    plt.close(fig)
+    return {"plot_steps": str(step_png), "plot_params": str(params_png)}
+
+
+def read_experiment(exp_dir: str):
+    """(job, rows) of a finished or interrupted experiment dir written by `diffray tune`."""
+    from diffray.tune.config import load_tune_job
+
+    if "://" not in exp_dir:
+        exp_dir = str(Path(exp_dir).resolve())  # Tune reads experiment dirs by absolute path or URI
+    job_file = f"{exp_dir.rstrip('/')}/{JOB_FILE}"
+    if "://" not in job_file and not Path(job_file).is_file():
+        raise ConfigError(f"{exp_dir} is not a diffray tune experiment (no {JOB_FILE})", field="DIR")
+    if "://" in job_file:
+        fs, p = pafs.FileSystem.from_uri(job_file)
+        with fs.open_input_stream(p) as f:
+            text = f.read().decode()
+        local = Path.cwd() / "runs-logs" / Path(exp_dir).name / JOB_FILE
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(text)
+        job_file = str(local)
+    job = load_tune_job(job_file)
+    return job, collect_rows(exp_dir, job)
+

@@ -1,0 +1,176 @@
+"""The Ray edge of `diffray tune`: a Tune experiment whose trials are the method's own Ray Train runs.
+
+Each trial is a small Tune function (no CPU of its own) that builds the method's `TorchTrainer` with the
+trial's config and Tune's report callback; its workers take `scaling.*` resources like any training job.
+The datasets are built and materialized once on the driver and shared by every trial. Every validation
+step reports `val_loss` (held-out rows, fixed noise and timesteps), which the scheduler (ASHA by default)
+compares at its rungs. Rerunning the same experiment name restores it with `Tuner.restore`: finished
+trials are kept, unfinished ones resume from their own last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+import yaml
+from ray import tune
+
+from diffray.errors import ConfigError, TrainingError
+from diffray.trainers.runner import (RunStatus, build_datasets, build_trainer, check_resources, connect_ray,
+                                     export_artifact, preflight, root_cause, run_dirs, storage_root, workers_that_fit)
+from diffray.tune.config import TuneJob
+from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
+from diffray.tune.space import param_space, resolve_params, trial_config
+
+# A trial's driver only builds a trainer and waits on its worker group: no CPU, a little memory.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+TRAIN_RUNS_DIR = "train_runs"
+BEST_DIR = "best"
+
+
+@dataclass
+class TuneOutcome:
+    exp_dir: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    best_artifact: str | None
+    best_config: str | None
+    concurrency: int
+    wall_time_s: float
+    restored: bool
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets: dict[str, Any],
+              model_path: str, exp_dir: str) -> None:
+    """One trial (inside Tune's trial actor): the method's TorchTrainer on this trial's config."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, resolve_params(domains, params))
+    cfg = cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
+        "train": cfg.train.model_copy(update={"progress_bar": False})})
+    _, log_dir = run_dirs(cfg)
+    status = RunStatus.remote()
+    trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[TuneReportCallback()],
+                            report_validation=True)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"trial {trial_id}: {root_cause(exc)} (logs: {log_dir})") from None
+    step = ray.get(status.get.remote()).get("nonfinite_loss_step")
+    if step is not None:
+        raise TrainingError(f"trial {trial_id}: loss became NaN/inf at step {step} (logs: {log_dir})")
+
+
+def trial_concurrency(job: TuneJob) -> int:
+    """Trials that run at once: worker groups the alive nodes hold, and for DDPO also the CPUs of each
+    trial's reward actors (capped by tune.max_concurrent_trials)."""
+    cfg, s = job.train, job.train.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = max(1, workers_that_fit(s.worker_bundle(), nodes) // s.num_workers)
+    if cfg.method == "ddpo" and cfg.ddpo.reward.actors:
+        per_trial = s.num_workers * s.cpus_per_worker + cfg.ddpo.reward.actors * cfg.ddpo.reward.num_cpus
+        fit = max(1, min(fit, int(sum(n.get("CPU", 0) for n in nodes) // per_trial)))
+    return min(fit, job.tune.max_concurrent_trials or fit)
+
+
+def build_scheduler(job: TuneJob):
+    s = job.tune.scheduler
+    if s.name == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=s.max_t or job.max_steps, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def build_searcher(job: TuneJob):
+    """None (Tune's variant generator: grid and random search) or Optuna's TPE sampler, seeded by run.seed."""
+    if job.tune.search != "tpe":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("search: tpe needs optuna: pip install 'diffray[tpe]'", field="tune.search") from None
+    return OptunaSearch(metric=job.tune.metric, mode=job.tune.mode, seed=job.train.run.seed)
+
+
+def run_tune(job: TuneJob) -> TuneOutcome:
+    """Run (or resume) the experiment, write the results table and plots, export the best trial.
+
+    The job (after overrides) is saved beside the experiment so `diffray tune results DIR` reads the
+    experiment back without the original file.
+    """
+    from diffray.models.loading import resolve_model_path
+
+    t0 = time.time()
+    cfg = job.train
+    model_path = resolve_model_path(cfg.model.path)
+    preflight(cfg, model_path)
+    connect_ray()
+    check_resources(cfg.scaling)
+    root = storage_root(cfg.run.storage_path)
+    exp_dir = f"{root.rstrip('/')}/{job.name}"
+    restored = tune.Tuner.can_restore(exp_dir)
+    datasets = build_datasets(cfg, model_path, _local_dir(exp_dir, "data-reports"))
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=job.base, domains=job.domains, datasets=datasets,
+                             model_path=model_path, exp_dir=exp_dir),
+        TRIAL_DRIVER_RESOURCES)
+    concurrency = trial_concurrency(job)
+    if restored:
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space(job.domains, job.train.run.seed if job.tune.shuffle_grid else None),
+            tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode, scheduler=build_scheduler(job),
+                                        search_alg=build_searcher(job), num_samples=job.tune.num_samples,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(name=job.name, storage_path=root,
+                                      failure_config=tune.FailureConfig(max_failures=job.tune.max_failures)))
+        job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
+        _write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
+    tuner.fit()
+    rows = collect_rows(exp_dir, job)  # read back from the directory, as `diffray tune results` does
+    best = next((r for r in rows if r.status == "completed"), None)
+    artifact = config_path = None
+    if best is not None:
+        artifact, config_path = export_best(job, best, exp_dir)
+    write_report(rows, job, exp_dir)
+    return TuneOutcome(exp_dir, rows, best, artifact, config_path, concurrency, time.time() - t0, restored)
+
+
+def export_best(job: TuneJob, best: TrialRow, exp_dir: str) -> tuple[str, str]:
+    """The best finished trial's artifact (from its final checkpoint) and its config as a runnable YAML."""
+    fs, _ = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (None, None)
+    checkpoint = ray.train.Checkpoint(best.checkpoint_path, filesystem=fs)
+    artifact = export_artifact(checkpoint, f"{exp_dir}/{BEST_DIR}/artifact")
+    data = trial_config(job.base, best.params).model_dump(mode="json")
+    data["run"]["name"] = f"{job.name}-best"
+    header = (f"# diffray train {exp_dir}/{BEST_DIR}/config.yaml\n# The best trial ({best.trial_id}) of Tune "
+              f"experiment {job.name}: {job.tune.metric}={best.metric:.6g} at step {best.steps}.\n")
+    config_path = f"{exp_dir}/{BEST_DIR}/config.yaml"
+    _write_text(config_path, header + yaml.safe_dump(data, sort_keys=False))
+    return artifact, config_path
+
+
+def _local_dir(exp_dir: str, name: str) -> str:
+    return f"{exp_dir}/{name}" if "://" not in exp_dir else str(Path.cwd() / "runs-logs" / Path(exp_dir).name / name)
+
+
+def _write_text(path: str, text: str) -> None:
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)

@@ -1,0 +1,114 @@
+"""A Tune job's YAML (no cluster): the `tune:` section and the rules that join it to the training config,
+each refusal naming its field; the results table built from trial rows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diffray.errors import ConfigError
+from diffray.tune.config import load_tune_job
+from diffray.tune.results import TrialRow, format_table, to_table
+
+REPO = Path(__file__).resolve().parents[2]
+TUNE_LORA = REPO / "configs" / "tune_lora.yaml"
+
+
+def test_shipped_job_and_overrides():
+    job = load_tune_job(TUNE_LORA, ["tune.scheduler.grace_period=10", "train.max_steps=40", "tune.name=other"])
+    assert job.name == "other" and job.max_steps == 40 and job.tune.scheduler.grace_period == 10
+    assert [d.path for d in job.domains] == ["lora.rank", "optim.lr", "lora.alpha"]
+    assert job.tune.metric == "val_loss" and job.tune.search == "grid" and "tune" not in job.base
+
+
+def _job_with(tmp_path, edit) -> Path:
+    data = yaml.safe_load(TUNE_LORA.read_text())
+    edit(data)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit, field, message", [
+    (lambda d: d.pop("tune"), "tune", "a Tune job needs a `tune:` section"),
+    (lambda d: d["tune"].update(serch="grid"), "tune.serch", "unknown key"),
+    (lambda d: d["tune"].update(search="bayes"), "tune.search", "'grid', 'random' or 'tpe'"),
+    (lambda d: d["tune"]["space"].update({"data.resolution": {"grid": [32, 64]}}), "tune.space.data.resolution",
+     "the data section is shared by all trials"),
+    (lambda d: d["tune"]["space"].update({"scaling.num_workers": {"grid": [1, 2]}}), "tune.space.scaling.num_workers",
+     "cannot be searched"),
+    (lambda d: d["tune"]["space"].update({"lora.dropout": {"uniform": [0, 0.1]}}), "tune.space.lora.dropout",
+     "search: grid takes only grid"),
+    (lambda d: d["tune"].update(search="tpe"), "tune.space.lora.rank", "use {choice: [...]} instead of grid"),
+    (lambda d: d["data"].update(validation_fraction=0.0), "data.validation_fraction", "needs held-out rows"),
+    (lambda d: d["train"].update(validate_every=None), "train.validate_every", "trials report at validation"),
+    (lambda d: d["tune"]["scheduler"].update(grace_period=3), "tune.scheduler.grace_period",
+     "below train.validate_every (5)"),
+    (lambda d: d["tune"]["scheduler"].update(grace_period=30), "tune.scheduler.grace_period",
+     "must be below the last rung (30 steps)"),
+    (lambda d: d["tune"]["scheduler"].update(max_t=50), "tune.scheduler.max_t", "beyond train.max_steps (30)"),
+    (lambda d: d["tune"]["space"].update({"lora.rnk": {"grid": [4]}}), "tune.space.lora.rnk", "unknown key"),
+    (lambda d: d["lora"].update(rank=0), "lora.rank", "greater than"),
+])
+def test_bad_jobs_name_the_field(tmp_path, edit, field, message):
+    with pytest.raises(ConfigError) as err:
+        load_tune_job(_job_with(tmp_path, edit))
+    assert field in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_tpe_job_with_choice_domains_validates(tmp_path):
+    def edit(d):
+        d["tune"].update(search="tpe", num_samples=6)
+        d["tune"]["space"] = {"lora.rank": {"choice": [4, 8, 16, 32]}, "optim.lr": {"loguniform": [1e-4, 1e-2]},
+                              "lora.alpha": {"same_as": "lora.rank"}}
+    job = load_tune_job(_job_with(tmp_path, edit))
+    assert job.tune.search == "tpe" and job.tune.num_samples == 6
+
+
+def test_results_table_orders_columns_and_formats():
+    rows = [TrialRow("a", {"lora.rank": 8, "optim.lr": 1e-3}, "completed", 30, 0.51234567, 0.5),
+            TrialRow("b", {"lora.rank": 4, "optim.lr": 3e-4}, "stopped early", 5, 0.9, 0.9),
+            TrialRow("c", {"lora.rank": 16, "optim.lr": 3e-3}, "error", 0, math.nan, math.nan, error="boom")]
+    table = to_table(rows, "val_loss")
+    assert table.column_names == ["trial_id", "lora.rank", "optim.lr", "val_loss", "best_val_loss", "steps",
+                                  "status", "stopped_early", "error"]
+    assert table.column("stopped_early").to_pylist() == [False, True, False]
+    text = format_table(rows, "val_loss").splitlines()
+    assert text[1].split()[:4] == ["a", "8", "0.001", "0.512346"] and text[3].split()[3] == "nan"
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    diffray = str(Path(sys.executable).parent / "diffray")
+    for args, line in [
+        (["tune", str(TUNE_LORA), "tune.scheduler.grace_period=2"],
+         "diffray: error: tune.scheduler.grace_period: 2 is below train.validate_every (5): no report reaches the "
+         "first rung in time"),
+        (["tune", "results", str(tmp_path)],
+         f"diffray: error: DIR: {tmp_path} is not a diffray tune experiment (no tune_job.yaml)"),
+    ]:
+        proc = subprocess.run([diffray, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr
+
+
+def _ddpo_job(tmp_path, **tune) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "ddpo.yaml").read_text())
+    data["tune"] = {"space": {"optim.lr": {"grid": [1e-3, 1e-2]}}, "search": "grid", **tune}
+    path = tmp_path / "ddpo_tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ddpo_jobs_tune_on_the_reward(tmp_path):
+    job = load_tune_job(_ddpo_job(tmp_path, metric="reward_mean", mode="max", scheduler={"grace_period": 1}))
+    assert job.train.method == "ddpo" and job.train.data is None
+    with pytest.raises(ConfigError, match=r"tune\.metric: DDPO trials report the epoch's mean reward"):
+        load_tune_job(_ddpo_job(tmp_path))  # the default val_loss needs a dataset DDPO does not have
+    with pytest.raises(ConfigError, match=r"tune\.space\.data\.path: the data section is shared"):
+        load_tune_job(_ddpo_job(tmp_path, metric="reward_mean", mode="max",
+                                space={"data.path": {"grid": ["a", "b"]}}))
