@@ -1,0 +1,277 @@
+"""A two-node Ray cluster on this machine, driven as on a real one: `ray start --head` plus a second
+`ray start --address` node with its own resources, token authentication on, the job server on
+127.0.0.1; a LoRA job submitted with `ray job submit` whose two workers must span both nodes, and a
+Serve app deployed with `serve deploy` that answers with the adapter the job trained, and a job
+asking for 8 GPUs submitted with `diffray submit` that fails fast naming what the cluster has.
+
+The cluster is this module's own: its own temp dir, ports and token file; teardown stops only the
+process sessions it started (never a bare `ray stop`, which would stop other local clusters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY, DIFFRAY = str(BIN / "ray"), str(BIN / "diffray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalCluster:
+    """Head + one worker node, each `ray start --block` in its own process session (`start_nodes`)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        gcs, dash, client, agent1, agent2 = free_ports(5)
+        self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+        self.token = secrets.token_hex(32)
+        token_file = root / "auth_token"
+        token_file.write_text(self.token)
+        token_file.chmod(0o600)
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        # The workers and job drivers inherit this: the venv's python and `diffray` on PATH, token auth on.
+        self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
+                    "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+        self.ports = {"gcs": gcs, "dash": dash, "client": client, "agent1": agent1, "agent2": agent2}
+        self.procs: list[subprocess.Popen] = []
+
+    def start_nodes(self) -> None:
+        p = self.ports
+        common = ["--block", "--num-cpus=1", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        self.procs.append(self.start("head", ["--head", f"--port={p['gcs']}", "--include-dashboard=true",
+                                              "--dashboard-host=127.0.0.1", f"--dashboard-port={p['dash']}",
+                                              f"--ray-client-server-port={p['client']}",
+                                              f"--dashboard-agent-listen-port={p['agent1']}", *common]))
+        self.wait_for(lambda: self.request("/api/version") is not None, "the head's job server")
+        self.procs.append(self.start("node2", [f"--address={self.gcs}", '--resources={"node2": 1}',
+                                               f"--dashboard-agent-listen-port={p['agent2']}", *common]))
+        self.wait_for(lambda: len(self.alive_nodes()) == 2, "the second node")
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = (self.root / f"{name}.log").open("w")
+        return subprocess.Popen([RAY, "start", f"--temp-dir={self.root / name}", *args], env=self.env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_for(self, ready, what: str, timeout: float = 90) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                return
+            if any(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.5)
+        logs = "\n".join(p.read_text()[-2000:] for p in self.root.glob("*.log"))
+        raise RuntimeError(f"{what} did not come up:\n{logs}")
+
+    def request(self, path: str, token: bool = True):
+        req = urllib.request.Request(self.dashboard + path,
+                                     headers={"Authorization": f"Bearer {self.token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError:
+            raise
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def state(self, resource: str, **filters: str) -> list[dict]:
+        query = "&".join(f"filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items())
+        body = self.request(f"/api/v0/{resource}?limit=1000&detail=true&{query}")
+        return (body or {}).get("data", {}).get("result", {}).get("result", [])
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.state("nodes") if n.get("state") == "ALIVE"]
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops its node), then SIGKILL whatever is left in the
+        process sessions this cluster started (raylet workers, job drivers): nothing else."""
+        sessions = {p.pid for p in self.procs}
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 15
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in [int(d) for d in os.listdir("/proc") if d.isdigit()]:
+            try:
+                if os.getsid(pid) in sessions:
+                    os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in self.procs:
+            if p.poll() is None:
+                p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    root = Path(tempfile.mkdtemp(prefix="drc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    cluster = LocalCluster(root)
+    try:
+        cluster.start_nodes()
+        yield cluster
+    finally:
+        cluster.stop()  # also after a failed start: stops whatever did start
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_token_auth_on_and_job_server_on_localhost_only(local_cluster):
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        local_cluster.request("/api/jobs/", token=False)
+    assert denied.value.code == 401
+    assert local_cluster.request("/api/jobs/") == []
+    nodes = local_cluster.alive_nodes()
+    assert sorted(n["resources_total"]["CPU"] for n in nodes) == [1.0, 1.0]
+    assert [n["resources_total"].get("node2") for n in nodes if not n["is_head_node"]] == [1.0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Storage of this module's training job: the serve test deploys the adapter it trained."""
+    return tmp_path_factory.mktemp("cluster-runs")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_ray_job_submit_trains_lora_on_workers_spanning_both_nodes(local_cluster, runs):
+    runtime_env = {"env_vars": {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONUNBUFFERED": "1"},
+                   "excludes": [".git"]}
+    t0 = time.time()
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", local_cluster.dashboard, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "diffray", "train", "configs/lora.yaml", "run.name=two-nodes", f"run.storage_path={runs}",
+         "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=null",
+         "scaling.num_workers=2", "scaling.cpus_per_worker=1"],
+        env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out and "done: steps=4 " in out
+    assert (runs / "two-nodes" / "artifact" / "pytorch_lora_weights.safetensors").is_file()
+
+    # Each node has 1 CPU, so the two 1-CPU workers can only run one per node; Ray's own record of
+    # the job's training-worker actors shows where they ran.
+    job_id = next(j["job_id"] for j in local_cluster.request("/api/jobs/") if "run.name=two-nodes" in j["entrypoint"])
+    workers = local_cluster.state("actors", class_name="RayTrainWorker", job_id=job_id)
+    nodes = {n["node_id"]: n for n in local_cluster.alive_nodes()}
+    placed = sorted(("node2" if "node2" in nodes[w["node_id"]]["resources_total"] else "head") for w in workers)
+    assert placed == ["head", "node2"], workers
+    print(f"two-node LoRA job {job_id}: workers on {placed}, {time.time() - t0:.0f}s")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_cluster, runs, tmp_path):
+    import base64
+    import io
+
+    import yaml
+    from PIL import Image
+
+    artifact = runs / "two-nodes" / "artifact"
+    assert artifact.is_dir(), "needs the adapter trained by the job test above"
+    shutil.copytree(artifact, tmp_path / "adapters" / "two-nodes")
+    (port,) = free_ports(1)
+    cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    cfg["proxy_location"] = "HeadOnly"  # both nodes share this machine's ports: one proxy
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    args = cfg["applications"][0]["args"]
+    args.update(adapters_dir=str(tmp_path / "adapters"), default_steps=4)
+    args["generator"].update(num_cpus=0.5)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    serve_cli = str(BIN / "serve")
+    proc = subprocess.run([serve_cli, "deploy", str(config), "--address", local_cluster.dashboard],
+                          env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    url = f"http://127.0.0.1:{port}"
+    deadline, models = time.time() + 300, []
+    while time.time() < deadline and "two-nodes" not in models:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as resp:
+                models = [m["id"] for m in json.loads(resp.read())["data"]]
+        except (urllib.error.URLError, OSError, ValueError):
+            time.sleep(2)
+    assert "two-nodes" in models, f"the app did not come up with the adapter: {models}"
+    body = json.dumps({"prompt": "a red circle", "model": "two-nodes", "size": "64x64"}).encode()
+    req = urllib.request.Request(f"{url}/v1/images/generations", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        image = Image.open(io.BytesIO(base64.b64decode(json.loads(resp.read())["data"][0]["b64_json"])))
+    assert image.size == (64, 64)
+
+    proc = subprocess.run([serve_cli, "shutdown", "-y", "--address", local_cluster.dashboard],
+                          env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"{url}/v1/models", timeout=10)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_diffray_submit_of_an_8_gpu_job_fails_fast_naming_what_the_cluster_has(local_cluster, tmp_path):
+    t0 = time.time()
+    proc = subprocess.run(
+        [DIFFRAY, "submit", "--address", local_cluster.dashboard, "--working-dir", str(REPO),
+         "--env", f"DIFFRAY_CACHE={os.environ['DIFFRAY_CACHE']}", "--storage-path", str(tmp_path / "runs"),
+         "--", "train", "configs/lora.yaml", "scaling.num_workers=8", "scaling.use_gpu=true"],
+        env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    wall = time.time() - t0
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert wall < 60, wall
+    want = ("scaling: 8 workers x (1 CPU, 1 GPU) do not fit this cluster, whose 2 node(s) have "
+            "[1 CPU, 0 GPU; 1 CPU, 0 GPU]")
+    assert want in proc.stdout  # the job's own one-line error, streamed from its logs
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffray: error: job raysubmit_") and " FAILED" in last and "GPU" in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.e2e
+def test_diffray_submit_to_an_unreachable_address_is_one_line():
+    (port,) = free_ports(1)
+    proc = subprocess.run([DIFFRAY, "submit", "--address", f"http://127.0.0.1:{port}", "--", "train",
+                           "configs/lora.yaml", "run.storage_path=/tmp/unused"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"diffray: error: cannot reach the Ray job server at http://127.0.0.1:{port} (Failed to connect to Ray at "
+        f"address: http://127.0.0.1:{port}); is the cluster up? For a cluster started with `ray up cluster.yaml`, "
+        "run `ray dashboard cluster.yaml` (an SSH tunnel) and use http://127.0.0.1:8265"]
+
+
+@pytest.mark.e2e
+def test_diffray_submit_checks_the_config_before_uploading():
+    proc = subprocess.run([DIFFRAY, "submit", "--address", "http://127.0.0.1:9", "--", "train", "configs/lora.yaml",
+                           "strategy.name=fsdp"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "diffray: error: strategy.name: Input should be 'deepspeed' or 'ddp'"
