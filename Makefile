@@ -36,6 +36,9 @@ test-all: setup
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/latent_cache.py
+	$(BIN)/python benchmarks/ddpo_overlap.py
+	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/tune_asha.py
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -17,13 +17,35 @@ os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray-test"))
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster for integration tests (started once, shut down at the end)."""
+    """A local Ray cluster for integration tests (started once, shut down at the end). The dashboard
+    (localhost) serves the state API that Ray Train's placement-group cleaner needs."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def model_from_zero_checkpoint():
+    """`rebuild(run_dir, cfg, model_path) -> (model, components)`: the method's LoRA model with the weights
+    of the run's last checkpoint, read independently from its ZeRO shards (DeepSpeed's zero_to_fp32)."""
+    def rebuild(run_dir, cfg, model_path: str):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from diffray.models.loading import load_components
+        from diffray.trainers.lora import build_model
+
+        ckpt = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]
+        trained_sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="state", exclude_frozen_parameters=True)
+        comps = load_components(model_path)
+        model = build_model(cfg, comps)
+        missing, unexpected = model.load_state_dict(trained_sd, strict=False)
+        assert not unexpected and all("lora" not in k for k in missing)
+        return model, comps
+
+    return rebuild
 
 
 @pytest.fixture(scope="session")

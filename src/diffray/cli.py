@@ -130,6 +130,58 @@ def train(config: Path = typer.Argument(..., help="Job YAML (see configs/)"),
     typer.echo(result.summary_line())
 
 
+@app.command("tune")
+def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value ...] | results DIR",
+                                          help="A Tune job YAML (see configs/tune_lora.yaml) and overrides, or "
+                                          "`results DIR` to read an experiment back")) -> None:
+    """Search a training config with Ray Tune (ASHA by default); print the trial table, export the best
+    trial's artifact and config. Rerunning the same experiment resumes it; `tune results DIR` re-reads it."""
+    if args[0] == "results":
+        if len(args) != 2:
+            raise ConfigError("usage: diffray tune results DIR")
+        from diffray.tune.results import format_table, read_experiment, write_report
+
+        job, rows = read_experiment(args[1].rstrip("/"))
+        typer.echo(format_table(rows, job.tune.metric))
+        for what, path in write_report(rows, job, args[1].rstrip("/")).items():
+            typer.echo(f"{what}: {path}")
+        return
+    from diffray.tune.config import load_tune_job
+    from diffray.tune.results import format_table
+    from diffray.tune.runner import run_tune
+
+    job = load_tune_job(args[0], args[1:])
+    outcome = run_tune(job)
+    metric = job.tune.metric
+    typer.echo(format_table(outcome.rows, metric))
+    done = sum(r.status == "completed" for r in outcome.rows)
+    early = sum(r.stopped_early for r in outcome.rows)
+    typer.echo(f"{len(outcome.rows)} trials ({done} completed, {early} stopped early), {outcome.concurrency} at a "
+               f"time, {outcome.wall_time_s:.1f}s{' (resumed)' if outcome.restored else ''}; results: {outcome.exp_dir}")
+    if outcome.best is None:
+        raise DiffrayError("no trial finished; see the table's error column and the trials' logs")
+    typer.echo(f"best: {outcome.best.trial_id} {outcome.best.params} {metric}={outcome.best.metric:.6g}\n"
+               f"artifact: {outcome.best_artifact}\nconfig: {outcome.best_config}")
+
+
+@app.command("submit", context_settings={"allow_interspersed_args": False})
+def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
+                                            help="The diffray command to run on the cluster, e.g. train CONFIG"),
+           address: Optional[str] = typer.Option(None, help="Job server URL (default: $RAY_API_SERVER_ADDRESS, "
+                                                 "else http://127.0.0.1:8265: a local head or `ray dashboard` tunnel)"),
+           working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's cwd (configs/ travel with it)"),
+           env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job (repeatable)"),
+           exclude: Optional[list[str]] = typer.Option(None, help="Extra path pattern not to upload (repeatable)"),
+           storage_path: Optional[str] = typer.Option(None, envvar="DIFFRAY_STORAGE_PATH",
+                                                      help="run.storage_path for a train job that does not set "
+                                                      "it: the cluster's shared storage (s3://bucket/runs)"),
+           follow: bool = typer.Option(True, help="Stream the job's logs and exit with its status")) -> None:
+    """Run a diffray command on a running Ray cluster as a Ray job: `diffray submit -- train configs/lora.yaml`."""
+    from diffray.submit import parse_env, submit_job
+
+    submit_job(address, args, working_dir, parse_env(env or []), exclude or [], storage_path, follow)
+
+
 @app.command("demo")
 def demo(config: Path = typer.Option(Path("configs/lora.yaml"), help="The LoRA job to run"),
          out_dir: Path = typer.Option(Path("outputs"), help="Where the image grid goes"),
@@ -180,8 +232,22 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
                                                              "make a MultiControlNet)"),
              control_image: Optional[list[Path]] = typer.Option(None, help="Control image, one per --controlnet"),
              control_scale: Optional[list[float]] = typer.Option(None, help="Control strength: one, or one per "
-                                                                 "--controlnet (default 1.0)")) -> None:
-    """Render images with the base model, a LoRA / Textual Inversion adapter and/or ControlNets, as one grid PNG."""
+                                                                 "--controlnet (default 1.0)"),
+             url: Optional[str] = typer.Option(None, help="A diffray server (http://host:8000): generate there "
+                                               "(--adapter is then an adapter id) and save one PNG per image"),
+             api_key: Optional[str] = typer.Option(None, envvar="DIFFRAY_API_KEY", help="Bearer key for --url"),
+             size: Optional[int] = typer.Option(None, min=8, help="Width and height with --url (default: the "
+                                                "server's)")) -> None:
+    """Render images with the base model, a LoRA / Textual Inversion adapter and/or ControlNets, as one grid PNG;
+    with --url, on a diffray server (retries with backoff while it is busy or restarting)."""
+    if url:
+        from diffray.serve.client import generate_remote
+
+        paths = generate_remote(url, prompt, out, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
+                                adapter=str(adapter) if adapter else None, lora_scale=lora_scale, size=size,
+                                api_key=api_key)
+        typer.echo("wrote " + " ".join(str(p) for p in paths))
+        return
     from diffray.generate import generate_grid
 
     path = generate_grid(prompts=prompt, adapter=str(adapter) if adapter else None, model=model, out=out,
@@ -190,6 +256,16 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
                          controlnets=[str(c) for c in controlnet or []],
                          control_images=[str(c) for c in control_image or []], control_scales=control_scale or [])
     typer.echo(f"wrote {path}")
+
+
+@app.command("serve")
+def serve_app(config: Path = typer.Argument(Path("configs/serve.yaml"), help="Serve config file (configs/serve.yaml)"),
+              overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides of the app's "
+                                                              "args; http_options.port=8001 for the proxy")) -> None:
+    """Serve the image API (Ray Serve) from a Serve config file, as `serve run` does; Ctrl-C stops it."""
+    from diffray.serve.app import run_from_file
+
+    run_from_file(str(config), overrides or [])
 
 
 def main() -> None:

@@ -134,7 +134,10 @@ class TrainSection(Section):
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last K checkpoints.")
-    validate_every: int | None = Field(None, ge=1, description="Render validation grids every N steps.")
+    validate_every: int | None = Field(None, ge=1, description="Validate every N steps (and at the end): val_loss "
+                                       "on the held-out rows (data.validation_fraction) and validation grids.")
+    validation_grids: bool = Field(True, description="Render validation image grids at validation steps (false: "
+                                   "val_loss only, as Tune trials do).")
     validation_prompts: list[str] = Field(["a red circle on a blue background"],
                                           description="Prompts for validation grids.")
     validation_inference_steps: int = Field(10, ge=1, le=200, description="Sampler steps for validation.")
@@ -187,6 +190,9 @@ class FaultsSection(Section):
     kill_during_checkpoint_at_step: int | None = Field(
         None, ge=1, description="SIGKILL rank 0 half-way through writing this step's checkpoint.")
     kill_driver_after_step: int | None = Field(None, ge=1, description="Kill the driver once this step is checkpointed.")
+    kill_reward_actor_at_step: int | None = Field(
+        None, ge=1, description="DDPO: ray.kill (restartable) the reward actor scoring rank 0's first batch of this "
+        "epoch, while the call is in flight.")
 
 
 class TrainConfig(Section):
@@ -317,9 +323,88 @@ class ControlNetTrainConfig(TrainConfig):
         return self
 
 
+class RewardSection(Section):
+    name: str = Field("jpeg_compressibility", description="Reward in the registry (diffray.trainers.components."
+                      "rewards): jpeg_compressibility | jpeg_incompressibility | aesthetic | prompt_alignment.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the reward's factory "
+                                    "(e.g. clip_path, head_path: local paths; nothing is downloaded).")
+    actors: int = Field(1, ge=0, le=64, description="Reward actors in the pool shared by all workers, called "
+                        "asynchronously (the next batch samples while the last is scored); 0 scores inline on "
+                        "each training worker.")
+    num_cpus: float = Field(0.25, ge=0, description="CPUs each reward actor reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each reward actor reserves (a model-based reward on GPU).")
+    max_restarts: int = Field(3, ge=-1, description="Ray restarts of a dead reward actor (-1 = forever).")
+    retries: int = Field(3, ge=0, description="Times a scoring call is resubmitted after its actor died "
+                         "(RayActorError); the restarted actor scores it.")
+    start_timeout_s: float = Field(300.0, gt=0, description="Fail when the reward actors have not started by then "
+                                   "(the cluster cannot place them).")
+
+
+class DDPOSection(Section):
+    prompts: list[str] = Field(["a red circle on a blue background", "a green square on a white background",
+                                "a yellow triangle", "a photo of a cat"], min_length=1,
+                               description="Prompts drawn (uniformly, seeded) for each sample.")
+    prompts_file: str | None = Field(None, description="A text file of prompts, one per line (blank lines "
+                                     "skipped); replaces `prompts` when set.")
+    negative_prompt: str = Field("", description="Prompt of the unconditional branch of classifier-free guidance.")
+    reward: RewardSection = Field(default_factory=RewardSection)
+    resolution: int | None = Field(None, ge=8, le=4096, description="Image size in pixels (multiple of 8); None: "
+                                   "the UNet's sample_size x 8.")
+    sample_steps: int = Field(10, ge=2, le=1000, description="DDIM steps per trajectory (T).")
+    eta: float = Field(1.0, gt=0, le=1.0, description="DDIM noise weight (> 0: each step is a Gaussian policy).")
+    guidance: float = Field(5.0, ge=0, description="Classifier-free guidance scale while sampling and training.")
+    samples_per_epoch: int = Field(16, ge=1, description="Trajectories each worker samples per epoch.")
+    sample_batch_size: int = Field(4, ge=1, description="Trajectories per sampling batch (one reward call each).")
+    inner_epochs: int = Field(1, ge=1, le=100, description="PPO passes over each epoch's samples.")
+    timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="Fraction of the T steps trained per sample "
+                                     "(a random subset, per sample and pass).")
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon.")
+    adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clamped to [-adv_clip_max, adv_clip_max].")
+    per_prompt_advantages: bool = Field(True, description="Normalise rewards per prompt with a running stat tracker "
+                                        "(else over the epoch's batch of all workers).")
+    stat_buffer_size: int | None = Field(32, ge=1, description="Rewards kept per prompt by the stat tracker "
+                                         "(None: all).")
+    stat_min_count: int = Field(16, ge=1, description="Below this many rewards for a prompt, normalise over the "
+                                "epoch's batch instead.")
+    grid_images: int = Field(4, ge=1, le=32, description="Best and worst samples shown in each epoch's image grid "
+                             "(every train.validate_every epochs and the last).")
+
+
+class DDPOTrainConfig(TrainConfig):
+    """DDPO reward alignment: train.max_steps counts epochs (sample, score, inner_epochs of PPO updates);
+    train.micro_batch_size is the trajectories per PPO forward."""
+
+    method: Literal["ddpo"] = Field("ddpo", description="Training method.")
+    run: RunSection = Field(default_factory=lambda: RunSection(name="ddpo-sample"))
+    data: DataSection | None = Field(None, description="Unused: DDPO samples its own images from ddpo.prompts.")
+    train: TrainSection = Field(default_factory=lambda: TrainSection(max_steps=10, checkpoint_every=5,
+                                                                     validate_every=5, validation_prompts=[]))
+    lora: LoraSection = Field(default_factory=LoraSection)
+    ddpo: DDPOSection = Field(default_factory=DDPOSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> DDPOTrainConfig:
+        d, t = self.ddpo, self.train
+        if self.data is not None:
+            raise ValueError("data: DDPO trains on samples of ddpo.prompts, not a dataset; remove the data section")
+        if self.lora.train_text_encoder:
+            raise ValueError("lora.train_text_encoder: DDPO trains LoRA on the UNet only")
+        if d.resolution is not None and d.resolution % 8:
+            raise ValueError(f"ddpo.resolution must be a multiple of 8 (the VAE downsamples by 8), "
+                             f"got {d.resolution}")
+        if d.samples_per_epoch % d.sample_batch_size:
+            raise ValueError(f"ddpo.samples_per_epoch={d.samples_per_epoch} must be a multiple of "
+                             f"ddpo.sample_batch_size={d.sample_batch_size}")
+        per_update = t.micro_batch_size * t.grad_accum_steps
+        if d.samples_per_epoch % per_update:
+            raise ValueError(f"ddpo.samples_per_epoch={d.samples_per_epoch} must be a multiple of "
+                             f"train.micro_batch_size x train.grad_accum_steps = {per_update}")
+        return self
+
+
 METHODS: dict[str, type[TrainConfig]] = {"lora": LoraTrainConfig, "dreambooth": DreamBoothTrainConfig,
                                          "textual_inversion": TextualInversionTrainConfig,
-                                         "controlnet": ControlNetTrainConfig}
+                                         "controlnet": ControlNetTrainConfig, "ddpo": DDPOTrainConfig}
 
 
 

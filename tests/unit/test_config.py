@@ -7,12 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffray.config import LoraTrainConfig, apply_overrides, load_config, validate_config
 from diffray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+ALL_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# Training jobs; Tune jobs (a `tune:` section) and Serve config files (`applications:`) are other kinds.
+CONFIGS = [p for p in ALL_CONFIGS if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))]
+TUNE_CONFIGS = [p for p in ALL_CONFIGS if "tune" in yaml.safe_load(p.read_text())]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -21,6 +25,15 @@ def test_every_shipped_config_validates(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# diffray ") and path.name in first, "first line must name the command"
     assert cfg.model.path.startswith("builtin:"), "shipped configs run as-is on the embedded model"
+
+
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=[p.name for p in TUNE_CONFIGS])
+def test_every_shipped_tune_config_validates(path):
+    from diffray.tune.config import load_tune_job
+
+    job = load_tune_job(path)
+    assert path.read_text().splitlines()[0] == f"# diffray tune configs/{path.name}"
+    assert job.train.model.path.startswith("builtin:") and job.domains
 
 
 def test_overrides_parse_types():
@@ -42,7 +55,7 @@ def test_overrides_parse_types():
     ("train.max_steps=abc", "train.max_steps: Input should be a valid integer"),
     ("data.resolution=60", "data.resolution: must be a multiple of 8"),
     ("strategy.offload_params=true", "offload_params needs zero_stage 3"),
-    ("method=dreamboat", "method: unknown method 'dreamboat' (allowed: lora, dreambooth, textual_inversion, controlnet)"),
+    ("method=dreamboat", "method: unknown method 'dreamboat' (allowed: lora, dreambooth, textual_inversion, controlnet, ddpo)"),
     ("run.name=../etc", "run.name: String should match pattern"),
     ("bogus.key=1", "bogus: unknown key"),
 ])

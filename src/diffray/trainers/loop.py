@@ -53,6 +53,8 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
     cfg = cfg_cls.model_validate(config["cfg"])
     model_path, log_dir, status = config["model_path"], config["log_dir"], config.get("status_actor")
     has_validation = config.get("has_validation", False)
+    # Under Tune every validation step is reported (a scheduler decides on it), each report carrying val_loss.
+    report_validation = config.get("report_validation", False)
     env = session.worker_env(cfg.train.mixed_precision, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker)
     t, gas = cfg.train, cfg.train.grad_accum_steps
 
@@ -97,15 +99,18 @@ def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.Wor
         metrics = {"step": step, "loss": step_loss, "lr": engine.lr, "grad_norm": engine.last_grad_norm or 0.0,
                    "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed,
                    **(counters.take() if counters is not None else {})}
-        if has_validation and (do_validate or step == t.max_steps):
+        val_due = do_validate or step == t.max_steps or (report_validation and do_ckpt)
+        if has_validation and val_due:
             metrics["val_loss"] = validation_loss(task, engine, cfg)
             state = {**state, "val_loss": metrics["val_loss"], "val_loss_step": step}
             do_log = True
         if do_log:
             logger.step(step, metrics)
+        if report_validation and has_validation and val_due and not do_ckpt:
+            ray.train.report(session.summary_metrics(state))  # every rank: a report is a collective
         # Under ZeRO-3 every forward all-gathers partitioned weights, so every rank renders (same seeds,
         # same images) and only rank 0 writes; otherwise rank 0 renders alone.
-        if do_validate and (env.is_main or engine.collective_forward):
+        if do_validate and t.validation_grids and (env.is_main or engine.collective_forward):
             was_training = task.module.training
             task.module.eval()
             with torch.no_grad():

@@ -29,6 +29,7 @@ TRAIN_LOOPS = {
     "dreambooth": "diffray.trainers.dreambooth:train_loop_per_worker",
     "textual_inversion": "diffray.trainers.textual_inversion:train_loop_per_worker",
     "controlnet": "diffray.trainers.controlnet:train_loop_per_worker",
+    "ddpo": "diffray.trainers.ddpo:train_loop_per_worker",
 }
 
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -37,7 +38,9 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "fals
 def connect_ray() -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one.
 
-    A local cluster keeps Ray's defaults for token auth and binds nothing beyond localhost.
+    A local cluster keeps Ray's defaults for token auth and binds nothing beyond localhost. Its dashboard
+    (127.0.0.1 only) is on because Ray Train's placement-group cleaner asks the state API whether a
+    controller has died: without it a trial that Tune stops leaks its workers' placement group.
     """
     if ray.is_initialized():
         return
@@ -45,7 +48,7 @@ def connect_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 @ray.remote(num_cpus=0)
@@ -74,6 +77,7 @@ class RunResult:
 
     def summary_line(self) -> str:
         val = f" val_loss={self.metrics['val_loss']:.4f}" if "val_loss" in self.metrics else ""
+        val += f" reward={self.metrics['reward_mean']:.4f}" if "reward_mean" in self.metrics else ""
         return (f"done: steps={self.steps} loss first10={self.loss_first_mean:.4f} "
                 f"last10={self.loss_last_mean:.4f}{val} artifact={self.artifact_dir} wall={self.wall_time_s:.1f}s")
 
@@ -185,6 +189,8 @@ def prepare_data(cfg) -> dict[str, str]:
     from diffray.data.cache import build_cache
     from diffray.models.loading import resolve_model_path
 
+    if cfg.data is None:
+        raise ConfigError(f"method {cfg.method} trains without a dataset: there is nothing to prepare", field="data")
     if cfg.data.cache == "off":
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": "auto"})})
     model_path = resolve_model_path(cfg.model.path)
@@ -195,8 +201,10 @@ def prepare_data(cfg) -> dict[str, str]:
             for name, src in dataset_sources(cfg, model_path).items()}
 
 
-def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status) -> TorchTrainer:
-    """A configured TorchTrainer for `cfg.method`."""
+def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status,
+                  callbacks: list | None = None, report_validation: bool = False) -> TorchTrainer:
+    """A configured TorchTrainer for `cfg.method`; `callbacks` are Ray Train user callbacks (Tune's
+    report callback in a trial), `report_validation` reports val_loss at every validation step."""
     s = cfg.scaling
     resources = s.worker_bundle()
     run_config = ray.train.RunConfig(
@@ -205,12 +213,13 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
         failure_config=ray.train.FailureConfig(max_failures=cfg.failure.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         worker_runtime_env={"env_vars": WORKER_ENV},
+        callbacks=callbacks or None,
     )
     return TorchTrainer(
         resolve_loop(cfg.method),
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "log_dir": log_dir,
                            "status_actor": status, "progress_bar": cfg.train.progress_bar and sys.stdout.isatty(),
-                           "has_validation": VALIDATION in datasets},
+                           "has_validation": VALIDATION in datasets, "report_validation": report_validation},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=run_config,
@@ -250,6 +259,13 @@ def check_resources(scaling) -> None:
                       "autoscaling cluster")
 
 
+def run_dirs(cfg) -> tuple[str, str]:
+    """(run dir in storage, local log dir): logs stay beside the run on local disk, else under ./runs-logs."""
+    run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+    log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
+    return run_dir, log_dir
+
+
 def run_training(cfg) -> RunResult:
     """Train `cfg` on the connected cluster; resume if a run of that name exists; export the artifact."""
     from diffray.models.loading import resolve_model_path
@@ -259,8 +275,7 @@ def run_training(cfg) -> RunResult:
     preflight(cfg, model_path)
     connect_ray()
     check_resources(cfg.scaling)
-    run_dir = f"{storage_root(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
-    log_dir = str(Path(run_dir) / "logs") if "://" not in run_dir else str(Path.cwd() / "runs-logs" / cfg.run.name)
+    run_dir, log_dir = run_dirs(cfg)
     datasets = build_datasets(cfg, model_path, log_dir)
     status = RunStatus.remote()
     try:
