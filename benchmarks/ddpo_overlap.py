@@ -18,17 +18,20 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import ray
 import torch
 
-from diffray.config import load_config
-from diffray.models.tiny import build_tiny_clip, write_aesthetic_head
+from diffray.methods import load_config
 from diffray.trainers.runner import run_training
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers (testkit): small models built from code
+from testkit.models import build_tiny_clip, write_aesthetic_head  # noqa: E402
+
 PROJ = 64
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import ray
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.data.sample import write_sample_dataset
-from diffray.trainers.runner import prepare_data, run_training
+from diffray.trainers.datasets import prepare_data
+from diffray.trainers.runner import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers (testkit): ports, untrained adapters
+from testkit.net import free_port  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -40,14 +42,6 @@ def post(url: str, body: dict) -> float:
         r.read()
         assert r.status == 200
     return time.perf_counter() - t0
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def app_args(reg: str, steps: int, threads: int, batching: bool) -> dict:
@@ -126,7 +120,7 @@ def main() -> None:
     from diffray.models.loading import resolve_model_path
     from diffray.serve.app import build_app
     from diffray.serve.config import parse_args
-    from diffray.serve.demo_adapters import random_lora
+    from testkit.adapters import random_lora
     from diffray.serve.engine import ImageEngine
     from diffray.serve.schemas import Job
 

@@ -20,11 +20,12 @@ from pathlib import Path
 import ray
 import torch
 
-from diffray.config import load_config
 from diffray.data.sample import write_sample_dataset
-from diffray.models.loading import load_components, resolve_model_path
-from diffray.trainers.lora import build_model, compute_loss
-from diffray.trainers.runner import build_dataset, run_training
+from diffray.methods import load_config
+from diffray.models.loading import resolve_model_path
+from diffray.trainers.datasets import build_dataset
+from diffray.trainers.lora.task import LoraTask
+from diffray.trainers.runner import run_training
 from diffray.trainers.session import WorkerEnv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +44,10 @@ def plain_loop(cfg, steps: int) -> list[float]:
     """The same model, loss and data with a bare torch AdamW loop in this process."""
     torch.set_num_threads(THREADS)
     model_path = resolve_model_path(cfg.model.path)
-    comps = load_components(model_path)
-    model = build_model(cfg, comps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    task = LoraTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    params = [p for p in task.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
     ds = build_dataset(cfg, model_path)
-    pred = comps.noise_scheduler.config.prediction_type
 
     def batches():
         while True:
@@ -58,7 +56,7 @@ def plain_loop(cfg, steps: int) -> list[float]:
     it, times = batches(), []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        loss = compute_loss(model, comps, next(it), step, cfg, env, pred)
+        loss = task.losses(task.module, next(it), step).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()

@@ -35,17 +35,30 @@ def model_from_zero_checkpoint():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from diffray.models.loading import load_components
-        from diffray.trainers.lora import build_model
+        from diffray.trainers.denoising import lora_denoiser
 
         ckpt = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]
         trained_sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="state", exclude_frozen_parameters=True)
         comps = load_components(model_path)
-        model = build_model(cfg, comps)
+        model = lora_denoiser(comps, cfg.lora, cfg.run.seed)
         missing, unexpected = model.load_state_dict(trained_sd, strict=False)
         assert not unexpected and all("lora" not in k for k in missing)
         return model, comps
 
     return rebuild
+
+
+@pytest.fixture()
+def faults(monkeypatch):
+    """`faults(**drills)`: the runs this test starts from now on get these failure drills (see
+    tests/testkit/faults.py); `faults()` turns them off again."""
+    from testkit.faults import fault_env
+
+    def turn_on(**drills) -> None:
+        for key, value in fault_env(**drills).items():
+            monkeypatch.setenv(key, value)
+
+    return turn_on
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,9 @@
-"""`diffray` command line: init-model, data, train, generate, config.
+"""`diffray` command line: init-model, data, train, tune, demo, generate, serve, submit, config.
 
 Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
-non-zero (2 for config errors). Heavy imports happen inside commands so `--help` is instant.
+non-zero (2 for config errors). The terminal shows diffray's own lines, a progress bar and the results;
+Ray's, Ray Data's and DeepSpeed's own output goes to the run's log files unless `--verbose` (see
+`diffray.logs`). Heavy imports happen inside commands so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +24,32 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: sample set, latent 
 config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's, Ray Data's and "
+                                         "DeepSpeed's own output (or set DIFFRAY_VERBOSE=1)")) -> None:
+    """Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster."""
+    logs.configure_cli(verbose or logs.verbose())
+
+
+def train_progress(cfg):
+    """The driver's progress display of a training job (None when `train.progress_bar` is off)."""
+    from diffray.console import TrainProgress
+
+    return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None
+
+
+def run_with_progress(cfg):
+    """`run_training` with the progress display; returns the result."""
+    from diffray.trainers.runner import run_training
+
+    progress = train_progress(cfg)
+    try:
+        return run_training(cfg, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 @app.command("init-model")
@@ -51,8 +80,8 @@ def data_prepare(config: Path = typer.Argument(..., help="Job YAML (its data sec
                  overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
     """Validate the job's dataset(s) and build the latent cache (VAE latents + text embeddings as Parquet)
     as a Ray Data job; training with the same settings and `data.cache` then does no encoder work."""
-    from diffray.config import load_config
-    from diffray.trainers.runner import prepare_data
+    from diffray.methods import load_config
+    from diffray.trainers.datasets import prepare_data
 
     cfg = load_config(config, overrides or [])
     for name, folder in prepare_data(cfg).items():
@@ -76,7 +105,7 @@ def data_condition(src: str = typer.Argument(..., help="Image dataset: imagefold
     from diffray.config import DataSection
     from diffray.data import resolve_data_path
     from diffray.data.conditioning import condition_dataset, make_preprocessor
-    from diffray.trainers.runner import connect_ray
+    from diffray.cluster import connect_ray
 
     options = ({"low_threshold": low_threshold, "high_threshold": high_threshold} if kind == "canny"
                else {"model_path": str(model_path)} if model_path is not None else {})
@@ -105,7 +134,7 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     from diffray.config import DataSection
     from diffray.data import resolve_data_path
     from diffray.data.inspect import format_summary, inspect_dataset
-    from diffray.trainers.runner import connect_ray
+    from diffray.cluster import connect_ray
 
     if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
         raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
@@ -122,11 +151,11 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
 def train(config: Path = typer.Argument(..., help="Job YAML (see configs/)"),
           overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
     """Train with Ray Train on the cluster in RAY_ADDRESS, or on a local one."""
-    from diffray.config import load_config
-    from diffray.trainers.runner import run_training
+    from diffray.methods import load_config
 
     cfg = load_config(config, overrides or [])
-    result = run_training(cfg)
+    result = run_with_progress(cfg)
+    typer.echo(f"logs: {result.log_dir}")
     typer.echo(result.summary_line())
 
 
@@ -146,12 +175,13 @@ def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value .
         for what, path in write_report(rows, job, args[1].rstrip("/")).items():
             typer.echo(f"{what}: {path}")
         return
+    from diffray.console import TuneProgress
     from diffray.tune.config import load_tune_job
     from diffray.tune.results import format_table
     from diffray.tune.runner import run_tune
 
     job = load_tune_job(args[0], args[1:])
-    outcome = run_tune(job)
+    outcome = run_tune(job, on_trial=TuneProgress(job.tune.metric, job.tune.mode).record)
     metric = job.tune.metric
     typer.echo(format_table(outcome.rows, metric))
     done = sum(r.status == "completed" for r in outcome.rows)
@@ -189,13 +219,13 @@ def demo(config: Path = typer.Option(Path("configs/lora.yaml"), help="The LoRA j
     """Train the LoRA demo (configs/lora.yaml), export it, and render base-vs-adapter grids."""
     import time
 
-    from diffray.config import load_config
     from diffray.generate import generate_grid
-    from diffray.trainers.runner import run_training
+    from diffray.methods import load_config
 
     t0 = time.time()
     cfg = load_config(config, overrides or [])
-    result = run_training(cfg)
+    result = run_with_progress(cfg)
+    typer.echo(f"logs: {result.log_dir}")
     typer.echo(result.summary_line())
     grid = generate_grid(prompts=cfg.train.validation_prompts, adapter=result.artifact_dir, model=cfg.model.path,
                          out=out_dir / "demo_grid.png", num_images=4, steps=20, compare_base=True)
@@ -210,7 +240,7 @@ def config_show(config: Path = typer.Argument(..., help="Job YAML"),
     """Print the fully resolved config (defaults filled in) as YAML."""
     import yaml
 
-    from diffray.config import load_config
+    from diffray.methods import load_config
 
     cfg = load_config(config, overrides or [])
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

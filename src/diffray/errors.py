@@ -27,6 +27,10 @@ class DatasetError(DiffrayError):
     """A dataset cannot be read or has too many bad rows."""
 
 
+class StorageError(DiffrayError):
+    """A local path or URI cannot be opened, read or written."""
+
+
 class ModelError(DiffrayError):
     """A base model directory is missing, incomplete or of an unknown preset."""
 

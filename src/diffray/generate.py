@@ -45,21 +45,20 @@ def check_controls(controlnets: list[str], control_images: list[str], scales: li
 
 def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str], scales: list[float]):
     """The base pipeline as a `StableDiffusionControlNetPipeline` (a MultiControlNet for several) and the
-    call arguments (image, controlnet_conditioning_scale) for its control images.
+    call arguments (image, controlnet_conditioning_scale) for its control images; `scales` as
+    `check_controls` returns them (one per ControlNet).
 
     Control images decode like training's: EXIF applied, grayscale to RGB, alpha on black.
 
     Raises:
-        ConfigError: counts of --controlnet, --control-image and --control-scale do not match, or a
-            control image cannot be read.
+        ConfigError: a control image cannot be read.
     """
     from diffusers import StableDiffusionControlNetPipeline
 
     from diffray.data.transforms import BLACK, decode_image
     from diffray.errors import DatasetError
-    from diffray.trainers.controlnet import load_controlnet
+    from diffray.models.loading import load_controlnet
 
-    scales = check_controls(controlnets, control_images, scales)
     models = [load_controlnet(d) for d in controlnets]
     images = []
     for p in control_images:
@@ -99,13 +98,13 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     from diffray.models.loading import load_pipeline, resolve_model_path
 
     controlnets = list(controlnets or [])
-    check_controls(controlnets, list(control_images or []), list(control_scales or []))
+    scales = check_controls(controlnets, list(control_images or []), list(control_scales or []))
     cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
     base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
     pipe = load_pipeline(resolve_model_path(base))
     extra, off = {}, {}
     if controlnets:
-        pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), list(control_scales or []))
+        pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), scales)
         off = {**extra, "controlnet_conditioning_scale": [0.0] * len(controlnets) if len(controlnets) > 1 else 0.0}
     pipe.set_progress_bar_config(disable=True)
     rows, labels = [], []

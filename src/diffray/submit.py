@@ -23,6 +23,7 @@ from typing import TextIO
 from urllib.parse import urlparse
 
 from diffray.errors import ConfigError, DiffrayError
+from diffray.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir (Ray also honours .gitignore and .rayignore there).
@@ -39,7 +40,7 @@ def job_server_address(address: str | None) -> str:
     """The job server URL: `address`, else $RAY_API_SERVER_ADDRESS, else the local default; a bare
     host:port gets http://."""
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
-    return address if "://" in address else f"http://{address}"
+    return address if is_uri(address) else f"http://{address}"
 
 
 def token_available() -> bool:
@@ -82,7 +83,7 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     """
     if len(args) < 2 or args[0] not in ("train", "tune") or args[1].startswith("-") or args[1] == "results":
         return
-    from diffray.config import load_config
+    from diffray.methods import load_config
     from diffray.tune.config import load_tune_job
 
     path = Path(args[1]) if Path(args[1]).is_absolute() else working_dir / args[1]
@@ -91,7 +92,7 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     overrides = [a for a in args[2:] if not a.startswith("-")]
     cfg = load_config(path, overrides) if args[0] == "train" else load_tune_job(path, overrides).train
     storage = cfg.run.storage_path
-    if "://" not in storage and not Path(storage).expanduser().is_absolute():
+    if not is_uri(storage) and not Path(storage).expanduser().is_absolute():
         print(f"diffray: warning: run.storage_path={storage} is relative: on the cluster it lands in the job's "
               "temporary working dir; pass --storage-path (shared storage, e.g. s3://bucket/runs)", file=err)
 

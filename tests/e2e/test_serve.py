@@ -13,7 +13,6 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,19 +25,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from testkit.net import free_port
+from testkit.procs import interrupt_group
 
 pytestmark = [pytest.mark.e2e]
 
 KEY = "test-key-123"
 APP = "diffray-test"
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Server:
@@ -97,7 +90,7 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from diffray.serve.app import build_app
-    from diffray.serve.demo_adapters import controlnet_from_unet, random_lora, random_textual_inversion
+    from testkit.adapters import controlnet_from_unet, random_lora, random_textual_inversion
 
     reg = tmp_path_factory.mktemp("adapters")
     random_lora(tiny_model_path, reg / "lora-a", seed=1)
@@ -383,9 +376,6 @@ def test_killing_a_generator_replica_under_load(server, retry):
 def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path):
     """configs/serve.yaml as-is (port and registry moved aside): `serve run FILE` / `diffray serve FILE`
     start a fresh local cluster, answer an OpenAI-style request, and stop on Ctrl-C."""
-    import os
-    import signal
-
     import yaml
 
     port = free_port()
@@ -417,9 +407,4 @@ def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path
         status, js, _ = server.call("POST", "/v1/images/generations", {"prompt": "a red circle"}, key=None)
         assert status == 200 and png_array(js["data"][0]["b64_json"]).shape == (64, 64, 3)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        interrupt_group(proc)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.data import resolve_data_path
 from diffray.data.conditioning import condition_dataset
 from diffray.data.pipeline import prepare_training_dataset
@@ -37,7 +37,7 @@ def losses(run_dir: str) -> list[float]:
 
 def residual_prediction(controlnet, comps, control: torch.Tensor) -> torch.Tensor:
     """The base UNet's noise prediction steered by `controlnet` on fixed inputs."""
-    from diffray.trainers.controlnet import ControlledUNet
+    from diffray.trainers.controlnet.task import ControlledUNet
 
     g = torch.Generator().manual_seed(3)
     latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 500])

@@ -13,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.data.pipeline import QUARANTINE_FILE, prepare_training_dataset
 from diffray.data.sample import write_sample_dataset
 from diffray.errors import DatasetError
-from diffray.trainers.runner import prepare_data, run_training
+from diffray.trainers.datasets import prepare_data
+from diffray.trainers.runner import run_training
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

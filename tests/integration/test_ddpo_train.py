@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.trainers.runner import run_training
 
@@ -53,7 +53,10 @@ def mean_jpeg_kb(pipe, cfg, seed: int = 999) -> float:
     """Mean JPEG size of EVAL_SAMPLES images DDPO-sampled from the pipeline's UNet (fixed prompts/seeds)."""
     from diffray.trainers.components.ddpo import ddim_scheduler, draw_prompts, sample_trajectory
     from diffray.trainers.components.rewards import get_reward
-    from diffray.trainers.ddpo import decode_images, encode_prompts
+    from diffray.models.family import StableDiffusion
+    from diffray.trainers.ddpo.task import decode_images
+
+    encode_prompts = StableDiffusion().prompt_states
 
     d = cfg.ddpo
     prompts = draw_prompts(d.prompts, EVAL_SAMPLES, [seed])
@@ -101,9 +104,9 @@ def test_jpeg_reward_moves_the_policy(ray_cluster, runs_root, tiny_model_path, r
         assert after > before + MARGIN_KB
 
 
-def test_reward_actor_killed_mid_call_is_restarted_and_the_epoch_completes(ray_cluster, tmp_path):
-    cfg = ddpo_cfg(tmp_path / "runs", "ddpo-kill", "train.max_steps=3", "train.checkpoint_every=3",
-                   "faults.kill_reward_actor_at_step=2")
+def test_reward_actor_killed_mid_call_is_restarted_and_the_epoch_completes(ray_cluster, tmp_path, faults):
+    faults(kill_reward_actor_at_step=2)
+    cfg = ddpo_cfg(tmp_path / "runs", "ddpo-kill", "train.max_steps=3", "train.checkpoint_every=3")
     assert cfg.scaling.num_workers == 2 and cfg.ddpo.reward.actors == 2
     result = run_training(cfg)
     assert result.steps == 3

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.models.adapters import LORA_WEIGHTS, read_card
-from diffray.trainers.dreambooth import ensure_class_images
+from diffray.trainers.dreambooth.class_images import ensure_class_images
 from diffray.trainers.runner import run_training
 
 pytestmark = pytest.mark.integration

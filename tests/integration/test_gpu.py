@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.trainers.runner import run_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,

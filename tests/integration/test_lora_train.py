@@ -11,7 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from diffray.config import apply_overrides, load_config, validate_config
+from diffray.config import apply_overrides
+from diffray.methods import load_config, validate_config
 from diffray.errors import TrainingError
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.trainers.runner import run_training
@@ -103,9 +104,9 @@ def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     assert worst < 1e-5, f"max |2x1 - 1x2| = {worst:.2e}"
 
 
-def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path):
-    cfg = small_cfg(tmp_path, "killed", "failure.max_failures=1", "faults.kill_rank_at_step={rank: 1, step: 5}",
-                    "train.validate_every=null")
+def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, faults):
+    faults(kill_rank_at_step={"rank": 1, "step": 5})
+    cfg = small_cfg(tmp_path, "killed", "failure.max_failures=1", "train.validate_every=null")
     result = run_training(cfg)
     assert result.steps == 8
     # Ray registers a checkpoint asynchronously after every rank reported it, so the restart resumes
@@ -120,26 +121,29 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path):
     assert (Path(result.run_dir) / "logs" / "faults" / "rank1-step5").is_file()
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, tmp_path):
-    cfg = small_cfg(tmp_path, "nan", "faults.nan_loss_at_step=3", "failure.max_failures=1", "train.validate_every=null")
+def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, tmp_path, faults):
+    faults(nan_loss_at_step=3)
+    cfg = small_cfg(tmp_path, "nan", "failure.max_failures=1", "train.validate_every=null")
     with pytest.raises(TrainingError, match=r"loss became NaN/inf at step 3.*Last good checkpoint: .*checkpoint_"):
         run_training(cfg)
     run_dir = str(tmp_path / "runs" / "nan")
     assert max(step_lines(run_dir)) == 2 and starts(run_dir) == [0]
     # The step-2 checkpoint is intact: the same run without the fault resumes from it and finishes.
+    faults()
     fixed = small_cfg(tmp_path, "nan", "train.validate_every=null")
     result = run_training(fixed)
     assert starts(run_dir) == [0, 2] and result.steps == 8
 
 
-def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_path):
+def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_path, faults):
     run_dir = str(tmp_path / "runs" / "midwrite")
     assert run_training(small_cfg(tmp_path, "midwrite", "train.max_steps=4", "train.validate_every=null")).steps == 4
     # Continue to 8; rank 0 is SIGKILLed half-way through writing the step-6 checkpoint, no retries.
+    faults(kill_during_checkpoint_at_step=6)
     with pytest.raises(TrainingError, match="failed"):
-        run_training(small_cfg(tmp_path, "midwrite", "faults.kill_during_checkpoint_at_step=6",
-                               "failure.max_failures=0", "train.validate_every=null"))
+        run_training(small_cfg(tmp_path, "midwrite", "failure.max_failures=0", "train.validate_every=null"))
     assert (Path(run_dir) / "logs" / "faults" / "checkpoint-6").is_file()
+    faults()
     # The half-written step-6 checkpoint never replaced step 4: the next run resumes from 4.
     result = run_training(small_cfg(tmp_path, "midwrite", "train.validate_every=null"))
     assert starts(run_dir) == [0, 4, 4] and result.steps == 8
@@ -171,7 +175,7 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
 
 
 def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
-    from diffray.trainers.runner import build_datasets
+    from diffray.trainers.datasets import build_datasets
 
     common = ["data.validation_fraction=0.25", "train.max_steps=4", "train.validate_every=2", "train.log_every=4",
               "train.checkpoint_every=4"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.data.sample import resolve_data_path
 from diffray.data.transforms import preprocess_images
 from diffray.errors import ConfigError, DatasetError
@@ -20,7 +20,7 @@ from diffray.models.loading import load_components
 from diffray.models.textual_inversion import TI_WEIGHTS, placeholder_tokens
 from diffray.trainers.runner import run_training
 from diffray.trainers.session import WorkerEnv
-from diffray.trainers.textual_inversion import build_model, compute_loss
+from diffray.trainers.textual_inversion.task import TextualInversionTask
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -39,8 +39,8 @@ def newest_checkpoint(run_dir: str) -> Path:
 def fixed_draw_loss(cfg, model_path: str, rows: torch.Tensor | None, steps: range) -> float:
     """Mean denoising loss of every subject image under the (noise, timestep, template) draws of `steps`,
     with the placeholder rows at their initial value (None) or set to `rows`."""
-    comps = load_components(model_path)
-    model, ids = build_model(cfg, comps)
+    task = TextualInversionTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    comps, model, ids = task.comps, task.module, task.token_ids
     if rows is not None:
         with torch.no_grad():
             comps.text_encoder.get_input_embeddings().weight[ids] = rows
@@ -50,9 +50,8 @@ def fixed_draw_loss(cfg, model_path: str, rows: torch.Tensor | None, steps: rang
     pixels = preprocess_images([(root / m["file_name"]).read_bytes() for m in meta], sample_ids, ["-"] * len(meta),
                                cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip, cfg.run.seed)
     batch = {"sample_id": torch.tensor(sample_ids), "pixel_values": torch.from_numpy(pixels)}
-    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
     with torch.no_grad():
-        return sum(compute_loss(model, comps, batch, s, cfg, env, "epsilon").item() for s in steps) / len(steps)
+        return sum(task.losses(model, batch, s).mean().item() for s in steps) / len(steps)
 
 
 def test_learns_only_the_new_token_and_exports_a_stock_embedding(ray_cluster, tmp_path, tiny_model_path):

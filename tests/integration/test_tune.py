@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from diffray.config import load_config
+from diffray.methods import load_config
 from diffray.tune.config import load_tune_job
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffray.config import DataSection, validate_config
+from diffray.config import DataSection
+from diffray.methods import validate_config
 from diffray.errors import ConfigError
 from diffray.data.transforms import aspect_buckets, nearest_bucket, preprocess_images
 from diffray.trainers.session import group_by_shape

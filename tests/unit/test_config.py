@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from diffray.config import LoraTrainConfig, apply_overrides, load_config, validate_config
+from diffray.config import apply_overrides
+from diffray.methods import load_config, validate_config
+from diffray.trainers.lora import LoraTrainConfig
 from diffray.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +102,7 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
 
 
 def test_workers_that_fit_count_whole_bundles_per_node():
-    from diffray.trainers.runner import workers_that_fit
+    from diffray.cluster import workers_that_fit
 
     gpu = {"CPU": 2.0, "GPU": 1.0}
     assert workers_that_fit(gpu, [{"CPU": 16.0, "GPU": 8.0}, {"CPU": 3.0, "GPU": 4.0}, {"CPU": 64.0}]) == 9

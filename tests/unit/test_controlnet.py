@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from diffray.config import ControlNetTrainConfig, validate_config
+from diffray.methods import validate_config
+from diffray.trainers.controlnet import ControlNetTrainConfig
 from diffray.data.conditioning import PREPROCESSORS, make_preprocessor
 from diffray.data.transforms import BLACK, preprocess_images
 from diffray.errors import ConfigError
 from diffray.models.loading import load_components
-from diffray.trainers.controlnet import ControlledUNet, build_controlnet
+from diffray.trainers.controlnet.task import ControlledUNet, build_controlnet
 
 # Canny (thresholds 100/200) of a white rectangle [8..23] x [10..21] on black, rows 6-25, columns 4-27:
 # a one-pixel outline (outside on the left/top, inside on the right/bottom, corners cut).
@@ -159,7 +160,7 @@ def test_depth_preprocessor_runs_a_local_model(tmp_path):
 def test_generate_control_arguments_are_checked_before_loading(tmp_path):
     from diffray.errors import ModelError
     from diffray.generate import check_controls, generate_grid
-    from diffray.trainers.controlnet import load_controlnet
+    from diffray.models.loading import load_controlnet
 
     assert check_controls(["a", "b"], ["x.png", "y.png"], [0.5]) == [0.5, 0.5]
     assert check_controls(["a"], ["x.png"], []) == [1.0]

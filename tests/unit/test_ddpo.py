@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffray.config import DDPOTrainConfig, apply_overrides, validate_config
+from diffray.config import apply_overrides
+from diffray.methods import validate_config
+from diffray.trainers.ddpo import DDPOTrainConfig
 from diffray.errors import ConfigError
 from diffray.trainers.components.ddpo import PerPromptStatTracker, batch_advantages, best_and_worst, draw_prompts
 
@@ -42,7 +44,11 @@ def test_bad_settings_name_the_field(override, expected):
 
 
 def test_preflight_checks_prompts_and_reward(tmp_path):
-    from diffray.trainers.ddpo import preflight, read_prompts
+    from diffray.trainers.components.prompts import read_prompts as read
+    from diffray.trainers.ddpo import preflight
+
+    def read_prompts(d):
+        return read(d.prompts, d.prompts_file, "ddpo.prompts_file")
 
     preflight(ddpo("ddpo.reward.options={quality: 80}"), "unused")
     with pytest.raises(ConfigError, match=r"^ddpo.reward.name: unknown reward 'sharpness' \(allowed: aesthetic, "):
@@ -85,7 +91,7 @@ def test_prompt_draws_are_keyed_and_best_worst_picks():
 
 def test_inline_reward_pool_scores_at_submit():
     from diffray.trainers.components.rewards import get_reward, jpeg_size_kb, to_pil_images
-    from diffray.trainers.ddpo import RewardPool
+    from diffray.trainers.ddpo.pool import RewardPool
 
     images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
     pool = RewardPool([], get_reward("jpeg_incompressibility"), retries=0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffray.config import validate_config
 from diffray.errors import ConfigError, DatasetError
-from diffray.models.loading import load_components
-from diffray.trainers.dreambooth import build_model, class_dir_for, dreambooth_loss, preflight
-from diffray.trainers.lora import denoising_losses
+from diffray.methods import validate_config
+from diffray.trainers.dreambooth import preflight
+from diffray.trainers.dreambooth.class_images import class_dir_for
+from diffray.trainers.dreambooth.task import DreamBoothTask
 from diffray.trainers.session import WorkerEnv
 
 ENV = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
@@ -32,29 +32,26 @@ def batch(comps, ids: list[int], prompt: str, seed: int) -> dict:
 
 
 def test_prior_weight_zero_equals_instance_loss_and_weight_adds_class_loss(tiny_model_path):
-    comps = load_components(tiny_model_path)
-    cfg = cfg_of(dreambooth={"prior_loss_weight": 0.0})
-    model = build_model(cfg, comps)
-    pred = comps.noise_scheduler.config.prediction_type
+    task = DreamBoothTask(cfg_of(dreambooth={"prior_loss_weight": 0.0}), tiny_model_path, ENV)
+    model, comps = task.module, task.comps
     inst, klass = batch(comps, [0, 1], "a photo of sks widget", 1), batch(comps, [1_000_000, 1_000_001], "a photo of a widget", 2)
     with torch.no_grad():
-        no_prior = denoising_losses(model, comps, inst, 3, cfg, ENV, pred, False).mean()
-        with_zero = dreambooth_loss(model, comps, inst, klass, 3, cfg, ENV, pred)
-        class_only = denoising_losses(model, comps, klass, 3, cfg, ENV, pred, False).mean()
-        cfg_w = cfg_of(dreambooth={"prior_loss_weight": 0.5})
-        weighted = dreambooth_loss(model, comps, inst, klass, 3, cfg_w, ENV, pred)
+        no_prior = task.losses(model, inst, 3).mean()
+        with_zero = task.prior_loss(model, inst, klass, 3)
+        class_only = task.losses(model, klass, 3).mean()
+        weighted_task = DreamBoothTask(cfg_of(dreambooth={"prior_loss_weight": 0.5}), tiny_model_path, ENV)
+        weighted = weighted_task.prior_loss(model, inst, klass, 3)
     assert torch.allclose(with_zero, no_prior, atol=1e-6), (with_zero, no_prior)
     assert torch.allclose(weighted, no_prior + 0.5 * class_only, atol=1e-6)
     assert class_only.item() > 0 and abs(class_only.item() - no_prior.item()) > 1e-4
 
 
 def test_full_mode_trains_every_unet_weight_lora_mode_only_adapters(tiny_model_path):
-    full = build_model(cfg_of(dreambooth={"mode": "full"}), load_components(tiny_model_path))
+    full = DreamBoothTask(cfg_of(dreambooth={"mode": "full"}), tiny_model_path, ENV).module
     assert all(p.requires_grad for p in full.unet.parameters()) and full.text_encoder is None
-    full_te = build_model(cfg_of(dreambooth={"mode": "full", "train_text_encoder": True}),
-                          load_components(tiny_model_path))
+    full_te = DreamBoothTask(cfg_of(dreambooth={"mode": "full", "train_text_encoder": True}), tiny_model_path, ENV).module
     assert all(p.requires_grad for p in full_te.text_encoder.parameters())
-    lora = build_model(cfg_of(), load_components(tiny_model_path))
+    lora = DreamBoothTask(cfg_of(), tiny_model_path, ENV).module
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
 

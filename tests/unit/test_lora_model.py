@@ -7,11 +7,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffray.config import LoraTrainConfig
 from diffray.generate import load_adapter
 from diffray.models.adapters import CARD, LORA_WEIGHTS, export_lora, read_card
 from diffray.models.loading import load_components
-from diffray.trainers.lora import build_model
+from diffray.trainers.denoising import lora_denoiser
+from diffray.trainers.lora import LoraTrainConfig
+
+
+def build_model(cfg, comps):
+    return lora_denoiser(comps, cfg.lora, cfg.run.seed)
 
 
 def _inputs(comps, seed=0):
@@ -79,23 +83,20 @@ def test_export_reproduces_trained_model_in_stock_diffusers(tiny_model_path, tmp
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_caption_dropout_trains_on_the_empty_caption(tiny_model_path, train_text_encoder):
-    from diffray.trainers.lora import denoising_losses, empty_prompt
+    from diffray.trainers.lora.task import LoraTask
     from diffray.trainers.session import WorkerEnv
 
-    comps = load_components(tiny_model_path)
     cfg = LoraTrainConfig.model_validate({"lora": {"train_text_encoder": train_text_encoder},
                                           "data": {"caption_dropout": 1.0}})
-    model = build_model(cfg, comps)
+    task = LoraTask(cfg, tiny_model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    model = task.module
     _perturb(model)
-    _, _, ids, _ = _inputs(comps)
+    _, _, ids, _ = _inputs(task.comps)
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
-    empty = empty_prompt(comps, env.device)
+    empty = task.empty_prompt()
     batch = {"sample_id": torch.tensor([0, 1]), "pixel_values": pixels, "input_ids": ids}
-    no_drop = cfg.model_copy(update={"data": cfg.data.model_copy(update={"caption_dropout": 0.0})})
-    with torch.no_grad():
-        dropped = denoising_losses(model, comps, batch, 1, cfg, env, "epsilon", train_text_encoder, empty)
-        blank = denoising_losses(model, comps, {**batch, "input_ids": empty["input_ids"].repeat(2, 1)}, 1, no_drop,
-                                 env, "epsilon", train_text_encoder)
-        captioned = denoising_losses(model, comps, batch, 1, no_drop, env, "epsilon", train_text_encoder)
+    with torch.no_grad():  # dropout=False: the same loss without caption dropout
+        dropped = task.losses(model, batch, 1)
+        blank = task.losses(model, {**batch, "input_ids": empty["input_ids"].repeat(2, 1)}, 1, dropout=False)
+        captioned = task.losses(model, batch, 1, dropout=False)
     assert torch.allclose(dropped, blank, atol=1e-6) and not torch.allclose(dropped, captioned, atol=1e-4)

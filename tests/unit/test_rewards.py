@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diffray.errors import ConfigError
-from diffray.models.tiny import build_tiny_clip, write_aesthetic_head
+from testkit.models import build_tiny_clip, write_aesthetic_head
 from diffray.trainers.components.rewards import REWARDS, get_reward, register, to_pil_images
 
 PROJ = 16

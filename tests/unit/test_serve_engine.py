@@ -15,7 +15,7 @@ from diffray.serve.schemas import Job
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path, tmp_path_factory):
-    from diffray.serve.demo_adapters import random_lora, random_textual_inversion
+    from testkit.adapters import random_lora, random_textual_inversion
     from diffray.serve.engine import ImageEngine
 
     reg = tmp_path_factory.mktemp("reg")

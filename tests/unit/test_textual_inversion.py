@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffray.config import TextualInversionTrainConfig, validate_config
+from diffray.methods import validate_config
 from diffray.errors import ConfigError
 from diffray.generate import generate_grid, load_adapter
 from diffray.models.adapters import read_card
@@ -25,7 +25,8 @@ from diffray.models.textual_inversion import (
 )
 from diffray.trainers.components.prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, template_prompts
 from diffray.trainers.session import WorkerEnv
-from diffray.trainers.textual_inversion import build_model, compute_loss
+from diffray.trainers.textual_inversion import TextualInversionTrainConfig
+from diffray.trainers.textual_inversion.task import TextualInversionTask
 
 TOK = "<sks-widget>"
 
@@ -118,16 +119,14 @@ def test_row_guard_masks_gradients_and_restores_rows():
 
 
 def test_only_new_rows_get_gradient(tiny_model_path):
-    comps = load_components(tiny_model_path)
-    cfg = _cfg(num_vectors=2)
-    model, ids = build_model(cfg, comps)
+    task = TextualInversionTask(_cfg(num_vectors=2), tiny_model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    model, ids = task.module, task.token_ids
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0].endswith("embeddings.token_embedding.weight")
-    weight = comps.text_encoder.get_input_embeddings().weight
-    RowGuard(weight, ids).register()
+    weight = task.comps.text_encoder.get_input_embeddings().weight  # the task registered its RowGuard on it
     g = torch.Generator().manual_seed(0)
     batch = {"sample_id": torch.tensor([0, 1]), "pixel_values": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1}
-    loss = compute_loss(model, comps, batch, 1, cfg, WorkerEnv(0, 1, torch.device("cpu"), "fp32"), "epsilon")
+    loss = task.losses(model, batch, 1).mean()
     loss.backward()
     rows = weight.grad.abs().sum(dim=1)
     assert rows[ids].min() > 0 and rows.nonzero().flatten().tolist() == ids

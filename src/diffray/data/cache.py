@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import ray.data
 import torch
 
+from diffray import storage
 from diffray.errors import DatasetError
 from diffray.paths import cache_dir
 
@@ -36,6 +37,7 @@ CACHE_VERSION = 2  # 2: control images with alpha composited on black
 CACHE_INFO = "cache.json"
 SHARDS = "shards"
 MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
+log = logging.getLogger(__name__)
 
 
 def _file_infos(fs: pafs.FileSystem, paths: list[str]) -> list[list]:
@@ -44,15 +46,13 @@ def _file_infos(fs: pafs.FileSystem, paths: list[str]) -> list[list]:
 
 def source_fingerprint(path: str, fmt: str) -> list:
     """Names, sizes and mtimes of every file the dataset reads (metadata, images or Parquet files)."""
-    from diffray.data.imagefolder import open_folder
     from diffray.data.pipeline import source_format
 
-    fs, root = open_folder(path)
+    fs, root = storage.resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         return _file_infos(fs, [root])
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                   if i.type == pafs.FileType.File)
+    files = [i.path for i in storage.list_files(fs, root, recursive=True)]
     if source_format(path, fmt) == "parquet":
         files = [f for f in files if f.endswith(".parquet")]
     return _file_infos(fs, files)
@@ -175,8 +175,8 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / CACHE_INFO).is_file():
             raise
-    print(f"latent cache {out}: {report.used} rows encoded, {len(report.quarantined)} quarantined "
-          f"in {info['build_time_s']:.1f}s", file=sys.stderr, flush=True)
+    log.info("latent cache %s: %d rows encoded, %d quarantined in %.1fs", out, report.used, len(report.quarantined),
+             info["build_time_s"])
     return out, True
 
 
@@ -191,6 +191,5 @@ def cached_dataset(cfg, model_path: str, path: str, prompt: str | None = None, i
     """The training dataset from the latent cache (built first if absent)."""
     folder, _ = build_cache(cfg, model_path, path, prompt, id_offset)
     info = json.loads((folder / CACHE_INFO).read_text())
-    print(f"data {path}: {info['rows']} rows from latent cache {folder}, {info['quarantined']} quarantined",
-          file=sys.stderr, flush=True)
+    log.info("data %s: %d rows from latent cache %s, %d quarantined", path, info["rows"], folder, info["quarantined"])
     return read_cache(folder)

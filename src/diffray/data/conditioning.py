@@ -10,7 +10,7 @@ wraps a transformers depth-estimation model (DPT, Depth Anything, ...) saved in 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ Preprocessor = Callable[[Image.Image], Image.Image]
 PREPROCESSORS = Registry("conditioning type", field="type")  # name -> factory(**options)
 CONDITIONING_DIR = "conditioning"
 IMAGES_DIR = "images"
+log = logging.getLogger(__name__)
 
 
 register = PREPROCESSORS.register
@@ -157,8 +158,7 @@ def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None
                            fn_kwargs={"kind": kind, "options": options, "out_dir": str(out.resolve()),
                                       "rules": rules, "skip": report.bad_ids}).take_all()
     _finish(out, rows, src, kind, options)
-    print(f"conditioned {src} -> {out}: {len(rows)} pairs ({kind}), {len(report.quarantined)} quarantined",
-          file=sys.stderr, flush=True)
+    log.info("conditioned %s -> %s: %d pairs (%s), %d quarantined", src, out, len(rows), kind, len(report.quarantined))
     return out, len(rows), len(report.quarantined)
 
 

@@ -17,7 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray.data
 
-from diffray.data.imagefolder import open_folder, raise_original_errors, read_file
+from diffray import storage
+from diffray.data.raydata import raise_original_errors
 from diffray.errors import DatasetError
 
 HF_IMAGE_COLUMN = "image"
@@ -25,14 +26,13 @@ HF_IMAGE_COLUMN = "image"
 
 def parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """A .parquet file, or every .parquet file under a folder (recursive, sorted)."""
-    fs, root = open_folder(path)
+    fs, root = storage.resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         return fs, [root]
     if info.type != pafs.FileType.Directory:
         raise DatasetError(f"{path}: not found")
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    files = [i.path for i in storage.list_files(fs, root, recursive=True) if i.path.endswith(".parquet")]
     if not files:
         raise DatasetError(f"{path}: no .parquet files")
     return fs, files
@@ -40,17 +40,15 @@ def parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
 
 def is_parquet(path: str) -> bool:
     """True for a .parquet file or a folder holding .parquet files and no imagefolder metadata."""
-    from diffray.data.imagefolder import METADATA_FILES
+    from diffray.data.folder import has_metadata
 
-    fs, root = open_folder(path)
+    fs, root = storage.resolve(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         return root.endswith(".parquet")
-    if info.type != pafs.FileType.Directory:
+    if info.type != pafs.FileType.Directory or has_metadata(fs, root):
         return False
-    if any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES])):
-        return False
-    return any(i.path.endswith(".parquet") for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)))
+    return any(i.path.endswith(".parquet") for i in storage.list_files(fs, root, recursive=True))
 
 
 def resolve_columns(schema: pa.Schema, file: str, caption_column: str, image_column: str,
@@ -101,7 +99,7 @@ def image_bytes(fs: pafs.FileSystem, value, folder: str) -> bytes | None:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     path = str(value)
-    return read_file(fs, path if path.startswith("/") or "://" in path else f"{folder}/{path}")
+    return storage.read_or_none(fs, path if path.startswith("/") or storage.is_uri(path) else f"{folder}/{path}")
 
 
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import ray.data
 
-from diffray.data.imagefolder import raise_original_errors, read_imagefolder
+from diffray.data.imagefolder import read_imagefolder
+from diffray.data.raydata import raise_original_errors
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_sample
 from diffray.errors import DatasetError
 
 QUARANTINE_FILE = "quarantine.jsonl"
+log = logging.getLogger(__name__)
 
 
 def source_format(path: str, fmt: str = "auto") -> str:
@@ -51,7 +53,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
         return ds, total
-    from diffray.data.imagefolder import folder_rows
+    from diffray.data.folder import folder_rows
 
     _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column)
     return read_imagefolder(path, data.caption_column, data.image_column, prompt, id_offset,
@@ -198,7 +200,7 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
     rules = Rules.of(data)
     raw, total = read_source(path, data, prompt, id_offset)
     report = validate_rows(raw, total, path, rules, data.max_bad_fraction, report_dir)
-    print(report.summary(), file=sys.stderr, flush=True)
+    log.info(report.summary())
     ds = raw.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
                          fn_kwargs={"tokenizer_path": tokenizer_path, "resolution": data.resolution,
                                     "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,

@@ -17,6 +17,7 @@ import numpy as np
 from filelock import FileLock
 from PIL import Image, ImageDraw
 
+from diffray import storage
 from diffray.errors import DatasetError
 from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin
 
@@ -144,7 +145,7 @@ def resolve_data_path(path: str) -> str:
                 shutil.rmtree(root / "canny", ignore_errors=True)
                 os.replace(tmp, root / "canny")
         return str(root / (split or "train"))
-    if "://" in path:
+    if storage.is_uri(path):
         return path
     p = Path(path).expanduser()
     if not p.exists():

@@ -14,19 +14,10 @@ import torch
 from filelock import FileLock
 
 from diffray.errors import ModelError
+from diffray.logs import quiet_hf
 from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin
 
 LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing or malformed files
-
-
-def quiet_hf() -> None:
-    """Silence per-file progress bars of diffusers/transformers loads (our own bars stay)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    tlog.set_verbosity_error()
 
 
 @dataclass
@@ -146,3 +137,14 @@ def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | t
         raise ModelError(f"{path}: cannot load pipeline: {str(exc).strip().splitlines()[0]}") from None
     _checked_tokenizer(pipe.tokenizer, path)
     return pipe.to(device)
+
+
+def load_controlnet(path: str):
+    """A ControlNet from a diffusers dir (safetensors only). Raises ModelError naming the path."""
+    from diffusers import ControlNetModel
+
+    quiet_hf()
+    try:
+        return ControlNetModel.from_pretrained(path, use_safetensors=True)
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})") from None

@@ -6,6 +6,7 @@ build the same app. Args are validated here (ConfigError naming the field) befor
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from ray.serve import Application
@@ -68,15 +69,20 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool = True) -> None:
     """`diffray serve CONFIG`: start Serve with the file's http_options on the cluster in RAY_ADDRESS (or a
-    local one) and run the diffray application from it, blocking until interrupted."""
+    local one) and run the diffray application from it, blocking until interrupted. Serve's own logs stay
+    in Ray's log files unless verbose (`diffray.cluster.connect_ray`); one line says where it listens."""
     from ray import serve
 
+    from diffray.cluster import connect_ray
     from diffray.serve.config import load_serve_file
-    from diffray.trainers.runner import connect_ray
 
     http_options, app, args = load_serve_file(path, overrides)
-    check_exposure(args, args.auth.host or str(http_options.get("host", "127.0.0.1")))
+    host = str(http_options.get("host", "127.0.0.1"))
+    check_exposure(args, args.auth.host or host)
     connect_ray()
     serve.start(http_options=http_options)
-    serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"],
-              blocking=blocking)
+    serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"])
+    log.info("serving %s at http://%s:%s%s (API docs at /docs); Ctrl-C stops", app["name"], host,
+             http_options.get("port", 8000), app["route_prefix"] or "/")
+    if blocking:
+        threading.Event().wait()  # until Ctrl-C (KeyboardInterrupt), as `serve run` waits

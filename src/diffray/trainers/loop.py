@@ -1,167 +1,205 @@
-"""The per-worker training loop every method shares: setup -> train -> save -> cleanup.
+"""The one per-worker training loop every method runs: setup -> train -> save -> cleanup.
 
-A method supplies a `Task` (what to train, its loss, its validation images, its artifact); this module
-owns everything else: the engine, resume, gradient accumulation, NaN/inf stop, fault injection,
-logging, validation scheduling, checkpoints and the artifact in the final checkpoint.
+A method supplies a `Task` (what it trains and how one optimizer step goes: a denoising step over
+micro-batches, or a whole DDPO epoch); this module owns everything around the step, once: the engine,
+resume, the hook point, NaN/inf stop, logging and progress, held-out losses, validation grids, Tune
+reports, checkpoints, the artifact in the final checkpoint and the closing barrier.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import ray
 import torch
 import torch.distributed as dist
 
-from diffray.trainers import session
+from diffray import logs
+from diffray.trainers import hooks, session
 from diffray.trainers.engine import build_engine
 
 
 class Task(Protocol):
-    """What a training method plugs into the shared loop (built on every worker)."""
+    """What a training method plugs into the loop (built on every worker); see `denoising.DenoisingTask`."""
 
     module: torch.nn.Module  # what the engine wraps; its requires_grad params are trained
+    grad_accum_steps: int  # micro-steps the engine accumulates into one optimizer step
+    optimizer_steps: int  # optimizer steps in the whole run (the LR schedule's length)
+    grid_path: str  # where validation grids go under the log dir, formatted with `step`
+    grid_tag: str  # their TensorBoard tag
+    collective_grid: bool  # every rank renders (gathers across ranks), not just rank 0
+    step_reports: bool  # a Tune trial reports every step, not only when a val_loss is computed
 
-    def start(self, engine, skip_micro_batches: int) -> None:
-        """Open the dataset streams, skipping what earlier (resumed) steps consumed."""
+    def start(self, engine, state: dict) -> None:
+        """Open streams / restore what the task keeps in the trainer state, after a resume too."""
 
-    def loss(self, engine, step: int) -> torch.Tensor:
-        """The loss of the next micro-batch (a scalar; backward is the loop's job)."""
+    def train_step(self, engine, step: int) -> session.StepOutput:
+        """One optimizer step (forward, backward, engine.step); raises `session.NonFiniteLoss` on every
+        rank at once when the loss is not finite."""
 
-    def after_optimizer_step(self) -> None:
-        """Hook after each optimizer step (e.g. restore frozen rows)."""
+    def state(self) -> dict:
+        """Extra fields of the trainer state (saved in every checkpoint)."""
 
-    # Optional: `counters` with `take() -> dict[str, int]` (e.g. session.EncoderCalls): per-step counts
-    # added to the step's metrics.
+    def load_state(self, state: dict) -> None:
+        """Restore the extra fields of a resumed trainer state."""
+
+    def report_metrics(self) -> dict:
+        """Extra metrics of every report (checkpoint metrics, Tune, the card)."""
 
     def validation_loss(self, engine, batch: dict) -> torch.Tensor:
-        """Mean loss of a held-out micro-batch at fixed noise/timesteps (step key session.VALIDATION_STEP),
-        no dropout (called under no_grad, module in eval mode)."""
+        """Mean loss of a held-out micro-batch at fixed noise/timesteps (under no_grad, eval mode)."""
 
     def validation_grid(self, step: int):
-        """A PIL grid of validation images from the current weights (called on every rank under ZeRO-3)."""
+        """A PIL grid from the current weights, or None (on ranks that only took part)."""
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
         """Write the method's artifact into out_dir (rank 0, trainable weights gathered)."""
 
 
-def run_worker(config: dict, cfg_cls, make_task: Callable[[Any, str, session.WorkerEnv], Task]) -> None:
-    """The body of every method's `train_loop_per_worker(config)`."""
-    cfg = cfg_cls.model_validate(config["cfg"])
-    model_path, log_dir, status = config["model_path"], config["log_dir"], config.get("status_actor")
-    has_validation = config.get("has_validation", False)
-    # Under Tune every validation step is reported (a scheduler decides on it), each report carrying val_loss.
-    report_validation = config.get("report_validation", False)
+@dataclass(frozen=True)
+class RunInfo:
+    """What the driver sends beside the config (see `runner.build_trainer`)."""
+
+    model_path: str
+    log_dir: str
+    status: Any  # the run's RunStatus actor, or None
+    has_validation: bool  # a `validation` dataset exists
+    report_validation: bool  # a Tune trial: report every metric the scheduler may act on
+
+    @classmethod
+    def of(cls, config: dict) -> RunInfo:
+        return cls(config["model_path"], config["log_dir"], config.get("status_actor"),
+                   config.get("has_validation", False), config.get("report_validation", False))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Every method's Ray Train worker function: `config["method"]` is the method's declaration, and
+    `config["cfg"]` its job config as plain data (re-validated here)."""
+    method = config["method"]
+    cfg = method.config.model_validate(config["cfg"])
+    info = RunInfo.of(config)
     env = session.worker_env(cfg.train.mixed_precision, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker)
-    t, gas = cfg.train, cfg.train.grad_accum_steps
+    logs.setup_worker(info.log_dir, env.rank)
+    task = method.task()(cfg, info.model_path, env)
+    WorkerLoop(cfg, info, env, task).run()
 
-    # --- setup
-    task = make_task(cfg, model_path, env)
-    engine = build_engine(task.module, cfg.strategy, cfg.optim, t.micro_batch_size, gas, t.max_steps,
-                          env.precision, env.device)
-    state = session.restore(engine) or {"step": 0, "first_losses": [], "recent_losses": []}
-    start = state["step"]
-    task.start(engine, start * gas)
-    logger = session.MetricsLogger(log_dir, env.is_main, t.max_steps, start, config.get("progress_bar", False))
-    logger.event(event="start", method=cfg.method, resumed_from_step=start, world_size=env.world_size,
-                 precision=env.precision, strategy=cfg.strategy.name, zero_stage=cfg.strategy.zero_stage)
 
-    # --- train
-    for step in range(start + 1, t.max_steps + 1):
-        t0 = time.perf_counter()
-        session.maybe_kill_rank(cfg.faults, env, step, log_dir)
+class WorkerLoop:
+    """The loop over optimizer steps on one worker (all ranks run it in lockstep)."""
+
+    def __init__(self, cfg, info: RunInfo, env: session.WorkerEnv, task: Task):
+        self.cfg, self.info, self.env, self.task = cfg, info, env, task
+        t = cfg.train
+        self.engine = build_engine(task.module, cfg.strategy, cfg.optim, t.micro_batch_size, task.grad_accum_steps,
+                                   task.optimizer_steps, env.precision, env.device)
+        self.state = session.restore(self.engine) or session.initial_state()
+        task.load_state(self.state)
+        task.start(self.engine, self.state)
+        self.logger = session.MetricsLogger(info.log_dir, env.is_main, self.state["step"])
+
+    def run(self) -> None:
+        start = self.state["step"]
+        self.logger.event(event="start", method=self.cfg.method, resumed_from_step=start,
+                          world_size=self.env.world_size, precision=self.env.precision,
+                          strategy=self.cfg.strategy.name, zero_stage=self.cfg.strategy.zero_stage)
+        try:
+            for step in range(start + 1, self.cfg.train.max_steps + 1):
+                self.step(step)
+        except session.NonFiniteLoss as exc:
+            self.stop(exc)
+            return
+        self.logger.event(event="end", step=self.state["step"])
+        self.logger.close()
+        if dist.is_initialized():
+            dist.barrier()
+
+    def stop(self, exc: session.NonFiniteLoss) -> None:
+        """Every rank stops at the same step and returns normally (raising would make Ray retry the same
+        divergence); the driver reads the step from the status actor and reports it."""
+        self.logger.event(event="nonfinite_loss", step=exc.step, loss=exc.loss)
+        if self.env.is_main and self.info.status is not None:
+            ray.get(self.info.status.set.remote("nonfinite_loss_step", exc.step))
+        self.logger.close()
+
+    def step(self, step: int) -> None:
+        cfg, env, task = self.cfg, self.env, self.task
+        hooks.current().before_step(env.rank, step, self.info.log_dir)
         session.seed_step(cfg.run.seed, step, env.rank)
-        counters = getattr(task, "counters", None)
-        if counters is not None:
-            counters.take()  # drop calls made outside training steps (validation, set-up)
-        step_loss = 0.0
-        for _ in range(gas):
-            loss = task.loss(engine, step)
-            if cfg.faults.nan_loss_at_step == step:
-                loss = loss * float("nan")
-            mean_loss = session.global_mean(loss.detach())
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                logger.event(event="nonfinite_loss", step=step, loss=mean_loss)
-                if env.is_main and status is not None:
-                    ray.get(status.set.remote("nonfinite_loss_step", step))
-                logger.close()
-                return
-            engine.backward(loss)
-            if engine.step():
-                task.after_optimizer_step()
-            step_loss += mean_loss / gas
+        t0 = time.perf_counter()
+        out = task.train_step(self.engine, step)
         elapsed = time.perf_counter() - t0
-        state = session.advance_state(state, step, step_loss, elapsed)
-        do_log, do_validate, do_ckpt = session.schedule(t, step)
-        metrics = {"step": step, "loss": step_loss, "lr": engine.lr, "grad_norm": engine.last_grad_norm or 0.0,
-                   "step_time": elapsed, "samples_per_s": t.micro_batch_size * gas * env.world_size / elapsed,
-                   **(counters.take() if counters is not None else {})}
-        val_due = do_validate or step == t.max_steps or (report_validation and do_ckpt)
-        if has_validation and val_due:
-            metrics["val_loss"] = validation_loss(task, engine, cfg)
-            state = {**state, "val_loss": metrics["val_loss"], "val_loss_step": step}
+        self.state = {**session.advance_state(self.state, step, out.loss, elapsed), **task.state()}
+        do_log, do_validate, do_ckpt = session.schedule(cfg.train, step)
+        per_step = cfg.train.micro_batch_size * task.grad_accum_steps * env.world_size
+        metrics = {"step": step, "loss": out.loss, "lr": self.engine.lr, "grad_norm": self.engine.last_grad_norm or 0.0,
+                   "step_time": elapsed, "samples_per_s": per_step / elapsed, **out.metrics}
+        if self.info.has_validation and (do_validate or step == cfg.train.max_steps
+                                         or (self.info.report_validation and do_ckpt)):
+            metrics["val_loss"] = self.validation_loss()
+            self.state = {**self.state, "val_loss": metrics["val_loss"], "val_loss_step": step}
             do_log = True
-        if do_log:
-            logger.step(step, metrics)
-        if report_validation and has_validation and val_due and not do_ckpt:
-            ray.train.report(session.summary_metrics(state))  # every rank: a report is a collective
-        # Under ZeRO-3 every forward all-gathers partitioned weights, so every rank renders (same seeds,
-        # same images) and only rank 0 writes; otherwise rank 0 renders alone.
-        if do_validate and t.validation_grids and (env.is_main or engine.collective_forward):
-            was_training = task.module.training
-            task.module.eval()
-            with torch.no_grad():
-                grid = task.validation_grid(step)
-            task.module.train(was_training)
-            if env.is_main:
-                out = Path(log_dir) / "validation" / f"step_{step:06d}.png"
-                out.parent.mkdir(parents=True, exist_ok=True)
-                grid.save(out)
-                logger.image("validation", step, grid)
+        if do_log or out.force_log:
+            self.logger.step(step, metrics)
+        self.progress(metrics)
+        if self.info.report_validation and not do_ckpt and ("val_loss" in metrics or task.step_reports):
+            ray.train.report(self.report())  # every rank: a report is a collective
+        if do_validate and cfg.train.validation_grids:
+            self.grid(step)
         if do_ckpt:
-            artifact = None
-            if step == t.max_steps:  # --- save: the final checkpoint also carries the exported artifact
-                with engine.gathered():
-                    if env.is_main:
-                        artifact = task.export(Path(tempfile.mkdtemp(prefix="diffray-artifact-")),
-                                               session.card(cfg, model_path, state))
-            session.save_checkpoint(engine, env, state, session.summary_metrics(state), cfg.faults, log_dir,
-                                    artifact)
+            self.checkpoint(step)
 
-    # --- cleanup
-    logger.event(event="end", step=state["step"])
-    logger.close()
-    if dist.is_initialized():
-        dist.barrier()
+    def report(self) -> dict[str, float]:
+        return {**session.summary_metrics(self.state), **self.task.report_metrics()}
 
+    def progress(self, metrics: dict) -> None:
+        """Rank 0 hands the step's numbers to the driver's progress display, without waiting."""
+        if self.env.is_main and self.info.status is not None:
+            keys = ("step", "loss", "lr", "samples_per_s", "step_time", "val_loss")
+            self.info.status.progress.remote({k: metrics[k] for k in keys if k in metrics})
 
-def validation_loss(task: Task, engine, cfg) -> float:
-    """Mean loss of every held-out row at fixed noise and timesteps (keyed by sample id and
-    session.VALIDATION_STEP), without dropout. Every rank computes all rows (same forwards on every
-    rank, as ZeRO-3 needs), so every rank has the same value."""
-    was_training = task.module.training
-    task.module.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in session.validation_batches(cfg):
-            n = len(batch["sample_id"])
-            total += float(task.validation_loss(engine, batch)) * n
-            count += n
-    task.module.train(was_training)
-    return total / max(count, 1)
+    def validation_loss(self) -> float:
+        """Mean loss of every held-out row at fixed noise and timesteps (keyed by sample id and
+        session.VALIDATION_STEP), without dropout. Every rank computes all rows (same forwards on every
+        rank, as ZeRO-3 needs), so every rank has the same value."""
+        module = self.task.module
+        was_training = module.training
+        module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in session.validation_batches(self.cfg):
+                n = len(batch["sample_id"])
+                total += float(self.task.validation_loss(self.engine, batch)) * n
+                count += n
+        module.train(was_training)
+        return total / max(count, 1)
 
+    def grid(self, step: int) -> None:
+        """Render and save a validation grid. Under ZeRO-3 every forward all-gathers partitioned weights, so
+        every rank renders (same seeds, same images) and only rank 0 writes; otherwise rank 0 renders alone."""
+        if not (self.env.is_main or self.engine.collective_forward or self.task.collective_grid):
+            return
+        module = self.task.module
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            grid = self.task.validation_grid(step)
+        module.train(was_training)
+        if self.env.is_main and grid is not None:
+            out = Path(self.info.log_dir) / self.task.grid_path.format(step=step)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(out)
+            self.logger.image(self.task.grid_tag, step, grid)
 
-def render_prompts(comps, unet: torch.nn.Module, text_encoder: torch.nn.Module, prompts: list[str], steps: int,
-                   seed: int):
-    """Images (one per prompt, seeds seed+i) from the given UNet/text encoder with a DDIM sampler, as a grid row."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=text_encoder, tokenizer=comps.tokenizer,
-                                   unet=unet, scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return [pipe(p, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
-                 output_type="pil").images[0] for i, p in enumerate(prompts)]
+    def checkpoint(self, step: int) -> None:
+        """Save and report a checkpoint (all ranks); the final one also carries the exported artifact."""
+        report, artifact = self.report(), None
+        if step == self.cfg.train.max_steps:
+            with self.engine.gathered():
+                if self.env.is_main:
+                    card = session.card(self.cfg, self.info.model_path, self.state, report)
+                    artifact = self.task.export(Path(tempfile.mkdtemp(prefix="diffray-artifact-")), card)
+        session.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)

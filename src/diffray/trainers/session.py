@@ -1,20 +1,20 @@
-"""Worker-side pieces every trainer shares: rank/device setup, the batch stream, metrics logging,
-checkpoint save + report + restore, and the fault-injection hooks used by tests and drills.
+"""Worker-side pieces the training loop and the method tasks share: rank/device setup, the batch
+streams, collectives over ranks, the trainer state and its summary, metrics logging, and checkpoint
+save + report + restore.
 
-These are small functions and one logger class, not a base trainer: each method file writes its own
-setup -> train -> save loop and calls what it needs from here.
+Small functions and one logger class, not a base trainer: the one loop (`diffray.trainers.loop`) and
+the tasks call what they need from here. Runs on Ray Train workers only.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import tempfile
 import time
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -23,8 +23,9 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from diffray.config import FaultsSection, TrainSection
+from diffray.config import TrainSection
 from diffray.errors import DatasetError
+from diffray.trainers import hooks
 
 STATE_FILE = "trainer_state.json"
 VALIDATION = "validation"  # the held-out dataset (data.validation_fraction), read whole by every worker
@@ -48,6 +49,24 @@ class WorkerEnv:
     def dtype(self) -> torch.dtype:
         """dtype for frozen components (VAE, frozen text encoder)."""
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+
+
+@dataclass
+class StepOutput:
+    """What a task's `train_step` returns: the step's loss (mean over ranks and micro-batches), metrics
+    to log with it, and whether this step must be logged even off the `train.log_every` schedule."""
+
+    loss: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    force_log: bool = False
+
+
+class NonFiniteLoss(Exception):
+    """Raised by a task on every rank at once when the step's loss (mean over ranks) is NaN/inf."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"loss {loss} at step {step}")
+        self.step, self.loss = step, loss
 
 
 def worker_env(mixed_precision: str, use_gpu: bool, cpus_per_worker: float) -> WorkerEnv:
@@ -91,16 +110,30 @@ def group_by_shape(batches: Iterable[dict[str, np.ndarray]], size: int,
             pending.append(row)
             if len(pending) == size:
                 del buffers[shape]
-                yield {k: np.stack([r[k] for r in pending]) for k in pending[0]}
+                yield stack_rows(pending)
 
 
-def _epoch_batches(shard, micro_batch_size: int, shuffle: dict, buffers: dict | None) -> Iterator[dict]:
+def stack_rows(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def shard_batches(shard, size: int, drop_last: bool, shuffle: dict, buffers: dict | None,
+                  flush: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over a dataset shard in torch micro-batches. `buffers` None: fixed-size rows read
+    directly; else rows grouped by shape (aspect buckets, see `group_by_shape`), and with `flush` the
+    buckets still partial at the end come out too."""
     if buffers is None:
-        yield from shard.iter_torch_batches(batch_size=micro_batch_size, drop_last=True, **shuffle)
+        yield from shard.iter_torch_batches(batch_size=size, drop_last=drop_last, **shuffle)
         return
-    numpy_batches = shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", **shuffle)
-    for batch in group_by_shape(numpy_batches, micro_batch_size, buffers):
-        yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    numpy_batches = shard.iter_batches(batch_size=size, batch_format="numpy", **shuffle)
+    for batch in group_by_shape(numpy_batches, size, buffers):
+        yield to_torch(batch)
+    if flush:
+        yield from (to_torch(stack_rows(rows)) for rows in buffers.values())
 
 
 def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: int = 0,
@@ -120,7 +153,7 @@ def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: in
         n_epoch = 0
         shuffle = {"local_shuffle_buffer_size": shuffle_buffer,
                    "local_shuffle_seed": (seed * 1_000_003 + epoch) % 2**31} if shuffle_buffer else {}
-        for batch in _epoch_batches(shard, micro_batch_size, shuffle, buffers):
+        for batch in shard_batches(shard, micro_batch_size, True, shuffle, buffers):
             n_epoch += 1
             seen += 1
             if seen > skip:
@@ -134,20 +167,13 @@ def batch_stream(shard, micro_batch_size: int, skip: int = 0, shuffle_buffer: in
 def validation_batches(cfg) -> list[dict[str, torch.Tensor]]:
     """Every held-out row, in micro-batches (with aspect buckets: one shape per batch, partial ones too)."""
     shard = ray.train.get_dataset_shard(VALIDATION)
-    mb = cfg.train.micro_batch_size
-    if not cfg.data.aspect_buckets:
-        return list(shard.iter_torch_batches(batch_size=mb))
-    buffers: dict = {}
-    full = list(group_by_shape(shard.iter_batches(batch_size=mb, batch_format="numpy"), mb, buffers))
-    partial = [{k: np.stack([r[k] for r in rows]) for k in rows[0]} for rows in buffers.values()]
-    return [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()} for b in full + partial]
+    return list(shard_batches(shard, cfg.train.micro_batch_size, False, {}, {} if cfg.data.aspect_buckets else None,
+                              flush=True))
 
 
 def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """`batch_stream` over this worker's shard of dataset `name`, shuffled as `data.shuffle_buffer` says
     (seeded by run seed, dataset name and rank), grouped by bucket with `data.aspect_buckets`."""
-    import zlib
-
     seed = cfg.run.seed * 7919 + zlib.crc32(name.encode()) % 10_007 * 131 + env.rank
     return batch_stream(ray.train.get_dataset_shard(name), cfg.train.micro_batch_size, skip,
                         cfg.data.shuffle_buffer, seed, cfg.data.aspect_buckets)
@@ -163,9 +189,31 @@ def global_mean(value: torch.Tensor) -> float:
     return float(t.item())
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Seed torch's global RNG (LoRA dropout) from (seed, step, rank): resumable without RNG state."""
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def initial_state() -> dict[str, Any]:
+    return {"step": 0, "first_losses": [], "recent_losses": []}
 
 
 def advance_state(state: dict[str, Any], step: int, loss: float, step_time: float) -> dict[str, Any]:
@@ -188,32 +236,28 @@ def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def card(cfg, model_path: str, state: dict[str, Any]) -> dict[str, Any]:
-    """Model card fields common to every method."""
+def card(cfg, model_path: str, state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Model card fields common to every method (`metrics`: the final checkpoint's)."""
     return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
-            "steps": state["step"], "metrics": summary_metrics(state),
+            "steps": state["step"], "metrics": metrics,
             "train_time_s": round(state.get("train_time_s", 0.0), 3),
             "config": cfg.model_dump(mode="json")}
 
 
 class MetricsLogger:
-    """Rank 0: metrics to `metrics.jsonl` + TensorBoard + a progress bar. Other ranks: no-ops."""
+    """Rank 0: metrics to `metrics.jsonl` + TensorBoard. Other ranks: no-ops. (The progress a person
+    sees is drawn on the driver, from what rank 0 sends to the run's status actor.)"""
 
-    def __init__(self, log_dir: str, enabled: bool, total_steps: int, start_step: int, progress_bar: bool):
+    def __init__(self, log_dir: str, enabled: bool, start_step: int):
         self.enabled = enabled
         self.path = Path(log_dir) / "metrics.jsonl"
-        self.tb = self.bar = None
+        self.tb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"), purge_step=start_step + 1)
-        if progress_bar:
-            from ray.experimental.tqdm_ray import tqdm
-
-            self.bar = tqdm(total=total_steps, desc="train", position=0)
-            self.bar.update(start_step)
 
     def event(self, **fields: Any) -> None:
         if self.enabled:
@@ -227,19 +271,12 @@ class MetricsLogger:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(f"train/{k}", v, step)
-        if self.bar is not None:
-            self.bar.set_description(f"train loss={metrics.get('loss', float('nan')):.4f}")
-            self.bar.update(1)
 
     def image(self, tag: str, step: int, image) -> None:
         if self.enabled:
-            import numpy as np
-
             self.tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -256,7 +293,7 @@ def restore(engine) -> dict[str, Any] | None:
 
 
 def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict[str, float],
-                    faults: FaultsSection, log_dir: str, artifact: Path | None = None) -> None:
+                    log_dir: str, artifact: Path | None = None) -> None:
     """Write engine state (+ an exported `artifact` dir, rank 0) and report it; all ranks call this.
 
     Ray registers the checkpoint only after every rank has reported, so a write interrupted by a
@@ -265,8 +302,7 @@ def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict
     with tempfile.TemporaryDirectory(prefix="diffray-ckpt-") as tmp:
         d = Path(tmp)
         engine.save(d)
-        if env.is_main and faults.kill_during_checkpoint_at_step == state["step"]:
-            _kill_self_once(Path(log_dir), f"checkpoint-{state['step']}")
+        hooks.current().checkpoint_written(env.rank, state["step"], log_dir)
         if artifact is not None:
             shutil.copytree(artifact, d / ARTIFACT_DIR)
             shutil.rmtree(artifact, ignore_errors=True)
@@ -274,23 +310,6 @@ def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict
             (d / STATE_FILE).write_text(json.dumps(state))
         has_files = any(d.iterdir())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
-
-
-def maybe_kill_rank(faults: FaultsSection, env: WorkerEnv, step: int, log_dir: str) -> None:
-    """Fault injection: SIGKILL this worker once at the configured (rank, step)."""
-    k = faults.kill_rank_at_step
-    if k is not None and k.rank == env.rank and k.step == step:
-        _kill_self_once(Path(log_dir), f"rank{k.rank}-step{k.step}")
-
-
-def _kill_self_once(log_dir: Path, name: str) -> None:
-    # The marker lives in the run's log dir so a restarted worker group does not fire it again.
-    marker = log_dir / "faults" / name
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from diffray.config import (RUN_NAME_PATTERN, Section, TrainConfig, apply_overrides, format_validation_error,
-                            read_yaml, validate_config)
+from diffray.config import RUN_NAME_PATTERN, Section, TrainConfig, apply_overrides, read_yaml, validate_as
+from diffray.methods import method_of, validate_config
 from diffray.errors import ConfigError
 from diffray.tune.space import Domain, check_space, parse_space
 
 # Trials share one set of datasets and one resource shape, so the space may not touch these sections.
-FIXED_SECTIONS = ("method", "run", "model", "data", "scaling", "faults")
+FIXED_SECTIONS = ("method", "run", "model", "data", "scaling")
 
 
 class SchedulerSection(Section):
@@ -86,9 +86,9 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
         raise ConfigError("a Tune job needs a `tune:` section with a `space`", field="tune")
     raw_tune = data.pop("tune")
     try:
-        tune = TuneSection.model_validate(raw_tune)
-    except ValidationError as exc:
-        raise ConfigError("tune." + format_validation_error(exc, TuneSection)) from None
+        tune = validate_as(TuneSection, raw_tune)
+    except ConfigError as exc:
+        raise ConfigError(f"tune.{exc}") from None
     train = validate_config(data)
     domains = parse_space(tune.space)
     check_job(data, train, tune, domains)
@@ -110,10 +110,11 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
                               field=f"tune.space.{d.path}")
     check_space(base, domains)
     t = train.train
-    if train.method == "ddpo":  # no dataset: every epoch reports the epoch's mean reward
-        if (tune.metric, tune.mode) != ("reward_mean", "max"):
-            raise ConfigError("DDPO trials report the epoch's mean reward: set tune.metric: reward_mean and "
-                              "tune.mode: max", field="tune.metric")
+    step_metric = method_of(train.method).step_metric
+    if step_metric is not None:  # e.g. DDPO: no dataset, every epoch reports the epoch's mean reward
+        metric, mode, why = step_metric
+        if (tune.metric, tune.mode) != (metric, mode):
+            raise ConfigError(f"{why}: set tune.metric: {metric} and tune.mode: {mode}", field="tune.metric")
     elif tune.metric == "val_loss":
         if train.data is None or train.data.validation_fraction <= 0:
             raise ConfigError("metric val_loss needs held-out rows: set data.validation_fraction (e.g. 0.2)",
@@ -129,6 +130,6 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
         if s.grace_period >= max_t:
             raise ConfigError(f"{s.grace_period} must be below the last rung ({max_t} steps)",
                               field="tune.scheduler.grace_period")
-        if train.method != "ddpo" and t.validate_every is not None and s.grace_period < t.validate_every:
+        if step_metric is None and t.validate_every is not None and s.grace_period < t.validate_every:
             raise ConfigError(f"{s.grace_period} is below train.validate_every ({t.validate_every}): no report "
                               "reaches the first rung in time", field="tune.scheduler.grace_period")

@@ -12,9 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from diffray import storage
 from diffray.errors import ConfigError
 
 JOB_FILE = "tune_job.yaml"
@@ -120,12 +120,12 @@ def write_report(rows: list[TrialRow], job, exp_dir: str) -> dict[str, str]:
     """results.csv, results.parquet and plots/ in the experiment dir; returns {what: path}."""
     table = to_table(rows, job.tune.metric)
     out = {"csv": f"{exp_dir}/results.csv", "parquet": f"{exp_dir}/results.parquet"}
-    fs, base = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (pafs.LocalFileSystem(), exp_dir)
+    fs, base = storage.resolve(exp_dir)
     fs.create_dir(base, recursive=True)
     pq.write_table(table, f"{base}/results.parquet", filesystem=fs)
     with fs.open_output_stream(f"{base}/results.csv") as f:
         pacsv.write_csv(table, f)
-    if "://" not in exp_dir:
+    if not storage.is_uri(exp_dir):
         out.update(plot_results(rows, job, Path(exp_dir) / "plots"))
     return out
 
@@ -177,19 +177,12 @@ def read_experiment(exp_dir: str):
     """(job, rows) of a finished or interrupted experiment dir written by `diffray tune`."""
     from diffray.tune.config import load_tune_job
 
-    if "://" not in exp_dir:
-        exp_dir = str(Path(exp_dir).resolve())  # Tune reads experiment dirs by absolute path or URI
-    job_file = f"{exp_dir.rstrip('/')}/{JOB_FILE}"
-    if "://" not in job_file and not Path(job_file).is_file():
+    exp_dir = storage.absolute(exp_dir)  # Tune reads experiment dirs by absolute path or URI
+    job_file = storage.join(exp_dir, JOB_FILE)
+    if not storage.exists(job_file):
         raise ConfigError(f"{exp_dir} is not a diffray tune experiment (no {JOB_FILE})", field="DIR")
-    if "://" in job_file:
-        fs, p = pafs.FileSystem.from_uri(job_file)
-        with fs.open_input_stream(p) as f:
-            text = f.read().decode()
-        local = Path.cwd() / "runs-logs" / Path(exp_dir).name / JOB_FILE
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_text(text)
-        job_file = str(local)
+    if storage.is_uri(job_file):  # the YAML loader reads local files: a copy beside the local logs
+        job_file = storage.write_text(storage.local_dir(exp_dir, JOB_FILE), storage.read_text(job_file))
     job = load_tune_job(job_file)
     return job, collect_rows(exp_dir, job)
 

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-import ray
 import ray.train
 import yaml
 from ray import tune
 
-from diffray.errors import ConfigError, TrainingError
-from diffray.trainers.runner import (RunStatus, build_datasets, build_trainer, check_resources, connect_ray,
-                                     export_artifact, preflight, root_cause, run_dirs, storage_root, workers_that_fit)
+from diffray import logs, storage
+from diffray.cluster import alive_nodes, check_resources, connect_ray, workers_that_fit
+from diffray.errors import ConfigError
+from diffray.methods import method_of
+from diffray.trainers.datasets import build_datasets
+from diffray.trainers.progress import RunStatus
+from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, run_dirs
 from diffray.tune.config import TuneJob
 from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
 from diffray.tune.space import param_space, resolve_params, trial_config
@@ -54,29 +55,23 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, resolve_params(domains, params))
     cfg = cfg.model_copy(update={
-        "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
-        "train": cfg.train.model_copy(update={"progress_bar": False})})
+        "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"})})
     _, log_dir = run_dirs(cfg)
     status = RunStatus.remote()
     trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[TuneReportCallback()],
                             report_validation=True)
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        raise TrainingError(f"trial {trial_id}: {root_cause(exc)} (logs: {log_dir})") from None
-    step = ray.get(status.get.remote()).get("nonfinite_loss_step")
-    if step is not None:
-        raise TrainingError(f"trial {trial_id}: loss became NaN/inf at step {step} (logs: {log_dir})")
+    fit_checked(trainer, status, f"trial {trial_id}", log_dir)
 
 
 def trial_concurrency(job: TuneJob) -> int:
     """Trials that run at once: worker groups the alive nodes hold, and for DDPO also the CPUs of each
     trial's reward actors (capped by tune.max_concurrent_trials)."""
     cfg, s = job.train, job.train.scaling
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = alive_nodes()
     fit = max(1, workers_that_fit(s.worker_bundle(), nodes) // s.num_workers)
-    if cfg.method == "ddpo" and cfg.ddpo.reward.actors:
-        per_trial = s.num_workers * s.cpus_per_worker + cfg.ddpo.reward.actors * cfg.ddpo.reward.num_cpus
+    side = method_of(cfg.method).side_cpus
+    if side is not None and side(cfg):
+        per_trial = s.num_workers * s.cpus_per_worker + side(cfg)
         fit = max(1, min(fit, int(sum(n.get("CPU", 0) for n in nodes) // per_trial)))
     return min(fit, job.tune.max_concurrent_trials or fit)
 
@@ -103,8 +98,27 @@ def build_searcher(job: TuneJob):
     return OptunaSearch(metric=job.tune.metric, mode=job.tune.mode, seed=job.train.run.seed)
 
 
-def run_tune(job: TuneJob) -> TuneOutcome:
+class TrialEnded(tune.Callback):
+    """Tune callback on the driver: `on_trial(trial_id, last result, "ended" | "failed")` per trial."""
+
+    def __init__(self, on_trial):
+        self.on_trial = on_trial
+
+    def __getstate__(self):  # Tune saves its run config with the experiment: the console stays behind
+        return {"on_trial": None}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if self.on_trial is not None:
+            self.on_trial(trial.trial_id, trial.last_result, "ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if self.on_trial is not None:
+            self.on_trial(trial.trial_id, trial.last_result, "failed")
+
+
+def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     """Run (or resume) the experiment, write the results table and plots, export the best trial.
+    `on_trial(trial_id, result, how)` runs on the driver as each trial ends (the CLI prints a line).
 
     The job (after overrides) is saved beside the experiment so `diffray tune results DIR` reads the
     experiment back without the original file.
@@ -114,13 +128,13 @@ def run_tune(job: TuneJob) -> TuneOutcome:
     t0 = time.time()
     cfg = job.train
     model_path = resolve_model_path(cfg.model.path)
-    preflight(cfg, model_path)
+    method_of(cfg.method).check(cfg, model_path)
     connect_ray()
     check_resources(cfg.scaling)
-    root = storage_root(cfg.run.storage_path)
-    exp_dir = f"{root.rstrip('/')}/{job.name}"
+    root = storage.absolute(cfg.run.storage_path)
+    exp_dir = storage.join(root, job.name)
     restored = tune.Tuner.can_restore(exp_dir)
-    datasets = build_datasets(cfg, model_path, _local_dir(exp_dir, "data-reports"))
+    datasets = build_datasets(cfg, model_path, storage.local_dir(exp_dir, "data-reports"))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.base, domains=job.domains, datasets=datasets,
                              model_path=model_path, exp_dir=exp_dir),
@@ -135,9 +149,11 @@ def run_tune(job: TuneJob) -> TuneOutcome:
                                         search_alg=build_searcher(job), num_samples=job.tune.num_samples,
                                         max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(name=job.name, storage_path=root,
+                                      callbacks=[TrialEnded(on_trial)] if on_trial else None,
+                                      verbose=None if logs.verbose() else 0,
                                       failure_config=tune.FailureConfig(max_failures=job.tune.max_failures)))
         job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
-        _write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
+        storage.write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
     tuner.fit()
     rows = collect_rows(exp_dir, job)  # read back from the directory, as `diffray tune results` does
     best = next((r for r in rows if r.status == "completed"), None)
@@ -150,7 +166,7 @@ def run_tune(job: TuneJob) -> TuneOutcome:
 
 def export_best(job: TuneJob, best: TrialRow, exp_dir: str) -> tuple[str, str]:
     """The best finished trial's artifact (from its final checkpoint) and its config as a runnable YAML."""
-    fs, _ = pafs.FileSystem.from_uri(exp_dir) if "://" in exp_dir else (None, None)
+    fs, _ = storage.resolve(exp_dir)
     checkpoint = ray.train.Checkpoint(best.checkpoint_path, filesystem=fs)
     artifact = export_artifact(checkpoint, f"{exp_dir}/{BEST_DIR}/artifact")
     data = trial_config(job.base, best.params).model_dump(mode="json")
@@ -158,19 +174,5 @@ def export_best(job: TuneJob, best: TrialRow, exp_dir: str) -> tuple[str, str]:
     header = (f"# diffray train {exp_dir}/{BEST_DIR}/config.yaml\n# The best trial ({best.trial_id}) of Tune "
               f"experiment {job.name}: {job.tune.metric}={best.metric:.6g} at step {best.steps}.\n")
     config_path = f"{exp_dir}/{BEST_DIR}/config.yaml"
-    _write_text(config_path, header + yaml.safe_dump(data, sort_keys=False))
+    storage.write_text(config_path, header + yaml.safe_dump(data, sort_keys=False))
     return artifact, config_path
-
-
-def _local_dir(exp_dir: str, name: str) -> str:
-    return f"{exp_dir}/{name}" if "://" not in exp_dir else str(Path.cwd() / "runs-logs" / Path(exp_dir).name / name)
-
-
-def _write_text(path: str, text: str) -> None:
-    if "://" in path:
-        fs, p = pafs.FileSystem.from_uri(path)
-        with fs.open_output_stream(p) as f:
-            f.write(text.encode())
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)

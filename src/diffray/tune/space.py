@@ -17,8 +17,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from diffray.config import _deep_copy, set_path, validate_config
+from diffray.config import deep_copy, set_path
 from diffray.errors import ConfigError
+from diffray.methods import validate_config
 
 KINDS = ("choice", "grid", "loguniform", "uniform", "randint", "same_as")
 
@@ -103,7 +104,7 @@ def parse_space(space: dict[str, Any]) -> list[Domain]:
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]):
     """The validated training config of one trial: `base` with each `path: value` of `params` set."""
-    data = _deep_copy(base)
+    data = deep_copy(base)
     for path, value in params.items():
         set_path(data, path, value)
     return validate_config(data)

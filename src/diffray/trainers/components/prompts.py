@@ -1,5 +1,6 @@
-"""Training prompts for Textual Inversion: the "object" and "style" template lists of the original code
-(imagenet_templates_small / imagenet_style_templates_small) and a seeded per-sample pick.
+"""Training prompts: for Textual Inversion the "object" and "style" template lists of the original code
+(imagenet_templates_small / imagenet_style_templates_small) and a seeded per-sample pick; for DDPO a
+prompt list or prompts file.
 
 The template a sample gets is keyed by (seed, step, sample_id), like its noise, so it does not depend on
 the worker layout or on a resume. Pure Python + torch: never imports ray.
@@ -7,8 +8,11 @@ the worker layout or on a resume. Pure Python + torch: never imports ray.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from diffray.errors import ConfigError
 from diffray.trainers.components.diffusion import sample_generator
 
 OBJECT_TEMPLATES = (
@@ -43,3 +47,17 @@ def template_prompts(learnable_property: str, placeholder: str, sample_ids: list
                                                                               int(sid))))
              for sid in sample_ids]
     return [templates[i].format(placeholder) for i in picks]
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None, field: str) -> list[str]:
+    """`prompts_file`'s non-blank lines when set, else `prompts`. Raises ConfigError naming `field` for a
+    missing or empty file."""
+    if prompts_file is None:
+        return list(prompts)
+    path = Path(prompts_file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"prompts file not found: {path}", field=field)
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{path} holds no prompts", field=field)
+    return lines

@@ -1,11 +1,8 @@
-"""ControlNet training on Ray Train: a ControlNet (initialised from the base UNet with zero
-convolutions, or loaded from `controlnet.init_from`) learns to steer the frozen UNet from a control
-image; the UNet, VAE and text encoder stay frozen.
-
-The engine wraps `ControlledUNet` (ControlNet + frozen UNet), so DeepSpeed ZeRO shards the ControlNet's
-weights, gradients and optimizer state across workers (stage from `strategy.zero_stage`). The loss is
-the same keyed denoising loss as LoRA's, with caption dropout and a per-sample control-image dropout.
-The artifact is `ControlNetModel.save_pretrained` (safetensors) + `card.json`.
+"""ControlNet on the shared denoising base. The engine wraps `ControlledUNet` (ControlNet + frozen UNet),
+so DeepSpeed ZeRO shards the ControlNet's weights, gradients and optimizer state across workers; only
+the ControlNet has requires_grad. The loss is the base's keyed denoising loss with the control images
+as extra inputs, blanked per sample by `controlnet.conditioning_dropout`. Validation renders with
+`StableDiffusionControlNetPipeline` on the live modules; the artifact is `save_pretrained` + the card.
 """
 
 from __future__ import annotations
@@ -16,14 +13,10 @@ from typing import Any
 
 import torch
 
-from diffray.config import ControlNetTrainConfig
-from diffray.errors import ConfigError, ModelError
 from diffray.models.adapters import write_card
-from diffray.models.loading import load_components
-from diffray.trainers import session
+from diffray.models.loading import load_controlnet
 from diffray.trainers.components.diffusion import caption_dropout_mask
-from diffray.trainers.lora import denoising_losses, empty_prompt
-from diffray.trainers.loop import run_worker
+from diffray.trainers.denoising import DenoisingTask
 
 CONTROL_DROPOUT_KEY = 1_299_709  # keeps control-image dropout draws apart from caption dropout's
 
@@ -44,17 +37,7 @@ class ControlledUNet(torch.nn.Module):
                          down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
 
-def load_controlnet(path: str):
-    """A ControlNet from a diffusers dir (safetensors only). Raises ModelError naming the path."""
-    from diffusers import ControlNetModel
-
-    try:
-        return ControlNetModel.from_pretrained(path, use_safetensors=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})") from None
-
-
-def build_controlnet(cfg: ControlNetTrainConfig, unet) -> torch.nn.Module:
+def build_controlnet(cfg, unet) -> torch.nn.Module:
     """`controlnet.init_from` loaded, or a new ControlNet copying the UNet's encoder (zero convolutions)."""
     from diffusers import ControlNetModel
 
@@ -65,27 +48,17 @@ def build_controlnet(cfg: ControlNetTrainConfig, unet) -> torch.nn.Module:
         unet, conditioning_embedding_out_channels=tuple(cfg.controlnet.conditioning_embedding_out_channels))
 
 
-def preflight(cfg: ControlNetTrainConfig, model_path: str) -> None:
-    """Driver-side checks before Ray starts: the ControlNet to continue from and the validation images."""
-    if cfg.controlnet.init_from and not (Path(cfg.controlnet.init_from) / "config.json").is_file():
-        raise ConfigError(f"{cfg.controlnet.init_from}: not a ControlNet dir (no config.json)",
-                          field="controlnet.init_from")
-    for p in cfg.controlnet.validation_images:
-        if not Path(p).is_file():
-            raise ConfigError(f"validation image not found: {p}", field="controlnet.validation_images")
-
-
-def validation_controls(cfg: ControlNetTrainConfig) -> list[tuple[Any, str]]:
+def validation_controls(cfg) -> list[tuple[Any, str]]:
     """(control image, prompt) pairs for validation grids: `controlnet.validation_images` with
     `train.validation_prompts` (cycled), else the first two rows of a local imagefolder dataset, else a
     blank control image."""
+    from PIL import Image
+
     from diffray.data import resolve_data_path
     from diffray.data.transforms import decode_image
 
     def control(path: Path):
         return decode_image(path.read_bytes(), str(path), background=(0, 0, 0))
-
-    from PIL import Image
 
     prompts = cfg.train.validation_prompts or ["a photo"]
     if cfg.controlnet.validation_images:
@@ -120,73 +93,47 @@ def render_controlled(comps, controlnet, unet, pairs: list[tuple[Any, str]], res
     return rows
 
 
-class ControlNetTask:
-    """ControlNet in the shared loop (see `diffray.trainers.loop.Task`)."""
+class ControlNetTask(DenoisingTask):
+    """ControlNet in the shared loop."""
 
-    def __init__(self, cfg: ControlNetTrainConfig, model_path: str, env: session.WorkerEnv):
-        self.cfg, self.env = cfg, env
-        self.comps = load_components(model_path)
+    _pairs: list | None = None
+
+    def build_module(self) -> ControlledUNet:
         for frozen in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
             frozen.requires_grad_(False)
-        controlnet = build_controlnet(cfg, self.comps.unet)
+        controlnet = build_controlnet(self.cfg, self.comps.unet)
         controlnet.requires_grad_(True)
         controlnet.train()
-        if cfg.train.gradient_checkpointing:
+        if self.cfg.train.gradient_checkpointing:
             controlnet.enable_gradient_checkpointing()
-        self.module = ControlledUNet(controlnet, self.comps.unet).to(env.device)
-        session.place_frozen(self.comps.vae, env)
-        session.place_frozen(self.comps.text_encoder, env)
-        self.prediction_type = cfg.model.prediction_type or self.comps.noise_scheduler.config.prediction_type
-        self.empty = empty_prompt(self.comps, env.device) if cfg.data.caption_dropout > 0 else None
-        self.counters = session.EncoderCalls(self.comps)
-        self.batches = None
-        self._pairs: list | None = None
+        return ControlledUNet(controlnet, self.comps.unet)
 
-    def start(self, engine, skip_micro_batches: int) -> None:
-        self.batches = session.data_stream("train", self.cfg, self.env, skip_micro_batches)
-
-    def loss(self, engine, step: int) -> torch.Tensor:
-        batch = next(self.batches)
-        ids = [int(i) for i in batch["sample_id"]]
+    def forward_inputs(self, batch: dict, step: int, dropout: bool) -> dict:
+        """The control images (blank for the rows `conditioning_dropout` drops) and their scale."""
         cond = batch["conditioning_pixel_values"].to(self.env.device)
-        drop = caption_dropout_mask(ids, step, self.cfg.run.seed + CONTROL_DROPOUT_KEY,
-                                    self.cfg.controlnet.conditioning_dropout).to(self.env.device)
-        if drop.any():
-            cond = torch.where(drop[:, None, None, None], torch.zeros_like(cond), cond)
-        extra = {"controlnet_cond": cond, "conditioning_scale": self.cfg.controlnet.conditioning_scale}
-        return denoising_losses(engine, self.comps, batch, step, self.cfg, self.env, self.prediction_type, False,
-                                self.empty, forward_kwargs=extra).mean()
-
-    def after_optimizer_step(self) -> None:
-        pass
-
-    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
-        extra = {"controlnet_cond": batch["conditioning_pixel_values"].to(self.env.device),
-                 "conditioning_scale": self.cfg.controlnet.conditioning_scale}
-        return denoising_losses(engine, self.comps, batch, session.VALIDATION_STEP, self.cfg, self.env,
-                                self.prediction_type, False, self.empty, forward_kwargs=extra,
-                                caption_dropout=0.0).mean()
+        if dropout:
+            drop = caption_dropout_mask([int(i) for i in batch["sample_id"]], step,
+                                        self.cfg.run.seed + CONTROL_DROPOUT_KEY,
+                                        self.cfg.controlnet.conditioning_dropout).to(self.env.device)
+            if drop.any():
+                cond = torch.where(drop[:, None, None, None], torch.zeros_like(cond), cond)
+        return {"controlnet_cond": cond, "conditioning_scale": self.cfg.controlnet.conditioning_scale}
 
     def validation_grid(self, step: int):
         from diffray.images import make_grid
 
         if self._pairs is None:
             self._pairs = validation_controls(self.cfg)
-        t = self.cfg.train
         return make_grid(render_controlled(self.comps, self.module.controlnet, self.module.unet, self._pairs,
-                                           self.cfg.data.resolution, t.validation_inference_steps, self.cfg.run.seed,
-                                           self.cfg.controlnet.conditioning_scale))
+                                           self.cfg.data.resolution, self.cfg.train.validation_inference_steps,
+                                           self.cfg.run.seed, self.cfg.controlnet.conditioning_scale))
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
-        self.module.controlnet.save_pretrained(out_dir, safe_serialization=True)
         from diffray.data import resolve_data_path
 
+        self.module.controlnet.save_pretrained(out_dir, safe_serialization=True)
         info = Path(resolve_data_path(self.cfg.data.path)) / "conditioning.json"
         conditioning = json.loads(info.read_text()) if info.is_file() else None
         write_card(out_dir, {**card, "conditioning": conditioning,
                              "conditioning_scale": self.cfg.controlnet.conditioning_scale})
         return out_dir
-
-
-def train_loop_per_worker(config: dict) -> None:
-    run_worker(config, ControlNetTrainConfig, ControlNetTask)

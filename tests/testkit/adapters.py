@@ -1,8 +1,8 @@
 """Untrained but non-trivial adapters for a base model, written with the project's own exporters: a LoRA
 with random non-zero B, a Textual Inversion token with a random vector, and a ControlNet from the UNet.
 
-For tests, demos and benchmarks of serving, where the point is that an adapter changes the image, not
-what it learned. Never imports ray.
+For tests and benchmarks of serving, where the point is that an adapter changes the image, not what it
+learned.
 """
 
 from __future__ import annotations

@@ -1,0 +1,85 @@
+"""The Ray cluster edge shared by training, Tune, data jobs and serving: connect (or start a local
+cluster) with diffray's output settings, the environment Ray workers get, and whether a job's workers
+can fit the cluster at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+from diffray import logs
+from diffray.errors import ConfigError
+
+# Environment of every Ray Train worker; DIFFRAY_HOOK* and DIFFRAY_VERBOSE are passed on when set.
+WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+FORWARDED_PREFIXES = ("DIFFRAY_HOOK", logs.VERBOSE_ENV)
+
+
+def worker_env_vars() -> dict[str, str]:
+    """`WORKER_ENV` plus the driver's DIFFRAY_HOOK* / DIFFRAY_VERBOSE variables (workers of a running
+    cluster do not inherit the driver's environment)."""
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
+    return {**WORKER_ENV, **forwarded}
+
+
+def connect_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one.
+
+    Workers' output stays in Ray's log files unless verbose (`log_to_driver`). A local cluster keeps
+    Ray's defaults for token auth and binds nothing beyond localhost. Its dashboard (127.0.0.1 only) is on
+    because Ray Train's placement-group cleaner asks the state API whether a controller has died: without
+    it a trial that Tune stops leaks its workers' placement group.
+    """
+    import ray
+    from ray.data import DataContext  # imported here so its loggers exist when they are quieted
+
+    # Ray Data's progress bars and execution plans: the DataContext travels with every dataset, so its
+    # actors and tasks follow the driver's setting.
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = logs.verbose()
+    logs.quiet_libraries()
+    if ray.is_initialized():
+        return
+    os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=logs.verbose())
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=logs.verbose())
+    logs.quiet_libraries()  # handlers Ray adds while it starts
+
+
+def workers_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many worker bundles the nodes (their total resources) can hold, each bundle on one node."""
+    fit = 0
+    for node in nodes:
+        fit += int(min((node.get(k, 0.0) / v for k, v in bundle.items() if v > 0), default=0) + 1e-9)
+    return fit
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Total resources of every alive node of the connected cluster."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(scaling) -> None:
+    """Fail fast when the cluster's alive nodes can never hold `scaling.num_workers` workers (unless
+    `scaling.wait_for_resources`): Ray would otherwise wait forever for a placement.
+
+    Raises:
+        ConfigError: naming each resource a worker needs, the count and what the nodes have.
+    """
+    if scaling.wait_for_resources:
+        return
+    bundle = scaling.worker_bundle()
+    nodes = alive_nodes()
+    fit = workers_that_fit(bundle, nodes)
+    if fit >= scaling.num_workers:
+        return
+    need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
+    have = "; ".join(", ".join(f"{n.get(k, 0):g} {k}" for k in bundle) for n in nodes) or "no nodes"
+    raise ConfigError(f"scaling: {scaling.num_workers} workers x ({need}) do not fit this cluster, whose "
+                      f"{len(nodes)} node(s) have [{have}] (room for {fit}); lower scaling.num_workers or "
+                      "cpus_per_worker, set scaling.use_gpu=false, or scaling.wait_for_resources=true on an "
+                      "autoscaling cluster")

@@ -1,0 +1,76 @@
+"""What the CLI draws while a job runs: one live progress line on a terminal, plain lines otherwise.
+
+`TrainProgress` is fed rank 0's numbers after every step (`runner.run_training(on_progress=...)`): on a
+terminal it redraws one line in place (step, loss, lr, samples/s, ETA); without one it prints a plain
+line every `every` steps, so logs of CI and `ray job submit` stay readable. `TuneProgress` does the same
+for trials. Never imports Ray or torch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+def eta(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+class TrainProgress:
+    """Training progress of `total` steps on `stream` (a live bar on a terminal, else a line every
+    `every` steps and at the last step)."""
+
+    def __init__(self, total: int, stream: TextIO | None = None, tty: bool | None = None, every: int | None = None):
+        self.total, self.stream = total, stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.every = every or max(1, total // 10)
+        self.t0: float | None = None
+        self.first = 0
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, file=self.stream, desc="train", unit="step", dynamic_ncols=True,
+                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix}")
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        step, now = int(metrics["step"]), time.monotonic()
+        if self.t0 is None:  # the first step seen (a resumed run starts later): ETA from here on
+            self.t0, self.first = now, step - 1
+        rate = (step - self.first) / max(now - self.t0, 1e-9)
+        text = (f"loss={metrics.get('loss', float('nan')):.4f} lr={metrics.get('lr', 0.0):.2e} "
+                f"{metrics.get('samples_per_s', 0.0):.1f} samples/s eta {eta((self.total - step) / max(rate, 1e-9))}")
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(text, refresh=True)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TuneProgress:
+    """One line per trial that ends (finished, stopped early or failed), with the best metric so far;
+    `record` is what `tune.runner.run_tune(on_trial=...)` calls."""
+
+    def __init__(self, metric: str, mode: str, stream: TextIO | None = None):
+        self.metric, self.sign = metric, (1.0 if mode == "min" else -1.0)
+        self.stream = stream or sys.stderr
+        self.best: float | None = None
+        self.done = 0
+
+    def record(self, trial_id: str, result: dict[str, Any] | None, how: str) -> None:
+        value = (result or {}).get(self.metric)
+        if value is not None and (self.best is None or self.sign * value < self.sign * self.best):
+            self.best = value
+        self.done += 1
+        best = f" (best {self.metric}={self.best:.6g})" if self.best is not None else ""
+        shown = f"{self.metric}={value:.6g}" if value is not None else "no result"
+        print(f"trial {trial_id} {how} at step {(result or {}).get('step', '?')}: {shown}; {self.done} done{best}",
+              file=self.stream, flush=True)

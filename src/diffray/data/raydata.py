@@ -1,0 +1,16 @@
+"""Small Ray Data helpers shared by the dataset readers and the pipeline."""
+
+from __future__ import annotations
+
+import ray.data
+
+
+def raise_original_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Make an error raised in our map functions reach the consumer as `RayTaskError(<original type>)`.
+
+    By default Ray Data wraps it in a `UserCodeException` and drops the original (its `__cause__` does
+    not survive pickling), so `except DatasetError` would never match. This changes only this
+    dataset's context, not the process-wide one; `.cause` of the raised error is the original.
+    """
+    ds.context.raise_original_map_exception = True
+    return ds

@@ -1,0 +1,138 @@
+"""One set of rules for "a local path or a URI" (s3://, gs://, file://, ...), on pyarrow filesystems.
+
+Every place that stores or reads run data (checkpoints' artifacts, Tune results, datasets, caches, logs)
+goes through here: `is_uri` decides, `resolve` gives the (filesystem, path) pair, and the helpers read,
+write (atomically on local disk), list, copy folders and name the local log folder of a URI run.
+Local paths come back absolute, so Ray workers whose cwd differs from the driver's find them.
+
+This module must never import Ray, torch or anything heavier than pyarrow.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from diffray.errors import StorageError
+
+LOCAL_LOGS = "runs-logs"  # a URI run keeps its logs (metrics, TensorBoard, reports) under ./runs-logs/<name>
+
+
+def is_uri(path: str | Path) -> bool:
+    """True for `scheme://...` (object stores, `file://`), False for a local path."""
+    return "://" in str(path)
+
+
+def absolute(path: str | Path) -> str:
+    """A URI unchanged; a local path expanded and made absolute (against the current directory)."""
+    return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a URI or a local path (forward slashes, no doubled separators)."""
+    return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it (absolute for local paths).
+
+    Raises:
+        StorageError: an unknown scheme, a filesystem pyarrow was not built with, or bad credentials.
+    """
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), absolute(path)
+    try:
+        fs, inner = pafs.FileSystem.from_uri(str(path))
+    except (pa.ArrowException, ValueError) as exc:
+        raise StorageError(f"{path}: cannot open URI ({exc})") from None
+    return fs, inner.rstrip("/") or inner
+
+
+def file_type(path: str | Path) -> pafs.FileType:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type
+
+
+def exists(path: str | Path) -> bool:
+    return file_type(path) != pafs.FileType.NotFound
+
+
+def is_dir(path: str | Path) -> bool:
+    return file_type(path) == pafs.FileType.Directory
+
+
+def list_files(fs: pafs.FileSystem, root: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    """The files (not folders) under `root`, sorted by path."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def read_or_none(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """A file's bytes, or None when it does not exist or cannot be read (callers report it)."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, pa.ArrowException):
+        return None
+
+
+def read_text(path: str | Path) -> str:
+    """A whole text file. Raises StorageError naming the path when it cannot be read."""
+    fs, p = resolve(path)
+    data = read_or_none(fs, p)
+    if data is None:
+        raise StorageError(f"{path}: cannot read file")
+    return data.decode("utf-8")
+
+
+def write_bytes(path: str | Path, data: bytes) -> str:
+    """Write a file, creating its folder; on local disk atomically (a temp sibling renamed into place)."""
+    if is_uri(path):
+        fs, p = resolve(path)
+        fs.create_dir(posixpath.dirname(p), recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return str(path)
+    target = Path(absolute(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
+    return str(target)
+
+
+def write_text(path: str | Path, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
+    """Copy the folder `src` (on `fs`) to `dest` (a local path or URI), replacing what is there.
+
+    On local disk the new folder is assembled beside `dest` and swapped in with renames, so a reader
+    sees the old folder or the new one, never half of one.
+    """
+    if is_uri(dest):
+        pafs.copy_files(src, dest, source_filesystem=fs)
+        return dest
+    dest = absolute(dest)
+    tmp, old = f"{dest}.tmp-{uuid.uuid4().hex[:8]}", f"{dest}.old-{uuid.uuid4().hex[:8]}"
+    Path(tmp).mkdir(parents=True)
+    pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    if Path(dest).exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def local_dir(base: str, *parts: str) -> str:
+    """Where the local files of something stored at `base` go (logs, reports): beside it on local disk,
+    else under `./runs-logs/<last part of base>/` (logs are written with plain file I/O)."""
+    root = Path(absolute(base)) if not is_uri(base) else Path.cwd() / LOCAL_LOGS / posixpath.basename(base.rstrip("/"))
+    return str(root.joinpath(*parts))

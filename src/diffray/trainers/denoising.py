@@ -1,0 +1,221 @@
+"""The shared base of the methods that train a denoiser on (image, caption) rows: LoRA, DreamBooth,
+Textual Inversion, ControlNet (and full fine-tuning).
+
+A method subclasses `DenoisingTask` and declares what trains (`build_module`) and what it exports
+(`export`). It may also add inputs to the denoiser's forward (`forward_inputs`: ControlNet's control
+images), replace the caption tokens (`prompt_ids`: Textual Inversion's templates) or combine datasets
+(`datasets` + `loss`: DreamBooth's prior preservation). Everything else is here, once: loading, freezing
+and placing the parts, the keyed denoising loss with caption dropout, the micro-batch loop with its
+NaN stop, held-out losses and validation renders. What depends on the model family (loading, prompt
+encoding, noise and target, the inference pipeline) goes through `diffray.models.family`.
+
+Worker side: built inside the Ray Train loop (`diffray.trainers.loop`), never on the driver.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from diffray.config import LoraSection
+from diffray.models.adapters import add_lora
+from diffray.models.family import family_of
+from diffray.trainers import hooks, session
+from diffray.trainers.components.diffusion import caption_dropout_mask, per_sample_loss
+
+
+class Denoiser(torch.nn.Module):
+    """The module the engine wraps: the UNet, plus the text encoder when it trains (the module then
+    encodes token ids itself, so the engine's gradients and sharding reach the encoder)."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+        if self.text_encoder is not None:
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+
+
+def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: bool = False) -> Denoiser:
+    """Frozen base + LoRA on `lora.target_modules` (and on the text encoder with `lora.train_text_encoder`),
+    initialised from `seed`, so identical on every rank."""
+    add_lora(comps.unet, lora.rank, lora.scale_alpha, lora.dropout, lora.target_modules, seed)
+    comps.text_encoder.requires_grad_(False)
+    if lora.train_text_encoder:
+        add_lora(comps.text_encoder, lora.rank, lora.scale_alpha, lora.dropout, lora.text_encoder_target_modules,
+                 seed + 1)
+    if gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    return Denoiser(comps.unet, comps.text_encoder if lora.train_text_encoder else None)
+
+
+def full_denoiser(comps, train_text_encoder: bool, gradient_checkpointing: bool = False) -> Denoiser:
+    """Every UNet weight trains (and the text encoder's with `train_text_encoder`)."""
+    comps.unet.requires_grad_(True)
+    comps.text_encoder.requires_grad_(train_text_encoder)
+    if gradient_checkpointing:
+        comps.unet.enable_gradient_checkpointing()
+    return Denoiser(comps.unet, comps.text_encoder if train_text_encoder else None)
+
+
+class DenoisingTask:
+    """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
+
+    grid_path = "validation/step_{step:06d}.png"  # under the run's log dir
+    grid_tag = "validation"
+    collective_grid = False  # True: every rank must take part in rendering (it gathers across ranks)
+    step_reports = False  # True: a Tune trial reports every step (not only at validation steps)
+
+    def __init__(self, cfg, model_path: str, env: session.WorkerEnv):
+        self.cfg, self.env = cfg, env
+        self.family = family_of(model_path)
+        self.comps = self.family.load(model_path)
+        self.module = self.build_module().to(env.device)
+        self.comps.vae.requires_grad_(False)
+        session.place_frozen(self.comps.vae, env)
+        if not self.trains_text_encoder:
+            session.place_frozen(self.comps.text_encoder, env)
+        self.prediction_type = self.family.prediction_type(self.comps, cfg.model.prediction_type)
+        self.empty = self.empty_prompt() if cfg.data.caption_dropout > 0 else None
+        self.counters = session.EncoderCalls(self.comps)
+        self.streams: dict = {}
+
+    # --- what a method declares
+    trains_text_encoder = False  # True: the text encoder is in the engine's module and takes token ids
+
+    def build_module(self) -> torch.nn.Module:
+        """The module the engine trains (its requires_grad parameters), built on `self.comps`."""
+        raise NotImplementedError
+
+    def export(self, out_dir: Path, card: dict) -> Path:
+        """Write the artifact into out_dir (rank 0, trainable weights gathered)."""
+        raise NotImplementedError
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The named datasets this method streams (see `Method.dataset_sources`)."""
+        return ("train",)
+
+    def prompt_ids(self, batch: dict, step: int) -> torch.Tensor:
+        """Caption token ids of a batch (the dataset's by default)."""
+        return batch["input_ids"]
+
+    def forward_inputs(self, batch: dict, step: int, dropout: bool) -> dict:
+        """Extra inputs of the module's forward (none by default)."""
+        return {}
+
+    def loss(self, engine, step: int) -> torch.Tensor:
+        """The loss of the next micro-batch."""
+        return self.losses(engine, next(self.streams["train"]), step).mean()
+
+    def after_optimizer_step(self) -> None:
+        """Hook after each optimizer step (Textual Inversion restores frozen rows)."""
+
+    # --- the loop's side of the Task protocol
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.cfg.train.grad_accum_steps
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.cfg.train.max_steps
+
+    def start(self, engine, state: dict) -> None:
+        """Open the dataset streams, skipping the micro-batches earlier (resumed) steps consumed."""
+        skip = state["step"] * self.grad_accum_steps
+        self.streams = {name: session.data_stream(name, self.cfg, self.env, skip) for name in self.datasets}
+
+    def train_step(self, engine, step: int) -> session.StepOutput:
+        """One optimizer step over `grad_accum_steps` micro-batches. The loss is averaged over ranks before
+        backward, so a non-finite loss stops every rank at the same step."""
+        self.counters.take()  # drop calls made outside training steps (validation, set-up)
+        total = 0.0
+        for _ in range(self.grad_accum_steps):
+            loss = hooks.current().loss(step, self.loss(engine, step))
+            mean = session.global_mean(loss.detach())
+            if not math.isfinite(mean):
+                raise session.NonFiniteLoss(step, mean)
+            engine.backward(loss)
+            if engine.step():
+                self.after_optimizer_step()
+            total += mean / self.grad_accum_steps
+        return session.StepOutput(total, self.counters.take())
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+    def report_metrics(self) -> dict:
+        return {}
+
+    # --- the denoising loss
+    def losses(self, engine, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:
+        """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values | latent_mean +
+        latent_std, input_ids[, prompt_embeds, ...]}.
+
+        Noise, timestep, VAE sample and caption dropout of each row are keyed by (run seed, step,
+        sample_id), so a row's loss does not depend on which batch or rank it lands in. `dropout=False`
+        (held-out losses) turns caption and control-image dropout off.
+        """
+        cfg, env = self.cfg, self.env
+        n = self.family.noised(self.comps, batch, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset)
+        text = self.text_inputs(batch, step, cfg.data.caption_dropout if dropout else 0.0)
+        pred = engine(n.noisy, n.timesteps, **text, **self.forward_inputs(batch, step, dropout))
+        target = self.family.target(self.comps, n, self.prediction_type)
+        return per_sample_loss(pred, target, n.timesteps, self.comps.noise_scheduler, self.prediction_type,
+                               cfg.train.snr_gamma)
+
+    def text_inputs(self, batch: dict, step: int, caption_dropout: float) -> dict:
+        """Token ids when the text encoder trains in the engine; otherwise frozen states, from the latent
+        cache or encoded here without grad. Dropped captions become the empty caption."""
+        device = self.env.device
+        drop = caption_dropout_mask([int(i) for i in batch["sample_id"]], step, self.cfg.run.seed,
+                                    caption_dropout).to(device)
+        if drop.any() and self.empty is None:
+            self.empty = self.empty_prompt()
+        input_ids = self.prompt_ids(batch, step).to(device)
+        if drop.any():
+            input_ids = torch.where(drop[:, None], self.empty["input_ids"][None], input_ids)
+        if self.trains_text_encoder:
+            return {"input_ids": input_ids}
+        if "prompt_embeds" not in batch:
+            with torch.no_grad():
+                return {"encoder_hidden_states": self.family.encode(self.comps.text_encoder, input_ids)}
+        hidden = batch["prompt_embeds"].to(device, self.env.dtype)
+        if drop.any():
+            hidden = torch.where(drop[:, None, None], self.empty["hidden"][None].to(hidden.dtype), hidden)
+        return {"encoder_hidden_states": hidden}
+
+    def empty_prompt(self) -> dict[str, torch.Tensor]:
+        """Token ids [77] and frozen text-encoder states [77, D] of the empty caption (caption dropout)."""
+        ids = self.family.tokenize(self.comps, [""]).to(self.env.device)
+        with torch.no_grad():
+            return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
+
+    # --- validation
+    def validation_loss(self, engine, batch: dict) -> torch.Tensor:
+        """Mean loss of a held-out micro-batch at fixed noise/timesteps, no dropout."""
+        return self.losses(engine, batch, session.VALIDATION_STEP, dropout=False).mean()
+
+    def validation_grid(self, step: int):
+        """One row of `train.validation_prompts` rendered with the current weights."""
+        from diffray.images import make_grid
+
+        return make_grid([self.render(self.cfg.train.validation_prompts)])
+
+    def render(self, prompts: list[str]) -> list:
+        """Images of `prompts` (seeds run seed + i) with a DDIM sampler and the live weights."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.comps.noise_scheduler.config)
+        pipe = self.family.pipeline(self.comps, unet=self.comps.unet, scheduler=scheduler)
+        steps, seed = self.cfg.train.validation_inference_steps, self.cfg.run.seed
+        return [pipe(p, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
+                     output_type="pil").images[0] for i, p in enumerate(prompts)]

@@ -1,0 +1,65 @@
+"""DreamBooth on the shared denoising base: LoRA or every UNet weight trains; each step's micro-batch is
+instance rows plus as many class rows in one forward pass, the loss split per sample; validation rows
+show the instance prompt and the class prompt (language drift); the artifact is a LoRA or a pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffray.models.adapters import export_lora, write_card
+from diffray.trainers.denoising import DenoisingTask, Denoiser, full_denoiser, lora_denoiser
+
+
+class DreamBoothTask(DenoisingTask):
+    """DreamBooth in the shared loop."""
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self.cfg.trains_text_encoder
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return ("train", "class") if self.cfg.dreambooth.with_prior_preservation else ("train",)
+
+    def build_module(self) -> Denoiser:
+        """LoRA mode: frozen base + adapters (as the LoRA method). Full mode: every UNet weight trains."""
+        cfg = self.cfg
+        if cfg.dreambooth.mode == "lora":
+            return lora_denoiser(self.comps, cfg.lora, cfg.run.seed, cfg.train.gradient_checkpointing)
+        return full_denoiser(self.comps, cfg.dreambooth.train_text_encoder, cfg.train.gradient_checkpointing)
+
+    def loss(self, engine, step: int) -> torch.Tensor:
+        klass = next(self.streams["class"]) if "class" in self.streams else None
+        return self.prior_loss(engine, next(self.streams["train"]), klass, step)
+
+    def prior_loss(self, engine, instance: dict, klass: dict | None, step: int) -> torch.Tensor:
+        """Instance loss + prior_loss_weight x class loss, both rows in one forward pass."""
+        batch = instance if klass is None else {k: torch.cat([instance[k], klass[k]]) for k in instance}
+        losses = self.losses(engine, batch, step)
+        n = len(instance["sample_id"])
+        loss = losses[:n].mean()
+        if klass is not None:
+            loss = loss + self.cfg.dreambooth.prior_loss_weight * losses[n:].mean()
+        return loss
+
+    def validation_grid(self, step: int):
+        """Row 1: the instance prompt; row 2: the class prompt (language drift); then extra prompts."""
+        from diffray.images import make_grid
+
+        db, t = self.cfg.dreambooth, self.cfg.train
+        rows = [self.render([p, p]) for p in (db.instance_prompt, db.class_prompt)]
+        if t.validation_prompts:
+            rows.append(self.render(t.validation_prompts))
+        return make_grid(rows)
+
+    def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
+        db = self.cfg.dreambooth
+        card = {**card, "instance_prompt": db.instance_prompt, "class_prompt": db.class_prompt, "mode": db.mode}
+        if db.mode == "lora":
+            return export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
+        self.family.pipeline(self.comps, unet=self.module.unet).save_pretrained(out_dir, safe_serialization=True)
+        write_card(out_dir, card)
+        return out_dir

@@ -1,0 +1,28 @@
+"""LoRA text-to-image: a PEFT LoRA adapter on the UNet's attention projections (optionally on the text
+encoder too), trained on (image, caption) rows; the artifact loads with `pipe.load_lora_weights`.
+
+This file declares the method (its config and `METHOD`); the worker side is `task.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from diffray.config import LoraSection, TrainConfig
+from diffray.trainers.method import Method
+
+
+class LoraTrainConfig(TrainConfig):
+    method: Literal["lora"] = Field("lora", description="Training method.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+
+def _task() -> type:
+    from diffray.trainers.lora.task import LoraTask
+
+    return LoraTask
+
+
+METHOD = Method(name="lora", config=LoraTrainConfig, task=_task)
