@@ -8,6 +8,7 @@ for trials. Never imports Ray or torch.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -20,8 +21,10 @@ def eta(seconds: float) -> str:
 
 
 class TrainProgress:
-    """Training progress of `total` steps on `stream` (a live bar on a terminal, else a line every
-    `every` steps and at the last step)."""
+    """Training progress of `total` steps on `stream`: on a terminal one bar redrawn in place (`\\r`), else
+    a plain line every `every` steps and at the last step."""
+
+    BAR = 20  # characters of the bar itself
 
     def __init__(self, total: int, stream: TextIO | None = None, tty: bool | None = None, every: int | None = None):
         self.total, self.stream = total, stream or sys.stderr
@@ -29,12 +32,7 @@ class TrainProgress:
         self.every = every or max(1, total // 10)
         self.t0: float | None = None
         self.first = 0
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, file=self.stream, desc="train", unit="step", dynamic_ncols=True,
-                            bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {postfix}")
+        self.drawn = False
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         step, now = int(metrics["step"]), time.monotonic()
@@ -43,16 +41,21 @@ class TrainProgress:
         rate = (step - self.first) / max(now - self.t0, 1e-9)
         text = (f"loss={metrics.get('loss', float('nan')):.4f} lr={metrics.get('lr', 0.0):.2e} "
                 f"{metrics.get('samples_per_s', 0.0):.1f} samples/s eta {eta((self.total - step) / max(rate, 1e-9))}")
-        if self.bar is not None:
-            self.bar.n = step
-            self.bar.set_postfix_str(text, refresh=True)
+        if self.tty:
+            done = min(self.BAR, self.BAR * step // max(self.total, 1))
+            line = f"train {step}/{self.total} |{'█' * done}{' ' * (self.BAR - done)}| {text}"
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self.stream.write("\r" + line[:width].ljust(width))
+            self.stream.flush()
+            self.drawn = True
         elif step % self.every == 0 or step == self.total:
             print(f"step {step}/{self.total} {text}", file=self.stream, flush=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
 
 
 class TuneProgress:

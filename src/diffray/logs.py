@@ -38,11 +38,21 @@ def configure_cli(verbose_output: bool) -> None:
     if verbose_output:
         os.environ[VERBOSE_ENV] = "1"  # Ray workers and Serve replicas inherit it (see cluster.worker_env_vars)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(PlainFormatter())
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class PlainFormatter(logging.Formatter):
+    """INFO lines as they are; warnings and errors prefixed as the CLI's own messages are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"diffray: error: {text}"
+        return f"diffray: warning: {text}" if record.levelno >= logging.WARNING else text
 
 
 def quiet_libraries() -> None:

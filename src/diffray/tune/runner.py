@@ -143,15 +143,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     if restored:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(job.domains, job.train.run.seed if job.tune.shuffle_grid else None),
-            tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode, scheduler=build_scheduler(job),
-                                        search_alg=build_searcher(job), num_samples=job.tune.num_samples,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(name=job.name, storage_path=root,
-                                      callbacks=[TrialEnded(on_trial)] if on_trial else None,
-                                      verbose=None if logs.verbose() else 0,
-                                      failure_config=tune.FailureConfig(max_failures=job.tune.max_failures)))
+        tuner = new_tuner(job, trainable, root, concurrency, on_trial)
         job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
         storage.write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
     tuner.fit()
@@ -162,6 +154,20 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         artifact, config_path = export_best(job, best, exp_dir)
     write_report(rows, job, exp_dir)
     return TuneOutcome(exp_dir, rows, best, artifact, config_path, concurrency, time.time() - t0, restored)
+
+
+def new_tuner(job: TuneJob, trainable, root: str, concurrency: int, on_trial) -> tune.Tuner:
+    """The Tuner of a new experiment: the space (grid points shuffled by run.seed unless disabled), metric,
+    scheduler, searcher and concurrency; Tune's own table printing only when verbose."""
+    return tune.Tuner(
+        trainable, param_space=param_space(job.domains, job.train.run.seed if job.tune.shuffle_grid else None),
+        tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode, scheduler=build_scheduler(job),
+                                    search_alg=build_searcher(job), num_samples=job.tune.num_samples,
+                                    max_concurrent_trials=concurrency),
+        run_config=tune.RunConfig(name=job.name, storage_path=root,
+                                  callbacks=[TrialEnded(on_trial)] if on_trial else None,
+                                  verbose=None if logs.verbose() else 0,
+                                  failure_config=tune.FailureConfig(max_failures=job.tune.max_failures)))
 
 
 def export_best(job: TuneJob, best: TrialRow, exp_dir: str) -> tuple[str, str]:

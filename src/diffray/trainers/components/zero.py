@@ -22,13 +22,11 @@ def build_deepspeed_config(
         raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     zero: dict = {"stage": zero_stage}
     if zero_stage >= 2:
-        # Gradients are reduce-scattered into one contiguous buffer (no fragmentation). Communication is not
-        # overlapped with backward: that needs extra bucket memory and pays off only where compute and
-        # communication run concurrently (GPU + NCCL), not on the CPU/gloo path this also runs on.
+        # Contiguous reduce-scattered gradients (no fragmentation). No overlap with backward: it costs bucket
+        # memory and pays off only with concurrent compute and communication (GPU + NCCL), not on CPU/gloo.
         zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
     if zero_stage == 3:
-        # Checkpoints keep the ZeRO-3 partitions and artifacts are exported from gathered weights
-        # (`engine.gathered()`), so DeepSpeed never has to consolidate a 16-bit copy when saving.
+        # Checkpoints keep the partitions; artifacts come from gathered weights (`engine.gathered()`).
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
