@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,12 @@ def test_readme_commands_end_to_end(tmp_path):
                 f"run.storage_path={runs}", "train.max_steps=12", "train.checkpoint_every=6",
                 "train.validate_every=null", "scaling.num_workers=1"], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # No terminal: a plain progress line every max(1, 12 // 10) step, and none of Ray's own output.
+    progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("step ")]
+    assert [int(ln.split()[1].split("/")[0]) for ln in progress] == list(range(1, 13)), proc.stderr[-3000:]
+    assert all(re.search(r"/12 loss=\d+\.\d{4} lr=\S+ \d+\.\d samples/s eta \d+:\d\d$", ln) for ln in progress)
+    assert "Execution plan" not in proc.stderr and "RayTrainWorker" not in proc.stderr
+    assert len(proc.stderr.splitlines()) <= 20, proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("done: steps=12 loss first10=") and "artifact=" in summary and "wall=" in summary
     artifact = Path(summary.split("artifact=")[1].split()[0])

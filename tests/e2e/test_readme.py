@@ -1,0 +1,207 @@
+"""README.md's command blocks, run as written from a fresh folder holding configs/, so the docs cannot
+drift; and `diffray demo` (what `make demo` runs after setup) in a terminal, where it must stay quiet.
+
+Every ```bash block in the README carries a comment line right above it that this test reads:
+`<!-- test: default, id=NAME -->` (run in the default suite), `<!-- test: slow, id=NAME -->` (slow
+suite), `<!-- test: slow, server, id=NAME -->` (a server: started in the background until the next
+blocks are done) or `<!-- test: skip (why) -->` (not runnable here, e.g. needs a running cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from testkit.procs import interrupt_group
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+MARKER = re.compile(r"<!--\s*test:\s*(.*?)\s*-->", re.S)
+SERVER = "http://127.0.0.1:8000"  # configs/serve.yaml, as the README's requests use it
+
+# What must exist after a block ran (paths under the work folder), beyond every command exiting 0.
+EXPECT = {
+    "data": ["models/tiny-sd/model_index.json", "data/sample/train/metadata.jsonl", "outputs/contact_sheet.png",
+             "data/pairs/metadata.jsonl", "data/pairs/conditioning/00000000.png"],
+    "train": ["outputs/demo_grid.png", "runs/lora-sample/artifact/pytorch_lora_weights.safetensors",
+              "runs/my-lora/artifact/pytorch_lora_weights.safetensors", "runs/dreambooth-sample/artifact",
+              "runs/textual-inversion-sample/artifact/learned_embeds.safetensors",
+              "runs/controlnet-sample/artifact/config.json", "outputs/generated.png",
+              "runs/tune-lora/results.csv", "runs/tune-lora/best/artifact/pytorch_lora_weights.safetensors"],
+    "requests": ["adapters/my-lora/pytorch_lora_weights.safetensors", "outputs/generated-0-0.png"],
+}
+
+
+@dataclass
+class Block:
+    line: int  # of the opening fence in README.md
+    marker: str | None
+    script: str
+
+    @property
+    def kind(self) -> str:
+        m = (self.marker or "").split("(")[0]
+        return "skip" if m.startswith("skip") else "slow" if "slow" in m else "default" if "default" in m else "?"
+
+    @property
+    def server(self) -> bool:
+        return "server" in (self.marker or "").split("(")[0]
+
+    @property
+    def id(self) -> str:
+        m = re.search(r"id=([\w-]+)", self.marker or "")
+        return m.group(1) if m else f"line{self.line}"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """Every ```bash block with the test marker (if any) on the last non-empty line above it."""
+    lines, blocks, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].strip() == "```bash":
+            above = "\n".join(lines[max(0, i - 3):i])
+            markers = MARKER.findall(above)
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            blocks.append(Block(i + 1, markers[-1] if markers else None, "\n".join(lines[i + 1:end])))
+            i = end
+        i += 1
+    return blocks
+
+
+BLOCKS = readme_blocks((REPO / "README.md").read_text())
+
+
+def test_every_command_block_says_where_it_runs():
+    assert BLOCKS and all(b.kind in ("default", "slow", "skip") for b in BLOCKS), \
+        [(b.line, b.marker) for b in BLOCKS if b.kind == "?"]
+    assert {b.id for b in BLOCKS if b.kind != "skip"} >= set(EXPECT) | {"serve"}
+    planted = readme_blocks("text\n\n```bash\ndiffray demo\n```\n")
+    assert [b.kind for b in planted] == ["?"], "an unmarked block is caught"
+
+
+@pytest.fixture()
+def workdir(tmp_path) -> Path:
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    return tmp_path
+
+
+def block_env(ray_address: str | None) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # the session's cluster: no start-up per command
+    return env
+
+
+def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", block.script], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=3600)
+    assert proc.returncode == 0, f"README.md:{block.line} failed:\n{proc.stderr[-4000:]}"
+    missing = [p for p in EXPECT.get(block.id, []) if not (cwd / p).exists()]
+    assert not missing, f"README.md:{block.line}: {missing} not written"
+
+
+def start_server(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    log = open(cwd / f"server-{block.id}.log", "w")
+    proc = subprocess.Popen(["bash", "-c", f"exec {block.script.strip()}"], cwd=cwd, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, (cwd / f"server-{block.id}.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{SERVER}/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)  # not listening yet: the server is still starting
+    raise AssertionError(f"README.md:{block.line}: no answer on {SERVER}/healthz")
+
+
+def run_readme(kinds: set[str], cwd: Path, ray_address: str) -> list[str]:
+    """Run the blocks of `kinds` in README order; servers stay up until the end. Returns the ids run."""
+    servers, ran = [], []
+    try:
+        for block in BLOCKS:
+            if block.kind not in kinds:
+                continue
+            if block.server:
+                servers.append(start_server(block, cwd, block_env(None)))  # its own cluster: its own HTTP port
+            else:
+                run_block(block, cwd, block_env(ray_address))
+            ran.append(block.id)
+    finally:
+        for proc in servers:
+            interrupt_group(proc)
+    return ran
+
+
+def test_readme_default_blocks(ray_cluster, workdir):
+    import ray
+
+    ran = run_readme({"default"}, workdir, ray.get_runtime_context().gcs_address)
+    assert "data" in ran
+    pairs = [json.loads(x) for x in (workdir / "data" / "pairs" / "metadata.jsonl").read_text().splitlines()]
+    assert len(pairs) == 32 and all(p["conditioning_image"].startswith("conditioning/") for p in pairs)
+
+
+@pytest.mark.slow
+def test_readme_all_blocks(ray_cluster, workdir):
+    import ray
+
+    ran = run_readme({"default", "slow"}, workdir, ray.get_runtime_context().gcs_address)
+    assert {"data", "train", "serve", "requests"} <= set(ran)
+    answer = json.loads((workdir / "outputs" / "openai.json").read_text())
+    assert answer["data"][0]["b64_json"]
+    assert json.loads((workdir / "outputs" / "generate.json").read_text())["images"]
+
+
+def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:
+    """Everything the process writes to its terminal until it exits."""
+    out, deadline = b"", time.time() + timeout
+    while time.time() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the terminal closed: the process is gone
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    return out
+
+
+@pytest.mark.slow
+def test_demo_in_a_terminal_is_quiet_with_one_live_bar(tmp_path):
+    """`make demo` after setup, as a person sees it: at most 40 lines, the bar redrawn in place."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    parent, child = pty.openpty()
+    proc = subprocess.Popen([str(BIN / "diffray"), "demo"], cwd=tmp_path, env=block_env(None), stdin=child,
+                            stdout=child, stderr=child, start_new_session=True)
+    os.close(child)
+    try:
+        out = read_pty(parent, proc, 900).decode(errors="replace")
+    finally:
+        os.close(parent)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lines = out.replace("\r\n", "\n").split("\n")
+    assert proc.returncode == 0, out[-3000:]
+    assert len(lines) <= 40, f"{len(lines)} lines:\n" + "\n".join(lines)
+    redraws = [part for part in out.split("\r") if part.startswith("train ")]
+    assert len(redraws) >= 10 and "60/60" in redraws[-1] and "samples/s" in redraws[-1], redraws[-3:]
+    assert any(line.startswith("demo: steps=60 ") for line in lines)
+    assert "Execution plan" not in out and "TrainingReport" not in out and "(RayTrainWorker" not in out
