@@ -96,10 +96,13 @@ def setup_worker(log_dir: str, rank: int) -> None:
 
 
 def quiet_hf() -> None:
-    """Silence per-file progress bars and info logs of diffusers/transformers loads."""
+    """Silence per-file progress bars of diffusers/transformers loads, and (unless verbose) their notes
+    below errors (e.g. "no LoRA keys for the text encoder" when an adapter has none)."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()
+    if not verbose():
+        dlog.set_verbosity_error()
