@@ -105,10 +105,17 @@ def block_env(ray_address: str | None) -> dict[str, str]:
     return env
 
 
+# Ray's, Ray Data's, Ray Train's and DeepSpeed's own output: never on a diffray terminal unless --verbose.
+NOISE = ("Execution plan", "Starting execution of Dataset", "TrainingReport", "(RayTrainWorker", "(SplitCoordinator",
+         "(TrainController", "Started a local Ray instance", "DeepSpeed", "Setting accelerator")
+
+
 def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
     proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", block.script], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, f"README.md:{block.line} failed:\n{proc.stderr[-4000:]}"
+    noise = [n for n in NOISE if n in proc.stdout + proc.stderr]
+    assert not noise, f"README.md:{block.line}: library output on the terminal: {noise}\n{proc.stderr[-3000:]}"
     missing = [p for p in EXPECT.get(block.id, []) if not (cwd / p).exists()]
     assert not missing, f"README.md:{block.line}: {missing} not written"
 
