@@ -91,21 +91,13 @@ def _builtin_sample(split: str) -> str:
     return str(root / (split or "train"))
 
 
-def _builtin_world(split: str) -> str:
-    if split == "canny":
-        root = builtin_world("pretrain")
-        with FileLock(str(root) + ".canny.lock"):
-            return str(_canny_pairs(root, root))
-    return str(builtin_world(split))
-
-
 def resolve_data_path(path: str) -> str:
     """Where the dataset named by `path` lives.
 
     `builtin:sample[/subject|/canny]` -> that split of the cached sample set (built once, under a file
     lock; `canny` pairs the train split with its Canny edge maps, for ControlNet);
     `builtin:world/<split>` -> a cached world set of that split (`writers.BUILTIN_SIZES` images, seed 0;
-    `builtin:world/canny`: the `pretrain` set paired with its Canny maps);
+    `builtin:world/canny`: `pretrain` scenes paired with their Canny maps, where a map shows the shape);
     URIs (s3://, gs://, ...) pass through unchanged; local paths come back absolute, so Ray workers
     whose cwd differs from the driver's still find them.
 
@@ -117,7 +109,7 @@ def resolve_data_path(path: str) -> str:
         if name == "sample" and split in ("", "train", "subject", "canny"):
             return _builtin_sample(split)
         if name == "world" and (split in SPLITS or split == "canny"):
-            return _builtin_world(split)
+            return str(builtin_world(split))
         raise DatasetError(f"unknown builtin dataset {path!r} (allowed: {', '.join(BUILTIN_DATASETS)})")
     if "://" in path:
         return path

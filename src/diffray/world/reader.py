@@ -5,9 +5,9 @@ Method: the background is a smooth Lab surface fitted to the image border (then 
 first rough shape); the shape is the largest connected region farther from it than half the distance
 between background and foreground colours (holes filled); the background's colour is the median outside it;
 colours are the nearest palette colour in CIE Lab; the kind is the nearest prototype in a small feature
-space (bounding-box fill, convex-hull fill, vertical centroid) whose prototypes are the renderer's own
-shapes; stripes are a large share of interior pixels far from the interior's median colour. Tolerates
-blur, off colours, ragged edges and specks. Never imports torch or ray.
+space (box fill, hull fill, centroid height, 3/4/5-fold symmetry of the outline) whose prototypes are the
+renderer's own shapes; stripes are a diagonal wave at the world's stripe period fitted to the interior.
+Tolerates blur, off colours, uneven shading, ragged edges and specks. Never imports torch or ray.
 """
 
 from __future__ import annotations
@@ -261,7 +261,8 @@ def interior(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_colour(lab: np.ndarray, mask: np.ndarray) -> tuple[str, bool]:
-    """(the shape's colour, striped?) from the mask's interior: striped when a diagonal wave at the stripe period is strong and explains much of the colour."""
+    """(the shape's colour, striped?) from the mask's interior: striped when a diagonal wave at the stripe
+    period is strong and explains much of the colour's variation."""
     region = interior(mask)
     ys, xs = np.nonzero(region)
     pixels = lab[region]
@@ -269,6 +270,8 @@ def fill_colour(lab: np.ndarray, mask: np.ndarray) -> tuple[str, bool]:
     if amplitude < STRIPE_AMPLITUDE or explained < STRIPE_EXPLAINED:
         return nearest_colour(np.median(pixels, axis=0)), False
     crest = np.abs(wave) >= 0.5 * amplitude  # the purest pixels of each band: least mixed by blur
+    if not (crest & (wave > 0)).any() or not (crest & (wave < 0)).any():
+        return nearest_colour(np.median(pixels, axis=0)), False
     a_lab = np.median(pixels[crest & (wave > 0)], axis=0)
     b_lab = np.median(pixels[crest & (wave < 0)], axis=0)
     a_share = np.mean(np.linalg.norm(pixels - a_lab, axis=1) < np.linalg.norm(pixels - b_lab, axis=1))

@@ -24,7 +24,7 @@ from diffray.world.scenes import SIZE_WORD_P, SPLITS, check_split, scene_at
 WORLD_VERSION = 1  # bump when a rendering or a split changes, so cached sets are rebuilt
 FORMATS = ("imagefolder", "parquet")
 BUILTIN_SIZES = {"pretrain": 256, "heldout": 64, "base": 64, "star": 64, "cyan": 64, "striped": 64, "subject": 5,
-                 "all": 256}
+                 "all": 256, "canny": 256}
 BUILTIN_SEED = 0
 ROWS_PER_FILE = 10_000  # Parquet: rows per shard file
 ROWS_PER_GROUP = 1_000  # Parquet: rows per row group (a Ray read task each)
@@ -126,11 +126,22 @@ def write_world_dataset(out: str | Path, split: str = "pretrain", num_images: in
 
 def builtin_world(split: str) -> Path:
     """The cached `builtin:world/<split>` imagefolder (BUILTIN_SIZES[split] images, seed 0, 64 px), built
-    once under a file lock."""
-    check_split(split)
+    once under a file lock. `canny`: `pretrain` scenes paired with their Canny maps (ControlNet), only
+    those whose map traces the shape's outline."""
+    if split != "canny":
+        check_split(split)
     root = cache_dir() / "data" / f"world-v{WORLD_VERSION}-{split}-seed{BUILTIN_SEED}"
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
-        if not (root / "dataset.json").is_file():
-            write_world_dataset(root, split, BUILTIN_SIZES[split], BUILTIN_SEED)
+        if (root / "dataset.json").is_file():
+            return root
+        if split != "canny":
+            return write_world_dataset(root, split, BUILTIN_SIZES[split], BUILTIN_SEED)
+        from diffray.world.suites import write_canny_pairs
+
+        with atomic_dir(root) as tmp:
+            write_canny_pairs(tmp, BUILTIN_SIZES[split], BUILTIN_SEED)
+            info = {"name": "diffray-world/canny", "world_version": WORLD_VERSION, "split": "pretrain",
+                    "conditioning": "canny", "seed": BUILTIN_SEED, "num_images": BUILTIN_SIZES[split]}
+            (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return root
