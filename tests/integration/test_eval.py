@@ -70,7 +70,7 @@ def test_controlnet_suite_scores_agreement(ray_cluster, tiny_model_path, tmp_pat
     assert ("control", 0) in result.images and (tmp_path / "out" / "grid.png").is_file()
 
 
-def test_bad_options_fail_before_ray(tmp_path):
+def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
     with pytest.raises(ConfigError, match="^suite: unknown suite 'stars'"):
         evaluate(suite="stars")
     with pytest.raises(ConfigError, match="^token: "):
@@ -79,3 +79,8 @@ def test_bad_options_fail_before_ray(tmp_path):
         evaluate(suite="star", adapter=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="^resolution: "):
         evaluate(suite="star", resolution=60)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="^adapter: .*empty holds none of pytorch_lora_weights.safetensors"):
+        evaluate(suite="star", adapter=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="^controlnet: a ControlNet needs control images"):
+        evaluate(suite="star", controlnet=f"{tiny_model_path}/controlnet", model=tiny_model_path)

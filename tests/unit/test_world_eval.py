@@ -58,6 +58,19 @@ def test_controlnet_items_carry_visible_control_maps(tmp_path):
         assert outline_coverage(control, img) >= 0.8 and edge_f1(control, img) == 1.0
 
 
+def test_sample_set_keeps_scenes_with_visible_control_maps(tmp_path):
+    from diffray.data.conditioning import canny
+    from diffray.data.sample import write_sample_dataset
+
+    root = write_sample_dataset(tmp_path / "s", num_images=8, subject_images=1)
+    kept = json.loads((root / "dataset.json").read_text())["train_scenes"]
+    assert len(kept) == 8 and kept == sorted(kept) and kept[-1] > 7  # some pretrain scenes were skipped
+    rows = [json.loads(x) for x in (root / "train" / "metadata.jsonl").read_text().splitlines()]
+    for i, row in zip(kept, rows):
+        img = Image.open(root / "train" / row["file_name"]).convert("RGB")
+        assert row["text"] == scene_at(0, "pretrain", i).caption and outline_coverage(canny()(img), img) >= 0.8
+
+
 def perfect_images(suite: str, items, variants=("base",)):
     """What a model that draws every prompt exactly would render: the suite's own scenes."""
     if suite == "subject":

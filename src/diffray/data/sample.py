@@ -1,7 +1,7 @@
 """The small sample set (drawn by the shapes world, `diffray.world`) and `builtin:` dataset names.
 
-Layout (HF imagefolder): `<root>/train/metadata.jsonl` + PNGs (the world's `pretrain` split: coloured
-shapes with captions), and `<root>/subject/` with a few images of one distinctive object ("sks widget")
+Layout (HF imagefolder): `<root>/train/metadata.jsonl` + PNGs (from the world's `pretrain` split:
+coloured shapes with captions, each with a visible Canny map), and `<root>/subject/` with a few images of one distinctive object ("sks widget")
 for DreamBooth-style personalisation. Same seed => byte-identical files. Never imports ray.
 """
 
@@ -20,6 +20,7 @@ from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin
 from diffray.world.grammar import CLASS_PROMPT, INSTANCE_PROMPT, PRETRAIN_COLOURS, PRETRAIN_SHAPES
 from diffray.world.render import render
 from diffray.world.scenes import SPLITS, scene_at
+from diffray.world.suites import canny_controls
 from diffray.world.writers import WORLD_VERSION, atomic_dir, builtin_world
 
 COLOURS, SHAPES = PRETRAIN_COLOURS, PRETRAIN_SHAPES
@@ -52,18 +53,20 @@ def write_sample_dataset(out_dir: str | Path, num_images: int = 32, resolution: 
                          subject_images: int = 5) -> Path:
     """Write the sample set (train/ and subject/ splits, dataset.json, README.txt); returns the root.
 
-    train/ holds scenes 0..num_images-1 of the world's `pretrain` split under `seed`, subject/ scenes of
+    train/ holds the first `num_images` scenes of the world's `pretrain` split under `seed` whose Canny map
+    traces the shape (so every pair of `builtin:sample/canny` carries a control signal), subject/ scenes of
     its `subject` split. Built in a temporary sibling folder and moved into place, so readers never see a
     half-written set.
     """
     with atomic_dir(out_dir) as tmp:
-        _write_split(tmp / "train", [(render(s, resolution), s.caption)
-                                     for s in (scene_at(seed, "pretrain", i) for i in range(num_images))])
+        train = list(zip(range(num_images), canny_controls(seed, "pretrain", resolution)))
+        _write_split(tmp / "train", [(image, scene.caption) for _, (_, scene, image, _) in train])
         _write_split(tmp / "subject", [(render(scene_at(seed, "subject", i), resolution), INSTANCE_PROMPT)
                                        for i in range(subject_images)])
         _describe(tmp, {"name": "diffray-sample", "seed": seed, "resolution": resolution, "train_images": num_images,
                         "subject_images": subject_images, "instance_prompt": INSTANCE_PROMPT,
-                        "class_prompt": CLASS_PROMPT, "world_version": WORLD_VERSION})
+                        "class_prompt": CLASS_PROMPT, "world_version": WORLD_VERSION,
+                        "train_scenes": [index for _, (index, *_) in train]})
     return Path(out_dir).resolve()
 
 

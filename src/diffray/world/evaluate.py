@@ -33,10 +33,10 @@ class Renderer:
                  steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int):
         import torch
 
-        self.items, self.batch_size = items, batch_size
         from diffray.generate import load_adapter
         from diffray.models.loading import load_pipeline
 
+        self.items, self.batch_size = items, batch_size
         torch.set_num_threads(max(1, threads))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(model_path, device=device)
@@ -119,16 +119,19 @@ def check_inputs(model: str | None, adapter: str | None, controlnet: str | None,
                  resolution: int, batch_size: int) -> str:
     """The base model reference (the adapter's card's base when `model` is None); ConfigError naming a bad
     option, before Ray or any model starts."""
-    from diffray.models.adapters import read_card
+    from diffray.models.adapters import LORA_WEIGHTS, read_card
+    from diffray.models.textual_inversion import TI_WEIGHTS
 
     for name, value, ok in (("steps", steps, steps >= 1), ("guidance", guidance, guidance >= 0),
                             ("resolution", resolution, resolution >= 8 and resolution % 8 == 0),
                             ("batch_size", batch_size, batch_size >= 1)):
         if not ok:
             raise ConfigError(f"bad value {value!r}", field=name)
-    for name, d in (("adapter", adapter), ("controlnet", controlnet)):
+    for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, TI_WEIGHTS)), ("controlnet", controlnet, ("config.json",))):
         if d is not None and not Path(d).is_dir():
             raise ConfigError(f"not a directory: {d}", field=name)
+        if d is not None and not any((Path(d) / f).is_file() for f in files):
+            raise ConfigError(f"{d} holds none of {', '.join(files)}", field=name)
     cards = [read_card(d) for d in (adapter, controlnet) if d]
     return model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
 
@@ -176,6 +179,9 @@ def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | No
     base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size)
     token = token if token is not None else (ti_token(adapter) if suite in CONCEPT_SUITES else None)
     check_suite(suite, num, token)
+    if controlnet and suite != "controlnet":
+        raise ConfigError(f"a ControlNet needs control images: use --suite controlnet (not {suite!r})",
+                          field="controlnet")
     items = build_suite(suite, num, seed, resolution, token)
     kind = adapter_kind(adapter, controlnet)
     variants = (["base"] if compare_base or kind is None else []) + ([kind] if kind else [])
