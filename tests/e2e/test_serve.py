@@ -113,7 +113,7 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
             "generator": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 2,
                           "max_queued_requests": 2, "max_adapters_per_replica": 3},
             "batching": {"enabled": True, "max_batch_size": 2, "batch_wait_timeout_s": 0.005},
-            "ingress": {"num_cpus": 0.25}}
+            "ingress": {"num_cpus": 0.25}, "feedback": {"path": str(reg.parent / "feedback.db")}}
     serve.run(build_app(args), name=APP, route_prefix="/")
     yield Server(f"http://127.0.0.1:{port}", reg)
     serve.delete(APP)
@@ -393,6 +393,7 @@ def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path
     cfg["http_options"]["port"] = port
     app_args = cfg["applications"][0]["args"]
     app_args["adapters_dir"] = str(tmp_path / "adapters")
+    app_args["feedback"]["path"] = str(tmp_path / "feedback.db")
     app_args["generator"]["num_cpus"] = 0.5
     app_args["default_steps"] = 4
     path = tmp_path / "serve.yaml"

@@ -10,20 +10,10 @@ from typing import Any
 
 from ray.serve import Application
 
-from diffray.serve.config import ServeArgs, check_exposure, parse_args
+from diffray.serve.config import ServeArgs, parse_args
+from diffray.serve.exposure import enforce
 
 log = logging.getLogger(__name__)
-
-
-def serve_http_host() -> str | None:
-    """The host the running Serve instance's HTTP proxies bind; None when it cannot be asked."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        return _get_global_client().get_serve_details()["http_options"]["host"]
-    except Exception as exc:  # no Serve instance reachable from here: the caller decides
-        log.warning("cannot read the Serve HTTP host: %s", exc)
-        return None
 
 
 def generator_options(args: ServeArgs) -> dict[str, Any]:
@@ -51,14 +41,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     Args:
         args: `ServeArgs` fields (model, adapters_dir, controlnets, limits, auth, generator, batching,
-            ingress); the `args:` mapping of a Serve config file.
+            ingress, feedback); the `args:` mapping of a Serve config file.
     Raises:
-        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host.
+        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host (each
+            Ingress replica checks again at start, with the keys it sees).
     """
     from diffray.serve.deployments import Generator, Ingress
 
     cfg = parse_args(args)
-    check_exposure(cfg, cfg.auth.host or serve_http_host())
+    enforce(cfg)
     plain = cfg.model_dump(mode="json")
     generator = Generator.options(**generator_options(cfg)).bind(plain)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas,
@@ -75,8 +66,7 @@ def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool 
     from diffray.trainers.runner import connect_ray
 
     http_options, app, args = load_serve_file(path, overrides)
-    check_exposure(args, args.auth.host or str(http_options.get("host", "127.0.0.1")))
     connect_ray()
-    serve.start(http_options=http_options)
+    serve.start(http_options=http_options)  # an already running Serve keeps its host: build_app asks it
     serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"],
               blocking=blocking)

@@ -1,14 +1,19 @@
 """The HTTP edge of the ingress: body-size cap and bearer-key auth (one ASGI middleware), and exception
 handlers that give every error OpenAI's JSON shape `{"error": {"message", "type", "param", "code"}}`.
 
-A bad request is always a 4xx naming the field; nothing a client sends may produce a 5xx. Never imports
-ray (the ingress deployment maps Ray's errors onto `RequestError` before they get here).
+A bad request is always a 4xx naming the field; nothing a client sends may produce a 5xx. Auth is default
+deny: every path needs the key except the few public ones (`PUBLIC_PATHS`: health, the playground page
+and its assets, the API docs), wherever the app is mounted. Every message leaving the server goes through
+`public_message`, which removes server paths, object reprs and tensor dumps that a library may have put
+in an exception. Never imports ray (the ingress deployment maps Ray's errors onto `RequestError` before
+they get here).
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import re
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -19,7 +24,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffray.errors import RequestError
 from diffray.serve.schemas import error_body
 
-PROTECTED_PREFIX = "/v1/"
+PUBLIC_PATHS = ("/", "/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json")
+PUBLIC_PREFIXES = ("/playground/",)  # the page's static assets
+SINGLE_HEADERS = ("authorization", "content-length", "content-type")  # a second copy is refused
+MAX_MESSAGE_CHARS = 400
+_SCRUB = [  # (pattern, replacement): what a library's exception text may carry that a client must not see
+    (re.compile(r"tensor\((?:[^()]|\([^()]*\))*\)", re.S), "<tensor>"),
+    (re.compile(r"<[^<>]{0,200}? at 0x[0-9a-fA-F]+>"), "<object>"),
+    (re.compile(r"0x[0-9a-fA-F]{6,}"), "<address>"),
+    (re.compile(r"(?<![\w/.:])(?:[A-Za-z]:\\|~/|\.{1,2}/|/(?!v1/|healthz\b|docs\b|openapi\.json))"
+                r"[^\s'\"`(),;]*[/\\][^\s'\"`(),;]*"), "<path>"),
+]
+
+
+def public_message(message: str) -> str:
+    """A message safe to show a client: no server paths, object reprs, addresses or tensors; bounded."""
+    for pattern, repl in _SCRUB:
+        message = pattern.sub(repl, message)
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 @dataclass
@@ -32,7 +59,15 @@ class EdgePolicy:
 
 def json_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
                headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, param, kind), status_code=status, headers=headers)
+    return JSONResponse(error_body(public_message(message), param, kind), status_code=status, headers=headers)
+
+
+def app_path(scope) -> str:
+    """The request path inside the app: without the mount point (`root_path`) when the server includes it."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 def key_ok(header: str | None, keys: list[str]) -> bool:
@@ -53,8 +88,13 @@ class EdgeMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.policy.api_keys and scope["path"].startswith(PROTECTED_PREFIX) \
+        pairs = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        headers = dict(pairs)
+        repeated = next((h for h in SINGLE_HEADERS if sum(k == h for k, _ in pairs) > 1), None)
+        if repeated is not None:  # which copy would a proxy or the app believe? refuse to guess
+            resp = json_error(400, f"the {repeated} header appears more than once", repeated)
+            return await resp(scope, receive, send)
+        if self.policy.api_keys and not is_public(app_path(scope)) \
                 and not key_ok(headers.get("authorization"), self.policy.api_keys):
             resp = json_error(401, "missing or invalid API key (send `Authorization: Bearer <key>`)",
                               "authorization", "invalid_api_key")
