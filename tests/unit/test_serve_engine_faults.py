@@ -188,7 +188,8 @@ def test_cancel_stops_within_one_step_and_batch_mates_finish(setup):
     out = box["out"]
     assert isinstance(out[0], RequestError) and out[0].status == 504
     assert same_pixels(out[1], alone)  # rerun without the cancelled job: the pixels it gets alone
-    assert engine.cancel_log[-1] <= 1  # steps run between the cancel and the stop
+    why, steps = engine.cancel_log[-1]
+    assert why == "cancel" and steps <= 1  # steps run between the cancel and the stop
     assert engine.steps_done - before < 40 + 40  # the doomed call never ran to the end
 
 
@@ -197,4 +198,16 @@ def test_past_deadline_is_abandoned_at_the_first_step(setup):
     before = engine.steps_done
     out = engine.run([job(steps=50, deadline=time.monotonic() - 1)])
     assert isinstance(out[0], RequestError) and out[0].status == 504 and engine.steps_done - before <= 1
+    assert engine.cancel_log[-1] == ("deadline", 0)
     assert isinstance(engine.run([job()])[0], list)  # the next job is served normally
+
+
+@pytest.mark.parametrize("scheduler,steps", [("default", 1000), ("unipc", 1000), ("euler", 1001)])
+def test_step_counts_the_sampler_cannot_run_fail_alone_before_any_pipeline_call(setup, scheduler, steps):
+    """DDPM with 1000 of 1000 steps indexed timestep 1000 (IndexError) and UniPC failed an assertion,
+    both inside the pipeline; the dry run of the sampler refuses them first, naming `steps`."""
+    engine = setup[0]
+    before = engine.steps_done
+    out = engine.run([job(scheduler=scheduler, steps=steps, width=8, height=8), job(seed=77)])
+    assert isinstance(out[0], RequestError) and out[0].param == "steps" and isinstance(out[1], list)
+    assert engine.steps_done - before == 2  # only the good job ran

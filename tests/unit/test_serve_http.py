@@ -160,3 +160,10 @@ def test_public_message_scrubs(text, gone):
 def test_public_message_keeps_api_paths_and_limits():
     text = "unknown adapter 'a' (GET /v1/models lists them); 64 must be a multiple of 8 in [8, 256]"
     assert public_message(text) == text
+
+
+@pytest.mark.parametrize("depth", [900, 200_000])  # under and over the body cap
+def test_absurdly_nested_json_is_400_not_500(client, depth):
+    body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    r = client.post("/v1/generate", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code in (400, 413) and r.json()["error"]["param"] in ("body", "prompt")

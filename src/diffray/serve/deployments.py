@@ -125,8 +125,8 @@ class Generator:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, job: Job) -> dict:
-        if job.timeout_s > 0:  # a backstop on this process's own clock, should the cancel never arrive
-            job.deadline = time.monotonic() + job.timeout_s
+        if job.timeout_s > 0:  # a backstop on this process's own clock, should the ingress's cancel never arrive
+            job.deadline = time.monotonic() + 2 * job.timeout_s
         key = serve.get_multiplexed_model_id()
         if key:
             await self.adapter_set(key)

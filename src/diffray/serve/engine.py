@@ -15,6 +15,7 @@ stops at the next step callback and the group's other jobs run again without it.
 from __future__ import annotations
 
 import collections
+import inspect
 import io
 import logging
 import threading
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from diffray.errors import AdapterError, DiffrayError, RequestError
+from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
 from diffray.serve.config import ServeArgs
 from diffray.serve.registry import AdapterRegistry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
@@ -38,6 +39,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class Interrupted(Exception):
     """Raised from the step callback: a job of the running call was cancelled or timed out."""
+
+
+def _sampler_runs(scheduler, steps: int) -> bool:
+    """Whether a fresh copy of `scheduler` completes `steps` steps on a 1x1 latent without error or NaN."""
+    try:
+        sched = type(scheduler).from_config(scheduler.config)
+        sched.set_timesteps(steps)
+        extra = {"generator": torch.Generator().manual_seed(0)} \
+            if "generator" in inspect.signature(sched.step).parameters else {}  # as the pipelines do
+        sample = torch.ones(1, 4, 1, 1)
+        for t in sched.timesteps:
+            model_input = sched.scale_model_input(sample, t)
+            sample = sched.step(torch.zeros_like(model_input), t, sample, **extra).prev_sample
+        return len(sched.timesteps) > 0 and bool(torch.isfinite(sample).all())
+    except Exception:  # noqa: BLE001 - a sampler that cannot run the count says so by raising
+        return False
 
 
 def png_bytes(img) -> bytes:
@@ -67,11 +84,13 @@ class ImageEngine:
         self.adapters = ResidentAdapters(self.pipe, self.registry)
         self.lock = threading.RLock()
         self.schedulers = {"default": self.pipe.scheduler}
+        self.step_checks: dict[tuple[str, int], RequestError | None] = {}
         self.control_pipes: dict[str, object] = {}
         self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         self.steps_done = 0  # sampler steps run by this engine (the clock cancellations are measured on)
         self.cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # job id -> steps_done then
-        self.cancel_log: collections.deque[int] = collections.deque(maxlen=256)  # steps run after a cancel
+        # (why, steps run between the cancel and the stop) per abandoned job: "cancel" or "deadline"
+        self.cancel_log: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
 
     @property
     def resident(self) -> dict:
@@ -112,12 +131,16 @@ class ImageEngine:
 
     def _note_abandoned(self, job: Job) -> None:
         since = self.cancelled.pop(job.job_id, None)
-        self.cancel_log.append(self.steps_done - since if since is not None else 0)
+        self.cancel_log.append(("cancel", self.steps_done - since) if since is not None else ("deadline", 0))
 
     # ------------------------------------------------------------------------------------- control, samplers
     def controlnet_pipe(self, name: str):
         """The ControlNet pipeline for a configured name or registry id (built once per content, shares the
-        base pipeline's modules, so resident LoRAs apply to it too)."""
+        base pipeline's modules, so resident LoRAs apply to it too).
+
+        Raises:
+            RequestError: naming `control.model` (404 unknown, 422 broken or not loadable, 400 not a ControlNet).
+        """
         from diffray.models.loading import resolve_model_path
 
         entry = self.args.controlnets.get(name)
@@ -125,7 +148,11 @@ class ImageEngine:
             path = resolve_model_path(entry.path) if entry.path.startswith("builtin:") else entry.path
             key, sub = ("config", path, entry.subfolder), entry.subfolder
         else:
-            info = self.registry.get(name, param="control.model")
+            try:
+                info = self.registry.get(name, param="control.model")
+            except AdapterError as exc:
+                status = 404 if isinstance(exc, AdapterNotFound) else 422
+                raise RequestError(str(exc), param="control.model", status=status) from None
             if info.kind != "controlnet":
                 raise RequestError(f"{name!r} is a {info.kind}, not a ControlNet", param="control.model")
             path, sub, key = info.path, None, ("registry", info.fingerprint)
@@ -142,7 +169,8 @@ class ImageEngine:
             cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True, dtype=self.pipe.unet.dtype)
         except Exception as exc:  # noqa: BLE001 - any loader failure is the artifact's
             log.warning("ControlNet %s failed to load: %s: %s", name, type(exc).__name__, exc)
-            raise AdapterError(f"ControlNet {name!r} cannot be loaded ({type(exc).__name__})") from None
+            raise RequestError(f"ControlNet {name!r} cannot be loaded ({type(exc).__name__})", param="control.model",
+                               status=422) from None
         cp = StableDiffusionControlNetPipeline.from_pipe(self.pipe, controlnet=cn.to(self.device))
         cp.set_progress_bar_config(disable=True)
         return cp
@@ -165,7 +193,7 @@ class ImageEngine:
         with self.lock:
             self.adapters.sweep()
             for i, job in enumerate(jobs):
-                out[i] = self._check_text(job)
+                out[i] = self._check_text(job) or self._check_steps(job)
                 if out[i] is None:
                     groups.setdefault(job.batch_key(), []).append(i)
             for idx in groups.values():
@@ -183,6 +211,17 @@ class ImageEngine:
             except Exception:  # noqa: BLE001 - whatever the tokenizer chokes on is the prompt's fault
                 return RequestError("the tokenizer cannot encode this text", param=param)
         return None
+
+    def _check_steps(self, job: Job) -> RequestError | None:
+        """The error of a job whose step count its sampler cannot run (None when it can). Samplers index
+        their training timesteps with the schedule and some break near the limit (DDPM asked for timestep
+        1000 of 1000, UniPC failed an assertion), so each (sampler, steps) is dry-run once on a 1x1 latent
+        with a zero model output: the sampler's own code decides, at no UNet cost."""
+        key = (job.scheduler, job.steps)
+        if key not in self.step_checks:
+            self.step_checks[key] = None if _sampler_runs(self.scheduler(job.scheduler), job.steps) else RequestError(
+                f"the {job.scheduler} sampler cannot run {job.steps} steps with this model", param="steps")
+        return self.step_checks[key]
 
     def _run_group(self, jobs: list[Job], idx: list[int], out: list) -> None:
         pending = list(idx)
@@ -244,7 +283,7 @@ class ImageEngine:
     def info(self) -> dict:
         """What a test or operator may ask a replica: resident adapters and cancellation figures."""
         return {"native_size": self.native_size, "resident": sorted(self.adapters.loaded),
-                "steps_done": self.steps_done, "steps_after_cancel": list(self.cancel_log),
+                "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
                 "busy": not self._idle()}
 
     def _idle(self) -> bool:

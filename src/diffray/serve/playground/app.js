@@ -98,6 +98,12 @@ async function requestBody(model, seed) {
   return body;
 }
 
+// A fresh id per click, so a retried post is stored once (getRandomValues works on plain http too).
+function newId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 function randomSeed() {
   return Math.floor(Math.random() * 2 ** 31);
 }
@@ -181,7 +187,7 @@ async function compare() {
 async function prefer(choice) {
   if (!pair) return;
   setChoicesEnabled(false);
-  const body = {id: crypto.randomUUID().replace(/-/g, ""), prompt: pair.prompt, images: pair.images, choice};
+  const body = {id: newId(), prompt: pair.prompt, images: pair.images, choice};
   if (pair.negative_prompt) body.negative_prompt = pair.negative_prompt;
   try {
     const saved = await api("POST", "/v1/feedback", body);
