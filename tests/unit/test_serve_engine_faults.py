@@ -83,7 +83,7 @@ def _write_broken(reg, name: str, data: bytes) -> None:
     (reg / name / "pytorch_lora_weights.safetensors").write_bytes(data)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "wrong-shapes", "wrong-keys", "nan"])
+@pytest.mark.parametrize("kind", ["truncated", "wrong-shapes", "wrong-keys", "nan", "text-encoder-wrong"])
 def test_broken_lora_is_an_adapter_error_naming_it_and_leaves_the_pipeline_clean(setup, kind):
     import torch
     from safetensors.torch import load, save
@@ -95,7 +95,11 @@ def test_broken_lora_is_an_adapter_error_naming_it_and_leaves_the_pipeline_clean
     data = {"truncated": good[:-100],
             "wrong-shapes": save({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in sd.items()}),
             "wrong-keys": save({"foo.weight": torch.zeros(3)}),
-            "nan": save({k: torch.full_like(v, float("nan")) for k, v in sd.items()})}[kind]
+            "nan": save({k: torch.full_like(v, float("nan")) for k, v in sd.items()}),
+            # the UNet part loads, then the text encoder part does not fit: the half-loaded UNet LoRA must go
+            "text-encoder-wrong": save({**sd, **{f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.{n}": t
+                                                 for n, t in (("lora_A.weight", torch.ones(4, 33)),
+                                                              ("lora_B.weight", torch.ones(32, 4)))}})}[kind]
     name = f"broken-{kind}"
     _write_broken(reg, name, data)
     base = engine.run([job()])[0]
