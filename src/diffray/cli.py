@@ -1,4 +1,4 @@
-"""`diffray` command line: init-model, data, train, generate, config.
+"""`diffray` command line: init-model, data, train, generate, eval, config.
 
 Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
 non-zero (2 for config errors). Heavy imports happen inside commands so `--help` is instant.
@@ -44,6 +44,27 @@ def data_sample(out_dir: Path = typer.Argument(..., help="Directory for the gene
 
     path = write_sample_dataset(out_dir, num_images=num_images, resolution=resolution, seed=seed)
     typer.echo(f"wrote sample dataset to {path}")
+
+
+@data_app.command("world")
+def data_world(out_dir: Path = typer.Argument(..., help="Directory for the dataset (replaced if it exists)"),
+               split: str = typer.Option("pretrain", help="pretrain | heldout | base | star | cyan | striped | "
+                                         "subject | all"),
+               num_images: int = typer.Option(1000, min=1, help="Number of images (scenes 0..N-1)"),
+               seed: int = typer.Option(0, help="World seed"),
+               resolution: int = typer.Option(64, min=8, help="Image size in pixels"),
+               fmt: str = typer.Option("imagefolder", "--format", help="imagefolder | parquet"),
+               size_p: float = typer.Option(0.25, help="Chance a caption states the size"),
+               position_p: float = typer.Option(0.25, help="Chance a caption states the position")) -> None:
+    """Write a split of the shapes world (captioned, deterministic from the seed) as an imagefolder or Parquet."""
+    import time
+
+    from diffray.world.writers import write_world_dataset
+
+    t0 = time.time()
+    path = write_world_dataset(out_dir, split, num_images, seed, resolution, fmt, size_p, position_p)
+    wall = time.time() - t0
+    typer.echo(f"wrote {num_images} {split} images to {path} ({fmt}, {wall:.1f}s, {num_images / wall:.0f} images/s)")
 
 
 @data_app.command("prepare")
@@ -278,6 +299,38 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
                          controlnets=[str(c) for c in controlnet or []],
                          control_images=[str(c) for c in control_image or []], control_scales=control_scale or [])
     typer.echo(f"wrote {path}")
+
+
+@app.command("eval")
+def eval_cmd(model: Optional[str] = typer.Option(None, help="Base model: builtin:tiny, a diffusers dir or hub id "
+                                                 "(default: the adapter's base, else builtin:tiny)"),
+             suite: str = typer.Option("prompts", help="prompts | heldout | controlnet | subject | star | cyan | "
+                                       "striped"),
+             adapter: Optional[Path] = typer.Option(None, help="LoRA or Textual Inversion adapter dir"),
+             controlnet: Optional[Path] = typer.Option(None, help="ControlNet dir (suite controlnet)"),
+             num: Optional[int] = typer.Option(None, help="Prompt/seed pairs (default 64)"),
+             seed: int = typer.Option(0, help="Suite seed: which scenes and generator seeds"),
+             steps: int = typer.Option(25, help="Sampler steps"),
+             guidance: float = typer.Option(5.0, help="Classifier-free guidance scale"),
+             resolution: int = typer.Option(64, help="Image size"),
+             token: Optional[str] = typer.Option(None, help="Textual Inversion token for the concept's words "
+                                                 "(default: the adapter's own token)"),
+             compare_base: bool = typer.Option(True, help="Also render the base model (no adapter/control)"),
+             lora_scale: float = typer.Option(1.0, help="LoRA strength"),
+             batch_size: int = typer.Option(8, help="Images per pipeline call"),
+             out: Path = typer.Option(Path("outputs/eval"), help="Folder for results.json, results.md, grid.png")
+             ) -> None:
+    """Render a fixed suite of world prompts (one Ray Data batch-inference job), read the images back with
+    classical vision and print accuracy per field (and ControlNet / subject / JPEG figures)."""
+    from diffray.world.evaluate import evaluate
+    from diffray.world.report import format_table
+
+    result = evaluate(model=model, suite=suite, adapter=str(adapter) if adapter else None,
+                      controlnet=str(controlnet) if controlnet else None, num=num, seed=seed, steps=steps,
+                      guidance=guidance, resolution=resolution, token=token, compare_base=compare_base,
+                      lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out / suite}/results.json, results.md, grid.png")
 
 
 @app.command("serve")

@@ -1,0 +1,197 @@
+"""`diffray eval`: render a suite's prompts with a Stable Diffusion 1.x model (+ a LoRA or Textual Inversion
+adapter and/or a ControlNet) as one Ray Data batch-inference job, and score every image with the world
+reader. This is the Ray edge of `diffray.world`; scoring and reports stay pure (`scores`, `report`).
+
+Protocol: the stock `StableDiffusionPipeline` with the model dir's own scheduler, 25 steps, guidance 5,
+64x64, one `torch.Generator` per image seeded by the suite; base rows (no adapter, no control) beside the
+adapter's unless `compare_base` is off.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+from diffray.errors import ConfigError
+from diffray.world.report import EvalResult, score_rows, write_report
+from diffray.world.suites import CONCEPT_SUITES, EvalItem, build_suite, check_suite
+
+
+class Renderer:
+    """Ray Data callable class: holds one pipeline (adapter loaded, ControlNet variant sharing its parts) and
+    the suite's items; renders rows {variant, chunk} (a chunk: `batch_size` consecutive items) into PNG bytes.
+    Chunks are fixed on the driver, so base and adapter images of an item come from equal batches (a batch's
+    size changes the float result in its last bits)."""
+
+    def __init__(self, items: list[EvalItem], model_path: str, adapter: str | None, controlnet: str | None,
+                 steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int):
+        import torch
+
+        from diffray.generate import load_adapter
+        from diffray.models.loading import load_pipeline
+
+        self.items, self.batch_size = items, batch_size
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipe = load_pipeline(model_path, device=device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.control_pipe = None
+        if controlnet:
+            from diffusers import StableDiffusionControlNetPipeline
+
+            from diffray.trainers.controlnet import load_controlnet
+
+            self.control_pipe = StableDiffusionControlNetPipeline.from_pipe(
+                self.pipe, controlnet=load_controlnet(controlnet).to(device))
+            self.control_pipe.set_progress_bar_config(disable=True)
+        self.has_lora = False
+        if adapter:
+            load_adapter(self.pipe, adapter)  # components are shared, so the ControlNet pipeline sees it too
+            self.has_lora = bool(getattr(self.pipe.unet, "peft_config", None))
+        self.call = dict(num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution)
+        if self.has_lora and lora_scale != 1.0:
+            self.call["cross_attention_kwargs"] = {"scale": lora_scale}
+
+    def _render(self, variant: str, prompts: list[str], seeds: list[int], controls: list[bytes]) -> list[Image.Image]:
+        import torch
+
+        base = variant == "base"
+        if self.has_lora:
+            (self.pipe.disable_lora if base else self.pipe.enable_lora)()
+        pipe, extra = self.pipe, dict(self.call)
+        if self.control_pipe is not None and not base:
+            pipe = self.control_pipe
+            extra["image"] = [Image.open(io.BytesIO(c)).convert("RGB") for c in controls]
+        if base:
+            extra.pop("cross_attention_kwargs", None)
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return pipe(prompts, generator=gens, **extra).images
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"id": [], "variant": [], "image": []}
+        for variant, chunk in zip(batch["variant"], batch["chunk"]):
+            items = self.items[int(chunk) * self.batch_size:(int(chunk) + 1) * self.batch_size]
+            prompts = [it.prompt if variant == "base" else it.adapter_prompt for it in items]
+            images = self._render(str(variant), prompts, [it.seed for it in items], [it.control for it in items])
+            for it, img in zip(items, images):
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                out["id"].append(it.id)
+                out["variant"].append(str(variant))
+                out["image"].append(buf.getvalue())
+        return {"id": np.asarray(out["id"], dtype=np.int64), "variant": np.array(out["variant"], dtype=object),
+                "image": np.array(out["image"], dtype=object)}
+
+
+def adapter_kind(adapter: str | None, controlnet: str | None) -> str | None:
+    """The adapted variant's name: the adapter's method (its card, else its weights file), + controlnet."""
+    from diffray.models.adapters import read_card
+    from diffray.models.textual_inversion import TI_WEIGHTS
+
+    names = []
+    if adapter:
+        names.append(read_card(adapter).get("method")
+                     or ("textual_inversion" if (Path(adapter) / TI_WEIGHTS).is_file() else "lora"))
+    if controlnet:
+        names.append("controlnet")
+    return "+".join(names) or None
+
+
+def ti_token(adapter: str | None) -> str | None:
+    """The placeholder token stored in a Textual Inversion adapter dir, or None for other adapters."""
+    from safetensors import safe_open
+
+    from diffray.models.textual_inversion import TI_WEIGHTS
+
+    if not adapter or not (Path(adapter) / TI_WEIGHTS).is_file():
+        return None
+    with safe_open(str(Path(adapter) / TI_WEIGHTS), framework="np") as f:
+        return next(iter(f.keys()), None)
+
+
+def check_inputs(model: str | None, adapter: str | None, controlnet: str | None, steps: int, guidance: float,
+                 resolution: int, batch_size: int) -> str:
+    """The base model reference (the adapter's card's base when `model` is None); ConfigError naming a bad
+    option, before Ray or any model starts."""
+    from diffray.models.adapters import LORA_WEIGHTS, read_card
+    from diffray.models.textual_inversion import TI_WEIGHTS
+
+    for name, value, ok in (("steps", steps, steps >= 1), ("guidance", guidance, guidance >= 0),
+                            ("resolution", resolution, resolution >= 8 and resolution % 8 == 0),
+                            ("batch_size", batch_size, batch_size >= 1)):
+        if not ok:
+            raise ConfigError(f"bad value {value!r}", field=name)
+    for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, TI_WEIGHTS)), ("controlnet", controlnet, ("config.json",))):
+        if d is not None and not Path(d).is_dir():
+            raise ConfigError(f"not a directory: {d}", field=name)
+        if d is not None and not any((Path(d) / f).is_file() for f in files):
+            raise ConfigError(f"{d} holds none of {', '.join(files)}", field=name)
+    cards = [read_card(d) for d in (adapter, controlnet) if d]
+    return model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
+
+
+def pool_size(num_batches: int) -> tuple[float, int, int]:
+    """(CPUs per actor, GPUs per actor, most actors): one actor per GPU; on CPU, one per CPU but one (the
+    driver and Ray Data need one), never more actors than batches."""
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus:
+        return 1.0, 1, max(1, min(gpus, num_batches))
+    return 1.0, 0, max(1, min(int(res.get("CPU", 1.0)) - 1, num_batches))
+
+
+def render_images(items: list[EvalItem], variants: list[str], model_path: str, adapter: str | None,
+                  controlnet: str | None, settings: dict[str, Any], batch_size: int) -> dict[tuple[str, int], bytes]:
+    """Run the batch-inference job: one row per (variant, chunk of items); {(variant, id): PNG bytes}."""
+    from diffray.trainers.runner import connect_ray
+
+    connect_ray()
+    chunks = -(-len(items) // batch_size)
+    rows = [{"variant": v, "chunk": k} for v in variants for k in range(chunks)]
+    cpus, gpus, pool = pool_size(len(rows))
+    kwargs = dict(items=items, model_path=model_path, adapter=adapter, controlnet=controlnet,
+                  steps=settings["steps"], guidance=settings["guidance"], resolution=settings["resolution"],
+                  lora_scale=settings["lora_scale"], batch_size=batch_size, threads=int(cpus))
+    ds = ray.data.from_items(rows).map_batches(
+        Renderer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus, num_gpus=gpus)
+    return {(str(r["variant"]), int(r["id"])): bytes(r["image"]) for r in ds.take_all()}
+
+
+def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | None = None,
+             controlnet: str | None = None, num: int | None = None, seed: int = 0, steps: int = 25,
+             guidance: float = 5.0, resolution: int = 64, token: str | None = None, compare_base: bool = True,
+             lora_scale: float = 1.0, batch_size: int = 8, out_dir: str | Path | None = None) -> EvalResult:
+    """Render `suite` with the model (and adapter / ControlNet) and score it; write the report to `out_dir`.
+
+    A Textual Inversion adapter's token replaces the concept's words in concept suites unless `token` says
+    otherwise. Raises ConfigError (bad option), ModelError / AdapterError (what cannot be loaded).
+    """
+    from diffray.models.loading import resolve_model_path
+
+    t0 = time.time()
+    base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size)
+    token = token if token is not None else (ti_token(adapter) if suite in CONCEPT_SUITES else None)
+    check_suite(suite, num, token)
+    if controlnet and suite != "controlnet":
+        raise ConfigError(f"a ControlNet needs control images: use --suite controlnet (not {suite!r})",
+                          field="controlnet")
+    items = build_suite(suite, num, seed, resolution, token)
+    kind = adapter_kind(adapter, controlnet)
+    variants = (["base"] if compare_base or kind is None else []) + ([kind] if kind else [])
+    settings = dict(model=base_ref, adapter=adapter, controlnet=controlnet, suite=suite, num=len(items), seed=seed,
+                    steps=steps, guidance=guidance, resolution=resolution, token=token, lora_scale=lora_scale)
+    images = render_images(items, variants, resolve_model_path(base_ref), adapter, controlnet, settings, batch_size)
+    result = score_rows(suite, settings, variants, items, images, time.time() - t0)
+    if out_dir is not None:
+        write_report(result, out_dir)
+    return result
+
+
+__all__ = ["EvalItem", "EvalResult", "evaluate"]

@@ -1,0 +1,47 @@
+"""`diffray data world` and `diffray eval` as a user runs them (the README's world commands), bad input
+included."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+DIFFRAY = str(Path(sys.executable).parent / "diffray")
+
+
+def run(args: list[str], timeout=600) -> subprocess.CompletedProcess:
+    # No RAY_ADDRESS: the CLI starts (and stops) its own local cluster.
+    return subprocess.run([DIFFRAY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+
+
+def test_data_world_writes_both_formats(tmp_path):
+    proc = run(["data", "world", str(tmp_path / "star"), "--split", "star", "--num-images", "40", "--seed", "3"])
+    assert proc.returncode == 0 and "wrote 40 star images" in proc.stdout and "images/s" in proc.stdout
+    rows = [json.loads(x) for x in (tmp_path / "star" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {r["shape"] for r in rows} == {"star"}
+    proc = run(["data", "world", str(tmp_path / "pq"), "--num-images", "25", "--format", "parquet"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert pq.read_table(tmp_path / "pq" / "part-00000.parquet").num_rows == 25
+    bad = run(["data", "world", str(tmp_path / "x"), "--split", "stars"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("diffray: error: split: unknown")
+
+
+def test_eval_prints_table_and_writes_report(tmp_path):
+    proc = run(["eval", "--model", "builtin:tiny", "--suite", "heldout", "--num", "2", "--steps", "2",
+                "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "suite heldout" in proc.stdout and "\nbg " in proc.stdout and "jpeg_kb" in proc.stdout
+    report = tmp_path / "heldout"
+    assert {p.name for p in report.iterdir()} == {"results.json", "results.md", "grid.png"}
+    assert json.loads((report / "results.json").read_text())["settings"]["num"] == 2
+    bad = run(["eval", "--suite", "prompts", "--token", "<star>"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("diffray: error: token: ")

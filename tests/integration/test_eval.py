@@ -1,0 +1,86 @@
+"""`diffray eval` on builtin:tiny with real adapters (a LoRA, a Textual Inversion token, a ControlNet):
+one Ray Data job per call, base rows beside adapter rows, scores and report files. Few prompts, 2 steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from diffray.errors import ConfigError
+from diffray.world.evaluate import evaluate
+
+pytestmark = pytest.mark.integration
+FAST = dict(num=3, steps=2, batch_size=2)
+
+
+def pixels(result, variant):
+    return {i: np.asarray(result.images[(variant, i)]) for i in sorted({r["id"] for r in result.records})}
+
+
+def test_base_model_suite_report(ray_cluster, tiny_model_path, tmp_path):
+    result = evaluate(model=tiny_model_path, suite="heldout", out_dir=tmp_path, **FAST)
+    assert result.variants == ["base"] and len(result.records) == 3
+    table = result.tables["base"]
+    assert {"bg", "colour", "shape", "all"} <= set(table) and table["bg"]["total"] == 3
+    assert result.accuracy("base", "all") <= 1 / 3  # a random model: near chance (1/8 per field)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["tables"] == json.loads(json.dumps(result.tables)) and len(saved["records"]) == 3
+    assert "| bg |" in (tmp_path / "results.md").read_text() and (tmp_path / "grid.png").stat().st_size > 0
+    again = evaluate(model=tiny_model_path, suite="heldout", **FAST)
+    assert all((a == b).all() for a, b in zip(pixels(result, "base").values(), pixels(again, "base").values()))
+
+
+def test_lora_rows_change_and_base_rows_stay_the_base(ray_cluster, tiny_model_path, tmp_path):
+    from diffray.serve.demo_adapters import random_lora
+
+    lora = random_lora(tiny_model_path, tmp_path / "lora", seed=1)
+    result = evaluate(model=tiny_model_path, adapter=str(lora), suite="star", **FAST)
+    assert result.variants == ["base", "lora"]
+    plain = evaluate(model=tiny_model_path, suite="star", **FAST)
+    for i, img in pixels(result, "base").items():
+        assert (img == pixels(plain, "base")[i]).all(), "base rows are the model without its LoRA"
+    assert result.metrics["lora"]["drift"]["mean"] > 0.01
+    assert all(r["prompt"] == r["rendered_prompt"] and "star" in r["prompt"] for r in result.records)
+
+
+def test_textual_inversion_token_replaces_the_concept(ray_cluster, tiny_model_path, tmp_path):
+    from diffray.serve.demo_adapters import random_textual_inversion
+
+    ti = random_textual_inversion(tiny_model_path, tmp_path / "ti", "<star>", seed=2)
+    star = evaluate(model=tiny_model_path, adapter=str(ti), suite="star", **FAST)
+    adapted = [r for r in star.records if r["variant"] == "textual_inversion"]
+    assert all("<star>" in r["rendered_prompt"] and " star " in r["prompt"] for r in adapted)
+    assert star.settings["token"] == "<star>" and star.metrics["textual_inversion"]["drift"]["mean"] > 0.01
+    plain = evaluate(model=tiny_model_path, adapter=str(ti), suite="prompts", **FAST)
+    assert plain.metrics["textual_inversion"]["identical_to_base"]["mean"] == 1.0  # no token: bit-identical
+
+
+def test_controlnet_suite_scores_agreement(ray_cluster, tiny_model_path, tmp_path):
+    from diffray.serve.demo_adapters import controlnet_from_unet
+
+    cn = controlnet_from_unet(tiny_model_path, tmp_path / "cn", seed=3)
+    result = evaluate(model=tiny_model_path, controlnet=str(cn), suite="controlnet", out_dir=tmp_path / "out", **FAST)
+    assert result.variants == ["base", "controlnet"]
+    for variant in result.variants:
+        assert {"edge_f1", "shape_iou", "jpeg_kb"} <= set(result.metrics[variant])
+        assert 0.0 <= result.metrics[variant]["edge_f1"]["mean"] <= 1.0
+    assert result.metrics["controlnet"]["drift"]["mean"] > 0.0
+    assert ("control", 0) in result.images and (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
+    with pytest.raises(ConfigError, match="^suite: unknown suite 'stars'"):
+        evaluate(suite="stars")
+    with pytest.raises(ConfigError, match="^token: "):
+        evaluate(suite="prompts", token="<star>")
+    with pytest.raises(ConfigError, match="^adapter: not a directory"):
+        evaluate(suite="star", adapter=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="^resolution: "):
+        evaluate(suite="star", resolution=60)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="^adapter: .*empty holds none of pytorch_lora_weights.safetensors"):
+        evaluate(suite="star", adapter=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="^controlnet: a ControlNet needs control images"):
+        evaluate(suite="star", controlnet=f"{tiny_model_path}/controlnet", model=tiny_model_path)
