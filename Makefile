@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.diffray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup browser-deps demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+# Debian's chromium + chromium-driver for the playground's browser test (tests/e2e/test_playground.py skips
+# without them); nothing is downloaded by Selenium. Does nothing when both are already installed.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver present"; \
+	else \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; \
+	fi
 
 # Trains configs/lora.yaml (a rerun resumes the finished run; `make clean` starts over), exports the
 # adapter, renders outputs/demo_grid.png (base rows, then adapter rows, same seeds).

@@ -138,6 +138,28 @@ def data_condition(src: str = typer.Argument(..., help="Image dataset: imagefold
     typer.echo(f"wrote {pairs} pairs to {out} ({bad} quarantined)")
 
 
+@data_app.command("export-feedback")
+def data_export_feedback(out: Path = typer.Argument(..., help="Parquet file to write (replaced atomically)"),
+                         db: Optional[Path] = typer.Option(None, help="Feedback store (SQLite); default: "
+                                                           "feedback.path of --config"),
+                         config: Path = typer.Option(Path("configs/serve.yaml"), help="Serve config whose "
+                                                     "feedback.path to read (when --db is not given)"),
+                         image_format: str = typer.Option("jpeg", "--format", help="jpeg (Pick-a-Pic's jpg_*) or "
+                                                          "png (lossless)")) -> None:
+    """Write the preferences collected by POST /v1/feedback (the playground) as a Pick-a-Pic-style Parquet
+    dataset: caption, jpg_0, jpg_1, label_0, label_1, plus ids, models, time and generation parameters."""
+    from diffray.serve.feedback_store import export_parquet
+
+    if image_format not in ("jpeg", "png"):
+        raise ConfigError(f"--format {image_format!r}: use jpeg or png", field="format")
+    if db is None:
+        from diffray.serve.config import load_serve_file
+
+        db = Path(load_serve_file(str(config))[2].feedback.path)
+    rows = export_parquet(db, out, image_format)
+    typer.echo(f"wrote {rows} preference pairs to {out}")
+
+
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet file/dir, or a URI of either"),
                  out: Optional[Path] = typer.Option(Path("outputs/contact_sheet.png"), help="Contact sheet PNG"),

@@ -10,79 +10,22 @@ killing a Generator replica under load, `diffray generate --url`, and new adapte
 from __future__ import annotations
 
 import base64
-import io
-import json
 import shutil
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from testkit.net import free_port
-from testkit.procs import interrupt_group
+from serve_helpers import KEY, Server, b64_png, control_disc, free_port, lower, png_array
 
 pytestmark = [pytest.mark.e2e]
 
-KEY = "test-key-123"
 APP = "diffray-test"
-
-
-class Server:
-    def __init__(self, url: str, registry: Path):
-        self.url, self.registry = url, registry
-
-    def call(self, method: str, path: str, body=None, raw: bytes | None = None, key: str | None = KEY,
-             headers: dict | None = None, timeout: float = 120) -> tuple[int, dict, dict]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        h = {"Content-Type": "application/json", **(headers or {})}
-        if key is not None:
-            h["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(self.url + path, data=data, headers=h, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                payload = r.read()
-                return r.status, (json.loads(payload) if r.headers.get_content_type() == "application/json"
-                                  else {"text": payload.decode(errors="replace")}), _lower(r.headers)
-        except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                parsed = json.loads(payload)
-            except ValueError:
-                parsed = {"text": payload.decode(errors="replace")}
-            return e.code, parsed, _lower(e.headers)
-
-    def generate(self, **body) -> tuple[list[np.ndarray], dict]:
-        status, js, headers = self.call("POST", "/v1/generate", {"steps": 4, "seed": 7, **body})
-        assert status == 200, js
-        return [png_array(i["b64_json"]) for i in js["images"]], headers
-
-
-def _lower(headers) -> dict:
-    return {k.lower(): v for k, v in headers.items()}
-
-
-def png_array(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
-
-
-def b64_png(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def control_disc() -> Image.Image:
-    arr = np.zeros((64, 64, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:64, :64]
-    arr[(yy - 32) ** 2 + (xx - 32) ** 2 < 18 ** 2] = (220, 40, 40)
-    return Image.fromarray(arr)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +49,7 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
             "generator": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 2,
                           "max_queued_requests": 2, "max_adapters_per_replica": 3},
             "batching": {"enabled": True, "max_batch_size": 2, "batch_wait_timeout_s": 0.005},
-            "ingress": {"num_cpus": 0.25}}
+            "ingress": {"num_cpus": 0.25}, "feedback": {"path": str(reg.parent / "feedback.db")}}
     serve.run(build_app(args), name=APP, route_prefix="/")
     yield Server(f"http://127.0.0.1:{port}", reg)
     serve.delete(APP)
@@ -314,7 +257,7 @@ def _load(server, stop: threading.Event, results: list, retry: bool) -> None:
             try:
                 _, headers = post_json(server.url + G, body, api_key=KEY, timeout=60,
                                        retry=RetryPolicy(attempts=8, backoff_s=0.3))
-                results.append((200, _lower(headers).get("x-diffray-replica")))
+                results.append((200, lower(headers).get("x-diffray-replica")))
             except RequestError as exc:
                 results.append((exc.status, None))
         else:
@@ -383,6 +326,7 @@ def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path
     cfg["http_options"]["port"] = port
     app_args = cfg["applications"][0]["args"]
     app_args["adapters_dir"] = str(tmp_path / "adapters")
+    app_args["feedback"]["path"] = str(tmp_path / "feedback.db")
     app_args["generator"]["num_cpus"] = 0.5
     app_args["default_steps"] = 4
     path = tmp_path / "serve.yaml"

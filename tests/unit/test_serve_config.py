@@ -64,12 +64,24 @@ def test_api_keys_from_environment(monkeypatch):
     check_exposure(args, "0.0.0.0")
 
 
-def test_build_app_refuses_exposed_host_without_keys(monkeypatch):
+def test_build_app_without_keys_and_no_serve_to_ask_refuses(monkeypatch):
+    """No Serve instance to ask which host its proxy binds: unknown counts as exposed."""
     monkeypatch.delenv("DIFFRAY_API_KEYS", raising=False)
     from diffray.serve.app import build_app
 
     with pytest.raises(ConfigError, match="auth.api_keys"):
-        build_app({"auth": {"host": "0.0.0.0"}})
+        build_app({})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_no_config_field_can_name_the_host(host, monkeypatch):
+    """The host comes from Serve only: `auth.host` (which once let a config claim loopback while the proxy
+    bound 0.0.0.0) is refused as an unknown field, naming it."""
+    monkeypatch.delenv("DIFFRAY_API_KEYS", raising=False)
+    from diffray.serve.app import build_app
+
+    with pytest.raises(ConfigError, match="auth.host"):
+        build_app({"auth": {"host": host}})
 
 
 def test_build_app_deployment_options():
@@ -78,7 +90,7 @@ def test_build_app_deployment_options():
     args = parse_args({"generator": {"max_queued_requests": 5, "autoscaling": {"max_replicas": 3}}})
     opts = generator_options(args)
     assert opts["max_queued_requests"] == 5 and opts["autoscaling_config"]["max_replicas"] == 3
-    app = build_app({"auth": {"host": "127.0.0.1"}})
+    app = build_app({"auth": {"api_keys": ["k"]}})
     assert type(app).__name__ == "Application"
 
 
@@ -136,3 +148,58 @@ def test_decode_b64_image_errors_name_param():
     with pytest.raises(RequestError) as err:
         decode_b64_image(base64.b64encode(b"GIF89a nope").decode(), "control.raw_image", 10_000)
     assert err.value.param == "control.raw_image"
+
+
+HOSTILE_TEXT = ["lone \ud800 surrogate", "\udfff", "nul \x00 byte", "bell \x07", "escape \x1b[31m", "del \x7f"]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT)
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt", "adapter"])
+def test_text_a_tokenizer_or_database_cannot_take_is_refused_naming_the_field(text, field):
+    from pydantic import ValidationError
+
+    body = {"prompt": "ok", field: text}
+    with pytest.raises(ValidationError) as err:
+        GenerateRequest(**body)
+    assert err.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize("text", ["tab\tnewline\nreturn\r", "émoji 😀 and ﬁ ligature", "<script>alert(1)</script>",
+                                  "\u202eright-to-left", "\U0010ffff"])
+def test_ordinary_unicode_text_is_kept_as_is(text):
+    assert GenerateRequest(prompt=text).prompt == text
+
+
+@pytest.mark.parametrize("body,field", [({"n": True}, "n"), ({"n": "2"}, "n"), ({"n": 2.0}, "n"),
+                                        ({"steps": "4"}, "steps"), ({"seed": 1.5}, "seed"), ({"guidance": "7"}, "guidance"),
+                                        ({"width": False}, "width")])
+def test_types_are_exact(body, field):
+    from pydantic import TypeAdapter, ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        TypeAdapter(GenerateRequest).validate_python({"prompt": "x", **body})
+    assert err.value.errors()[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize("control,param", [({"model": "canny", "image": ""}, "image"),
+                                           ({"model": "canny", "raw_image": ""}, "raw_image")])
+def test_empty_control_images_are_refused_by_the_schema(control, param):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        GenerateRequest(prompt="x", control=control)
+    assert err.value.errors()[0]["loc"] == ("control", param)
+
+
+@pytest.mark.parametrize("size", ["64x64\n", "64x64 ", " 64x64", "６４x64", "64x64\x00"])
+def test_size_must_match_whole(size):
+    with pytest.raises(RequestError) as err:
+        parse_size(size, 64, LIMITS)
+    assert err.value.param == "size"
+
+
+@pytest.mark.parametrize("data", ["", "data:", "data:image/png;base64,", "AAAA", "iVBORw0KGgo=", "R0lGODlh"])
+def test_decode_b64_image_never_leaks_reprs(data):
+    with pytest.raises(RequestError) as err:
+        decode_b64_image(data, "control.image", 10_000)
+    assert err.value.param == "control.image" and "0x" not in err.value.message and "<" not in err.value.message

@@ -1,5 +1,7 @@
 """ImageEngine without Ray: resident adapters switch without a reload, shared adapters are reference
-counted, batches equal single calls, seeds are deterministic, TI tokens load and unload."""
+counted, batches equal single calls, seeds are deterministic, TI tokens load and unload. The hardening
+cases (a job fails alone, broken or replaced artifacts, cancellation between steps) are in
+test_serve_engine_faults.py."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from diffray.errors import RequestError
-from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers, key_ok
+from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers, key_ok, public_message
 from diffray.serve.schemas import GenerateRequest
 
 
@@ -26,6 +26,15 @@ def client():
     @app.get("/healthz")
     async def health():
         return {"status": "ok"}
+
+    @app.get("/admin/secret")
+    async def secret():
+        return {"secret": 1}
+
+    @app.get("/leak")
+    async def leak():
+        raise RequestError("cannot load /srv/models/x/w.safetensors: {'<a>': tensor([[0.1, 0.2]])} "
+                           "in <_io.BytesIO object at 0x7fa5dcefb6f0>", param="model", status=422)
 
     return TestClient(app, raise_server_exceptions=False)
 
@@ -80,3 +89,81 @@ def test_key_ok_constant_time_match():
 def test_unknown_route_json_404(client):
     r = client.get("/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_duplicate_authorization_headers_are_refused(client):
+    for headers in ([("Authorization", "Bearer k"), ("Authorization", "Bearer nope")],
+                    [("Authorization", "Bearer nope"), ("Authorization", "Bearer k")],
+                    [("Authorization", "Bearer k"), ("Authorization", "Bearer k")]):
+        r = client.post("/v1/generate", content=b'{"prompt": "x"}',
+                        headers=[*headers, ("Content-Type", "application/json")])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "authorization", headers
+
+
+def test_duplicate_content_type_is_refused(client):
+    r = client.post("/v1/generate", content=b'{"prompt": "x"}',
+                    headers=[("Authorization", "Bearer k"), ("Content-Type", "application/json"),
+                             ("Content-Type", "text/plain")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "content-type"
+
+
+@pytest.mark.parametrize("path", ["/admin/secret", "/v1/generate", "//v1/generate", "/V1/generate", "/nothing"])
+def test_auth_is_default_deny(client, path):
+    """Every path but the public few needs the key, whatever its prefix (an app mounted under another
+    route prefix once skipped auth because its paths did not start with /v1/)."""
+    assert client.get(path).status_code == 401
+
+
+def test_public_paths_need_no_key(client):
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_mounted_under_a_prefix_still_needs_the_key():
+    outer = FastAPI()
+    inner = FastAPI()
+    inner.add_middleware(EdgeMiddleware, policy=EdgePolicy(api_keys=["k"]))
+
+    @inner.get("/v1/models")
+    async def models():
+        return {"data": []}
+
+    @inner.get("/healthz")
+    async def health():
+        return {"status": "ok"}
+
+    outer.mount("/api", inner)
+    c = TestClient(outer)
+    assert c.get("/api/v1/models").status_code == 401
+    assert c.get("/api/v1/models", headers=AUTH).status_code == 200
+    assert c.get("/api/healthz").status_code == 200
+
+
+def test_client_facing_errors_carry_no_paths_reprs_or_tensors(client):
+    msg = client.get("/leak", headers=AUTH).json()["error"]["message"]
+    assert "/srv" not in msg and "tensor(" not in msg and "0x" not in msg and "BytesIO" not in msg
+    assert "cannot load" in msg
+
+
+@pytest.mark.parametrize("text,gone", [
+    ("at /home/user/.cache/diffray/models/tiny-seed0/unet: boom", "/home"),
+    ("C:\\Users\\me\\a.safetensors broke", "Users"),
+    ("<diffusers.pipelines.Foo object at 0xdeadbeef12>", "0xdead"),
+    ("tensor([[1., 2.],\n [3., 4.]], dtype=torch.float16)", "3., 4."),
+    ("x" * 5000, "x" * 401),
+])
+def test_public_message_scrubs(text, gone):
+    out = public_message(text)
+    assert gone not in out and len(out) <= 400
+
+
+def test_public_message_keeps_api_paths_and_limits():
+    text = "unknown adapter 'a' (GET /v1/models lists them); 64 must be a multiple of 8 in [8, 256]"
+    assert public_message(text) == text
+
+
+@pytest.mark.parametrize("depth", [900, 200_000])  # under and over the body cap
+def test_absurdly_nested_json_is_400_not_500(client, depth):
+    body = b'{"prompt": ' + b"[" * depth + b"]" * depth + b"}"
+    r = client.post("/v1/generate", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code in (400, 413) and r.json()["error"]["param"] in ("body", "prompt")

@@ -1,30 +1,49 @@
-"""AdapterRegistry: ids validated before the filesystem, kinds by safetensors file, rescans on lookup."""
+"""AdapterRegistry: ids validated (whole string) before the filesystem, kinds by safetensors file, content
+checked without loading, broken entries listed as unavailable with a client-safe reason, fingerprints
+that follow content (a publish-by-rename with the same timestamps is still noticed)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
+import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
 
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
+from diffray.serve.artifacts import parse_header
 from diffray.serve.registry import AdapterRegistry, check_adapter_id
 
+LORA = "pytorch_lora_weights.safetensors"
+TI = "learned_embeds.safetensors"
 
-def _artifact(root, name, files):
+
+def lora_bytes(seed: int = 0, fill: float | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((4, 32)).astype(np.float32)
+    if fill is not None:
+        a[1, 3] = fill
+    return st_save({"unet.down.lora.down.weight": a, "unet.down.lora.up.weight": np.zeros((32, 4), np.float16)})
+
+
+def _artifact(root, name, files: dict[str, bytes], card: str | None = '{"method": "m", "base_model": "b"}'):
     d = root / name
     d.mkdir(parents=True)
-    for f in files:
-        (d / f).write_bytes(b"x")
-    (d / "diffray_card.json").write_text(json.dumps({"method": "m", "base_model": "builtin:tiny"}))
+    for f, data in files.items():
+        (d / f).write_bytes(data)
+    if card is not None:
+        (d / "diffray_card.json").write_text(card)
     return d
 
 
 @pytest.mark.parametrize("bad", ["", "..", ".", "../x", "a/b", "http://x/y", "s3://b/k", "a b", "x" * 65, "~root",
-                                 "a\\b", "é", None, 5])
-def test_bad_ids_rejected(bad):
+                                 "a\\b", "é", None, 5, "lora\n", "lora\r\n", "\nlora", "lora\x00", "ｌｏｒａ"])
+def test_bad_ids_rejected_whole_string(bad):
     with pytest.raises(RequestError) as err:
         check_adapter_id(bad, "adapters.0.id")
-    assert err.value.param == "adapters.0.id"
+    assert err.value.param == "adapters.0.id" and "\n" not in err.value.message
 
 
 @pytest.mark.parametrize("good", ["my-lora", "a", "v1.2_final", "A" * 64, "..a"])
@@ -35,22 +54,115 @@ def test_good_ids(good):
 def test_kinds_listing_and_rescan(tmp_path):
     reg = AdapterRegistry(tmp_path / "reg")
     assert reg.list() == []
-    _artifact(tmp_path / "reg", "l", ["pytorch_lora_weights.safetensors"])
-    _artifact(tmp_path / "reg", "t", ["learned_embeds.safetensors"])
-    _artifact(tmp_path / "reg", "c", ["config.json", "diffusion_pytorch_model.safetensors"])
-    _artifact(tmp_path / "reg", "pickled", ["pytorch_lora_weights.bin", "learned_embeds.bin"])  # not safetensors
-    _artifact(tmp_path / "reg", "bad name!", ["pytorch_lora_weights.safetensors"])
-    assert [(a.id, a.kind) for a in reg.list()] == [("c", "controlnet"), ("l", "lora"), ("t", "textual_inversion")]
+    ti = st_save({"<t>": np.ones((1, 32), np.float32)})
+    _artifact(tmp_path / "reg", "l", {LORA: lora_bytes()})
+    _artifact(tmp_path / "reg", "t", {TI: ti})
+    _artifact(tmp_path / "reg", "c", {"config.json": b"{}", "diffusion_pytorch_model.safetensors": lora_bytes()})
+    _artifact(tmp_path / "reg", "pickled", {"pytorch_lora_weights.bin": b"x", "learned_embeds.bin": b"x"})
+    _artifact(tmp_path / "reg", "bad name!", {LORA: lora_bytes()})
+    _artifact(tmp_path / "reg", ".incoming", {LORA: lora_bytes()})
+    listed = {a.id: (a.kind, a.available) for a in reg.list()}
+    assert listed == {"c": ("controlnet", True), "l": ("lora", True), "t": ("textual_inversion", True),
+                      "pickled": ("unknown", False)}
     assert reg.get("l").card["method"] == "m"
     with pytest.raises(AdapterNotFound):
         reg.get("new")
-    with pytest.raises(AdapterError, match="safetensors"):
+    with pytest.raises(AdapterNotFound):
+        reg.get(".incoming")  # a folder being copied in is not servable before its rename
+    with pytest.raises(AdapterError, match="'pickled' is unavailable.*safetensors"):
         reg.get("pickled")
-    _artifact(tmp_path / "reg", "new", ["pytorch_lora_weights.safetensors"])  # appears without a restart
+    _artifact(tmp_path / "reg", "new", {LORA: lora_bytes()})  # appears without a restart
     assert reg.get("new").kind == "lora"
 
 
-def test_symlink_outside_is_just_a_folder_name(tmp_path):
+def _broken_weights() -> dict[str, tuple[str, bytes]]:
+    good = lora_bytes()
+    n = int.from_bytes(good[:8], "little")
+    return {  # name: (file, bytes)
+        "truncated": (LORA, good[: len(good) - 10]),
+        "empty": (LORA, b""),
+        "seven-bytes": (LORA, b"\x01" * 7),
+        "pickle": (LORA, b"\x80\x04\x95" + os.urandom(200)),
+        "header-too-long": (LORA, (2**40).to_bytes(8, "little") + b"{}"),
+        "header-not-json": (LORA, (5).to_bytes(8, "little") + b"{abc}"),
+        "header-list": (LORA, (2).to_bytes(8, "little") + b"[]"),
+        "header-deep": (LORA, (4000).to_bytes(8, "little") + b"[" * 2000 + b"]" * 2000),
+        "padded": (LORA, good + b"\0" * 16),
+        "bad-dtype": (LORA, good[:8] + good[8:8 + n].replace(b'"F32"', b'"Q99"') + good[8 + n:]),
+        "nan": (LORA, lora_bytes(fill=float("nan"))),
+        "inf": (LORA, lora_bytes(fill=float("inf"))),
+        "no-tensors": (LORA, st_save({})),
+        "ti-two-tokens": (TI, st_save({"<a>": np.ones((1, 32), np.float32), "<b>": np.ones((1, 32), np.float32)})),
+        "ti-spaced-token": (TI, st_save({"a b": np.ones((1, 32), np.float32)})),
+        "ti-3d": (TI, st_save({"<a>": np.ones((1, 1, 32), np.float32)})),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_broken_weights()))
+def test_broken_weights_are_listed_unavailable_and_refused_by_name(tmp_path, name):
+    file, data = _broken_weights()[name]
+    folder = _artifact(tmp_path, name, {file: data})
+    _artifact(tmp_path, "fine", {LORA: lora_bytes()})
     reg = AdapterRegistry(tmp_path)
-    with pytest.raises(RequestError):
-        reg.get("../etc")
+    listed = {a.id: a for a in reg.list()}
+    assert listed["fine"].available and not listed[name].available
+    reason = listed[name].problem
+    assert reason and str(folder) not in reason and str(tmp_path) not in reason and "0x" not in reason
+    with pytest.raises(AdapterError, match=f"adapter '{name}' is unavailable") as err:
+        reg.get(name)
+    assert str(tmp_path) not in str(err.value)
+
+
+CARDS = {"list": "[1, 2]", "string": '"hi"', "number": "5", "null": "null", "deep": "[" * 50_000 + "]" * 50_000,
+         "nan": '{"base_model": NaN}', "not-utf8": b"\xff\xfe{", "huge": '{"x": "' + "y" * 70_000 + '"}',
+         "truncated": '{"method": "lo'}
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_a_broken_card_marks_only_its_adapter_unavailable(tmp_path, name):
+    d = _artifact(tmp_path, name, {LORA: lora_bytes()}, card=None)
+    card = CARDS[name]
+    (d / "diffray_card.json").write_bytes(card if isinstance(card, bytes) else card.encode())
+    _artifact(tmp_path, "fine", {LORA: lora_bytes()})
+    listed = {a.id: a for a in AdapterRegistry(tmp_path).list()}
+    assert listed["fine"].available and listed["fine"].card["method"] == "m"
+    assert not listed[name].available and "diffray_card.json" in listed[name].problem
+
+
+def test_card_fields_shown_are_short_strings_only(tmp_path):
+    from diffray.serve.artifacts import card_text
+
+    _artifact(tmp_path, "a", {LORA: lora_bytes()}, card=json.dumps({"base_model": {"x": [1]}, "method": "m" * 500}))
+    info = AdapterRegistry(tmp_path).get("a")
+    assert card_text(info.card, "base_model") is None and len(card_text(info.card, "method")) == 200
+
+
+def test_fingerprint_follows_content_not_name_or_time(tmp_path):
+    reg = AdapterRegistry(tmp_path)
+    d = _artifact(tmp_path, "a", {LORA: lora_bytes(seed=1)})
+    first = reg.get("a").fingerprint
+    assert reg.get("a").fingerprint == first
+    st = (d / LORA).stat()
+    tmp = _artifact(tmp_path, ".a-new", {LORA: lora_bytes(seed=2)})
+    os.utime(tmp / LORA, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only content differs
+    shutil.rmtree(d)
+    tmp.rename(d)  # publish-by-rename
+    second = reg.get("a").fingerprint
+    assert second != first
+    same = _artifact(tmp_path, "b", {LORA: lora_bytes(seed=2)})
+    assert reg.get("b").fingerprint == second and same.exists()  # same bytes, same fingerprint
+
+
+def test_unreadable_registry_or_entry_never_raises_from_list(tmp_path):
+    (tmp_path / "reg").write_text("a file, not a folder")
+    assert AdapterRegistry(tmp_path / "reg").list() == []
+    d = _artifact(tmp_path / "r2", "locked", {LORA: lora_bytes()})
+    (d / LORA).unlink()
+    (d / LORA).mkdir()  # a folder where the weights should be: not an artifact
+    assert [(a.id, a.available) for a in AdapterRegistry(tmp_path / "r2").list()] == [("locked", False)]
+
+
+def test_parse_header_accepts_what_safetensors_writes():
+    data = lora_bytes()
+    header = parse_header(data, len(data), LORA)
+    assert set(header) == {"unet.down.lora.down.weight", "unet.down.lora.up.weight"}

@@ -11,20 +11,10 @@ from typing import Any
 
 from ray.serve import Application
 
-from diffray.serve.config import ServeArgs, check_exposure, parse_args
+from diffray.serve.config import ServeArgs, parse_args
+from diffray.serve.exposure import enforce
 
 log = logging.getLogger(__name__)
-
-
-def serve_http_host() -> str | None:
-    """The host the running Serve instance's HTTP proxies bind; None when it cannot be asked."""
-    try:
-        from ray.serve.context import _get_global_client
-
-        return _get_global_client().get_serve_details()["http_options"]["host"]
-    except Exception as exc:  # no Serve instance reachable from here: the caller decides
-        log.warning("cannot read the Serve HTTP host: %s", exc)
-        return None
 
 
 def generator_options(args: ServeArgs) -> dict[str, Any]:
@@ -52,14 +42,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     Args:
         args: `ServeArgs` fields (model, adapters_dir, controlnets, limits, auth, generator, batching,
-            ingress); the `args:` mapping of a Serve config file.
+            ingress, feedback); the `args:` mapping of a Serve config file.
     Raises:
-        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host.
+        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host (each
+            Ingress replica checks again at start, with the keys it sees).
     """
     from diffray.serve.deployments import Generator, Ingress
 
     cfg = parse_args(args)
-    check_exposure(cfg, cfg.auth.host or serve_http_host())
+    enforce(cfg)
     plain = cfg.model_dump(mode="json")
     generator = Generator.options(**generator_options(cfg)).bind(plain)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas,
@@ -78,9 +69,8 @@ def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool 
 
     http_options, app, args = load_serve_file(path, overrides)
     host = str(http_options.get("host", "127.0.0.1"))
-    check_exposure(args, args.auth.host or host)
     connect_ray()
-    serve.start(http_options=http_options)
+    serve.start(http_options=http_options)  # an already running Serve keeps its host: build_app asks it
     serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"])
     log.info("serving %s at http://%s:%s%s (API docs at /docs); Ctrl-C stops", app["name"], host,
              http_options.get("port", 8000), app["route_prefix"] or "/")

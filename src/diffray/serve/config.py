@@ -43,9 +43,8 @@ class Limits(Section):
 class Auth(Section):
     api_keys: list[str] = Field([], description=f"Accepted bearer keys; keys in ${API_KEYS_ENV} (comma-separated) "
                                 "are added. Any key switches auth on for /v1/*.")
-    allow_unauthenticated: bool = Field(False, description="Allow serving without keys on a non-loopback host.")
-    host: str | None = Field(None, description="The HTTP host the proxy binds (for the no-keys check); None "
-                             "asks the running Serve instance.")
+    allow_unauthenticated: bool = Field(False, description="Allow serving without keys on a non-loopback host "
+                                        "(the host is always the one Serve's proxy really binds).")
 
 
 class Autoscaling(Section):
@@ -90,6 +89,15 @@ class IngressSection(Section):
     max_ongoing_requests: int = Field(256, ge=1, description="Open HTTP requests per ingress replica.")
 
 
+class FeedbackSection(Section):
+    enabled: bool = Field(True, description="Accept POST /v1/feedback (preference pairs from the playground).")
+    path: str = Field("./feedback/feedback.db", description="SQLite database (WAL mode) of the feedback store, on "
+                      "a local disk of the node(s) running the Ingress; created when missing.")
+    max_image_bytes: int = Field(2_000_000, ge=1024, description="Largest image (decoded from base64) in a "
+                                 "feedback post.")
+    max_image_side: int = Field(2048, ge=8, description="Largest width or height of an image in a feedback post.")
+
+
 class ServeArgs(Section):
     model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny.")
     adapters_dir: str = Field("./adapters", description="Adapter registry: a folder of artifact dirs, one per "
@@ -104,6 +112,7 @@ class ServeArgs(Section):
     generator: GeneratorSection = Field(default_factory=GeneratorSection, description="Generator deployment.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the Generator.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="Ingress deployment.")
+    feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="Preference feedback store.")
 
     def api_keys(self) -> list[str]:
         """Configured keys plus those in $DIFFRAY_API_KEYS (read where this runs: the ingress replica)."""
@@ -129,7 +138,8 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(args: ServeArgs, host: str | None) -> None:
-    """Refuse to serve without keys on a non-loopback host (unknown host counts as exposed).
+    """Refuse to serve without keys on a non-loopback host (unknown host counts as exposed). `host` is the
+    one Serve's HTTP proxies really bind (`exposure.proxy_host`), never a value from these args.
 
     Raises:
         ConfigError: naming `auth.api_keys`.

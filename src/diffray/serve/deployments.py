@@ -1,8 +1,11 @@
 """The two Serve deployments: `Generator` (the pipeline; multiplexed adapters, dynamic batching) and
-`Ingress` (FastAPI: the OpenAI-style and full APIs, models list, health, auth, limits).
+`Ingress` (FastAPI: the OpenAI-style and full APIs, models list, feedback, the playground page, health,
+auth, limits).
 
-This is the Ray edge of serving: request checks live in `schemas`, the pipeline in `engine`, HTTP
-policy in `http`. The ingress turns every Ray failure into a JSON 4xx/503/504, never a 500.
+This is the Ray edge of serving: request checks live in `schemas`/`feedback`, the pipeline in `engine`,
+HTTP policy in `http`, routes' answers in `api_models`. The ingress turns every Ray failure into a JSON
+4xx/503/504, never a 500. A request the ingress gives up on (timeout, client gone) is cancelled on the
+replica, which abandons it at the next sampler step.
 (No `from __future__ import annotations` here: FastAPI must see the real request-body types.)
 """
 
@@ -10,15 +13,25 @@ policy in `http`. The ingress turns every Ray failure into a JSON 4xx/503/504, n
 import asyncio
 import base64
 import time
+import uuid
+from pathlib import Path
+from typing import Optional
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, ModelError, RequestError
+from diffray.serve import pages
+from diffray.serve.api_models import (BEARER, FeedbackAccepted, GenerateResponse, Health, ImagesResponse, ModelList,
+                                      error_responses)
+from diffray.serve.artifacts import card_text
 from diffray.serve.config import parse_args
+from diffray.serve.exposure import enforce
+from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
 from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
 from diffray.serve.registry import AdapterRegistry
 from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job,
@@ -27,10 +40,12 @@ from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b
 REPLICA_GONE = (ActorDiedError, ActorUnavailableError, RayActorError, ReplicaUnavailableError)
 
 api = FastAPI(title="diffray", version="1", description="Stable Diffusion with trained adapters on Ray Serve: "
-              "an OpenAI-compatible images API plus the full set of options.")
+              "an OpenAI-compatible images API plus the full set of options, preference feedback, and a "
+              "playground page at `/`.")
 POLICY = EdgePolicy()  # filled in by the ingress replica's constructor
 api.add_middleware(EdgeMiddleware, policy=POLICY)
 install_error_handlers(api)
+AUTH = [Security(BEARER)]  # documents the bearer scheme in OpenAPI; EdgeMiddleware enforces it
 
 
 def _overloaded(message: str, retry_after: int) -> RequestError:
@@ -39,39 +54,46 @@ def _overloaded(message: str, retry_after: int) -> RequestError:
     return err
 
 
-def _client_error(exc: DiffrayError) -> RequestError:
+def _client_error(exc: DiffrayError, param: Optional[str] = "model") -> RequestError:
     cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
     if isinstance(cause, RequestError):
         return cause
     if isinstance(cause, AdapterNotFound):
-        return RequestError(str(cause), param="model", status=404, kind="not_found_error")
+        return RequestError(f"unknown adapter {cause.adapter_id!r} (GET /v1/models lists them)", param=param,
+                            status=404, kind="not_found_error")
     if isinstance(cause, (AdapterError, ModelError)):
-        return RequestError(str(cause), param="model", status=422)
+        return RequestError(str(cause), param=param, status=422)
     return RequestError(str(cause), status=422)
 
 
 def _native_size(model_path: str) -> int:
     """Pixels of the model's native square size, from its config files (no weights loaded)."""
     import json
-    from pathlib import Path
 
     try:
         unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
         vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return 512
 
 
-class ResidentAdapters:
+def _model_name(model: str) -> str:
+    """The base model as shown to clients: a builtin or hub id as is, a local folder by its name only."""
+    if model.startswith("builtin:") or (not model.startswith(("/", ".", "~")) and model.count("/") == 1):
+        return model
+    return Path(model).name
+
+
+class AdapterSet:
     """A multiplexed "model": a set of adapters held resident in the engine until Serve evicts it."""
 
-    def __init__(self, engine, ids: list[str]):
+    def __init__(self, engine, ids: list):
         self.engine, self.ids, self.live = engine, ids, False
         engine.acquire(ids)
         self.live = True
 
-    def __del__(self):  # Serve calls this on LRU eviction (in a thread); later calls do nothing
+    def __del__(self):  # Serve calls this on LRU eviction (in a thread); later calls do nothing. Never raises.
         if getattr(self, "live", False):
             self.live = False
             self.engine.release(self.ids)
@@ -95,66 +117,89 @@ class Generator:
         self.run_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s if b.enabled else 0.0)
         engine = self.engine
 
-        async def load_adapters(key: str) -> ResidentAdapters:
-            return await asyncio.to_thread(ResidentAdapters, engine, key.split("+"))
+        async def load_adapters(key: str) -> AdapterSet:
+            return await asyncio.to_thread(AdapterSet, engine, key.split("+"))
 
         self.adapter_set = serve.multiplexed(max_num_models_per_replica=self.args.generator.max_adapters_per_replica)(
             load_adapters)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, job: Job) -> dict:
+        if job.timeout_s > 0:  # a backstop on this process's own clock, should the ingress's cancel never arrive
+            job.deadline = time.monotonic() + 2 * job.timeout_s
         key = serve.get_multiplexed_model_id()
         if key:
             await self.adapter_set(key)
-        images = await self.run_batch(job)
-        return {"images": images, "replica": self.replica_id}
+        try:
+            result = await self.run_batch(job)
+        except asyncio.CancelledError:  # the caller gave up: stop the pipeline at its next step
+            self.engine.cancel(job.job_id)
+            raise
+        if isinstance(result, BaseException):  # this job's own failure; its batch-mates are unaffected
+            raise result
+        return {"images": result, "replica": self.replica_id}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, jobs: list[Job]) -> list[list[bytes]]:
+    async def run_batch(self, jobs: list) -> list:
         return await asyncio.to_thread(self.engine.run, jobs)
 
     def info(self) -> dict:
-        return {"replica": self.replica_id, "native_size": self.engine.native_size,
-                "resident": sorted(self.engine.resident)}
+        return {"replica": self.replica_id, **self.engine.info()}
 
 
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """HTTP in, jobs to the Generator, images out."""
+    """HTTP in, jobs to the Generator, images out; preferences into the feedback store."""
 
     def __init__(self, generator, args: dict):
         from diffray.models.loading import resolve_model_path
+        from diffray.serve.feedback_store import FeedbackStore
 
         self.args = parse_args(args)
+        enforce(self.args)  # with the keys this replica really has, against the host Serve really binds
         self.generator = generator
         self.registry = AdapterRegistry(self.args.adapters_dir)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
         self.default_size = self.args.default_size or _native_size(resolve_model_path(self.args.model))
+        fb = self.args.feedback
+        self.feedback = FeedbackStore(fb.path) if fb.enabled else None
 
     # ----------------------------------------------------------------------------------------- routes
-    @api.get("/healthz", summary="Liveness: 200 while the ingress answers")
+    @api.get("/healthz", summary="Liveness: 200 while the ingress answers", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/models", summary="The base model and every servable adapter (rescanned per call)")
+    @api.get("/", summary="The playground page", response_class=Response, include_in_schema=False)
+    async def playground(self) -> Response:
+        return pages.asset("index.html")
+
+    @api.get("/playground/{name}", summary="The playground's script and style", response_class=Response,
+             include_in_schema=False)
+    async def playground_asset(self, name: str) -> Response:
+        return pages.asset(name)
+
+    @api.get("/v1/models", summary="The base model and every adapter (rescanned per call; broken ones listed "
+             "as unavailable with the reason)", response_model=ModelList, dependencies=AUTH,
+             responses=error_responses(400, 401))
     async def models(self) -> dict:
         now = int(time.time())
-        data = [{"id": "base", "object": "model", "created": now, "owned_by": "diffray", "kind": "base",
-                 "path": self.args.model}]
-        data += [{"id": a.id, "object": "model", "created": int(a.mtime), "owned_by": "diffray", "kind": a.kind,
-                  "base_model": a.card.get("base_model"), "method": a.card.get("method")}
-                 for a in self.registry.list()]
-        data += [{"id": name, "object": "model", "created": now, "owned_by": "diffray", "kind": "controlnet"}
-                 for name in self.args.controlnets]
+        data = [{"id": "base", "created": now, "kind": "base", "base_model": _model_name(self.args.model)}]
+        for a in await asyncio.to_thread(self.registry.list):
+            data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": a.available,
+                         "reason": a.problem, "base_model": card_text(a.card, "base_model"),
+                         "method": card_text(a.card, "method")})
+        data += [{"id": name, "created": now, "kind": "controlnet"} for name in self.args.controlnets]
         return {"object": "list", "data": data}
 
-    @api.post("/v1/images/generations", summary="OpenAI Images API: prompt, n, size, model, response_format")
+    @api.post("/v1/images/generations", summary="OpenAI Images API: prompt, n, size, model, response_format",
+              response_model=ImagesResponse, dependencies=AUTH,
+              responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def images_generations(self, req: ImagesRequest) -> JSONResponse:
         job = images_job(req, self.args.limits, self.default_size, self.args.default_steps)
-        self._check_adapters(job, single_param="model")
-        result = await self._run(job)
+        await self._check_adapters(job, single_param="model")
+        result = await self._run(job, "model")
         if req.response_format == "url":
             data = [{"url": "data:image/png;base64," + base64.b64encode(png).decode(), "revised_prompt": None}
                     for png in result["images"]]
@@ -164,30 +209,41 @@ class Ingress:
                             headers={"X-Diffray-Replica": result["replica"]})
 
     @api.post("/v1/generate", summary="Everything: negative prompt, steps, guidance, seed, scheduler, "
-              "adapters with weights, ControlNet with a control image")
+              "adapters with weights, ControlNet with a control image", response_model=GenerateResponse,
+              dependencies=AUTH, responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def generate(self, req: GenerateRequest) -> JSONResponse:
         job = generate_job(req, self.args.limits, self.default_size, self.args.default_steps)
-        self._check_adapters(job, single_param="adapter" if req.adapter is not None else None)
+        await self._check_adapters(job, single_param="adapter" if req.adapter is not None else None)
         if req.control is not None:
             job.controlnet, job.control_image = await asyncio.to_thread(self._control, req, job)
-        result = await self._run(job)
+        result = await self._run(job, "adapter" if req.adapter is not None else "adapters")
         images = [{"b64_json": base64.b64encode(png).decode(), "seed": job.seed + i}
                   for i, png in enumerate(result["images"])]
         return JSONResponse({"created": int(time.time()), "model": job.adapter_key() or "base", "seed": job.seed,
                              "width": job.width, "height": job.height, "images": images},
                             headers={"X-Diffray-Replica": result["replica"]})
 
+    @api.post("/v1/feedback", summary="Record which of two images of one prompt a person preferred",
+              response_model=FeedbackAccepted, dependencies=AUTH,
+              responses=error_responses(400, 401, 404, 409, 413))
+    async def post_feedback(self, req: FeedbackRequest,
+                            creds: Optional[HTTPAuthorizationCredentials] = Security(BEARER)) -> dict:
+        if self.feedback is None:
+            raise RequestError("feedback is switched off on this server (feedback.enabled)", status=404,
+                               kind="not_found_error")
+        user = key_fingerprint(creds.credentials if creds and POLICY.api_keys else None)
+        rec = await asyncio.to_thread(feedback_record, req, self.args.limits, self.args.feedback, user)
+        rec_id, created, duplicate = await asyncio.to_thread(self.feedback.add, rec)
+        return {"id": rec_id, "created": created, "duplicate": duplicate}
+
     # ---------------------------------------------------------------------------------------- helpers
-    def _check_adapters(self, job: Job, single_param: str | None) -> None:
+    async def _check_adapters(self, job: Job, single_param: Optional[str]) -> None:
         for i, (adapter_id, _) in enumerate(job.adapters):
             param = single_param or f"adapters.{i}.id"
             try:
-                info = self.registry.get(adapter_id, param=param)
-            except AdapterNotFound:
-                raise RequestError(f"unknown adapter {adapter_id!r} (GET /v1/models lists them)", param=param,
-                                   status=404, kind="not_found_error") from None
+                info = await asyncio.to_thread(self.registry.get, adapter_id, param)
             except AdapterError as exc:
-                raise RequestError(str(exc), param=param, status=422) from None
+                raise _client_error(exc, param) from None
             if info.kind not in ("lora", "textual_inversion"):
                 raise RequestError(f"{adapter_id!r} is a {info.kind}; use it as control.model", param=param)
 
@@ -204,34 +260,36 @@ class Ingress:
         if entry is None:
             try:
                 info = self.registry.get(spec.model, param="control.model")
-            except AdapterNotFound:
-                raise RequestError(f"unknown ControlNet {spec.model!r}", param="control.model", status=404,
-                                   kind="not_found_error") from None
             except AdapterError as exc:
-                raise RequestError(str(exc), param="control.model", status=422) from None
+                raise _client_error(exc, "control.model") from None
             if info.kind != "controlnet":
                 raise RequestError(f"{spec.model!r} is a {info.kind}, not a ControlNet", param="control.model")
-        param = "control.image" if spec.image is not None else "control.raw_image"
-        img = decode_b64_image(spec.image or spec.raw_image, param, self.args.limits.max_control_pixels)
+        param, data = ("control.image", spec.image) if spec.image is not None else ("control.raw_image", spec.raw_image)
+        img = decode_b64_image(data, param, self.args.limits.max_control_pixels)
         img = img.resize((job.width, job.height), Image.Resampling.BICUBIC)
         if spec.raw_image is not None and (entry is None or entry.preprocess == "canny"):
             img = make_preprocessor("canny")(img)
         return spec.model, img
 
-    async def _run(self, job: Job) -> dict:
-        """The Generator's answer; overload -> 503 (Retry-After), timeout -> 504, a lost replica is retried
-        once, then 503."""
+    async def _run(self, job: Job, param: str) -> dict:
+        """The Generator's answer; overload -> 503 (Retry-After), timeout -> 504 (and the job is cancelled
+        on its replica), a lost replica is retried once, then 503."""
         key = job.adapter_key()
         handle = self.generator.options(multiplexed_model_id=key) if key else self.generator
         retry_after = self.args.generator.retry_after_s
+        job.timeout_s = self.args.limits.request_timeout_s
         for attempt in range(2):
+            job.job_id = uuid.uuid4().hex
             response = handle.generate.remote(job)
             try:
-                return await asyncio.wait_for(response, timeout=self.args.limits.request_timeout_s)
+                return await asyncio.wait_for(response, timeout=job.timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
-                raise RequestError(f"generation took longer than {self.args.limits.request_timeout_s}s",
-                                   status=504, kind="timeout") from None
+                raise RequestError(f"generation took longer than {job.timeout_s}s", status=504,
+                                   kind="timeout") from None
+            except asyncio.CancelledError:  # the client went away: stop the work it asked for
+                response.cancel()
+                raise
             except BackPressureError:
                 raise _overloaded("the server is at capacity; retry later", retry_after) from None
             except DeploymentUnavailableError:
@@ -241,6 +299,5 @@ class Ingress:
                     continue
                 raise _overloaded("the Generator replica went away; retry", retry_after) from None
             except DiffrayError as exc:
-                raise _client_error(exc) from None
+                raise _client_error(exc, param) from None
         raise AssertionError("unreachable")
-

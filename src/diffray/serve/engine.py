@@ -2,29 +2,34 @@
 samplers, and `run` for a batch of compatible jobs. Never imports ray (unit tests and the benchmark use
 it directly).
 
-Adapters are loaded into the one UNet / text encoder under their own names and switched with
-`set_adapters`, so a resident adapter costs no reload of the base model. A reference count per adapter
-lets several resident adapter sets (the multiplexed "models") share one LoRA; the last release deletes it.
-Every pipeline or adapter operation holds one lock: generation runs in a worker thread while the
-replica's event loop keeps accepting requests.
+Adapters live in `resident.ResidentAdapters` (loaded once, switched with `set_adapters`, unloaded when no
+adapter set holds them or when their files change). Every pipeline or adapter operation holds one lock:
+generation runs in a worker thread while the replica's event loop keeps accepting requests.
+
+A job fails alone: its prompts are checked against the tokenizer before any pipeline call, and when a
+pipeline call over several jobs fails, each job is run on its own so only the culprit gets the error.
+A job is abandoned between sampler steps once it is cancelled (`cancel`) or past its deadline: the call
+stops at the next step callback and the group's other jobs run again without it.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
+import inspect
 import io
-import re
+import logging
 import threading
-from pathlib import Path
+import time
 
 import torch
 
-from diffray.errors import AdapterError, RequestError
-from diffray.models.adapters import LORA_WEIGHTS
-from diffray.models.textual_inversion import TI_WEIGHTS, placeholder_tokens
+from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
 from diffray.serve.config import ServeArgs
-from diffray.serve.registry import AdapterInfo, AdapterRegistry
+from diffray.serve.registry import AdapterRegistry
+from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
 from diffray.serve.schemas import Job
+
+log = logging.getLogger(__name__)
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
                      "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
@@ -32,26 +37,35 @@ SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def peft_name(adapter_id: str) -> str:
-    """A PEFT-safe adapter name for an id ('.' would split module paths); a hash keeps them distinct."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", adapter_id) + "_" + hashlib.sha1(adapter_id.encode()).hexdigest()[:6]
+class Interrupted(Exception):
+    """Raised from the step callback: a job of the running call was cancelled or timed out."""
 
 
-def ti_tokens(path: str) -> list[str]:
-    """The tokens a TI artifact adds: its placeholder and the `_1..` of a multi-vector one."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / TI_WEIGHTS), framework="pt") as f:
-        keys = list(f.keys())
-        if len(keys) != 1:
-            raise AdapterError(f"{path}: {TI_WEIGHTS} must hold one token, holds {keys}")
-        return placeholder_tokens(keys[0], f.get_slice(keys[0]).get_shape()[0])
+def _sampler_runs(scheduler, steps: int) -> bool:
+    """Whether a fresh copy of `scheduler` completes `steps` steps on a 1x1 latent without error or NaN."""
+    try:
+        sched = type(scheduler).from_config(scheduler.config)
+        sched.set_timesteps(steps)
+        extra = {"generator": torch.Generator().manual_seed(0)} \
+            if "generator" in inspect.signature(sched.step).parameters else {}  # as the pipelines do
+        sample = torch.ones(1, 4, 1, 1)
+        for t in sched.timesteps:
+            model_input = sched.scale_model_input(sample, t)
+            sample = sched.step(torch.zeros_like(model_input), t, sample, **extra).prev_sample
+        return len(sched.timesteps) > 0 and bool(torch.isfinite(sample).all())
+    except Exception:  # noqa: BLE001 - a sampler that cannot run the count says so by raising
+        return False
 
 
 def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def cancelled_error() -> RequestError:
+    return RequestError("the generation was cancelled (timed out or the client went away)", status=504,
+                        kind="timeout")
 
 
 class ImageEngine:
@@ -67,72 +81,36 @@ class ImageEngine:
         self.pipe = load_pipeline(self.model_path, dtype=dtype, device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.registry = AdapterRegistry(args.adapters_dir)
+        self.adapters = ResidentAdapters(self.pipe, self.registry)
         self.lock = threading.RLock()
-        self.refs: dict[str, int] = {}  # adapter id -> resident adapter sets holding it
-        self.resident: dict[str, AdapterInfo] = {}
         self.schedulers = {"default": self.pipe.scheduler}
+        self.step_checks: dict[tuple[str, int], RequestError | None] = {}
         self.control_pipes: dict[str, object] = {}
         self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.steps_done = 0  # sampler steps run by this engine (the clock cancellations are measured on)
+        self.cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # job id -> steps_done then
+        # (why, steps run between the cancel and the stop) per abandoned job: "cancel" or "deadline"
+        self.cancel_log: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
+
+    @property
+    def resident(self) -> dict:
+        return self.adapters.loaded
 
     # ------------------------------------------------------------------------------------------ adapters
     def acquire(self, ids: list[str]) -> None:
         """Make `ids` resident (loading what is not) and count one more holder of each."""
         with self.lock:
-            for adapter_id in ids:
-                self._ensure(adapter_id)
-                self.refs[adapter_id] = self.refs.get(adapter_id, 0) + 1
+            self.adapters.acquire(ids)
 
     def release(self, ids: list[str]) -> None:
-        """One holder fewer; adapters nobody holds are removed from the pipeline."""
+        """One holder fewer; adapters nobody holds are removed from the pipeline. Never raises."""
         with self.lock:
-            for adapter_id in ids:
-                self.refs[adapter_id] = max(0, self.refs.get(adapter_id, 0) - 1)
-            self._trim()
-
-    def _ensure(self, adapter_id: str) -> AdapterInfo:
-        info = self.registry.get(adapter_id, param="adapters")
-        old = self.resident.get(adapter_id)
-        if old is not None and old.mtime == info.mtime:
-            return old
-        if old is not None:  # replaced on disk: reload
-            self._unload(old)
-        self._load(info)
-        self.resident[adapter_id] = info
-        return info
-
-    def _load(self, info: AdapterInfo) -> None:
-        if info.kind == "lora":
-            try:
-                self.pipe.load_lora_weights(info.path, weight_name=LORA_WEIGHTS, adapter_name=peft_name(info.id),
-                                            use_safetensors=True)
-            except (ValueError, KeyError, RuntimeError, OSError) as exc:
-                raise AdapterError(f"adapter {info.id!r} does not fit this base model: {exc}") from None
-        elif info.kind == "textual_inversion":
-            try:
-                self.pipe.load_textual_inversion(info.path, weight_name=TI_WEIGHTS, use_safetensors=True)
-            except (ValueError, KeyError, RuntimeError, OSError) as exc:
-                raise AdapterError(f"adapter {info.id!r} does not fit this base model: {exc}") from None
-        else:
-            raise RequestError(f"{info.id!r} is a {info.kind}, not a LoRA or Textual Inversion adapter",
-                               param="adapters")
-
-    def _unload(self, info: AdapterInfo) -> None:
-        if info.kind == "lora":
-            self.pipe.delete_adapters(peft_name(info.id))
-        else:
-            self.pipe.unload_textual_inversion(ti_tokens(info.path))
-        self.resident.pop(info.id, None)
-
-    def _trim(self) -> None:
-        for adapter_id in [a for a, info in self.resident.items() if not self.refs.get(a)]:
-            self._unload(self.resident[adapter_id])
-            self.refs.pop(adapter_id, None)
+            self.adapters.release(ids)
 
     def activate(self, adapters: tuple[tuple[str, float], ...]) -> None:
         """Point the pipeline at these adapters and weights (LoRA on, TI tokens just resident)."""
-        infos = [(self._ensure(a), w) for a, w in adapters]
-        loras = [(peft_name(i.id), w) for i, w in infos if i.kind == "lora"]
-        if not any(i.kind == "lora" for i in self.resident.values()):
+        loras = self.adapters.lora_names(adapters)
+        if not self.adapters.any_lora():
             return
         if loras:
             self.pipe.enable_lora()
@@ -140,33 +118,62 @@ class ImageEngine:
         else:
             self.pipe.disable_lora()
 
+    # ------------------------------------------------------------------------------------------ cancellation
+    def cancel(self, job_id: str) -> None:
+        """Abandon `job_id` at the next sampler step (called from another thread; takes no engine lock)."""
+        if job_id:
+            self.cancelled[job_id] = self.steps_done
+            while len(self.cancelled) > 1024:
+                self.cancelled.popitem(last=False)
+
+    def abandoned(self, job: Job) -> bool:
+        return job.job_id in self.cancelled or (job.deadline > 0 and time.monotonic() > job.deadline)
+
+    def _note_abandoned(self, job: Job) -> None:
+        since = self.cancelled.pop(job.job_id, None)
+        self.cancel_log.append(("cancel", self.steps_done - since) if since is not None else ("deadline", 0))
+
     # ------------------------------------------------------------------------------------- control, samplers
     def controlnet_pipe(self, name: str):
-        """The ControlNet pipeline for a configured name or registry id (built once, shares the base
-        pipeline's modules, so resident LoRAs apply to it too)."""
-        if name not in self.control_pipes:
-            from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        """The ControlNet pipeline for a configured name or registry id (built once per content, shares the
+        base pipeline's modules, so resident LoRAs apply to it too).
 
-            from diffray.models.loading import resolve_model_path
+        Raises:
+            RequestError: naming `control.model` (404 unknown, 422 broken or not loadable, 400 not a ControlNet).
+        """
+        from diffray.models.loading import resolve_model_path
 
-            entry = self.args.controlnets.get(name)
-            if entry is not None:
-                path, sub = resolve_model_path(entry.path) if entry.path.startswith("builtin:") else entry.path, \
-                    entry.subfolder
-            else:
-                info = self.registry.get(name, param="control.model")
-                if info.kind != "controlnet":
-                    raise RequestError(f"{name!r} is a {info.kind}, not a ControlNet", param="control.model")
-                path, sub = info.path, None
+        entry = self.args.controlnets.get(name)
+        if entry is not None:
+            path = resolve_model_path(entry.path) if entry.path.startswith("builtin:") else entry.path
+            key, sub = ("config", path, entry.subfolder), entry.subfolder
+        else:
             try:
-                cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True,
-                                                     dtype=self.pipe.unet.dtype)
-            except (OSError, ValueError) as exc:
-                raise AdapterError(f"ControlNet {name!r}: cannot load {path}: {exc}") from None
-            cp = StableDiffusionControlNetPipeline.from_pipe(self.pipe, controlnet=cn.to(self.device))
-            cp.set_progress_bar_config(disable=True)
-            self.control_pipes[name] = cp
-        return self.control_pipes[name]
+                info = self.registry.get(name, param="control.model")
+            except AdapterError as exc:
+                status = 404 if isinstance(exc, AdapterNotFound) else 422
+                raise RequestError(str(exc), param="control.model", status=status) from None
+            if info.kind != "controlnet":
+                raise RequestError(f"{name!r} is a {info.kind}, not a ControlNet", param="control.model")
+            path, sub, key = info.path, None, ("registry", info.fingerprint)
+        cached = self.control_pipes.get(name)
+        if cached is None or cached[0] != key:  # new, or replaced on disk
+            self.control_pipes.pop(name, None)
+            self.control_pipes[name] = (key, self._build_control_pipe(name, path, sub))
+        return self.control_pipes[name][1]
+
+    def _build_control_pipe(self, name: str, path: str, sub: str | None):
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        try:
+            cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True, dtype=self.pipe.unet.dtype)
+        except Exception as exc:  # noqa: BLE001 - any loader failure is the artifact's
+            log.warning("ControlNet %s failed to load: %s: %s", name, type(exc).__name__, exc)
+            raise RequestError(f"ControlNet {name!r} cannot be loaded ({type(exc).__name__})", param="control.model",
+                               status=422) from None
+        cp = StableDiffusionControlNetPipeline.from_pipe(self.pipe, controlnet=cn.to(self.device))
+        cp.set_progress_bar_config(disable=True)
+        return cp
 
     def scheduler(self, name: str):
         if name not in self.schedulers:
@@ -177,19 +184,79 @@ class ImageEngine:
         return self.schedulers[name]
 
     # ------------------------------------------------------------------------------------------- generate
-    def run(self, jobs: list[Job]) -> list[list[bytes]]:
-        """PNG bytes per job, `n` each; jobs are grouped by `batch_key` into one pipeline call per group.
-        Image j of a job uses its own `torch.Generator` seeded `seed + j`: same request, same pixels."""
-        out: list[list[bytes] | None] = [None] * len(jobs)
+    def run(self, jobs: list[Job]) -> list[list[bytes] | DiffrayError | Exception]:
+        """Per job: `n` PNGs, or the exception that job alone failed with. Jobs are grouped by `batch_key`
+        into one pipeline call per group. Image j of a job uses its own `torch.Generator` seeded
+        `seed + j`: same request, same pixels, whatever it was batched with."""
+        out: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.batch_key(), []).append(i)
         with self.lock:
+            self.adapters.sweep()
+            for i, job in enumerate(jobs):
+                out[i] = self._check_text(job) or self._check_steps(job)
+                if out[i] is None:
+                    groups.setdefault(job.batch_key(), []).append(i)
             for idx in groups.values():
-                images = self._call([jobs[i] for i in idx])
-                for i in idx:
-                    out[i] = [png_bytes(images.pop(0)) for _ in range(jobs[i].n)]
-        return out  # type: ignore[return-value]
+                self._run_group(jobs, idx, out)
+            self.adapters.trim()
+        return out
+
+    def _check_text(self, job: Job) -> RequestError | None:
+        """The error of a job whose prompt the tokenizer cannot encode (None when it can)."""
+        for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+            if text is None:
+                continue
+            try:
+                self.pipe.tokenizer(text)
+            except Exception:  # noqa: BLE001 - whatever the tokenizer chokes on is the prompt's fault
+                return RequestError("the tokenizer cannot encode this text", param=param)
+        return None
+
+    def _check_steps(self, job: Job) -> RequestError | None:
+        """The error of a job whose step count its sampler cannot run (None when it can). Samplers index
+        their training timesteps with the schedule and some break near the limit (DDPM asked for timestep
+        1000 of 1000, UniPC failed an assertion), so each (sampler, steps) is dry-run once on a 1x1 latent
+        with a zero model output: the sampler's own code decides, at no UNet cost."""
+        key = (job.scheduler, job.steps)
+        if key not in self.step_checks:
+            self.step_checks[key] = None if _sampler_runs(self.scheduler(job.scheduler), job.steps) else RequestError(
+                f"the {job.scheduler} sampler cannot run {job.steps} steps with this model", param="steps")
+        return self.step_checks[key]
+
+    def _run_group(self, jobs: list[Job], idx: list[int], out: list) -> None:
+        pending = list(idx)
+        while pending:
+            for i in [i for i in pending if self.abandoned(jobs[i])]:
+                self._note_abandoned(jobs[i])
+                out[i] = cancelled_error()
+            pending = [i for i in pending if out[i] is None]
+            if not pending:
+                return
+            try:
+                images = self._call([jobs[i] for i in pending])
+            except Interrupted:
+                continue  # the abandoned ones are marked above; the rest run again
+            except Exception as exc:  # noqa: BLE001 - decided per job below
+                if len(pending) > 1:
+                    for i in pending:  # alone, so only the job that fails gets the error
+                        self._run_group(jobs, [i], out)
+                    return
+                if not isinstance(exc, DiffrayError):
+                    log.error("generation failed", exc_info=exc)
+                out[pending[0]] = exc
+                return
+            for i in pending:
+                out[i] = [png_bytes(images.pop(0)) for _ in range(jobs[i].n)]
+            return
+
+    def _step_callback(self, jobs: list[Job]):
+        def on_step_end(pipe, step, timestep, kwargs):
+            self.steps_done += 1
+            if any(self.abandoned(j) for j in jobs):
+                raise Interrupted()
+            return kwargs
+
+        return on_step_end
 
     def _call(self, jobs: list[Job]) -> list:
         first = jobs[0]
@@ -209,5 +276,18 @@ class ImageEngine:
         with torch.inference_mode():
             result = pipe(prompt=prompts, negative_prompt=negs if first.negative_prompt is not None else None,
                           height=first.height, width=first.width, num_inference_steps=first.steps,
-                          guidance_scale=first.guidance, generator=gens, **extra)
+                          guidance_scale=first.guidance, generator=gens, callback_on_step_end=self._step_callback(jobs),
+                          **extra)
         return list(result.images)
+
+    def info(self) -> dict:
+        """What a test or operator may ask a replica: resident adapters and cancellation figures."""
+        return {"native_size": self.native_size, "resident": sorted(self.adapters.loaded),
+                "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
+                "busy": not self._idle()}
+
+    def _idle(self) -> bool:
+        if self.lock.acquire(blocking=False):
+            self.lock.release()
+            return True
+        return False

@@ -1,52 +1,72 @@
 """The adapter registry: a folder whose sub-folders are trained artifacts, one per adapter id.
 
 Every lookup rescans the folder, so a new artifact copied in is servable without a redeploy (copy it
-under a temporary name and rename it into place: a rename is atomic). Ids are validated before they
-touch the filesystem; only safetensors files count. Never imports ray or torch.
+under a temporary name and rename it into place: a rename is atomic). Ids are validated (`fullmatch`)
+before they touch the filesystem; only safetensors files count, and their content is checked
+(`artifacts`) before anything loads them. An entry that exists but cannot be served is still listed,
+with `available: False` and a client-safe reason, and a lookup of it raises `AdapterError` naming the
+id; one broken entry never breaks the listing or another adapter. Each entry carries a fingerprint of
+its weights' content, which is how the engine notices a replaced artifact. Never imports ray or torch.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
-from diffray.models.adapters import CARD, LORA_WEIGHTS, read_card
+from diffray.models.adapters import LORA_WEIGHTS
 from diffray.models.textual_inversion import TI_WEIGHTS
+from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
 
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 KINDS = ("lora", "textual_inversion", "controlnet")
+MAX_TI_TOKEN_CHARS = 100
 
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """One artifact: its id, kind, folder and card (base model, method, steps, metrics)."""
+    """One artifact: id, kind, folder, card, content fingerprint, and why it cannot be served (if so)."""
 
     id: str
     kind: str
     path: str
     card: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     mtime: float = 0.0
+    fingerprint: str = ""
+    problem: str | None = None
+    tensors: tuple = field(default=(), compare=False, hash=False)
+
+    @property
+    def available(self) -> bool:
+        return self.problem is None
+
+
+def valid_id(adapter_id: Any) -> bool:
+    return isinstance(adapter_id, str) and ADAPTER_ID.fullmatch(adapter_id) is not None \
+        and not set(adapter_id) <= {"."}
 
 
 def check_adapter_id(adapter_id: Any, param: str = "model") -> str:
-    """The id if it is a plain name (`^[A-Za-z0-9._-]{1,64}$`, not `.`/`..`, no path or URL).
+    """The id if it is a plain name (1-64 of `A-Za-z0-9._-`, whole string, not `.`/`..`).
 
     Raises:
-        RequestError: naming `param`.
+        RequestError: naming `param` (the bad value is not echoed back).
     """
-    if not isinstance(adapter_id, str) or not ADAPTER_ID.match(adapter_id) or set(adapter_id) <= {"."}:
-        shown = str(adapter_id)[:80]
-        raise RequestError(f"invalid adapter id {shown!r}: use 1-64 of A-Z a-z 0-9 . _ - (no paths or URLs)",
+    if not valid_id(adapter_id):
+        raise RequestError("invalid adapter id: use 1-64 of A-Z a-z 0-9 . _ - (no paths, URLs or whitespace)",
                            param=param)
     return adapter_id
 
 
 def artifact_kind(folder: Path) -> str | None:
-    """What a folder holds, by its safetensors file; None when it is no servable artifact."""
+    """What a folder holds, by its safetensors file; None when it is no artifact at all."""
     if (folder / LORA_WEIGHTS).is_file():
         return "lora"
     if (folder / TI_WEIGHTS).is_file():
@@ -56,50 +76,85 @@ def artifact_kind(folder: Path) -> str | None:
     return None
 
 
+WEIGHTS = {"lora": LORA_WEIGHTS, "textual_inversion": TI_WEIGHTS, "controlnet": CONTROLNET_WEIGHTS}
+
+
+def kind_problem(kind: str, tensors: tuple) -> str | None:
+    """What a well-formed safetensors file still lacks to be an artifact of `kind`."""
+    if not tensors:
+        return f"{WEIGHTS[kind]}: holds no tensors"
+    if kind == "textual_inversion":
+        if len(tensors) != 1:
+            return f"{TI_WEIGHTS}: must hold exactly one token, holds {len(tensors)}"
+        token, shape = tensors[0]
+        if not token or len(token) > MAX_TI_TOKEN_CHARS or any(c.isspace() for c in token):
+            return f"{TI_WEIGHTS}: the token name must be 1-{MAX_TI_TOKEN_CHARS} characters without spaces"
+        if len(shape) not in (1, 2) or 0 in shape:
+            return f"{TI_WEIGHTS}: the embedding must be a [vectors, dim] matrix"
+    return None
+
+
 class AdapterRegistry:
     """Adapters under `root` by id (the folder name). Missing root = empty registry."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
+        self.files = FileChecks()
+
+    def inspect(self, adapter_id: str) -> AdapterInfo | None:
+        """The entry `adapter_id` as it is on disk now; None when there is no artifact folder by that name."""
+        folder = self.root / adapter_id
+        try:
+            if not folder.is_dir():
+                return None
+            kind = artifact_kind(folder)
+            if kind is None:
+                return AdapterInfo(adapter_id, "unknown", str(folder), problem=f"holds no {LORA_WEIGHTS}, "
+                                   f"{TI_WEIGHTS} or ControlNet {CONTROLNET_WEIGHTS}")
+            weights = folder / WEIGHTS[kind]
+            check = self.files.check(weights, scan=kind != "controlnet")
+            mtime = weights.stat().st_mtime
+        except OSError as exc:
+            log.warning("adapter %s unreadable: %s", adapter_id, exc)
+            return AdapterInfo(adapter_id, "unknown", str(folder), problem="artifact files are unreadable")
+        problem = check.problem or kind_problem(kind, check.tensors)
+        card: dict[str, Any] = {}
+        try:
+            card = read_card(folder)
+        except ArtifactProblem as exc:
+            problem = problem or str(exc)
+        except OSError:
+            problem = problem or "model card is unreadable"
+        return AdapterInfo(adapter_id, kind, str(folder), card, mtime, check.digest, problem, check.tensors)
 
     def get(self, adapter_id: str, param: str = "model") -> AdapterInfo:
-        """The artifact `adapter_id`, read fresh from disk.
+        """The servable artifact `adapter_id`, read fresh from disk.
 
         Raises:
             RequestError: an invalid id (naming `param`).
             AdapterNotFound: no artifact folder with that id.
-            AdapterError: the folder exists but holds no safetensors artifact.
+            AdapterError: the folder exists but cannot be served (the message names the id and why).
         """
         check_adapter_id(adapter_id, param)
-        folder = self.root / adapter_id
-        if not folder.is_dir():
-            raise AdapterNotFound(adapter_id, str(self.root))
-        kind = artifact_kind(folder)
-        if kind is None:
-            raise AdapterError(f"adapter {adapter_id!r}: {folder} holds no {LORA_WEIGHTS}, {TI_WEIGHTS} or "
-                               f"ControlNet {CONTROLNET_WEIGHTS}")
-        return AdapterInfo(adapter_id, kind, str(folder.resolve()), _safe_card(folder), _mtime(folder))
+        info = None if adapter_id.startswith(".") else self.inspect(adapter_id)  # hidden: still being copied in
+        if info is None:
+            raise AdapterNotFound(adapter_id)
+        if info.problem is not None:
+            raise AdapterError(f"adapter {adapter_id!r} is unavailable: {info.problem}")
+        return info
 
     def list(self) -> list[AdapterInfo]:
-        """Every servable artifact, sorted by id (folders with bad names or no artifact are skipped)."""
-        if not self.root.is_dir():
+        """Every artifact folder with a valid id, sorted by id, broken ones included (`available` False).
+        Hidden folders (a leading '.', e.g. one being copied in before its rename) are skipped."""
+        try:
+            names = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        except OSError as exc:
+            log.warning("adapter registry %s unreadable: %s", self.root, exc)
             return []
         out = []
-        for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and ADAPTER_ID.match(folder.name) and not set(folder.name) <= {"."}:
-                kind = artifact_kind(folder)
-                if kind is not None:
-                    out.append(AdapterInfo(folder.name, kind, str(folder.resolve()), _safe_card(folder),
-                                           _mtime(folder)))
+        for name in names:
+            if valid_id(name) and not name.startswith("."):
+                info = self.inspect(name)
+                if info is not None:
+                    out.append(info)
         return out
-
-
-def _mtime(folder: Path) -> float:
-    return max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=0.0)
-
-
-def _safe_card(folder: Path) -> dict[str, Any]:
-    try:
-        return read_card(folder)
-    except (OSError, ValueError):
-        return {"error": f"unreadable {CARD}"}

@@ -12,9 +12,9 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from diffray.errors import DatasetError, RequestError
 from diffray.serve.config import Limits
@@ -23,37 +23,58 @@ BASE_IDS = ("base",)  # `model` values that mean "no adapter"
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1")  # OpenAI defaults map to the base model too
 SCHEDULERS = ("default", "ddim", "ddpm", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
 MAX_SEED = 2**63 - 1
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+# C0 controls (but tab, newline, carriage return) and DEL: never meaningful in a prompt, and NUL ends
+# strings in C layers below us.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def check_text(value: str) -> str:
+    """Text a tokenizer, a database and a browser can all take: encodable as UTF-8 (no lone UTF-16
+    surrogates, which JSON can carry as `\\ud800`) and free of control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate (not encodable text)") from None
+    if _CONTROL.search(value):
+        raise ValueError("contains a control character")
+    return value
+
+
+Text = Annotated[str, AfterValidator(check_text)]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, types exact (no "2" for 2, no true for 1), text checked."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ImagesRequest(Body):
     """OpenAI `POST /v1/images/generations`."""
 
-    prompt: str = Field(..., description="What to draw.")
-    model: str | None = Field(None, description="Adapter id from GET /v1/models, or `base` (default).")
+    prompt: Text = Field(..., description="What to draw.")
+    model: Text | None = Field(None, description="Adapter id from GET /v1/models, or `base` (default).")
     n: int = Field(1, description="Images to return.")
-    size: str | None = Field(None, description="`WIDTHxHEIGHT`, multiples of 8 (default: the model's size).")
+    size: Text | None = Field(None, description="`WIDTHxHEIGHT`, multiples of 8 (default: the model's size).")
     response_format: Literal["b64_json", "url"] = Field(
         "b64_json", description="b64_json, or url (answered as a data: URL; nothing is stored).")
-    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
-    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
-    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    quality: Text | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: Text | None = Field(None, description="Accepted for compatibility; ignored.")
+    user: Text | None = Field(None, description="Accepted for compatibility; ignored.")
     seed: int | None = Field(None, description="Extension: seed of the first image (random when absent).")
 
 
 class AdapterWeight(Body):
-    id: str = Field(..., description="Adapter id (LoRA or Textual Inversion).")
+    id: Text = Field(..., description="Adapter id (LoRA or Textual Inversion).")
     weight: float = Field(1.0, ge=-8.0, le=8.0, allow_inf_nan=False, description="LoRA strength.")
 
 
 class ControlSpec(Body):
-    model: str = Field(..., description="A configured ControlNet name or a registry ControlNet id.")
-    image: str | None = Field(None, description="Control image (base64 PNG/JPEG), used as is.")
-    raw_image: str | None = Field(None, description="A plain image (base64); the server makes the control image "
+    model: Text = Field(..., description="A configured ControlNet name or a registry ControlNet id.")
+    image: Text | None = Field(None, min_length=1, description="Control image (base64 PNG/JPEG), used as is.")
+    raw_image: Text | None = Field(None, min_length=1, description="A plain image (base64); the server makes the "
+                                   "control image "
                                   "(canny for canny ControlNets).")
     scale: float = Field(1.0, ge=0.0, le=4.0, allow_inf_nan=False, description="Conditioning scale.")
 
@@ -61,8 +82,8 @@ class ControlSpec(Body):
 class GenerateRequest(Body):
     """`POST /v1/generate`: every option."""
 
-    prompt: str = Field(..., description="What to draw.")
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    prompt: Text = Field(..., description="What to draw.")
+    negative_prompt: Text | None = Field(None, description="What to steer away from.")
     n: int = Field(1, description="Images to return (seeds seed, seed+1, ...).")
     width: int | None = Field(None, description="Pixels, a multiple of 8.")
     height: int | None = Field(None, description="Pixels, a multiple of 8.")
@@ -70,7 +91,7 @@ class GenerateRequest(Body):
     guidance: float = Field(7.5, allow_inf_nan=False, description="Classifier-free guidance scale.")
     seed: int | None = Field(None, description="Seed of the first image (random when absent).")
     scheduler: Literal[SCHEDULERS] = Field("default", description="Sampler.")  # type: ignore[valid-type]
-    adapter: str | None = Field(None, description="One adapter id.")
+    adapter: Text | None = Field(None, description="One adapter id.")
     adapter_scale: float = Field(1.0, ge=-8.0, le=8.0, allow_inf_nan=False, description="Its LoRA strength.")
     adapters: list[AdapterWeight] | None = Field(None, description="Several adapters with weights.")
     control: ControlSpec | None = Field(None, description="ControlNet and its control image.")
@@ -94,6 +115,9 @@ class Job:
     control_image: Any = None  # PIL image, already the control map
     control_scale: float = 1.0
     meta: dict = field(default_factory=dict)
+    job_id: str = ""  # set by the ingress: how a replica is told this job was cancelled
+    timeout_s: float = 0.0  # > 0: the Generator abandons the job this long after it arrives (a backstop)
+    deadline: float = 0.0  # time.monotonic() in the Generator's process after which the job is abandoned
 
     def adapter_key(self) -> str:
         """The multiplexed model id: the adapter ids, sorted, joined by '+' ('' for the base model)."""
@@ -129,9 +153,9 @@ def parse_size(size: str | None, default: int, limits: Limits) -> tuple[int, int
     """`"WxH"` -> (width, height), both checked. Raises RequestError naming `size`."""
     if size is None:
         return default, default
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m:
-        raise RequestError(f"{size[:40]!r} is not WIDTHxHEIGHT (e.g. 512x512)", param="size")
+        raise RequestError("must be WIDTHxHEIGHT (e.g. 512x512)", param="size")
     return check_side(int(m.group(1)), limits, "size"), check_side(int(m.group(2)), limits, "size")
 
 
@@ -191,7 +215,8 @@ def generate_job(req: GenerateRequest, limits: Limits, default_size: int, defaul
 
 
 def decode_b64_image(data: str, param: str, max_pixels: int):
-    """A base64 (or data: URL) image -> RGB PIL image (alpha on black). Raises RequestError naming `param`."""
+    """A base64 (or data: URL) image -> RGB PIL image (alpha on black). Raises RequestError naming `param`,
+    whatever the bytes are (the decoder's own message is not passed on: it can carry reprs)."""
     from diffray.data.transforms import BLACK, decode_image
 
     if data.startswith("data:"):
@@ -200,7 +225,13 @@ def decode_b64_image(data: str, param: str, max_pixels: int):
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("not valid base64", param=param) from None
+    if not raw:
+        raise RequestError("empty image", param=param)
     try:
         return decode_image(raw, param, max_pixels, background=BLACK)
     except DatasetError as exc:
-        raise RequestError(str(exc).partition(": ")[2] or str(exc), param=param) from None
+        if "decompression-bomb" in str(exc):
+            raise RequestError(f"image larger than {max_pixels} pixels", param=param) from None
+        raise RequestError("cannot decode image (PNG or JPEG expected)", param=param) from None
+    except Exception:  # noqa: BLE001 - any decoder failure is the bytes' fault, never a 500
+        raise RequestError("cannot decode image (PNG or JPEG expected)", param=param) from None

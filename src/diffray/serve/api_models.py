@@ -1,0 +1,81 @@
+"""Response shapes of the HTTP API, so the OpenAPI schema documents every answer (success and error) and
+a schema-driven fuzzer (Schemathesis) can check the server against it. Never imports ray or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field
+
+BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>` (when the server has keys)")
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="What is wrong, for a person.")
+    type: str = Field(..., description="invalid_request_error, invalid_api_key, not_found_error, overloaded, "
+                      "timeout, request_too_large, server_error, ...")
+    param: str | None = Field(None, description="The request field at fault.")
+    code: str | None = Field(None, description="Always null (OpenAI compatibility).")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelEntry(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "diffray"
+    kind: Literal["base", "lora", "textual_inversion", "controlnet", "unknown"]
+    available: bool = Field(True, description="False: listed but cannot be served (see `reason`).")
+    reason: str | None = Field(None, description="Why an adapter is unavailable.")
+    base_model: str | None = None
+    method: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelEntry]
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+
+
+class GeneratedImage(BaseModel):
+    b64_json: str
+    seed: int
+
+
+class GenerateResponse(BaseModel):
+    created: int
+    model: str
+    seed: int
+    width: int
+    height: int
+    images: list[GeneratedImage]
+
+
+class FeedbackAccepted(BaseModel):
+    id: str = Field(..., description="The feedback record's id (the client's `id` when it sent one).")
+    created: float = Field(..., description="When it was first stored (Unix seconds).")
+    duplicate: bool = Field(False, description="True: this id was already stored with the same content.")
+
+
+def error_responses(*codes: int) -> dict:
+    """The `responses=` of a route: the error shape for each status it can answer."""
+    return {code: {"model": ErrorResponse} for code in codes}

@@ -1,0 +1,171 @@
+"""The adapters resident in one pipeline: loading, sharing, noticing changes on disk, unloading.
+
+Every LoRA is a named PEFT adapter on the one UNet (switched with `set_adapters`), every Textual
+Inversion adds its tokens to the one tokenizer. A record made at load time remembers what was added
+(the PEFT name, the exact tokens) and the content fingerprint that was loaded, so unloading never reads
+the disk (the folder may be gone or replaced) and a replaced artifact is told apart by content, not by
+name. `sweep` unloads whatever was removed or replaced on disk since it was loaded. Loading failures of
+any type become `AdapterError` naming the adapter, after undoing what the failed load left behind;
+unloading never raises. Callers hold the engine's lock. Never imports ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffray.errors import AdapterError, RequestError
+from diffray.models.adapters import LORA_WEIGHTS
+from diffray.models.textual_inversion import TI_WEIGHTS
+from diffray.serve.artifacts import stat_key
+from diffray.serve.registry import WEIGHTS, AdapterInfo, AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+def peft_name(adapter_id: str) -> str:
+    """A PEFT-safe adapter name for an id ('.' would split module paths); a hash keeps them distinct."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", adapter_id) + "_" + hashlib.sha1(adapter_id.encode()).hexdigest()[:6]
+
+
+@dataclass
+class Loaded:
+    """What loading one adapter put into the pipeline."""
+
+    id: str
+    kind: str
+    fingerprint: str  # "" when the files changed while loading: reload on next use
+    tokens: list[str] = field(default_factory=list)
+
+
+def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
+    text = str(exc)
+    if "size mismatch" in text or "shape" in text:
+        why = "its tensor shapes do not match this base model"
+    elif "already in tokenizer" in text:
+        why = "its token is already in this model's vocabulary"
+    else:
+        why = f"it does not fit this base model ({type(exc).__name__})"
+    return AdapterError(f"adapter {adapter_id!r} cannot be loaded: {why}")
+
+
+class ResidentAdapters:
+    """Adapters held by a pipeline, reference-counted by the adapter sets (multiplexed models) using them."""
+
+    def __init__(self, pipe, registry: AdapterRegistry):
+        self.pipe, self.registry = pipe, registry
+        self.loaded: dict[str, Loaded] = {}
+        self.refs: dict[str, int] = {}
+
+    def acquire(self, ids: list[str]) -> None:
+        """Make `ids` resident and count one more holder of each; all or nothing."""
+        done: list[str] = []
+        try:
+            for adapter_id in ids:
+                self.ensure(adapter_id)
+                self.refs[adapter_id] = self.refs.get(adapter_id, 0) + 1
+                done.append(adapter_id)
+        except BaseException:
+            self.release(done)
+            raise
+
+    def release(self, ids: list[str]) -> None:
+        """One holder fewer; adapters nobody holds are removed from the pipeline."""
+        for adapter_id in ids:
+            self.refs[adapter_id] = max(0, self.refs.get(adapter_id, 0) - 1)
+        self.trim()
+
+    def trim(self) -> None:
+        for adapter_id in [a for a in self.loaded if not self.refs.get(a)]:
+            self.unload(adapter_id)
+            self.refs.pop(adapter_id, None)
+
+    def ensure(self, adapter_id: str) -> Loaded:
+        """The adapter loaded as it is on disk now (reloaded when its content changed).
+
+        Raises:
+            AdapterNotFound, AdapterError: gone or broken on disk, or it does not fit the model.
+            RequestError: a ControlNet or an invalid id.
+        """
+        info = self.registry.get(adapter_id, param="adapters")
+        old = self.loaded.get(adapter_id)
+        if old is not None and old.fingerprint == info.fingerprint:
+            return old
+        if old is not None:
+            self.unload(adapter_id)
+        rec = self._load(info)
+        self.loaded[adapter_id] = rec
+        return rec
+
+    def sweep(self) -> list[str]:
+        """Unload every resident adapter that was removed, broken or replaced on disk; returns their ids."""
+        stale = []
+        for adapter_id, rec in list(self.loaded.items()):
+            info = self.registry.inspect(adapter_id)
+            if info is None or info.problem is not None or info.fingerprint != rec.fingerprint:
+                stale.append(adapter_id)
+                self.unload(adapter_id)
+        return stale
+
+    def _load(self, info: AdapterInfo) -> Loaded:
+        if info.kind not in ("lora", "textual_inversion"):
+            raise RequestError(f"{info.id!r} is a {info.kind}, not a LoRA or Textual Inversion adapter",
+                               param="adapters")
+        weights = Path(info.path) / WEIGHTS[info.kind]
+        before = stat_key(weights)
+        rec = Loaded(info.id, info.kind, info.fingerprint)
+        try:
+            if info.kind == "lora":
+                self.pipe.load_lora_weights(info.path, weight_name=LORA_WEIGHTS, adapter_name=peft_name(info.id),
+                                            use_safetensors=True)
+            else:
+                self._load_ti(info, rec)
+        except Exception as exc:  # noqa: BLE001 - loaders raise many types for one cause: a bad artifact
+            self._remove(rec, failed=True)
+            log.warning("adapter %s failed to load: %s: %s", info.id, type(exc).__name__, exc)
+            raise _load_failure(info.id, exc) from None
+        try:
+            changed = stat_key(weights) != before
+        except OSError:
+            changed = True
+        if changed:  # replaced while we read it: what we loaded may not be what we fingerprinted
+            rec.fingerprint = ""
+        return rec
+
+    def _load_ti(self, info: AdapterInfo, rec: Loaded) -> None:
+        """Load a TI and record exactly the tokens it added (also when it fails halfway)."""
+        vocab = set(self.pipe.tokenizer.get_vocab())
+        try:
+            self.pipe.load_textual_inversion(info.path, weight_name=TI_WEIGHTS, use_safetensors=True)
+        finally:
+            rec.tokens = [t for t in self.pipe.tokenizer.get_vocab() if t not in vocab]
+
+    def unload(self, adapter_id: str) -> None:
+        """Take the adapter out of the pipeline using only the load record; never raises."""
+        rec = self.loaded.pop(adapter_id, None)
+        if rec is not None:
+            self._remove(rec)
+
+    def _remove(self, rec: Loaded, failed: bool = False) -> None:
+        """Delete the record's LoRA / tokens; after a failed load also whatever it half-injected."""
+        try:
+            if rec.kind == "lora":
+                names = {n for names in self.pipe.get_list_adapters().values() for n in names}
+                if failed or peft_name(rec.id) in names:
+                    self.pipe.delete_adapters(peft_name(rec.id))
+            elif rec.tokens:
+                present = [t for t in rec.tokens if t in self.pipe.tokenizer.get_vocab()]
+                if present:
+                    self.pipe.unload_textual_inversion(present)
+        except Exception as exc:  # noqa: BLE001 - an unload must not fail an unrelated request
+            log.warning("unloading adapter %s: %s: %s", rec.id, type(exc).__name__, exc)
+
+    def lora_names(self, adapters: tuple[tuple[str, float], ...]) -> list[tuple[str, float]]:
+        """(PEFT name, weight) of the LoRAs among `adapters` (each made resident first)."""
+        return [(peft_name(a), w) for a, w in adapters if self.ensure(a).kind == "lora"]
+
+    def any_lora(self) -> bool:
+        return any(rec.kind == "lora" for rec in self.loaded.values())

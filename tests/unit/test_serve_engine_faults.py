@@ -1,0 +1,217 @@
+"""ImageEngine under hostile input, without Ray: a job fails alone (its batch-mates get the pixels they get
+alone), broken artifacts fail as AdapterError naming the adapter and leave the pipeline clean, replaced or
+removed artifacts are noticed by content and unloaded with their tokens, and a cancelled or timed-out job
+stops within one sampler step while its batch-mates finish."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from diffray.errors import AdapterError, AdapterNotFound, RequestError
+from diffray.serve.config import parse_args
+from diffray.serve.schemas import Job
+
+TI = "learned_embeds.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_path, tmp_path_factory):
+    from testkit.adapters import random_lora, random_textual_inversion
+    from diffray.serve.engine import ImageEngine
+
+    reg = tmp_path_factory.mktemp("reg")
+    spare = tmp_path_factory.mktemp("spare")
+    random_lora(tiny_model_path, reg / "lora", seed=1)
+    random_textual_inversion(tiny_model_path, reg / "ti", "<old-tok>", seed=3)
+    random_textual_inversion(tiny_model_path, spare / "ti-new-token", "<new-tok>", seed=4)
+    random_textual_inversion(tiny_model_path, spare / "ti-same-token", "<old-tok>", seed=5)
+    engine = ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(reg), "controlnets": {
+        "canny": {"path": "builtin:tiny", "subfolder": "controlnet"}}}), device="cpu")
+    return engine, reg, spare, tiny_model_path
+
+
+def job(**kw) -> Job:
+    return Job(**{"prompt": "a red circle", "n": 1, "width": 64, "height": 64, "steps": 2, "guidance": 7.5,
+                  "seed": 5, **kw})
+
+
+def same_pixels(a: list[bytes], b: list[bytes]) -> bool:
+    """Equal up to one grey level (fp noise of a different batch shape)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = [np.asarray(Image.open(io.BytesIO(x)), dtype=np.int16) for x in (*a, *b)]
+    return len(a) == len(b) and all(np.abs(x - y).max() <= 1 for x, y in zip(arr[:len(a)], arr[len(a):]))
+
+
+def clean_state(engine, vocab: int) -> bool:
+    return engine.resident == {} and engine.pipe.get_list_adapters() in ({}, {"unet": []}) \
+        and len(engine.pipe.tokenizer) == vocab
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_fails_only_its_job(setup):
+    engine = setup[0]
+    good = [job(prompt=f"a red circle {i}", seed=i) for i in range(3)]
+    alone = [engine.run([j])[0] for j in good]
+    out = engine.run([good[0], job(prompt="bad \ud800 prompt"), good[1], job(negative_prompt="\udfff"), good[2]])
+    assert isinstance(out[1], RequestError) and out[1].param == "prompt" and out[1].status == 400
+    assert isinstance(out[3], RequestError) and out[3].param == "negative_prompt"
+    assert all(same_pixels(got, want) for got, want in zip([out[0], out[2], out[4]], alone))
+
+
+def test_a_job_failing_inside_the_pipeline_fails_alone(setup):
+    """Same batch key (so one pipeline call), one job's control image is not an image: the call fails, the
+    engine reruns each job alone, and only that job carries the error."""
+    from PIL import Image
+
+    engine = setup[0]
+    ok = Image.new("RGB", (64, 64), (200, 30, 30))
+    good = job(controlnet="canny", control_image=ok)
+    alone = engine.run([good])[0]
+    out = engine.run([good, job(controlnet="canny", control_image="not an image", seed=9)])
+    assert same_pixels(out[0], alone) and isinstance(out[1], Exception)
+
+
+def _write_broken(reg, name: str, data: bytes) -> None:
+    (reg / name).mkdir()
+    (reg / name / "pytorch_lora_weights.safetensors").write_bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "wrong-shapes", "wrong-keys", "nan", "text-encoder-wrong"])
+def test_broken_lora_is_an_adapter_error_naming_it_and_leaves_the_pipeline_clean(setup, kind):
+    import torch
+    from safetensors.torch import load, save
+
+    engine, reg, _, _ = setup
+    vocab = len(engine.pipe.tokenizer)
+    good = (reg / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    sd = load(good)
+    data = {"truncated": good[:-100],
+            "wrong-shapes": save({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in sd.items()}),
+            "wrong-keys": save({"foo.weight": torch.zeros(3)}),
+            "nan": save({k: torch.full_like(v, float("nan")) for k, v in sd.items()}),
+            # the UNet part loads, then the text encoder part does not fit: the half-loaded UNet LoRA must go
+            "text-encoder-wrong": save({**sd, **{f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.{n}": t
+                                                 for n, t in (("lora_A.weight", torch.ones(4, 33)),
+                                                              ("lora_B.weight", torch.ones(32, 4)))}})}[kind]
+    name = f"broken-{kind}"
+    _write_broken(reg, name, data)
+    base = engine.run([job()])[0]
+    with pytest.raises(AdapterError, match=f"adapter '{name}'") as err:
+        engine.acquire([name])
+    assert str(reg) not in str(err.value) and "tensor(" not in str(err.value)
+    assert clean_state(engine, vocab)
+    out = engine.run([job(adapters=((name, 1.0),)), job()])
+    assert isinstance(out[0], AdapterError) and out[1] == base
+
+
+def _publish(src, dst) -> None:
+    """Publish-by-rename: copy beside, then swap into place (the documented way)."""
+    tmp = dst.parent / f".{dst.name}.incoming"
+    shutil.copytree(src, tmp)
+    old = dst.parent / f".{dst.name}.old"
+    dst.rename(old)
+    tmp.rename(dst)
+    shutil.rmtree(old)
+
+
+@pytest.mark.parametrize("replacement", ["ti-new-token", "ti-same-token"])
+def test_resident_ti_replaced_on_disk_is_reloaded_with_its_own_token(setup, replacement, tmp_path):
+    from diffray.serve.config import parse_args as _pa
+    from diffray.serve.engine import ImageEngine
+
+    engine, reg, spare, model = setup
+    name = f"ti-{replacement}"
+    shutil.copytree(reg / "ti", reg / name)
+    vocab = len(engine.pipe.tokenizer)
+    engine.acquire([name])
+    assert "<old-tok>" in engine.pipe.tokenizer.get_vocab()
+    _publish(spare / replacement, reg / name)
+    token = "<new-tok>" if replacement == "ti-new-token" else "<old-tok>"
+    got = engine.run([job(prompt=f"a {token}", adapters=((name, 1.0),))])[0]
+    vocab_now = engine.pipe.tokenizer.get_vocab()
+    assert token in vocab_now and len(engine.pipe.tokenizer) == vocab + 1
+    if token != "<old-tok>":
+        assert "<old-tok>" not in vocab_now
+    fresh_reg = tmp_path / "fresh"
+    shutil.copytree(spare / replacement, fresh_reg / name)
+    fresh = ImageEngine(_pa({"model": model, "adapters_dir": str(fresh_reg)}), device="cpu")
+    assert got == fresh.run([job(prompt=f"a {token}", adapters=((name, 1.0),))])[0]  # the new vectors, exactly
+    engine.release([name])
+    assert clean_state(engine, vocab)
+
+
+def test_resident_adapters_removed_from_disk_are_unloaded_and_eviction_never_raises(setup):
+    engine, reg, _, _ = setup
+    vocab = len(engine.pipe.tokenizer)
+    shutil.copytree(reg / "ti", reg / "ti-gone")
+    shutil.copytree(reg / "lora", reg / "lora-gone")
+    engine.acquire(["ti-gone", "lora-gone"])
+    base = engine.run([job(prompt="a <old-tok>")])[0]
+    shutil.rmtree(reg / "ti-gone")
+    shutil.rmtree(reg / "lora-gone")
+    out = engine.run([job(prompt="a <old-tok>"), job(prompt="x", adapters=(("lora-gone", 1.0),))])
+    assert isinstance(out[1], AdapterNotFound)
+    assert engine.resident == {} and len(engine.pipe.tokenizer) == vocab  # swept: weights and token gone
+    assert out[0] != base  # the token no longer means the removed embedding
+    engine.release(["ti-gone", "lora-gone"])  # Serve's eviction of the set: nothing left to do, no error
+    assert clean_state(engine, vocab)
+
+
+def _run_in_thread(engine, jobs):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("out", engine.run(jobs)))
+    thread.start()
+    return thread, box
+
+
+def _wait_for_steps(engine, count: int) -> None:
+    start = engine.steps_done
+    deadline = time.monotonic() + 120
+    while engine.steps_done < start + count:  # waits on the engine's own step counter
+        assert time.monotonic() < deadline, "the generation never started"
+        time.sleep(0.005)
+
+
+def test_cancel_stops_within_one_step_and_batch_mates_finish(setup):
+    engine = setup[0]
+    mate = job(prompt="mate", seed=11, steps=40)
+    alone = engine.run([mate])[0]
+    doomed = job(prompt="doomed", seed=12, steps=40, job_id="doomed-1")
+    before = engine.steps_done
+    thread, box = _run_in_thread(engine, [doomed, mate])
+    _wait_for_steps(engine, 2)
+    engine.cancel("doomed-1")
+    thread.join(120)
+    out = box["out"]
+    assert isinstance(out[0], RequestError) and out[0].status == 504
+    assert same_pixels(out[1], alone)  # rerun without the cancelled job: the pixels it gets alone
+    why, steps = engine.cancel_log[-1]
+    assert why == "cancel" and steps <= 1  # steps run between the cancel and the stop
+    assert engine.steps_done - before < 40 + 40  # the doomed call never ran to the end
+
+
+def test_past_deadline_is_abandoned_at_the_first_step(setup):
+    engine = setup[0]
+    before = engine.steps_done
+    out = engine.run([job(steps=50, deadline=time.monotonic() - 1)])
+    assert isinstance(out[0], RequestError) and out[0].status == 504 and engine.steps_done - before <= 1
+    assert engine.cancel_log[-1] == ("deadline", 0)
+    assert isinstance(engine.run([job()])[0], list)  # the next job is served normally
+
+
+@pytest.mark.parametrize("scheduler,steps", [("default", 1000), ("unipc", 1000), ("euler", 1001)])
+def test_step_counts_the_sampler_cannot_run_fail_alone_before_any_pipeline_call(setup, scheduler, steps):
+    """DDPM with 1000 of 1000 steps indexed timestep 1000 (IndexError) and UniPC failed an assertion,
+    both inside the pipeline; the dry run of the sampler refuses them first, naming `steps`."""
+    engine = setup[0]
+    before = engine.steps_done
+    out = engine.run([job(scheduler=scheduler, steps=steps, width=8, height=8), job(seed=77)])
+    assert isinstance(out[0], RequestError) and out[0].param == "steps" and isinstance(out[1], list)
+    assert engine.steps_done - before == 2  # only the good job ran
