@@ -43,6 +43,11 @@ def configure_cli(verbose_output: bool) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    if not verbose():
+        # DeepSpeed warns about its accelerator while it is being imported (transformers imports it), before
+        # its handler exists for `quiet_libraries` to quiet: on the driver its logger passes errors only
+        # (the workers' DeepSpeed records go to their log files, see `setup_worker`).
+        logging.getLogger("DeepSpeed").addFilter(IMPORT_QUIET)
 
 
 class PlainFormatter(logging.Formatter):
@@ -53,6 +58,13 @@ class PlainFormatter(logging.Formatter):
         if record.levelno >= logging.ERROR:
             return f"diffray: error: {text}"
         return f"diffray: warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+IMPORT_QUIET = _errors_only
 
 
 def quiet_libraries() -> None:
