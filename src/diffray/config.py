@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from diffray import yaml_io
 from diffray.errors import ConfigError
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -62,6 +63,9 @@ class DataSection(Section):
                                         "None quarantines them.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability a sample trains with the empty "
                                    "caption (for classifier-free guidance), drawn per (seed, step, sample).")
+    follow_symlinks: bool = Field(False, description="Read image files that are links to outside the dataset "
+                                  "folder (local disks). Off: such rows are quarantined without being opened; "
+                                  "paths that climb out with '..' or are absolute are refused either way.")
     min_image_size: int = Field(32, ge=1, description="Rows whose shorter image side is smaller are quarantined.")
     max_image_pixels: int = Field(89_478_485, ge=1, description="Decompression-bomb limit: larger images "
                                   "(width x height, read from the header) are quarantined undecoded.")
@@ -203,8 +207,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    if p.stat().st_size > yaml_io.MAX_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes; the limit for a config file is {yaml_io.MAX_BYTES} bytes")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml_io.load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    except yaml_io.YamlLimitError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -226,7 +236,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         path, raw = m.group(1), m.group(2)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml_io.load(raw) if raw.strip() else ""
+        except yaml_io.YamlLimitError as exc:
+            raise ConfigError(f"override {path}: {exc}", field=path) from None
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and _looks_like_float(value):

@@ -259,3 +259,37 @@ def test_worker_streams_are_disjoint_reshuffled_per_epoch_and_reproducible(ray_c
         assert sorted(epochs[r][0]) == sorted(epochs[r][1]) and epochs[r][0] != epochs[r][1]
     assert two_workers(100) == run  # same seed, same order
     assert two_workers(7) != run
+
+
+def test_hostile_rows_are_quarantined_one_by_one_without_being_opened(ray_cluster, tmp_path):
+    """Rows naming files outside the folder (../, absolute, a symlink out), of the wrong JSON shape or with
+    a non-text caption: each is quarantined with its reason by the same validation pass training uses;
+    the good rows all stay, and the Arrow schema holds although the first rows are the bad ones."""
+    import os
+
+    from diffray.config import DataSection
+    from diffray.data.pipeline import read_source, validate_rows
+    from diffray.data.validate import Rules
+
+    root = write_sample_dataset(tmp_path / "ds", num_images=8) / "train"
+    good = (root / "metadata.jsonl").read_text()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(next(root.glob("*.png")).read_bytes())
+    os.symlink(secret, root / "link_out.png")
+    hostile = [json.dumps({"file_name": "../secret.png", "text": "x"}), json.dumps({"file_name": str(secret), "text": "x"}),
+               json.dumps({"file_name": "link_out.png", "text": "x"}), json.dumps({"file_name": "a.png", "text": 3}),
+               "[1, 2]", "{not json"]
+    (root / "metadata.jsonl").write_text("\n".join(hostile) + "\n" + good)
+    data = DataSection(path=str(root))
+    raw, total = read_source(str(root), data)
+    report = validate_rows(raw, total, str(root), Rules.of(data), max_bad_fraction=0.5, report_dir=tmp_path / "r")
+    assert total == 14 and report.used == 8 and report.bad_ids == frozenset(range(6))
+    reasons = {Path(r["source"]).name: r["reason"] for r in report.quarantined}
+    assert set(reasons) == {f"metadata.jsonl:{n}" for n in range(1, 7)}
+    assert "is not a file inside the dataset folder" in reasons["metadata.jsonl:1"] + reasons["metadata.jsonl:2"]
+    assert "link to a file outside the dataset folder" in reasons["metadata.jsonl:3"]
+    assert "text is a JSON int" in reasons["metadata.jsonl:4"] and "not an object" in reasons["metadata.jsonl:5"]
+    assert "invalid JSON" in reasons["metadata.jsonl:6"]
+    followed = validate_rows(*read_source(str(root), DataSection(path=str(root), follow_symlinks=True)), str(root),
+                             Rules.of(data), max_bad_fraction=0.5, report_dir=None)
+    assert followed.bad_ids == frozenset({0, 1, 3, 4, 5})  # the link is read now; '..' and absolute never

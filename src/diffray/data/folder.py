@@ -11,6 +11,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import posixpath
 
 import pyarrow.fs as pafs
 
@@ -20,28 +22,64 @@ from diffray.errors import DatasetError
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
-def parse_metadata(name: str, text: str) -> list[tuple[int, dict]]:
-    """(line number, record) pairs from metadata.jsonl or metadata.csv text; blank lines skipped."""
+def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
+    """(line number, record, error) triples from metadata.jsonl or metadata.csv text; blank lines skipped.
+
+    A JSONL line that is not JSON, or not a JSON object, is kept as (n, None, why) so that validation
+    quarantines that row alone.
+    """
     if name.endswith(".csv"):
         # line 1 is the header; numbering is off only for quoted captions spanning lines
-        return [(n, rec) for n, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
-    records = []
+        return [(n, rec, "") for n, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+    records: list[tuple[int, dict | None, str]] = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((n, json.loads(line)))
+            rec = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{name}:{n}: invalid JSON ({exc.msg})") from None
+            records.append((n, None, f"metadata line {n}: invalid JSON ({exc.msg})"))
+            continue
+        if isinstance(rec, dict):
+            records.append((n, rec, ""))
+        else:
+            records.append((n, None, f"metadata line {n}: a JSON {type(rec).__name__}, not an object"))
     return records
 
 
+def member(fs: pafs.FileSystem, root: str, name, column: str, follow_symlinks: bool = False) -> tuple[str, str]:
+    """(`name` normalised, "") when it names a file inside the dataset folder `root`, else ("", why not).
+
+    Never opens the file. Absolute paths, URIs and `..` that climb out of the folder are refused; on a
+    local disk so is a symlink that resolves outside it, unless `follow_symlinks` (`data.follow_symlinks`).
+    """
+    if name is None:
+        return "", ""  # no file: validation reports "image file not found"
+    if not isinstance(name, str):
+        return "", f"{column} is a JSON {type(name).__name__}, not a file name"
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if (not name or norm.startswith("/") or norm == ".." or norm.startswith("../") or storage.is_uri(name)
+            or norm == "."):
+        return "", f"{column} {name[:200]!r} is not a file inside the dataset folder"
+    if isinstance(fs, pafs.LocalFileSystem) and not follow_symlinks:
+        real_root = os.path.realpath(root)
+        real = os.path.realpath(os.path.join(real_root, norm))
+        if os.path.commonpath([real_root, real]) != real_root:
+            return "", (f"{column} {name[:200]!r} is a link to a file outside the dataset folder "
+                        "(data.follow_symlinks: true allows links)")
+    return norm, ""
+
+
 def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str,
-                  conditioning_column: str | None = None) -> tuple[str, list[dict]]:
-    """The metadata file and its rows {sample_id, source, caption, line[, conditioning_source]} in file order.
+                  conditioning_column: str | None = None,
+                  follow_symlinks: bool = False) -> tuple[str, list[dict]]:
+    """The metadata file and its rows {sample_id, source, caption, line, error[, conditioning_source]} in
+    file order.
 
     A column absent from every row is a config mistake (DatasetError naming it and the columns there
-    are); a value absent from some rows is left None for validation to quarantine.
+    are); a value absent from some rows is left None for validation to quarantine, and a row that is
+    not an object, has a value of the wrong JSON type or names a file outside the folder carries its
+    `error` (validation quarantines it without opening anything).
     """
     infos = fs.get_file_info([f"{root}/{name}" for name in METADATA_FILES])
     meta = next((i.path for i in infos if i.type == pafs.FileType.File), None)
@@ -53,18 +91,34 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
     if not records:
         raise DatasetError(f"{meta}: no rows")
     for col in (image_column, caption_column, conditioning_column):
-        if col is not None and not any(col in rec for _, rec in records):
-            have = sorted({str(k) for _, rec in records for k in rec})
+        if col is not None and not any(col in rec for _, rec, _ in records if rec):
+            have = sorted({str(k) for _, rec, _ in records if rec for k in rec})
             raise DatasetError(f"{meta}: missing column {col!r} (has: {', '.join(have)})")
-    rows = []
-    for n, rec in records:
-        caption = rec.get(caption_column)
-        row = {"sample_id": len(rows), "source": str(rec.get(image_column) or ""),
-               "caption": None if caption is None else str(caption), "line": n}
-        if conditioning_column is not None:
-            row["conditioning_source"] = str(rec.get(conditioning_column) or "")
-        rows.append(row)
-    return meta, rows
+    columns = (caption_column, image_column, conditioning_column)
+    name = posixpath.basename(meta)
+    return meta, [_row(fs, root, k, n, rec, error, columns, follow_symlinks, name)
+                  for k, (n, rec, error) in enumerate(records)]
+
+
+def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | None, error: str,
+         columns: tuple[str, str, str | None], follow_symlinks: bool, meta_name: str) -> dict:
+    """One metadata record as a row; a record that cannot be used carries its `error`, and its `source`
+    names the metadata line instead of a file (nothing is opened for it)."""
+    caption_column, image_column, conditioning_column = columns
+    rec = rec or {}
+    caption = rec.get(caption_column)
+    if caption is not None and not isinstance(caption, str):
+        error = error or f"metadata line {n}: {caption_column} is a JSON {type(caption).__name__}, not text"
+    row = {"sample_id": sample_id, "caption": caption if isinstance(caption, str) else None, "line": n}
+    for key, col in (("source", image_column), ("conditioning_source", conditioning_column)):
+        if col is None:
+            continue
+        row[key], why = member(fs, root, rec.get(col), col, follow_symlinks)
+        error = error or (f"metadata line {n}: {why}" if why else "")
+    row["error"] = error
+    if error:
+        row.update({k: "" for k in ("conditioning_source",) if k in row}, source=f"{meta_name}:{n}")
+    return row
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -75,18 +129,24 @@ def has_metadata(fs: pafs.FileSystem, root: str) -> bool:
     return any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES]))
 
 
-def list_images(fs: pafs.FileSystem, root: str, prompt: str) -> list[dict]:
+def list_images(fs: pafs.FileSystem, root: str, prompt: str, follow_symlinks: bool = False) -> list[dict]:
     """Rows for a plain folder of images (no metadata file), every caption `prompt`, in name order."""
     names = [i.base_name for i in storage.list_files(fs, root) if i.base_name.lower().endswith(IMAGE_SUFFIXES)]
     if not names:
         raise DatasetError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) and no metadata.jsonl/csv")
-    return [{"sample_id": n, "source": name, "caption": prompt} for n, name in enumerate(names)]
+    rows = []
+    for n, name in enumerate(names):
+        source, error = member(fs, root, name, "file", follow_symlinks)
+        rows.append({"sample_id": n, "source": source, "caption": prompt, "error": error})
+    return rows
 
 
 def folder_rows(path: str, caption_column: str = "text", image_column: str = "file_name",
                 prompt: str | None = None, id_offset: int = 0,
-                conditioning_column: str | None = None) -> tuple[pafs.FileSystem, str, list[dict]]:
-    """The filesystem, root and rows {sample_id, source, caption[, conditioning_source]} of a folder.
+                conditioning_column: str | None = None,
+                follow_symlinks: bool = False) -> tuple[pafs.FileSystem, str, list[dict]]:
+    """The filesystem, root and rows {sample_id, source, caption, error[, conditioning_source]} of a
+    folder (`error`: why the row cannot be used before reading anything, else "").
 
     With `prompt`, every caption is that prompt and a folder without a metadata file is read as a
     plain list of images (DreamBooth instance/class folders). `id_offset` is added to sample ids, so
@@ -97,9 +157,9 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
     if info.type != pafs.FileType.Directory:
         raise DatasetError(f"{path}: not a directory")
     if prompt is not None and not has_metadata(fs, root):
-        rows = list_images(fs, root, prompt)
+        rows = list_images(fs, root, prompt, follow_symlinks)
     else:
-        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column)
+        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column, follow_symlinks)
         # Missing image files are not an error here: the reader yields no bytes for them and
         # validation quarantines the row.
         rows = [{k: v for k, v in r.items() if k != "line"} for r in rows]
@@ -109,7 +169,7 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
 
 
 def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str, min_images: int,
-                         what: str) -> int:
+                         what: str, follow_symlinks: bool = False) -> int:
     """Decode every image of a small concept folder (DreamBooth instances, Textual Inversion images) on
     the driver, before any Ray work; returns how many there are.
 
@@ -119,13 +179,16 @@ def check_concept_images(path: str, caption_column: str, image_column: str, prom
     from diffray.data.transforms import decode_image
 
     try:
-        fs, root, rows = folder_rows(path, caption_column, image_column, prompt=prompt)
+        fs, root, rows = folder_rows(path, caption_column, image_column, prompt=prompt,
+                                     follow_symlinks=follow_symlinks)
     except DatasetError as exc:
         raise DatasetError(f"{what}: {exc}") from None
     bad = []
     for row in rows:
-        data = storage.read_or_none(fs, f"{root}/{row['source']}")
+        data = None if row["error"] else storage.read_or_none(fs, f"{root}/{row['source']}")
         try:
+            if row["error"]:
+                raise DatasetError(row["error"])
             if data is None:
                 raise DatasetError(f"{row['source']}: image file not found")
             decode_image(data, row["source"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffray.data.validate import Rules, as_bytes, caption_of, check_sample
+from diffray.data.validate import Rules, as_bytes, caption_of, check_row
 
 SIZE_EDGES = (0, 64, 128, 256, 512, 768, 1024, 2048)
 
@@ -24,7 +24,6 @@ def describe_batch(batch: dict, rules: Rules) -> dict:
     """map_batches: per row {sample_id, source, width, height, mode, caption_chars, caption_words, reason}."""
     out: dict[str, list] = {k: [] for k in ("sample_id", "source", "width", "height", "mode", "caption_chars",
                                             "caption_words", "reason")}
-    conds = batch.get("conditioning_image")
     for i, (sid, src, img, cap) in enumerate(zip(batch["sample_id"], batch["source"], batch["image"],
                                                   batch["caption"])):
         w = h = -1
@@ -46,7 +45,7 @@ def describe_batch(batch: dict, rules: Rules) -> dict:
         out["mode"].append(mode)
         out["caption_chars"].append(len(text))
         out["caption_words"].append(len(text.split()))
-        out["reason"].append(check_sample(img, cap, None if conds is None else conds[i], str(src), rules) or "")
+        out["reason"].append(check_row(batch, i, rules) or "")
     return {k: np.array(v, dtype=object if k in ("source", "mode", "reason") else np.int64) for k, v in out.items()}
 
 

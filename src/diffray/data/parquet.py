@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from diffray import storage
+from diffray.data.folder import member
 from diffray.data.raydata import raise_original_errors
 from diffray.errors import DatasetError
 
@@ -86,25 +87,29 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
     return items
 
 
-def image_bytes(fs: pafs.FileSystem, value, folder: str) -> bytes | None:
-    """Bytes of one image cell: raw bytes, an HF Image struct {bytes, path}, or a path string."""
+def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
+                follow_symlinks: bool = False) -> tuple[bytes | None, str]:
+    """(bytes, "") of one image cell: raw bytes, an HF Image struct {bytes, path}, or a path string; a
+    path must name a file inside the Parquet file's folder (else (None, why), the file never opened)."""
     if value is None:
-        return None
+        return None, ""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return value["bytes"]
+            return value["bytes"], ""
         value = value.get("path")
         if not value:
-            return None
+            return None, ""
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    path = str(value)
-    return storage.read_or_none(fs, path if path.startswith("/") or storage.is_uri(path) else f"{folder}/{path}")
+        return bytes(value), ""
+    name, error = member(fs, folder, str(value), column, follow_symlinks)
+    return (None, error) if error else (storage.read_or_none(fs, f"{folder}/{name}"), "")
 
 
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
-                      conditioning_column: str | None = None, id_offset: int = 0) -> tuple[ray.data.Dataset, int]:
-    """Rows {sample_id, source ("file#row"), caption, image bytes|None[, conditioning_image]}, and how many.
+                      conditioning_column: str | None = None, id_offset: int = 0,
+                      follow_symlinks: bool = False) -> tuple[ray.data.Dataset, int]:
+    """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image]}, and
+    how many. `error` says why a row cannot be used before decoding (an image path outside the folder).
 
     Raises:
         DatasetError: no Parquet files, an unreadable footer, or a missing column (named with the
@@ -114,7 +119,7 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
     items = row_groups(fs, files, caption_column, image_column, conditioning_column)
 
     def read_group(batch: dict) -> dict:
-        out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": []}
+        out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": [], "error": []}
         if conditioning_column is not None:
             out["conditioning_image"] = []
         for file, g, first_id, first_row, image, caption, cond in zip(
@@ -129,9 +134,13 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
                 out["sample_id"].append(int(first_id) + i + id_offset)
                 out["source"].append(f"{file}#{int(first_row) + i}")
                 out["caption"].append(None if captions[i] is None else str(captions[i]))
-                out["image"].append(image_bytes(fs, images[i], folder))
+                img, error = image_bytes(fs, images[i], folder, image, follow_symlinks)
+                out["image"].append(img)
                 if conds is not None:
-                    out["conditioning_image"].append(image_bytes(fs, conds[i], folder))
+                    cimg, cerror = image_bytes(fs, conds[i], folder, cond, follow_symlinks)
+                    out["conditioning_image"].append(cimg)
+                    error = error or cerror
+                out["error"].append(error)
         return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
                 **{k: np.array(v, dtype=object) for k, v in out.items()}}
 

@@ -22,7 +22,7 @@ import ray.data
 from diffray.data.imagefolder import read_imagefolder
 from diffray.data.raydata import raise_original_errors
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
-from diffray.data.validate import Rules, caption_of, check_sample
+from diffray.data.validate import Rules, caption_of, check_row
 from diffray.errors import DatasetError
 
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -48,25 +48,25 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
         from diffray.data.parquet import read_parquet_rows
 
         image_column = "image" if data.image_column == "file_name" else data.image_column
-        ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset)
+        ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
+                                      data.follow_symlinks)
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
         return ds, total
     from diffray.data.folder import folder_rows
 
-    _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column)
+    _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column,
+                             data.follow_symlinks)
     return read_imagefolder(path, data.caption_column, data.image_column, prompt, id_offset,
-                            data.conditioning_column), len(rows)
+                            data.conditioning_column, data.follow_symlinks), len(rows)
 
 
 def check_batch(batch: dict, rules: Rules) -> dict:
     """map_batches: only the bad rows of a batch, as {sample_id, source, reason}."""
     bad = {"sample_id": [], "source": [], "reason": []}
-    conds = batch.get("conditioning_image")
-    for i, (sid, src, img, cap) in enumerate(zip(batch["sample_id"], batch["source"], batch["image"],
-                                                  batch["caption"])):
-        reason = check_sample(img, cap, None if conds is None else conds[i], str(src), rules)
+    for i, (sid, src) in enumerate(zip(batch["sample_id"], batch["source"])):
+        reason = check_row(batch, i, rules)
         if reason is not None:
             bad["sample_id"].append(int(sid))
             bad["source"].append(str(src))

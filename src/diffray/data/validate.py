@@ -38,6 +38,17 @@ def as_bytes(value) -> bytes | None:
     return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
 
+def check_row(batch: dict, i: int, rules: Rules) -> str | None:
+    """`check_sample` for row `i` of a raw batch; a reader's own verdict (`error`: a file outside the
+    folder, a wrong JSON type) comes first, since such a row was never read."""
+    error = batch["error"][i] if "error" in batch else ""
+    if error:
+        return str(error)
+    conds = batch.get("conditioning_image")
+    return check_sample(batch["image"][i], batch["caption"][i], None if conds is None else conds[i],
+                        str(batch["source"][i]), rules)
+
+
 def check_sample(image: bytes | None, caption, conditioning: bytes | None, source: str, rules: Rules) -> str | None:
     """None when the row is usable, else why not (one line, no file name: the report has the source)."""
     image, conditioning = as_bytes(image), as_bytes(conditioning)

@@ -76,7 +76,8 @@ def preflight(cfg: DreamBoothTrainConfig, model_path: str) -> None:
     from diffray.data.folder import check_concept_images
 
     check_concept_images(resolve_data_path(cfg.data.path), cfg.data.caption_column, cfg.data.image_column,
-                         cfg.dreambooth.instance_prompt, cfg.train.micro_batch_size, "instance images")
+                         cfg.dreambooth.instance_prompt, cfg.train.micro_batch_size, "instance images",
+                         cfg.data.follow_symlinks)
 
 
 def dataset_sources(cfg: DreamBoothTrainConfig, model_path: str) -> dict[str, DataSource]:

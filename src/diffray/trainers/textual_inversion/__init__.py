@@ -58,7 +58,8 @@ def preflight(cfg: TextualInversionTrainConfig, model_path: str) -> None:
     ti = cfg.textual_inversion
     check_tokens(load_tokenizer(model_path), ti.placeholder_token, ti.initializer_token, ti.num_vectors)
     check_concept_images(resolve_data_path(cfg.data.path), cfg.data.caption_column, cfg.data.image_column,
-                         ti.placeholder_token, cfg.train.micro_batch_size, "data.path: concept images")
+                         ti.placeholder_token, cfg.train.micro_batch_size, "data.path: concept images",
+                         cfg.data.follow_symlinks)
 
 
 def dataset_sources(cfg: TextualInversionTrainConfig, model_path: str) -> dict[str, DataSource]:

@@ -1,0 +1,211 @@
+"""Hostile dataset rows and config files: files outside the dataset folder are never opened, rows of the
+wrong JSON shape are quarantined one by one, YAML is bounded. Properties by Hypothesis."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diffray import yaml_io
+from diffray.config import apply_overrides, read_yaml
+from diffray.data.folder import folder_rows, member, parse_metadata
+from diffray.data.parquet import image_bytes
+from diffray.errors import ConfigError
+
+PNG = b"\x89PNG\r\n\x1a\n not really"
+
+
+@pytest.fixture()
+def hostile_folder(tmp_path):
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(PNG)
+    (root / "ok.png").write_bytes(PNG)
+    (root / "sub" / "inner.png").write_bytes(PNG)
+    os.symlink(outside, root / "link_out.png")
+    os.symlink(root / "ok.png", root / "link_in.png")
+    lines = [
+        {"file_name": "ok.png", "text": "fine"},
+        {"file_name": "sub/../sub/inner.png", "text": "fine too"},
+        {"file_name": "../secret.png", "text": "climbs out"},
+        {"file_name": str(outside), "text": "absolute"},
+        {"file_name": "link_out.png", "text": "a link out"},
+        {"file_name": "link_in.png", "text": "a link that stays inside"},
+        {"file_name": "s3://bucket/x.png", "text": "a URI"},
+        {"file_name": ["ok.png"], "text": "a list"},
+        {"file_name": "ok.png", "text": 7},
+        {"file_name": "ok.png", "text": None},
+    ]
+    text = "\n".join(json.dumps(x) for x in lines) + '\n[1, 2]\n"just a string"\n{not json\n'
+    (root / "metadata.jsonl").write_text(text)
+    return root
+
+
+def test_rows_outside_the_folder_or_of_the_wrong_shape_carry_their_reason(hostile_folder):
+    _, _, rows = folder_rows(str(hostile_folder))
+    assert len(rows) == 13
+    ok = [r for r in rows if not r["error"]]
+    assert [r["source"] for r in ok] == ["ok.png", "sub/inner.png", "link_in.png", "ok.png"]
+    assert ok[-1]["caption"] is None  # a null caption is validation's "empty caption", not a crash
+    errors = [r["error"] for r in rows if r["error"]]
+    for want in ("'../secret.png' is not a file inside", f"'{hostile_folder.parent / 'secret.png'}' is not a file inside",
+                 "'link_out.png' is a link to a file outside the dataset folder (data.follow_symlinks",
+                 "'s3://bucket/x.png' is not a file inside", "file_name is a JSON list, not a file name",
+                 "line 9: text is a JSON int, not text", "line 11: a JSON list, not an object",
+                 "line 12: a JSON str, not an object", "line 13: invalid JSON"):
+        assert sum(want in e for e in errors) == 1, (want, errors)
+    assert [r["source"] for r in rows if r["error"]] == [f"metadata.jsonl:{n}" for n in (3, 4, 5, 7, 8, 9, 11, 12, 13)]
+    assert all(isinstance(r["caption"], (str, type(None))) and isinstance(r["error"], str) for r in rows)
+
+
+def test_follow_symlinks_allows_links_but_never_dotdot(hostile_folder):
+    _, _, rows = folder_rows(str(hostile_folder), follow_symlinks=True)
+    by_source = {r["source"] for r in rows if not r["error"]}
+    assert "link_out.png" in by_source
+    assert sum("'../secret.png' is not a file inside" in r["error"] for r in rows) == 1
+
+
+def test_concept_folder_without_metadata_refuses_a_link_out(tmp_path):
+    from diffray.data.folder import check_concept_images
+    from diffray.errors import DatasetError
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "x.png").write_bytes(PNG)
+    os.symlink(tmp_path / "x.png", tmp_path / "c" / "a.png")
+    with pytest.raises(DatasetError, match="link to a file outside the dataset folder"):
+        check_concept_images(str(tmp_path / "c"), "text", "file_name", "a photo", 1, "instance images")
+
+
+def test_parquet_image_paths_stay_in_the_files_folder(tmp_path):
+    fs = pafs.LocalFileSystem()
+    (tmp_path / "img.png").write_bytes(PNG)
+    (tmp_path.parent / "out.png").write_bytes(PNG)
+    assert image_bytes(fs, {"bytes": None, "path": "img.png"}, str(tmp_path), "image") == (PNG, "")
+    for hostile in ("../out.png", str(tmp_path.parent / "out.png"), "file:///etc/hostname"):
+        data, why = image_bytes(fs, {"bytes": None, "path": hostile}, str(tmp_path), "image")
+        assert data is None and "is not a file inside the dataset folder" in why
+    assert image_bytes(fs, b"raw", str(tmp_path), "image") == (b"raw", "")
+
+
+@given(st.text(alphabet=string.ascii_letters + "./\\:~" + string.digits, max_size=40))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_member_never_names_a_file_outside(tmp_path_factory, name):
+    root = str(tmp_path_factory.getbasetemp() / "root")
+    norm, why = member(pafs.LocalFileSystem(), root, name, "file_name")
+    assert bool(norm) != bool(why)
+    if norm:
+        full = os.path.normpath(os.path.join(root, norm))
+        assert os.path.commonpath([root, full]) == root and full != root
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3),
+                    max_leaves=10)
+
+
+@given(st.lists(JSON | st.fixed_dictionaries({"file_name": JSON, "text": JSON}), min_size=1, max_size=8))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_jsonl_gives_one_row_per_line_with_source_or_reason(tmp_path_factory, values):
+    root = tmp_path_factory.mktemp("rows")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(v) + "\n" for v in values))
+    if not any(isinstance(v, dict) and "file_name" in v for v in values):
+        return  # a column absent from every row is a config error (tested elsewhere)
+    if not any(isinstance(v, dict) and "text" in v for v in values):
+        return
+    _, _, rows = folder_rows(str(root))
+    assert len(rows) == len([v for v in values if json.dumps(v).strip()])
+    for row in rows:
+        assert isinstance(row["error"], str) and isinstance(row["source"], str)
+        assert row["caption"] is None or isinstance(row["caption"], str)
+        assert not row["error"] or row["source"].startswith("metadata.jsonl:")
+
+
+def test_parse_metadata_keeps_line_numbers():
+    got = parse_metadata("metadata.jsonl", '{"a": 1}\n\n[]\n')
+    assert got == [(1, {"a": 1}, ""), (3, None, "metadata line 3: a JSON list, not an object")]
+
+
+# ------------------------------------------------------------------------------------------------ YAML
+
+BOMB = "".join(f"{k}: &{k} [{', '.join([f'*{p}'] * 9)}]\n" for p, k in zip("abcdefgh", "bcdefghi"))
+BOMB = 'a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n' + BOMB
+
+
+@pytest.mark.parametrize("text, limit", [
+    (BOMB, "more than 100000 values once aliases are expanded"),
+    ("x: " + "[" * 2000 + "]" * 2000, "nested deeper than 32 levels"),
+    ("a: &a [1]\n" + "".join(f"b{i}: &b{i} [*{'a' if i == 0 else f'b{i - 1}'}]\n" for i in range(40)),
+     "nested deeper than 32 levels once aliases are expanded"),
+    ("a: &a 1\nb: [" + ", ".join(["*a"] * 101) + "]\n", "more than 100 aliases"),
+    ("a: '" + "x" * (yaml_io.MAX_BYTES + 1) + "'\n", "bytes; the limit"),
+])
+def test_yaml_limits_are_one_config_error_naming_the_file(tmp_path, text, limit):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        read_yaml(path)
+    assert str(err.value).startswith(f"{path}: ") and limit in str(err.value) and "\n" not in str(err.value)
+
+
+def test_yaml_bomb_in_an_override_is_refused():
+    with pytest.raises(ConfigError, match=r"^lora.rank: override lora.rank: more than 100 aliases"):
+        apply_overrides({}, ["lora.rank=[&a 1, " + ", ".join(["*a"] * 101) + "]"])
+
+
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"run: {name: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        read_yaml(path)
+
+
+CONFIG = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                      lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                      max_leaves=25)
+
+
+@given(CONFIG)
+@settings(max_examples=300)
+def test_bounded_loader_reads_what_safe_dump_writes(value):
+    assert yaml_io.load(yaml.safe_dump(value)) == yaml.safe_load(yaml.safe_dump(value))
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=500)
+def test_bounded_loader_raises_only_yaml_errors(text):
+    try:
+        yaml_io.load(text)
+    except (yaml.YAMLError, yaml_io.YamlLimitError):
+        pass
+
+
+KEY = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}(\.[A-Za-z_][A-Za-z0-9_]{0,6}){0,3}", fullmatch=True)
+SCALAR = st.integers(-10**6, 10**6) | st.booleans() | st.text(alphabet=string.ascii_letters + " _-", max_size=12)
+
+
+@given(KEY, SCALAR)
+@settings(max_examples=300)
+def test_an_override_sets_exactly_its_key(key, value):
+    out = apply_overrides({}, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"])
+    node = out
+    for part in key.split("."):
+        node = node[part]
+    assert node == (value if not isinstance(value, str) or value.strip() else "") or node == yaml.safe_load(
+        yaml.safe_dump(value))
+
+
+@given(st.text(max_size=60))
+@settings(max_examples=500)
+def test_any_override_text_is_applied_or_one_config_error(item):
+    try:
+        apply_overrides({"a": {"b": 1}}, [item])
+    except ConfigError as exc:
+        assert "\n" not in str(exc)[:200] or "=" not in item
