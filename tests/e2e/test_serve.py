@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serve_helpers import KEY, Server, b64_png, control_disc, free_port, lower, png_array
+from testkit.procs import interrupt_group
 
 pytestmark = [pytest.mark.e2e]
 

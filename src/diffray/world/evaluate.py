@@ -45,7 +45,7 @@ class Renderer:
         if controlnet:
             from diffusers import StableDiffusionControlNetPipeline
 
-            from diffray.trainers.controlnet import load_controlnet
+            from diffray.models.loading import load_controlnet
 
             self.control_pipe = StableDiffusionControlNetPipeline.from_pipe(
                 self.pipe, controlnet=load_controlnet(controlnet).to(device))
