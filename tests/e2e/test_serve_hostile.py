@@ -429,18 +429,10 @@ def fuzz(schema, method: str, path: str, examples: int) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.parametrize("examples", [50, pytest.param(1000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method,path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
-def test_schemathesis_50_examples_per_operation(openapi_schema, method, path):
-    counts = fuzz(openapi_schema, method, path, 50)
+def test_schemathesis_examples_per_operation(openapi_schema, method, path, examples):
+    counts = fuzz(openapi_schema, method, path, examples)
     print(f"schemathesis {method} {path}: {counts}")
     if method == "POST":
-        assert counts == {"positive": 50, "negative": 50}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method,path", OPERATIONS, ids=[f"{m} {p}" for m, p in OPERATIONS])
-def test_schemathesis_1000_examples_per_operation(openapi_schema, method, path):
-    counts = fuzz(openapi_schema, method, path, 1000)
-    print(f"schemathesis {method} {path}: {counts}")
-    if method == "POST":
-        assert counts == {"positive": 1000, "negative": 1000}
+        assert counts == {"positive": examples, "negative": examples}
