@@ -26,7 +26,10 @@ def connect_ray() -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one.
 
     Workers' output stays in Ray's log files unless verbose (`log_to_driver`). A local cluster keeps
-    Ray's defaults for token auth and binds nothing beyond localhost. Its dashboard (127.0.0.1 only) is on
+    Ray's token auth on. Its own listeners are loopback only; Ray's core processes (GCS, raylet, workers,
+    agents) bind the wildcard address in Ray 2.60 whatever `_node_ip_address` says (Ray resolves
+    127.0.0.1 to the node's address), so the token is what guards them (tests/integration/
+    test_cluster_ports.py lists them). Its dashboard (127.0.0.1 only) is on
     because Ray Train's placement-group cleaner asks the state API whether a controller has died: without
     it a trial that Tune stops leaks its workers' placement group.
     """
