@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the two variants")
     ap.add_argument("--samples", type=int, default=32, help="trajectories per epoch (ddpo.samples_per_epoch)")
     ap.add_argument("--batch", type=int, default=8, help="trajectories per sampling batch / reward call")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddpo_overlap.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -89,7 +90,7 @@ def main() -> None:
         print(f"{v:<13}{row['median_epoch_s']:>11.3f}{row['median_sample_s']:>19.3f}"
               f"{row['median_reward_wait_s']:>17.3f}{row['median_train_s']:>10.3f}{row['epochs_measured']:>8}")
     print(f"epoch time ratio async/inline = {ratio:.3f}")
-    out = REPO / "benchmarks" / "results" / "ddpo_overlap.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "results": results, "ratio_async_over_inline": ratio,
                                "torch": torch.__version__, "ray": ray.__version__}, indent=2))

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cpus-per-worker", type=int, default=2)
     ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latent_cache.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -77,7 +78,7 @@ def main() -> None:
     for k, v in samples.items():
         print(f"{k:<10}{med[k]:>18.2f}{len(v):>7}")
     print(f"cached / uncached samples/s: {ratio:.3f}  (cache build for {args.num_images} images: {prepare_s:.1f}s)")
-    out = REPO / "benchmarks" / "results" / "latent_cache.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "median_samples_per_s": med, "ratio_cached_vs_uncached": ratio,
                                "cache_build_s": prepare_s, "steps_measured": {k: len(v) for k, v in samples.items()},

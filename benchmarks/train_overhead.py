@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three variants")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="micro-batch sizes to measure")
     ap.add_argument("--num-images", type=int, default=512, help="sample-set size (epoch length)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_overhead.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -104,7 +105,7 @@ def main() -> None:
         for k, row in rows.items():
             print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}{row['overhead_ms']:>15.2f}"
                   f"{row['ratio_vs_plain']:>16.3f}{row['steps_measured']:>7}")
-    out = REPO / "benchmarks" / "results" / "train_overhead.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "results": results,
                                "torch": torch.__version__, "ray": ray.__version__}, indent=2))

@@ -1,0 +1,33 @@
+"""Every benchmark script runs end to end at a toy size (slow suite), so `make bench` cannot rot. The
+figures are not asserted here: speed is measured in `make bench` and recorded in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+TOY = {
+    "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
+    "latent_cache": ["--num-images", "8", "--batch", "4", "--steps", "3", "--warmup", "1", "--rounds", "1"],
+    "ddpo_overlap": ["--epochs", "1", "--rounds", "1", "--samples", "4", "--batch", "2"],
+    "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4"],
+    "tune_asha": ["--steps", "4", "--validate-every", "2", "--grace", "2"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOY))
+def test_benchmark_runs_at_toy_size(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TOY[name], "--out", str(out)],
+                          cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()), "the script wrote its results"
