@@ -27,7 +27,8 @@ def run(config: Path, storage: str, name: str, args, scheduler: str):
         f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={args.steps}",
         f"train.validate_every={args.validate_every}", f"train.log_every={args.validate_every}",
         f"train.checkpoint_every={args.steps}", f"tune.scheduler.name={scheduler}",
-        f"tune.scheduler.grace_period={args.grace}", f"tune.scheduler.reduction_factor={args.reduction_factor}"])
+        f"tune.scheduler.grace_period={args.grace}", f"tune.scheduler.reduction_factor={args.reduction_factor}",
+        *args.set])
     t0 = time.perf_counter()
     outcome = run_tune(job)
     wall = time.perf_counter() - t0
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--validate-every", type=int, default=5)
     ap.add_argument("--grace", type=int, default=5, help="ASHA grace period (steps)")
     ap.add_argument("--reduction-factor", type=float, default=4)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more overrides of the Tune job, e.g. 'tune.space={lora.rank: {grid: [4, 8]}}'")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tune_asha.json")
     args = ap.parse_args()
 

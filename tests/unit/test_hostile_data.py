@@ -209,3 +209,15 @@ def test_any_override_text_is_applied_or_one_config_error(item):
         apply_overrides({"a": {"b": 1}}, [item])
     except ConfigError as exc:
         assert "\n" not in str(exc)[:200] or "=" not in item
+
+
+@given(st.binary(max_size=2048) | st.none(), st.none() | st.text(max_size=20) | st.integers() | st.binary(max_size=8))
+@settings(max_examples=400)
+def test_the_row_validator_answers_a_reason_or_none_for_any_cell(image, caption):
+    from diffray.data.validate import Rules, check_row
+
+    batch = {"image": [image], "caption": [caption], "source": ["x.png"], "error": [""]}
+    reason = check_row(batch, 0, Rules())
+    assert reason is None or (isinstance(reason, str) and reason and "\n" not in reason)
+    if image is None or not image.startswith(b"\x89PNG"):
+        assert reason is not None  # nothing but a decodable image is usable
