@@ -60,7 +60,7 @@ def epochs_of(run_dir: str, skip: int) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=6, help="per run; the first is warm-up and not measured (>= 2)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the two variants")
     ap.add_argument("--samples", type=int, default=32, help="trajectories per epoch (ddpo.samples_per_epoch)")
     ap.add_argument("--batch", type=int, default=8, help="trajectories per sampling batch / reward call")
