@@ -66,6 +66,9 @@ class DataSection(Section):
     follow_symlinks: bool = Field(False, description="Read image files that are links to outside the dataset "
                                   "folder (local disks). Off: such rows are quarantined without being opened; "
                                   "paths that climb out with '..' or are absolute are refused either way.")
+    image_roots: tuple[str, ...] = Field((), description="Folders (absolute) or URI prefixes that "
+                                   "image paths may name besides the dataset's own folder, e.g. where an HF "
+                                   "`datasets` Parquet file's absolute image paths point. Others are quarantined.")
     min_image_size: int = Field(32, ge=1, description="Rows whose shorter image side is smaller are quarantined.")
     max_image_pixels: int = Field(89_478_485, ge=1, description="Decompression-bomb limit: larger images "
                                   "(width x height, read from the header) are quarantined undecoded.")

@@ -97,7 +97,12 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
                                      "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
     hf.to_parquet(str(tmp_path / "hf.parquet"))
     assert pq.read_schema(tmp_path / "hf.parquet").field("image").type.num_fields == 2
-    got = sorted_batch(prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, cfg.data, 3)[0])
+    # Its absolute image paths are outside the Parquet file's folder: refused unless data.image_roots names them.
+    with pytest.raises(DatasetError, match=r"10 of 10 rows are bad .* is not a file inside the dataset folder "
+                                           r"\(data\.image_roots lists"):
+        prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, cfg.data, 3)
+    hf_data = cfg.data.model_copy(update={"image_roots": (str(root),)})
+    got = sorted_batch(prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, hf_data, 3)[0])
     for key in ("sample_id", "pixel_values", "input_ids"):
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from diffray import yaml_io
 from diffray.config import apply_overrides, read_yaml
-from diffray.data.folder import folder_rows, member, parse_metadata
+from diffray.data.folder import PathRules, folder_rows, member, parse_metadata
 from diffray.data.parquet import image_bytes
 from diffray.errors import ConfigError
 
@@ -67,7 +67,7 @@ def test_rows_outside_the_folder_or_of_the_wrong_shape_carry_their_reason(hostil
 
 
 def test_follow_symlinks_allows_links_but_never_dotdot(hostile_folder):
-    _, _, rows = folder_rows(str(hostile_folder), follow_symlinks=True)
+    _, _, rows = folder_rows(str(hostile_folder), paths=PathRules(follow_symlinks=True))
     by_source = {r["source"] for r in rows if not r["error"]}
     assert "link_out.png" in by_source
     assert sum("'../secret.png' is not a file inside" in r["error"] for r in rows) == 1
@@ -93,6 +93,12 @@ def test_parquet_image_paths_stay_in_the_files_folder(tmp_path):
         data, why = image_bytes(fs, {"bytes": None, "path": hostile}, str(tmp_path), "image")
         assert data is None and "is not a file inside the dataset folder" in why
     assert image_bytes(fs, b"raw", str(tmp_path), "image") == (b"raw", "")
+    # HF `datasets` writes absolute paths: allowed inside data.image_roots, and only there.
+    roots = PathRules(roots=(str(tmp_path.parent),))
+    assert image_bytes(fs, {"bytes": None, "path": str(tmp_path.parent / "out.png")}, str(tmp_path), "image",
+                       roots) == (PNG, "")
+    for hostile in (str(tmp_path.parent / ".." / "out.png"), "/etc/hostname", str(tmp_path.parent) + "x/a.png"):
+        assert image_bytes(fs, {"bytes": None, "path": hostile}, str(tmp_path), "image", roots)[0] is None
 
 
 @given(st.text(alphabet=string.ascii_letters + "./\\:~" + string.digits, max_size=40))

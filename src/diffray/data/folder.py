@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
@@ -47,32 +48,71 @@ def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
     return records
 
 
-def member(fs: pafs.FileSystem, root: str, name, column: str, follow_symlinks: bool = False) -> tuple[str, str]:
-    """(`name` normalised, "") when it names a file inside the dataset folder `root`, else ("", why not).
+@dataclass(frozen=True)
+class PathRules:
+    """Where the file names of a dataset may point: inside its own folder, or inside one of `roots`
+    (`data.image_roots`: absolute folders or URI prefixes, e.g. where an HF `datasets` Parquet file's
+    absolute image paths live); `follow_symlinks` (`data.follow_symlinks`) lets local links leave them."""
 
-    Never opens the file. Absolute paths, URIs and `..` that climb out of the folder are refused; on a
-    local disk so is a symlink that resolves outside it, unless `follow_symlinks` (`data.follow_symlinks`).
+    follow_symlinks: bool = False
+    roots: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, data) -> PathRules:
+        return cls(data.follow_symlinks, tuple(data.image_roots))
+
+
+LOCAL_ONLY = PathRules()
+
+
+def member(fs: pafs.FileSystem, root: str, name, column: str, paths: PathRules = LOCAL_ONLY) -> tuple[str, str]:
+    """(the path to open, "") when `name` names a file inside the dataset folder `root` (the path is then
+    relative to it) or inside one of `paths.roots` (the path is then absolute), else ("", why not).
+
+    Never opens the file. `..` that climbs out, absolute paths and URIs outside the allowed folders are
+    refused; on a local disk so is a symlink that resolves outside them, unless `paths.follow_symlinks`.
     """
     if name is None:
         return "", ""  # no file: validation reports "image file not found"
     if not isinstance(name, str):
         return "", f"{column} is a JSON {type(name).__name__}, not a file name"
+    outside = f"{column} {name[:200]!r} is not a file inside the dataset folder"
+    if storage.is_uri(name) or name.startswith("/"):
+        base = next((r for r in paths.roots if _under(name, r)), None)
+        if base is None:
+            return "", outside + " (data.image_roots lists other folders image paths may name)"
+        return _link_check(fs, base, name, name, column, paths)
     norm = posixpath.normpath(name.replace("\\", "/"))
-    if (not name or norm.startswith("/") or norm == ".." or norm.startswith("../") or storage.is_uri(name)
-            or norm == "."):
-        return "", f"{column} {name[:200]!r} is not a file inside the dataset folder"
-    if isinstance(fs, pafs.LocalFileSystem) and not follow_symlinks:
-        real_root = os.path.realpath(root)
-        real = os.path.realpath(os.path.join(real_root, norm))
-        if os.path.commonpath([real_root, real]) != real_root:
+    if not name or norm in (".", "..") or norm.startswith("../") or norm.startswith("/"):
+        return "", outside
+    return _link_check(fs, root, posixpath.join(root, norm), norm, column, paths)
+
+
+def _under(path: str, base: str) -> bool:
+    if storage.is_uri(path) or storage.is_uri(base):
+        return path.startswith(base.rstrip("/") + "/") and "/../" not in path
+    norm = posixpath.normpath(path)
+    return norm.startswith(posixpath.normpath(base).rstrip("/") + "/")
+
+
+def _link_check(fs: pafs.FileSystem, base: str, full: str, name: str, column: str,
+                paths: PathRules) -> tuple[str, str]:
+    if isinstance(fs, pafs.LocalFileSystem) and not paths.follow_symlinks and not storage.is_uri(full):
+        real_base = os.path.realpath(base)
+        if os.path.commonpath([real_base, os.path.realpath(full)]) != real_base:
             return "", (f"{column} {name[:200]!r} is a link to a file outside the dataset folder "
                         "(data.follow_symlinks: true allows links)")
-    return norm, ""
+    return (posixpath.normpath(full) if name.startswith("/") else name), ""
+
+
+def open_path(root: str, source: str) -> str:
+    """The path to open for a `member` result: absolute ones (allowed roots) as they are."""
+    return source if source.startswith("/") or storage.is_uri(source) else f"{root}/{source}"
 
 
 def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str,
                   conditioning_column: str | None = None,
-                  follow_symlinks: bool = False) -> tuple[str, list[dict]]:
+                  paths: PathRules = LOCAL_ONLY) -> tuple[str, list[dict]]:
     """The metadata file and its rows {sample_id, source, caption, line, error[, conditioning_source]} in
     file order.
 
@@ -96,12 +136,12 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
             raise DatasetError(f"{meta}: missing column {col!r} (has: {', '.join(have)})")
     columns = (caption_column, image_column, conditioning_column)
     name = posixpath.basename(meta)
-    return meta, [_row(fs, root, k, n, rec, error, columns, follow_symlinks, name)
+    return meta, [_row(fs, root, k, n, rec, error, columns, paths, name)
                   for k, (n, rec, error) in enumerate(records)]
 
 
 def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | None, error: str,
-         columns: tuple[str, str, str | None], follow_symlinks: bool, meta_name: str) -> dict:
+         columns: tuple[str, str, str | None], paths: PathRules, meta_name: str) -> dict:
     """One metadata record as a row; a record that cannot be used carries its `error`, and its `source`
     names the metadata line instead of a file (nothing is opened for it)."""
     caption_column, image_column, conditioning_column = columns
@@ -113,7 +153,7 @@ def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | Non
     for key, col in (("source", image_column), ("conditioning_source", conditioning_column)):
         if col is None:
             continue
-        row[key], why = member(fs, root, rec.get(col), col, follow_symlinks)
+        row[key], why = member(fs, root, rec.get(col), col, paths)
         error = error or (f"metadata line {n}: {why}" if why else "")
     row["error"] = error
     if error:
@@ -129,14 +169,14 @@ def has_metadata(fs: pafs.FileSystem, root: str) -> bool:
     return any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES]))
 
 
-def list_images(fs: pafs.FileSystem, root: str, prompt: str, follow_symlinks: bool = False) -> list[dict]:
+def list_images(fs: pafs.FileSystem, root: str, prompt: str, paths: PathRules = LOCAL_ONLY) -> list[dict]:
     """Rows for a plain folder of images (no metadata file), every caption `prompt`, in name order."""
     names = [i.base_name for i in storage.list_files(fs, root) if i.base_name.lower().endswith(IMAGE_SUFFIXES)]
     if not names:
         raise DatasetError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) and no metadata.jsonl/csv")
     rows = []
     for n, name in enumerate(names):
-        source, error = member(fs, root, name, "file", follow_symlinks)
+        source, error = member(fs, root, name, "file", paths)
         rows.append({"sample_id": n, "source": source, "caption": prompt, "error": error})
     return rows
 
@@ -144,7 +184,7 @@ def list_images(fs: pafs.FileSystem, root: str, prompt: str, follow_symlinks: bo
 def folder_rows(path: str, caption_column: str = "text", image_column: str = "file_name",
                 prompt: str | None = None, id_offset: int = 0,
                 conditioning_column: str | None = None,
-                follow_symlinks: bool = False) -> tuple[pafs.FileSystem, str, list[dict]]:
+                paths: PathRules = LOCAL_ONLY) -> tuple[pafs.FileSystem, str, list[dict]]:
     """The filesystem, root and rows {sample_id, source, caption, error[, conditioning_source]} of a
     folder (`error`: why the row cannot be used before reading anything, else "").
 
@@ -157,9 +197,9 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
     if info.type != pafs.FileType.Directory:
         raise DatasetError(f"{path}: not a directory")
     if prompt is not None and not has_metadata(fs, root):
-        rows = list_images(fs, root, prompt, follow_symlinks)
+        rows = list_images(fs, root, prompt, paths)
     else:
-        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column, follow_symlinks)
+        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column, paths)
         # Missing image files are not an error here: the reader yields no bytes for them and
         # validation quarantines the row.
         rows = [{k: v for k, v in r.items() if k != "line"} for r in rows]
@@ -169,7 +209,7 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
 
 
 def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str, min_images: int,
-                         what: str, follow_symlinks: bool = False) -> int:
+                         what: str, paths: PathRules = LOCAL_ONLY) -> int:
     """Decode every image of a small concept folder (DreamBooth instances, Textual Inversion images) on
     the driver, before any Ray work; returns how many there are.
 
@@ -180,12 +220,12 @@ def check_concept_images(path: str, caption_column: str, image_column: str, prom
 
     try:
         fs, root, rows = folder_rows(path, caption_column, image_column, prompt=prompt,
-                                     follow_symlinks=follow_symlinks)
+                                     paths=paths)
     except DatasetError as exc:
         raise DatasetError(f"{what}: {exc}") from None
     bad = []
     for row in rows:
-        data = None if row["error"] else storage.read_or_none(fs, f"{root}/{row['source']}")
+        data = None if row["error"] else storage.read_or_none(fs, open_path(root, row["source"]))
         try:
             if row["error"]:
                 raise DatasetError(row["error"])

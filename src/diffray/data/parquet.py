@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from diffray import storage
-from diffray.data.folder import member
+from diffray.data.folder import LOCAL_ONLY, PathRules, member, open_path
 from diffray.data.raydata import raise_original_errors
 from diffray.errors import DatasetError
 
@@ -88,7 +88,7 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
 
 
 def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
-                follow_symlinks: bool = False) -> tuple[bytes | None, str]:
+                paths: PathRules = LOCAL_ONLY) -> tuple[bytes | None, str]:
     """(bytes, "") of one image cell: raw bytes, an HF Image struct {bytes, path}, or a path string; a
     path must name a file inside the Parquet file's folder (else (None, why), the file never opened)."""
     if value is None:
@@ -101,13 +101,13 @@ def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
             return None, ""
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), ""
-    name, error = member(fs, folder, str(value), column, follow_symlinks)
-    return (None, error) if error else (storage.read_or_none(fs, f"{folder}/{name}"), "")
+    name, error = member(fs, folder, str(value), column, paths)
+    return (None, error) if error else (storage.read_or_none(fs, open_path(folder, name)), "")
 
 
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
                       conditioning_column: str | None = None, id_offset: int = 0,
-                      follow_symlinks: bool = False) -> tuple[ray.data.Dataset, int]:
+                      paths: PathRules = LOCAL_ONLY) -> tuple[ray.data.Dataset, int]:
     """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image]}, and
     how many. `error` says why a row cannot be used before decoding (an image path outside the folder).
 
@@ -134,10 +134,10 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
                 out["sample_id"].append(int(first_id) + i + id_offset)
                 out["source"].append(f"{file}#{int(first_row) + i}")
                 out["caption"].append(None if captions[i] is None else str(captions[i]))
-                img, error = image_bytes(fs, images[i], folder, image, follow_symlinks)
+                img, error = image_bytes(fs, images[i], folder, image, paths)
                 out["image"].append(img)
                 if conds is not None:
-                    cimg, cerror = image_bytes(fs, conds[i], folder, cond, follow_symlinks)
+                    cimg, cerror = image_bytes(fs, conds[i], folder, cond, paths)
                     out["conditioning_image"].append(cimg)
                     error = error or cerror
                 out["error"].append(error)

@@ -21,6 +21,7 @@ import ray.data
 
 from diffray.data.imagefolder import read_imagefolder
 from diffray.data.raydata import raise_original_errors
+from diffray.data.folder import PathRules
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_row
 from diffray.errors import DatasetError
@@ -49,7 +50,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
 
         image_column = "image" if data.image_column == "file_name" else data.image_column
         ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
-                                      data.follow_symlinks)
+                                      PathRules.of(data))
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
@@ -57,9 +58,9 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
     from diffray.data.folder import folder_rows
 
     _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column,
-                             data.follow_symlinks)
+                             PathRules.of(data))
     return read_imagefolder(path, data.caption_column, data.image_column, prompt, id_offset,
-                            data.conditioning_column, data.follow_symlinks), len(rows)
+                            data.conditioning_column, PathRules.of(data)), len(rows)
 
 
 def check_batch(batch: dict, rules: Rules) -> dict:

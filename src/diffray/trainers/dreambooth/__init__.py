@@ -73,11 +73,11 @@ class DreamBoothTrainConfig(TrainConfig):
 def preflight(cfg: DreamBoothTrainConfig, model_path: str) -> None:
     """Every instance image decodes (there are only a few): otherwise one error naming the files."""
     from diffray.data import resolve_data_path
-    from diffray.data.folder import check_concept_images
+    from diffray.data.folder import PathRules, check_concept_images
 
     check_concept_images(resolve_data_path(cfg.data.path), cfg.data.caption_column, cfg.data.image_column,
                          cfg.dreambooth.instance_prompt, cfg.train.micro_batch_size, "instance images",
-                         cfg.data.follow_symlinks)
+                         PathRules.of(cfg.data))
 
 
 def dataset_sources(cfg: DreamBoothTrainConfig, model_path: str) -> dict[str, DataSource]:

@@ -51,7 +51,7 @@ def preflight(cfg: TextualInversionTrainConfig, model_path: str) -> None:
         DatasetError: no images, or a bad one (named).
     """
     from diffray.data import resolve_data_path
-    from diffray.data.folder import check_concept_images
+    from diffray.data.folder import PathRules, check_concept_images
     from diffray.data.pipeline import load_tokenizer
     from diffray.models.textual_inversion import check_tokens
 
@@ -59,7 +59,7 @@ def preflight(cfg: TextualInversionTrainConfig, model_path: str) -> None:
     check_tokens(load_tokenizer(model_path), ti.placeholder_token, ti.initializer_token, ti.num_vectors)
     check_concept_images(resolve_data_path(cfg.data.path), cfg.data.caption_column, cfg.data.image_column,
                          ti.placeholder_token, cfg.train.micro_batch_size, "data.path: concept images",
-                         cfg.data.follow_symlinks)
+                         PathRules.of(cfg.data))
 
 
 def dataset_sources(cfg: TextualInversionTrainConfig, model_path: str) -> dict[str, DataSource]:
