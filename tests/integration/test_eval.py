@@ -45,6 +45,18 @@ def test_lora_rows_change_and_base_rows_stay_the_base(ray_cluster, tiny_model_pa
     assert all(r["prompt"] == r["rendered_prompt"] and "star" in r["prompt"] for r in result.records)
 
 
+def test_relative_paths_are_resolved_on_the_driver(ray_cluster, tiny_model_path, tmp_path, monkeypatch):
+    """The renderers are Ray actors whose working directory is not the driver's (`diffray eval --adapter
+    runs/x/artifact` from a project folder on a joined cluster): local paths go to them absolute."""
+    from testkit.adapters import random_lora
+
+    random_lora(tiny_model_path, tmp_path / "lora", seed=1)
+    monkeypatch.chdir(tmp_path)
+    result = evaluate(model=tiny_model_path, adapter="lora", suite="star", **FAST)
+    assert result.variants == ["base", "lora"] and result.settings["adapter"] == "lora"
+    assert result.metrics["lora"]["drift"]["mean"] > 0.01
+
+
 def test_textual_inversion_token_replaces_the_concept(ray_cluster, tiny_model_path, tmp_path):
     from testkit.adapters import random_textual_inversion
 

@@ -164,6 +164,14 @@ def render_images(items: list[EvalItem], variants: list[str], model_path: str, a
     return {(str(r["variant"]), int(r["id"])): bytes(r["image"]) for r in ds.take_all()}
 
 
+def absolute(path: str | None) -> str | None:
+    """A local path as an absolute one: the renderers are Ray actors, whose working directory is not the
+    driver's (on a cluster joined through RAY_ADDRESS). Hub ids and URIs pass as they are."""
+    if path and Path(path).exists():
+        return str(Path(path).resolve())
+    return path
+
+
 def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | None = None,
              controlnet: str | None = None, num: int | None = None, seed: int = 0, steps: int = 25,
              guidance: float = 5.0, resolution: int = 64, token: str | None = None, compare_base: bool = True,
@@ -187,7 +195,8 @@ def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | No
     variants = (["base"] if compare_base or kind is None else []) + ([kind] if kind else [])
     settings = dict(model=base_ref, adapter=adapter, controlnet=controlnet, suite=suite, num=len(items), seed=seed,
                     steps=steps, guidance=guidance, resolution=resolution, token=token, lora_scale=lora_scale)
-    images = render_images(items, variants, resolve_model_path(base_ref), adapter, controlnet, settings, batch_size)
+    images = render_images(items, variants, absolute(resolve_model_path(base_ref)), absolute(adapter),
+                           absolute(controlnet), settings, batch_size)
     result = score_rows(suite, settings, variants, items, images, time.time() - t0)
     if out_dir is not None:
         write_report(result, out_dir)
