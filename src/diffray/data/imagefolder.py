@@ -21,8 +21,12 @@ def read_imagefolder(path: str, caption_column: str = "text", image_column: str 
     Raises:
         DatasetError: no metadata file, no rows, or a column absent from every row.
     """
-    fs, root, rows = folder_rows(path, caption_column, image_column, prompt, id_offset, conditioning_column,
-                                 paths)
+    return rows_dataset(*folder_rows(path, caption_column, image_column, prompt, id_offset, conditioning_column,
+                                     paths))
+
+
+def rows_dataset(fs, root: str, rows: list[dict]) -> ray.data.Dataset:
+    """The Ray Dataset of `folder_rows`' result: each row's image bytes read by the workers."""
 
     def read(sources, errors) -> np.ndarray:
         return np.array([storage.read_or_none(fs, open_path(root, s)) if s and not e else None

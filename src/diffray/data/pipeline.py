@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray.data
 
-from diffray.data.imagefolder import read_imagefolder
+from diffray.data.imagefolder import rows_dataset
 from diffray.data.raydata import raise_original_errors
 from diffray.data.folder import PathRules
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
@@ -57,10 +57,9 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
         return ds, total
     from diffray.data.folder import folder_rows
 
-    _, _, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset, data.conditioning_column,
-                             PathRules.of(data))
-    return read_imagefolder(path, data.caption_column, data.image_column, prompt, id_offset,
-                            data.conditioning_column, PathRules.of(data)), len(rows)
+    fs, root, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset,
+                                 data.conditioning_column, PathRules.of(data))
+    return rows_dataset(fs, root, rows), len(rows)
 
 
 def check_batch(batch: dict, rules: Rules) -> dict:
