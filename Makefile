@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.diffray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup browser-deps demo test test-slow test-all bench clean
+.PHONY: setup browser-deps demo test test-slow test-all test-eval bench clean
 
 setup: $(STAMP)
 
@@ -34,14 +34,19 @@ demo: setup
 	$(BIN)/diffray demo --config configs/lora.yaml --out-dir outputs
 
 test: setup
-	$(BIN)/python -m pytest tests -m "not slow and not gpu" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow and not gpu and not eval" --durations=15 $(PYTEST_ARGS)
 
 # The long cases (option matrix, every shipped config end to end); CI runs them after `test`.
 test-slow: setup
-	$(BIN)/python -m pytest tests -m "slow and not gpu" --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "slow and not gpu and not eval" --durations=10 $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest tests -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not gpu and not eval" $(PYTEST_ARGS)
+
+# Quality matrices: more seeds of cases the suites above run once (e.g. DDPO's JPEG rewards over 3 seeds).
+# Not in CI (they cost minutes and prove robustness, not that the code path works).
+test-eval: setup
+	$(BIN)/python -m pytest tests -m "eval and not gpu" --durations=10 $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py

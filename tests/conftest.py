@@ -15,6 +15,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray-test"))
 
 
+SLOW_TIMEOUT_S = 2400  # the README's every-block test is the longest slow test (~9 min alone on 2 cores)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests get a longer pytest-timeout than the default (pyproject's `timeout`), unless they
+    set their own with @pytest.mark.timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster for integration tests (started once, shut down at the end). The dashboard

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from testkit.procs import interrupt_group
+from testkit.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -125,16 +126,16 @@ def start_server(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Pop
     log = open(cwd / f"server-{block.id}.log", "w")
     proc = subprocess.Popen(["bash", "-c", f"exec {block.script.strip()}"], cwd=cwd, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
+
+    def alive() -> None:
         assert proc.poll() is None, (cwd / f"server-{block.id}.log").read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{SERVER}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(1)  # not listening yet: the server is still starting
-    raise AssertionError(f"README.md:{block.line}: no answer on {SERVER}/healthz")
+
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{SERVER}/healthz", timeout=5) as r:
+            return r.status == 200
+
+    wait_until(healthy, f"README.md:{block.line}: an answer on {SERVER}/healthz", timeout=300, interval=1, alive=alive)
+    return proc
 
 
 def run_readme(kinds: set[str], cwd: Path, ray_address: str) -> list[str]:
