@@ -1,16 +1,15 @@
 """Ray Tune over real trainers on the local cluster: a 4 ranks x 2 learning rates search with ASHA, the
 results table and plots, the best adapter in stock diffusers, the best config rerun to the same val_loss,
-and a driver killed mid-experiment then restored without rerunning finished trials."""
+a failed trial reported beside the others, and the experiment rerun: the failed trial resumes from its own
+mid-trial checkpoint and the finished one is not run again."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -81,59 +80,62 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_experiment_restores_without_rerunning_finished_trials(ray_cluster, tmp_path):
+def test_a_failed_trial_is_reported_and_resumes_from_its_own_checkpoint(ray_cluster, tmp_path):
+    """Two trials, one at a time; rank 0 of each is SIGKILLed once before step 9, once Ray has registered
+    the step-6 checkpoint. failure.max_failures=1 restarts that trial's workers from it; =0 fails the trial: the search
+    still finishes, reports the other trial and names the failure. Rerunning the command restores the
+    experiment: the failed trial resumes from its step-6 checkpoint and the finished one is not run again."""
     import ray
+    from testkit.faults import fault_env
+
+    from diffray.tune.results import read_experiment
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    # Three trials, one at a time, no early stopping: the kill lands after the first has finished.
     data = yaml.safe_load((REPO / "configs" / "tune_lora.yaml").read_text())
-    data["tune"]["space"].update({"lora.rank": {"grid": [4, 8, 16]}, "optim.lr": {"grid": [1.0e-3]}})
-    config = tmp_path / "tune_restore.yaml"
+    data["tune"]["space"] = {"failure.max_failures": {"grid": [1, 0]}}
+    config = tmp_path / "tune_resume.yaml"
     config.write_text(yaml.safe_dump(data))
-    args = [DIFFRAY, "tune", str(config), f"run.storage_path={tmp_path}", "run.name=restore", *QUICK,
-            "tune.scheduler.name=fifo", "tune.max_concurrent_trials=1"]
-    exp, train_runs = tmp_path / "restore", tmp_path / "restore" / "train_runs"
-    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and not _terminated(exp):  # finished as Tune's saved state records it
-        time.sleep(0.5)
-        assert driver.poll() is None, "driver ended before it was killed"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    finished = [f"trial-{t}" for t in _terminated(exp)]
-    assert len(finished) == 1, "the kill landed after the first trial and before the last"
-    before = {name: _losses(train_runs / name) for name in finished}
-    assert all(losses[-1] == 12 for losses in before.values())
+    args = [DIFFRAY, "tune", str(config), f"run.storage_path={tmp_path}", "run.name=resume", *QUICK,
+            "train.checkpoint_every=6", "tune.scheduler.name=fifo", "tune.max_concurrent_trials=1"]
+    drill = fault_env(kill_rank_at_step={"rank": 0, "step": 9, "registered": 6})
+    first = subprocess.run(args, cwd=REPO, env={**env, **drill}, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 trials (1 completed, 0 stopped early)" in first.stdout, first.stdout
+    exp, runs = tmp_path / "resume", tmp_path / "resume" / "train_runs"
+    rows = {r.params["failure.max_failures"]: r for r in read_experiment(str(exp))[1]}
+    done, failed = rows[1], rows[0]
+    assert (done.status, done.steps, _starts(runs / f"trial-{done.trial_id}")) == ("completed", 12, [0, 6])
+    assert failed.status == "error" and not failed.stopped_early and failed.steps == 6, failed
+    assert f"trial {failed.trial_id} failed: worker rank 0" in failed.error and "died" in failed.error, failed.error
+    assert [s for s, _ in failed.history] == [3, 6] and _losses(runs / f"trial-{failed.trial_id}") == [1, 3, 6]
+    done_log = (runs / f"trial-{done.trial_id}" / "logs" / "metrics.jsonl").read_text()
 
-    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "(resumed)" in proc.stdout and "3 trials (3 completed, 0 stopped early)" in proc.stdout, proc.stdout
-    assert len(_finished_runs(train_runs)) == 3
-    for name, losses in before.items():
-        assert _losses(train_runs / name) == losses, f"{name} finished before the kill and was run again"
-
-
-def _terminated(exp: Path) -> list[str]:
-    """Trial ids that the experiment's latest saved state records as finished (TERMINATED)."""
-    states = sorted(exp.glob("experiment_state-*.json"))
-    try:
-        trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]] if states else []
-    except (ValueError, KeyError, OSError):  # caught mid-write
-        return []
-    return [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "(resumed)" in second.stdout and "2 trials (2 completed, 0 stopped early)" in second.stdout, second.stdout
+    resumed = runs / f"trial-{failed.trial_id}"
+    assert _starts(resumed) == [0, 6], "the failed trial restarted from step 0, not from its step-6 checkpoint"
+    assert _losses(resumed) == [1, 3, 6, 9, 12]  # steps 7-12 ran once, after the step-6 checkpoint
+    assert (runs / f"trial-{done.trial_id}" / "logs" / "metrics.jsonl").read_text() == done_log, \
+        "the finished trial was run again"
+    rows = {r.params["failure.max_failures"]: r for r in read_experiment(str(exp))[1]}
+    assert [(r.status, r.steps, r.error) for r in rows.values()] == [("completed", 12, None)] * 2
 
 
-def _finished_runs(train_runs: Path) -> list[str]:
-    """Trial runs whose metrics log has its last step (12)."""
-    return sorted(p.name for p in train_runs.glob("trial-*") if 12 in _losses(p))
+def _metrics(run_dir: Path) -> list[dict]:
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    return [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+
+
+def _starts(run_dir: Path) -> list[int]:
+    """The step each start of the run's workers resumed from (0: a fresh start)."""
+    return [m["resumed_from_step"] for m in _metrics(run_dir) if m.get("event") == "start"]
 
 
 def _losses(run_dir: Path) -> list[int]:
-    metrics = run_dir / "logs" / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    return [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+    """The steps the run logged a training loss at."""
+    return [m["step"] for m in _metrics(run_dir) if "loss" in m]
 
 
 @pytest.mark.slow

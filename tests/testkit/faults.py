@@ -2,7 +2,10 @@
 
 `fault_env(**drills)` gives the environment that turns them on (the driver passes DIFFRAY_HOOK* on to
 the workers). Drills, all optional:
-    kill_rank_at_step={"rank": R, "step": S}   SIGKILL rank R's worker once, before step S
+    kill_rank_at_step={"rank": R, "step": S}   SIGKILL rank R's worker once, before step S; with
+                                                "registered": C, first wait until Ray has registered the
+                                                run's checkpoint of step C (it does so asynchronously), so
+                                                a restart resumes from C, not from an older one
     nan_loss_at_step=S                          every rank's loss of step S is NaN
     kill_during_checkpoint_at_step=S            SIGKILL rank 0 once, after it wrote step S's checkpoint
                                                 files and before it reported them
@@ -19,6 +22,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from diffray.trainers.hooks import Hooks
@@ -40,6 +44,21 @@ def kill_self_once(log_dir: str, name: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def wait_registered(log_dir: str, step: int, timeout: float = 300) -> None:
+    """Until the run's checkpoint_manager_snapshot.json (beside its logs) names a checkpoint of `step` or
+    later: Ray writes it when the controller registers a reported checkpoint."""
+    snapshot = Path(log_dir).parent / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"] >= step:
+                return
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or caught mid-write
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"fault drill: the checkpoint of step {step} was not registered within {timeout}s")
+
+
 class FaultDrills(Hooks):
     def __init__(self, spec: dict):
         self.spec = spec
@@ -47,6 +66,8 @@ class FaultDrills(Hooks):
     def before_step(self, rank: int, step: int, log_dir: str) -> None:
         k = self.spec.get("kill_rank_at_step")
         if k and (k["rank"], k["step"]) == (rank, step):
+            if k.get("registered") and not (Path(log_dir) / "faults" / f"rank{rank}-step{step}").exists():
+                wait_registered(log_dir, k["registered"])
             kill_self_once(log_dir, f"rank{rank}-step{step}")
 
     def loss(self, step: int, loss):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +19,8 @@ from hypothesis import strategies as st
 from diffray import yaml_io
 from diffray.config import apply_overrides, read_yaml
 from diffray.data.folder import PathRules, folder_rows, member, parse_metadata
-from diffray.data.parquet import image_bytes
+from diffray.data.parquet import image_bytes, parquet_files, read_row_group, row_groups
+from diffray.errors import DatasetError
 from diffray.errors import ConfigError
 
 PNG = b"\x89PNG\r\n\x1a\n not really"
@@ -99,6 +103,44 @@ def test_parquet_image_paths_stay_in_the_files_folder(tmp_path):
                        roots) == (PNG, "")
     for hostile in (str(tmp_path.parent / ".." / "out.png"), "/etc/hostname", str(tmp_path.parent) + "x/a.png"):
         assert image_bytes(fs, {"bytes": None, "path": hostile}, str(tmp_path), "image", roots)[0] is None
+
+
+def test_a_metadata_line_without_a_file_name_is_quarantined_naming_its_line(tmp_path):
+    (tmp_path / "ok.png").write_bytes(PNG)
+    lines = [{"text": "no file"}, {"file_name": "ok.png", "text": "fine"}, {"file_name": None, "text": "null"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rows = folder_rows(str(tmp_path))[2]
+    assert [(r["source"], r["error"]) for r in rows] == [
+        ("metadata.jsonl:1", "metadata line 1: no file_name"), ("ok.png", ""),
+        ("metadata.jsonl:3", "metadata line 3: no file_name")]
+
+
+def _shards(tmp_path, damage: str):
+    """A folder of two Parquet shards, the second damaged; returns (fs, files, the damaged file)."""
+    (tmp_path / "shards").mkdir()
+    good, bad = tmp_path / "shards" / "part-0.parquet", tmp_path / "shards" / "part-1.parquet"
+    pq.write_table(pa.table({"image": [PNG] * 4, "text": ["a red circle"] * 4}), good)
+    data = good.read_bytes()
+    broken = {"truncated": data[: len(data) // 2], "garbage": b"\x00 not parquet \xff" * 200, "empty": b"",
+              "pages": data[:4] + b"\xff" * 100 + data[104:]}[damage]  # "pages": the footer still reads
+    bad.write_bytes(broken)
+    fs, files = parquet_files(str(tmp_path / "shards"))
+    return fs, files, next(f for f in files if f.endswith("part-1.parquet"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_parquet_file_is_a_dataset_error_naming_it(tmp_path, damage):
+    fs, files, bad = _shards(tmp_path, damage)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(bad)}: not a readable Parquet file"):
+        row_groups(fs, files, "text", "image", None)
+
+
+def test_corrupt_pages_behind_a_good_footer_are_a_dataset_error_naming_file_and_row_group(tmp_path):
+    fs, files, bad = _shards(tmp_path, "pages")
+    assert [it["num_rows"] for it in row_groups(fs, files, "text", "image", None)] == [4, 4]  # footers read
+    assert read_row_group(fs, files[0], 0, ["image", "text"]).num_rows == 4
+    with pytest.raises(DatasetError, match=rf"^{re.escape(bad)}: row group 0 is not readable Parquet"):
+        read_row_group(fs, bad, 0, ["image", "text"])
 
 
 @given(st.text(alphabet=string.ascii_letters + "./\\:~" + string.digits, max_size=40))

@@ -120,8 +120,9 @@ def test_builtin_is_built_once_even_when_raced(cache, monkeypatch):
     monkeypatch.setattr(tiny, "build_pipeline_dir", lambda *a, **k: calls.append(a) or real_build(*a, **k))
     with ThreadPoolExecutor(4) as pool:
         paths = set(pool.map(lambda _: resolve_model_path("builtin:tiny?seed=3"), range(4)))
-    assert paths == {str(cache / "models" / "tiny-seed3")} and len(calls) == 1
-    weights = cache / "models" / "tiny-seed3" / "unet" / "diffusion_pytorch_model.safetensors"
+    target = cache / "models" / f"tiny-seed3-{tiny.builder_key('tiny')}"
+    assert paths == {str(target)} and len(calls) == 1
+    weights = target / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
     assert resolve_model_path("builtin:tiny?seed=3") == paths.pop() and len(calls) == 1
     assert weights.stat().st_mtime_ns == stamp
@@ -129,7 +130,28 @@ def test_builtin_is_built_once_even_when_raced(cache, monkeypatch):
 
 def test_builtin_default_seed_is_zero(cache, seed0):
     path = Path(resolve_model_path("builtin:tiny"))
-    assert path == cache / "models" / "tiny-seed0" and digest(path) == digest(seed0)
+    assert path == cache / "models" / f"tiny-seed0-{tiny.builder_key('tiny')}" and digest(path) == digest(seed0)
+
+
+def test_a_changed_builder_is_built_into_a_new_cache_dir(cache, monkeypatch):
+    """The cache is keyed by the builder's content: a builtin built by an older builder is not served."""
+    first = Path(resolve_model_path("builtin:tiny?seed=5"))
+    real = tiny.preset_configs
+
+    def wider_text_encoder(preset: str) -> dict:
+        cfgs = real(preset)
+        return {**cfgs, "text_encoder": {**cfgs["text_encoder"], "intermediate_size": 41}}
+
+    monkeypatch.setattr(tiny, "preset_configs", wider_text_encoder)
+    second = Path(resolve_model_path("builtin:tiny?seed=5"))
+    assert second != first and second.parent == first.parent
+    te_size = lambda d: json.loads((d / "text_encoder" / "config.json").read_text())["intermediate_size"]  # noqa: E731
+    assert (te_size(first), te_size(second)) == (37, 41)
+    monkeypatch.setattr(tiny, "preset_configs", real)
+    assert Path(resolve_model_path("builtin:tiny?seed=5")) == first  # the old builder's dir is still its own
+    key = tiny.builder_key("tiny")
+    monkeypatch.setattr(tiny, "BUILDER_VERSION", tiny.BUILDER_VERSION + 1)
+    assert tiny.builder_key("tiny") != key  # a bumped builder version (new init, shipped weights) too
 
 
 def test_errors_name_the_path_or_the_presets(tmp_path):

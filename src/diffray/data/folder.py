@@ -153,7 +153,9 @@ def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | Non
     for key, col in (("source", image_column), ("conditioning_source", conditioning_column)):
         if col is None:
             continue
-        row[key], why = member(fs, root, rec.get(col), col, paths)
+        # A record without the column names no file: its line is quarantined (member() takes a missing
+        # name as "no file", which would leave nothing that points back at the line).
+        row[key], why = member(fs, root, rec.get(col), col, paths) if rec.get(col) is not None else ("", f"no {col}")
         error = error or (f"metadata line {n}: {why}" if why else "")
     row["error"] = error
     if error:

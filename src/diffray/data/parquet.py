@@ -105,6 +105,16 @@ def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
     return (None, error) if error else (storage.read_or_none(fs, open_path(folder, name)), "")
 
 
+def read_row_group(fs: pafs.FileSystem, file: str, group: int, columns: list[str]) -> pa.Table:
+    """One row group. A file whose footer reads but whose pages do not (corrupt bytes) is a DatasetError
+    naming the file and the row group, not a pyarrow traceback from inside a Ray task."""
+    try:
+        with fs.open_input_file(file) as f:
+            return pq.ParquetFile(f).read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"{file}: row group {group} is not readable Parquet ({str(exc)[:200]})") from None
+
+
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
                       conditioning_column: str | None = None, id_offset: int = 0,
                       paths: PathRules = LOCAL_ONLY) -> tuple[ray.data.Dataset, int]:
@@ -125,8 +135,7 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
         for file, g, first_id, first_row, image, caption, cond in zip(
                 batch["file"], batch["row_group"], batch["first_id"], batch["first_row"], batch["image"],
                 batch["caption"], batch["conditioning"]):
-            with fs.open_input_file(file) as f:
-                table = pq.ParquetFile(f).read_row_group(int(g), columns=[c for c in (image, caption, cond) if c])
+            table = read_row_group(fs, file, int(g), [c for c in (image, caption, cond) if c])
             folder = posixpath.dirname(file)
             images, captions = table.column(image).to_pylist(), table.column(caption).to_pylist()
             conds = table.column(cond).to_pylist() if cond else None

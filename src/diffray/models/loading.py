@@ -48,10 +48,11 @@ def parse_builtin(ref: str) -> tuple[str, int]:
 
 
 def _build_cached(preset: str, seed: int) -> Path:
-    """The cached dir of a builtin preset, built under a file lock so racing processes build it once."""
-    from diffray.models.tiny import build_pipeline_dir
+    """The cached dir of a builtin preset, built under a file lock so racing processes build it once. Keyed
+    by the builder's content (`builder_key`) as well as the seed: a changed builder builds a new dir."""
+    from diffray.models.tiny import build_pipeline_dir, builder_key
 
-    target = cache_dir() / "models" / f"{preset}-seed{seed}"
+    target = cache_dir() / "models" / f"{preset}-seed{seed}-{builder_key(preset)}"
     if (target / "model_index.json").is_file():  # written last (dir appears atomically): complete
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +71,8 @@ def resolve_model_path(path: str) -> str:
     """Turn a model reference into something `from_pretrained` can read.
 
     Args:
-        path: `builtin:<preset>[?seed=N]` (built into `cache_dir()/models/<preset>-seed<N>` on first
-            use), a local diffusers dir, or a hub id.
+        path: `builtin:<preset>[?seed=N]` (built into `cache_dir()/models/<preset>-seed<N>-<builder key>`
+            on first use), a local diffusers dir, or a hub id.
     Returns:
         An absolute dir for builtins and local dirs; a hub id unchanged.
     Raises:

@@ -8,6 +8,7 @@ anything, and building never disturbs the caller's global torch RNG.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +20,9 @@ import torch
 from diffray.errors import ModelError
 
 PRESETS = ("tiny", "sd15-shaped")
+# Part of every cached builtin's key (`builder_key`): bump it when the builder writes different files for
+# the same preset_configs (a new tokenizer, another init, shipped weights), so caches built before rebuild.
+BUILDER_VERSION = 1
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_TOKENS = 77
 SD15_VOCAB = 49408  # the sd15-shaped tokenizer is padded to SD 1.5's embedding-table size
@@ -64,6 +68,14 @@ def preset_configs(preset: str) -> dict[str, dict]:
             "scheduler": dict(SCHEDULER_CONFIG),
         }
     raise ModelError(f"unknown model preset {preset!r} (allowed: {', '.join(PRESETS)})")
+
+
+def builder_key(preset: str) -> str:
+    """A short hash of what decides a preset's files besides the seed: its component configs, the
+    tokenizer's size and BUILDER_VERSION. Cached builtins are stored under it, so a changed builder is
+    rebuilt instead of served stale. Raises ModelError for an unknown preset."""
+    spec = {"builder": BUILDER_VERSION, "configs": preset_configs(preset), "vocab": _vocab_size(preset)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None) -> int:
@@ -143,7 +155,8 @@ def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0)
         write_tokenizer_files(tmp / "tokenizer", _vocab_size(preset))
         if preset == "tiny":
             _save_controlnet(comps["unet"], tmp / "controlnet", seed)
-        (tmp / "diffray_model.json").write_text(json.dumps({"preset": preset, "seed": seed}))
+        (tmp / "diffray_model.json").write_text(json.dumps({"preset": preset, "seed": seed,
+                                                                "builder_key": builder_key(preset)}))
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the cache may be read by other users' workers
         if out.exists():
             shutil.rmtree(out)

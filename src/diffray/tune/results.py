@@ -18,6 +18,7 @@ from diffray import storage
 from diffray.errors import ConfigError
 
 JOB_FILE = "tune_job.yaml"
+STOPS_DIR = "scheduler_stops"  # <trial_id>.json per trial the scheduler stopped at a rung (written by the runner)
 STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
 
 
@@ -25,7 +26,7 @@ STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "pending": 3, 
 class TrialRow:
     trial_id: str
     params: dict[str, Any]
-    status: str                        # completed | stopped early | running | pending | error
+    status: str                        # completed | stopped early (by the scheduler) | running | pending | error
     steps: int                         # the last reported step
     metric: float                      # the metric at that step (nan when none was reported)
     best_metric: float                 # the best value it reported at any step
@@ -42,27 +43,45 @@ def collect_rows(exp_dir: str, job) -> list[TrialRow]:
     """Every trial of the experiment in `exp_dir`, best first (finished trials before stopped ones)."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    from diffray.tune.space import resolve_params
-
     analysis = ExperimentAnalysis(exp_dir, default_metric=job.tune.metric, default_mode=job.tune.mode)
     frames = analysis.trial_dataframes
     errors = {r.path: r.error for r in ResultGrid(analysis)}
-    metric, sign = job.tune.metric, (1.0 if job.tune.mode == "min" else -1.0)
-    rows = []
-    for trial in analysis.trials:
-        last = trial.last_result or {}
-        history = _history(frames.get(trial.trial_id), metric)
-        steps = int(last.get("step", 0) or 0)
-        err = errors.get(trial.path)
-        status = _status(trial.status, steps, job.max_steps, err is not None)
-        values = [v for _, v in history]
-        rows.append(TrialRow(
-            trial.trial_id, resolve_params(job.domains, trial.config), status, steps,
-            float(last.get(metric, math.nan)) if history else math.nan,
-            (min(values, key=lambda v: sign * v) if values else math.nan),
-            last.get("checkpoint_path"), str(err).strip().splitlines()[-1] if err else None, history))
+    rows = [_row(trial, job, frames.get(trial.trial_id), errors.get(trial.path),
+                 storage.exists(stop_marker(exp_dir, trial.trial_id))) for trial in analysis.trials]
+    sign = 1.0 if job.tune.mode == "min" else -1.0
     rows.sort(key=lambda r: (STATUS_ORDER[r.status], _nan_last(sign * r.metric)))
     return rows
+
+
+def stop_marker(exp_dir: str, trial_id: str) -> str:
+    """The file that records that the scheduler stopped `trial_id` at a rung."""
+    return storage.join(exp_dir, STOPS_DIR, f"{trial_id}.json")
+
+
+def target_steps(job) -> int:
+    """The step a trial that is not stopped runs to: ASHA's max_t (its last rung), else train.max_steps."""
+    s = job.tune.scheduler
+    return (s.max_t or job.max_steps) if s.name == "asha" else job.max_steps
+
+
+def _row(trial, job, frame, err, stopped: bool) -> TrialRow:
+    from diffray.tune.space import resolve_params
+
+    metric, sign = job.tune.metric, (1.0 if job.tune.mode == "min" else -1.0)
+    last = trial.last_result or {}
+    history = _history(frame, metric)
+    steps = int(last.get("step", 0) or 0)
+    error = str(err).strip().splitlines()[-1] if err else None
+    status = _status(trial.status, steps, target_steps(job), err is not None, stopped)
+    if status == "error" and error is None:
+        error = (f"ended at step {steps} of {target_steps(job)} without an error and without a scheduler stop"
+                 if trial.status == "TERMINATED" else f"Tune status {trial.status}")
+    values = [v for _, v in history]
+    return TrialRow(
+        trial.trial_id, resolve_params(job.domains, trial.config), status, steps,
+        float(last.get(metric, math.nan)) if history else math.nan,
+        (min(values, key=lambda v: sign * v) if values else math.nan),
+        last.get("checkpoint_path"), error, history)
 
 
 def _history(df, metric: str) -> list[tuple[int, float]]:
@@ -72,12 +91,16 @@ def _history(df, metric: str) -> list[tuple[int, float]]:
     return [(int(s), float(v)) for s, v in zip(df["step"], df[metric])]
 
 
-def _status(tune_status: str, steps: int, max_steps: int, errored: bool) -> str:
+def _status(tune_status: str, steps: int, target: int, errored: bool, stopped: bool) -> str:
+    """A trial's status. "stopped early" only when the scheduler stopped it at a rung (`stopped`): a trial
+    that crashed is an error, and one that ended short of `target` for any other reason is one too."""
     if errored or tune_status == "ERROR":
         return "error"
     if tune_status in ("RUNNING", "PENDING", "PAUSED"):
         return tune_status.lower() if tune_status != "PAUSED" else "pending"
-    return "completed" if steps >= max_steps else "stopped early"
+    if stopped:
+        return "stopped early"
+    return "completed" if steps >= target else "error"
 
 
 def _nan_last(x: float) -> float:

@@ -10,6 +10,8 @@ trials are kept, unfinished ones resume from their own last checkpoint.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,16 +19,17 @@ from typing import Any
 import ray.train
 import yaml
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from diffray import logs, storage
-from diffray.cluster import alive_nodes, check_resources, connect_ray, workers_that_fit
+from diffray.cluster import FORWARDED_PREFIXES, alive_nodes, check_resources, connect_ray, workers_that_fit
 from diffray.errors import ConfigError
 from diffray.methods import method_of
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers.progress import RunStatus
 from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, run_dirs
 from diffray.tune.config import TuneJob
-from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
+from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, stop_marker, write_report
 from diffray.tune.space import param_space, resolve_params, trial_config
 
 # A trial's driver only builds a trainer and waits on its worker group: no CPU, a little memory.
@@ -48,10 +51,13 @@ class TuneOutcome:
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets: dict[str, Any],
-              model_path: str, exp_dir: str) -> None:
-    """One trial (inside Tune's trial actor): the method's TorchTrainer on this trial's config."""
+              model_path: str, exp_dir: str, driver_env: dict[str, str]) -> None:
+    """One trial (inside Tune's trial actor): the method's TorchTrainer on this trial's config.
+    `driver_env` (the driver's DIFFRAY_HOOK*/verbose variables) goes on to the trial's workers as it does
+    in `diffray train`: the trial actor does not inherit the driver's environment."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    os.environ.update(driver_env)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, resolve_params(domains, params))
     cfg = cfg.model_copy(update={
@@ -76,14 +82,29 @@ def trial_concurrency(job: TuneJob) -> int:
     return min(fit, job.tune.max_concurrent_trials or fit)
 
 
-def build_scheduler(job: TuneJob):
+class RungStopScheduler(ASHAScheduler):
+    """ASHA that records each trial it stops at a rung below max_t (`results.stop_marker`), so the
+    results table tells "stopped by the scheduler" from "ended short" without guessing from step counts.
+    A stop at max_t is ASHA ending a trial that ran the whole way: not recorded."""
+
+    def __init__(self, exp_dir: str, **kwargs):
+        super().__init__(**kwargs)
+        self.exp_dir = exp_dir
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        step = result.get(self._time_attr)
+        if action == self.STOP and step is not None and step < self._max_t:
+            storage.write_text(stop_marker(self.exp_dir, trial.trial_id), json.dumps({"step": step}))
+        return action
+
+
+def build_scheduler(job: TuneJob, exp_dir: str):
     s = job.tune.scheduler
     if s.name == "fifo":
         return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="step", max_t=s.max_t or job.max_steps, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
+    return RungStopScheduler(exp_dir, time_attr="step", max_t=s.max_t or job.max_steps,
+                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
 def build_searcher(job: TuneJob):
@@ -137,7 +158,8 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     datasets = build_datasets(cfg, model_path, storage.local_dir(exp_dir, "data-reports"))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.base, domains=job.domains, datasets=datasets,
-                             model_path=model_path, exp_dir=exp_dir),
+                             model_path=model_path, exp_dir=exp_dir,
+                             driver_env={k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}),
         TRIAL_DRIVER_RESOURCES)
     concurrency = trial_concurrency(job)
     if restored:
@@ -161,7 +183,8 @@ def new_tuner(job: TuneJob, trainable, root: str, concurrency: int, on_trial) ->
     scheduler, searcher and concurrency; Tune's own table printing only when verbose."""
     return tune.Tuner(
         trainable, param_space=param_space(job.domains, job.train.run.seed if job.tune.shuffle_grid else None),
-        tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode, scheduler=build_scheduler(job),
+        tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode,
+                                    scheduler=build_scheduler(job, storage.join(root, job.name)),
                                     search_alg=build_searcher(job), num_samples=job.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=job.name, storage_path=root,

@@ -1,0 +1,42 @@
+"""A trial's status in the results table: "stopped early" only when the scheduler stopped it at a rung
+(recorded by the runner's ASHA as it decides), never because a trial merely ended short of its steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffray.tune.results import _status, stop_marker
+
+
+@pytest.mark.parametrize("tune_status,steps,errored,stopped,expected", [
+    ("TERMINATED", 12, False, False, "completed"),
+    ("TERMINATED", 6, False, True, "stopped early"),   # ASHA stopped it at the rung of step 6
+    ("TERMINATED", 6, False, False, "error"),          # ended short without a scheduler stop: not "stopped early"
+    ("ERROR", 9, True, False, "error"),                # crashed mid-trial
+    ("TERMINATED", 6, True, False, "error"),           # an error recorded wins over the Tune status
+    ("RUNNING", 3, False, False, "running"),
+    ("PAUSED", 3, False, False, "pending"),
+])
+def test_status_stopped_early_means_stopped_by_the_scheduler(tune_status, steps, errored, stopped, expected):
+    assert _status(tune_status, steps, 12, errored, stopped) == expected
+
+
+def test_asha_records_rung_stops_but_not_the_end_at_max_t(tmp_path):
+    from ray.tune.experiment import Trial
+
+    from diffray.tune.runner import RungStopScheduler
+
+    exp = str(tmp_path / "exp")
+    sched = RungStopScheduler(exp, time_attr="step", max_t=12, grace_period=3, reduction_factor=2)
+    sched.set_search_properties("val_loss", "min")
+    good, poor = (Trial("__fake", stub=True, trial_id=t) for t in ("good", "poor"))
+    for t in (good, poor):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, good, {"step": 3, "val_loss": 0.1}) == sched.CONTINUE
+    assert sched.on_trial_result(None, poor, {"step": 3, "val_loss": 0.5}) == sched.STOP  # below the rung's cutoff
+    assert sched.on_trial_result(None, good, {"step": 12, "val_loss": 0.05}) == sched.STOP  # ASHA ends it at max_t
+    assert json.loads(Path(stop_marker(exp, "poor")).read_text()) == {"step": 3}
+    assert not Path(stop_marker(exp, "good")).exists()
