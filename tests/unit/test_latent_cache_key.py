@@ -42,7 +42,7 @@ def test_unchanged_files_keep_the_key(setup):
 def test_a_changed_source_image_is_a_new_key(setup):
     key, data, _ = setup
     before = key()
-    image = sorted(data.glob("*.png"))[0]
+    image = min(data.glob("*.png"))
     touch_later(image)
     touched = key()
     assert touched != before
