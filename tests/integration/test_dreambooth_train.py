@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,9 +26,13 @@ def db_cfg(tmp_path, *overrides: str):
                         f"dreambooth.class_data_dir={tmp_path / 'class'}", *overrides])
 
 
-def losses(run_dir: str) -> list[float]:
+def step_events(run_dir: str) -> list[dict]:
     lines = (Path(run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [e["loss"] for e in map(json.loads, lines) if "loss" in e and "event" not in e]
+    return [e for e in map(json.loads, lines) if "loss" in e and "event" not in e]
+
+
+def losses(run_dir: str) -> list[float]:
+    return [e["loss"] for e in step_events(run_dir)]
 
 
 def test_lora_with_prior_preservation_learns_and_reuses_class_images(ray_cluster, tmp_path, tiny_model_path):
@@ -52,6 +57,13 @@ def test_lora_with_prior_preservation_learns_and_reuses_class_images(ray_cluster
 
     ls = losses(result.run_dir)
     assert result.steps == 40 and len(ls) == 40
+    # Prior preservation reached every step: each step's forward passes held micro_batch_size class rows
+    # per worker beside as many instance rows, and the loss is instance loss + weight x class loss.
+    rows = cfg.train.micro_batch_size * cfg.scaling.num_workers
+    for e in step_events(result.run_dir):
+        assert (e["instance_rows"], e["class_rows"]) == (rows, rows), e
+        assert np.isfinite(e["class_loss"]) and e["class_loss"] > 0, e
+        assert abs(e["loss"] - e["instance_loss"] - cfg.dreambooth.prior_loss_weight * e["class_loss"]) < 1e-5, e
     assert result.loss_last_mean < result.loss_first_mean - 0.03, result.summary_line()
     grid = Image.open(Path(result.run_dir) / "logs" / "validation" / "step_000040.png")
     assert grid.size[1] >= 2 * 64  # instance-prompt row and class-prompt row

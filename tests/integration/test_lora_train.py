@@ -39,6 +39,33 @@ def small_cfg(tmp_path, name: str, *overrides: str):
     return load_config(REPO / "configs" / "lora.yaml", base + list(overrides))
 
 
+def adapter(result) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(result.artifact_dir) / LORA_WEIGHTS))
+
+
+def assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    """Equal to 1e-6: the README promises a resumed run sees the same data, noise and dropout as a
+    straight one (randomness keyed by (seed, step, sample_id)), whatever the resume path."""
+    assert got.keys() == want.keys() and got
+    worst = max((got[k] - want[k]).abs().max().item() for k in got)
+    assert worst < 1e-6, f"{what}: max |resumed - straight| = {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(ray_cluster, tmp_path_factory):
+    """The 8-step `small_cfg` run (ZeRO-2, 2 workers, validate_every null) without any interruption: the
+    reference every resumed run of this module must reproduce to 1e-6."""
+    result = run_training(small_cfg(tmp_path_factory.mktemp("straight"), "straight", "train.validate_every=null"))
+    assert result.steps == 8 and starts(result.run_dir) == [0]
+    return adapter(result)
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    """The step of every checkpoint dir kept in the run dir, in step order."""
+    return sorted(json.loads((p / "trainer_state.json").read_text())["step"]
+                  for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+
+
 def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_model_path, model_from_zero_checkpoint):
     from diffusers import StableDiffusionPipeline
 
@@ -104,7 +131,7 @@ def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     assert worst < 1e-5, f"max |2x1 - 1x2| = {worst:.2e}"
 
 
-def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, faults):
+def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, faults, straight_run):
     faults(kill_rank_at_step={"rank": 1, "step": 5})
     cfg = small_cfg(tmp_path, "killed", "failure.max_failures=1", "train.validate_every=null")
     result = run_training(cfg)
@@ -119,9 +146,10 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, fau
     assert repeated == list(range(begin[1] + 1, 5)), "only the steps after the resumed checkpoint ran twice"
     assert len(repeated) <= cfg.train.checkpoint_every
     assert (Path(result.run_dir) / "logs" / "faults" / "rank1-step5").is_file()
+    assert_same_adapter(adapter(result), straight_run, f"restarted from step {begin[1]}")
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, tmp_path, faults):
+def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, tmp_path, faults, straight_run):
     faults(nan_loss_at_step=3)
     cfg = small_cfg(tmp_path, "nan", "failure.max_failures=1", "train.validate_every=null")
     with pytest.raises(TrainingError, match=r"loss became NaN/inf at step 3.*Last good checkpoint: .*checkpoint_"):
@@ -133,20 +161,39 @@ def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, t
     fixed = small_cfg(tmp_path, "nan", "train.validate_every=null")
     result = run_training(fixed)
     assert starts(run_dir) == [0, 2] and result.steps == 8
+    assert_same_adapter(adapter(result), straight_run, "resumed from step 2")
 
 
-def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_path, faults):
+def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_path, faults, straight_run):
     run_dir = str(tmp_path / "runs" / "midwrite")
-    assert run_training(small_cfg(tmp_path, "midwrite", "train.max_steps=4", "train.validate_every=null")).steps == 4
+    assert run_training(small_cfg(tmp_path, "midwrite", "train.max_steps=4", "train.validate_every=null",
+                                  "train.keep_checkpoints=1")).steps == 4
+    assert checkpoint_steps(run_dir) == [4]  # keep_checkpoints=1: step 2's dir is gone
     # Continue to 8; rank 0 is SIGKILLed half-way through writing the step-6 checkpoint, no retries.
     faults(kill_during_checkpoint_at_step=6)
     with pytest.raises(TrainingError, match="failed"):
         run_training(small_cfg(tmp_path, "midwrite", "failure.max_failures=0", "train.validate_every=null"))
     assert (Path(run_dir) / "logs" / "faults" / "checkpoint-6").is_file()
     faults()
-    # The half-written step-6 checkpoint never replaced step 4: the next run resumes from 4.
-    result = run_training(small_cfg(tmp_path, "midwrite", "train.validate_every=null"))
+    # The half-written step-6 checkpoint never replaced step 4: the next run resumes from 4, and the
+    # 4 + 4 steps give the straight 8-step run's adapter.
+    result = run_training(small_cfg(tmp_path, "midwrite", "train.validate_every=null", "train.keep_checkpoints=3"))
     assert starts(run_dir) == [0, 4, 4] and result.steps == 8
+    assert_same_adapter(adapter(result), straight_run, "4 steps + resume to 8")
+    assert checkpoint_steps(run_dir) == [4, 6, 8]  # exactly the last keep_checkpoints=3
+
+
+@pytest.mark.slow
+def test_resume_is_exact_under_ddp_with_dropout_and_accumulation(ray_cluster, tmp_path):
+    """The other engine, with LoRA dropout (the global RNG, seeded per step) and gradient accumulation
+    (micro-batches skipped on resume): 4 steps + resume to 8 equals 8 straight steps."""
+    opts = ["strategy.name=ddp", "lora.dropout=0.1", "train.grad_accum_steps=2", "train.micro_batch_size=1",
+            "train.checkpoint_every=4", "train.validate_every=null"]
+    straight = run_training(small_cfg(tmp_path, "ddp-straight", *opts))
+    assert run_training(small_cfg(tmp_path, "ddp-resumed", *opts, "train.max_steps=4")).steps == 4
+    resumed = run_training(small_cfg(tmp_path, "ddp-resumed", *opts))
+    assert starts(resumed.run_dir) == [0, 4] and resumed.steps == 8
+    assert_same_adapter(adapter(resumed), adapter(straight), "DDP: 4 steps + resume to 8")
 
 
 def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):

@@ -111,6 +111,26 @@ def test_controlnet_at_init_leaves_the_unet_output_unchanged(tiny_model_path):
     assert (a - b).abs().max() > 1e-4 and (a - plain).abs().max() > 1e-2
 
 
+def test_training_forward_gets_each_rows_own_control_image_and_dropout_blanks_only_dropped_rows(tiny_model_path):
+    from diffray.trainers.controlnet.task import ControlNetTask
+    from diffray.trainers.session import WorkerEnv
+
+    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
+    cond = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0)) + 0.01  # no blank row
+    batch = {"sample_id": torch.arange(6), "conditioning_pixel_values": cond}
+    kept = ControlNetTask(validate_config({"method": "controlnet"}), tiny_model_path, env)
+    assert kept.cfg.controlnet.conditioning_dropout == 0
+    for dropout in (True, False):  # training and held-out losses: the rows' own control images, in order
+        assert torch.equal(kept.forward_inputs(batch, 3, dropout)["controlnet_cond"], cond)
+    half = ControlNetTask(validate_config({"method": "controlnet", "controlnet": {"conditioning_dropout": 0.5}}),
+                          tiny_model_path, env)
+    got = half.forward_inputs(batch, 3, True)["controlnet_cond"]
+    blank = [not r.any() for r in got]
+    assert 0 < sum(blank) < 6, blank  # keyed per sample: some rows dropped, not all
+    assert all(torch.equal(got[i], cond[i]) for i in range(6) if not blank[i])
+    assert torch.equal(half.forward_inputs(batch, 3, False)["controlnet_cond"], cond)  # no dropout held out
+
+
 def png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

@@ -44,6 +44,14 @@ def test_prior_weight_zero_equals_instance_loss_and_weight_adds_class_loss(tiny_
     assert torch.allclose(with_zero, no_prior, atol=1e-6), (with_zero, no_prior)
     assert torch.allclose(weighted, no_prior + 0.5 * class_only, atol=1e-6)
     assert class_only.item() > 0 and abs(class_only.item() - no_prior.item()) > 1e-4
+    # The step's tally (what the instance_loss / class_loss / class_rows metrics report) splits the
+    # rows by sample id: 2 instance rows with the instance loss, 2 class rows with the class loss.
+    weighted_task.sums = torch.zeros(4, dtype=torch.float64)
+    with torch.no_grad():
+        weighted_task.prior_loss(model, inst, klass, 3)
+    inst_sum, inst_n, cls_sum, cls_n = weighted_task.sums.tolist()
+    assert (inst_n, cls_n) == (2, 2)
+    assert abs(inst_sum / 2 - no_prior.item()) < 1e-6 and abs(cls_sum / 2 - class_only.item()) < 1e-6
 
 
 def test_full_mode_trains_every_unet_weight_lora_mode_only_adapters(tiny_model_path):

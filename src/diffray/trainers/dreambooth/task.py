@@ -1,20 +1,29 @@
 """DreamBooth on the shared denoising base: LoRA or every UNet weight trains; each step's micro-batch is
-instance rows plus as many class rows in one forward pass, the loss split per sample; validation rows
-show the instance prompt and the class prompt (language drift); the artifact is a LoRA or a pipeline."""
+instance rows plus as many class rows in one forward pass, the loss split per sample; every step logs the
+instance and class losses and row counts apart (`instance_loss`, `class_loss`, `class_rows`), counted from
+the sample ids of the rows that reached the forward pass; validation rows show the instance prompt and the
+class prompt (language drift); the artifact is a LoRA or a pipeline."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffray.models.adapters import export_lora, write_card
+from diffray.trainers import session
 from diffray.trainers.denoising import DenoisingTask, Denoiser, full_denoiser, lora_denoiser
+from diffray.trainers.dreambooth import CLASS_ID_OFFSET
 
 
 class DreamBoothTask(DenoisingTask):
     """DreamBooth in the shared loop."""
+
+    def __init__(self, cfg, model_path: str, env: session.WorkerEnv):
+        super().__init__(cfg, model_path, env)
+        self.sums = torch.zeros(4, dtype=torch.float64)  # this step's instance loss, rows, class loss, rows
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -43,7 +52,27 @@ class DreamBoothTask(DenoisingTask):
         loss = losses[:n].mean()
         if klass is not None:
             loss = loss + self.cfg.dreambooth.prior_loss_weight * losses[n:].mean()
+        self.tally(batch["sample_id"], losses.detach())
         return loss
+
+    def tally(self, sample_ids: torch.Tensor, losses: torch.Tensor) -> None:
+        """Add a micro-batch's per-row losses to this step's instance/class sums. A row is a class row
+        by its sample id (class ids start at CLASS_ID_OFFSET), so the counts say what the forward saw."""
+        is_class = (sample_ids >= CLASS_ID_OFFSET).to(losses.device)
+        sums = torch.stack([losses[~is_class].sum(), (~is_class).sum(), losses[is_class].sum(), is_class.sum()])
+        self.sums = self.sums + sums.double().cpu()
+
+    def train_step(self, engine, step: int) -> session.StepOutput:
+        """The shared step, with the instance and class losses (means over every rank's rows of the step)
+        and the rows of each kind in its metrics."""
+        self.sums = torch.zeros(4, dtype=torch.float64)
+        out = super().train_step(engine, step)
+        world = self.env.world_size  # the mean over ranks x ranks = the sum over ranks
+        inst_sum, inst_n, cls_sum, cls_n = (session.global_mean(v) * world for v in self.sums)
+        metrics = {"instance_loss": inst_sum / max(inst_n, 1), "instance_rows": round(inst_n)}
+        if "class" in self.streams:
+            metrics.update(class_loss=cls_sum / cls_n if cls_n else float("nan"), class_rows=round(cls_n))
+        return replace(out, metrics={**out.metrics, **metrics})
 
     def validation_grid(self, step: int):
         """Row 1: the instance prompt; row 2: the class prompt (language drift); then extra prompts."""

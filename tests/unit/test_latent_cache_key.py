@@ -1,0 +1,70 @@
+"""The latent cache's key (no Ray): a changed source image or a changed VAE/text-encoder/tokenizer file
+is a new key (the cache is rebuilt, never read stale); an unchanged dataset and model keep the key (the
+cache is reused), and so does a changed UNet, which the cached latents and text states do not depend on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffray.data.cache import cache_key
+from diffray.data.sample import write_sample_dataset
+from diffray.methods import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def setup(tmp_path, tiny_model_path):
+    """(key of the current files, a dataset folder, a model folder), all private copies."""
+    data = write_sample_dataset(tmp_path / "sample", num_images=2) / "train"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    cfg = load_config(REPO / "configs" / "lora.yaml", [f"data.path={data}", f"data.cache={tmp_path / 'latents'}"])
+    return (lambda: cache_key(cfg, str(model), str(data))), data, model
+
+
+def touch_later(path: Path) -> None:
+    """Move a file's mtime one second on, content unchanged (an edit that kept the size)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_unchanged_files_keep_the_key(setup):
+    key, _, _ = setup
+    assert key() == key()
+
+
+def test_a_changed_source_image_is_a_new_key(setup):
+    key, data, _ = setup
+    before = key()
+    image = min(data.glob("*.png"))
+    touch_later(image)
+    touched = key()
+    assert touched != before
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(image)  # new content (and size)
+    assert key() not in (before, touched)
+    (data / "extra.png").write_bytes(image.read_bytes())  # a new file in the folder
+    assert key() != touched
+
+
+@pytest.mark.parametrize("part", ["vae", "text_encoder", "tokenizer"])
+def test_a_changed_encoder_file_is_a_new_key(setup, part):
+    key, _, model = setup
+    before = key()
+    files = sorted(p for p in (model / part).rglob("*") if p.is_file())
+    assert files, f"the tiny model has no {part} files"
+    touch_later(files[0])
+    assert key() != before, f"a changed {files[0].relative_to(model)} must invalidate the cache"
+
+
+def test_a_changed_unet_keeps_the_key(setup):
+    key, _, model = setup
+    before = key()
+    for f in (p for p in (model / "unet").rglob("*") if p.is_file()):
+        touch_later(f)
+    assert key() == before  # latents and text states do not depend on the UNet: the cache is reused
