@@ -206,18 +206,14 @@ def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):
 
 
 def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
-    import time
-
     from diffray.errors import ConfigError
 
     # No GPU on this cluster and no autoscaler: one line naming the resource and what the nodes
-    # have, in seconds, instead of waiting forever for a placement.
-    t0 = time.time()
+    # have, before any placement is requested (a wait for one would hang until pytest-timeout).
     with pytest.raises(ConfigError, match=r"scaling: 2 workers x \(1 CPU, 1 GPU\) do not fit .* 0 GPU\] \(room for 0\)"):
         run_training(small_cfg(tmp_path, "gpu", "scaling.use_gpu=true"))
     with pytest.raises(ConfigError, match=r"8 workers x \(1 CPU\) do not fit .*room for 4"):
         run_training(small_cfg(tmp_path, "wide", "scaling.num_workers=8"))
-    assert time.time() - t0 < 60
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
