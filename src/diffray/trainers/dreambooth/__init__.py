@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 from diffray.config import DataSection, LoraSection, RunSection, Section, TrainConfig, TrainSection
 from diffray.trainers.method import DataSource, Method
 
-CLASS_ID_OFFSET = 1_000_000  # class rows' sample ids start here (distinct noise keys from instance rows)
 
 
 class DreamBoothSection(Section):
@@ -84,7 +83,7 @@ def dataset_sources(cfg: DreamBoothTrainConfig, model_path: str) -> dict[str, Da
     """{"train": the instance images, "class": the class images (with prior preservation; generated
     first when short)}, each captioned by its prompt."""
     from diffray.data import resolve_data_path
-    from diffray.trainers.dreambooth.class_images import ensure_class_images
+    from diffray.trainers.dreambooth.class_images import CLASS_ID_OFFSET, ensure_class_images
 
     db = cfg.dreambooth
     sources = {"train": DataSource(resolve_data_path(cfg.data.path), db.instance_prompt)}

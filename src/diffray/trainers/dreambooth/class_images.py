@@ -16,6 +16,8 @@ import numpy as np
 from diffray import storage
 from diffray.paths import cache_dir
 
+CLASS_ID_OFFSET = 1_000_000  # class rows' sample ids start here (distinct noise keys from instance rows)
+
 GENERATED_FILE = "generated.json"
 
 

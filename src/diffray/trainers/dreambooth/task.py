@@ -15,7 +15,7 @@ import torch
 from diffray.models.adapters import export_lora, write_card
 from diffray.trainers import session
 from diffray.trainers.denoising import DenoisingTask, Denoiser, full_denoiser, lora_denoiser
-from diffray.trainers.dreambooth import CLASS_ID_OFFSET
+from diffray.trainers.dreambooth.class_images import CLASS_ID_OFFSET
 
 
 class DreamBoothTask(DenoisingTask):
