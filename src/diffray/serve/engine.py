@@ -93,6 +93,7 @@ class ImageEngine:
         self.cancel_log: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
         # (jobs, pipeline calls) per `run`: shows whether Serve's batching happens and how batches split
         self.batch_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
+        self.runs = 0  # `run` calls so far (the last 256 are in batch_log)
 
     @property
     def resident(self) -> dict:
@@ -199,6 +200,7 @@ class ImageEngine:
                 if out[i] is None:
                     groups.setdefault(job.batch_key(), []).append(i)
             self.batch_log.append((len(jobs), len(groups)))
+            self.runs += 1
             for idx in groups.values():
                 self._run_group(jobs, idx, out)
             self.adapters.trim()
@@ -287,7 +289,7 @@ class ImageEngine:
         """What a test or operator may ask a replica: resident adapters, batch sizes and cancellation figures."""
         return {"native_size": self.native_size, "resident": sorted(self.adapters.loaded),
                 "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
-                "batches": [list(x) for x in self.batch_log],
+                "runs": self.runs, "batches": [list(x) for x in self.batch_log],
                 "busy": not self._idle()}
 
     def _idle(self) -> bool:
