@@ -183,6 +183,7 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
     import base64
     import io
 
+    import numpy as np
     import yaml
     from PIL import Image
 
@@ -212,12 +213,18 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
         except (urllib.error.URLError, OSError, ValueError):
             time.sleep(2)
     assert "two-nodes" in models, f"the app did not come up with the adapter: {models}"
-    body = json.dumps({"prompt": "a red circle", "model": "two-nodes", "size": "64x64"}).encode()
-    req = urllib.request.Request(f"{url}/v1/images/generations", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        image = Image.open(io.BytesIO(base64.b64decode(json.loads(resp.read())["data"][0]["b64_json"])))
-    assert image.size == (64, 64)
+    def image(**extra) -> np.ndarray:
+        body = json.dumps({"prompt": "a red circle", "size": "64x64", "seed": 5, **extra}).encode()
+        req = urllib.request.Request(f"{url}/v1/images/generations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            b64 = json.loads(resp.read())["data"][0]["b64_json"]
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+    adapted, base = image(model="two-nodes"), image()
+    assert adapted.shape == (64, 64, 3) and (image(model="two-nodes") == adapted).all()  # same seed, same image
+    # 4 warm-up steps move pixels by about one level (3 steps: max 1, mean 0.1), so any change counts
+    assert np.abs(adapted - base).max() > 0  # the trained adapter changes the image at the same seed
 
     proc = subprocess.run([serve_cli, "shutdown", "-y", "--address", local_cluster.dashboard],
                           env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)

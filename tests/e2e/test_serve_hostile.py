@@ -177,7 +177,7 @@ def test_mixed_concurrent_requests_each_equal_their_image_alone(hostile):
         runs = _info(APP)["runs"]
         barrier = threading.Barrier(len(MIXED))
 
-        def send(adapters):
+        def send(adapters, barrier=barrier):
             barrier.wait()
             return hostile.call("POST", G, _mixed_body(adapters))
 

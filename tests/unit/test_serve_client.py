@@ -1,5 +1,5 @@
 """`diffray generate --url` against a scripted HTTP server on 127.0.0.1 (a real socket, no Ray): it retries
-503 answers and succeeds, gives up after its retry limit with one readable line, and does not retry a 4xx."""
+408 and 503 answers and succeeds, gives up after its retry limit with one readable line, and does not retry a 4xx."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def scripted():
     state = {"script": [200], "bodies": []}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             state["bodies"].append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             status = state["script"][min(len(state["bodies"]), len(state["script"])) - 1]
             payload = ({"images": [{"b64_json": _png()}], "seed": 3} if status == 200 else
@@ -63,8 +63,8 @@ def _cli(url: str, out) -> subprocess.CompletedProcess:
                            "--seed", "3", "--out", str(out)], capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_generate_url_retries_503_then_succeeds_and_gives_up_after_its_limit(scripted, tmp_path):
-    scripted["script"] = [503, 503, 200]
+def test_generate_url_retries_408_and_503_then_succeeds_and_gives_up_after_its_limit(scripted, tmp_path):
+    scripted["script"] = [408, 503, 200]  # a proxy timeout, then overload, then the answer
     proc = _cli(scripted["url"], tmp_path / "img.png")
     assert proc.returncode == 0, proc.stderr
     assert len(scripted["bodies"]) == 3 and proc.stderr.count("retry ") == 2, proc.stderr
