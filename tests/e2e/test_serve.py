@@ -24,6 +24,8 @@ from PIL import Image
 from serve_helpers import KEY, Server, b64_png, control_disc, free_port, lower, png_array
 from testkit.procs import interrupt_group
 
+from diffray.data.conditioning import make_preprocessor
+
 pytestmark = [pytest.mark.e2e]
 
 APP = "diffray-test"
@@ -90,17 +92,28 @@ def test_generations_with_every_adapter_kind_and_same_seed_same_image(server):
     controlled, _ = server.generate(prompt="a red circle", control=ctl)
     controlled2, _ = server.generate(prompt="a red circle", control=ctl)
     assert np.abs(controlled[0] - base[0]).mean() > 1 and (controlled[0] == controlled2[0]).all()
-    canny, _ = server.generate(prompt="a red circle", control={"model": "canny", "raw_image": b64_png(control_disc())})
-    assert canny[0].shape == (64, 64, 3)
+    server.generate(prompt="a red circle", control={"model": "canny", "raw_image": b64_png(control_disc())})
+    # server-side canny (a raw image for a registry ControlNet) == the control computed here; the configured
+    # "canny" entry is the tiny model's zero-initialised ControlNet, which leaves any control without effect
+    raw, _ = server.generate(prompt="a red circle", control={"model": "cn-x", "raw_image": b64_png(control_disc())})
+    local_edges = make_preprocessor("canny")(control_disc())
+    edges, _ = server.generate(prompt="a red circle", control={"model": "cn-x", "image": b64_png(local_edges)})
+    assert (raw[0] == edges[0]).all() and np.abs(raw[0] - base[0]).mean() > 1
+    # the control image moves the tiny model's pixels by about one level only (edges vs disc: mean 0.004,
+    # max 1), but deterministically: the raw image itself as the control is a different image
+    assert (raw[0] != controlled[0]).any()
 
 
 def test_openai_client_gets_images(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=2)
     result = client.images.generate(model="lora-a", prompt="a blue square", n=2, size="64x64",
-                                    response_format="b64_json")
-    assert len(result.data) == 2
-    assert all(png_array(d.b64_json).shape == (64, 64, 3) for d in result.data)
+                                    response_format="b64_json", extra_body={"seed": 7})
+    got = [png_array(d.b64_json) for d in result.data]
+    lora, _ = server.generate(prompt="a blue square", adapter="lora-a", n=2)  # seed 7, 4 steps, as above
+    base, _ = server.generate(prompt="a blue square", n=2)
+    assert len(got) == 2 and all((g == w).all() for g, w in zip(got, lora))  # the adapter's images
+    assert all(np.abs(g - b).mean() > 1 for g, b in zip(got, base))
     with pytest.raises(openai.BadRequestError) as err:
         client.images.generate(prompt="x", size="65x64")
     assert "size" in str(err.value)
@@ -120,12 +133,16 @@ def test_new_adapter_is_served_without_redeploy(server):
 def test_cli_generate_url(server, tmp_path):
     out = tmp_path / "img.png"
     proc = subprocess.run([sys.executable, "-m", "diffray.cli", "generate", "--url", server.url, "-p", "a red circle",
-                           "--num-images", "2", "--steps", "4", "--adapter", "lora-a", "--out", str(out)],
+                           "--num-images", "2", "--steps", "4", "--adapter", "lora-a", "--seed", "7",
+                           "--guidance", "7.5", "--out", str(out)],
                           capture_output=True, text=True, timeout=120, env={**_env(), "DIFFRAY_API_KEY": KEY})
     assert proc.returncode == 0, proc.stderr
     files = sorted(tmp_path.glob("img-*.png"))
     assert [f.name for f in files] == ["img-0-0.png", "img-0-1.png"]
-    assert Image.open(files[0]).size == (64, 64)
+    saved = [np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files]
+    lora, _ = server.generate(prompt="a red circle", adapter="lora-a", n=2)
+    base, _ = server.generate(prompt="a red circle", n=2)
+    assert all((s == w).all() and np.abs(s - b).mean() > 1 for s, w, b in zip(saved, lora, base))
     bad = subprocess.run([sys.executable, "-m", "diffray.cli", "generate", "--url", server.url, "-p", "x",
                           "--adapter", "nope", "--out", str(out)], capture_output=True, text=True, timeout=120,
                          env={**_env(), "DIFFRAY_API_KEY": KEY})
@@ -267,13 +284,21 @@ def _load(server, stop: threading.Event, results: list, retry: bool) -> None:
 
 
 def _wait_for_two_replicas(before: set[str], timeout: float = 120) -> set[str]:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         now = set(_generator_replicas().values())
         if len(now) == 2 and now - before:
             return now
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError(f"no replacement replica after {timeout}s: {_generator_replicas()}")
+
+
+def _wait_for_answers(results: list, count: int, timeout: float = 120) -> None:
+    """Until the load threads have `count` answers (polled; the deadline fails the test)."""
+    deadline = time.monotonic() + timeout
+    while len(results) < count:
+        assert time.monotonic() < deadline, f"only {len(results)} of {count} answers after {timeout}s: {results}"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("retry", [False, True], ids=["no-retry", "client-retry"])
@@ -286,11 +311,11 @@ def test_killing_a_generator_replica_under_load(server, retry):
     threads = [threading.Thread(target=_load, args=(server, stop, results, retry)) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(2.0)
+    _wait_for_answers(results, 3)  # the load is flowing
     victim_name, victim_id = sorted(replicas.items())[0]
     served_before = len(results)
     ray.kill(ray.get_actor(victim_name, namespace="serve"), no_restart=True)
-    time.sleep(4.0)
+    _wait_for_answers(results, served_before + 9)  # the load goes on past the loss: 3 more per thread
     stop.set()
     for t in threads:
         t.join(timeout=90)

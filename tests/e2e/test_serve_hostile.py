@@ -54,6 +54,7 @@ def hostile(ray_cluster, tiny_model_path, tmp_path_factory):
 
     reg, spare = tmp_path_factory.mktemp("hostile-adapters"), tmp_path_factory.mktemp("spare")
     random_lora(tiny_model_path, reg / "lora-a", seed=1)
+    random_lora(tiny_model_path, reg / "lora-b", seed=2)
     random_textual_inversion(tiny_model_path, reg / "ti-x", "<x-tok>", seed=3)
     controlnet_from_unet(tiny_model_path, reg / "cn-x", seed=4)
     for token, seed in (("p", 5), ("q", 6), ("e", 7)):
@@ -157,6 +158,40 @@ def test_a_bad_request_among_its_batch_mates_fails_alone(hostile):
         else:
             assert status == 200, js
             assert np.abs(png_array(js["images"][0]["b64_json"]) - alone[i // 2]).max() <= 1
+
+
+MIXED = [(), (("lora-a", 1.0),), (("lora-a", 0.5),), (("lora-b", 1.0),)]  # base, A, A at 0.5, B
+
+
+def _mixed_body(adapters: tuple) -> dict:
+    return {"prompt": "a red circle", "seed": 11, "adapters": [{"id": a, "weight": w} for a, w in adapters]}
+
+
+def test_mixed_concurrent_requests_each_equal_their_image_alone(hostile):
+    """Base, A, A at weight 0.5 and B sent at once: Serve batches them (A and A at 0.5 share a multiplexed
+    id, so one batch), and each answer is its one-at-a-time image. Rounds repeat until the replica's own
+    batch log shows a batch of several jobs, so the test cannot pass by the requests running one by one."""
+    alone = [_pixels(hostile.ok(**_mixed_body(a))) for a in MIXED]
+    assert min(np.abs(x - y).mean() for i, x in enumerate(alone) for y in alone[i + 1:]) > 1  # all differ
+    for _ in range(10):
+        runs = _info(APP)["runs"]
+        barrier = threading.Barrier(len(MIXED))
+
+        def send(adapters, barrier=barrier):
+            barrier.wait()
+            return hostile.call("POST", G, _mixed_body(adapters))
+
+        with ThreadPoolExecutor(len(MIXED)) as pool:
+            results = list(pool.map(send, MIXED))
+        for adapters, want, (status, js, _) in zip(MIXED, alone, results):
+            assert status == 200, js
+            assert np.abs(_pixels(js) - want).max() <= 1, adapters  # batch-shape fp noise at most
+        info = _info(APP)  # nothing else runs on this replica meanwhile: the new runs are this round's
+        batches = [tuple(b) for b in info["batches"][len(info["batches"]) - (info["runs"] - runs):]]
+        assert all(jobs == calls for jobs, calls in batches), batches  # every job here has its own key
+        if any(jobs > 1 for jobs, _ in batches):
+            return
+    raise AssertionError(f"no batch of several jobs in 10 rounds: {batches}")
 
 
 # ------------------------------------------------------------------------------------------ the registry
@@ -263,6 +298,26 @@ def test_deleted_resident_adapters_then_evicted_fail_nothing_else(hostile):
         shutil.rmtree(hostile.registry / f"evict-{i}")
 
 
+def test_least_recently_used_adapter_is_evicted_and_reloads_the_same(hostile):
+    """Four LoRAs through a replica that holds three adapter sets: the least recently used one leaves the
+    pipeline, and used again it reloads to the very image it gave before."""
+    from testkit.adapters import random_lora
+
+    ids = [f"lru-{i}" for i in range(4)]
+    for i, name in enumerate(ids):
+        random_lora(hostile.model_path, hostile.registry / name, seed=20 + i)
+    first = {name: _pixels(hostile.ok(prompt="lru", adapter=name)) for name in ids[:3]}
+    assert _info(APP)["resident"] == sorted(ids[:3])  # the cap is 3 sets: anything older has gone
+    hostile.ok(prompt="lru", adapter=ids[0])  # now lru-1 is the least recently used
+    first[ids[3]] = _pixels(hostile.ok(prompt="lru", adapter=ids[3]))
+    assert _info(APP)["resident"] == sorted([ids[0], ids[2], ids[3]])
+    again = _pixels(hostile.ok(prompt="lru", adapter=ids[1]))  # reloads, evicting lru-2
+    assert _info(APP)["resident"] == sorted([ids[0], ids[1], ids[3]])
+    assert (again == first[ids[1]]).all()
+    assert min(np.abs(first[a] - first[b]).mean() for a in ids for b in ids if a < b) > 1  # all differ
+    for name in ids:
+        shutil.rmtree(hostile.registry / name)
+
 @pytest.mark.parametrize("path,body,param", [
     (G, {"prompt": "x", "adapter": "lora-a\n"}, "adapter"),
     (G, {"prompt": "x", "adapters": [{"id": "lora-a\n"}]}, "adapters.0.id"),
@@ -292,17 +347,18 @@ def test_duplicate_authorization_headers_are_refused(hostile, values):
 
 
 # ----------------------------------------------------------------------------------- timeouts cancel work
-def _slow_info() -> dict:
+def _info(app: str = SLOW_APP) -> dict:
+    """The Generator replica's own figures (resident adapters, batches, abandoned jobs); each app has one."""
     from ray import serve
 
-    return serve.get_deployment_handle("Generator", app_name=SLOW_APP).info.remote().result()
+    return serve.get_deployment_handle("Generator", app_name=app).info.remote().result()
 
 
 def _wait_idle(count_before: int) -> dict:
     """The slow replica's info once it has abandoned one more job and holds no pipeline call."""
     deadline = time.monotonic() + 120
     while True:
-        info = _slow_info()
+        info = _info()
         if len(info["abandoned"]) > count_before and not info["busy"]:
             return info
         assert time.monotonic() < deadline, f"the replica never freed itself: {info}"
@@ -322,7 +378,7 @@ def test_more_steps_than_the_sampler_can_schedule_is_400(hostile, scheduler, ste
 
 
 def test_a_timed_out_generation_frees_its_replica_within_one_step(hostile):
-    before = len(_slow_info()["abandoned"])
+    before = len(_info()["abandoned"])
     status, js, _ = hostile.call("POST", "/slow" + G, LONG)
     assert status == 504 and js["error"]["type"] == "timeout"
     info = _wait_idle(before)
@@ -333,7 +389,7 @@ def test_a_timed_out_generation_frees_its_replica_within_one_step(hostile):
 
 
 def test_a_client_that_goes_away_cancels_its_generation(hostile):
-    before = len(_slow_info()["abandoned"])
+    before = len(_info()["abandoned"])
     host, port = hostile.url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=1.0)
     conn.request("POST", "/slow" + G, json.dumps(LONG), {"Authorization": f"Bearer {KEY}",

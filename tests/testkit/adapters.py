@@ -49,7 +49,8 @@ def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, s
 
 
 def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Path:
-    """A ControlNet copying the UNet encoder (zero convolutions perturbed so the control image matters)."""
+    """A ControlNet copying the UNet encoder, its zero convolutions perturbed: the output blocks (so it changes
+    the image) and the conditioning embedding's last conv (so the control image itself matters)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
@@ -58,7 +59,8 @@ def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Pat
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in cn.named_parameters():
-            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            if any(k in name for k in ("zero_conv", "controlnet_down_blocks", "controlnet_mid_block",
+                                       "controlnet_cond_embedding.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     out = Path(out_dir)
     cn.save_pretrained(out, safe_serialization=True)

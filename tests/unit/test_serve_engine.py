@@ -51,6 +51,21 @@ def test_batch_equals_single_calls(engine):
         assert np.abs(pixels(got) - pixels(want)).max() <= 1  # fp noise of batch shape, at most one level
 
 
+def test_mixed_batch_equals_each_job_alone(engine):
+    """One `run` with base, adapter a, a at weight 0.5, b and a+b (same seed, same shape): every job gets
+    the image it gets alone, in one pipeline call per adapter set and weights."""
+    sets = [(), (("a", 1.0),), (("a", 0.5),), (("b.v2", 1.0),), (("a", 1.0), ("b.v2", 0.5))]
+    engine.acquire(["a", "b.v2"])
+    try:
+        alone = [pixels(engine.run([job(adapters=s)])[0][0]) for s in sets]
+        mixed = engine.run([job(adapters=s) for s in sets])
+        assert engine.batch_log[-1] == (len(sets), len(sets))  # one call per adapter set and weights
+    finally:
+        engine.release(["a", "b.v2"])
+    for i, (got, want) in enumerate(zip(mixed, alone)):
+        assert np.abs(pixels(got[0]) - want).max() <= 1, sets[i]  # at most one level of batch-shape fp noise
+    assert min(np.abs(x - y).mean() for i, x in enumerate(alone) for y in alone[i + 1:]) > 1  # all differ
+
 def test_adapters_switch_share_and_unload(engine):
     base = engine.run([job()])
     engine.acquire(["a"])

@@ -91,6 +91,9 @@ class ImageEngine:
         self.cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # job id -> steps_done then
         # (why, steps run between the cancel and the stop) per abandoned job: "cancel" or "deadline"
         self.cancel_log: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
+        # (jobs, pipeline calls) per `run`: shows whether Serve's batching happens and how batches split
+        self.batch_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
+        self.runs = 0  # `run` calls so far (the last 256 are in batch_log)
 
     @property
     def resident(self) -> dict:
@@ -196,6 +199,8 @@ class ImageEngine:
                 out[i] = self._check_text(job) or self._check_steps(job)
                 if out[i] is None:
                     groups.setdefault(job.batch_key(), []).append(i)
+            self.batch_log.append((len(jobs), len(groups)))
+            self.runs += 1
             for idx in groups.values():
                 self._run_group(jobs, idx, out)
             self.adapters.trim()
@@ -281,9 +286,10 @@ class ImageEngine:
         return list(result.images)
 
     def info(self) -> dict:
-        """What a test or operator may ask a replica: resident adapters and cancellation figures."""
+        """What a test or operator may ask a replica: resident adapters, batch sizes and cancellation figures."""
         return {"native_size": self.native_size, "resident": sorted(self.adapters.loaded),
                 "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
+                "runs": self.runs, "batches": [list(x) for x in self.batch_log],
                 "busy": not self._idle()}
 
     def _idle(self) -> bool:
