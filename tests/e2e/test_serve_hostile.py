@@ -19,7 +19,6 @@ import os
 import random
 import shutil
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serve_helpers import KEY, Server, app_args, b64_png, control_disc, free_port, png_array
+from testkit.wait import wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -356,13 +356,11 @@ def _info(app: str = SLOW_APP) -> dict:
 
 def _wait_idle(count_before: int) -> dict:
     """The slow replica's info once it has abandoned one more job and holds no pipeline call."""
-    deadline = time.monotonic() + 120
-    while True:
+    def freed() -> dict | None:
         info = _info()
-        if len(info["abandoned"]) > count_before and not info["busy"]:
-            return info
-        assert time.monotonic() < deadline, f"the replica never freed itself: {info}"
-        time.sleep(0.1)
+        return info if len(info["abandoned"]) > count_before and not info["busy"] else None
+
+    return wait_until(freed, "the replica to abandon the job and free itself", interval=0.1)
 
 
 LONG = {"prompt": "a long one", "width": 256, "height": 256, "steps": 900, "seed": 1}

@@ -9,12 +9,12 @@ import io
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from testkit.wait import wait_until
 
 from diffray.errors import RequestError
 from diffray.serve.config import FeedbackSection, Limits
@@ -106,10 +106,13 @@ def test_concurrent_writers_and_a_killed_writer_lose_nothing_acknowledged(tmp_pa
     victim = ctx.Process(target=_writer, args=(path, 9000, 100_000, str(acks[3])))
     for p in [*procs, victim]:
         p.start()
-    deadline = time.monotonic() + 300
-    while len(_acked(acks[3])) < 20:  # the victim is mid-stream (waits on its acknowledgements)
-        assert time.monotonic() < deadline and victim.is_alive()
-        time.sleep(0.01)
+
+    def victim_alive() -> None:
+        assert victim.is_alive(), "the victim writer ended before it was killed"
+
+    # the victim is mid-stream: wait on its acknowledgements
+    wait_until(lambda: len(_acked(acks[3])) >= 20, "20 acknowledged writes by the victim", timeout=300,
+               interval=0.01, alive=victim_alive)
     os.kill(victim.pid, signal.SIGKILL)
     for p in [*procs, victim]:
         p.join(120)
