@@ -63,6 +63,18 @@ def full_denoiser(comps, train_text_encoder: bool, gradient_checkpointing: bool 
     return Denoiser(comps.unet, comps.text_encoder if train_text_encoder else None)
 
 
+def export_pipeline(family, comps, module: Denoiser, out_dir: Path, card: dict) -> Path:
+    """A full pipeline dir (`StableDiffusionPipeline.from_pretrained` loads it) with the trained UNet (and
+    text encoder, when it trained) plus the card: the artifact of full fine-tuning (DreamBooth full mode,
+    `method: full`). Rank 0, weights gathered."""
+    from diffray.models.adapters import write_card
+
+    pipe = family.pipeline(comps, unet=module.unet, text_encoder=module.text_encoder)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    write_card(out_dir, card)
+    return out_dir
+
+
 class DenoisingTask:
     """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
 

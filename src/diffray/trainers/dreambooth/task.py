@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from diffray.models.adapters import export_lora, write_card
-from diffray.trainers.denoising import DenoisingTask, Denoiser, full_denoiser, lora_denoiser
+from diffray.models.adapters import export_lora
+from diffray.trainers.denoising import DenoisingTask, Denoiser, export_pipeline, full_denoiser, lora_denoiser
 
 
 class DreamBoothTask(DenoisingTask):
@@ -60,6 +60,4 @@ class DreamBoothTask(DenoisingTask):
         card = {**card, "instance_prompt": db.instance_prompt, "class_prompt": db.class_prompt, "mode": db.mode}
         if db.mode == "lora":
             return export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
-        self.family.pipeline(self.comps, unet=self.module.unet).save_pretrained(out_dir, safe_serialization=True)
-        write_card(out_dir, card)
-        return out_dir
+        return export_pipeline(self.family, self.comps, self.module, out_dir, card)
