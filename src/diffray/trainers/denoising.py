@@ -75,6 +75,14 @@ def export_pipeline(family, comps, module: Denoiser, out_dir: Path, card: dict) 
     return out_dir
 
 
+def export_non_ema(module: Denoiser, artifact: Path) -> None:
+    """The module's live (trained, non-EMA) parts as the `non_ema` variant files of a pipeline dir."""
+    module.unet.save_pretrained(Path(artifact) / "unet", variant="non_ema", safe_serialization=True)
+    if module.text_encoder is not None:
+        module.text_encoder.save_pretrained(Path(artifact) / "text_encoder", variant="non_ema",
+                                            safe_serialization=True)
+
+
 class DenoisingTask:
     """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
 
@@ -105,8 +113,12 @@ class DenoisingTask:
         raise NotImplementedError
 
     def export(self, out_dir: Path, card: dict) -> Path:
-        """Write the artifact into out_dir (rank 0, trainable weights gathered)."""
+        """Write the artifact into out_dir (rank 0, trainable weights gathered; EMA ones when on)."""
         raise NotImplementedError
+
+    def export_raw(self, artifact: Path) -> None:
+        """With EMA on: the trained weights beside the EMA artifact, where the format has a place for them
+        (none by default: an adapter file holds one set)."""
 
     @property
     def datasets(self) -> tuple[str, ...]:

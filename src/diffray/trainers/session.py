@@ -237,10 +237,12 @@ def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
 
 
 def card(cfg, model_path: str, state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Model card fields common to every method (`metrics`: the final checkpoint's)."""
+    """Model card fields common to every method (`metrics`: the final checkpoint's). `weights` says whether
+    the artifact holds the EMA of the trained weights (`train.ema_decay`) or the trained weights."""
     return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
             "steps": state["step"], "metrics": metrics,
             "train_time_s": round(state.get("train_time_s", 0.0), 3),
+            "weights": "trained" if cfg.train.ema_decay is None else f"ema (decay {cfg.train.ema_decay})",
             "config": cfg.model_dump(mode="json")}
 
 
@@ -289,6 +291,7 @@ def restore(engine) -> dict[str, Any] | None:
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
         engine.load(Path(d))
+        engine.load_ema(Path(d))
     return state
 
 
@@ -302,6 +305,7 @@ def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict
     with tempfile.TemporaryDirectory(prefix="diffray-ckpt-") as tmp:
         d = Path(tmp)
         engine.save(d)
+        engine.save_ema(d, env.is_main)
         hooks.current().checkpoint_written(env.rank, state["step"], log_dir)
         if artifact is not None:
             shutil.copytree(artifact, d / ARTIFACT_DIR)

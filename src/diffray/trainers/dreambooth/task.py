@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from diffray.models.adapters import export_lora
-from diffray.trainers.denoising import DenoisingTask, Denoiser, export_pipeline, full_denoiser, lora_denoiser
+from diffray.trainers.denoising import (DenoisingTask, Denoiser, export_non_ema, export_pipeline, full_denoiser,
+                                        lora_denoiser)
 
 
 class DreamBoothTask(DenoisingTask):
@@ -61,3 +62,7 @@ class DreamBoothTask(DenoisingTask):
         if db.mode == "lora":
             return export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
         return export_pipeline(self.family, self.comps, self.module, out_dir, card)
+
+    def export_raw(self, artifact: Path) -> None:
+        if self.cfg.dreambooth.mode == "full":
+            export_non_ema(self.module, artifact)

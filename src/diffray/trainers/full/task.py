@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from diffray.trainers.denoising import DenoisingTask, Denoiser, export_pipeline, full_denoiser
+from diffray.trainers.denoising import DenoisingTask, Denoiser, export_non_ema, export_pipeline, full_denoiser
 
 
 def fresh(module: torch.nn.Module) -> torch.nn.Module:
@@ -48,3 +48,8 @@ class FullTask(DenoisingTask):
         full = self.cfg.full
         card = {**card, "train_text_encoder": full.train_text_encoder, "from_scratch": full.from_scratch}
         return export_pipeline(self.family, self.comps, self.module, out_dir, card)
+
+    def export_raw(self, artifact: Path) -> None:
+        """The trained weights as the diffusers `non_ema` variant beside the EMA pipeline
+        (`UNet2DConditionModel.from_pretrained(dir, subfolder="unet", variant="non_ema")`)."""
+        export_non_ema(self.module, artifact)
