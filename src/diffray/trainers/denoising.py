@@ -14,7 +14,6 @@ Worker side: built inside the Ray Train loop (`diffray.trainers.loop`), never on
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -22,8 +21,9 @@ import torch
 from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
 from diffray.models.family import family_of
-from diffray.trainers import hooks, session
+from diffray.trainers import session
 from diffray.trainers.components.diffusion import caption_dropout_mask, per_sample_loss
+from diffray.trainers.steps import StepTask
 
 
 class Denoiser(torch.nn.Module):
@@ -83,13 +83,8 @@ def export_non_ema(module: Denoiser, artifact: Path) -> None:
                                             safe_serialization=True)
 
 
-class DenoisingTask:
+class DenoisingTask(StepTask):
     """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
-
-    grid_path = "validation/step_{step:06d}.png"  # under the run's log dir
-    grid_tag = "validation"
-    collective_grid = False  # True: every rank must take part in rendering (it gathers across ranks)
-    step_reports = False  # True: a Tune trial reports every step (not only at validation steps)
 
     def __init__(self, cfg, model_path: str, env: session.WorkerEnv):
         self.cfg, self.env = cfg, env
@@ -116,9 +111,6 @@ class DenoisingTask:
         """Write the artifact into out_dir (rank 0, trainable weights gathered; EMA ones when on)."""
         raise NotImplementedError
 
-    def export_raw(self, artifact: Path) -> None:
-        """With EMA on: the trained weights beside the EMA artifact, where the format has a place for them
-        (none by default: an adapter file holds one set)."""
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -140,15 +132,7 @@ class DenoisingTask:
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (Textual Inversion restores frozen rows)."""
 
-    # --- the loop's side of the Task protocol
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.cfg.train.grad_accum_steps
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.cfg.train.max_steps
-
+    # --- the loop's side of the Task protocol (the rest: `StepTask`)
     def start(self, engine, state: dict) -> None:
         """Open the dataset streams, skipping the micro-batches earlier (resumed) steps consumed."""
         skip = state["step"] * self.grad_accum_steps
@@ -158,26 +142,9 @@ class DenoisingTask:
         """One optimizer step over `grad_accum_steps` micro-batches. The loss is averaged over ranks before
         backward, so a non-finite loss stops every rank at the same step."""
         self.counters.take()  # drop calls made outside training steps (validation, set-up)
-        total = 0.0
-        for _ in range(self.grad_accum_steps):
-            loss = hooks.current().loss(step, self.loss(engine, step))
-            mean = session.global_mean(loss.detach())
-            if not math.isfinite(mean):
-                raise session.NonFiniteLoss(step, mean)
-            engine.backward(loss)
-            if engine.step():
-                self.after_optimizer_step()
-            total += mean / self.grad_accum_steps
+        total = session.accumulated_step(engine, step, self.grad_accum_steps, lambda: self.loss(engine, step),
+                                         self.after_optimizer_step)
         return session.StepOutput(total, self.counters.take())
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def report_metrics(self) -> dict:
-        return {}
 
     # --- the denoising loss
     def losses(self, engine, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:

@@ -179,6 +179,22 @@ def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[
                         cfg.data.shuffle_buffer, seed, cfg.data.aspect_buckets)
 
 
+def accumulated_step(engine, step: int, accum: int, next_loss, on_optimizer_step=None) -> float:
+    """One optimizer step over `accum` micro-batches (`next_loss()` each); returns the mean loss. The loss
+    is averaged over ranks before backward, so a non-finite loss stops every rank at the same step."""
+    total = 0.0
+    for _ in range(accum):
+        loss = hooks.current().loss(step, next_loss())
+        mean = global_mean(loss.detach())
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(step, mean)
+        engine.backward(loss)
+        if engine.step() and on_optimizer_step is not None:
+            on_optimizer_step()
+        total += mean / accum
+    return total
+
+
 def global_mean(value: torch.Tensor) -> float:
     """Mean of a scalar over all ranks. NaN/inf on any rank makes it non-finite on every rank, so
     all ranks see a bad loss at the same step and stop together."""
