@@ -108,7 +108,8 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     assert abs(lora_img - base_img).mean() > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+# DDP in the slow suite: the default suite keeps one strategy (CI runs both)
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "deepspeed"])
 def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     """2 workers x micro-batch 1 == 1 worker x micro-batch 2 on the same data (gradients are averaged)."""
     from diffray.data.sample import write_sample_dataset
