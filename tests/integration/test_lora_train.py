@@ -4,6 +4,7 @@ equivalence, resume, worker failure, NaN stop, interrupted checkpoint writes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -260,9 +261,14 @@ def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
         assert (Path(result.run_dir) / "logs" / "validation" / "step_000004.png").is_file()
 
 
+# Training configs the README's slow `train` block does not already run as shipped (tests/e2e/test_readme.py).
+README_TRAINS = set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "README.md").read_text()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").glob("*.yaml"))  # training jobs only
-                                  if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))],
+                                  if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))
+                                  and p.name not in README_TRAINS],
                          ids=lambda p: p.name)
 def test_shipped_configs_run(ray_cluster, tmp_path, path):
     cfg = load_config(path, [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=2", "train.checkpoint_every=2",
