@@ -46,6 +46,12 @@ EXPECT = {
     "requests": ["adapters/my-lora/pytorch_lora_weights.safetensors", "outputs/generated-0-0.png"],
 }
 
+# What a block must print (regular expressions over its stdout): the data commands' counts.
+SAYS = {
+    "data": [r": 32 rows, 32 usable, 0 would be quarantined", r"train: latent cache (\S+)",
+             r"wrote 32 pairs to \S*data/pairs \(0 quarantined\)", r"rank: 16"],
+}
+
 
 @dataclass
 class Block:
@@ -120,6 +126,11 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
     assert not noise, f"README.md:{block.line}: library output on the terminal: {noise}\n{proc.stderr[-3000:]}"
     missing = [p for p in EXPECT.get(block.id, []) if not (cwd / p).exists()]
     assert not missing, f"README.md:{block.line}: {missing} not written"
+    unsaid = [r for r in SAYS.get(block.id, []) if not re.search(r, proc.stdout)]
+    assert not unsaid, f"README.md:{block.line}: {unsaid} not printed:\n{proc.stdout[-3000:]}"
+    if block.id == "data":  # the latent cache it printed holds every row
+        folder = cwd / re.search(SAYS["data"][1], proc.stdout).group(1)
+        assert json.loads((folder / "cache.json").read_text())["rows"] == 32
 
 
 def start_server(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from PIL import Image
 from serve_helpers import KEY, Server, b64_png, control_disc, free_port, lower, png_array
 from testkit.procs import interrupt_group
+from testkit.wait import wait_until
 
 from diffray.data.conditioning import make_preprocessor
 
@@ -296,21 +296,17 @@ def _load(server, stop: threading.Event, results: list, retry: bool) -> None:
 
 
 def _wait_for_two_replicas(before: set[str], timeout: float = 120) -> set[str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def replaced() -> set[str] | None:
         now = set(_generator_replicas().values())
-        if len(now) == 2 and now - before:
-            return now
-        time.sleep(0.5)
-    raise AssertionError(f"no replacement replica after {timeout}s: {_generator_replicas()}")
+        return now if len(now) == 2 and now - before else None
+
+    return wait_until(replaced, "a replacement Generator replica", timeout=timeout, interval=0.5)
 
 
 def _wait_for_answers(results: list, count: int, timeout: float = 120) -> None:
-    """Until the load threads have `count` answers (polled; the deadline fails the test)."""
-    deadline = time.monotonic() + timeout
-    while len(results) < count:
-        assert time.monotonic() < deadline, f"only {len(results)} of {count} answers after {timeout}s: {results}"
-        time.sleep(0.05)
+    """Until the load threads have `count` answers."""
+    wait_until(lambda: len(results) >= count, f"{count} answers from the load threads", timeout=timeout,
+               interval=0.05)
 
 
 @pytest.mark.parametrize("retry", [False, True], ids=["no-retry", "client-retry"])
@@ -377,15 +373,11 @@ def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path
                             start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", tmp_path / "adapters")
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if server.call("GET", "/v1/models", key=None, timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
+        def alive() -> None:
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(2)
+
+        wait_until(lambda: server.call("GET", "/v1/models", key=None, timeout=5)[0] == 200,
+                   f"{launcher} to answer /v1/models", timeout=240, interval=2, alive=alive)
         status, js, _ = server.call("POST", "/v1/images/generations", {"prompt": "a red circle"}, key=None)
         assert status == 200 and png_array(js["data"][0]["b64_json"]).shape == (64, 64, 3)
     finally:

@@ -175,6 +175,7 @@ def write_mixed_aspect_folder(root: Path, per_shape: int = 4) -> Path:
     return root
 
 
+@pytest.mark.slow  # 43 s; CI's slow suite runs it (the default suite's budget)
 def test_aspect_buckets_stream_one_shape_batches_and_cache_reproduces_training(ray_cluster, tmp_path, tiny_model_path):
     from diffray.trainers.session import batch_stream
 

@@ -4,6 +4,7 @@ equivalence, resume, worker failure, NaN stop, interrupted checkpoint writes."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     assert abs(lora_img - base_img).mean() > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+# DDP in the slow suite: the default suite keeps one strategy (CI runs both)
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow), "deepspeed"])
 def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     """2 workers x micro-batch 1 == 1 worker x micro-batch 2 on the same data (gradients are averaged)."""
     from diffray.data.sample import write_sample_dataset
@@ -259,9 +261,14 @@ def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
         assert (Path(result.run_dir) / "logs" / "validation" / "step_000004.png").is_file()
 
 
+# Training configs the README's slow `train` block does not already run as shipped (tests/e2e/test_readme.py).
+README_TRAINS = set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "README.md").read_text()))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").glob("*.yaml"))  # training jobs only
-                                  if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))],
+                                  if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))
+                                  and p.name not in README_TRAINS],
                          ids=lambda p: p.name)
 def test_shipped_configs_run(ray_cluster, tmp_path, path):
     cfg = load_config(path, [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=2", "train.checkpoint_every=2",

@@ -205,6 +205,14 @@ def global_mean(value: torch.Tensor) -> float:
     return float(t.item())
 
 
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a small CPU tensor over all ranks, in one collective."""
+    t = values.detach().cpu().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def broadcast_from_main(value: Any) -> Any:
     """Rank 0's `value` on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

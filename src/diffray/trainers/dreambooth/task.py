@@ -68,8 +68,7 @@ class DreamBoothTask(DenoisingTask):
         and the rows of each kind in its metrics."""
         self.sums = torch.zeros(4, dtype=torch.float64)
         out = super().train_step(engine, step)
-        world = self.env.world_size  # the mean over ranks x ranks = the sum over ranks
-        inst_sum, inst_n, cls_sum, cls_n = (session.global_mean(v) * world for v in self.sums)
+        inst_sum, inst_n, cls_sum, cls_n = session.global_sum(self.sums).tolist()  # one collective, not four
         metrics = {"instance_loss": inst_sum / max(inst_n, 1), "instance_rows": round(inst_n)}
         if "class" in self.streams:
             metrics.update(class_loss=cls_sum / cls_n if cls_n else float("nan"), class_rows=round(cls_n))
