@@ -83,44 +83,6 @@ def fixed_noise_loss(unet, comps, data_dir: Path) -> float:
     return sum(losses) / len(losses)
 
 
-def test_full_zero2_learns_exports_stock_pipeline_and_resumes_exactly(ray_cluster, tmp_path, tiny_model_path):
-    from diffusers import StableDiffusionPipeline
-
-    from diffray.data.sample import write_sample_dataset
-    from diffray.models.loading import load_components
-
-    data = write_sample_dataset(tmp_path / "four", num_images=4) / "train"
-    common = [f"data.path={data}", "data.caption_dropout=0.25"]
-    result = run_training(full_cfg(tmp_path, "straight", *common))
-    assert result.steps == 8
-    exported = unet_of(result.artifact_dir)
-    # The artifact holds exactly the trained weights of the final ZeRO-2 checkpoint.
-    assert max_diff(weights_of(result.run_dir), exported) < 1e-6
-    card = read_card(result.artifact_dir)
-    assert card["method"] == "full" and card["steps"] == 8 and card["from_scratch"] is False
-
-    # Stock diffusers loads it, and its UNet predicts what the trained weights predict.
-    pipe = StableDiffusionPipeline.from_pretrained(result.artifact_dir, safety_checker=None)
-    comps = load_components(tiny_model_path)
-    base_loss = fixed_noise_loss(comps.unet, comps, data)
-    comps.unet.load_state_dict(weights_of(result.run_dir))
-    g = torch.Generator().manual_seed(1)
-    latents, t, ids = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600]), torch.randint(0, 100, (2, 77))
-    with torch.no_grad():
-        hidden = comps.text_encoder(ids)[0]
-        want = comps.unet(latents, t, encoder_hidden_states=hidden).sample
-        got = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
-    assert (got - want).abs().max().item() < 1e-5
-    # It learned: the loss on its own rows at fixed noise fell.
-    trained_loss = fixed_noise_loss(pipe.unet, comps, data)
-    assert trained_loss < base_loss - 0.01, (base_loss, trained_loss)
-
-    # 4 steps, then the same command with max_steps 8 resumes from step 4 and ends where the straight run did.
-    resumed = interrupted_run(tmp_path, "resumed", 4, *common)
-    assert max_diff(unet_of(resumed.artifact_dir), exported) < 1e-6
-
-
-
 @pytest.mark.slow
 def test_zero3_with_text_encoder_latent_cache_and_validation(ray_cluster, tmp_path):
     from diffusers import StableDiffusionPipeline
@@ -169,19 +131,28 @@ def zero_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("unet."): v for k, v in sd.items()}
 
 
-def test_ema_export_equals_hand_computed_ema_of_every_step(ray_cluster, tmp_path):
+def test_full_zero2_learns_exports_ema_and_raw_as_a_stock_pipeline(ray_cluster, tmp_path, tiny_model_path):
+    """One ZeRO-2 run with an EMA: it learns, the artifact is a stock pipeline whose UNet is exactly the
+    hand-computed EMA of the per-step trained weights and whose `non_ema` variant is exactly the last
+    trained weights, and validation reports both."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    decay = 0.9
-    cfg = full_cfg(tmp_path, "ema", "train.max_steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=4",
-                   f"train.ema_decay={decay}", "data.validation_fraction=0.25", "train.validate_every=4")
+    from diffray.data.sample import write_sample_dataset
+    from diffray.models.loading import load_components
+
+    decay, steps = 0.9, 6
+    data = write_sample_dataset(tmp_path / "eight", num_images=8) / "train"
+    cfg = full_cfg(tmp_path, "ema", f"data.path={data}", "data.caption_dropout=0.25", f"train.max_steps={steps}",
+                   "train.checkpoint_every=1", f"train.keep_checkpoints={steps}", f"train.ema_decay={decay}",
+                   "data.validation_fraction=0.25", f"train.validate_every={steps}")
     result = run_training(cfg)
+    assert result.steps == steps
     ckpts = checkpoints_by_step(result.run_dir)
-    assert sorted(ckpts) == [1, 2, 3, 4]
+    assert sorted(ckpts) == list(range(1, steps + 1))
     # The EMA by hand over the trained weights after each step (read from each step's ZeRO-2 shards),
     # with diffusers' warmup: decay 0 at step 1, then min(decay, k / (k + 9)).
     ema: dict[str, torch.Tensor] = {}
-    for k in range(1, 5):
+    for k in range(1, steps + 1):
         w = zero_weights(ckpts[k])
         d = 0.0 if k == 1 else min(decay, k / (k + 9))
         ema = {n: d * ema[n] + (1 - d) * w[n].float() if ema else w[n].float() for n in w}
@@ -190,10 +161,27 @@ def test_ema_export_equals_hand_computed_ema_of_every_step(ray_cluster, tmp_path
     raw = UNet2DConditionModel.from_pretrained(result.artifact_dir, subfolder="unet", variant="non_ema")
     assert max_diff(w, raw.state_dict()) < 1e-6 and max_diff(w, ema) > 1e-5  # the two differ
     card = read_card(result.artifact_dir)
+    assert card["method"] == "full" and card["steps"] == steps and card["from_scratch"] is False
     assert card["weights"] == f"ema (decay {decay})"
     lines = (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
     last = [e for e in map(json.loads, lines) if "val_loss" in e][-1]  # validation uses the EMA, reports both
-    assert last["step"] == 4 and last["val_loss"] == result.metrics["val_loss"] and last["val_loss_raw"] != last["val_loss"]
+    assert last["step"] == steps and last["val_loss"] == result.metrics["val_loss"]
+    assert last["val_loss_raw"] != last["val_loss"]
+
+    # The stock pipeline's UNet predicts what the trained (EMA) weights predict, and the run learned:
+    # the loss of the trained weights on its own rows at fixed noise fell.
+    comps = load_components(tiny_model_path)
+    base_loss = fixed_noise_loss(comps.unet, comps, data)
+    comps.unet.load_state_dict(ema)
+    g = torch.Generator().manual_seed(1)
+    latents, t, ids = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600]), torch.randint(0, 100, (2, 77))
+    with torch.no_grad():
+        hidden = comps.text_encoder(ids)[0]
+        want = comps.unet(latents, t, encoder_hidden_states=hidden).sample
+        got = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
+    assert (got - want).abs().max().item() < 1e-5
+    trained_loss = fixed_noise_loss(raw, comps, data)
+    assert trained_loss < base_loss - 0.01, (base_loss, trained_loss)
 
 
 @pytest.mark.slow
