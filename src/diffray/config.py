@@ -152,6 +152,10 @@ class TrainSection(Section):
     validation_inference_steps: int = Field(10, ge=1, le=200, description="Sampler steps for validation.")
     progress_bar: bool = Field(True, description="Show training progress on the driver (a live bar on a terminal, "
                                "else a plain line every N steps) when run from the CLI.")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights (e.g. 0.9999), updated "
+                                    "after every optimizer step with diffusers' warmup; validation and the artifact "
+                                    "use it. null = off.")
+    ema_on_cpu: bool = Field(False, description="Keep the EMA weights on the CPU (saves accelerator memory).")
 
 
 class ScalingSection(Section):
@@ -200,6 +204,13 @@ class TrainConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     failure: FailureSection = Field(default_factory=FailureSection)
+
+    @model_validator(mode="after")
+    def _check_ema(self) -> TrainConfig:
+        if self.train.ema_decay is not None and self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
+            raise ValueError("train.ema_decay: not supported with strategy.zero_stage 3 (the weights are partitioned "
+                             "across ranks); use zero_stage 0-2 or strategy.name ddp, or set train.ema_decay null")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -274,3 +274,39 @@ def test_shipped_configs_run(ray_cluster, tmp_path, path):
     cfg = load_config(path, [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=2", "train.checkpoint_every=2",
                              "train.validate_every=null"])
     assert run_training(cfg).steps == 2
+
+
+@pytest.mark.slow
+def test_ema_adapter_is_the_hand_computed_ema_and_the_card_says_so(ray_cluster, tmp_path, tiny_model_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from diffusers import StableDiffusionPipeline
+
+    from diffray.generate import load_adapter
+    from diffray.models.loading import load_components
+    from diffray.trainers.denoising import lora_denoiser
+
+    cfg = small_cfg(tmp_path, "ema", "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3",
+                    "train.ema_decay=0.9", "train.validate_every=null")
+    result = run_training(cfg)
+    ckpts = {json.loads((p / "trainer_state.json").read_text())["step"]: p
+             for p in Path(result.run_dir).glob("checkpoint_*") if (p / "trainer_state.json").is_file()}
+    ema: dict = {}
+    for k in (1, 2, 3):  # diffusers' warmup: decay 0 at the first step, then min(0.9, k / (k + 9))
+        w = get_fp32_state_dict_from_zero_checkpoint(str(ckpts[k]), tag="state", exclude_frozen_parameters=True)
+        d = 0.0 if k == 1 else min(0.9, k / (k + 9))
+        ema = {n: d * ema[n] + (1 - d) * v if ema else v for n, v in w.items()}
+    comps = load_components(tiny_model_path)
+    model = lora_denoiser(comps, cfg.lora, cfg.run.seed)
+    model.load_state_dict(ema, strict=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    load_adapter(pipe, result.artifact_dir)
+    g = torch.Generator().manual_seed(1)
+    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600])
+    with torch.no_grad():
+        hidden = comps.text_encoder(torch.randint(0, 100, (2, 77), generator=g))[0]
+        want = model(latents, t, encoder_hidden_states=hidden)
+        got = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
+        model.load_state_dict(w, strict=False)
+        raw = model(latents, t, encoder_hidden_states=hidden)
+    assert (got - want).abs().max().item() < 1e-5 and (raw - want).abs().max().item() > 1e-5
+    assert read_card(result.artifact_dir)["weights"] == "ema (decay 0.9)"

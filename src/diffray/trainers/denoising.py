@@ -14,7 +14,6 @@ Worker side: built inside the Ray Train loop (`diffray.trainers.loop`), never on
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -22,8 +21,9 @@ import torch
 from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
 from diffray.models.family import family_of
-from diffray.trainers import hooks, session
+from diffray.trainers import session
 from diffray.trainers.components.diffusion import caption_dropout_mask, per_sample_loss
+from diffray.trainers.steps import StepTask
 
 
 class Denoiser(torch.nn.Module):
@@ -63,13 +63,28 @@ def full_denoiser(comps, train_text_encoder: bool, gradient_checkpointing: bool 
     return Denoiser(comps.unet, comps.text_encoder if train_text_encoder else None)
 
 
-class DenoisingTask:
-    """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
+def export_pipeline(family, comps, module: Denoiser, out_dir: Path, card: dict) -> Path:
+    """A full pipeline dir (`StableDiffusionPipeline.from_pretrained` loads it) with the trained UNet (and
+    text encoder, when it trained) plus the card: the artifact of full fine-tuning (DreamBooth full mode,
+    `method: full`). Rank 0, weights gathered."""
+    from diffray.models.adapters import write_card
 
-    grid_path = "validation/step_{step:06d}.png"  # under the run's log dir
-    grid_tag = "validation"
-    collective_grid = False  # True: every rank must take part in rendering (it gathers across ranks)
-    step_reports = False  # True: a Tune trial reports every step (not only at validation steps)
+    pipe = family.pipeline(comps, unet=module.unet, text_encoder=module.text_encoder)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    write_card(out_dir, card)
+    return out_dir
+
+
+def export_non_ema(module: Denoiser, artifact: Path) -> None:
+    """The module's live (trained, non-EMA) parts as the `non_ema` variant files of a pipeline dir."""
+    module.unet.save_pretrained(Path(artifact) / "unet", variant="non_ema", safe_serialization=True)
+    if module.text_encoder is not None:
+        module.text_encoder.save_pretrained(Path(artifact) / "text_encoder", variant="non_ema",
+                                            safe_serialization=True)
+
+
+class DenoisingTask(StepTask):
+    """A denoising method in the shared loop (see `diffray.trainers.loop.Task`)."""
 
     def __init__(self, cfg, model_path: str, env: session.WorkerEnv):
         self.cfg, self.env = cfg, env
@@ -93,8 +108,9 @@ class DenoisingTask:
         raise NotImplementedError
 
     def export(self, out_dir: Path, card: dict) -> Path:
-        """Write the artifact into out_dir (rank 0, trainable weights gathered)."""
+        """Write the artifact into out_dir (rank 0, trainable weights gathered; EMA ones when on)."""
         raise NotImplementedError
+
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -116,15 +132,7 @@ class DenoisingTask:
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (Textual Inversion restores frozen rows)."""
 
-    # --- the loop's side of the Task protocol
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.cfg.train.grad_accum_steps
-
-    @property
-    def optimizer_steps(self) -> int:
-        return self.cfg.train.max_steps
-
+    # --- the loop's side of the Task protocol (the rest: `StepTask`)
     def start(self, engine, state: dict) -> None:
         """Open the dataset streams, skipping the micro-batches earlier (resumed) steps consumed."""
         skip = state["step"] * self.grad_accum_steps
@@ -134,26 +142,9 @@ class DenoisingTask:
         """One optimizer step over `grad_accum_steps` micro-batches. The loss is averaged over ranks before
         backward, so a non-finite loss stops every rank at the same step."""
         self.counters.take()  # drop calls made outside training steps (validation, set-up)
-        total = 0.0
-        for _ in range(self.grad_accum_steps):
-            loss = hooks.current().loss(step, self.loss(engine, step))
-            mean = session.global_mean(loss.detach())
-            if not math.isfinite(mean):
-                raise session.NonFiniteLoss(step, mean)
-            engine.backward(loss)
-            if engine.step():
-                self.after_optimizer_step()
-            total += mean / self.grad_accum_steps
+        total = session.accumulated_step(engine, step, self.grad_accum_steps, lambda: self.loss(engine, step),
+                                         self.after_optimizer_step)
         return session.StepOutput(total, self.counters.take())
-
-    def state(self) -> dict:
-        return {}
-
-    def load_state(self, state: dict) -> None:
-        pass
-
-    def report_metrics(self) -> dict:
-        return {}
 
     # --- the denoising loss
     def losses(self, engine, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:

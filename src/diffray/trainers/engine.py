@@ -18,9 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from diffray.config import OptimSection, StrategySection
 from diffray.errors import TrainingError
+from diffray.trainers.components.ema import Ema
 from diffray.trainers.components.zero import build_deepspeed_config
 
 DS_TAG = "state"
+EMA_FILE = "ema.safetensors"
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection, max_steps: int):
@@ -49,6 +51,43 @@ class Engine:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    # --- EMA of the trainable weights (ZeRO 0-2 / DDP: every rank holds them whole)
+    ema: Ema | None = None
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+
+    def attach_ema(self, decay: float, on_cpu: bool) -> None:
+        """Keep an EMA of the trainable weights, updated after every optimizer step."""
+        self.ema = Ema(self.named_trainable(), decay, on_cpu)
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update(self.named_trainable())
+
+    def ema_weights(self):
+        """Context in which the module holds the EMA weights (no-op without EMA)."""
+        return self.ema.swapped(self.named_trainable()) if self.ema is not None else nullcontext()
+
+    def save_ema(self, ckpt_dir: Path, is_main: bool) -> None:
+        if self.ema is not None and is_main:  # identical on every rank
+            tensors, metadata = self.ema.state_dict()
+            save_file(tensors, str(ckpt_dir / EMA_FILE), metadata=metadata)
+
+    def load_ema(self, ckpt_dir: Path) -> None:
+        """Restore the EMA; a checkpoint without one (EMA turned on for a resumed run) starts it from the
+        restored weights."""
+        if self.ema is None:
+            return
+        if not (ckpt_dir / EMA_FILE).is_file():
+            self.attach_ema(self.ema.decay, self.ema.on_cpu)
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt_dir / EMA_FILE), "pt") as f:
+            metadata = f.metadata()
+        self.ema.load_state_dict(load_file(str(ckpt_dir / EMA_FILE)), metadata)
 
     @property
     def lr(self) -> float:
@@ -82,6 +121,7 @@ class DeepSpeedEngine(Engine):
         self.ds.step()
         self.micro_step += 1
         if boundary:
+            self.update_ema()
             norm = self.ds.get_global_grad_norm()
             self.last_grad_norm = float(norm) if norm is not None else None
         return boundary
@@ -158,6 +198,7 @@ class DDPEngine(Engine):
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.update_ema()
         return True
 
     def gathered(self):

@@ -57,7 +57,12 @@ class Task(Protocol):
         """A PIL grid from the current weights, or None (on ranks that only took part)."""
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
-        """Write the method's artifact into out_dir (rank 0, trainable weights gathered)."""
+        """Write the method's artifact into out_dir (rank 0, trainable weights gathered; the EMA weights
+        when `train.ema_decay` is on)."""
+
+    def export_raw(self, artifact: Path) -> None:
+        """With EMA on: add the trained (non-EMA) weights to the artifact, where the format has a place for
+        them (full fine-tuning: the diffusers `non_ema` variant); nothing otherwise."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class WorkerLoop:
         t = cfg.train
         self.engine = build_engine(task.module, cfg.strategy, cfg.optim, t.micro_batch_size, task.grad_accum_steps,
                                    task.optimizer_steps, env.precision, env.device)
+        if t.ema_decay is not None:
+            self.engine.attach_ema(t.ema_decay, t.ema_on_cpu)
         self.state = session.restore(self.engine) or session.initial_state()
         task.load_state(self.state)
         task.start(self.engine, self.state)
@@ -139,7 +146,7 @@ class WorkerLoop:
                    "step_time": elapsed, "samples_per_s": per_step / elapsed, **out.metrics}
         if self.info.has_validation and (do_validate or step == cfg.train.max_steps
                                          or (self.info.report_validation and do_ckpt)):
-            metrics["val_loss"] = self.validation_loss()
+            metrics.update(self.validation_losses())
             self.state = {**self.state, "val_loss": metrics["val_loss"], "val_loss_step": step}
             do_log = True
         if do_log or out.force_log:
@@ -160,6 +167,15 @@ class WorkerLoop:
         if self.env.is_main and self.info.status is not None:
             keys = ("step", "loss", "lr", "samples_per_s", "step_time", "val_loss")
             self.info.status.progress.remote({k: metrics[k] for k in keys if k in metrics})
+
+    def validation_losses(self) -> dict[str, float]:
+        """{"val_loss"} of the weights validation uses: the EMA ones when on, with the trained weights'
+        as "val_loss_raw"."""
+        if self.engine.ema is None:
+            return {"val_loss": self.validation_loss()}
+        raw = self.validation_loss()
+        with self.engine.ema_weights():
+            return {"val_loss": self.validation_loss(), "val_loss_raw": raw}
 
     def validation_loss(self) -> float:
         """Mean loss of every held-out row at fixed noise and timesteps (keyed by sample id and
@@ -185,7 +201,7 @@ class WorkerLoop:
         module = self.task.module
         was_training = module.training
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.ema_weights():
             grid = self.task.validation_grid(step)
         module.train(was_training)
         if self.env.is_main and grid is not None:
@@ -201,5 +217,8 @@ class WorkerLoop:
             with self.engine.gathered():
                 if self.env.is_main:
                     card = session.card(self.cfg, self.info.model_path, self.state, report)
-                    artifact = self.task.export(Path(tempfile.mkdtemp(prefix="diffray-artifact-")), card)
+                    with self.engine.ema_weights():
+                        artifact = self.task.export(Path(tempfile.mkdtemp(prefix="diffray-artifact-")), card)
+                    if self.engine.ema is not None:
+                        self.task.export_raw(artifact)
         session.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)

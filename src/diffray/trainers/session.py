@@ -179,6 +179,22 @@ def data_stream(name: str, cfg, env: WorkerEnv, skip: int = 0) -> Iterator[dict[
                         cfg.data.shuffle_buffer, seed, cfg.data.aspect_buckets)
 
 
+def accumulated_step(engine, step: int, accum: int, next_loss, on_optimizer_step=None) -> float:
+    """One optimizer step over `accum` micro-batches (`next_loss()` each); returns the mean loss. The loss
+    is averaged over ranks before backward, so a non-finite loss stops every rank at the same step."""
+    total = 0.0
+    for _ in range(accum):
+        loss = hooks.current().loss(step, next_loss())
+        mean = global_mean(loss.detach())
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(step, mean)
+        engine.backward(loss)
+        if engine.step() and on_optimizer_step is not None:
+            on_optimizer_step()
+        total += mean / accum
+    return total
+
+
 def global_mean(value: torch.Tensor) -> float:
     """Mean of a scalar over all ranks. NaN/inf on any rank makes it non-finite on every rank, so
     all ranks see a bad loss at the same step and stop together."""
@@ -245,10 +261,12 @@ def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
 
 
 def card(cfg, model_path: str, state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """Model card fields common to every method (`metrics`: the final checkpoint's)."""
+    """Model card fields common to every method (`metrics`: the final checkpoint's). `weights` says whether
+    the artifact holds the EMA of the trained weights (`train.ema_decay`) or the trained weights."""
     return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
             "steps": state["step"], "metrics": metrics,
             "train_time_s": round(state.get("train_time_s", 0.0), 3),
+            "weights": "trained" if cfg.train.ema_decay is None else f"ema (decay {cfg.train.ema_decay})",
             "config": cfg.model_dump(mode="json")}
 
 
@@ -297,6 +315,7 @@ def restore(engine) -> dict[str, Any] | None:
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
         engine.load(Path(d))
+        engine.load_ema(Path(d))
     return state
 
 
@@ -310,6 +329,7 @@ def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict
     with tempfile.TemporaryDirectory(prefix="diffray-ckpt-") as tmp:
         d = Path(tmp)
         engine.save(d)
+        engine.save_ema(d, env.is_main)
         hooks.current().checkpoint_written(env.rank, state["step"], log_dir)
         if artifact is not None:
             shutil.copytree(artifact, d / ARTIFACT_DIR)

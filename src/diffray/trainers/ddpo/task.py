@@ -255,6 +255,9 @@ class DDPOTask:
                                    "last_epoch_mean": self.reward_last}}
         return export_lora(out_dir, self.module.unet, None, card)
 
+    def export_raw(self, artifact: Path) -> None:
+        """A LoRA file has no place for the trained weights beside the EMA ones."""
+
 
 def hash_key(key: list[int]) -> int:
     """A 63-bit seed from an integer key (numpy's SeedSequence mixes it)."""

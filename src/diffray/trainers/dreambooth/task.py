@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from diffray.models.adapters import export_lora, write_card
+from diffray.models.adapters import export_lora
 from diffray.trainers import session
-from diffray.trainers.denoising import DenoisingTask, Denoiser, full_denoiser, lora_denoiser
+from diffray.trainers.denoising import (DenoisingTask, Denoiser, export_non_ema, export_pipeline, full_denoiser,
+                                        lora_denoiser)
 from diffray.trainers.dreambooth.class_images import CLASS_ID_OFFSET
 
 
@@ -88,6 +89,8 @@ class DreamBoothTask(DenoisingTask):
         card = {**card, "instance_prompt": db.instance_prompt, "class_prompt": db.class_prompt, "mode": db.mode}
         if db.mode == "lora":
             return export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
-        self.family.pipeline(self.comps, unet=self.module.unet).save_pretrained(out_dir, safe_serialization=True)
-        write_card(out_dir, card)
-        return out_dir
+        return export_pipeline(self.family, self.comps, self.module, out_dir, card)
+
+    def export_raw(self, artifact: Path) -> None:
+        if self.cfg.dreambooth.mode == "full":
+            export_non_ema(self.module, artifact)
