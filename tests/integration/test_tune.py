@@ -27,16 +27,40 @@ QUICK = ["train.max_steps=12", "train.validate_every=3", "train.log_every=3", "t
          "tune.scheduler.grace_period=3", "tune.scheduler.reduction_factor=2", "strategy.name=ddp"]
 
 
+def readme_tune_lines() -> list[list[str]]:
+    """The README's tune block (marked as run here): `diffray tune CONFIG ...` then `diffray tune results DIR`."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- test: skip \(tests/integration/test_tune.py[^\n]*\n```bash\n(.*?)```", text, re.S)
+    assert block, "README.md has no tune block marked as run by tests/integration/test_tune.py"
+    lines = [shlex.split(line.split("#")[0]) for line in block.group(1).splitlines() if line.strip()]
+    assert [x[:2] for x in lines] == [["diffray", "tune"], ["diffray", "tune"]] and lines[1][2] == "results", lines
+    return lines
+
+
 @pytest.mark.slow
 def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, tmp_path, tiny_model_path):
+    """The README's tune lines, run as written from a folder holding configs/ (joining the test cluster, as
+    under `ray job submit`), with shorter rungs appended; then the search read back and its best adapter and
+    config checked."""
+    import shutil
+
+    import ray
     from diffusers import StableDiffusionPipeline
 
     from diffray.trainers.runner import run_training
-    from diffray.tune.runner import run_tune
+    from diffray.tune.results import read_experiment
 
-    job = load_tune_job(REPO / "configs" / "tune_lora.yaml", [f"run.storage_path={tmp_path}", *QUICK])
-    outcome = run_tune(job)
-    rows = outcome.rows
+    search, results = readme_tune_lines()
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run([DIFFRAY, *search[1:], *QUICK], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / results[3]
+    job, rows = read_experiment(str(exp))
     assert len(rows) == 8 and {(r.params["lora.rank"], r.params["optim.lr"]) for r in rows} == {
         (r, lr) for r in (4, 8, 16, 32) for lr in (3e-4, 3e-3)}
     assert all(r.params["lora.alpha"] == r.params["lora.rank"] for r in rows)  # same_as resolved per trial
@@ -45,16 +69,18 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
     assert early and done and len(early) + len(done) == 8, [(r.trial_id, r.status, r.steps) for r in rows]
     assert all(r.steps < 12 for r in early) and all(r.steps == 12 for r in done)
     assert all(r.history and r.history[0][0] == 3 for r in rows)  # every trial reported from the first rung
-    best = outcome.best
-    assert best is rows[0] and best.metric == min(r.metric for r in done) and math.isfinite(best.metric)
+    best = rows[0]  # the table is sorted best first
+    assert best.metric == min(r.metric for r in done) and math.isfinite(best.metric)
+    assert f"8 trials ({len(done)} completed, {len(early)} stopped early)" in proc.stdout, proc.stdout[-2000:]
+    assert f"best: {best.trial_id} " in proc.stdout and f"artifact: {exp / 'best' / 'artifact'}" in proc.stdout
 
-    exp = Path(outcome.exp_dir)
     table = pq.read_table(exp / "results.parquet").to_pylist()
     assert [t["trial_id"] for t in table] == [r.trial_id for r in rows]
     assert sum(t["stopped_early"] for t in table) == len(early) and table[0]["val_loss"] == best.metric
     assert (exp / "results.csv").read_text().count("\n") == 9
     for png in ("metric_vs_step.png", "metric_vs_params.png"):
         assert (exp / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best_artifact, best_config = exp / "best" / "artifact", exp / "best" / "config.yaml"
 
     # The best adapter in stock diffusers changes the image; its config reruns to the same val_loss.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
@@ -62,17 +88,17 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
     gen = lambda: pipe("a red circle", num_inference_steps=3, height=64, width=64, output_type="np",  # noqa: E731
                        generator=torch.Generator().manual_seed(0)).images[0]
     base = gen()
-    pipe.load_lora_weights(outcome.best_artifact)
+    pipe.load_lora_weights(best_artifact)
     assert abs(gen() - base).max() > 1e-3
-    card = json.loads((Path(outcome.best_artifact) / "diffray_card.json").read_text())
+    card = json.loads((best_artifact / "diffray_card.json").read_text())
     assert card["config"]["lora"]["rank"] == best.params["lora.rank"]
-    cfg = load_config(outcome.best_config, [f"run.storage_path={tmp_path / 'rerun'}"])
+    cfg = load_config(best_config, [f"run.storage_path={tmp_path / 'rerun'}"])
     assert (cfg.lora.rank, cfg.optim.lr, cfg.train.max_steps) == (best.params["lora.rank"], best.params["optim.lr"], 12)
     rerun = run_training(cfg)
     assert abs(rerun.metrics["val_loss"] - best.metric) < 1e-6, (rerun.metrics["val_loss"], best.metric)
 
     # `diffray tune results DIR` reads the same table back from the directory alone.
-    proc = subprocess.run([DIFFRAY, "tune", "results", str(exp)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([DIFFRAY, *results[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["trial_id", "lora.rank", "optim.lr", "lora.alpha"]
@@ -143,7 +169,7 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     from diffray.tune.runner import run_tune
 
     data = yaml.safe_load((REPO / "configs" / "tune_lora.yaml").read_text())
-    data["tune"].update(search="tpe", num_samples=3, max_concurrent_trials=1, scheduler={"name": "fifo"})
+    data["tune"].update(search="tpe", num_samples=2, max_concurrent_trials=1, scheduler={"name": "fifo"})
     data["tune"]["space"] = {"lora.rank": {"choice": [4, 8]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
                              "lora.alpha": {"same_as": "lora.rank"}}
     config = tmp_path / "tune_tpe.yaml"
@@ -151,9 +177,9 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     job = load_tune_job(config, [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6",
                                  "train.validate_every=3", "train.checkpoint_every=6", "strategy.name=ddp"])
     outcome = run_tune(job)
-    assert [r.status for r in outcome.rows] == ["completed"] * 3
+    assert [r.status for r in outcome.rows] == ["completed"] * 2
     lrs = {r.params["optim.lr"] for r in outcome.rows}
-    assert len(lrs) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert len(lrs) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert all(r.params["lora.rank"] in (4, 8) and r.params["lora.alpha"] == r.params["lora.rank"]
                for r in outcome.rows)
     assert outcome.best is outcome.rows[0] and Path(outcome.best_artifact, "pytorch_lora_weights.safetensors").is_file()
