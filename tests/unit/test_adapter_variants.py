@@ -120,3 +120,49 @@ def test_server_refuses_a_peft_adapter_dir_by_name(tiny_model_path, tmp_path):
     export_lora(tmp_path / "my-lokr", comps.unet, None, {"method": "lora"})
     with pytest.raises(AdapterError, match="a PEFT adapter dir .*LoHa or LoKr.*serves LoRA, DoRA and rsLoRA"):
         AdapterRegistry(tmp_path).get("my-lokr")
+
+
+def _random_adapter(model_path: str, out, variant: str, seed: int):
+    """An untrained `variant` adapter whose zero-initialised factors are perturbed, so it changes the image."""
+    from diffusers import UNet2DConditionModel
+
+    from diffray.models.adapters import add_lora
+
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
+    add_lora(unet, 4, 4.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed, variant)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if p.requires_grad and ("lora_B" in name or "lokr_w2" in name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return export_lora(out, unet, None, {"method": "lora", "base_model": model_path})
+
+
+def test_served_dora_and_rslora_mix_with_a_lora_and_lokr_is_refused(tiny_model_path, tmp_path):
+    """ImageEngine (no Ray): DoRA and rsLoRA adapters load beside a LoRA, each changes the image, mixes
+    differ from each alone, unloading gives the base image back; a LoKr is refused by name."""
+    from testkit.adapters import random_lora
+
+    from diffray.serve.config import parse_args
+    from diffray.serve.engine import ImageEngine
+    from diffray.serve.schemas import Job
+
+    random_lora(tiny_model_path, tmp_path / "plain", seed=1)
+    for variant, seed in (("dora", 2), ("rslora", 3), ("lokr", 4)):
+        _random_adapter(tiny_model_path, tmp_path / variant, variant, seed)
+    engine = ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(tmp_path)}), device="cpu")
+
+    def image(*adapters):
+        return engine.run([Job(prompt="a red circle", n=1, width=64, height=64, steps=2, guidance=7.5, seed=5,
+                               adapters=adapters)])[0][0]
+
+    base = image()
+    engine.acquire(["plain", "dora", "rslora"])
+    sets = [(("plain", 1.0),), (("dora", 1.0),), (("rslora", 1.0),), (("plain", 1.0), ("dora", 0.5)),
+            (("dora", 1.0), ("rslora", 1.0))]
+    images = [image(*s) for s in sets]
+    assert len(set(images + [base])) == len(sets) + 1
+    engine.release(["plain", "dora", "rslora"])
+    assert image() == base
+    with pytest.raises(AdapterError, match="'lokr' is unavailable: a PEFT adapter dir"):
+        engine.acquire(["lokr"])
