@@ -27,7 +27,7 @@ def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
             raise AdapterError(f"{d}: cannot load the PEFT adapter into this base model: {exc}") from None
         return pipe
     if not (d / LORA_WEIGHTS).is_file():
-        raise AdapterError(f"{d}: no {LORA_WEIGHTS} or {PEFT_WEIGHTS} (is this an adapter dir?)")
+        raise AdapterError(f"{d}: no {LORA_WEIGHTS} or {PEFT_WEIGHTS} (is this a LoRA adapter dir?)")
     try:
         pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHTS, adapter_name=adapter_name, use_safetensors=True)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
