@@ -106,6 +106,9 @@ class DataSection(Section):
 
 
 class LoraSection(Section):
+    variant: Literal["lora", "dora", "rslora", "loha", "lokr"] = Field(
+        "lora", description="Adapter kind (PEFT): lora; dora (weight-decomposed LoRA); rslora (alpha/sqrt(rank) "
+        "scaling); loha (Hadamard product); lokr (Kronecker product). LoHa/LoKr export as a PEFT adapter dir.")
     rank: int = Field(4, ge=1, le=1024, description="LoRA rank r.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; None means alpha = rank (scale 1).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
@@ -114,6 +117,13 @@ class LoraSection(Section):
     train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder.")
     text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1,
                                                    description="Text-encoder modules that get LoRA.")
+
+    @model_validator(mode="after")
+    def _check_variant(self) -> LoraSection:
+        if self.train_text_encoder and self.variant in ("loha", "lokr"):
+            raise ValueError(f"lora.train_text_encoder needs lora.variant lora, dora or rslora (a {self.variant} "
+                             "adapter is exported for the UNet only)")
+        return self
 
     @property
     def scale_alpha(self) -> float:

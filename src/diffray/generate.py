@@ -9,18 +9,25 @@ import torch
 
 from diffray.errors import AdapterError, ConfigError
 from diffray.images import make_grid
-from diffray.models.adapters import LORA_WEIGHTS, read_card
+from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, load_peft_adapter, read_card
 from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
 
 
 def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
-    """Load a diffray adapter dir (safetensors only) by what it holds: a LoRA (`pipe.load_lora_weights`)
-    or Textual Inversion embeddings (`pipe.load_textual_inversion`; prompts must use its token)."""
+    """Load a diffray adapter dir (safetensors only) by what it holds: a LoRA, DoRA or rsLoRA
+    (`pipe.load_lora_weights`), a LoHa or LoKr PEFT adapter dir (PEFT, into the UNet) or Textual Inversion
+    embeddings (`pipe.load_textual_inversion`; prompts must use its token)."""
     d = Path(adapter_dir)
     if (d / TI_WEIGHTS).is_file():
         return load_textual_inversion(pipe, d)
+    if (d / PEFT_WEIGHTS).is_file() and not (d / LORA_WEIGHTS).is_file():
+        try:
+            load_peft_adapter(pipe.unet, d, adapter_name)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise AdapterError(f"{d}: cannot load the PEFT adapter into this base model: {exc}") from None
+        return pipe
     if not (d / LORA_WEIGHTS).is_file():
-        raise AdapterError(f"{d}: no {LORA_WEIGHTS} (is this a LoRA adapter dir?)")
+        raise AdapterError(f"{d}: no {LORA_WEIGHTS} or {PEFT_WEIGHTS} (is this a LoRA adapter dir?)")
     try:
         pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHTS, adapter_name=adapter_name, use_safetensors=True)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
-from diffray.models.adapters import LORA_WEIGHTS
+from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS
 from diffray.models.textual_inversion import TI_WEIGHTS
 from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
 
@@ -94,6 +94,15 @@ def kind_problem(kind: str, tensors: tuple) -> str | None:
     return None
 
 
+def _no_artifact(folder: Path) -> str:
+    """Why a folder is not servable. A PEFT adapter dir (a LoHa or LoKr) is named as such: the server mixes
+    adapters through diffusers' LoRA loader, which cannot read those layers."""
+    if (folder / PEFT_WEIGHTS).is_file():
+        return (f"a PEFT adapter dir ({PEFT_WEIGHTS}, a LoHa or LoKr): the server serves LoRA, DoRA and rsLoRA "
+                f"({LORA_WEIGHTS}) only; load it with `diffray generate --adapter`")
+    return f"holds no {LORA_WEIGHTS}, {TI_WEIGHTS} or ControlNet {CONTROLNET_WEIGHTS}"
+
+
 class AdapterRegistry:
     """Adapters under `root` by id (the folder name). Missing root = empty registry."""
 
@@ -109,8 +118,7 @@ class AdapterRegistry:
                 return None
             kind = artifact_kind(folder)
             if kind is None:
-                return AdapterInfo(adapter_id, "unknown", str(folder), problem=f"holds no {LORA_WEIGHTS}, "
-                                   f"{TI_WEIGHTS} or ControlNet {CONTROLNET_WEIGHTS}")
+                return AdapterInfo(adapter_id, "unknown", str(folder), problem=_no_artifact(folder))
             weights = folder / WEIGHTS[kind]
             check = self.files.check(weights, scan=kind != "controlnet")
             mtime = weights.stat().st_mtime

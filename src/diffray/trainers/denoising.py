@@ -44,11 +44,11 @@ class Denoiser(torch.nn.Module):
 def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: bool = False) -> Denoiser:
     """Frozen base + LoRA on `lora.target_modules` (and on the text encoder with `lora.train_text_encoder`),
     initialised from `seed`, so identical on every rank."""
-    add_lora(comps.unet, lora.rank, lora.scale_alpha, lora.dropout, lora.target_modules, seed)
+    add_lora(comps.unet, lora.rank, lora.scale_alpha, lora.dropout, lora.target_modules, seed, lora.variant)
     comps.text_encoder.requires_grad_(False)
     if lora.train_text_encoder:
         add_lora(comps.text_encoder, lora.rank, lora.scale_alpha, lora.dropout, lora.text_encoder_target_modules,
-                 seed + 1)
+                 seed + 1, lora.variant)
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     return Denoiser(comps.unet, comps.text_encoder if lora.train_text_encoder else None)

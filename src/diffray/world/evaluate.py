@@ -119,7 +119,7 @@ def check_inputs(model: str | None, adapter: str | None, controlnet: str | None,
                  resolution: int, batch_size: int) -> str:
     """The base model reference (the adapter's card's base when `model` is None); ConfigError naming a bad
     option, before Ray or any model starts."""
-    from diffray.models.adapters import LORA_WEIGHTS, read_card
+    from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, read_card
     from diffray.models.textual_inversion import TI_WEIGHTS
 
     for name, value, ok in (("steps", steps, steps >= 1), ("guidance", guidance, guidance >= 0),
@@ -127,7 +127,8 @@ def check_inputs(model: str | None, adapter: str | None, controlnet: str | None,
                             ("batch_size", batch_size, batch_size >= 1)):
         if not ok:
             raise ConfigError(f"bad value {value!r}", field=name)
-    for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, TI_WEIGHTS)), ("controlnet", controlnet, ("config.json",))):
+    for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, PEFT_WEIGHTS, TI_WEIGHTS)),
+                           ("controlnet", controlnet, ("config.json",))):
         if d is not None and not Path(d).is_dir():
             raise ConfigError(f"not a directory: {d}", field=name)
         if d is not None and not any((Path(d) / f).is_file() for f in files):
