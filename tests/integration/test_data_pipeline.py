@@ -147,7 +147,8 @@ def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, 
 
     root, bad = messy_folder
     total = len((root / "metadata.jsonl").read_text().splitlines())
-    summary = inspect_dataset(str(root), DataSection(path=str(root)), tmp_path / "sheet.png", sample=8).summary()
+    summary = inspect_dataset(str(root), DataSection(path=str(root)), tmp_path / "sheet.png", sample=8,
+                              report_dir=tmp_path / "report").summary()
     assert summary["rows"] == total and summary["quarantined"] == len(bad) and summary["usable"] == total - len(bad)
     assert sum(summary["shorter_side_histogram"].values()) == total - len(bad)
     assert summary["shorter_side_histogram"] == {"64-127": total - len(bad)} and summary["modes"]["CMYK"] == 1
@@ -156,6 +157,16 @@ def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, 
     assert sheet.size == (4 * 128, 2 * 144)
     text = format_summary(summary)
     assert f"{total} rows, {total - len(bad)} usable, {len(bad)} would be quarantined" in text
+    # Every bad file by name with its reason (a truncated PNG, a text file, a missing file among them),
+    # in the text, the JSON and the same quarantine.jsonl training writes.
+    named = {Path(r["source"]).name: r["reason"] for r in summary["quarantined_rows"]}
+    assert named.keys() == bad.keys() and all(bad[n] in why for n, why in named.items())
+    for name in ("truncated.png", "text.png", "missing.png"):
+        line = next(x for x in text.splitlines() if x.strip().startswith("quarantined:") and name in x)
+        assert bad[name] in line
+    assert json.loads(json.dumps(summary))["quarantined_rows"] == summary["quarantined_rows"]
+    written = [json.loads(x) for x in (tmp_path / "report" / QUARANTINE_FILE).read_text().splitlines()]
+    assert written == summary["quarantined_rows"] and summary["quarantine_report"] in text
 
 
 def write_mixed_aspect_folder(root: Path, per_shape: int = 4) -> Path:

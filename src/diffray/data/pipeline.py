@@ -97,6 +97,15 @@ class DataReport:
         return f"data {self.source}: {self.used} rows used, {len(self.quarantined)} quarantined{where}"
 
 
+def write_quarantine(bad: list[dict], report_dir: str | Path) -> str:
+    """Write `quarantine.jsonl` (one {sample_id, source, reason} per bad row) into report_dir; its path.
+    Training and `diffray data inspect` both write it, so the two reports read the same."""
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(report_dir) / QUARANTINE_FILE
+    path.write_text("".join(json.dumps({k: r[k] for k in ("sample_id", "source", "reason")}) + "\n" for r in bad))
+    return str(path)
+
+
 def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, max_bad_fraction: float,
                   report_dir: str | Path | None) -> DataReport:
     """Run the validation pass; write `quarantine.jsonl` (source, row id, reason) into report_dir.
@@ -108,11 +117,7 @@ def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, ma
     bad = raw.map_batches(check_batch, fn_kwargs={"rules": rules}, batch_format="numpy").take_all()
     bad = sorted(({"sample_id": int(r["sample_id"]), "source": str(r["source"]), "reason": str(r["reason"])}
                   for r in bad), key=lambda r: r["sample_id"])
-    report_path = None
-    if report_dir is not None:
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
-        report_path = str(Path(report_dir) / QUARANTINE_FILE)
-        Path(report_path).write_text("".join(json.dumps(r) + "\n" for r in bad))
+    report_path = None if report_dir is None else write_quarantine(bad, report_dir)
     report = DataReport(path, total, bad, report_path)
     if bad and (len(bad) > max_bad_fraction * total or report.used == 0):
         first = "; ".join(f"{r['source']}: {r['reason']}" for r in bad[:3])
