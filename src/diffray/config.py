@@ -59,6 +59,10 @@ class DataSection(Section):
                               "bytes or an HF Image struct {bytes, path} (default there: 'image' if this is absent).")
     conditioning_column: str | None = Field(None, description="Conditioning image column (ControlNet); rows then "
                                             "need one of the image's size.")
+    mask_column: str | None = Field(None, description="Loss-mask image column (a file name in metadata, image "
+                                    "bytes in Parquet): white pixels train, black ones do not (grey: a weight); "
+                                    "cropped and flipped with its image, averaged down to the latent grid. None: "
+                                    "every pixel trains.")
     default_caption: str | None = Field(None, description="Caption for rows whose caption is missing or empty; "
                                         "None quarantines them.")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability a sample trains with the empty "

@@ -50,7 +50,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
 
         image_column = "image" if data.image_column == "file_name" else data.image_column
         ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
-                                      PathRules.of(data))
+                                      PathRules.of(data), data.mask_column)
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
@@ -58,7 +58,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
     from diffray.data.folder import folder_rows
 
     fs, root, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset,
-                                 data.conditioning_column, PathRules.of(data))
+                                 data.conditioning_column, PathRules.of(data), data.mask_column)
     return rows_dataset(fs, root, rows), len(rows)
 
 
@@ -160,7 +160,8 @@ def bucket_sizes(data) -> list[tuple[int, int]] | None:
 def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
                      seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
                      buckets: list[tuple[int, int]] | None = None) -> dict:
-    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values]}.
+    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
+    loss_mask]}.
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
@@ -186,6 +187,23 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
             scaled = np.empty(len(cond), dtype=object)
             scaled[:] = [(c + 1.0) / 2.0 for c in cond]
             out["conditioning_pixel_values"] = scaled
+    if "mask_image" in batch:
+        out["loss_mask"] = loss_masks(list(batch["mask_image"]), ids, sources, resolution, center_crop, random_flip,
+                                      seed, rules.max_image_pixels, buckets)
+    return out
+
+
+def loss_masks(masks: list[bytes], ids: list[int], sources: list[str], resolution: int, center_crop: bool,
+               random_flip: bool, seed: int, max_pixels: int, buckets: list[tuple[int, int]] | None) -> np.ndarray:
+    """Loss masks [B, 1, H, W] in [0, 1] (an object array of [1, H, W] with buckets): each mask image gets its
+    image's resize, crop and flip (same key, same size as validated), its channels averaged; transparent
+    pixels count as black (not trained)."""
+    pixels = preprocess_images(masks, ids, sources, resolution, center_crop, random_flip, seed, max_pixels, buckets,
+                               background=BLACK)
+    if buckets is None:
+        return ((pixels.mean(axis=1, keepdims=True) + 1.0) / 2.0).astype(np.float32)
+    out = np.empty(len(pixels), dtype=object)
+    out[:] = [((p.mean(axis=0, keepdims=True) + 1.0) / 2.0).astype(np.float32) for p in pixels]
     return out
 
 
@@ -195,7 +213,7 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
 
     Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1] ([3,H,W] of the row's bucket with
     `data.aspect_buckets`), input_ids int64 [77] (and conditioning_pixel_values in [0,1] with
-    `data.conditioning_column`). Preprocessing runs as plain
+    `data.conditioning_column`; loss_mask float32 [1,R,R] in [0,1] with `data.mask_column`). Preprocessing runs as plain
     Ray tasks (no actor pool), so it never holds CPUs that training workers need.
 
     Raises:
