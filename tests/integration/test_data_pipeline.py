@@ -67,10 +67,12 @@ def test_messy_masked_dataset_trains_and_quarantines_exactly_the_bad_rows(ray_cl
     root, bad = messy_folder
     total = len((root / "metadata.jsonl").read_text().splitlines())
     # Masked training end to end (data.mask_column): a broken mask file is quarantined by its row's name,
-    # a row with an empty mask trains (no NaN).
+    # a row with an empty mask trains (no NaN); captions get the trigger word and shuffled tags.
     masked_bad = {**bad, add_masks(root): "mask image: cannot decode image"}
     cfg = lora_cfg(tmp_path, "messy", f"data.path={root}", "data.max_bad_fraction=0.4", "train.max_steps=4",
-                   "train.checkpoint_every=4", "train.log_every=1", "data.mask_column=mask")
+                   "train.checkpoint_every=4", "train.log_every=1", "data.mask_column=mask",
+                   # and the caption options in the same run: a trigger word kept first, tags shuffled per step
+                   "data.trigger_word=sks", "data.shuffle_tags=true", "data.keep_tokens=1")
     result = run_training(cfg)
     assert result.steps == 4 and np.isfinite(result.loss_last_mean) and result.loss_last_mean > 0
     report = [json.loads(x) for x in (Path(result.run_dir) / "logs" / QUARANTINE_FILE).read_text().splitlines()]

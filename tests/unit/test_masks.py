@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -58,13 +59,19 @@ def test_empty_mask_gives_zero_loss_no_nan_and_leaves_the_batch_mean():
     assert batch_mean(losses, torch.zeros_like(mask)).item() == 0.0
 
 
-def test_a_row_with_an_empty_mask_changes_no_lora_gradient(tiny_model_path):
-    """Through the shared denoising loss of a real (tiny) LoRA task: a batch of row A plus row B with an
-    empty mask gives exactly A's loss and gradients."""
+@pytest.fixture(scope="module")
+def lora_task(tiny_model_path):
+    """A real (tiny) LoRA task, shared by the tests that need the shared denoising loss."""
     from diffray.methods import validate_config
     from diffray.trainers.lora.task import LoraTask
 
-    task = LoraTask(validate_config({"method": "lora"}), tiny_model_path, ENV)
+    return LoraTask(validate_config({"method": "lora"}), tiny_model_path, ENV)
+
+
+def test_a_row_with_an_empty_mask_changes_no_lora_gradient(lora_task):
+    """Through the shared denoising loss: a batch of row A plus row B with an empty mask gives exactly
+    A's loss and gradients."""
+    task = lora_task
     tok = task.comps.tokenizer(["a red square"] * 2, padding="max_length", max_length=77, return_tensors="pt")
     g = torch.Generator().manual_seed(1)
     both = {"sample_id": torch.tensor([3, 4]), "pixel_values": torch.rand(2, 3, 64, 64, generator=g) * 2 - 1,
@@ -111,3 +118,23 @@ def test_bad_or_mismatched_mask_is_quarantined_with_its_reason():
     assert check_row(raw_row(img, b"not a png"), 0, Rules()).startswith("mask image: cannot decode image")
     assert check_row(raw_row(img, png(np.zeros((32, 64, 3), dtype=np.uint8))), 0, Rules()) == \
         "mask image is 64x32, the image 64x64"
+
+
+def test_denoising_task_shuffles_tags_per_step_and_encodes_the_shuffled_ids(lora_task):
+    """data.shuffle_tags in the shared loss: the ids the text encoder sees are the keyed shuffle of the
+    batch's (cached or not), not the cached states of the unshuffled caption."""
+    task = lora_task
+    ids = task.comps.tokenizer(["sks, red, blue, green, big, small"], padding="max_length", max_length=77,
+                               return_tensors="pt").input_ids
+    batch = {"sample_id": torch.tensor([9]), "input_ids": ids, "prompt_embeds": torch.zeros(1, 77, 32)}
+    assert torch.equal(task.prompt_ids(batch, 3), ids)  # off: the dataset's ids
+    task.cfg.data.shuffle_tags, task.cfg.data.keep_tokens = True, 1
+    try:
+        per_step = [task.prompt_ids(batch, s) for s in range(1, 6)]
+        assert all(torch.equal(a, b) for a, b in zip(per_step, [task.prompt_ids(batch, s) for s in range(1, 6)]))
+        assert len({tuple(p[0].tolist()) for p in per_step}) > 1 and all(p[0, 1] == ids[0, 1] for p in per_step)
+        hidden = task.text_inputs(batch, 2, 0.0)["encoder_hidden_states"]
+        want = task.family.encode(task.comps.text_encoder, task.prompt_ids(batch, 2))
+        assert torch.allclose(hidden, want) and hidden.abs().sum() > 0
+    finally:
+        task.cfg.data.keep_tokens, task.cfg.data.shuffle_tags = 0, False

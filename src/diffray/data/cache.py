@@ -76,7 +76,7 @@ def cache_settings(cfg, path: str, prompt: str | None, id_offset: int) -> dict:
             "aspect_buckets": d.aspect_buckets, "bucket_step": d.bucket_step, "max_aspect_ratio": d.max_aspect_ratio,
             "caption_column": d.caption_column, "image_column": d.image_column,
             "conditioning_column": d.conditioning_column, "default_caption": d.default_caption,
-            "mask_column": d.mask_column,
+            "mask_column": d.mask_column, "trigger_word": d.trigger_word,
             "min_image_size": d.min_image_size, "max_image_pixels": d.max_image_pixels, "prompt": prompt,
             "id_offset": id_offset}
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray.data
 
+from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
 from diffray.data.raydata import raise_original_errors
 from diffray.data.folder import PathRules
@@ -159,14 +160,14 @@ def bucket_sizes(data) -> list[tuple[int, int]] | None:
 
 def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
                      seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
-                     buckets: list[tuple[int, int]] | None = None) -> dict:
+                     buckets: list[tuple[int, int]] | None = None, trigger_word: str | None = None) -> dict:
     """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
     loss_mask]}.
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
     image gets the same resize, crop and flip as its image (same key, same size); its alpha is
-    composited on black (transparent = no control signal)."""
+    composited on black (transparent = no control signal). `trigger_word` is prepended to every caption."""
     if skip:
         keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -176,7 +177,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     out = {"sample_id": np.asarray(ids, dtype=np.int64),
            "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
                                              random_flip, seed, rules.max_image_pixels, buckets),
-           "input_ids": (tokenize_captions(tokenizer, [caption_of(c, rules) or "" for c in batch["caption"]]) if ids
+           "input_ids": (tokenize_captions(tokenizer, [with_trigger(caption_of(c, rules) or "", trigger_word)
+                                                       for c in batch["caption"]]) if ids
                          else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
     if "conditioning_image" in batch:
         cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
@@ -227,5 +229,6 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
     ds = raw.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
                          fn_kwargs={"tokenizer_path": tokenizer_path, "resolution": data.resolution,
                                     "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,
-                                    "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data)})
+                                    "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data),
+                                    "trigger_word": data.trigger_word})
     return raise_original_errors(ds), report

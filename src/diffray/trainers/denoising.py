@@ -118,8 +118,16 @@ class DenoisingTask(StepTask):
         return ("train",)
 
     def prompt_ids(self, batch: dict, step: int) -> torch.Tensor:
-        """Caption token ids of a batch (the dataset's by default)."""
-        return batch["input_ids"]
+        """Caption token ids of a batch (the dataset's by default; tags shuffled with `data.shuffle_tags`)."""
+        d = self.cfg.data
+        if not d.shuffle_tags:
+            return batch["input_ids"]
+        from diffray.data.captions import comma_token_id, shuffle_batch
+
+        tok = self.comps.tokenizer
+        ids = shuffle_batch(batch["input_ids"].cpu().numpy(), batch["sample_id"].tolist(), step, self.cfg.run.seed,
+                            comma_token_id(tok), tok.eos_token_id, d.keep_tokens)
+        return torch.from_numpy(ids)
 
     def forward_inputs(self, batch: dict, step: int, dropout: bool) -> dict:
         """Extra inputs of the module's forward (none by default)."""
@@ -177,7 +185,7 @@ class DenoisingTask(StepTask):
             input_ids = torch.where(drop[:, None], self.empty["input_ids"][None], input_ids)
         if self.trains_text_encoder:
             return {"input_ids": input_ids}
-        if "prompt_embeds" not in batch:
+        if "prompt_embeds" not in batch or self.cfg.data.shuffle_tags:  # cached states are of the unshuffled ids
             with torch.no_grad():
                 return {"encoder_hidden_states": self.family.encode(self.comps.text_encoder, input_ids)}
         hidden = batch["prompt_embeds"].to(device, self.env.dtype)
