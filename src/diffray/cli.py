@@ -163,6 +163,8 @@ def data_export_feedback(out: Path = typer.Argument(..., help="Parquet file to w
 @data_app.command("inspect")
 def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet file/dir, or a URI of either"),
                  out: Optional[Path] = typer.Option(Path("outputs/contact_sheet.png"), help="Contact sheet PNG"),
+                 report_dir: Path = typer.Option(Path("outputs"), help="Folder for quarantine.jsonl (the "
+                                                 "report training writes: one bad row per line)"),
                  sample: int = typer.Option(16, min=1, max=256, help="Images on the contact sheet"),
                  caption_column: str = typer.Option("text", help="Caption column"),
                  image_column: str = typer.Option("file_name", help="Image column"),
@@ -186,7 +188,7 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
                        min_image_size=min_image_size, aspect_buckets=buckets is not None,
                        resolution=buckets or 64, bucket_step=bucket_step if buckets else 64)
     connect_ray()
-    summary = inspect_dataset(resolve_data_path(path), data, out, sample).summary()
+    summary = inspect_dataset(resolve_data_path(path), data, out, sample, report_dir).summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 

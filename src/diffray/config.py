@@ -59,8 +59,19 @@ class DataSection(Section):
                               "bytes or an HF Image struct {bytes, path} (default there: 'image' if this is absent).")
     conditioning_column: str | None = Field(None, description="Conditioning image column (ControlNet); rows then "
                                             "need one of the image's size.")
+    mask_column: str | None = Field(None, description="Loss-mask image column (a file name in metadata, image "
+                                    "bytes in Parquet): white pixels train, black ones do not (grey: a weight); "
+                                    "cropped and flipped with its image, averaged down to the latent grid. None: "
+                                    "every pixel trains.")
     default_caption: str | None = Field(None, description="Caption for rows whose caption is missing or empty; "
                                         "None quarantines them.")
+    trigger_word: str | None = Field(None, min_length=1, max_length=200, description="Prepended to every "
+                                     "caption as its first tag ('sks, a photo of ...'); with shuffle_tags set "
+                                     "keep_tokens >= 1 to keep it first.")
+    shuffle_tags: bool = Field(False, description="Shuffle each caption's comma-separated tags every step, drawn "
+                               "per (seed, step, sample) so a resume sees the same order (kohya's shuffle_caption).")
+    keep_tokens: int = Field(0, ge=0, le=75, description="With shuffle_tags: the first N tags stay in place "
+                             "(kohya semantics: the trigger word counts as the first).")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="Probability a sample trains with the empty "
                                    "caption (for classifier-free guidance), drawn per (seed, step, sample).")
     follow_symlinks: bool = Field(False, description="Read image files that are links to outside the dataset "
@@ -96,6 +107,13 @@ class DataSection(Section):
     @classmethod
     def _cache_off(cls, v: Any) -> Any:
         return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @model_validator(mode="after")
+    def _check_keep_tokens(self) -> DataSection:
+        if self.keep_tokens and not self.shuffle_tags:
+            raise ValueError(f"data.keep_tokens={self.keep_tokens} needs data.shuffle_tags: true (it says which "
+                             "tags the shuffle keeps in place)")
+        return self
 
     @model_validator(mode="after")
     def _check_buckets(self) -> DataSection:

@@ -41,17 +41,44 @@ def step_metrics(run_dir: str) -> list[dict]:
     return [e for e in map(json.loads, lines) if "loss" in e and "event" not in e]
 
 
-def test_messy_dataset_trains_and_quarantines_exactly_the_bad_rows(ray_cluster, tmp_path, messy_folder):
+def add_masks(root: Path) -> str:
+    """A `mask` column for every row of an imagefolder: a left-half mask of the image's displayed size
+    (masks/<name>.png), all black (nothing trains) for the second row, a text file for the first row.
+    Returns the first row's image name (its row must be quarantined for its mask)."""
+    from PIL import Image, ImageOps
+
+    rows = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    (root / "masks").mkdir()
+    for i, row in enumerate(rows):
+        row["mask"] = f"masks/{Path(row['file_name']).stem}.png"
+        try:
+            w, h = ImageOps.exif_transpose(Image.open(root / row["file_name"])).size
+        except Exception:  # a broken or missing image: its row is quarantined for the image first
+            w, h = 64, 64
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[:, : w // 2] = 0 if i == 1 else 255
+        Image.fromarray(mask).save(root / row["mask"])
+    (root / rows[0]["mask"]).write_text("not a mask\n")
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows[0]["file_name"]
+
+
+def test_messy_masked_dataset_trains_and_quarantines_exactly_the_bad_rows(ray_cluster, tmp_path, messy_folder):
     root, bad = messy_folder
     total = len((root / "metadata.jsonl").read_text().splitlines())
+    # Masked training end to end (data.mask_column): a broken mask file is quarantined by its row's name,
+    # a row with an empty mask trains (no NaN); captions get the trigger word and shuffled tags.
+    masked_bad = {**bad, add_masks(root): "mask image: cannot decode image"}
     cfg = lora_cfg(tmp_path, "messy", f"data.path={root}", "data.max_bad_fraction=0.4", "train.max_steps=4",
-                   "train.checkpoint_every=4", "train.log_every=1")
+                   "train.checkpoint_every=4", "train.log_every=1", "data.mask_column=mask",
+                   # and the caption options in the same run: a trigger word kept first, tags shuffled per step
+                   "data.trigger_word=sks", "data.shuffle_tags=true", "data.keep_tokens=1")
     result = run_training(cfg)
-    assert result.steps == 4 and np.isfinite(result.loss_last_mean)
+    assert result.steps == 4 and np.isfinite(result.loss_last_mean) and result.loss_last_mean > 0
     report = [json.loads(x) for x in (Path(result.run_dir) / "logs" / QUARANTINE_FILE).read_text().splitlines()]
-    assert {Path(r["source"]).name: r["reason"] for r in report}.keys() == bad.keys()
+    assert {Path(r["source"]).name: r["reason"] for r in report}.keys() == masked_bad.keys()
     for r in report:
-        assert bad[Path(r["source"]).name] in r["reason"] and isinstance(r["sample_id"], int)
+        assert masked_bad[Path(r["source"]).name] in r["reason"] and isinstance(r["sample_id"], int)
 
     # Above the limit: one line with the counts, the limit and the report, before any training.
     with pytest.raises(DatasetError) as err:
@@ -94,7 +121,9 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
 
     # What HF `datasets` writes for an Image feature: a struct {bytes, path} column named "image".
     hf = datasets.Dataset.from_dict({"image": [str(root / r["file_name"]) for r in rows],
-                                     "text": [r["text"] for r in rows]}).cast_column("image", datasets.Image())
+                                     "text": [r["text"] for r in rows],
+                                     "mask": [str(root / r["file_name"]) for r in rows]})
+    hf = hf.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
     hf.to_parquet(str(tmp_path / "hf.parquet"))
     assert pq.read_schema(tmp_path / "hf.parquet").field("image").type.num_fields == 2
     # Its absolute image paths are outside the Parquet file's folder: refused unless data.image_roots names them.
@@ -105,8 +134,12 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
     got = sorted_batch(prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, hf_data, 3)[0])
     for key in ("sample_id", "pixel_values", "input_ids"):
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    # A mask column of image structs (each row its own image as the mask): cropped and flipped as the image.
+    masked = sorted_batch(prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path,
+                                                   hf_data.model_copy(update={"mask_column": "mask"}), 3)[0])
+    np.testing.assert_allclose(masked["loss_mask"][:, 0], (expected["pixel_values"].mean(axis=1) + 1) / 2, atol=1e-5)
 
-    with pytest.raises(DatasetError, match=r"hf\.parquet: missing column 'caption' \(has: image, text\)"):
+    with pytest.raises(DatasetError, match=r"hf\.parquet: missing column 'caption' \(has: image, text, mask\)"):
         prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, d, 3)
 
 
@@ -147,7 +180,8 @@ def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, 
 
     root, bad = messy_folder
     total = len((root / "metadata.jsonl").read_text().splitlines())
-    summary = inspect_dataset(str(root), DataSection(path=str(root)), tmp_path / "sheet.png", sample=8).summary()
+    summary = inspect_dataset(str(root), DataSection(path=str(root)), tmp_path / "sheet.png", sample=8,
+                              report_dir=tmp_path / "report").summary()
     assert summary["rows"] == total and summary["quarantined"] == len(bad) and summary["usable"] == total - len(bad)
     assert sum(summary["shorter_side_histogram"].values()) == total - len(bad)
     assert summary["shorter_side_histogram"] == {"64-127": total - len(bad)} and summary["modes"]["CMYK"] == 1
@@ -156,6 +190,16 @@ def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, 
     assert sheet.size == (4 * 128, 2 * 144)
     text = format_summary(summary)
     assert f"{total} rows, {total - len(bad)} usable, {len(bad)} would be quarantined" in text
+    # Every bad file by name with its reason (a truncated PNG, a text file, a missing file among them),
+    # in the text, the JSON and the same quarantine.jsonl training writes.
+    named = {Path(r["source"]).name: r["reason"] for r in summary["quarantined_rows"]}
+    assert named.keys() == bad.keys() and all(bad[n] in why for n, why in named.items())
+    for name in ("truncated.png", "text.png", "missing.png"):
+        line = next(x for x in text.splitlines() if x.strip().startswith("quarantined:") and name in x)
+        assert bad[name] in line
+    assert json.loads(json.dumps(summary))["quarantined_rows"] == summary["quarantined_rows"]
+    written = [json.loads(x) for x in (tmp_path / "report" / QUARANTINE_FILE).read_text().splitlines()]
+    assert written == summary["quarantined_rows"] and summary["quarantine_report"] in text
 
 
 def write_mixed_aspect_folder(root: Path, per_shape: int = 4) -> Path:

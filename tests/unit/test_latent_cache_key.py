@@ -68,3 +68,32 @@ def test_a_changed_unet_keeps_the_key(setup):
     for f in (p for p in (model / "unet").rglob("*") if p.is_file()):
         touch_later(f)
     assert key() == before  # latents and text states do not depend on the UNet: the cache is reused
+
+
+def test_mask_column_and_trigger_word_are_new_keys_shuffle_is_not(tmp_path, tiny_model_path):
+    """The cache holds the loss masks and the trigger-prefixed token ids, so both settings change the key;
+    the tag shuffle happens per step on the cached ids, so it reuses the cache."""
+    data = write_sample_dataset(tmp_path / "sample", num_images=2) / "train"
+    base = [f"data.path={data}", f"data.cache={tmp_path / 'latents'}"]
+
+    def key(*overrides: str) -> str:
+        return cache_key(load_config(REPO / "configs" / "lora.yaml", base + list(overrides)), tiny_model_path,
+                         str(data))
+
+    plain = key()
+    assert len({plain, key("data.mask_column=mask"), key("data.mask_column=other"), key("data.trigger_word=sks")}) == 4
+    assert key("data.shuffle_tags=true", "data.keep_tokens=2") == plain
+
+
+def test_the_encoder_stores_loss_masks_beside_the_latents(tiny_model_path):
+    import numpy as np
+
+    from diffray.data.cache import Encoder
+
+    mask = np.zeros((2, 1, 64, 64), dtype=np.float32)
+    mask[0, :, :, :32] = 1.0
+    batch = {"sample_id": np.array([0, 1]), "pixel_values": np.zeros((2, 3, 64, 64), dtype=np.float32),
+             "input_ids": np.zeros((2, 77), dtype=np.int64), "loss_mask": mask}
+    out = Encoder(tiny_model_path, use_gpu=False)(batch)
+    np.testing.assert_array_equal(out["loss_mask"], mask)
+    assert out["latent_mean"].shape == (2, 4, 8, 8)

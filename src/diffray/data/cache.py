@@ -10,7 +10,8 @@ rules and the caption override. A changed setting is a new key, so a stale cache
 
 Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, H/8, W/8] (the posterior,
 so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
-[77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values.
+[77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values; with a
+mask column, loss_mask [1, H, W] (pixel resolution: the loss averages it down to the latent grid).
 Quarantined rows are reported in the cache folder's `quarantine.jsonl`.
 """
 
@@ -75,6 +76,7 @@ def cache_settings(cfg, path: str, prompt: str | None, id_offset: int) -> dict:
             "aspect_buckets": d.aspect_buckets, "bucket_step": d.bucket_step, "max_aspect_ratio": d.max_aspect_ratio,
             "caption_column": d.caption_column, "image_column": d.image_column,
             "conditioning_column": d.conditioning_column, "default_caption": d.default_caption,
+            "mask_column": d.mask_column, "trigger_word": d.trigger_word,
             "min_image_size": d.min_image_size, "max_image_pixels": d.max_image_pixels, "prompt": prompt,
             "id_offset": id_offset}
 
@@ -122,8 +124,9 @@ class Encoder:
         cached = {"sample_id": batch["sample_id"], "input_ids": batch["input_ids"], "latent_mean": mean,
                   "latent_std": std, "prompt_embeds": out[0].float().cpu().numpy(),
                   "pooled_prompt_embeds": out[1].float().cpu().numpy()}
-        if "conditioning_pixel_values" in batch:
-            cached["conditioning_pixel_values"] = batch["conditioning_pixel_values"]
+        for column in ("conditioning_pixel_values", "loss_mask"):  # no encoder work: stored as they are
+            if column in batch:
+                cached[column] = batch[column]
         return cached
 
 

@@ -112,7 +112,7 @@ def open_path(root: str, source: str) -> str:
 
 def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_column: str,
                   conditioning_column: str | None = None,
-                  paths: PathRules = LOCAL_ONLY) -> tuple[str, list[dict]]:
+                  paths: PathRules = LOCAL_ONLY, mask_column: str | None = None) -> tuple[str, list[dict]]:
     """The metadata file and its rows {sample_id, source, caption, line, error[, conditioning_source]} in
     file order.
 
@@ -130,27 +130,28 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
         records = parse_metadata(meta, f.read().decode("utf-8"))
     if not records:
         raise DatasetError(f"{meta}: no rows")
-    for col in (image_column, caption_column, conditioning_column):
+    for col in (image_column, caption_column, conditioning_column, mask_column):
         if col is not None and not any(col in rec for _, rec, _ in records if rec):
             have = sorted({str(k) for _, rec, _ in records if rec for k in rec})
             raise DatasetError(f"{meta}: missing column {col!r} (has: {', '.join(have)})")
-    columns = (caption_column, image_column, conditioning_column)
+    columns = (caption_column, image_column, conditioning_column, mask_column)
     name = posixpath.basename(meta)
     return meta, [_row(fs, root, k, n, rec, error, columns, paths, name)
                   for k, (n, rec, error) in enumerate(records)]
 
 
 def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | None, error: str,
-         columns: tuple[str, str, str | None], paths: PathRules, meta_name: str) -> dict:
+         columns: tuple[str, str, str | None, str | None], paths: PathRules, meta_name: str) -> dict:
     """One metadata record as a row; a record that cannot be used carries its `error`, and its `source`
     names the metadata line instead of a file (nothing is opened for it)."""
-    caption_column, image_column, conditioning_column = columns
+    caption_column, image_column, conditioning_column, mask_column = columns
     rec = rec or {}
     caption = rec.get(caption_column)
     if caption is not None and not isinstance(caption, str):
         error = error or f"metadata line {n}: {caption_column} is a JSON {type(caption).__name__}, not text"
     row = {"sample_id": sample_id, "caption": caption if isinstance(caption, str) else None, "line": n}
-    for key, col in (("source", image_column), ("conditioning_source", conditioning_column)):
+    for key, col in (("source", image_column), ("conditioning_source", conditioning_column),
+                     ("mask_source", mask_column)):
         if col is None:
             continue
         # A record without the column names no file: its line is quarantined (member() takes a missing
@@ -159,7 +160,7 @@ def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | Non
         error = error or (f"metadata line {n}: {why}" if why else "")
     row["error"] = error
     if error:
-        row.update({k: "" for k in ("conditioning_source",) if k in row}, source=f"{meta_name}:{n}")
+        row.update({k: "" for k in ("conditioning_source", "mask_source") if k in row}, source=f"{meta_name}:{n}")
     return row
 
 
@@ -186,12 +187,14 @@ def list_images(fs: pafs.FileSystem, root: str, prompt: str, paths: PathRules = 
 def folder_rows(path: str, caption_column: str = "text", image_column: str = "file_name",
                 prompt: str | None = None, id_offset: int = 0,
                 conditioning_column: str | None = None,
-                paths: PathRules = LOCAL_ONLY) -> tuple[pafs.FileSystem, str, list[dict]]:
+                paths: PathRules = LOCAL_ONLY,
+                mask_column: str | None = None) -> tuple[pafs.FileSystem, str, list[dict]]:
     """The filesystem, root and rows {sample_id, source, caption, error[, conditioning_source]} of a
     folder (`error`: why the row cannot be used before reading anything, else "").
 
     With `prompt`, every caption is that prompt and a folder without a metadata file is read as a
-    plain list of images (DreamBooth instance/class folders). `id_offset` is added to sample ids, so
+    plain list of images (DreamBooth instance/class folders; such rows have no `mask_source`: every pixel
+    trains). `id_offset` is added to sample ids, so
     rows of two datasets trained together never share noise keys.
     """
     fs, root = storage.resolve(path)
@@ -201,7 +204,7 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
     if prompt is not None and not has_metadata(fs, root):
         rows = list_images(fs, root, prompt, paths)
     else:
-        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column, paths)
+        _, rows = read_metadata(fs, root, caption_column, image_column, conditioning_column, paths, mask_column)
         # Missing image files are not an error here: the reader yields no bytes for them and
         # validation quarantines the row.
         rows = [{k: v for k, v in r.items() if k != "line"} for r in rows]

@@ -36,6 +36,8 @@ def rows_dataset(fs, root: str, rows: list[dict]) -> ray.data.Dataset:
         batch["image"] = read(batch["source"], batch["error"])
         if "conditioning_source" in batch:
             batch["conditioning_image"] = read(batch["conditioning_source"], batch["error"])
+        if "mask_source" in batch:
+            batch["mask_image"] = read(batch["mask_source"], batch["error"])
         batch["source"] = np.array([open_path(root, s) for s in batch["source"]], dtype=object)
         return batch
 

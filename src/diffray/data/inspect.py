@@ -1,5 +1,6 @@
 """`diffray data inspect`: what a dataset holds before training on it: row counts, image sizes and
-modes, caption lengths, what validation would quarantine (and why), and a contact sheet of a sample.
+modes, caption lengths, what validation would quarantine (each row by file, with its reason, also
+written as the `quarantine.jsonl` training writes), and a contact sheet of a sample.
 
 One Ray Data pass over the raw rows returns a small record per row (no pixels); the contact sheet
 decodes only the sampled rows.
@@ -62,6 +63,7 @@ class Inspection:
     source: str
     rows: list[dict]
     sheet: str | None = None
+    report: str | None = None  # the quarantine.jsonl written, if any
     quarantine_reasons: Counter = field(default_factory=Counter)
     buckets: list[tuple[int, int]] | None = None
 
@@ -82,6 +84,9 @@ class Inspection:
             "caption_chars": {"min": int(chars.min()), "mean": round(float(chars.mean()), 1), "max": int(chars.max())},
             "caption_words": {"min": int(words.min()), "mean": round(float(words.mean()), 1), "max": int(words.max())},
             "quarantine_reasons": dict(Counter(r["reason"].split(" (")[0] for r in bad).most_common()),
+            "quarantined_rows": [{"sample_id": r["sample_id"], "source": r["source"], "reason": r["reason"]}
+                                 for r in bad],
+            "quarantine_report": self.report,
             "contact_sheet": self.sheet,
             **({"aspect_buckets": self.bucket_histogram()} if self.buckets else {}),
         }
@@ -115,11 +120,13 @@ def contact_sheet(images: list[tuple[bytes, str]], out: Path, cell: int = 128, c
     return out
 
 
-def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16) -> Inspection:
+def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16,
+                    report_dir: str | Path | None = None) -> Inspection:
     """Describe every row of the source at `path` (`data`: the config's data section) and write a
-    contact sheet of the first `sample` usable rows to `sheet`. With `data.aspect_buckets` the summary
-    also counts usable rows per bucket."""
-    from diffray.data.pipeline import read_source
+    contact sheet of the first `sample` usable rows to `sheet`, and with `report_dir` the
+    `quarantine.jsonl` a training run would write. With `data.aspect_buckets` the summary also counts
+    usable rows per bucket."""
+    from diffray.data.pipeline import read_source, write_quarantine
 
     rules = Rules.of(data)
     raw, _ = read_source(path, data)
@@ -129,6 +136,8 @@ def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16) -> In
     from diffray.data.pipeline import bucket_sizes
 
     result = Inspection(path, rows, buckets=bucket_sizes(data))
+    if report_dir is not None:
+        result.report = write_quarantine([r for r in rows if r["reason"]], report_dir)
     if sheet is not None and result.good:
         want = {r["sample_id"] for r in result.good[:sample]}
         picked = raw.filter(lambda r: int(r["sample_id"]) in want).take_all()
@@ -151,6 +160,10 @@ def format_summary(summary: dict) -> str:
         lines.append("aspect buckets: " + ", ".join(f"{k}: {v}" for k, v in summary["aspect_buckets"].items()))
     for reason, n in summary["quarantine_reasons"].items():
         lines.append(f"  quarantine: {n} x {reason}")
+    for r in summary["quarantined_rows"]:
+        lines.append(f"  quarantined: {r['source']}: {r['reason']}")
+    if summary["quarantine_report"]:
+        lines.append(f"quarantine report: {summary['quarantine_report']}")
     if summary["contact_sheet"]:
         lines.append(f"contact sheet: {summary['contact_sheet']}")
     return "\n".join(lines)

@@ -65,7 +65,7 @@ def resolve_columns(schema: pa.Schema, file: str, caption_column: str, image_col
 
 
 def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image_column: str,
-               conditioning_column: str | None) -> list[dict]:
+               conditioning_column: str | None, mask_column: str | None = None) -> list[dict]:
     """One work item per row group {file, row_group, first_id, num_rows, columns}, ids in file order."""
     items, next_id = [], 0
     for file in files:
@@ -76,11 +76,13 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(f"{file}: not a readable Parquet file ({exc})") from None
         image, caption, cond = resolve_columns(schema, file, caption_column, image_column, conditioning_column)
+        if mask_column is not None and mask_column not in schema.names:
+            raise DatasetError(f"{file}: missing column {mask_column!r} (has: {', '.join(schema.names)})")
         first_row = 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             items.append({"file": file, "row_group": g, "first_id": next_id, "first_row": first_row, "num_rows": n,
-                          "image": image, "caption": caption, "conditioning": cond or ""})
+                          "image": image, "caption": caption, "conditioning": cond or "", "mask": mask_column or ""})
             next_id, first_row = next_id + n, first_row + n
     if next_id == 0:
         raise DatasetError(f"{files[0] if len(files) == 1 else posixpath.dirname(files[0])}: no rows")
@@ -117,8 +119,9 @@ def read_row_group(fs: pafs.FileSystem, file: str, group: int, columns: list[str
 
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
                       conditioning_column: str | None = None, id_offset: int = 0,
-                      paths: PathRules = LOCAL_ONLY) -> tuple[ray.data.Dataset, int]:
-    """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image]}, and
+                      paths: PathRules = LOCAL_ONLY, mask_column: str | None = None) -> tuple[ray.data.Dataset, int]:
+    """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image, mask_image]},
+    and
     how many. `error` says why a row cannot be used before decoding (an image path outside the folder).
 
     Raises:
@@ -126,32 +129,37 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
             columns the file has).
     """
     fs, files = parquet_files(path)
-    items = row_groups(fs, files, caption_column, image_column, conditioning_column)
+    items = row_groups(fs, files, caption_column, image_column, conditioning_column, mask_column)
+    extra = {"conditioning_image": "conditioning", "mask_image": "mask"}  # raw column -> item key of its name
 
     def read_group(batch: dict) -> dict:
         out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": [], "error": []}
-        if conditioning_column is not None:
-            out["conditioning_image"] = []
-        for file, g, first_id, first_row, image, caption, cond in zip(
-                batch["file"], batch["row_group"], batch["first_id"], batch["first_row"], batch["image"],
-                batch["caption"], batch["conditioning"]):
-            table = read_row_group(fs, file, int(g), [c for c in (image, caption, cond) if c])
-            folder = posixpath.dirname(file)
-            images, captions = table.column(image).to_pylist(), table.column(caption).to_pylist()
-            conds = table.column(cond).to_pylist() if cond else None
-            for i in range(table.num_rows):
-                out["sample_id"].append(int(first_id) + i + id_offset)
-                out["source"].append(f"{file}#{int(first_row) + i}")
-                out["caption"].append(None if captions[i] is None else str(captions[i]))
-                img, error = image_bytes(fs, images[i], folder, image, paths)
-                out["image"].append(img)
-                if conds is not None:
-                    cimg, cerror = image_bytes(fs, conds[i], folder, cond, paths)
-                    out["conditioning_image"].append(cimg)
-                    error = error or cerror
-                out["error"].append(error)
+        for i, item in enumerate(batch["file"]):
+            it = {k: batch[k][i] for k in batch}
+            names = {col: str(it[key]) for col, key in extra.items() if it[key]}
+            for col in names:  # the column exists even for a row group of no rows
+                out.setdefault(col, [])
+            table = read_row_group(fs, str(it["file"]), int(it["row_group"]),
+                                   [it["image"], it["caption"], *names.values()])
+            read_rows(table, it, names, out)
         return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
                 **{k: np.array(v, dtype=object) for k, v in out.items()}}
+
+    def read_rows(table: pa.Table, it: dict, names: dict[str, str], out: dict[str, list]) -> None:
+        folder = posixpath.dirname(str(it["file"]))
+        images, captions = table.column(it["image"]).to_pylist(), table.column(it["caption"]).to_pylist()
+        others = {col: table.column(name).to_pylist() for col, name in names.items()}
+        for i in range(table.num_rows):
+            out["sample_id"].append(int(it["first_id"]) + i + id_offset)
+            out["source"].append(f"{it['file']}#{int(it['first_row']) + i}")
+            out["caption"].append(None if captions[i] is None else str(captions[i]))
+            img, error = image_bytes(fs, images[i], folder, it["image"], paths)
+            out["image"].append(img)
+            for col, values in others.items():  # conditioning and mask images: same rules as the image
+                data, why = image_bytes(fs, values[i], folder, names[col], paths)
+                out.setdefault(col, []).append(data)
+                error = error or why
+            out["error"].append(error)
 
     ds = ray.data.from_items(items).map_batches(read_group, batch_size=1, batch_format="numpy")
     return raise_original_errors(ds), sum(it["num_rows"] for it in items)

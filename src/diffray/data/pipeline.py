@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray.data
 
+from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
 from diffray.data.raydata import raise_original_errors
 from diffray.data.folder import PathRules
@@ -50,7 +51,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
 
         image_column = "image" if data.image_column == "file_name" else data.image_column
         ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
-                                      PathRules.of(data))
+                                      PathRules.of(data), data.mask_column)
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
@@ -58,7 +59,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
     from diffray.data.folder import folder_rows
 
     fs, root, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset,
-                                 data.conditioning_column, PathRules.of(data))
+                                 data.conditioning_column, PathRules.of(data), data.mask_column)
     return rows_dataset(fs, root, rows), len(rows)
 
 
@@ -97,6 +98,15 @@ class DataReport:
         return f"data {self.source}: {self.used} rows used, {len(self.quarantined)} quarantined{where}"
 
 
+def write_quarantine(bad: list[dict], report_dir: str | Path) -> str:
+    """Write `quarantine.jsonl` (one {sample_id, source, reason} per bad row) into report_dir; its path.
+    Training and `diffray data inspect` both write it, so the two reports read the same."""
+    Path(report_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(report_dir) / QUARANTINE_FILE
+    path.write_text("".join(json.dumps({k: r[k] for k in ("sample_id", "source", "reason")}) + "\n" for r in bad))
+    return str(path)
+
+
 def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, max_bad_fraction: float,
                   report_dir: str | Path | None) -> DataReport:
     """Run the validation pass; write `quarantine.jsonl` (source, row id, reason) into report_dir.
@@ -108,11 +118,7 @@ def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, ma
     bad = raw.map_batches(check_batch, fn_kwargs={"rules": rules}, batch_format="numpy").take_all()
     bad = sorted(({"sample_id": int(r["sample_id"]), "source": str(r["source"]), "reason": str(r["reason"])}
                   for r in bad), key=lambda r: r["sample_id"])
-    report_path = None
-    if report_dir is not None:
-        Path(report_dir).mkdir(parents=True, exist_ok=True)
-        report_path = str(Path(report_dir) / QUARANTINE_FILE)
-        Path(report_path).write_text("".join(json.dumps(r) + "\n" for r in bad))
+    report_path = None if report_dir is None else write_quarantine(bad, report_dir)
     report = DataReport(path, total, bad, report_path)
     if bad and (len(bad) > max_bad_fraction * total or report.used == 0):
         first = "; ".join(f"{r['source']}: {r['reason']}" for r in bad[:3])
@@ -154,13 +160,14 @@ def bucket_sizes(data) -> list[tuple[int, int]] | None:
 
 def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_crop: bool, random_flip: bool,
                      seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
-                     buckets: list[tuple[int, int]] | None = None) -> dict:
-    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values]}.
+                     buckets: list[tuple[int, int]] | None = None, trigger_word: str | None = None) -> dict:
+    """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
+    loss_mask]}.
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
     image gets the same resize, crop and flip as its image (same key, same size); its alpha is
-    composited on black (transparent = no control signal)."""
+    composited on black (transparent = no control signal). `trigger_word` is prepended to every caption."""
     if skip:
         keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -170,7 +177,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     out = {"sample_id": np.asarray(ids, dtype=np.int64),
            "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
                                              random_flip, seed, rules.max_image_pixels, buckets),
-           "input_ids": (tokenize_captions(tokenizer, [caption_of(c, rules) or "" for c in batch["caption"]]) if ids
+           "input_ids": (tokenize_captions(tokenizer, [with_trigger(caption_of(c, rules) or "", trigger_word)
+                                                       for c in batch["caption"]]) if ids
                          else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
     if "conditioning_image" in batch:
         cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
@@ -181,6 +189,23 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
             scaled = np.empty(len(cond), dtype=object)
             scaled[:] = [(c + 1.0) / 2.0 for c in cond]
             out["conditioning_pixel_values"] = scaled
+    if "mask_image" in batch:
+        out["loss_mask"] = loss_masks(list(batch["mask_image"]), ids, sources, resolution, center_crop, random_flip,
+                                      seed, rules.max_image_pixels, buckets)
+    return out
+
+
+def loss_masks(masks: list[bytes], ids: list[int], sources: list[str], resolution: int, center_crop: bool,
+               random_flip: bool, seed: int, max_pixels: int, buckets: list[tuple[int, int]] | None) -> np.ndarray:
+    """Loss masks [B, 1, H, W] in [0, 1] (an object array of [1, H, W] with buckets): each mask image gets its
+    image's resize, crop and flip (same key, same size as validated), its channels averaged; transparent
+    pixels count as black (not trained)."""
+    pixels = preprocess_images(masks, ids, sources, resolution, center_crop, random_flip, seed, max_pixels, buckets,
+                               background=BLACK)
+    if buckets is None:
+        return ((pixels.mean(axis=1, keepdims=True) + 1.0) / 2.0).astype(np.float32)
+    out = np.empty(len(pixels), dtype=object)
+    out[:] = [((p.mean(axis=0, keepdims=True) + 1.0) / 2.0).astype(np.float32) for p in pixels]
     return out
 
 
@@ -190,7 +215,7 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
 
     Columns: sample_id int64, pixel_values float32 [3,R,R] in [-1,1] ([3,H,W] of the row's bucket with
     `data.aspect_buckets`), input_ids int64 [77] (and conditioning_pixel_values in [0,1] with
-    `data.conditioning_column`). Preprocessing runs as plain
+    `data.conditioning_column`; loss_mask float32 [1,R,R] in [0,1] with `data.mask_column`). Preprocessing runs as plain
     Ray tasks (no actor pool), so it never holds CPUs that training workers need.
 
     Raises:
@@ -204,5 +229,6 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
     ds = raw.map_batches(preprocess_batch, batch_size=32, batch_format="numpy",
                          fn_kwargs={"tokenizer_path": tokenizer_path, "resolution": data.resolution,
                                     "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,
-                                    "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data)})
+                                    "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data),
+                                    "trigger_word": data.trigger_word})
     return raise_original_errors(ds), report

@@ -45,8 +45,26 @@ def check_row(batch: dict, i: int, rules: Rules) -> str | None:
     if error:
         return str(error)
     conds = batch.get("conditioning_image")
-    return check_sample(batch["image"][i], batch["caption"][i], None if conds is None else conds[i],
-                        str(batch["source"][i]), rules)
+    reason = check_sample(batch["image"][i], batch["caption"][i], None if conds is None else conds[i],
+                          str(batch["source"][i]), rules)
+    if reason is None and "mask_image" in batch:  # the reader adds the column only with data.mask_column
+        reason = check_mask(batch["mask_image"][i], batch["image"][i], str(batch["source"][i]), rules)
+    return reason
+
+
+def check_mask(mask: bytes | None, image: bytes, source: str, rules: Rules) -> str | None:
+    """None when a row's loss mask decodes at its image's size, else why not (the image is known good)."""
+    mask = as_bytes(mask)
+    if mask is None:
+        return "mask image not found"
+    try:
+        m = decode_image(mask, source, rules.max_image_pixels)
+    except DatasetError as exc:
+        return "mask image: " + str(exc).removeprefix(f"{source}: ")
+    size = decode_image(as_bytes(image), source, rules.max_image_pixels).size
+    if m.size != size:
+        return f"mask image is {m.size[0]}x{m.size[1]}, the image {size[0]}x{size[1]}"
+    return None
 
 
 def check_sample(image: bytes | None, caption, conditioning: bytes | None, source: str, rules: Rules) -> str | None:

@@ -52,7 +52,7 @@ def build_datasets(cfg, model_path: str, report_dir: str | None = None) -> dict[
     out = {}
     for i, (name, src) in enumerate(method_of(cfg.method).sources(cfg, model_path).items()):
         reports = report_dir if report_dir is None or i == 0 else f"{report_dir}/{name}"
-        out[name] = build_dataset(cfg, model_path, reports, src.path, src.prompt, src.id_offset)
+        out[name] = build_dataset(source_config(cfg, i), model_path, reports, src.path, src.prompt, src.id_offset)
         if i == 0 and cfg.data.validation_fraction > 0:
             out[name], out[VALIDATION] = split_validation(out[name], cfg, src.path)
     return out
@@ -92,5 +92,13 @@ def prepare_data(cfg) -> dict[str, str]:
     method.check(cfg, model_path)
     connect_ray()
     check_resources(cfg.scaling)
-    return {name: str(build_cache(cfg, model_path, src.path, src.prompt, src.id_offset)[0])
-            for name, src in method.sources(cfg, model_path).items()}
+    return {name: str(build_cache(source_config(cfg, i), model_path, src.path, src.prompt, src.id_offset)[0])
+            for i, (name, src) in enumerate(method.sources(cfg, model_path).items())}
+
+
+def source_config(cfg, index: int):
+    """The config the `index`-th dataset of a method is read with: `data.mask_column` names a column of
+    the first (the user's) dataset only; others (DreamBooth's generated class images) train every pixel."""
+    if index == 0 or cfg.data.mask_column is None:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"mask_column": None})})

@@ -22,7 +22,7 @@ from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
 from diffray.models.family import family_of
 from diffray.trainers import session
-from diffray.trainers.components.diffusion import caption_dropout_mask, per_sample_loss
+from diffray.trainers.components.diffusion import batch_mean, caption_dropout_mask, per_sample_loss
 from diffray.trainers.steps import StepTask
 
 
@@ -118,8 +118,16 @@ class DenoisingTask(StepTask):
         return ("train",)
 
     def prompt_ids(self, batch: dict, step: int) -> torch.Tensor:
-        """Caption token ids of a batch (the dataset's by default)."""
-        return batch["input_ids"]
+        """Caption token ids of a batch (the dataset's by default; tags shuffled with `data.shuffle_tags`)."""
+        d = self.cfg.data
+        if not d.shuffle_tags:
+            return batch["input_ids"]
+        from diffray.data.captions import comma_token_id, shuffle_batch
+
+        tok = self.comps.tokenizer
+        ids = shuffle_batch(batch["input_ids"].cpu().numpy(), batch["sample_id"].tolist(), step, self.cfg.run.seed,
+                            comma_token_id(tok), tok.eos_token_id, d.keep_tokens)
+        return torch.from_numpy(ids)
 
     def forward_inputs(self, batch: dict, step: int, dropout: bool) -> dict:
         """Extra inputs of the module's forward (none by default)."""
@@ -127,7 +135,8 @@ class DenoisingTask(StepTask):
 
     def loss(self, engine, step: int) -> torch.Tensor:
         """The loss of the next micro-batch."""
-        return self.losses(engine, next(self.streams["train"]), step).mean()
+        batch = next(self.streams["train"])
+        return batch_mean(self.losses(engine, batch, step), batch.get("loss_mask"))
 
     def after_optimizer_step(self) -> None:
         """Hook after each optimizer step (Textual Inversion restores frozen rows)."""
@@ -149,7 +158,7 @@ class DenoisingTask(StepTask):
     # --- the denoising loss
     def losses(self, engine, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:
         """Per-sample denoising losses [B] of a micro-batch {sample_id, pixel_values | latent_mean +
-        latent_std, input_ids[, prompt_embeds, ...]}.
+        latent_std, input_ids[, prompt_embeds, loss_mask, ...]} (with `loss_mask` only masked pixels count).
 
         Noise, timestep, VAE sample and caption dropout of each row are keyed by (run seed, step,
         sample_id), so a row's loss does not depend on which batch or rank it lands in. `dropout=False`
@@ -161,7 +170,7 @@ class DenoisingTask(StepTask):
         pred = engine(n.noisy, n.timesteps, **text, **self.forward_inputs(batch, step, dropout))
         target = self.family.target(self.comps, n, self.prediction_type)
         return per_sample_loss(pred, target, n.timesteps, self.comps.noise_scheduler, self.prediction_type,
-                               cfg.train.snr_gamma)
+                               cfg.train.snr_gamma, batch.get("loss_mask"))
 
     def text_inputs(self, batch: dict, step: int, caption_dropout: float) -> dict:
         """Token ids when the text encoder trains in the engine; otherwise frozen states, from the latent
@@ -176,7 +185,7 @@ class DenoisingTask(StepTask):
             input_ids = torch.where(drop[:, None], self.empty["input_ids"][None], input_ids)
         if self.trains_text_encoder:
             return {"input_ids": input_ids}
-        if "prompt_embeds" not in batch:
+        if "prompt_embeds" not in batch or self.cfg.data.shuffle_tags:  # cached states are of the unshuffled ids
             with torch.no_grad():
                 return {"encoder_hidden_states": self.family.encode(self.comps.text_encoder, input_ids)}
         hidden = batch["prompt_embeds"].to(device, self.env.dtype)
@@ -193,7 +202,7 @@ class DenoisingTask(StepTask):
     # --- validation
     def validation_loss(self, engine, batch: dict) -> torch.Tensor:
         """Mean loss of a held-out micro-batch at fixed noise/timesteps, no dropout."""
-        return self.losses(engine, batch, session.VALIDATION_STEP, dropout=False).mean()
+        return batch_mean(self.losses(engine, batch, session.VALIDATION_STEP, dropout=False), batch.get("loss_mask"))
 
     def validation_grid(self, step: int):
         """One row of `train.validation_prompts` rendered with the current weights."""

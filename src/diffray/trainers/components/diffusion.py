@@ -59,15 +59,44 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
 
 
 def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                    prediction_type: str, snr_gamma: float | None = None) -> torch.Tensor:
-    """MSE per sample [B], optionally Min-SNR weighted (Hang et al., 2023)."""
-    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+                    prediction_type: str, snr_gamma: float | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE per sample [B], optionally Min-SNR weighted (Hang et al., 2023) and masked (`masked_mse`)."""
+    if mask is None:
+        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    else:
+        mse = masked_mse(pred, target, mask)
     if snr_gamma is None:
         return mse
     snr = compute_snr(scheduler, timesteps).to(mse.device)
     weight = torch.clamp(snr, max=snr_gamma)
     weight = weight / snr if prediction_type == "epsilon" else weight / (snr + 1)
     return mse * weight
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A pixel-resolution loss mask [B, 1, H, W] in [0, 1] averaged down to the latent grid `size` (h, w):
+    each latent cell is weighted by the fraction of its pixels the mask covers."""
+    return F.adaptive_avg_pool2d(mask.float(), size) if tuple(mask.shape[-2:]) != tuple(size) else mask.float()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE [B] over the masked elements only: sum(m * (pred - target)^2) / sum(m) over every
+    channel, `mask` [B, 1, H, W] at pixel or latent resolution. A row whose mask is empty has loss 0 and
+    no gradient (never 0/0 = NaN); unmasked elements get exactly zero gradient."""
+    m = latent_mask(mask.to(pred.device), tuple(pred.shape[-2:])).expand_as(pred)
+    err = F.mse_loss(pred.float(), target.float(), reduction="none") * m
+    dims = tuple(range(1, pred.ndim))
+    return err.sum(dim=dims) / m.sum(dim=dims).clamp_min(1e-8)
+
+
+def batch_mean(losses: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of per-sample losses over the rows that train: with loss masks, rows whose mask is empty
+    are left out (they change nothing, not even the divisor); 0 (with a graph) when no row trains."""
+    if mask is None:
+        return losses.mean()
+    live = (mask.flatten(1).sum(dim=1) > 0).to(losses.device, losses.dtype)
+    return (losses * live).sum() / live.sum().clamp_min(1.0)
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, sample_ids: list[int], step: int, seed: int,

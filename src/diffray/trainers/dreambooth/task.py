@@ -14,6 +14,7 @@ import torch
 
 from diffray.models.adapters import export_lora
 from diffray.trainers import session
+from diffray.trainers.components.diffusion import batch_mean
 from diffray.trainers.denoising import (DenoisingTask, Denoiser, export_non_ema, export_pipeline, full_denoiser,
                                         lora_denoiser)
 from diffray.trainers.dreambooth.class_images import CLASS_ID_OFFSET
@@ -47,10 +48,13 @@ class DreamBoothTask(DenoisingTask):
 
     def prior_loss(self, engine, instance: dict, klass: dict | None, step: int) -> torch.Tensor:
         """Instance loss + prior_loss_weight x class loss, both rows in one forward pass."""
+        if klass is not None and "loss_mask" in instance and "loss_mask" not in klass:  # class rows: every pixel
+            klass = {**klass, "loss_mask": torch.ones((len(klass["sample_id"]), *instance["loss_mask"].shape[1:]))}
         batch = instance if klass is None else {k: torch.cat([instance[k], klass[k]]) for k in instance}
         losses = self.losses(engine, batch, step)
         n = len(instance["sample_id"])
-        loss = losses[:n].mean()
+        mask = instance.get("loss_mask")
+        loss = batch_mean(losses[:n], mask)
         if klass is not None:
             loss = loss + self.cfg.dreambooth.prior_loss_weight * losses[n:].mean()
         self.tally(batch["sample_id"], losses.detach())
