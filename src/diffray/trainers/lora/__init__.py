@@ -10,13 +10,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from diffray.config import LoraSection, TrainConfig
+from diffray.config import ExportSection, LoraSection, TrainConfig
 from diffray.trainers.method import Method
 
 
 class LoraTrainConfig(TrainConfig):
     method: Literal["lora"] = Field("lora", description="Training method.")
     lora: LoraSection = Field(default_factory=LoraSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
 
 def _task() -> type:
