@@ -131,5 +131,22 @@ def test_bad_sources_are_refused_naming_the_field(trained, tiny_model_path, tmp_
                "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(8, 4)}, str(alien))
     with pytest.raises(ConfigError, match="lora_unet_nowhere_to_q names no module of this model"):
         _lora_model(tiny_model_path, init_from=str(alien))
+    from diffray.trainers.lora import METHOD
+
+    missing = LoraTrainConfig.model_validate({"lora": {"init_from": str(tmp_path / "gone.safetensors")}})
+    with pytest.raises(ConfigError, match="lora.init_from: .*gone.safetensors: no such LoRA file or folder"):
+        METHOD.check(missing, tiny_model_path)  # on the driver, before Ray starts
     with pytest.raises(ConfigError, match="format: 'ckpt' is not one of diffusers, kohya, peft"):
         lora_formats.export_artifact(trained["artifact"], "ckpt", tmp_path / "o")
+
+
+def test_export_command_writes_the_format_and_the_card(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffray.cli import app
+
+    out = tmp_path / "cli-kohya"
+    result = CliRunner().invoke(app, ["export", str(trained["artifact"]), str(out), "--format", "kohya"])
+    assert result.exit_code == 0, result.output
+    assert "diffray_card.json, sks-lora.safetensors" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["diffray_card.json", "sks-lora.safetensors"]
