@@ -131,6 +131,13 @@ def test_bad_sources_are_refused_naming_the_field(trained, tiny_model_path, tmp_
                "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(8, 4)}, str(alien))
     with pytest.raises(ConfigError, match="lora_unet_nowhere_to_q names no module of this model"):
         _lora_model(tiny_model_path, init_from=str(alien))
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    sd = load_file(f"{trained['artifact']}/pytorch_lora_weights.safetensors")
+    save_file({**sd, "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector": torch.ones(32)},
+              str(dora / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ConfigError, match="unsupported key unet.mid_block.attentions.0.proj_in.lora_magnitude"):
+        lora_formats.export_artifact(dora, "kohya", tmp_path / "o")  # refused, never silently dropped
     from diffray.trainers.lora import METHOD
 
     missing = LoraTrainConfig.model_validate({"lora": {"init_from": str(tmp_path / "gone.safetensors")}})

@@ -90,6 +90,10 @@ def from_prefixed(sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lora
                 raise ConfigError(f"LoRA file: {key} has no matching up weight")
             down = sd[key]
             out[module] = LoraLayer(down, sd[module + up_sfx], alphas.get(module.split(".")[0], float(down.shape[0])))
+    # anything else (a DoRA magnitude, a LoHa/LoKr factor) has no place in these layouts: refuse, not drop
+    unknown = sorted(set(sd) - {m + s for m in out for pair in _SUFFIXES.values() for s in pair})
+    if unknown:
+        raise ConfigError(f"LoRA file: unsupported key {unknown[0]} (plain LoRA down/up weights only)")
     return out
 
 
