@@ -102,7 +102,8 @@ def kind_problem(kind: str, tensors: tuple) -> str | None:
 
 
 # A LoRA file's keys: kohya (`lora_unet_...`) or diffusers/PEFT (`unet.` / `text_encoder.` prefixed)
-LORA_FILE_KEY = re.compile(r"(?:lora_unet_|lora_te[12]?_)[A-Za-z0-9_]{1,300}\.(?:lora_down\.weight|lora_up\.weight|alpha)"
+LORA_FILE_KEY = re.compile(r"(?:lora_unet_|lora_te[12]?_)[A-Za-z0-9_]{1,300}"
+                           r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"
                            r"|(?:unet|text_encoder)\.[A-Za-z0-9_.]{1,300}\.(?:lora[._][A-Za-z_.]{1,40})?weight")
 
 
