@@ -1,4 +1,4 @@
-"""`diffray` command line: init-model, data, train, tune, demo, generate, eval, serve, submit, config.
+"""`diffray` command line: init-model, data, train, tune, demo, generate, export, eval, serve, submit, config.
 
 Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
 non-zero (2 for config errors). The terminal shows diffray's own lines, a progress bar and the results;
@@ -17,6 +17,7 @@ import typer
 
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
+from diffray.export import export_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
@@ -24,6 +25,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: sample set, latent 
 config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.command("export")(export_command)
 
 
 @app.callback()

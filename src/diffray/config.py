@@ -135,17 +135,29 @@ class LoraSection(Section):
     train_text_encoder: bool = Field(False, description="Also train LoRA on the text encoder.")
     text_encoder_target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1,
                                                    description="Text-encoder modules that get LoRA.")
+    init_from: str | None = Field(None, min_length=1, description="Start from this LoRA instead of B = 0: a "
+                                  "diffusers artifact dir, a PEFT adapter dir, or a .safetensors file in the "
+                                  "diffusers, PEFT or kohya layout (same rank; rescaled to this alpha).")
 
     @model_validator(mode="after")
     def _check_variant(self) -> LoraSection:
         if self.train_text_encoder and self.variant in ("loha", "lokr"):
             raise ValueError(f"lora.train_text_encoder needs lora.variant lora, dora or rslora (a {self.variant} "
                              "adapter is exported for the UNet only)")
+        if self.init_from and self.variant != "lora":
+            raise ValueError(f"lora.init_from needs lora.variant lora (a plain LoRA file is loaded into the new "
+                             f"adapter; a {self.variant} adapter has other layers or scaling)")
         return self
 
     @property
     def scale_alpha(self) -> float:
         return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class ExportSection(Section):
+    formats: list[Literal["diffusers", "kohya", "peft"]] = Field(
+        [], description="Also write the LoRA artifact in these layouts at the end of a run, each in "
+        "artifact/<format>/ (kohya: the A1111/ComfyUI layout; peft: a PEFT adapter dir per component).")
 
 
 class OptimSection(Section):

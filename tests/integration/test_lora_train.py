@@ -72,7 +72,8 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
 
     from diffray.generate import load_adapter
 
-    cfg = load_config(REPO / "configs" / "lora.yaml", [f"run.storage_path={tmp_path / 'runs'}"])
+    cfg = load_config(REPO / "configs" / "lora.yaml", [f"run.storage_path={tmp_path / 'runs'}",
+                                                       "export.formats=[kohya, peft]"])
     assert cfg.scaling.num_workers == 2 and cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 2
     result = run_training(cfg)
     assert result.steps == cfg.train.max_steps == 60
@@ -104,6 +105,13 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     with torch.no_grad():
         got = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
     assert (got - expected).abs().max().item() < 1e-5
+    # export.formats wrote the kohya layout beside the artifact; stock diffusers reads it to the same output
+    kohya = Path(result.artifact_dir) / "kohya" / f"{cfg.run.name}.safetensors"
+    assert (Path(result.artifact_dir) / "peft" / "unet" / "adapter_model.safetensors").is_file()
+    kpipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    kpipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    with torch.no_grad():
+        assert (kpipe.unet(latents, t, encoder_hidden_states=hidden).sample - expected).abs().max().item() < 1e-4
     lora_img = pipe("a red circle on a blue background", num_inference_steps=4,
                     generator=torch.Generator().manual_seed(0), output_type="np").images
     assert abs(lora_img - base_img).mean() > 1e-3

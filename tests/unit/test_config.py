@@ -50,7 +50,8 @@ def test_overrides_parse_types():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("lora.rnk=4", "lora.rnk: unknown key (allowed: alpha, dropout, rank,"),
+    ("lora.rnk=4", "lora.rnk: unknown key (allowed: alpha, dropout,"),
+    ("export.formats=[kohya, ckpt]", "export.formats.1: Input should be 'diffusers', 'kohya' or 'peft'"),
     ("strategy.name=fsdp", "strategy.name: Input should be 'deepspeed' or 'ddp'"),
     ("strategy.zero_stage=4", "strategy.zero_stage: Input should be 0, 1, 2 or 3"),
     ("train.max_steps=0", "train.max_steps: Input should be greater than or equal to 1"),

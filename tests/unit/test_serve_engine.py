@@ -18,12 +18,15 @@ from diffray.serve.schemas import Job
 @pytest.fixture(scope="module")
 def engine(tiny_model_path, tmp_path_factory):
     from testkit.adapters import random_lora, random_textual_inversion
+    from diffray.models.lora_formats import export_artifact
     from diffray.serve.engine import ImageEngine
 
     reg = tmp_path_factory.mktemp("reg")
     random_lora(tiny_model_path, reg / "a", seed=1)
     random_lora(tiny_model_path, reg / "b.v2", seed=2)
     random_textual_inversion(tiny_model_path, reg / "t", "<t-tok>", seed=3)
+    kohya = export_artifact(reg / "a", "kohya", tmp_path_factory.mktemp("kohya")) / "lora.safetensors"
+    kohya.rename(reg / "a-kohya.safetensors")  # "a" as A1111/ComfyUI users ship it: a bare kohya file
     return ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(reg)}), device="cpu")
 
 
@@ -81,6 +84,15 @@ def test_adapters_switch_share_and_unload(engine):
     engine.release(["a"])
     assert engine.resident == {} and engine.pipe.get_list_adapters() in ({}, {"unet": []})
     assert engine.run([job()]) == base
+
+
+def test_a_kohya_file_in_the_registry_serves_like_its_diffusers_artifact(engine):
+    with_a = pixels(engine.run([job(adapters=(("a", 1.0),))])[0][0])
+    with_kohya = pixels(engine.run([job(adapters=(("a-kohya", 1.0),))])[0][0])
+    assert np.abs(with_kohya - with_a).max() <= 1  # same weights, converted on load
+    assert np.abs(with_kohya - pixels(engine.run([job()])[0][0])).mean() > 1  # and it is applied
+    engine.release([])
+    assert engine.registry.get("a-kohya").weights_name == "a-kohya.safetensors"
 
 
 def test_textual_inversion_loads_and_unloads(engine):

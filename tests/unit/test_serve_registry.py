@@ -166,3 +166,38 @@ def test_parse_header_accepts_what_safetensors_writes():
     data = lora_bytes()
     header = parse_header(data, len(data), LORA)
     assert set(header) == {"unet.down.lora.down.weight", "unet.down.lora.up.weight"}
+
+
+def test_bare_lora_files_are_entries_checked_like_folders(tmp_path):
+    """A kohya (or diffusers-keyed) `<id>.safetensors` dropped into the root is a LoRA entry; non-LoRA keys,
+    NaN weights, links, bad ids and pickles are not served."""
+    root = tmp_path / "reg"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    kohya = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": rng.standard_normal((4, 32), np.float32),
+             "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": np.zeros((32, 4), np.float32),
+             "lora_unet_mid_block_attentions_0_proj_in.alpha": np.array(4.0, np.float32),
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((4, 32), np.float32),
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((32, 4), np.float32)}
+    (root / "civitai-style.safetensors").write_bytes(st_save(kohya))
+    (root / "diffusers-keys.safetensors").write_bytes(lora_bytes())
+    (root / "not-lora.safetensors").write_bytes(st_save({"model.diffusion_model.x.weight": np.ones(2, np.float32)}))
+    (root / "nan.safetensors").write_bytes(st_save({**kohya, next(iter(kohya)): np.full((4, 32), np.nan, np.float32)}))
+    (root / "bad id!.safetensors").write_bytes(st_save(kohya))
+    (root / "pickled.ckpt").write_bytes(b"x")
+    (root / "link.safetensors").symlink_to(root / "civitai-style.safetensors")
+    _artifact(root, "l", {LORA: lora_bytes()})
+    (root / "l.safetensors").write_bytes(st_save(kohya))  # a folder of the same id wins
+    reg = AdapterRegistry(root)
+    listed = {a.id: (a.kind, a.available) for a in reg.list()}
+    assert listed == {"civitai-style": ("lora", True), "diffusers-keys": ("lora", True), "l": ("lora", True),
+                      "not-lora": ("lora", False), "nan": ("lora", False)}
+    info = reg.get("civitai-style")
+    assert (info.path, info.weights_name) == (str(root), "civitai-style.safetensors")
+    assert reg.get("l").weights_name == LORA
+    with pytest.raises(AdapterError, match="'not-lora' is unavailable: not-lora.safetensors: not a LoRA file"):
+        reg.get("not-lora")
+    with pytest.raises(AdapterError, match="NaN"):
+        reg.get("nan")
+    with pytest.raises(AdapterNotFound):
+        reg.get("link")

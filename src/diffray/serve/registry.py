@@ -1,4 +1,6 @@
-"""The adapter registry: a folder whose sub-folders are trained artifacts, one per adapter id.
+"""The adapter registry: a folder whose sub-folders are trained artifacts, one per adapter id, and
+whose `<id>.safetensors` files are LoRAs as other tools ship them (kohya/A1111/ComfyUI or diffusers keys;
+diffusers' loader converts kohya names on load).
 
 Every lookup rescans the folder, so a new artifact copied in is servable without a redeploy (copy it
 under a temporary name and rename it into place: a rename is atomic). Ids are validated (`fullmatch`)
@@ -42,10 +44,15 @@ class AdapterInfo:
     fingerprint: str = ""
     problem: str | None = None
     tensors: tuple = field(default=(), compare=False, hash=False)
+    weights: str = ""  # the weights file's name in `path` ("" = the kind's standard name)
 
     @property
     def available(self) -> bool:
         return self.problem is None
+
+    @property
+    def weights_name(self) -> str:
+        return self.weights or WEIGHTS.get(self.kind, "")
 
 
 def valid_id(adapter_id: Any) -> bool:
@@ -103,6 +110,21 @@ def _no_artifact(folder: Path) -> str:
     return f"holds no {LORA_WEIGHTS}, {TI_WEIGHTS} or ControlNet {CONTROLNET_WEIGHTS}"
 
 
+# A LoRA file's keys: kohya (`lora_unet_...`) or diffusers/PEFT (`unet.` / `text_encoder.` prefixed)
+LORA_FILE_KEY = re.compile(r"(?:lora_unet_|lora_te[12]?_)[A-Za-z0-9_]{1,300}"
+                           r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"
+                           r"|(?:unet|text_encoder)\.[A-Za-z0-9_.]{1,300}\.(?:lora[._][A-Za-z_.]{1,40})?weight")
+
+
+def lora_file_problem(name: str, tensors: tuple) -> str | None:
+    """Why a bare `<id>.safetensors` is not a LoRA file: no tensors, or a key of no LoRA layout."""
+    if not tensors:
+        return f"{name}: holds no tensors"
+    if not all(LORA_FILE_KEY.fullmatch(key) for key, _ in tensors):
+        return f"{name}: not a LoRA file (keys must follow the kohya or diffusers layout)"
+    return None
+
+
 class AdapterRegistry:
     """Adapters under `root` by id (the folder name). Missing root = empty registry."""
 
@@ -115,7 +137,7 @@ class AdapterRegistry:
         folder = self.root / adapter_id
         try:
             if not folder.is_dir():
-                return None
+                return self._inspect_file(adapter_id)
             kind = artifact_kind(folder)
             if kind is None:
                 return AdapterInfo(adapter_id, "unknown", str(folder), problem=_no_artifact(folder))
@@ -134,6 +156,17 @@ class AdapterRegistry:
         except OSError:
             problem = problem or "model card is unreadable"
         return AdapterInfo(adapter_id, kind, str(folder), card, mtime, check.digest, problem, check.tensors)
+
+    def _inspect_file(self, adapter_id: str) -> AdapterInfo | None:
+        """The entry of a bare `<id>.safetensors` LoRA file in the root; None when there is none."""
+        name = f"{adapter_id}.safetensors"
+        path = self.root / name
+        if not path.is_file() or path.is_symlink():  # a link could publish any file on the host
+            return None
+        check = self.files.check(path)
+        problem = check.problem or lora_file_problem(name, check.tensors)
+        return AdapterInfo(adapter_id, "lora", str(self.root), {}, path.stat().st_mtime, check.digest, problem,
+                           check.tensors, weights=name)
 
     def get(self, adapter_id: str, param: str = "model") -> AdapterInfo:
         """The servable artifact `adapter_id`, read fresh from disk.
@@ -160,7 +193,7 @@ class AdapterRegistry:
             log.warning("adapter registry %s unreadable: %s", self.root, exc)
             return []
         out = []
-        for name in names:
+        for name in dict.fromkeys(n.removesuffix(".safetensors") for n in names):
             if valid_id(name) and not name.startswith("."):
                 info = self.inspect(name)
                 if info is not None:

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffray.errors import AdapterError, RequestError
-from diffray.models.adapters import LORA_WEIGHTS
 from diffray.models.textual_inversion import TI_WEIGHTS
 from diffray.serve.artifacts import stat_key
-from diffray.serve.registry import WEIGHTS, AdapterInfo, AdapterRegistry
+from diffray.serve.registry import AdapterInfo, AdapterRegistry
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +113,13 @@ class ResidentAdapters:
         if info.kind not in ("lora", "textual_inversion"):
             raise RequestError(f"{info.id!r} is a {info.kind}, not a LoRA or Textual Inversion adapter",
                                param="adapters")
-        weights = Path(info.path) / WEIGHTS[info.kind]
+        weights = Path(info.path) / info.weights_name
         before = stat_key(weights)
         rec = Loaded(info.id, info.kind, info.fingerprint)
         try:
             if info.kind == "lora":
-                self.pipe.load_lora_weights(info.path, weight_name=LORA_WEIGHTS, adapter_name=peft_name(info.id),
-                                            use_safetensors=True)
+                self.pipe.load_lora_weights(info.path, weight_name=info.weights_name,
+                                            adapter_name=peft_name(info.id), use_safetensors=True)
             else:
                 self._load_ti(info, rec)
         except Exception as exc:  # noqa: BLE001 - loaders raise many types for one cause: a bad artifact

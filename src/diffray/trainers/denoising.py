@@ -49,6 +49,11 @@ def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: b
     if lora.train_text_encoder:
         add_lora(comps.text_encoder, lora.rank, lora.scale_alpha, lora.dropout, lora.text_encoder_target_modules,
                  seed + 1, lora.variant)
+    if lora.init_from:
+        from diffray.models.lora_formats import init_lora_from
+
+        init_lora_from(lora.init_from, comps.unet, comps.text_encoder, lora.train_text_encoder, lora.rank,
+                       lora.scale_alpha)
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
     return Denoiser(comps.unet, comps.text_encoder if lora.train_text_encoder else None)

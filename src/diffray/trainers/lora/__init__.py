@@ -6,17 +6,20 @@ This file declares the method (its config and `METHOD`); the worker side is `tas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from diffray.config import LoraSection, TrainConfig
+from diffray.config import ExportSection, LoraSection, TrainConfig
+from diffray.errors import ConfigError
 from diffray.trainers.method import Method
 
 
 class LoraTrainConfig(TrainConfig):
     method: Literal["lora"] = Field("lora", description="Training method.")
     lora: LoraSection = Field(default_factory=LoraSection)
+    export: ExportSection = Field(default_factory=ExportSection)
 
 
 def _task() -> type:
@@ -25,4 +28,10 @@ def _task() -> type:
     return LoraTask
 
 
-METHOD = Method(name="lora", config=LoraTrainConfig, task=_task)
+def preflight(cfg: LoraTrainConfig, model_path: str) -> None:
+    """A missing `lora.init_from` fails before Ray starts (its content is read, and checked, on the workers)."""
+    if cfg.lora.init_from and not Path(cfg.lora.init_from).expanduser().exists():
+        raise ConfigError(f"{cfg.lora.init_from}: no such LoRA file or folder", field="lora.init_from")
+
+
+METHOD = Method(name="lora", config=LoraTrainConfig, task=_task, preflight=preflight)

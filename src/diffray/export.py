@@ -1,0 +1,23 @@
+"""`diffray export`: a LoRA artifact written in another layout (kohya for A1111/ComfyUI, diffusers, PEFT).
+
+A command module of its own so `cli.py` stays one screenful per command group; it only parses and prints.
+The conversion is `diffray.models.lora_formats`. Never imports ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def export_command(
+    artifact: Path = typer.Argument(..., help="A LoRA run's artifact dir (pytorch_lora_weights.safetensors)"),
+    out: Path = typer.Argument(..., help="Output dir (created; the adapter card is copied beside)"),
+    fmt: str = typer.Option(..., "--format", "-f", help="kohya (A1111/ComfyUI) | diffusers | peft"),
+) -> None:
+    """Write a LoRA artifact in another layout: kohya (`lora_unet_*`, `.alpha`), diffusers or PEFT."""
+    from diffray.models.lora_formats import export_artifact
+
+    done = export_artifact(artifact, fmt, out)
+    typer.echo(f"exported {artifact} as {fmt} to {out}: " + ", ".join(sorted(p.name for p in done.iterdir())))
