@@ -231,6 +231,29 @@ class FailureSection(Section):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1 = forever).")
 
 
+class MlflowSection(Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (http://..., sqlite:///..., databricks); "
+                                     "None: a SQLite store `mlflow.db` (artifacts beside it) in the run's log dir.")
+    experiment: str = Field("diffray", min_length=1, max_length=200, description="MLflow experiment name (created "
+                            "when missing).")
+
+
+class WandbSection(Section):
+    project: str = Field("diffray", min_length=1, max_length=128, description="W&B project.")
+    mode: Literal["offline", "online"] = Field("offline", description="offline: write the run under `dir` with no "
+                                               "network and no login (`wandb sync` uploads it later); online: "
+                                               "needs WANDB_API_KEY or a login.")
+    dir: str | None = Field(None, description="Local dir for W&B's files; None: the run's log dir.")
+
+
+class TrackingSection(Section):
+    """Experiment trackers besides TensorBoard (always on): rank 0 logs the resolved config, every logged
+    step's metrics, validation grids and the final artifact + card. A tracker that fails is a warning."""
+
+    mlflow: MlflowSection | None = Field(None, description="Log to MLflow (needs the `tracking` extra).")
+    wandb: WandbSection | None = Field(None, description="Log to Weights & Biases (needs the `tracking` extra).")
+
+
 class TrainConfig(Section):
     """The sections every training method shares; a method's config subclasses it, fixes `method`,
     adds its own section and may change defaults."""
@@ -244,6 +267,7 @@ class TrainConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     strategy: StrategySection = Field(default_factory=StrategySection)
     failure: FailureSection = Field(default_factory=FailureSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
     def _check_ema(self) -> TrainConfig:

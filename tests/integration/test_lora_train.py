@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from diffray.config import apply_overrides
 from diffray.methods import load_config, validate_config
 from diffray.errors import TrainingError
-from diffray.models.adapters import LORA_WEIGHTS, read_card
+from diffray.models.adapters import CARD, LORA_WEIGHTS, read_card
 from diffray.trainers.runner import run_training
 
 pytestmark = pytest.mark.integration
@@ -230,21 +230,48 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
 def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
     from diffray.trainers.datasets import build_datasets
 
-    common = ["data.validation_fraction=0.25", "train.max_steps=4", "train.validate_every=2", "train.log_every=4",
+    common = ["data.validation_fraction=0.25", "train.max_steps=4", "train.validate_every=2", "train.log_every=1",
               "train.checkpoint_every=4"]
-    cfg = small_cfg(tmp_path, "val-a", *common)
+    cfg = small_cfg(tmp_path, "val-a", *common, "tracking.mlflow={}")  # the two runs also carry the trackers
     datasets = build_datasets(cfg, tiny_model_path)
     ids = {k: sorted(int(i) for i in ds.take_batch(100, batch_format="numpy")["sample_id"]) for k, ds in datasets.items()}
     assert set(ids) == {"train", "validation"} and 4 <= len(ids["validation"]) <= 12
     assert not set(ids["train"]) & set(ids["validation"]) and sorted(ids["train"] + ids["validation"]) == list(range(32))
 
-    runs = [run_training(cfg), run_training(small_cfg(tmp_path, "val-b", *common))]
+    runs = [run_training(cfg), run_training(small_cfg(tmp_path, "val-b", *common, "tracking.wandb={}"))]
     vals = [[(e["step"], e["val_loss"]) for e in json.loads("[" + ",".join(
         (Path(r.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()) + "]") if "val_loss" in e] for r in runs]
     assert [s for s, _ in vals[0]] == [2, 4]  # at every validation step and the last one
     for (_, x), (_, y) in zip(*vals):  # same data, seed and weights: the same value
         assert abs(x - y) < 1e-6 and 0 < x < 10
     assert runs[0].metrics["val_loss"] == vals[0][-1][1] and "val_loss=" in runs[0].summary_line()
+    assert_tracked(runs, vals)
+
+
+def assert_tracked(runs, vals) -> None:
+    """Run a tracked to MLflow's default store, run b to W&B offline (both in the run's log dir), from
+    rank 0 of the Ray workers: every step's loss as metrics.jsonl has it, val_loss, grids, the artifact."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from testkit import wandb_offline
+
+    losses = [[(e["step"], e["loss"]) for e in events(r.run_dir) if "loss" in e and "event" not in e] for r in runs]
+    assert [s for s, _ in losses[0]] == [1, 2, 3, 4]
+    mlflow.set_tracking_uri(f"sqlite:///{Path(runs[0].run_dir) / 'logs' / 'mlflow.db'}")
+    client = MlflowClient()
+    (run,) = mlflow.search_runs(experiment_names=["diffray"], output_format="list")  # one run: rank 0 only
+    assert run.info.run_name == "val-a" and (run.data.params["run.name"], run.data.params["train.max_steps"]) == ("val-a", "4")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")] == losses[0]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/val_loss")] == vals[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "artifact")} >= {
+        f"artifact/{LORA_WEIGHTS}", f"artifact/{CARD}"}
+    grids = {re.search(r"validation\+step\+(\d+)\+", a.path).group(1) for a in client.list_artifacts(run.info.run_id, "images")}
+    assert grids == {"2", "4"}  # the grids of steps 2 and 4 (MLflow stores each with a thumbnail)
+    rows = wandb_offline.history(wandb_offline.run_file(Path(runs[1].run_dir) / "logs"))
+    assert [(r["_step"], r["train/loss"]) for r in rows] == losses[1]
+    assert [(r["_step"], r["train/val_loss"]) for r in rows if "train/val_loss" in r] == vals[1]
+    assert [r["_step"] for r in rows if r.get("validation/_type") == "image-file"] == [2, 4]
 
 
 @pytest.mark.slow

@@ -175,14 +175,37 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     config = tmp_path / "tune_tpe.yaml"
     config.write_text(yaml.safe_dump(data))
     job = load_tune_job(config, [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6",
-                                 "train.validate_every=3", "train.checkpoint_every=6", "strategy.name=ddp"])
+                                 "train.validate_every=3", "train.checkpoint_every=6", "strategy.name=ddp",
+                                 "tracking.mlflow={}", "tracking.wandb={}"])
     outcome = run_tune(job)
     assert [r.status for r in outcome.rows] == ["completed"] * 2
+    assert_one_tracked_run_per_trial(tmp_path / "tpe", outcome.rows)
     lrs = {r.params["optim.lr"] for r in outcome.rows}
     assert len(lrs) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert all(r.params["lora.rank"] in (4, 8) and r.params["lora.alpha"] == r.params["lora.rank"]
                for r in outcome.rows)
     assert outcome.best is outcome.rows[0] and Path(outcome.best_artifact, "pytorch_lora_weights.safetensors").is_file()
+
+
+def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:
+    """`tracking:` in a search: Tune's MLflow and W&B callbacks log one run per trial (its params and its
+    reported val_loss), in the default stores in the experiment's folder; the workers log none."""
+    import mlflow
+
+    from testkit import wandb_offline
+
+    mlflow.set_tracking_uri(f"sqlite:///{exp_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["diffray"], output_format="list")
+    by_lr = {float(r.data.params["optim.lr"]): r for r in runs}
+    assert len(runs) == len(rows) and by_lr.keys() == {r.params["optim.lr"] for r in rows}
+    client = mlflow.tracking.MlflowClient()
+    for row in rows:
+        history = client.get_metric_history(by_lr[row.params["optim.lr"]].info.run_id, "val_loss")
+        assert history and history[-1].value == pytest.approx(row.metric, rel=1e-9)
+    files = sorted(exp_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == len(rows)
+    finals = sorted(wandb_offline.history(f)[-1]["val_loss"] for f in files)
+    assert finals == pytest.approx(sorted(r.metric for r in rows), rel=1e-9)
 
 
 @pytest.mark.slow

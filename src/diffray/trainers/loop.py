@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from diffray import logs
-from diffray.trainers import hooks, session
+from diffray.trainers import hooks, session, tracking
 from diffray.trainers.engine import build_engine
 
 
@@ -106,7 +106,9 @@ class WorkerLoop:
         self.state = session.restore(self.engine) or session.initial_state()
         task.load_state(self.state)
         task.start(self.engine, self.state)
-        self.logger = session.MetricsLogger(info.log_dir, env.is_main, self.state["step"])
+        trackers = tracking.open_trackers(cfg.tracking, cfg.run.name, cfg.model_dump(mode="json"),
+                                          info.log_dir) if env.is_main else []
+        self.logger = session.MetricsLogger(info.log_dir, env.is_main, self.state["step"], trackers)
 
     def run(self) -> None:
         start = self.state["step"]
@@ -221,4 +223,5 @@ class WorkerLoop:
                         artifact = self.task.export(Path(tempfile.mkdtemp(prefix="diffray-artifact-")), card)
                     if self.engine.ema is not None:
                         self.task.export_raw(artifact)
+                    self.logger.artifact(artifact)
         session.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)

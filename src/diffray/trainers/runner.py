@@ -23,6 +23,7 @@ from diffray.models.adapters import read_card, write_card
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers.loop import train_loop_per_worker
 from diffray.trainers.progress import RunStatus, watch_progress
+from diffray.trainers import tracking
 from diffray.trainers.session import ARTIFACT_DIR, VALIDATION
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     t0 = time.time()
     model_path = resolve_model_path(cfg.model.path)
     method_of(cfg.method).check(cfg, model_path)
+    tracking.check(cfg.tracking)
     connect_ray()
     check_resources(cfg.scaling)
     run_dir, log_dir = run_dirs(cfg)

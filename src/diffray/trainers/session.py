@@ -274,10 +274,11 @@ class MetricsLogger:
     """Rank 0: metrics to `metrics.jsonl` + TensorBoard. Other ranks: no-ops. (The progress a person
     sees is drawn on the driver, from what rank 0 sends to the run's status actor.)"""
 
-    def __init__(self, log_dir: str, enabled: bool, start_step: int):
+    def __init__(self, log_dir: str, enabled: bool, start_step: int, trackers: list | None = None):
         self.enabled = enabled
         self.path = Path(log_dir) / "metrics.jsonl"
         self.tb = None
+        self.trackers = list(trackers or ()) if enabled else []  # `diffray.trainers.tracking`: MLflow, W&B
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,17 +295,30 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.event(**{**metrics, "step": step})
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.tb.add_scalar(f"train/{k}", v, step)
+        scalars = {f"train/{k}": float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and math.isfinite(v)}
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.metrics(step, scalars)
 
     def image(self, tag: str, step: int, image) -> None:
         if self.enabled:
             self.tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+            for tracker in self.trackers:
+                tracker.image(tag, step, image)
+
+    def artifact(self, path: Path) -> None:
+        """The exported artifact dir (with its card), to the trackers (TensorBoard has no place for it)."""
+        for tracker in self.trackers:
+            tracker.artifact(path)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def restore(engine) -> dict[str, Any] | None:

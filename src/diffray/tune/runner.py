@@ -23,9 +23,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from diffray import logs, storage
 from diffray.cluster import FORWARDED_PREFIXES, alive_nodes, check_resources, connect_ray, workers_that_fit
+from diffray.config import TrackingSection
 from diffray.errors import ConfigError
 from diffray.methods import method_of
 from diffray.trainers.datasets import build_datasets
+from diffray.trainers import tracking
 from diffray.trainers.progress import RunStatus
 from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, run_dirs
 from diffray.tune.config import TuneJob
@@ -61,7 +63,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, resolve_params(domains, params))
     cfg = cfg.model_copy(update={
-        "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"})})
+        "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
+        "tracking": TrackingSection()})  # the Tune logger callbacks track trials (one run each), not the workers
     _, log_dir = run_dirs(cfg)
     status = RunStatus.remote()
     trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[TuneReportCallback()],
@@ -188,7 +191,8 @@ def new_tuner(job: TuneJob, trainable, root: str, concurrency: int, on_trial) ->
                                     search_alg=build_searcher(job), num_samples=job.tune.num_samples,
                                     max_concurrent_trials=concurrency),
         run_config=tune.RunConfig(name=job.name, storage_path=root,
-                                  callbacks=[TrialEnded(on_trial)] if on_trial else None,
+                                  callbacks=([TrialEnded(on_trial)] if on_trial else []) + tracking.tune_callbacks(
+                                      job.train.tracking, job.name, storage.local_dir(storage.join(root, job.name))),
                                   verbose=None if logs.verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=job.tune.max_failures)))
 
