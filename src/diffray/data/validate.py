@@ -54,16 +54,21 @@ def check_row(batch: dict, i: int, rules: Rules) -> str | None:
 
 def check_mask(mask: bytes | None, image: bytes, source: str, rules: Rules) -> str | None:
     """None when a row's loss mask decodes at its image's size, else why not (the image is known good)."""
-    mask = as_bytes(mask)
-    if mask is None:
-        return "mask image not found"
-    try:
-        m = decode_image(mask, source, rules.max_image_pixels)
-    except DatasetError as exc:
-        return "mask image: " + str(exc).removeprefix(f"{source}: ")
     size = decode_image(as_bytes(image), source, rules.max_image_pixels).size
-    if m.size != size:
-        return f"mask image is {m.size[0]}x{m.size[1]}, the image {size[0]}x{size[1]}"
+    return companion_problem("mask", as_bytes(mask), size, source, rules)
+
+
+def companion_problem(what: str, data: bytes | None, size: tuple[int, int], source: str, rules: Rules) -> str | None:
+    """None when a row's companion image (its conditioning image or loss mask) decodes at the image's
+    size, else why not, named by `what`."""
+    if data is None:
+        return f"{what} image not found"
+    try:
+        other = decode_image(data, source, rules.max_image_pixels)
+    except DatasetError as exc:
+        return f"{what} image: " + str(exc).removeprefix(f"{source}: ")
+    if other.size != size:
+        return f"{what} image is {other.size[0]}x{other.size[1]}, the image {size[0]}x{size[1]}"
     return None
 
 
@@ -82,12 +87,5 @@ def check_sample(image: bytes | None, caption, conditioning: bytes | None, sourc
     if caption_of(caption, rules) is None:
         return "empty caption (set data.default_caption to train such rows)"
     if rules.conditioning:
-        if conditioning is None:
-            return "conditioning image not found"
-        try:
-            cond = decode_image(conditioning, source, rules.max_image_pixels)
-        except DatasetError as exc:
-            return "conditioning image: " + str(exc).removeprefix(f"{source}: ")
-        if cond.size != img.size:
-            return f"conditioning image is {cond.size[0]}x{cond.size[1]}, the image {w}x{h}"
+        return companion_problem("conditioning", conditioning, img.size, source, rules)
     return None
