@@ -177,3 +177,19 @@ def test_rslora_kohya_export_keeps_its_scale_and_init_from_needs_plain_lora(tiny
     assert (_predict(pipe.unet, pipe.text_encoder, _inputs(pipe)) - want).abs().max().item() < 1e-4
     with pytest.raises(Exception, match="lora.init_from needs lora.variant lora"):
         LoraTrainConfig.model_validate({"lora": {**LORA, "variant": "dora", "init_from": str(path)}})
+
+
+def test_preflight_refuses_a_missing_init_from_and_formats_that_cannot_carry_the_variant(tmp_path):
+    from diffray.trainers.lora import preflight
+
+    def cfg(**sections):
+        return LoraTrainConfig.model_validate(sections)
+
+    with pytest.raises(ConfigError, match="no such LoRA file or folder") as err:
+        preflight(cfg(lora={"init_from": str(tmp_path / "missing.safetensors")}), "unused")
+    assert err.value.field == "lora.init_from"
+    with pytest.raises(ConfigError, match=r"\['kohya'\] hold plain LoRA layers only, not a loha") as err:
+        preflight(cfg(lora={"variant": "loha"}, export={"formats": ["kohya", "diffusers"]}), "unused")
+    assert err.value.field == "export.formats"
+    preflight(cfg(lora={"variant": "rslora"}, export={"formats": ["kohya", "peft"]}), "unused")  # alpha folded
+    preflight(cfg(lora={"variant": "dora"}, export={"formats": ["diffusers"]}), "unused")

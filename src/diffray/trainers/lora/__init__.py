@@ -29,9 +29,14 @@ def _task() -> type:
 
 
 def preflight(cfg: LoraTrainConfig, model_path: str) -> None:
-    """A missing `lora.init_from` fails before Ray starts (its content is read, and checked, on the workers)."""
+    """A missing `lora.init_from` fails before Ray starts (its content is read, and checked, on the workers);
+    so does an `export.formats` entry that cannot carry the adapter variant, rather than after training."""
     if cfg.lora.init_from and not Path(cfg.lora.init_from).expanduser().exists():
         raise ConfigError(f"{cfg.lora.init_from}: no such LoRA file or folder", field="lora.init_from")
+    plain_only = sorted({"kohya", "peft"} & set(cfg.export.formats))
+    if plain_only and cfg.lora.variant not in ("lora", "rslora"):
+        raise ConfigError(f"export.formats {plain_only} hold plain LoRA layers only, not a {cfg.lora.variant} "
+                          "adapter (its artifact is the format to use)", field="export.formats")
 
 
 METHOD = Method(name="lora", config=LoraTrainConfig, task=_task, preflight=preflight)
