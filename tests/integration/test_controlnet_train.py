@@ -109,6 +109,8 @@ def test_controlnet_learns_round_trips_and_follows_the_control_image(ray_cluster
     assert not np.array_equal(np.asarray(Image.open(three)), np.asarray(Image.open(alone)))
 
 
+# Slow suite: the latent cache's equivalence is in the default suite through LoRA (test_data_pipeline.py).
+@pytest.mark.slow
 def test_controlnet_trains_from_the_latent_cache(ray_cluster, tmp_path):
     cfg = cn_cfg(tmp_path, "cn-cache", f"data.cache={tmp_path / 'latents'}", "scaling.num_workers=1",
                  "train.max_steps=3", "train.checkpoint_every=3", "train.validate_every=null", "train.log_every=1")
