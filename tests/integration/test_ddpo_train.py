@@ -75,8 +75,8 @@ def load_pipe(model_path: str):
 
 
 @pytest.mark.parametrize("reward, seed", [
-    ("jpeg_compressibility", 0),  # the default suite runs one case, the slow suite its opposite reward;
-    pytest.param("jpeg_incompressibility", 0, marks=pytest.mark.slow),  # the seed matrix is `make test-eval`'s
+    ("jpeg_compressibility", 0),  # the default suite runs one case; its opposite reward and the seed matrix
+    pytest.param("jpeg_incompressibility", 0, marks=pytest.mark.eval),  # are `make test-eval`'s
     pytest.param("jpeg_compressibility", 1, marks=pytest.mark.eval),
     pytest.param("jpeg_compressibility", 2, marks=pytest.mark.eval),
     pytest.param("jpeg_incompressibility", 1, marks=pytest.mark.eval),

@@ -100,8 +100,8 @@ def test_zero3_with_text_encoder_latent_cache_and_validation(ray_cluster, tmp_pa
     assert max_diff(trained_te, {k: te[k] for k in trained_te}) < 1e-6
 
 
-# The resume machinery is the shared engine's (LoRA's DDP/ZeRO resume tests and this module's ZeRO-3
-# SIGKILL and ZeRO-2 EMA resume run in CI); full fine-tuning under each engine is the `make test-eval` matrix.
+# The resume machinery is the shared engine's (LoRA's SIGKILL, checkpoint and DDP resume tests and this
+# module's ZeRO-2 EMA resume run in CI); full fine-tuning under each engine is the `make test-eval` matrix.
 @pytest.mark.eval
 @pytest.mark.parametrize("engine", [["strategy.name=ddp"], ["strategy.zero_stage=3"]], ids=["ddp", "zero3"])
 def test_resume_is_exact(ray_cluster, tmp_path, engine):
@@ -110,7 +110,7 @@ def test_resume_is_exact(ray_cluster, tmp_path, engine):
     assert max_diff(unet_of(resumed.artifact_dir), unet_of(straight.artifact_dir)) < 1e-6
 
 
-@pytest.mark.slow
+@pytest.mark.eval  # CI: LoRA's SIGKILL drill (default suite) and full's ZeRO-2 EMA resume (slow suite)
 def test_worker_sigkill_under_zero3_recovers_to_the_straight_run(ray_cluster, tmp_path, faults):
     common = ["train.checkpoint_every=2", "strategy.zero_stage=3"]  # weights sharded: resume rebuilds them
     straight = run_training(full_cfg(tmp_path, "straight", *common))

@@ -117,9 +117,10 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     assert abs(lora_img - base_img).mean() > 1e-3
 
 
-# Slow suite, both strategies (the default suite trains 2 ZeRO-2 workers in its SIGKILL and checkpoint drills).
+# Slow suite: DeepSpeed (the default suite trains 2 ZeRO-2 workers in its SIGKILL and checkpoint drills);
+# DDP's case is the eval matrix.
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.eval), "deepspeed"])
 def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     """2 workers x micro-batch 1 == 1 worker x micro-batch 2 on the same data (gradients are averaged)."""
     from diffray.data.sample import write_sample_dataset
@@ -279,7 +280,8 @@ def assert_tracked(runs, vals) -> None:
 @pytest.mark.parametrize("name, overrides", [
     ("zero3", ["strategy.zero_stage=3", "train.validate_every=4", "data.validation_fraction=0.2"]),
     ("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"]),
-    ("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"]),
+    pytest.param("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"],
+                 marks=pytest.mark.eval),  # accumulation in CI: the DDP exact-resume test
     ("ddp-te-vpred", ["strategy.name=ddp", "lora.train_text_encoder=true", "model.prediction_type=v_prediction",
                       "train.snr_gamma=5.0", "train.noise_offset=0.05", "train.gradient_checkpointing=true",
                       "optim.lr_scheduler=cosine", "lora.dropout=0.1"]),
@@ -297,14 +299,15 @@ def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
         assert (Path(result.run_dir) / "logs" / "validation" / "step_000004.png").is_file()
 
 
-# Training configs the README's slow `train` block does not already run as shipped (tests/e2e/test_readme.py).
-README_TRAINS = set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "README.md").read_text()))
+# Training configs the README's slow `train` block does not already run as shipped (tests/e2e/test_readme.py),
+# nor test_tune.py's DDPO search (configs/ddpo.yaml with a learning-rate grid).
+RUN_ELSEWHERE = set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "README.md").read_text())) | {"ddpo.yaml"}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").glob("*.yaml"))  # training jobs only
                                   if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))
-                                  and p.name not in README_TRAINS],
+                                  and p.name not in RUN_ELSEWHERE],
                          ids=lambda p: p.name)
 def test_shipped_configs_run(ray_cluster, tmp_path, path):
     cfg = load_config(path, [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=2", "train.checkpoint_every=2",
@@ -312,7 +315,7 @@ def test_shipped_configs_run(ray_cluster, tmp_path, path):
     assert run_training(cfg).steps == 2
 
 
-@pytest.mark.slow
+@pytest.mark.eval  # CI: the same engine EMA, checked by hand on full fine-tuning (test_full_train.py)
 def test_ema_adapter_is_the_hand_computed_ema_and_the_card_says_so(ray_cluster, tmp_path, tiny_model_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from diffusers import StableDiffusionPipeline

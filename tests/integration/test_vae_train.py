@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
+@pytest.mark.eval  # CI runs configs/vae.yaml end to end in the README's train block
 def test_vae_learns_and_exports_a_unit_variance_autoencoder(ray_cluster, tmp_path):
     from diffusers import AutoencoderKL
 
