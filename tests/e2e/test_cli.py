@@ -78,6 +78,7 @@ def test_readme_commands_end_to_end(tmp_path, tiny_model_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # default-suite budget; the workers' SIGKILL drills stay in the default suite
 def test_driver_killed_and_rerun_resumes(ray_cluster, tmp_path):
     import ray
 
