@@ -19,11 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from diffray.errors import ConfigError
+from diffray.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 _SUFFIXES = {  # (down, up) key suffixes of each layout
     "diffusers": (".lora.down.weight", ".lora.up.weight"),
     "diffusers_te": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
@@ -189,7 +188,7 @@ def read_peft_dir(folder: Path) -> LoraWeights:
             continue
         cfg = json.loads((sub / PEFT_CONFIG).read_text()) if (sub / PEFT_CONFIG).is_file() else {}
         sd, _ = read_safetensors(sub / PEFT_WEIGHTS)
-        sd = {f"{component}.{k.removeprefix('base_model.model.')}": v for k, v in sd.items()}
+        sd = {f"{component}.{k.removeprefix(PEFT_PREFIX)}": v for k, v in sd.items()}
         meta = {"lora_adapter_metadata": json.dumps({f"{component}.lora_alpha": cfg.get("lora_alpha")})}
         layers = from_prefixed(sd, meta)
         for module, layer in layers.items():  # per-module alphas PEFT keeps in alpha_pattern
@@ -253,8 +252,8 @@ def write_peft(weights: LoraWeights, out_dir: Path) -> Path:
         config.save_pretrained(str(sub))
         sd = {}
         for module, layer in sorted(layers.items()):
-            sd[f"base_model.model.{module}.lora_A.weight"] = layer.down.contiguous()
-            sd[f"base_model.model.{module}.lora_B.weight"] = layer.up.contiguous()
+            sd[f"{PEFT_PREFIX}{module}.lora_A.weight"] = layer.down.contiguous()
+            sd[f"{PEFT_PREFIX}{module}.lora_B.weight"] = layer.up.contiguous()
         save_file(sd, str(sub / PEFT_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
