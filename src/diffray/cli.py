@@ -18,6 +18,7 @@ import typer
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
 from diffray.export import export_command
+from diffray.world.command import pretrain_world_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
@@ -26,6 +27,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.command("export")(export_command)
+app.command("pretrain-world")(pretrain_world_command)
 
 
 @app.callback()
@@ -55,10 +57,11 @@ def run_with_progress(cfg):
 
 
 @app.command("init-model")
-def init_model(preset: str = typer.Argument(..., help="tiny | sd15-shaped"),
+def init_model(preset: str = typer.Argument(..., help="tiny (the pretrained world model) | tiny-random | sd15-shaped"),
                out_dir: Path = typer.Argument(..., help="Directory to write the diffusers pipeline to"),
-               seed: int = typer.Option(0, help="Weight-init seed (deterministic)")) -> None:
-    """Build a randomly initialised Stable Diffusion pipeline dir (no download)."""
+               seed: int = typer.Option(0, help="Weight-init seed of a random preset (deterministic)")) -> None:
+    """Write a Stable Diffusion pipeline dir (no download): the shipped pretrained world model (`tiny`) or a
+    randomly initialised one (`tiny-random`, `sd15-shaped`)."""
     from diffray.models.tiny import build_pipeline_dir
 
     path = build_pipeline_dir(out_dir, preset=preset, seed=seed)
@@ -260,10 +263,14 @@ def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
 
 
 @app.command("demo")
-def demo(config: Path = typer.Option(Path("configs/lora.yaml"), help="The LoRA job to run"),
-         out_dir: Path = typer.Option(Path("outputs"), help="Where the image grid goes"),
+def demo(config: Path = typer.Option(Path("configs/demo.yaml"), help="The LoRA job to run"),
+         out_dir: Path = typer.Option(Path("outputs"), help="Where the image grid and the eval report go"),
+         suite: str = typer.Option("star", help="The eval suite scored base vs adapter after training "
+                                   "(none: skip)"),
+         num: int = typer.Option(16, min=1, help="Prompt/seed pairs of the eval"),
          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
-    """Train the LoRA demo (configs/lora.yaml), export it, and render base-vs-adapter grids."""
+    """Train the LoRA demo (configs/demo.yaml: the pretrained world model learns the star it never saw),
+    render base-vs-adapter grids and score the reserved concept with `diffray eval`."""
     import time
 
     from diffray.generate import generate_grid
@@ -275,7 +282,14 @@ def demo(config: Path = typer.Option(Path("configs/lora.yaml"), help="The LoRA j
     typer.echo(f"logs: {result.log_dir}")
     typer.echo(result.summary_line())
     grid = generate_grid(prompts=cfg.train.validation_prompts, adapter=result.artifact_dir, model=cfg.model.path,
-                         out=out_dir / "demo_grid.png", num_images=4, steps=20, compare_base=True)
+                         out=out_dir / "demo_grid.png", num_images=4, steps=25, guidance=5.0, compare_base=True)
+    if suite != "none":
+        from diffray.world.evaluate import evaluate
+        from diffray.world.report import format_table
+
+        report = evaluate(model=cfg.model.path, suite=suite, adapter=result.artifact_dir, num=num,
+                          out_dir=out_dir / "demo_eval")
+        typer.echo(format_table(report))
     typer.echo(f"demo: steps={result.steps} loss first10={result.loss_first_mean:.4f} "
                f"last10={result.loss_last_mean:.4f} artifact={result.artifact_dir} grid={grid} "
                f"wall={time.time() - t0:.1f}s")

@@ -1,9 +1,13 @@
-"""Deterministic Stable Diffusion pipelines built from config, saved as real diffusers dirs.
+"""Stable Diffusion pipelines built from config and saved as real diffusers dirs, and the shipped one.
 
-`tiny` is a few-MB pipeline (64 px images, 8x8 latents) for tests and demos; `sd15-shaped` is the real
-SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise).
-Both use a character-level CLIP tokenizer whose files we write ourselves. Nothing here downloads
-anything, and building never disturbs the caller's global torch RNG.
+`tiny` is the pretrained world model: a few-MB pipeline (64 px images, 8x8 latents) trained on the shapes
+world by `diffray pretrain-world` (`diffray.world.pretrain`), shipped as package data (`weights/tiny/`);
+building it copies those weights. Its architecture, initialised at random, is where pretraining starts.
+`tiny-random` is the older, smaller random pipeline for fast mechanical tests; `sd15-shaped` is the real
+SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise). `tiny`
+uses a word-level CLIP tokenizer over the world's words (`diffray.world.WORDS`, every other word spelled
+by characters); the others a character-level one. We write the tokenizer files ourselves. Nothing here
+downloads anything, and building never disturbs the caller's global torch RNG.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import torch
 
 from diffray.errors import ModelError
 
-PRESETS = ("tiny", "sd15-shaped")
+PRESETS = ("tiny", "tiny-random", "sd15-shaped")
+PRETRAINED = ("tiny",)  # presets whose builtin is shipped weights (one set: no `?seed=`)
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Part of every cached builtin's key (`builder_key`): bump it when the builder writes different files for
-# the same preset_configs (a new tokenizer, another init, shipped weights), so caches built before rebuild.
-BUILDER_VERSION = 1
+# the same preset_configs (a new tokenizer, another init), so caches built before rebuild. Shipped weights
+# are keyed by their card instead.
+BUILDER_VERSION = 2
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_TOKENS = 77
 SD15_VOCAB = 49408  # the sd15-shaped tokenizer is padded to SD 1.5's embedding-table size
@@ -40,6 +47,21 @@ def preset_configs(preset: str) -> dict[str, dict]:
         ModelError: `preset` is not one of `PRESETS`.
     """
     if preset == "tiny":
+        # Sized for CPU pretraining (~0.33 s per batch-64 UNet step, DDP on 2 cores). One norm group in the VAE:
+        # per-channel GroupNorm erases the colour of a flat image, and the world is flat colours.
+        return {
+            "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                         up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64,
+                         attention_head_dim=8, norm_num_groups=8),
+            "vae": dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=1),
+            "text_encoder": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64),
+            "scheduler": dict(SCHEDULER_CONFIG),
+        }
+    if preset == "tiny-random":
         return {
             "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                          block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -72,32 +94,85 @@ def preset_configs(preset: str) -> dict[str, dict]:
 
 def builder_key(preset: str) -> str:
     """A short hash of what decides a preset's files besides the seed: its component configs, the
-    tokenizer's size and BUILDER_VERSION. Cached builtins are stored under it, so a changed builder is
-    rebuilt instead of served stale. Raises ModelError for an unknown preset."""
-    spec = {"builder": BUILDER_VERSION, "configs": preset_configs(preset), "vocab": _vocab_size(preset)}
+    tokenizer and BUILDER_VERSION, or for a pretrained preset its shipped card. Cached builtins are stored
+    under it, so a changed builder or retrained weights are rebuilt instead of served stale. Raises
+    ModelError for an unknown preset."""
+    spec = {"builder": BUILDER_VERSION, "configs": preset_configs(preset), "vocab": _vocab_size(preset),
+            "words": list(tokenizer_words(preset))}
+    if preset in PRETRAINED and shipped(preset):
+        spec["card"] = (shipped(preset) / "diffray_model.json").read_text()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None) -> int:
-    """Write a character-level CLIP BPE `vocab.json` (every byte, with and without `</w>`, then the
-    two special tokens) and an empty `merges.txt`. `vocab_size` pads with unused tokens.
+def tokenizer_words(preset: str) -> tuple[str, ...]:
+    """The words a preset's tokenizer keeps whole (the world's vocabulary for `tiny`; none otherwise)."""
+    if preset != "tiny":
+        return ()
+    from diffray.world import WORDS
 
-    Returns the vocabulary size (514 unpadded).
+    return WORDS
+
+
+def word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges that assemble each of `words` into one token: byte-pair learning run to the end on the
+    words themselves (always the most frequent pair, ties by sort order). Applied lowest rank first, as
+    CLIP's tokenizer does, they rebuild every word whole."""
+    import collections
+
+    segs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words))}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: collections.Counter = collections.Counter()
+        for seg in segs.values():
+            counts.update(zip(seg, seg[1:]))
+        if not counts:
+            return merges
+        best = max(sorted(counts), key=counts.__getitem__)
+        merges.append(best)
+        for w, seg in segs.items():
+            out, i = [], 0
+            while i < len(seg):
+                if i + 1 < len(seg) and (seg[i], seg[i + 1]) == best:
+                    out.append(seg[i] + seg[i + 1])
+                    i += 2
+                else:
+                    out.append(seg[i])
+                    i += 1
+            segs[w] = tuple(out)
+
+
+def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None, words=()) -> int:
+    """Write a CLIP BPE `vocab.json` (every byte, with and without `</w>`, the merged pieces of `words`,
+    then the two special tokens) and `merges.txt` (empty without words: character-level). `words` are
+    split as CLIP's pre-tokenizer splits them (`close-up` is `close`, `-`, `up`). `vocab_size` pads with
+    unused tokens.
+
+    Returns the vocabulary size (514 without words or padding).
     """
+    import re
+
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    merges = word_merges({p for w in words for p in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", w.lower())})
     chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + list(SPECIAL_TOKENS)
+    merged = [a + b for a, b in merges]
+    tokens = list(dict.fromkeys(chars + [c + "</w>" for c in chars] + merged)) + list(SPECIAL_TOKENS)
     if vocab_size is not None:
         tokens += [f"<|unused{i}|>" for i in range(vocab_size - len(tokens))]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     return len(tokens)
 
 
 def _vocab_size(preset: str) -> int | None:
     return SD15_VOCAB if preset == "sd15-shaped" else None
+
+
+def shipped(preset: str) -> Path | None:
+    """The packaged pipeline dir of a pretrained preset, or None when its weights are not there."""
+    d = WEIGHTS_DIR / preset
+    return d if preset in PRETRAINED and (d / "model_index.json").is_file() else None
 
 
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
@@ -108,7 +183,7 @@ def build_components(preset: str = "tiny", seed: int = 0) -> dict:
 
     cfgs = preset_configs(preset)
     with tempfile.TemporaryDirectory(prefix="diffray-tok-") as tok_dir:
-        vocab = write_tokenizer_files(Path(tok_dir), _vocab_size(preset))
+        vocab = write_tokenizer_files(Path(tok_dir), _vocab_size(preset), tokenizer_words(preset))
         tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=MAX_TOKENS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -130,30 +205,49 @@ def _save_controlnet(unet: torch.nn.Module, out_dir: Path, seed: int) -> None:
         ControlNetModel.from_unet(unet).save_pretrained(out_dir, safe_serialization=True)
 
 
-def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
-    """Build a preset and save it as a diffusers dir (safetensors). Atomic: everything is written to
-    a temporary sibling that is then renamed onto `out_dir`, so a half-written dir never appears there
-    (an existing `out_dir` is replaced). The tiny preset also gets a matching ControlNet in `controlnet/`.
+def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0, random_init: bool = False) -> Path:
+    """Build a preset and save it as a diffusers dir (safetensors). A pretrained preset (`tiny`) is a copy
+    of its shipped weights unless `random_init` (its architecture at random, from `seed`: where
+    pretraining starts). Atomic: everything is written to a temporary sibling that is then renamed onto
+    `out_dir`, so a half-written dir never appears there (an existing `out_dir` is replaced). The tiny
+    presets also get a matching ControlNet in `controlnet/`.
 
-    Returns the absolute output dir. Raises `ModelError` for an unknown preset (before any work).
+    Returns the absolute output dir. Raises `ModelError` for an unknown preset (before any work), or for
+    a pretrained preset asked for another seed or whose weights are not installed.
     """
     from diffusers import StableDiffusionPipeline
 
     from diffray.logs import quiet_hf
 
     preset_configs(preset)
+    source = None
+    if preset in PRETRAINED and not random_init:
+        source = shipped(preset)
+        if source is None:
+            raise ModelError(f"the pretrained {preset!r} weights are not installed ({WEIGHTS_DIR / preset}); "
+                             f"`diffray pretrain-world DIR` trains them, `{preset}-random` is the random model")
+        if seed != 0:
+            raise ModelError(f"{preset!r} is one pretrained set of weights (no seed option); "
+                             f"`tiny-random?seed={seed}` is the random model with that seed")
     quiet_hf()
     out = Path(out_dir).expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if source is not None:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            tmp.chmod(0o755)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+            return out
         comps = build_components(preset, seed)
         pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; the slow-tokenizer files keep 4.x loaders working.
-        write_tokenizer_files(tmp / "tokenizer", _vocab_size(preset))
-        if preset == "tiny":
+        write_tokenizer_files(tmp / "tokenizer", _vocab_size(preset), tokenizer_words(preset))
+        if preset in ("tiny", "tiny-random"):
             _save_controlnet(comps["unet"], tmp / "controlnet", seed)
         (tmp / "diffray_model.json").write_text(json.dumps({"preset": preset, "seed": seed,
                                                                 "builder_key": builder_key(preset)}))

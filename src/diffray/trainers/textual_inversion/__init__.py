@@ -20,7 +20,8 @@ class TextualInversionSection(Section):
                                    description="New token that names the concept in prompts (no spaces).")
     initializer_token: str = Field("o", min_length=1,
                                    description="Existing single-token word whose embedding starts the new vector(s) "
-                                               "(e.g. 'toy' on SD 1.5; the builtin tiny tokenizer is per character).")
+                                               "(e.g. 'toy' on SD 1.5, 'widget' on builtin:tiny; builtin:tiny-random's "
+                                               "tokenizer is per character: one letter).")
     num_vectors: int = Field(1, ge=1, le=64, description="Embedding vectors learned for the token: <tok>, <tok>_1, ...")
     learnable_property: Literal["object", "style"] = Field(
         "object", description="Prompt templates: 'a photo of a {}' (object) or 'a painting in the style of {}' (style).")

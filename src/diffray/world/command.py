@@ -1,0 +1,50 @@
+"""The `diffray pretrain-world` command (its own module: cli.py holds the core commands)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from diffray.world.pretrain import PretrainPlan
+
+_D = PretrainPlan()
+
+
+def pretrain_world_command(
+    out_dir: Path = typer.Argument(..., help="Where the pretrained pipeline dir is written (replaced when done)"),
+    seed: int = typer.Option(_D.seed, help="Seed of the weights' init, the data and the noise"),
+    vae_steps: int = typer.Option(_D.vae_steps, help="Autoencoder optimizer steps"),
+    unet_steps: int = typer.Option(_D.unet_steps, help="UNet + text-encoder optimizer steps"),
+    vae_images: int = typer.Option(_D.vae_images, help="Images of the `all` split for the autoencoder"),
+    unet_images: int = typer.Option(_D.unet_images, help="Images of the `pretrain` split for the UNet"),
+    vae_batch: int = typer.Option(_D.vae_batch, help="Autoencoder batch per step (all workers)"),
+    unet_batch: int = typer.Option(_D.unet_batch, help="UNet batch per step (all workers)"),
+    num_workers: int = typer.Option(_D.num_workers, help="Ray Train workers of each stage"),
+    checkpoint_every: int = typer.Option(_D.checkpoint_every, help="Checkpoint every N steps"),
+    eval_num: int = typer.Option(_D.eval_num, help="Prompt/seed pairs per eval suite (prompts, heldout) in the "
+                                 "card; 0: no eval"),
+    work_dir: Optional[Path] = typer.Option(None, help="Data, runs and checkpoints (default: OUT_DIR.work); "
+                                            "rerunning with the same one resumes"),
+) -> None:
+    """Pretrain the tiny world model from random weights: the VAE on every concept's images, then UNet
+    and text encoder (`method: full`, from scratch) on the pretraining split. Resumable; see the card."""
+    from diffray.cli import train_progress
+    from diffray.world.pretrain import pretrain_world
+
+    plan = PretrainPlan(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_images=vae_images,
+                        unet_images=unet_images, vae_batch=vae_batch, unet_batch=unet_batch,
+                        num_workers=num_workers, checkpoint_every=checkpoint_every, eval_num=eval_num,
+                        **{k: getattr(_D, k) for k in ("vae_lr", "unet_lr", "ema_decay", "caption_dropout")})
+    command = "diffray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    card = pretrain_world(out_dir, plan, work_dir, progress=train_progress, command=command)
+    for name, s in card["stages"].items():
+        typer.echo(f"{name}: {s['steps']} steps, loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, "
+                   f"{s['wall_time_s']:.0f}s")
+    for suite, row in card.get("eval", {}).items():
+        typer.echo(f"eval {suite} ({row['num']} pairs): " + ", ".join(
+            f"{k} {v:.1%}" for k, v in row.items() if k != "num" and v is not None))
+    typer.echo(f"wrote the world model to {Path(out_dir).resolve()}")
