@@ -28,10 +28,11 @@ browser-deps:
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium chromium-driver; \
 	fi
 
-# Trains configs/lora.yaml (a rerun resumes the finished run; `make clean` starts over), exports the
-# adapter, renders outputs/demo_grid.png (base rows, then adapter rows, same seeds).
+# Trains configs/demo.yaml (the pretrained world model learns the star it never saw, as a LoRA; a rerun
+# resumes the finished run, `make clean` starts over), renders outputs/demo_grid.png (base rows, then
+# adapter rows, same seeds) and scores star prompts base vs adapter (outputs/demo_eval/).
 demo: setup
-	$(BIN)/diffray demo --config configs/lora.yaml --out-dir outputs
+	$(BIN)/diffray demo --config configs/demo.yaml --out-dir outputs
 
 test: setup
 	$(BIN)/python -m pytest tests -m "not slow and not gpu and not eval" --durations=15 $(PYTEST_ARGS)

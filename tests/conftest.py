@@ -86,7 +86,7 @@ def faults(monkeypatch):
 def tiny_model_path() -> str:
     from diffray.models.loading import resolve_model_path
 
-    return resolve_model_path("builtin:tiny")
+    return resolve_model_path("builtin:tiny-random")
 
 
 def _png(img) -> bytes:

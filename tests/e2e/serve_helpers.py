@@ -72,8 +72,8 @@ def control_disc() -> Image.Image:
 def app_args(registry: Path, feedback_db: Path, **overrides) -> dict:
     """Args of a small test app: tiny model at 64 px, auth on, one Generator replica; `overrides` replace
     whole sections (limits=..., generator=...)."""
-    args = {"model": "builtin:tiny", "adapters_dir": str(registry), "default_steps": 2,
-            "controlnets": {"canny": {"path": "builtin:tiny", "subfolder": "controlnet"}},
+    args = {"model": "builtin:tiny-random", "adapters_dir": str(registry), "default_steps": 2,
+            "controlnets": {"canny": {"path": "builtin:tiny-random", "subfolder": "controlnet"}},
             "limits": {"max_side": 128, "max_n": 2, "max_steps": 8, "max_body_bytes": 300_000,
                        "request_timeout_s": 120},
             "auth": {"api_keys": [KEY]},

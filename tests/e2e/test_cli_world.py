@@ -36,7 +36,7 @@ def test_data_world_writes_both_formats(tmp_path):
 
 
 def test_eval_prints_table_and_writes_report(tmp_path):
-    proc = run(["eval", "--model", "builtin:tiny", "--suite", "heldout", "--num", "2", "--steps", "2",
+    proc = run(["eval", "--model", "builtin:tiny-random", "--suite", "heldout", "--num", "2", "--steps", "2",
                 "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "suite heldout" in proc.stdout and "\nbg " in proc.stdout and "jpeg_kb" in proc.stdout

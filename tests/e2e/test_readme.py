@@ -37,11 +37,11 @@ SERVER = "http://127.0.0.1:8000"  # configs/serve.yaml, as the README's requests
 EXPECT = {
     "data": ["models/tiny-sd/model_index.json", "data/sample/train/metadata.jsonl", "outputs/contact_sheet.png",
              "data/pairs/metadata.jsonl", "data/pairs/conditioning/00000000.png"],
-    "train": ["outputs/demo_grid.png", "runs/lora-sample/artifact/pytorch_lora_weights.safetensors",
+    "train": ["outputs/demo_grid.png", "runs/lora-star/artifact/pytorch_lora_weights.safetensors",
               "runs/my-lora/artifact/pytorch_lora_weights.safetensors", "runs/dreambooth-sample/artifact",
               "runs/textual-inversion-sample/artifact/learned_embeds.safetensors",
               "runs/controlnet-sample/artifact/config.json", "outputs/generated.png",
-              "outputs/eval/prompts/results.json", "outputs/eval/star/grid.png", "outputs/kohya/lora-sample.safetensors"],
+              "outputs/eval/prompts/results.json", "outputs/eval/star/grid.png", "outputs/kohya/lora-star.safetensors"],
     "world": ["data/world/dataset.json", "data/world/part-00000.parquet", "data/stars/dataset.json"],
     "requests": ["adapters/my-lora/pytorch_lora_weights.safetensors", "outputs/generated-0-0.png"],
 }

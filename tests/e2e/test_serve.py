@@ -45,8 +45,8 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
     controlnet_from_unet(tiny_model_path, reg / "cn-x", seed=4)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": "builtin:tiny", "adapters_dir": str(reg), "default_steps": 4,
-            "controlnets": {"canny": {"path": "builtin:tiny", "subfolder": "controlnet"}},
+    args = {"model": "builtin:tiny-random", "adapters_dir": str(reg), "default_steps": 4,
+            "controlnets": {"canny": {"path": "builtin:tiny-random", "subfolder": "controlnet"}},
             "limits": {"max_side": 256, "max_n": 4, "max_body_bytes": 200_000, "request_timeout_s": 60},
             "auth": {"api_keys": [KEY]},
             "generator": {"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 2,

@@ -19,6 +19,7 @@ from diffray.data.pipeline import prepare_training_dataset
 from diffray.errors import DatasetError
 from diffray.models.loading import load_components
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -26,8 +27,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cn_cfg(tmp_path, name: str, *overrides: str):
     return load_config(REPO / "configs" / "controlnet.yaml",
-                       [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.progress_bar=false",
-                        *overrides])
+                       [TINY_RANDOM, f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+                        "train.progress_bar=false", *overrides])
 
 
 def losses(run_dir: str) -> list[float]:

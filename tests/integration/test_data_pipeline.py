@@ -19,6 +19,7 @@ from diffray.data.sample import write_sample_dataset
 from diffray.errors import DatasetError
 from diffray.trainers.datasets import prepare_data
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 def lora_cfg(tmp_path, name: str, *overrides: str):
     base = [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.progress_bar=false",
             "train.validate_every=null"]
-    return load_config(REPO / "configs" / "lora.yaml", base + list(overrides))
+    return load_config(REPO / "configs" / "lora.yaml", [TINY_RANDOM] + base + list(overrides))
 
 
 def sorted_batch(ds) -> dict[str, np.ndarray]:

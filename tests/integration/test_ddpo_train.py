@@ -15,6 +15,7 @@ import torch
 from diffray.methods import load_config
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def epoch_lines(run_dir: str) -> list[dict]:
 
 
 def ddpo_cfg(root: Path, name: str, *overrides: str):
-    return load_config(REPO / "configs" / "ddpo.yaml", [f"run.storage_path={root}", f"run.name={name}",
+    return load_config(REPO / "configs" / "ddpo.yaml", [TINY_RANDOM, f"run.storage_path={root}", f"run.name={name}",
                                                        "train.progress_bar=false", *overrides])
 
 

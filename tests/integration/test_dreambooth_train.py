@@ -15,6 +15,7 @@ from diffray.methods import load_config
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.trainers.dreambooth.class_images import ensure_class_images
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def db_cfg(tmp_path, *overrides: str):
     return load_config(REPO / "configs" / "dreambooth.yaml",
-                       [f"run.storage_path={tmp_path / 'runs'}", "train.progress_bar=false",
+                       [TINY_RANDOM, f"run.storage_path={tmp_path / 'runs'}", "train.progress_bar=false",
                         f"dreambooth.class_data_dir={tmp_path / 'class'}", *overrides])
 
 

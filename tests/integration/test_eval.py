@@ -1,4 +1,4 @@
-"""`diffray eval` on builtin:tiny with real adapters (a LoRA, a Textual Inversion token, a ControlNet):
+"""`diffray eval` on builtin:tiny-random with real adapters (a LoRA, a Textual Inversion token, a ControlNet):
 one Ray Data job per call, base rows beside adapter rows, scores and report files. Few prompts, 2 steps."""
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 from diffray.methods import load_config
 from diffray.models.adapters import read_card
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +22,7 @@ def full_cfg(tmp_path, name: str, *overrides: str):
     base = [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.max_steps=8",
             "train.checkpoint_every=4", "train.micro_batch_size=2", "train.progress_bar=false",
             "train.validate_every=null", "optim.lr_scheduler=constant", "optim.lr=1e-3"]
-    return load_config(REPO / "configs" / "full.yaml", base + list(overrides))
+    return load_config(REPO / "configs" / "full.yaml", [TINY_RANDOM] + base + list(overrides))
 
 
 def starts(run_dir: str) -> list[int]:

@@ -17,6 +17,7 @@ from diffray.methods import load_config, validate_config
 from diffray.errors import TrainingError
 from diffray.models.adapters import CARD, LORA_WEIGHTS, read_card
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def step_lines(run_dir: str) -> list[int]:
 def small_cfg(tmp_path, name: str, *overrides: str):
     base = ["run.storage_path=" + str(tmp_path / "runs"), f"run.name={name}", "train.max_steps=8",
             "train.checkpoint_every=2", "train.micro_batch_size=2", "train.progress_bar=false"]
-    return load_config(REPO / "configs" / "lora.yaml", base + list(overrides))
+    return load_config(REPO / "configs" / "lora.yaml", [TINY_RANDOM] + base + list(overrides))
 
 
 def adapter(result) -> dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
 
     from diffray.generate import load_adapter
 
-    cfg = load_config(REPO / "configs" / "lora.yaml", [f"run.storage_path={tmp_path / 'runs'}",
+    cfg = load_config(REPO / "configs" / "lora.yaml", [TINY_RANDOM, f"run.storage_path={tmp_path / 'runs'}",
                                                        "export.formats=[kohya, peft]"])
     assert cfg.scaling.num_workers == 2 and cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 2
     result = run_training(cfg)

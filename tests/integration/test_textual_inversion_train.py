@@ -21,6 +21,7 @@ from diffray.models.textual_inversion import TI_WEIGHTS, placeholder_tokens
 from diffray.trainers.runner import run_training
 from diffray.trainers.session import WorkerEnv
 from diffray.trainers.textual_inversion.task import TextualInversionTask
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +29,10 @@ TOK = "<sks-widget>"
 
 
 def ti_cfg(tmp_path, name: str, *overrides: str):
-    base = [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.progress_bar=false"]
-    return load_config(REPO / "configs" / "textual_inversion.yaml", base + list(overrides))
+    # tiny-random's tokenizer is per character: one letter is its one-token initializer
+    base = [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.progress_bar=false",
+            "textual_inversion.initializer_token=o"]
+    return load_config(REPO / "configs" / "textual_inversion.yaml", [TINY_RANDOM] + base + list(overrides))
 
 
 def newest_checkpoint(run_dir: str) -> Path:

@@ -14,6 +14,7 @@ from PIL import Image
 from diffray.methods import load_config
 from diffray.models.adapters import read_card
 from diffray.trainers.runner import run_training
+from testkit.models import TINY_RANDOM
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +27,8 @@ def test_vae_learns_and_exports_a_unit_variance_autoencoder(ray_cluster, tmp_pat
     from diffray.data.sample import write_sample_dataset
 
     data = write_sample_dataset(tmp_path / "world", num_images=16) / "train"
-    cfg = load_config(REPO / "configs" / "vae.yaml", [f"run.storage_path={tmp_path / 'runs'}", f"data.path={data}",
+    cfg = load_config(REPO / "configs" / "vae.yaml", [TINY_RANDOM, f"run.storage_path={tmp_path / 'runs'}",
+                                                      f"data.path={data}",
                                                       "train.max_steps=16", "train.checkpoint_every=16",
                                                       "train.validate_every=16", "train.progress_bar=false",
                                                       "data.validation_fraction=0.25"])

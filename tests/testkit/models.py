@@ -1,4 +1,5 @@
-"""Small models built from code for the CLIP-based rewards in tests and benchmarks (nothing downloaded)."""
+"""Small models built from code for the CLIP-based rewards in tests and benchmarks (nothing downloaded), and
+which tiny Stable Diffusion a test trains."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from pathlib import Path
 import torch
 
 from diffray.models.tiny import write_tokenizer_files
+
+# Mechanical tests (engines, resume, faults, formats) train the random `builtin:tiny-random`: fast, and its
+# losses move from the first step. What must show learning on images uses the pretrained `builtin:tiny`
+# (the shipped configs' default). A config override:
+TINY_RANDOM = "model.path=builtin:tiny-random"
 
 
 def build_tiny_clip(out_dir: str | Path, *, image_size: int = 32, patch_size: int = 8, vision_width: int = 32,

@@ -33,7 +33,7 @@ def make_scheduler(**overrides) -> DDIMScheduler:
 def unet():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return UNet2DConditionModel(**preset_configs("tiny")["unet"]).eval()
+        return UNet2DConditionModel(**preset_configs("tiny-random")["unet"]).eval()
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_from_scratch_is_seeded_identical_per_seed_and_leaves_frozen_parts(tiny_model_path):
-    # (builtin:tiny itself was drawn with seed 0, so these use other seeds)
+    # (builtin:tiny-random itself was drawn with seed 0, so these use other seeds)
     base = FullTask(cfg_of(), tiny_model_path, ENV)
     a = FullTask(cfg_of(5, from_scratch=True), tiny_model_path, ENV)
     torch.manual_seed(123)  # the global RNG must not matter: the init is seeded by run.seed

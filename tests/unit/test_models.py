@@ -27,7 +27,7 @@ def digest(d: Path) -> str:
 
 @pytest.fixture(scope="module")
 def seed0(tmp_path_factory) -> Path:
-    return build_pipeline_dir(tmp_path_factory.mktemp("m") / "tiny", seed=0)
+    return build_pipeline_dir(tmp_path_factory.mktemp("m") / "tiny", "tiny-random", seed=0)
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_same_seed_same_bytes_other_seed_differs(seed0, tmp_path):
-    assert digest(build_pipeline_dir(tmp_path / "again", seed=0)) == digest(seed0)
-    assert digest(build_pipeline_dir(tmp_path / "other", seed=1)) != digest(seed0)
+    assert digest(build_pipeline_dir(tmp_path / "again", "tiny-random", seed=0)) == digest(seed0)
+    assert digest(build_pipeline_dir(tmp_path / "other", "tiny-random", seed=1)) != digest(seed0)
     size = sum(f.stat().st_size for f in seed0.rglob("*") if f.is_file())
     assert size < 10 * 2**20, f"tiny model is {size / 2**20:.1f} MiB"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]  # no temp dirs left
@@ -47,7 +47,7 @@ def test_same_seed_same_bytes_other_seed_differs(seed0, tmp_path):
 def test_build_leaves_caller_rng_alone(tmp_path):
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    build_pipeline_dir(tmp_path / "m", seed=7)
+    build_pipeline_dir(tmp_path / "m", "tiny-random", seed=7)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -57,7 +57,7 @@ def test_failed_build_leaves_nothing_at_out_dir(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny, "_save_controlnet", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        build_pipeline_dir(tmp_path / "m")
+        build_pipeline_dir(tmp_path / "m", "tiny-random")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -119,23 +119,24 @@ def test_builtin_is_built_once_even_when_raced(cache, monkeypatch):
     real_build = tiny.build_pipeline_dir
     monkeypatch.setattr(tiny, "build_pipeline_dir", lambda *a, **k: calls.append(a) or real_build(*a, **k))
     with ThreadPoolExecutor(4) as pool:
-        paths = set(pool.map(lambda _: resolve_model_path("builtin:tiny?seed=3"), range(4)))
-    target = cache / "models" / f"tiny-seed3-{tiny.builder_key('tiny')}"
+        paths = set(pool.map(lambda _: resolve_model_path("builtin:tiny-random?seed=3"), range(4)))
+    target = cache / "models" / f"tiny-random-seed3-{tiny.builder_key('tiny-random')}"
     assert paths == {str(target)} and len(calls) == 1
     weights = target / "unet" / "diffusion_pytorch_model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    assert resolve_model_path("builtin:tiny?seed=3") == paths.pop() and len(calls) == 1
+    assert resolve_model_path("builtin:tiny-random?seed=3") == paths.pop() and len(calls) == 1
     assert weights.stat().st_mtime_ns == stamp
 
 
 def test_builtin_default_seed_is_zero(cache, seed0):
-    path = Path(resolve_model_path("builtin:tiny"))
-    assert path == cache / "models" / f"tiny-seed0-{tiny.builder_key('tiny')}" and digest(path) == digest(seed0)
+    path = Path(resolve_model_path("builtin:tiny-random"))
+    assert path == cache / "models" / f"tiny-random-seed0-{tiny.builder_key('tiny-random')}"
+    assert digest(path) == digest(seed0)
 
 
 def test_a_changed_builder_is_built_into_a_new_cache_dir(cache, monkeypatch):
     """The cache is keyed by the builder's content: a builtin built by an older builder is not served."""
-    first = Path(resolve_model_path("builtin:tiny?seed=5"))
+    first = Path(resolve_model_path("builtin:tiny-random?seed=5"))
     real = tiny.preset_configs
 
     def wider_text_encoder(preset: str) -> dict:
@@ -143,27 +144,27 @@ def test_a_changed_builder_is_built_into_a_new_cache_dir(cache, monkeypatch):
         return {**cfgs, "text_encoder": {**cfgs["text_encoder"], "intermediate_size": 41}}
 
     monkeypatch.setattr(tiny, "preset_configs", wider_text_encoder)
-    second = Path(resolve_model_path("builtin:tiny?seed=5"))
+    second = Path(resolve_model_path("builtin:tiny-random?seed=5"))
     assert second != first and second.parent == first.parent
     te_size = lambda d: json.loads((d / "text_encoder" / "config.json").read_text())["intermediate_size"]  # noqa: E731
     assert (te_size(first), te_size(second)) == (37, 41)
     monkeypatch.setattr(tiny, "preset_configs", real)
-    assert Path(resolve_model_path("builtin:tiny?seed=5")) == first  # the old builder's dir is still its own
-    key = tiny.builder_key("tiny")
+    assert Path(resolve_model_path("builtin:tiny-random?seed=5")) == first  # the old builder's dir is still its own
+    key = tiny.builder_key("tiny-random")
     monkeypatch.setattr(tiny, "BUILDER_VERSION", tiny.BUILDER_VERSION + 1)
-    assert tiny.builder_key("tiny") != key  # a bumped builder version (new init, shipped weights) too
+    assert tiny.builder_key("tiny-random") != key  # a bumped builder version (new init, shipped weights) too
 
 
 def test_errors_name_the_path_or_the_presets(tmp_path):
-    with pytest.raises(ModelError, match=r"allowed: builtin:tiny, builtin:sd15-shaped"):
+    with pytest.raises(ModelError, match=r"allowed: builtin:tiny, builtin:tiny-random, builtin:sd15-shaped"):
         resolve_model_path("builtin:huge")
     with pytest.raises(ModelError, match=r"seed"):
-        resolve_model_path("builtin:tiny?seed=abc")
+        resolve_model_path("builtin:tiny-random?seed=abc")
     with pytest.raises(ModelError, match=f"{tmp_path / 'nope'}: model dir does not exist"):
         resolve_model_path(str(tmp_path / "nope"))
     with pytest.raises(ModelError, match=f"{tmp_path}: not a diffusers model dir.*model_index.json"):
         resolve_model_path(str(tmp_path))
-    with pytest.raises(ModelError, match=r"unknown model preset 'xl' \(allowed: tiny, sd15-shaped\)"):
+    with pytest.raises(ModelError, match=r"unknown model preset 'xl' \(allowed: tiny, tiny-random, sd15-shaped\)"):
         build_pipeline_dir(tmp_path / "x", preset="xl")
     assert not (tmp_path / "x").exists()
     assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"

@@ -32,7 +32,7 @@ def setup(tiny_model_path, tmp_path_factory):
     random_textual_inversion(tiny_model_path, spare / "ti-new-token", "<new-tok>", seed=4)
     random_textual_inversion(tiny_model_path, spare / "ti-same-token", "<old-tok>", seed=5)
     engine = ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(reg), "controlnets": {
-        "canny": {"path": "builtin:tiny", "subfolder": "controlnet"}}}), device="cpu")
+        "canny": {"path": "builtin:tiny-random", "subfolder": "controlnet"}}}), device="cpu")
     return engine, reg, spare, tiny_model_path
 
 
