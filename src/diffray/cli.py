@@ -1,4 +1,5 @@
-"""`diffray` command line: init-model, data, train, tune, demo, generate, export, eval, serve, submit, config.
+"""`diffray` command line: init-model, data, train, tune, demo, generate, export, eval, pretrain-world, serve,
+submit, config (eval and pretrain-world are in `diffray.world.command`, export in `diffray.export`).
 
 Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
 non-zero (2 for config errors). The terminal shows diffray's own lines, a progress bar and the results;
@@ -18,7 +19,7 @@ import typer
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
 from diffray.export import export_command
-from diffray.world.command import pretrain_world_command
+from diffray.world.command import eval_command, pretrain_world_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
@@ -28,6 +29,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.command("export")(export_command)
 app.command("pretrain-world")(pretrain_world_command)
+app.command("eval")(eval_command)
 
 
 @app.callback()
@@ -347,38 +349,6 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
                          controlnets=[str(c) for c in controlnet or []],
                          control_images=[str(c) for c in control_image or []], control_scales=control_scale or [])
     typer.echo(f"wrote {path}")
-
-
-@app.command("eval")
-def eval_cmd(model: Optional[str] = typer.Option(None, help="Base model: builtin:tiny, a diffusers dir or hub id "
-                                                 "(default: the adapter's base, else builtin:tiny)"),
-             suite: str = typer.Option("prompts", help="prompts | heldout | controlnet | subject | star | cyan | "
-                                       "striped"),
-             adapter: Optional[Path] = typer.Option(None, help="LoRA or Textual Inversion adapter dir"),
-             controlnet: Optional[Path] = typer.Option(None, help="ControlNet dir (suite controlnet)"),
-             num: Optional[int] = typer.Option(None, help="Prompt/seed pairs (default 64)"),
-             seed: int = typer.Option(0, help="Suite seed: which scenes and generator seeds"),
-             steps: int = typer.Option(25, help="Sampler steps"),
-             guidance: float = typer.Option(5.0, help="Classifier-free guidance scale"),
-             resolution: int = typer.Option(64, help="Image size"),
-             token: Optional[str] = typer.Option(None, help="Textual Inversion token for the concept's words "
-                                                 "(default: the adapter's own token)"),
-             compare_base: bool = typer.Option(True, help="Also render the base model (no adapter/control)"),
-             lora_scale: float = typer.Option(1.0, help="LoRA strength"),
-             batch_size: int = typer.Option(8, help="Images per pipeline call"),
-             out: Path = typer.Option(Path("outputs/eval"), help="Folder for results.json, results.md, grid.png")
-             ) -> None:
-    """Render a fixed suite of world prompts (one Ray Data batch-inference job), read the images back with
-    classical vision and print accuracy per field (and ControlNet / subject / JPEG figures)."""
-    from diffray.world.evaluate import evaluate
-    from diffray.world.report import format_table
-
-    result = evaluate(model=model, suite=suite, adapter=str(adapter) if adapter else None,
-                      controlnet=str(controlnet) if controlnet else None, num=num, seed=seed, steps=steps,
-                      guidance=guidance, resolution=resolution, token=token, compare_base=compare_base,
-                      lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite)
-    typer.echo(format_table(result))
-    typer.echo(f"wrote {out / suite}/results.json, results.md, grid.png")
 
 
 @app.command("serve")

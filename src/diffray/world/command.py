@@ -1,4 +1,5 @@
-"""The `diffray pretrain-world` command (its own module: cli.py holds the core commands)."""
+"""The world's commands, `diffray eval` and `diffray pretrain-world` (their own module: cli.py holds the
+core commands)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ def pretrain_world_command(
 ) -> None:
     """Pretrain the tiny world model from random weights: the VAE on every concept's images, then UNet
     and text encoder (`method: full`, from scratch) on the pretraining split. Resumable; see the card."""
-    from diffray.cli import train_progress
+    from diffray.console import TrainProgress
     from diffray.world.pretrain import pretrain_world
+
+    def train_progress(cfg):
+        return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None
 
     plan = PretrainPlan(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_images=vae_images,
                         unet_images=unet_images, vae_batch=vae_batch, unet_batch=unet_batch,
-                        num_workers=num_workers, checkpoint_every=checkpoint_every, eval_num=eval_num,
-                        **{k: getattr(_D, k) for k in ("vae_lr", "unet_lr", "ema_decay", "caption_dropout")})
+                        num_workers=num_workers, checkpoint_every=checkpoint_every, eval_num=eval_num)
     command = "diffray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     card = pretrain_world(out_dir, plan, work_dir, progress=train_progress, command=command)
     for name, s in card["stages"].items():
@@ -48,3 +51,34 @@ def pretrain_world_command(
         typer.echo(f"eval {suite} ({row['num']} pairs): " + ", ".join(
             f"{k} {v:.1%}" for k, v in row.items() if k != "num" and v is not None))
     typer.echo(f"wrote the world model to {Path(out_dir).resolve()}")
+
+
+def eval_command(
+    model: Optional[str] = typer.Option(None, help="Base model: builtin:tiny, a diffusers dir or hub id (default: "
+                                        "the adapter's base, else builtin:tiny)"),
+    suite: str = typer.Option("prompts", help="prompts | heldout | controlnet | subject | star | cyan | striped"),
+    adapter: Optional[Path] = typer.Option(None, help="LoRA or Textual Inversion adapter dir"),
+    controlnet: Optional[Path] = typer.Option(None, help="ControlNet dir (suite controlnet)"),
+    num: Optional[int] = typer.Option(None, help="Prompt/seed pairs (default 64)"),
+    seed: int = typer.Option(0, help="Suite seed: which scenes and generator seeds"),
+    steps: int = typer.Option(25, help="Sampler steps"),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale"),
+    resolution: int = typer.Option(64, help="Image size"),
+    token: Optional[str] = typer.Option(None, help="Textual Inversion token for the concept's words (default: the "
+                                        "adapter's own token)"),
+    compare_base: bool = typer.Option(True, help="Also render the base model (no adapter/control)"),
+    lora_scale: float = typer.Option(1.0, help="LoRA strength"),
+    batch_size: int = typer.Option(8, help="Images per pipeline call"),
+    out: Path = typer.Option(Path("outputs/eval"), help="Folder for results.json, results.md, grid.png"),
+) -> None:
+    """Render a fixed suite of world prompts (one Ray Data batch-inference job), read the images back with
+    classical vision and print accuracy per field (and ControlNet / subject / JPEG figures)."""
+    from diffray.world.evaluate import evaluate
+    from diffray.world.report import format_table
+
+    result = evaluate(model=model, suite=suite, adapter=str(adapter) if adapter else None,
+                      controlnet=str(controlnet) if controlnet else None, num=num, seed=seed, steps=steps,
+                      guidance=guidance, resolution=resolution, token=token, compare_base=compare_base,
+                      lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out / suite}/results.json, results.md, grid.png")
