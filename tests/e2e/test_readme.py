@@ -208,7 +208,7 @@ def test_demo_in_a_terminal_is_quiet_with_one_live_bar(tmp_path):
     """`make demo` after setup, as a person sees it: at most 40 lines, the bar redrawn in place."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     parent, child = pty.openpty()
-    # 20 steps instead of the demo's 60: what a person sees does not depend on how many steps are drawn.
+    # 20 steps instead of the demo's 400: what a person sees does not depend on how many steps are drawn.
     proc = subprocess.Popen([str(BIN / "diffray"), "demo", "train.max_steps=20"], cwd=tmp_path, env=block_env(None), stdin=child,
                             stdout=child, stderr=child, start_new_session=True)
     os.close(child)
