@@ -39,15 +39,9 @@ def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
     logs.configure_cli(verbose or logs.verbose())
 
 
-def train_progress(cfg):
-    """The driver's progress display of a training job (None when `train.progress_bar` is off)."""
-    from diffray.console import TrainProgress
-
-    return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None
-
-
 def run_with_progress(cfg):
     """`run_training` with the progress display; returns the result."""
+    from diffray.console import train_progress
     from diffray.trainers.runner import run_training
 
     progress = train_progress(cfg)

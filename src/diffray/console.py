@@ -77,3 +77,8 @@ class TuneProgress:
         shown = f"{self.metric}={value:.6g}" if value is not None else "no result"
         print(f"trial {trial_id} {how} at step {(result or {}).get('step', '?')}: {shown}; {self.done} done{best}",
               file=self.stream, flush=True)
+
+
+def train_progress(cfg) -> TrainProgress | None:
+    """The driver's progress display of a training job (None when `train.progress_bar` is off)."""
+    return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None

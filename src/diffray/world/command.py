@@ -33,11 +33,8 @@ def pretrain_world_command(
 ) -> None:
     """Pretrain the tiny world model from random weights: the VAE on every concept's images, then UNet
     and text encoder (`method: full`, from scratch) on the pretraining split. Resumable; see the card."""
-    from diffray.console import TrainProgress
+    from diffray.console import train_progress
     from diffray.world.pretrain import pretrain_world
-
-    def train_progress(cfg):
-        return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None
 
     plan = PretrainPlan(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_images=vae_images,
                         unet_images=unet_images, vae_batch=vae_batch, unet_batch=unet_batch,

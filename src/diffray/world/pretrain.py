@@ -133,14 +133,13 @@ def _stage(cfg_dict: dict, progress) -> dict:
 
 def _with_vae(base: Path, vae_artifact: Path, dest: Path) -> Path:
     """`base` with its VAE replaced by the trained one (whose config carries the scaling factor)."""
+    from diffray.world.writers import atomic_dir
+
     if not (dest / "model_index.json").is_file():
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(base, tmp)
-        shutil.rmtree(tmp / "vae")
-        shutil.copytree(vae_artifact, tmp / "vae", ignore=shutil.ignore_patterns("*.md", "*.json", "samples*"))
-        shutil.copy2(vae_artifact / "config.json", tmp / "vae" / "config.json")
-        tmp.rename(dest)
+        with atomic_dir(dest) as tmp:
+            shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("vae"))
+            shutil.copytree(vae_artifact, tmp / "vae", ignore=shutil.ignore_patterns("*.md", "*.json", "samples*"))
+            shutil.copy2(vae_artifact / "config.json", tmp / "vae" / "config.json")
     return dest
 
 
