@@ -173,6 +173,53 @@ def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_clu
     assert set(other.values()).isdisjoint(folders.values()) and len(list(cache_root.iterdir())) == 2
 
 
+def test_cache_and_worker_splits_hold_the_same_rows_in_the_same_order_on_every_run(ray_cluster, tmp_path):
+    """A seed reproduces a run only if the rows reach the workers in the same order: the latent cache is
+    written in row order (not in the order its encoder actors finish) and Ray Train's splits keep it."""
+    import random
+    import threading
+    import time
+
+    import ray
+
+    from diffray.data.cache import read_cache
+    from diffray.data.raydata import in_order
+    from diffray.trainers.runner import ingest_options
+    from diffray.world.writers import write_world_dataset
+
+    data = write_world_dataset(tmp_path / "w", "pretrain", 48, 3, fmt="parquet")
+    (folder,) = prepare_data(lora_cfg(tmp_path, "c", f"data.path={data}", f"data.cache={tmp_path / 'c'}",
+                                      "data.resolution=64")).values()  # three encoder batches, in any order
+    assert read_cache(Path(folder)).to_pandas()["sample_id"].tolist() == list(range(48))
+    shard = next((Path(folder) / "shards").glob("*.parquet"))  # rows stored out of order are read back in order
+    pq.write_table(pq.read_table(shard).take(list(range(47, -1, -1))), shard)
+    assert read_cache(Path(folder)).to_pandas()["sample_id"].tolist() == list(range(48))
+
+    def jitter(batch):
+        time.sleep(random.random() * 0.05)  # tasks finish out of order
+        return batch
+
+    def two_workers() -> dict[int, list[int]]:
+        ds = in_order(ray.data.range(64, override_num_blocks=16).map_batches(jitter))
+        ds.context.execution_options = ingest_options()  # what our DataConfig hands Ray Train
+        shards = ds.streaming_split(2, equal=True)
+        out: dict[int, list[int]] = {}
+
+        def consume(rank: int) -> None:
+            out[rank] = [int(r["id"]) for r in shards[rank].iter_rows()]
+
+        threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    first = two_workers()
+    assert sorted(first[0] + first[1]) == list(range(64))
+    assert two_workers() == first
+
+
 def test_inspect_reports_counts_sizes_captions_and_a_contact_sheet(ray_cluster, tmp_path, messy_folder):
     from PIL import Image
 

@@ -12,7 +12,8 @@ Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, H/8, W
 so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
 [77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values; with a
 mask column, loss_mask [1, H, W] (pixel resolution: the loss averages it down to the latent grid).
-Quarantined rows are reported in the cache folder's `quarantine.jsonl`.
+Quarantined rows are reported in the cache folder's `quarantine.jsonl`. The rows are read back in sample-id order
+(`read_cache`), the same order on every run.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray.data
 import torch
 
 from diffray import storage
+from diffray.data.raydata import in_order
 from diffray.errors import DatasetError
 from diffray.paths import cache_dir
 
@@ -168,7 +171,7 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
                                                     "threads": int(cfg.scaling.cpus_per_worker)},
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus,
                              num_gpus=1 if cfg.scaling.use_gpu else 0)
-    encoded.write_parquet(str(tmp / SHARDS))
+    encoded.write_parquet(str(tmp / SHARDS))  # rows in any order: `read_cache` returns them in sample-id order
     info = {"key": out.name, "settings": cache_settings(cfg, path, prompt, id_offset), "model": model_path,
             "rows": report.used, "quarantined": len(report.quarantined), "build_time_s": round(time.time() - t0, 3)}
     (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -187,7 +190,18 @@ def read_cache(folder: Path) -> ray.data.Dataset:
     """The cached rows of a built cache folder."""
     if not (folder / CACHE_INFO).is_file():
         raise DatasetError(f"{folder}: not a latent cache (no {CACHE_INFO}); build it with `diffray data prepare`")
-    return ray.data.read_parquet(str(folder / SHARDS))
+    ds = in_order(ray.data.read_parquet(str(folder / SHARDS)))  # Ray reads the files in name order
+    return ds if ids_ascending(folder / SHARDS) else ds.sort("sample_id")
+
+
+def ids_ascending(shards: Path) -> bool:
+    """Whether the shards (in file-name order) hold their rows in ascending sample-id order. Ray Data
+    writes a cache's rows in the order its encoder batches finish, even with `preserve_order`; training
+    needs one order on every run (a seed reproduces a run), so a cache that is not already in id order
+    is read through a sort (about 12 s for 30k rows of the tiny world on 2 CPUs; this check reads only
+    the id column)."""
+    ids = [pq.read_table(f, columns=["sample_id"])["sample_id"].to_numpy() for f in sorted(shards.rglob("*.parquet"))]
+    return bool(np.all(np.diff(np.concatenate(ids)) > 0)) if ids else True
 
 
 def cached_dataset(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:

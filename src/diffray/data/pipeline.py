@@ -21,7 +21,7 @@ import ray.data
 
 from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
-from diffray.data.raydata import raise_original_errors
+from diffray.data.raydata import in_order, raise_original_errors
 from diffray.data.folder import PathRules
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_row
@@ -231,4 +231,4 @@ def prepare_training_dataset(path: str, tokenizer_path: str, data, seed: int, re
                                     "center_crop": data.center_crop, "random_flip": data.random_flip, "seed": seed,
                                     "rules": rules, "skip": report.bad_ids, "buckets": bucket_sizes(data),
                                     "trigger_word": data.trigger_word})
-    return raise_original_errors(ds), report
+    return in_order(raise_original_errors(ds)), report

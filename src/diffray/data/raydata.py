@@ -14,3 +14,12 @@ def raise_original_errors(ds: ray.data.Dataset) -> ray.data.Dataset:
     """
     ds.context.raise_original_map_exception = True
     return ds
+
+
+def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Make this dataset's blocks come out in input order (Ray Data's `preserve_order`), not in the
+    order its tasks finish: a training dataset, its latent cache and its materialized blocks then hold
+    the same rows in the same order on every run, so a run's seed reproduces its losses (the local
+    shuffle buffer is seeded per epoch). Changes only this dataset's context."""
+    ds.context.execution_options.preserve_order = True
+    return ds

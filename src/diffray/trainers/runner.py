@@ -78,8 +78,18 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
         run_config=run_config,
         datasets=datasets,
         # The validation rows are not split: every worker computes the same val_loss over all of them.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[n for n in datasets if n != VALIDATION]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[n for n in datasets if n != VALIDATION],
+                                            execution_options=ingest_options()),
     )
+
+
+def ingest_options():
+    """Ray Train's ingest options with `preserve_order`: each worker's split gets the same rows in the
+    same order on every run (Ray's OutputSplitter then drops locality hints for determinism), so a seed
+    reproduces a run's losses; see `diffray.data.raydata.in_order`."""
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
 
 
 def fit_checked(trainer: TorchTrainer, status, what: str, log_dir: str, hint: str = "",
