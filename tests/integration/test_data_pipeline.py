@@ -64,6 +64,21 @@ def add_masks(root: Path) -> str:
     return rows[0]["file_name"]
 
 
+def consume_concurrently(shards, consume) -> dict:
+    """{rank: consume(rank, shard)} with every shard read in its own thread at the same time, as Ray
+    Train's workers read their streaming splits."""
+    import threading
+
+    out: dict = {}
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(r, consume(r, shards[r])))
+               for r in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
 def test_messy_masked_dataset_trains_and_quarantines_exactly_the_bad_rows(ray_cluster, tmp_path, messy_folder):
     root, bad = messy_folder
     total = len((root / "metadata.jsonl").read_text().splitlines())
@@ -177,7 +192,6 @@ def test_cache_and_worker_splits_hold_the_same_rows_in_the_same_order_on_every_r
     """A seed reproduces a run only if the rows reach the workers in the same order: the latent cache is
     written in row order (not in the order its encoder actors finish) and Ray Train's splits keep it."""
     import random
-    import threading
     import time
 
     import ray
@@ -202,18 +216,8 @@ def test_cache_and_worker_splits_hold_the_same_rows_in_the_same_order_on_every_r
     def two_workers() -> dict[int, list[int]]:
         ds = in_order(ray.data.range(64, override_num_blocks=16).map_batches(jitter))
         ds.context.execution_options = ingest_options()  # what our DataConfig hands Ray Train
-        shards = ds.streaming_split(2, equal=True)
-        out: dict[int, list[int]] = {}
-
-        def consume(rank: int) -> None:
-            out[rank] = [int(r["id"]) for r in shards[rank].iter_rows()]
-
-        threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
+        return consume_concurrently(ds.streaming_split(2, equal=True),
+                                    lambda rank, shard: [int(r["id"]) for r in shard.iter_rows()])
 
     first = two_workers()
     assert sorted(first[0] + first[1]) == list(range(64))
@@ -325,8 +329,6 @@ def test_aspect_buckets_train_on_two_zero2_workers(ray_cluster, tmp_path):
 
 
 def test_worker_streams_are_disjoint_reshuffled_per_epoch_and_reproducible(ray_cluster):
-    import threading
-
     import ray
 
     from diffray.trainers.session import batch_stream
@@ -335,18 +337,12 @@ def test_worker_streams_are_disjoint_reshuffled_per_epoch_and_reproducible(ray_c
         # What Ray Train hands two workers: streaming_split iterators, consumed concurrently.
         ds = ray.data.from_items([{"sample_id": i, "x": float(i)} for i in range(32)], override_num_blocks=8)
         shards = ds.materialize().streaming_split(2, equal=True)
-        out: dict[int, list[list[int]]] = {}
 
-        def consume(rank: int) -> None:
-            stream = batch_stream(shards[rank], 4, shuffle_buffer=8, seed=seed + rank)
-            out[rank] = [b["sample_id"].tolist() for b in itertools.islice(stream, 8)]  # 2 epochs of 4 batches
+        def consume(rank: int, shard) -> list[list[int]]:
+            stream = batch_stream(shard, 4, shuffle_buffer=8, seed=seed + rank)
+            return [b["sample_id"].tolist() for b in itertools.islice(stream, 8)]  # 2 epochs of 4 batches
 
-        threads = [threading.Thread(target=consume, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return out
+        return consume_concurrently(shards, consume)
 
     run = two_workers(100)
     epochs = {r: [sum(run[r][:4], []), sum(run[r][4:], [])] for r in run}

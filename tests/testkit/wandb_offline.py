@@ -36,11 +36,23 @@ def records(path: str | Path) -> list:
     return out
 
 
-def run_file(wandb_dir: str | Path) -> Path:
-    """The one offline run file under `wandb_dir` (the `dir` given to wandb: it adds `wandb/`)."""
+def run_file(wandb_dir: str | Path, timeout: float = 60) -> Path:
+    """The one offline run file under `wandb_dir` (the `dir` given to wandb: it adds `wandb/`), once it
+    holds the run's `exit` record: `run.finish()` can return while wandb's core process is still writing
+    the file (seen on a loaded machine: a file without its history rows yet)."""
+    from testkit.wait import wait_until
+
     files = sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline run under {wandb_dir}, found {files}"
+    wait_until(lambda: _complete(files[0]), f"{files[0]}: the run's exit record", timeout=timeout)
     return files[0]
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in records(path))
+    except Exception:  # noqa: BLE001 - a record still being written does not parse yet
+        return False
 
 
 def history(path: str | Path) -> list[dict]:
