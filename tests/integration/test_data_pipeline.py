@@ -190,7 +190,8 @@ def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_clu
 
 def test_cache_and_worker_splits_hold_the_same_rows_in_the_same_order_on_every_run(ray_cluster, tmp_path):
     """A seed reproduces a run only if the rows reach the workers in the same order: the latent cache is
-    written in row order (not in the order its encoder actors finish) and Ray Train's splits keep it."""
+    read back in sample-id order (whatever order its encoder batches were written in) and Ray Train's
+    splits keep it."""
     import random
     import time
 

@@ -84,9 +84,11 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
 
     # The best adapter in stock diffusers, on the base configs/tune_lora.yaml trains (the pretrained
     # builtin:tiny), changes the image; its config reruns to the same val_loss.
+    from diffray.models.adapters import read_card
     from diffray.models.loading import resolve_model_path
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(card_base(best_artifact)), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(read_card(best_artifact)["base_model"]),
+                                                   safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     gen = lambda: pipe("a red circle", num_inference_steps=3, height=64, width=64, output_type="np",  # noqa: E731
                        generator=torch.Generator().manual_seed(0)).images[0]
@@ -188,11 +190,6 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     assert all(r.params["lora.rank"] in (4, 8) and r.params["lora.alpha"] == r.params["lora.rank"]
                for r in outcome.rows)
     assert outcome.best is outcome.rows[0] and Path(outcome.best_artifact, "pytorch_lora_weights.safetensors").is_file()
-
-
-def card_base(artifact: Path) -> str:
-    """The base model an adapter was trained on, from its card."""
-    return json.loads((Path(artifact) / "diffray_card.json").read_text())["base_model"]
 
 
 def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:
