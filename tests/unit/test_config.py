@@ -112,3 +112,17 @@ def test_workers_that_fit_count_whole_bundles_per_node():
     assert workers_that_fit({"CPU": 1.0}, []) == 0
     cfg = validate_config({"scaling": {"use_gpu": True, "cpus_per_worker": 4, "resources_per_worker": {"a": 1}}})
     assert cfg.scaling.worker_bundle() == {"CPU": 4.0, "GPU": 1.0, "a": 1.0}
+
+
+def test_ray_train_settings_go_to_the_cluster_and_the_drivers_own_value_wins(monkeypatch):
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+
+    from diffray.cluster import RAY_TRAIN_ENV, forwarded_env, worker_env_vars
+
+    assert set(RAY_TRAIN_ENV) <= ENV_VARS_TO_PROPAGATE  # Ray Train hands them from fit()'s process to its controller
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    monkeypatch.setenv("DIFFRAY_HOOK_TEST", "x")
+    assert forwarded_env() == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "DIFFRAY_HOOK_TEST": "x"}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert worker_env_vars()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert worker_env_vars()["TOKENIZERS_PARALLELISM"] == "false"

@@ -22,7 +22,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from diffray import logs, storage
-from diffray.cluster import FORWARDED_PREFIXES, alive_nodes, check_resources, connect_ray, workers_that_fit
+from diffray.cluster import alive_nodes, check_resources, connect_ray, forwarded_env, workers_that_fit
 from diffray.config import TrackingSection
 from diffray.errors import ConfigError
 from diffray.methods import method_of
@@ -55,8 +55,9 @@ class TuneOutcome:
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets: dict[str, Any],
               model_path: str, exp_dir: str, driver_env: dict[str, str]) -> None:
     """One trial (inside Tune's trial actor): the method's TorchTrainer on this trial's config.
-    `driver_env` (the driver's DIFFRAY_HOOK*/verbose variables) goes on to the trial's workers as it does
-    in `diffray train`: the trial actor does not inherit the driver's environment."""
+    `driver_env` (`diffray.cluster.forwarded_env()`: Ray Train's settings, DIFFRAY_HOOK*/verbose variables)
+    goes on to the trial's workers as it does in `diffray train`: the trial actor does not inherit the
+    driver's environment."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     os.environ.update(driver_env)
@@ -162,7 +163,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.base, domains=job.domains, datasets=datasets,
                              model_path=model_path, exp_dir=exp_dir,
-                             driver_env={k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}),
+                             driver_env=forwarded_env()),
         TRIAL_DRIVER_RESOURCES)
     concurrency = trial_concurrency(job)
     if restored:
