@@ -5,7 +5,11 @@
    time, rounds interleaved; steps chosen so one generation takes >= 50 ms;
 2. throughput at concurrency 8 with dynamic batching on vs off (two apps, one Generator replica each,
    rounds interleaved);
-3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline.
+3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline;
+4. requests for `--adapters` distinct LoRAs at concurrency 8: mixed-adapter batching (one pipeline call,
+   PEFT's per-row adapters) vs one call per adapter, as throughput through Serve (two apps, batching on
+   in both) and as `ImageEngine.run` of one such batch directly, with every image checked against the
+   image the job gets alone.
 
     .venv/bin/python benchmarks/serve.py            # --requests 60 --rounds 3 --steps 10
 
@@ -44,28 +48,29 @@ def post(url: str, body: dict) -> float:
     return time.perf_counter() - t0
 
 
-def app_args(reg: str, steps: int, threads: int, batching: bool) -> dict:
+def app_args(reg: str, steps: int, threads: int, batching: bool, mix: bool = True, adapters: int = 4) -> dict:
     return {"model": "builtin:tiny", "adapters_dir": reg, "default_steps": steps,
             "generator": {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 8,
-                          "max_queued_requests": -1},
-            "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": 0.01},
+                          "max_queued_requests": -1, "max_adapters_per_replica": max(4, adapters)},
+            "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "mix_adapters": mix},
             "ingress": {"num_cpus": 0.25}}
 
 
-def throughput(url: str, body: dict, concurrency: int, total: int) -> float:
-    """Requests per second with `concurrency` clients sending `total` requests in all."""
+def throughput(url: str, body: dict, concurrency: int, total: int, adapters: list[str] | None = None) -> float:
+    """Requests per second with `concurrency` clients sending `total` requests in all; with `adapters`,
+    client i always asks for adapters[i % len(adapters)]."""
     counter, lock = [0], threading.Lock()
 
-    def client():
+    def client(i: int):
         while True:
             with lock:
                 if counter[0] >= total:
                     return
                 counter[0] += 1
                 seed = counter[0]
-            post(url, {**body, "seed": seed})
+            post(url, {**body, "seed": seed, **({"adapter": adapters[i % len(adapters)]} if adapters else {})})
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -101,6 +106,37 @@ def adapter_switch(engine, job_cls, steps: int, repeats: int) -> dict:
             "reload_pipeline": statistics.median(reload)}
 
 
+def mixed_engine(engine, job_cls, names: list[str], steps: int, rounds: int) -> dict:
+    """One batch of jobs, one per adapter in `names`, through `ImageEngine.run` with mixed-adapter batching
+    on and off (interleaved, median seconds), and the largest pixel difference from each job run alone."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def px(png: bytes):
+        return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+
+    jobs = [job_cls(prompt="a red circle", n=1, width=64, height=64, steps=steps, guidance=7.5, seed=i,
+                    adapters=((name, 1.0),)) for i, name in enumerate(names)]
+    engine.acquire(names)
+    alone = [px(engine.run([j])[0][0]) for j in jobs]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    diff = 0
+    for r in range(rounds):
+        for mix in ((True, False) if r % 2 == 0 else (False, True)):
+            engine.args.batching.mix_adapters = mix
+            t0 = time.perf_counter()
+            out = engine.run(jobs)
+            times[mix].append(time.perf_counter() - t0)
+            assert engine.batch_log[-1] == (len(jobs), 1 if mix else len(jobs)), engine.batch_log[-1]
+            diff = max(diff, max(int(np.abs(px(o[0]) - a).max()) for o, a in zip(out, alone)))
+    engine.args.batching.mix_adapters = True
+    engine.release(names)
+    return {"mixed_s": statistics.median(times[True]), "per_adapter_s": statistics.median(times[False]),
+            "max_pixel_diff_vs_alone": diff}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=60, help="sequential requests per variant per round")
@@ -109,6 +145,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, driver and replicas alike")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--throughput-requests", type=int, default=48)
+    ap.add_argument("--adapters", type=int, default=8, help="distinct LoRAs for the mixed-adapter part")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args()
 
@@ -129,6 +166,9 @@ def main() -> None:
     reg = tempfile.mkdtemp(prefix="diffray-bench-adapters-")
     random_lora(model, Path(reg) / "lora-a", seed=1)
     random_lora(model, Path(reg) / "lora-b", seed=2)
+    mixed_ids = [f"mix-{i}" for i in range(args.adapters)]
+    for i, name in enumerate(mixed_ids):
+        random_lora(model, Path(reg) / name, seed=10 + i)
 
     engine = ImageEngine(parse_args({"model": model, "adapters_dir": reg}), device="cpu")
     body = {"prompt": "a red circle", "steps": args.steps, "seed": 0}
@@ -141,12 +181,18 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app(app_args(reg, args.steps, args.threads, True)), name="on", route_prefix="/on")
     serve.run(build_app(app_args(reg, args.steps, args.threads, False)), name="off", route_prefix="/off")
+    for name, mix in (("mix", True), ("sep", False)):  # batching on in both: mixed-adapter batching on / off
+        serve.run(build_app(app_args(reg, args.steps, args.threads, True, mix, args.adapters)), name=name,
+                  route_prefix=f"/{name}")
     base = f"http://127.0.0.1:{port}"
     for prefix in ("/on", "/off"):
         for _ in range(3):
             post(f"{base}{prefix}/v1/generate", body)
+    for prefix in ("/mix", "/sep"):  # every adapter resident before anything is timed
+        for name in mixed_ids:
+            post(f"{base}{prefix}/v1/generate", {**body, "adapter": name})
 
-    direct, served, tput = [], [], {"on": [], "off": []}
+    direct, served, tput = [], [], {"on": [], "off": [], "mix": [], "sep": []}
     for r in range(args.rounds):
         for _ in range(args.requests):
             t0 = time.perf_counter()
@@ -156,12 +202,17 @@ def main() -> None:
         for variant in (("on", "off") if r % 2 == 0 else ("off", "on")):
             tput[variant].append(throughput(f"{base}/{variant}/v1/generate", body, args.concurrency,
                                             args.throughput_requests))
+        for variant in (("mix", "sep") if r % 2 == 0 else ("sep", "mix")):
+            tput[variant].append(throughput(f"{base}/{variant}/v1/generate", body, args.concurrency,
+                                            args.throughput_requests, mixed_ids))
         print(f"round {r + 1}/{args.rounds}: direct p50 {pct(direct, 50) * 1e3:.1f} ms, serve p50 "
-              f"{pct(served, 50) * 1e3:.1f} ms, batching on {tput['on'][-1]:.1f} rps, off {tput['off'][-1]:.1f} rps",
+              f"{pct(served, 50) * 1e3:.1f} ms, batching on {tput['on'][-1]:.1f} rps, off {tput['off'][-1]:.1f} rps, "
+              f"{args.adapters} adapters mixed {tput['mix'][-1]:.1f} rps, per adapter {tput['sep'][-1]:.1f} rps",
               flush=True)
     serve.shutdown()
     ray.shutdown()
     switch = adapter_switch(engine, Job, args.steps, 40)
+    mixed = mixed_engine(engine, Job, mixed_ids, args.steps, max(3, args.rounds))
 
     res = {
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}",
@@ -171,7 +222,11 @@ def main() -> None:
         "throughput_rps": {"batching_on": statistics.median(tput["on"]), "batching_off": statistics.median(tput["off"]),
                            "rounds_on": tput["on"], "rounds_off": tput["off"]},
         "adapter_switch_ms": {k: v * 1e3 for k, v in switch.items()},
+        "mixed_adapters": {"adapters": args.adapters, "serve_rps_mixed": statistics.median(tput["mix"]),
+                           "serve_rps_per_adapter": statistics.median(tput["sep"]), "rounds_mixed": tput["mix"],
+                           "rounds_per_adapter": tput["sep"], **mixed},
     }
+    mx = res["mixed_adapters"]
     lat, tp, sw = res["latency_ms"], res["throughput_rps"], res["adapter_switch_ms"]
     res["ratios"] = {
         "serve_over_direct_p50": lat["serve_p50"] / lat["direct_p50"],
@@ -179,6 +234,8 @@ def main() -> None:
         "batching_on_over_off": tp["batching_on"] / tp["batching_off"],
         "switch_over_generation": sw["switch"] / sw["generation"],
         "reload_over_switch": sw["reload_pipeline"] / sw["switch"],
+        "mixed_over_per_adapter_serve": mx["serve_rps_mixed"] / mx["serve_rps_per_adapter"],
+        "mixed_over_per_adapter_engine": mx["per_adapter_s"] / mx["mixed_s"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
@@ -192,7 +249,15 @@ def main() -> None:
           f"| adapter switch / generation / pipeline reload (ms) | {sw['switch']:.2f} / {sw['generation']:.1f} / "
           f"{sw['reload_pipeline']:.0f} | |\n"
           f"| switch / generation | {res['ratios']['switch_over_generation']:.3%} | <= 5% |\n"
-          f"| reload / switch | {res['ratios']['reload_over_switch']:.0f}x | >= 10x |\n\nwrote {args.out}")
+          f"| reload / switch | {res['ratios']['reload_over_switch']:.0f}x | >= 10x |\n"
+          f"| {args.adapters} adapters @{args.concurrency}, Serve: mixed / per-adapter batching (req/s) | "
+          f"{mx['serve_rps_mixed']:.2f} / {mx['serve_rps_per_adapter']:.2f} = "
+          f"{res['ratios']['mixed_over_per_adapter_serve']:.2f}x | >= 1.5x |\n"
+          f"| {args.adapters} adapters, one `ImageEngine.run`: per-adapter / mixed (ms) | "
+          f"{mx['per_adapter_s'] * 1e3:.0f} / {mx['mixed_s'] * 1e3:.0f} = "
+          f"{res['ratios']['mixed_over_per_adapter_engine']:.2f}x | |\n"
+          f"| largest pixel difference, mixed vs each job alone | {mx['max_pixel_diff_vs_alone']} | <= 1 |\n"
+          f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
     "latent_cache": ["--num-images", "8", "--batch", "4", "--steps", "3", "--warmup", "1", "--rounds", "1"],
     "ddpo_overlap": ["--epochs", "2", "--rounds", "1", "--samples", "16", "--batch", "8"],
-    "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4"],
+    "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4",
+              "--adapters", "2"],
     # one trial per search: ASHA stopping a trial is tests/integration/test_tune.py's to show
     "tune_asha": ["--steps", "4", "--validate-every", "2", "--grace", "2", "--set", "tune.space={lora.rank: {grid: [4]}}"],
 }

@@ -168,9 +168,11 @@ def _mixed_body(adapters: tuple) -> dict:
 
 
 def test_mixed_concurrent_requests_each_equal_their_image_alone(hostile):
-    """Base, A, A at weight 0.5 and B sent at once: Serve batches them (A and A at 0.5 share a multiplexed
-    id, so one batch), and each answer is its one-at-a-time image. Rounds repeat until the replica's own
-    batch log shows a batch of several jobs, so the test cannot pass by the requests running one by one."""
+    """Base, A, A at weight 0.5 and B sent at once: the replica batches them across adapters, the engine
+    runs base, A and B in one pipeline call (mixed-adapter batching) and A at 0.5 in another, and each
+    answer is its one-at-a-time image. Rounds repeat until the replica's own batch log shows a batch with
+    fewer pipeline calls than jobs, so the test cannot pass by the requests running one by one or one
+    call per adapter."""
     alone = [_pixels(hostile.ok(**_mixed_body(a))) for a in MIXED]
     assert min(np.abs(x - y).mean() for i, x in enumerate(alone) for y in alone[i + 1:]) > 1  # all differ
     for _ in range(10):
@@ -188,10 +190,10 @@ def test_mixed_concurrent_requests_each_equal_their_image_alone(hostile):
             assert np.abs(_pixels(js) - want).max() <= 1, adapters  # batch-shape fp noise at most
         info = _info(APP)  # nothing else runs on this replica meanwhile: the new runs are this round's
         batches = [tuple(b) for b in info["batches"][len(info["batches"]) - (info["runs"] - runs):]]
-        assert all(jobs == calls for jobs, calls in batches), batches  # every job here has its own key
-        if any(jobs > 1 for jobs, _ in batches):
+        assert all(calls >= (2 if jobs == 4 else 1) for jobs, calls in batches), batches  # A, A at 0.5: 2 calls
+        if any(jobs > calls for jobs, calls in batches):
             return
-    raise AssertionError(f"no batch of several jobs in 10 rounds: {batches}")
+    raise AssertionError(f"no batch mixing adapters in 10 rounds: {batches}")
 
 
 # ------------------------------------------------------------------------------------------ the registry

@@ -16,18 +16,27 @@ from diffray.models.adapters import add_lora, export_lora, write_card
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, std: float = 0.5) -> Path:
-    """A LoRA on the UNet attention projections with B ~ N(0, std) (so it changes the output)."""
+def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, std: float = 0.5,
+                variant: str = "lora", text_encoder: bool = False) -> Path:
+    """A LoRA (or `variant`) on the UNet attention projections with B ~ N(0, std) (so it changes the
+    output); with `text_encoder`, one on the text encoder's q/v projections too."""
     from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
-    add_lora(unet, rank, float(rank), 0.0, TARGETS, seed)
+    add_lora(unet, rank, float(rank), 0.0, TARGETS, seed, variant)
+    models = [unet]
+    if text_encoder:
+        models.append(CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", use_safetensors=True))
+        add_lora(models[1], rank, float(rank), 0.0, ["q_proj", "v_proj"], seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return export_lora(out_dir, unet, None, {"base_model": model_path, "method": "lora", "note": "random"})
+        for model in models:
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return export_lora(out_dir, unet, models[1] if text_encoder else None,
+                       {"base_model": model_path, "method": "lora", "note": "random"})
 
 
 def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, seed: int,

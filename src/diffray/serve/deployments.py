@@ -26,6 +26,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, ModelError, RequestError
 from diffray.serve import pages
+from diffray.serve.batcher import Batcher
 from diffray.serve.api_models import (BEARER, FeedbackAccepted, GenerateResponse, Health, ImagesResponse, ModelList,
                                       error_responses)
 from diffray.serve.artifacts import card_text
@@ -101,7 +102,8 @@ class AdapterSet:
 
 @serve.deployment(name="Generator")
 class Generator:
-    """One pipeline per replica; requests with the same adapters and shape share a pipeline call."""
+    """One pipeline per replica; requests of the same shape share a pipeline call (`Batcher`, then the
+    engine's grouping: same adapters, or one mixable LoRA each)."""
 
     def __init__(self, args: dict):
         import torch
@@ -113,8 +115,8 @@ class Generator:
             torch.set_num_threads(self.args.generator.torch_threads)
         self.engine = ImageEngine(self.args)
         b = self.args.batching
-        self.run_batch.set_max_batch_size(b.max_batch_size if b.enabled else 1)
-        self.run_batch.set_batch_wait_timeout_s(b.batch_wait_timeout_s if b.enabled else 0.0)
+        self.batcher = Batcher(self.engine.run, b.max_batch_size if b.enabled else 1,
+                               b.batch_wait_timeout_s if b.enabled else 0.0)
         engine = self.engine
 
         async def load_adapters(key: str) -> AdapterSet:
@@ -131,17 +133,13 @@ class Generator:
         if key:
             await self.adapter_set(key)
         try:
-            result = await self.run_batch(job)
+            result = await self.batcher.submit(job)
         except asyncio.CancelledError:  # the caller gave up: stop the pipeline at its next step
             self.engine.cancel(job.job_id)
             raise
         if isinstance(result, BaseException):  # this job's own failure; its batch-mates are unaffected
             raise result
         return {"images": result, "replica": self.replica_id}
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def run_batch(self, jobs: list) -> list:
-        return await asyncio.to_thread(self.engine.run, jobs)
 
     def info(self) -> dict:
         return {"replica": self.replica_id, **self.engine.info()}

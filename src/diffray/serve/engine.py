@@ -15,6 +15,7 @@ stops at the next step callback and the group's other jobs run again without it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import io
 import logging
@@ -24,6 +25,7 @@ import time
 import torch
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
+from diffray.serve import mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.registry import AdapterRegistry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
@@ -188,23 +190,47 @@ class ImageEngine:
 
     # ------------------------------------------------------------------------------------------- generate
     def run(self, jobs: list[Job]) -> list[list[bytes] | DiffrayError | Exception]:
-        """Per job: `n` PNGs, or the exception that job alone failed with. Jobs are grouped by `batch_key`
+        """Per job: `n` PNGs, or the exception that job alone failed with. Jobs are grouped (`_group_key`)
         into one pipeline call per group. Image j of a job uses its own `torch.Generator` seeded
         `seed + j`: same request, same pixels, whatever it was batched with."""
         out: list = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         with self.lock:
             self.adapters.sweep()
+            slots: dict[tuple, list[dict[str, float]]] = {}  # per shape key: the mixed calls' LoRA weights
             for i, job in enumerate(jobs):
                 out[i] = self._check_text(job) or self._check_steps(job)
                 if out[i] is None:
-                    groups.setdefault(job.batch_key(), []).append(i)
+                    groups.setdefault(self._group_key(job, slots), []).append(i)
             self.batch_log.append((len(jobs), len(groups)))
             self.runs += 1
             for idx in groups.values():
                 self._run_group(jobs, idx, out)
             self.adapters.trim()
         return out
+
+    def _group_key(self, job: Job, slots: dict[tuple, list[dict[str, float]]]) -> tuple:
+        """Jobs with equal group keys share a pipeline call: equal `batch_key`s, or (mixed-adapter batching)
+        equal shape keys, one LoRA each, no LoRA at two weights."""
+        lora = self._mixable_lora(job) if self.args.batching.mix_adapters else None
+        if lora is None:
+            return job.batch_key()
+        shape = job.shape_key()
+        return ("mixed", shape, mixing.assign(slots.setdefault(shape, []), *lora))
+
+    def _mixable_lora(self, job: Job) -> tuple[str, float] | None:
+        """(PEFT name, weight) of the job's one mixable LoRA (`mixing.can_mix`), (BASE, 1) without one, None
+        when the job cannot join a mixed call (several LoRAs, one that cannot mix, or an adapter that fails
+        to load: its own call then reports that)."""
+        try:
+            loras = self.adapters.lora_names(job.adapters)
+        except Exception:  # noqa: BLE001 - reported by the job's own call
+            return None
+        if not loras:
+            return mixing.BASE, 1.0
+        if len(loras) > 1 or not mixing.can_mix(self.pipe, loras[0][0]):
+            return None
+        return loras[0]
 
     def _check_text(self, job: Job) -> RequestError | None:
         """The error of a job whose prompt the tokenizer cannot encode (None when it can)."""
@@ -265,7 +291,18 @@ class ImageEngine:
 
     def _call(self, jobs: list[Job]) -> list:
         first = jobs[0]
-        self.activate(first.adapters)
+        if len({job.adapters for job in jobs}) == 1:
+            self.activate(first.adapters)
+            return self._generate(jobs, contextlib.nullcontext())
+        loras = [self._mixable_lora(job) for job in jobs]  # a mixed group: one LoRA (or BASE) per job
+        weights = dict(lora for lora in loras if lora[0] != mixing.BASE)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(list(weights), list(weights.values()))
+        names = [name for job, (name, _) in zip(jobs, loras) for _ in range(job.n)]
+        return self._generate(jobs, mixing.adapter_names(self.pipe.unet, names))
+
+    def _generate(self, jobs: list[Job], adapter_context) -> list:
+        first = jobs[0]
         pipe = self.controlnet_pipe(first.controlnet) if first.controlnet else self.pipe
         pipe.scheduler = self.scheduler(first.scheduler)
         prompts, negs, gens, controls = [], [], [], []
@@ -278,7 +315,7 @@ class ImageEngine:
         extra = {}
         if first.controlnet:
             extra = {"image": controls, "controlnet_conditioning_scale": first.control_scale}
-        with torch.inference_mode():
+        with torch.inference_mode(), adapter_context:
             result = pipe(prompt=prompts, negative_prompt=negs if first.negative_prompt is not None else None,
                           height=first.height, width=first.width, num_inference_steps=first.steps,
                           guidance_scale=first.guidance, generator=gens, callback_on_step_end=self._step_callback(jobs),

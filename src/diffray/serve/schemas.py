@@ -125,8 +125,13 @@ class Job:
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys run in one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance, self.scheduler, self.adapters,
-                self.controlnet, self.control_scale, self.negative_prompt is None)
+        return (*self.shape_key(), self.adapters)
+
+    def shape_key(self) -> tuple:
+        """Everything but the adapters that jobs in one pipeline call share: with one LoRA each (UNet only),
+        jobs of equal shape keys may still share a call (`diffray.serve.mixing`)."""
+        return (self.width, self.height, self.steps, self.guidance, self.scheduler, self.controlnet,
+                self.control_scale, self.negative_prompt is None)
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:

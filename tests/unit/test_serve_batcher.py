@@ -1,0 +1,74 @@
+"""The Generator's batcher: jobs waiting together go in one engine call (up to max_size, whatever their
+adapters), a caller that gave up before its batch started is left out, each caller gets its own entry."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from diffray.serve.batcher import Batcher
+
+
+class Engine:
+    """Records each batch; the first call blocks until `release` is set, so later jobs queue meanwhile."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def run(self, jobs: list) -> list:
+        self.batches.append(list(jobs))
+        self.started.set()
+        self.release.wait(30)
+        return [ValueError(j) if j == "bad" else j.upper() for j in jobs]
+
+
+async def until(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 30)
+
+
+def test_jobs_that_wait_together_share_a_call_up_to_max_size():
+    async def main(engine):
+        batcher = Batcher(engine.run, max_size=3, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit("a"))
+        await until(engine.started)  # "a" runs alone; the next five queue behind it
+        rest = [asyncio.create_task(batcher.submit(j)) for j in ("b", "bad", "d", "e", "f")]
+        while batcher.queue.qsize() < 5:
+            await asyncio.sleep(0)
+        engine.release.set()
+        return await first, await asyncio.gather(*rest)
+
+    engine = Engine()
+    first, rest = asyncio.run(main(engine))
+    assert engine.batches == [["a"], ["b", "bad", "d"], ["e", "f"]]
+    assert first == "A" and rest[0] == "B" and isinstance(rest[1], ValueError) and rest[2:] == ["D", "E", "F"]
+
+
+def test_a_caller_that_gave_up_before_its_batch_started_is_left_out():
+    async def main(engine):
+        batcher = Batcher(engine.run, max_size=8, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit("a"))
+        await until(engine.started)
+        gone, kept = asyncio.create_task(batcher.submit("gone")), asyncio.create_task(batcher.submit("kept"))
+        while batcher.queue.qsize() < 2:
+            await asyncio.sleep(0)
+        gone.cancel()
+        engine.release.set()
+        return await first, await kept
+
+    engine = Engine()
+    assert asyncio.run(main(engine)) == ("A", "KEPT")
+    assert engine.batches == [["a"], ["kept"]]
+
+
+def test_a_batch_waits_up_to_wait_s_for_more_jobs():
+    async def main(engine):
+        engine.release.set()
+        batcher = Batcher(engine.run, max_size=2, wait_s=30.0)  # closes when full, long before 30 s
+        a = asyncio.create_task(batcher.submit("a"))
+        await asyncio.sleep(0)
+        return await asyncio.gather(a, batcher.submit("b"))
+
+    engine = Engine()
+    assert asyncio.run(main(engine)) == ["A", "B"]
+    assert engine.batches == [["a", "b"]]
