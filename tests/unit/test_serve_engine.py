@@ -26,6 +26,7 @@ def engine(tiny_model_path, tmp_path_factory):
     random_lora(tiny_model_path, reg / "b.v2", seed=2)
     random_lora(tiny_model_path, reg / "te", seed=4, text_encoder=True)
     random_lora(tiny_model_path, reg / "dora", seed=5, variant="dora")
+    random_lora(tiny_model_path, reg / "rs", seed=6, variant="rslora")
     random_textual_inversion(tiny_model_path, reg / "t", "<t-tok>", seed=3)
     kohya = export_artifact(reg / "a", "kohya", tmp_path_factory.mktemp("kohya")) / "lora.safetensors"
     kohya.rename(reg / "a-kohya.safetensors")  # "a" as A1111/ComfyUI users ship it: a bare kohya file
@@ -59,12 +60,12 @@ def test_batch_equals_single_calls(engine):
 @pytest.mark.parametrize("mix", [True, False])
 @pytest.mark.parametrize("guidance", [7.5, 1.0])  # with and without classifier-free guidance's stacked halves
 def test_mixed_batch_equals_each_job_alone(engine, mix, guidance, monkeypatch):
-    """One `run` with base, adapter a, a at weight 0.5, b (n=2), TI t and a+b (same seed, same shape): every
-    job gets the image it gets alone. Mixed-adapter batching puts base, a, b and t in one call (PEFT's
-    per-row adapters); a at 0.5 needs a call of its own (one scale per LoRA per call), and so does a+b
+    """One `run` with base, adapter a, a at weight 0.5, b at 0.7 (n=2), TI t and a+b (same seed, same shape):
+    every job gets the image it gets alone. Mixed-adapter batching puts base, a, b and t in one call (each
+    row its own LoRA); a at 0.5 needs a call of its own (one scale per LoRA per call), and so does a+b
     (two LoRAs). Without it, one call per adapter set and weights."""
     monkeypatch.setattr(engine.args.batching, "mix_adapters", mix)
-    sets = [(), (("a", 1.0),), (("a", 0.5),), (("b.v2", 1.0),), (("t", 1.0),), (("a", 1.0), ("b.v2", 0.5))]
+    sets = [(), (("a", 1.0),), (("a", 0.5),), (("b.v2", 0.7),), (("t", 1.0),), (("a", 1.0), ("b.v2", 0.5))]
     jobs = [job(adapters=s, guidance=guidance, n=2 if i == 3 else 1) for i, s in enumerate(sets)]
     engine.acquire(["a", "b.v2", "t"])
     try:
@@ -82,19 +83,21 @@ def test_mixed_batch_equals_each_job_alone(engine, mix, guidance, monkeypatch):
 
 
 def test_loras_with_a_text_encoder_part_or_dora_run_in_calls_of_their_own(engine):
-    """A text-encoder LoRA would change every prompt of a shared call, PEFT mixes no DoRA: each gets its own
-    call beside the mixed one (a + base), and every image is the one the job gets alone."""
-    jobs = [job(adapters=(("te", 1.0),)), job(adapters=(("a", 1.0),)), job(adapters=(("dora", 1.0),)), job()]
-    engine.acquire(["te", "a", "dora"])
+    """A text-encoder LoRA would change every prompt of a shared call, a DoRA has another form: each gets its
+    own call beside the mixed one (a, base and an rsLoRA at 0.8), and every image is the one the job gets
+    alone."""
+    jobs = [job(adapters=(("te", 1.0),)), job(adapters=(("a", 1.0),)), job(adapters=(("dora", 1.0),)), job(),
+            job(adapters=(("rs", 0.8),))]
+    engine.acquire(["te", "a", "dora", "rs"])
     try:
         alone = [pixels(engine.run([j])[0][0]) for j in jobs]
         mixed = engine.run(jobs)
-        assert engine.batch_log[-1] == (4, 3)
+        assert engine.batch_log[-1] == (5, 3)
     finally:
-        engine.release(["te", "a", "dora"])
+        engine.release(["te", "a", "dora", "rs"])
     for got, want in zip(mixed, alone):
         assert np.abs(pixels(got[0]) - want).max() <= 1
-    assert np.abs(alone[0] - alone[3]).mean() > 1 and np.abs(alone[2] - alone[3]).mean() > 1  # both change it
+    assert all(np.abs(alone[i] - alone[3]).mean() > 1 for i in (0, 2, 4))  # each adapter changes the image
 
 
 def test_adapters_switch_share_and_unload(engine):

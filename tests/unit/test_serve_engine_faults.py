@@ -5,11 +5,14 @@ stops within one sampler step while its batch-mates finish."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 from testkit.wait import wait_until
 
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
@@ -147,6 +150,35 @@ def test_resident_ti_replaced_on_disk_is_reloaded_with_its_own_token(setup, repl
     assert got == fresh.run([job(prompt=f"a {token}", adapters=((name, 1.0),))])[0]  # the new vectors, exactly
     engine.release([name])
     assert clean_state(engine, vocab)
+
+
+def test_a_lora_replaced_on_disk_is_mixed_with_its_new_weights(setup, tmp_path):
+    """Mixed-adapter calls reuse stacked LoRA factors; replacing one LoRA on disk (publish-by-rename) while
+    resident must give the next mixed call the new weights, as a fresh engine computes them alone."""
+    from testkit.adapters import random_lora
+
+    from diffray.serve.engine import ImageEngine
+
+    engine, reg, spare, model = setup
+    random_lora(model, reg / "mix-x", seed=7)
+    random_lora(model, spare / "mix-x-new", seed=8)
+    jobs = [job(adapters=(("lora", 1.0),)), job(adapters=(("mix-x", 1.0),))]
+    engine.acquire(["lora", "mix-x"])
+    try:
+        before = engine.run(jobs)
+        assert engine.batch_log[-1] == (2, 1)  # one mixed call
+        _publish(spare / "mix-x-new", reg / "mix-x")
+        after = engine.run(jobs)
+        assert engine.batch_log[-1] == (2, 1)
+    finally:
+        engine.release(["lora", "mix-x"])
+    fresh_reg = tmp_path / "fresh"
+    shutil.copytree(spare / "mix-x-new", fresh_reg / "mix-x")
+    fresh = ImageEngine(parse_args({"model": model, "adapters_dir": str(fresh_reg)}), device="cpu")
+    want = np.asarray(Image.open(io.BytesIO(fresh.run([jobs[1]])[0][0])), dtype=np.int16)
+    got = np.asarray(Image.open(io.BytesIO(after[1][0])), dtype=np.int16)
+    assert after[1] != before[1] and np.abs(got - want).max() <= 1
+    assert after[0] == before[0]  # the other LoRA's rows are unchanged
 
 
 def test_resident_adapters_removed_from_disk_are_unloaded_and_eviction_never_raises(setup):

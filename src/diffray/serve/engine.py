@@ -96,6 +96,9 @@ class ImageEngine:
         # (jobs, pipeline calls) per `run`: shows whether Serve's batching happens and how batches split
         self.batch_log: collections.deque[tuple[int, int]] = collections.deque(maxlen=256)
         self.runs = 0  # `run` calls so far (the last 256 are in batch_log)
+        # mixed-adapter batching, valid while no adapter is loaded or unloaded (`ResidentAdapters.version`):
+        self.mixable: dict[tuple[int, str], bool] = {}  # (version, PEFT name) -> mixing.can_mix
+        self.mixes: collections.OrderedDict[tuple, mixing.Stacks] = collections.OrderedDict()  # last 4 sets
 
     @property
     def resident(self) -> dict:
@@ -228,9 +231,14 @@ class ImageEngine:
             return None
         if not loras:
             return mixing.BASE, 1.0
-        if len(loras) > 1 or not mixing.can_mix(self.pipe, loras[0][0]):
+        if len(loras) > 1:
             return None
-        return loras[0]
+        key = (self.adapters.version, loras[0][0])
+        if key not in self.mixable:
+            if len(self.mixable) > 1024:
+                self.mixable.clear()
+            self.mixable[key] = mixing.can_mix(self.pipe, loras[0][0])
+        return loras[0] if self.mixable[key] else None
 
     def _check_text(self, job: Job) -> RequestError | None:
         """The error of a job whose prompt the tokenizer cannot encode (None when it can)."""
@@ -296,10 +304,15 @@ class ImageEngine:
             return self._generate(jobs, contextlib.nullcontext())
         loras = [self._mixable_lora(job) for job in jobs]  # a mixed group: one LoRA (or BASE) per job
         weights = dict(lora for lora in loras if lora[0] != mixing.BASE)
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(list(weights), list(weights.values()))
+        key = (self.adapters.version, tuple(sorted(weights.items())))
+        if key not in self.mixes:
+            self.mixes[key] = mixing.Stacks(self.pipe.unet, weights)
+            while len(self.mixes) > 4:
+                self.mixes.popitem(last=False)
+        self.mixes.move_to_end(key)
+        self.pipe.disable_lora()  # PEFT's own LoRA path off: the stacks add each row's LoRA
         names = [name for job, (name, _) in zip(jobs, loras) for _ in range(job.n)]
-        return self._generate(jobs, mixing.adapter_names(self.pipe.unet, names))
+        return self._generate(jobs, self.mixes[key].rows(names))
 
     def _generate(self, jobs: list[Job], adapter_context) -> list:
         first = jobs[0]

@@ -1,33 +1,49 @@
-"""Requests for different LoRAs in one pipeline call: PEFT's mixed-adapter batches.
+"""Requests for different LoRAs in one pipeline call: a mixed-adapter batch.
 
-Every LoRA layer of the UNet gets, per call, the PEFT adapter name of each image in the batch (`BASE`
-for an image without a LoRA): PEFT computes the base layer once for the whole batch and adds each
-sub-batch's own low-rank update (`LoraLayer._mixed_batch_forward`), as `PeftModel(adapter_names=...)`
-does. A job can join such a call when it uses at most one LoRA, a plain LoRA with no text-encoder part (the
-text encoder encodes all prompts of a call at once, with whatever adapters are set; PEFT mixes no DoRA,
-LoHa or LoKr); a PEFT adapter has one scale per call, so the same LoRA at two weights goes to two calls. Never imports ray.
+For one call, every LoRA linear layer of the UNet gets the stacked low-rank factors of the call's adapters
+(A: adapters x rank x in, B·scale: adapters x out x rank; a smaller rank padded with zeros, adapter 0 all
+zeros for "no LoRA") and each batch row's adapter index; with PEFT's own LoRA path switched off, a forward
+hook adds `B[row] @ A[row] @ x` to the base layer's output in two batched matmuls. This is PEFT's
+mixed-adapter batch (`adapter_names`: the base layer once for the whole batch, each LoRA on its rows)
+without its per-adapter Python loop, which costs more than the tiny model's layers (measured: 842 ms for
+8 jobs of 8 LoRAs with PEFT's path, against 581 ms for 8 jobs of one LoRA).
+
+A job can join such a call when it uses at most one LoRA, a plain LoRA on linear UNet layers only (the
+text encoder encodes all prompts of a call at once, with whatever adapters are set; DoRA, LoHa, LoKr,
+LoRA biases and conv LoRAs have other forms); the same LoRA at two weights goes to two calls. Never
+imports ray.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+import torch
+
+BASE = ""  # the adapter name of a row without a LoRA
 
 
 def can_mix(pipe, name: str) -> bool:
-    """Whether PEFT adapter `name` can run in a mixed batch: a plain LoRA (or rsLoRA) on the UNet only.
-    PEFT mixes no DoRA, and LoHa/LoKr layers take no per-row adapter names."""
+    """Whether PEFT adapter `name` can run in a mixed batch: a plain LoRA (or rsLoRA) on linear UNet layers,
+    without biases, and nothing of it on another component."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
     from diffray.models.adapters import variant_of
 
     config = getattr(pipe.unet, "peft_config", {}).get(name)
-    others = {n for part, names in pipe.get_list_adapters().items() if part != "unet" for n in names}
-    return config is not None and variant_of(config) in ("lora", "rslora") and name not in others
+    if config is None or variant_of(config) not in ("lora", "rslora"):
+        return False
+    if any(name in names for part, names in pipe.get_list_adapters().items() if part != "unet"):
+        return False
+    layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    return all(isinstance(m, LoraLinear) and m.lora_B[name].bias is None for m in layers)
 
 
 def assign(slots: list[dict[str, float]], name: str, weight: float) -> int:
-    """The index of the first call (`slots`: PEFT name -> weight of each call so far) that can take an
+    """The index of the first call (`slots`: adapter name -> weight of each call so far) that can take an
     image of LoRA `name` at `weight` without giving that LoRA a second scale; a new call when none can."""
     for k, weights in enumerate(slots):
         if name == BASE or weights.get(name, weight) == weight:
@@ -38,23 +54,52 @@ def assign(slots: list[dict[str, float]], name: str, weight: float) -> int:
     return len(slots) - 1
 
 
-@contextlib.contextmanager
-def adapter_names(model, names: list[str]) -> Iterator[None]:
-    """While open, every LoRA layer of `model` runs each batch row with the LoRA named for it. `names` has
-    one entry per image; a batch of k * len(names) rows (classifier-free guidance stacks the unconditional
-    and conditional halves) repeats the list k times, as the pipeline stacks the halves."""
-    from peft.tuners.lora import LoraLayer
+def _add_rows(module, args, output, *, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor):
+    x = args[0]
+    idx = rows.repeat(x.shape[0] // rows.numel())  # classifier-free guidance stacks k copies of the batch
+    if idx.numel() != x.shape[0]:
+        raise RuntimeError(f"a batch of {x.shape[0]} rows for {rows.numel()} mixed-adapter images")
+    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+    delta = torch.bmm(torch.bmm(flat, a[idx].transpose(1, 2)), b[idx].transpose(1, 2))
+    return output + delta.reshape(output.shape).to(output.dtype)
 
-    def pre_hook(module, args, kwargs):
-        rows = (args[0] if args else kwargs["x"]).shape[0]
-        if rows % len(names):
-            raise RuntimeError(f"a batch of {rows} rows for {len(names)} mixed-adapter images")
-        return args, {**kwargs, "adapter_names": names * (rows // len(names))}
 
-    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-               for m in model.modules() if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+class Stacks:
+    """The stacked factors of a set of LoRAs at their weights, per LoRA linear layer of a UNet: built once
+    per set (the engine keeps the last few while no adapter is loaded or unloaded)."""
+
+    def __init__(self, unet, weights: dict[str, float]):
+        from peft.tuners.lora import Linear as LoraLinear
+
+        order = sorted(weights)
+        self.index = {n: k + 1 for k, n in enumerate(order)}  # 0: no LoRA
+        self.layers: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for m in unet.modules():
+                present = [n for n in order if isinstance(m, LoraLinear) and n in m.lora_A]
+                if not present:
+                    continue
+                rank = max(m.r[n] for n in present)
+                w = m.lora_A[present[0]].weight
+                a = w.new_zeros(len(order) + 1, rank, w.shape[1])
+                b = w.new_zeros(len(order) + 1, m.lora_B[present[0]].weight.shape[0], rank)
+                for n in present:  # PEFT's LoraLayer.set_scale: weight * alpha / r (rsLoRA: / sqrt(r))
+                    scale = weights[n] * m.lora_alpha[n] / (m.r[n] ** 0.5 if m.use_rslora.get(n) else m.r[n])
+                    a[self.index[n], : m.r[n]] = m.lora_A[n].weight
+                    b[self.index[n], :, : m.r[n]] = m.lora_B[n].weight * scale
+                self.layers.append((m, a, b))
+
+    @contextlib.contextmanager
+    def rows(self, names: list[str]) -> Iterator[None]:
+        """While open, every LoRA linear layer adds to its base output, for each batch row, the LoRA named
+        for that row (`names`: one per image, BASE for none). The caller has switched PEFT's own LoRA path
+        off (`disable_lora`)."""
+        handles = []
+        for m, a, b in self.layers:
+            rows = torch.tensor([self.index.get(n, 0) for n in names], device=a.device)
+            handles.append(m.register_forward_hook(partial(_add_rows, a=a, b=b, rows=rows)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

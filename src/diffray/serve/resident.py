@@ -58,6 +58,7 @@ class ResidentAdapters:
         self.pipe, self.registry = pipe, registry
         self.loaded: dict[str, Loaded] = {}
         self.refs: dict[str, int] = {}
+        self.version = 0  # +1 on every load and unload: what was derived from the pipeline's layers is stale
 
     def acquire(self, ids: list[str]) -> None:
         """Make `ids` resident and count one more holder of each; all or nothing."""
@@ -110,6 +111,7 @@ class ResidentAdapters:
         return stale
 
     def _load(self, info: AdapterInfo) -> Loaded:
+        self.version += 1
         if info.kind not in ("lora", "textual_inversion"):
             raise RequestError(f"{info.id!r} is a {info.kind}, not a LoRA or Textual Inversion adapter",
                                param="adapters")
@@ -150,6 +152,7 @@ class ResidentAdapters:
 
     def _remove(self, rec: Loaded, failed: bool = False) -> None:
         """Delete the record's LoRA / tokens; after a failed load also whatever it half-injected."""
+        self.version += 1
         try:
             if rec.kind == "lora":
                 names = {n for names in self.pipe.get_list_adapters().values() for n in names}
