@@ -66,8 +66,8 @@ class Batching(Section):
     enabled: bool = Field(True, description="Dynamic batching of requests with the same adapters and shape.")
     max_batch_size: int = Field(8, ge=1, le=64, description="Most requests in one pipeline call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="How long a batch waits to fill.")
-    mix_adapters: bool = Field(True, description="Requests for different LoRAs (one each, UNet only) share a "
-                               "pipeline call: PEFT's mixed-adapter batches, base weights computed once.")
+    mix_adapters: bool = Field(True, description="Requests for different LoRAs (one plain UNet LoRA each) share "
+                               "a pipeline call: base layers once, each row its own LoRA.")
 
 
 class GeneratorSection(Section):
