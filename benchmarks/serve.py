@@ -7,7 +7,7 @@
    rounds interleaved);
 3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline;
 4. requests for `--adapters` distinct LoRAs at concurrency 8: mixed-adapter batching (one pipeline call,
-   PEFT's per-row adapters) vs one call per adapter, as throughput through Serve (two apps, batching on
+   each row its own LoRA: `diffray.serve.mixing`) vs one call per adapter, as throughput through Serve (two apps, batching on
    in both) and as `ImageEngine.run` of one such batch directly, with every image checked against the
    image the job gets alone.
 

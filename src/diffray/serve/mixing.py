@@ -76,7 +76,7 @@ class Stacks:
         self.layers: list[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
             for m in unet.modules():
-                present = [n for n in order if isinstance(m, LoraLinear) and n in m.lora_A]
+                present = [n for n in order if n in m.lora_A] if isinstance(m, LoraLinear) else []
                 if not present:
                     continue
                 rank = max(m.r[n] for n in present)
@@ -94,9 +94,10 @@ class Stacks:
         """While open, every LoRA linear layer adds to its base output, for each batch row, the LoRA named
         for that row (`names`: one per image, BASE for none). The caller has switched PEFT's own LoRA path
         off (`disable_lora`)."""
+        index = torch.tensor([self.index.get(n, 0) for n in names])
         handles = []
         for m, a, b in self.layers:
-            rows = torch.tensor([self.index.get(n, 0) for n in names], device=a.device)
+            rows = index.to(a.device)  # no copy when the layer is on the CPU
             handles.append(m.register_forward_hook(partial(_add_rows, a=a, b=b, rows=rows)))
         try:
             yield
