@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from diffray import yaml_io
 from diffray.errors import ConfigError
@@ -182,6 +182,8 @@ class TrainSection(Section):
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength.")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
+    checkpoint_steps: list[PositiveInt] = Field(
+        default_factory=list, description="Steps that also save a checkpoint (Tune's sha scheduler adds its rungs).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last K checkpoints.")
     validate_every: int | None = Field(None, ge=1, description="Validate every N steps (and at the end): val_loss "
                                        "on the held-out rows (data.validation_fraction) and validation grids.")

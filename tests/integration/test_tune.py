@@ -232,3 +232,38 @@ def test_ddpo_trials_report_the_reward_and_export_the_best_adapter(ray_cluster, 
     assert rows[0].metric >= rows[1].metric and all(math.isfinite(r.metric) for r in rows)  # mode max: best first
     card = json.loads((Path(outcome.best_artifact) / "diffray_card.json").read_text())
     assert card["method"] == "ddpo" and abs(card["reward"]["last_epoch_mean"] - rows[0].metric) < 1e-9
+
+
+@pytest.mark.slow
+def test_sha_halves_whole_rungs_and_paused_trials_resume_their_runs_from_the_rung(ray_cluster, tmp_path):
+    """`scheduler: sha` over real trials: 4 trials, rungs at 2 and 4 of 8 steps, factor 2 (4 -> 2 -> 1), two
+    at a time. Each rung is judged on all its trials; a trial paused at a rung restarts, and its Train run
+    resumes from the checkpoint it wrote there; the losers are stopped (not left paused)."""
+    import ray
+    from ray.tune import ExperimentAnalysis
+
+    from diffray.tune.results import read_experiment
+
+    # TUNE_GLOBAL_CHECKPOINT_S=0: Tune saves its state at every step, so stopped losers must not stay paused there
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    args = [DIFFRAY, "tune", str(REPO / "configs" / "tune_lora.yaml"), f"run.storage_path={tmp_path}", "run.name=sha",
+            "train.max_steps=8", "train.validate_every=2", "train.log_every=2", "train.checkpoint_every=8",
+            "tune.space={lora.rank: {grid: [4, 8]}, optim.lr: {grid: [3.0e-4, 3.0e-3]}}", "strategy.name=ddp",
+            "tune.scheduler={name: sha, grace_period: 2, reduction_factor: 2}", "tune.max_concurrent_trials=2"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 trials (1 completed, 3 stopped early)" in proc.stdout, proc.stdout[-3000:]
+    exp, runs = tmp_path / "sha", tmp_path / "sha" / "train_runs"
+    rows = read_experiment(str(exp))[1]
+    assert sorted(r.steps for r in rows) == [2, 2, 4, 8]  # 16 trial-steps; the grid's 32
+    at2 = {r.trial_id: dict(r.history)[2] for r in rows}
+    at4 = {r.trial_id: dict(r.history)[4] for r in rows if r.steps >= 4}
+    assert set(at4) == set(sorted(at2, key=at2.get)[:2])  # the best half of the whole rung went on
+    assert rows[0].steps == 8 and rows[0].trial_id == min(at4, key=at4.get)
+    for r in rows:  # every run started once from scratch; any restart resumed from a rung's checkpoint
+        starts = _starts(runs / f"trial-{r.trial_id}")
+        assert starts[0] == 0 and set(starts[1:]) <= {2, 4} and len(set(starts)) == len(starts), (r, starts)
+        assert sorted(set(_losses(runs / f"trial-{r.trial_id}"))) == [1, *range(2, r.steps + 1, 2)], r
+    assert sum(len(_starts(runs / f"trial-{r.trial_id}")) for r in rows) > 4, "no trial was paused and resumed"
+    assert {t.status for t in ExperimentAnalysis(str(exp)).trials} == {"TERMINATED"}  # none left paused
+    assert (exp / "best" / "artifact").is_dir()

@@ -51,12 +51,29 @@ def _job_with(tmp_path, edit) -> Path:
      "must be below the last rung (30 steps)"),
     (lambda d: d["tune"]["scheduler"].update(max_t=50), "tune.scheduler.max_t", "beyond train.max_steps (30)"),
     (lambda d: d["tune"]["space"].update({"lora.rnk": {"grid": [4]}}), "tune.space.lora.rnk", "unknown key"),
+    (lambda d: d["tune"].update(search="tpe", space={"lora.rank": {"choice": [4, 8]}}, scheduler={"name": "sha"}),
+     "tune.scheduler.name", "use scheduler asha with tpe"),
+    (lambda d: d["tune"].update(scheduler={"name": "sha", "grace_period": 5, "reduction_factor": 2.5}),
+     "tune.scheduler.grace_period", "rungs [12] are not multiples of train.validate_every (5)"),
     (lambda d: d["lora"].update(rank=0), "lora.rank", "greater than"),
 ])
 def test_bad_jobs_name_the_field(tmp_path, edit, field, message):
     with pytest.raises(ConfigError) as err:
         load_tune_job(_job_with(tmp_path, edit))
     assert field in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_sha_trials_rungs_and_checkpoints():
+    from diffray.trainers.session import schedule
+    from diffray.tune.config import rungs
+    from diffray.tune.runner import sha_rungs
+
+    assert rungs(5, 4, 60) == [5, 20] and rungs(5, 3, 60) == [5, 15, 45] and rungs(1, 1.5, 10) == [1, 2, 3, 5, 8]
+    job = load_tune_job(TUNE_LORA, ["tune.scheduler.name=sha", "tune.num_samples=2"])
+    assert job.num_trials == 16 and sha_rungs(job) == [5, 15]
+    assert sha_rungs(load_tune_job(TUNE_LORA)) == []  # asha: no extra checkpoints
+    train = job.train.train.model_copy(update={"checkpoint_steps": [5, 15]})  # checkpoint_every 30
+    assert [s for s in range(1, 31) if schedule(train, s)[2]] == [5, 15, 30]
 
 
 def test_tpe_job_with_choice_domains_validates(tmp_path):

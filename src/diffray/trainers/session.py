@@ -359,7 +359,7 @@ def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:
     last = step == train.max_steps
     log = step % train.log_every == 0 or last or step == 1
     validate = train.validate_every is not None and (step % train.validate_every == 0 or last)
-    ckpt = step % train.checkpoint_every == 0 or last
+    ckpt = step % train.checkpoint_every == 0 or last or step in train.checkpoint_steps
     return log, validate, ckpt
 
 

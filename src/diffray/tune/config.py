@@ -12,6 +12,7 @@ Like `diffray.config`, this module never touches Ray or the environment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +29,17 @@ FIXED_SECTIONS = ("method", "run", "model", "data", "scaling")
 
 
 class SchedulerSection(Section):
-    name: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early at rungs; fifo: run "
-                                          "every trial to train.max_steps.")
-    grace_period: int = Field(10, ge=1, description="ASHA: steps every trial runs before it can be stopped.")
-    reduction_factor: float = Field(3.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
-    max_t: int | None = Field(None, ge=1, description="ASHA: the last rung in steps; None = train.max_steps.")
+    name: Literal["asha", "sha", "fifo"] = Field(
+        "asha", description="asha: stop poor trials early at rungs, each judged against the trials that reached the "
+        "rung before it (never waits; for large searches); sha: synchronous successive halving, each rung judged "
+        "once all its trials reported (trials pause at a rung and resume from its checkpoint; the fewest "
+        "trial-steps on small searches); fifo: run every trial to train.max_steps.")
+    grace_period: int = Field(10, ge=1, description="asha/sha: steps every trial runs before it can be stopped "
+                              "(the first rung).")
+    reduction_factor: float = Field(3.0, gt=1, description="asha/sha: 1/reduction_factor of trials go on at each "
+                                    "rung (rungs at grace_period x reduction_factor^k).")
+    max_t: int | None = Field(None, ge=1, description="asha/sha: the step the surviving trials run to; "
+                              "None = train.max_steps.")
 
 
 class TuneSection(Section):
@@ -74,6 +81,12 @@ class TuneJob:
     def max_steps(self) -> int:
         return self.train.train.max_steps
 
+    @property
+    def num_trials(self) -> int:
+        """Trials the experiment runs: num_samples, times the grid's points unless the search is TPE."""
+        points = math.prod(len(d.args) for d in self.domains if d.kind == "grid")
+        return self.tune.num_samples * (1 if self.tune.search == "tpe" else points)
+
 
 def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJob:
     """Load a Tune YAML, apply `a.b=c` overrides (`tune.*` ones included) and validate everything.
@@ -93,6 +106,16 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
     domains = parse_space(tune.space)
     check_job(data, train, tune, domains)
     return TuneJob(data, train, tune, domains)
+
+
+def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The rung steps below max_t: grace, grace * factor, grace * factor^2, ..."""
+    out, r = [], float(grace_period)
+    while round(r) < max_t:
+        if not out or round(r) > out[-1]:
+            out.append(int(round(r)))
+        r *= reduction_factor
+    return out
 
 
 def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domains: list[Domain]) -> None:
@@ -123,13 +146,22 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
             raise ConfigError("trials report at validation steps; set train.validate_every (e.g. 5)",
                               field="train.validate_every")
     s = tune.scheduler
-    if s.name == "asha":
+    if s.name in ("asha", "sha"):
         max_t = s.max_t or t.max_steps
         if max_t > t.max_steps:
             raise ConfigError(f"{max_t} is beyond train.max_steps ({t.max_steps})", field="tune.scheduler.max_t")
         if s.grace_period >= max_t:
             raise ConfigError(f"{s.grace_period} must be below the last rung ({max_t} steps)",
                               field="tune.scheduler.grace_period")
+        if s.name == "sha" and tune.search == "tpe":
+            raise ConfigError("sha halves a fixed set of trials, while tpe proposes each trial from the results "
+                              "so far; use scheduler asha with tpe", field="tune.scheduler.name")
+        if s.name == "sha" and step_metric is None and t.validate_every is not None:
+            late = [r for r in rungs(s.grace_period, s.reduction_factor, max_t) if r % t.validate_every]
+            if late:
+                raise ConfigError(f"rungs {late} are not multiples of train.validate_every ({t.validate_every}): "
+                                  "trials report (and are judged) at validation steps; choose grace_period and "
+                                  "reduction_factor so every rung is one", field="tune.scheduler.grace_period")
         if step_metric is None and t.validate_every is not None and s.grace_period < t.validate_every:
             raise ConfigError(f"{s.grace_period} is below train.validate_every ({t.validate_every}): no report "
                               "reaches the first rung in time", field="tune.scheduler.grace_period")

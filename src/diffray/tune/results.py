@@ -59,9 +59,9 @@ def stop_marker(exp_dir: str, trial_id: str) -> str:
 
 
 def target_steps(job) -> int:
-    """The step a trial that is not stopped runs to: ASHA's max_t (its last rung), else train.max_steps."""
+    """The step a trial that is not stopped runs to: ASHA's or SHA's max_t (the last rung), else train.max_steps."""
     s = job.tune.scheduler
-    return (s.max_t or job.max_steps) if s.name == "asha" else job.max_steps
+    return (s.max_t or job.max_steps) if s.name in ("asha", "sha") else job.max_steps
 
 
 def _row(trial, job, frame, err, stopped: bool) -> TrialRow:

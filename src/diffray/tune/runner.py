@@ -10,7 +10,6 @@ trials are kept, unfinished ones resume from their own last checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from typing import Any
 import ray.train
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
 
 from diffray import logs, storage
 from diffray.cluster import alive_nodes, check_resources, connect_ray, forwarded_env, workers_that_fit
@@ -30,8 +28,9 @@ from diffray.trainers.datasets import build_datasets
 from diffray.trainers import tracking
 from diffray.trainers.progress import RunStatus
 from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, run_dirs
-from diffray.tune.config import TuneJob
-from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, stop_marker, write_report
+from diffray.tune.config import TuneJob, rungs
+from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
+from diffray.tune.schedulers import build_scheduler
 from diffray.tune.space import param_space, resolve_params, trial_config
 
 # A trial's driver only builds a trainer and waits on its worker group: no CPU, a little memory.
@@ -53,8 +52,10 @@ class TuneOutcome:
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets: dict[str, Any],
-              model_path: str, exp_dir: str, driver_env: dict[str, str]) -> None:
+              model_path: str, exp_dir: str, driver_env: dict[str, str], rung_steps: tuple[int, ...] = ()) -> None:
     """One trial (inside Tune's trial actor): the method's TorchTrainer on this trial's config.
+    `rung_steps` (synchronous halving's rungs) are added to the run's checkpoint steps: a trial paused at a
+    rung restarts this function, and its Train run of the same name resumes from the rung's checkpoint.
     `driver_env` (`diffray.cluster.forwarded_env()`: Ray Train's settings, DIFFRAY_HOOK*/verbose variables)
     goes on to the trial's workers as it does in `diffray train`: the trial actor does not inherit the
     driver's environment."""
@@ -63,7 +64,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
     os.environ.update(driver_env)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, resolve_params(domains, params))
+    train = cfg.train.model_copy(update={"checkpoint_steps": sorted({*cfg.train.checkpoint_steps, *rung_steps})})
     cfg = cfg.model_copy(update={
+        "train": train,
         "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
         "tracking": TrackingSection()})  # the Tune logger callbacks track trials (one run each), not the workers
     _, log_dir = run_dirs(cfg)
@@ -86,29 +89,10 @@ def trial_concurrency(job: TuneJob) -> int:
     return min(fit, job.tune.max_concurrent_trials or fit)
 
 
-class RungStopScheduler(ASHAScheduler):
-    """ASHA that records each trial it stops at a rung below max_t (`results.stop_marker`), so the
-    results table tells "stopped by the scheduler" from "ended short" without guessing from step counts.
-    A stop at max_t is ASHA ending a trial that ran the whole way: not recorded."""
-
-    def __init__(self, exp_dir: str, **kwargs):
-        super().__init__(**kwargs)
-        self.exp_dir = exp_dir
-
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
-        step = result.get(self._time_attr)
-        if action == self.STOP and step is not None and step < self._max_t:
-            storage.write_text(stop_marker(self.exp_dir, trial.trial_id), json.dumps({"step": step}))
-        return action
-
-
-def build_scheduler(job: TuneJob, exp_dir: str):
+def sha_rungs(job: TuneJob) -> list[int]:
+    """The rung steps trials checkpoint at for synchronous halving (none for the other schedulers)."""
     s = job.tune.scheduler
-    if s.name == "fifo":
-        return None
-    return RungStopScheduler(exp_dir, time_attr="step", max_t=s.max_t or job.max_steps,
-                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return rungs(s.grace_period, s.reduction_factor, s.max_t or job.max_steps) if s.name == "sha" else []
 
 
 def build_searcher(job: TuneJob):
@@ -163,7 +147,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=job.base, domains=job.domains, datasets=datasets,
                              model_path=model_path, exp_dir=exp_dir,
-                             driver_env=forwarded_env()),
+                             driver_env=forwarded_env(), rung_steps=tuple(sha_rungs(job))),
         TRIAL_DRIVER_RESOURCES)
     concurrency = trial_concurrency(job)
     if restored:
@@ -188,9 +172,10 @@ def new_tuner(job: TuneJob, trainable, root: str, concurrency: int, on_trial) ->
     return tune.Tuner(
         trainable, param_space=param_space(job.domains, job.train.run.seed if job.tune.shuffle_grid else None),
         tune_config=tune.TuneConfig(metric=job.tune.metric, mode=job.tune.mode,
-                                    scheduler=build_scheduler(job, storage.join(root, job.name)),
+                                    scheduler=build_scheduler(job, storage.join(root, job.name), concurrency),
                                     search_alg=build_searcher(job), num_samples=job.tune.num_samples,
-                                    max_concurrent_trials=concurrency),
+                                    # sha caps running trials itself: Tune's cap counts paused trials as live
+                                    max_concurrent_trials=None if job.tune.scheduler.name == "sha" else concurrency),
         run_config=tune.RunConfig(name=job.name, storage_path=root,
                                   callbacks=([TrialEnded(on_trial)] if on_trial else []) + tracking.tune_callbacks(
                                       job.train.tracking, job.name, storage.local_dir(storage.join(root, job.name))),
