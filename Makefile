@@ -54,7 +54,7 @@ bench: setup
 	$(BIN)/python benchmarks/latent_cache.py
 	$(BIN)/python benchmarks/ddpo_overlap.py
 	$(BIN)/python benchmarks/serve.py
-	$(BIN)/python benchmarks/tune_asha.py
+	$(BIN)/python benchmarks/tune_schedulers.py
 
 clean:
 	rm -rf runs outputs .pytest_cache
