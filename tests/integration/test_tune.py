@@ -235,6 +235,7 @@ def test_ddpo_trials_report_the_reward_and_export_the_best_adapter(ray_cluster, 
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: test_tune_sha.py runs sha's rungs, pauses and resumes with trials that act as these do
 def test_sha_halves_whole_rungs_and_paused_trials_resume_their_runs_from_the_rung(ray_cluster, tmp_path):
     """`scheduler: sha` over real trials: 4 trials, rungs at 2 and 4 of 8 steps, factor 2 (4 -> 2 -> 1), two
     at a time. Each rung is judged on all its trials; a trial paused at a rung restarts, and its Train run
