@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from diffray import yaml_io
 from diffray.errors import ConfigError
+from diffray.accelerator import Accelerator
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -169,9 +170,11 @@ class OptimSection(Section):
         "constant_with_warmup", description="Learning-rate schedule (diffusers.optimization).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; None disables.")
+    fused: bool = Field(False, description="torch's fused AdamW kernel (one launch for all parameters; CUDA and "
+                        "CPU): the same update as the default loop, in fewer kernels.")
 
 
-class TrainSection(Section):
+class TrainSection(Section, Accelerator):
     max_steps: int = Field(100, ge=1, description="Optimizer steps to train.")
     micro_batch_size: int = Field(2, ge=1, description="Samples per worker per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
@@ -276,6 +279,9 @@ class TrainConfig(Section):
         if self.train.ema_decay is not None and self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
             raise ValueError("train.ema_decay: not supported with strategy.zero_stage 3 (the weights are partitioned "
                              "across ranks); use zero_stage 0-2 or strategy.name ddp, or set train.ema_decay null")
+        if self.train.channels_last and self.strategy.name == "deepspeed":  # its broadcasts need contiguous weights
+            raise ValueError("train.channels_last: needs strategy.name ddp (DeepSpeed broadcasts the weights as flat "
+                             "buffers, which a channels-last weight is not)")
         return self
 
 

@@ -352,3 +352,15 @@ def test_ema_adapter_is_the_hand_computed_ema_and_the_card_says_so(ray_cluster, 
         raw = model(latents, t, encoder_hidden_states=hidden)
     assert (got - want).abs().max().item() < 1e-5 and (raw - want).abs().max().item() > 1e-5
     assert read_card(result.artifact_dir)["weights"] == "ema (decay 0.9)"
+
+
+def test_accelerator_options_train_the_same_adapter(ray_cluster, tmp_path, straight_run):
+    """Eager attention, torch.compile (aot_eager: graph capture without kernel generation) and fused AdamW
+    under ZeRO-2 on 2 workers: the same adapter as the straight run, to float noise. (Channels-last is
+    refused with DeepSpeed; tests/unit/test_speed.py checks it on the model.)"""
+    result = run_training(small_cfg(tmp_path, "accelerated", "train.validate_every=null", "train.attention=eager",
+                                    "train.compile=true", "train.compile_backend=aot_eager", "optim.fused=true"))
+    got = adapter(result)
+    assert got.keys() == straight_run.keys() and got
+    worst = max((got[k] - straight_run[k]).abs().max().item() for k in got)
+    assert worst < 1e-4, f"max |accelerated - straight| = {worst:.2e}"

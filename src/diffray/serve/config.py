@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from diffray.config import Section, format_validation_error
 from diffray.errors import ConfigError
+from diffray.accelerator import Accelerator
 
 API_KEYS_ENV = "DIFFRAY_API_KEYS"  # comma-separated keys, added to auth.api_keys
 
@@ -70,7 +71,7 @@ class Batching(Section):
                                "a pipeline call: base layers once, each row its own LoRA.")
 
 
-class GeneratorSection(Section):
+class GeneratorSection(Section, Accelerator):
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; None uses `autoscaling`.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")

@@ -25,6 +25,7 @@ import time
 import torch
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
+from diffray.models import speed
 from diffray.serve import mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.registry import AdapterRegistry
@@ -82,6 +83,7 @@ class ImageEngine:
         self.model_path = resolve_model_path(args.model)
         self.pipe = load_pipeline(self.model_path, dtype=dtype, device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        speed.apply(self.pipe.unet, args.generator)
         self.registry = AdapterRegistry(args.adapters_dir)
         self.adapters = ResidentAdapters(self.pipe, self.registry)
         self.lock = threading.RLock()
@@ -215,7 +217,10 @@ class ImageEngine:
     def _group_key(self, job: Job, slots: dict[tuple, list[dict[str, float]]]) -> tuple:
         """Jobs with equal group keys share a pipeline call: equal `batch_key`s, or (mixed-adapter batching)
         equal shape keys, one LoRA each, no LoRA at two weights."""
-        lora = self._mixable_lora(job) if self.args.batching.mix_adapters else None
+        # A compiled UNet never sees forward hooks added after it was compiled (torch.compile does not guard
+        # on them), and mixed batches add theirs per call: with compile, each LoRA set gets its own call.
+        mix = self.args.batching.mix_adapters and not self.args.generator.compile
+        lora = self._mixable_lora(job) if mix else None
         if lora is None:
             return job.batch_key()
         shape = job.shape_key()

@@ -20,6 +20,7 @@ import torch
 
 from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
+from diffray.models import speed
 from diffray.models.family import family_of
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import batch_mean, caption_dropout_mask, per_sample_loss
@@ -95,7 +96,7 @@ class DenoisingTask(StepTask):
         self.cfg, self.env = cfg, env
         self.family = family_of(model_path)
         self.comps = self.family.load(model_path)
-        self.module = self.build_module().to(env.device)
+        self.module = speed.apply_to_children(self.build_module().to(env.device), cfg.train)
         self.comps.vae.requires_grad_(False)
         session.place_frozen(self.comps.vae, env)
         if not self.trains_text_encoder:

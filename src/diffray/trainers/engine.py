@@ -28,7 +28,7 @@ EMA_FILE = "ema.safetensors"
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection, max_steps: int):
     """AdamW over the trainable parameters plus the configured LR schedule."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                  weight_decay=optim.weight_decay)
+                                  weight_decay=optim.weight_decay, **({"fused": True} if optim.fused else {}))
     scheduler = get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=optim.warmup_steps,
                               num_training_steps=max_steps)
     return optimizer, scheduler

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffray.models.adapters import export_lora
+from diffray.models import speed
 from diffray.models.family import family_of
 from diffray.trainers import hooks, session
 from diffray.trainers.components.ddpo import (
@@ -98,6 +99,7 @@ class DDPOTask:
         self.family = family_of(model_path)
         self.comps = self.family.load(model_path)
         self.module = lora_denoiser(self.comps, cfg.lora, cfg.run.seed, cfg.train.gradient_checkpointing).to(env.device)
+        speed.apply_to_children(self.module, cfg.train)
         for frozen in (self.comps.vae, self.comps.text_encoder):
             frozen.requires_grad_(False)
             session.place_frozen(frozen, env)
