@@ -159,6 +159,7 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
         prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, d, 3)
 
 
+@pytest.mark.slow  # ~80 s; CI's slow suite runs it (the default suite's 20-min budget)
 def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_cluster, tmp_path):
     data = write_sample_dataset(tmp_path / "s", num_images=8) / "train"
     # One worker, the whole set in every batch: the loss of a step does not depend on row order.

@@ -105,6 +105,7 @@ def test_jpeg_reward_moves_the_policy(ray_cluster, runs_root, tiny_model_path, r
         assert after > before + MARGIN_KB
 
 
+@pytest.mark.slow  # ~90 s; CI's slow suite runs it (the default suite's 20-min budget)
 def test_reward_actor_killed_mid_call_is_restarted_and_the_epoch_completes(ray_cluster, tmp_path, faults):
     faults(kill_reward_actor_at_step=2)
     cfg = ddpo_cfg(tmp_path / "runs", "ddpo-kill", "train.max_steps=3", "train.checkpoint_every=3")

@@ -177,6 +177,7 @@ def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, t
     assert_same_adapter(adapter(result), straight_run, "resumed from step 2")
 
 
+@pytest.mark.slow  # ~130 s; CI's slow suite runs it (the default suite's 20-min budget)
 def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_path, faults, straight_run):
     run_dir = str(tmp_path / "runs" / "midwrite")
     assert run_training(small_cfg(tmp_path, "midwrite", "train.max_steps=4", "train.validate_every=null",
@@ -230,6 +231,7 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
+@pytest.mark.slow  # ~100 s; CI's slow suite runs it (the default suite's 20-min budget)
 def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
     from diffray.trainers.datasets import build_datasets
 
