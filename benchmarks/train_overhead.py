@@ -40,8 +40,9 @@ def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, dat
         "strategy.zero_stage=2", "failure.max_failures=0"])
 
 
-def plain_loop(cfg, steps: int) -> list[float]:
-    """The same model, loss and data with a bare torch AdamW loop in this process."""
+def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
+    """The same model, loss and data stream (shuffle buffer included) with a bare torch AdamW loop in this
+    process."""
     torch.set_num_threads(THREADS)
     model_path = resolve_model_path(cfg.model.path)
     task = LoraTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
@@ -49,26 +50,34 @@ def plain_loop(cfg, steps: int) -> list[float]:
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ds = build_dataset(cfg, model_path)
 
-    def batches():
+    def batches():  # the worker's stream: each epoch reshuffled through the same local buffer (data.shuffle_buffer)
+        epoch = 0
         while True:
-            yield from ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True)
+            shuffle = ({"local_shuffle_buffer_size": cfg.data.shuffle_buffer, "local_shuffle_seed": epoch}
+                       if cfg.data.shuffle_buffer else {})
+            yield from ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, **shuffle)
+            epoch += 1
 
-    it, times = batches(), []
+    it, times, waits = batches(), [], []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        loss = task.losses(task.module, next(it), step).mean()
+        batch = next(it)
+        waits.append(time.perf_counter() - t0)
+        loss = task.losses(task.module, batch, step).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return times
+    return times, waits
 
 
-def ray_loop(cfg) -> list[float]:
+def ray_loop(cfg) -> tuple[list[float], list[float]]:
+    """The worker's logged step times and, within them, the waits for micro-batches (`data_time`)."""
     result = run_training(cfg)
-    lines = (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["step_time"] for x in lines if '"step_time"' in x]
+    rows = [json.loads(x) for x in (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step_time" in r]
+    return [r["step_time"] for r in rows], [r["data_time"] for r in rows]
 
 
 def main() -> None:
@@ -87,23 +96,30 @@ def main() -> None:
     results = {}
     for b in args.batch_sizes:
         samples: dict[str, list[float]] = {"plain": [], "ray_ddp": [], "ray_zero2": []}
+        waits: dict[str, list[float]] = {k: [] for k in samples}
         for r in range(args.rounds):
             cut = args.warmup
-            samples["plain"] += plain_loop(make_cfg(storage, f"plain{b}-{r}", args.steps, "ddp", b, data), args.steps)[cut:]
-            samples["ray_ddp"] += ray_loop(make_cfg(storage, f"ddp{b}-{r}", args.steps, "ddp", b, data))[cut:]
-            samples["ray_zero2"] += ray_loop(make_cfg(storage, f"zero2{b}-{r}", args.steps, "deepspeed", b, data))[cut:]
+            runs = {"plain": lambda: plain_loop(make_cfg(storage, f"plain{b}-{r}", args.steps, "ddp", b, data), args.steps),
+                    "ray_ddp": lambda: ray_loop(make_cfg(storage, f"ddp{b}-{r}", args.steps, "ddp", b, data)),
+                    "ray_zero2": lambda: ray_loop(make_cfg(storage, f"zero2{b}-{r}", args.steps, "deepspeed", b, data))}
+            for k, run in runs.items():
+                times, data_waits = run()
+                samples[k] += times[cut:]
+                waits[k] += data_waits[cut:]
         base = statistics.median(samples["plain"])
         results[f"batch{b}"] = {k: {"median_step_ms": 1000 * statistics.median(v),
                                     "overhead_ms": 1000 * (statistics.median(v) - base),
                                     "mean_step_ms": 1000 * statistics.mean(v),
+                                    "median_data_ms": 1000 * statistics.median(waits[k]),
                                     "ratio_vs_plain": statistics.median(v) / base, "steps_measured": len(v)}
                                 for k, v in samples.items()}
     ray.shutdown()
-    print(f"{'batch':<7}{'variant':<12}{'median step (ms)':>18}{'mean (ms)':>11}{'overhead (ms)':>15}"
-          f"{'ratio vs plain':>16}{'steps':>7}")
+    print(f"{'batch':<7}{'variant':<12}{'median step (ms)':>18}{'mean (ms)':>11}{'data wait (ms)':>16}"
+          f"{'overhead (ms)':>15}{'ratio vs plain':>16}{'steps':>7}")
     for b, rows in results.items():
         for k, row in rows.items():
-            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}{row['overhead_ms']:>15.2f}"
+            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}"
+                  f"{row['median_data_ms']:>16.2f}{row['overhead_ms']:>15.2f}"
                   f"{row['ratio_vs_plain']:>16.3f}{row['steps_measured']:>7}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,7 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     assert len(losses) == 60 and abs(sum(losses[:10]) / 10 - result.loss_first_mean) < 1e-6
     metric = next(e for e in events(result.run_dir) if e.get("step") == 30 and "loss" in e)
     assert set(metric) >= {"loss", "lr", "grad_norm", "step_time", "samples_per_s"} and metric["grad_norm"] > 0
+    assert 0 < metric["data_time"] < metric["step_time"]  # the wait for the micro-batch, inside the step
     assert (Path(result.run_dir) / "logs" / "validation" / "step_000060.png").is_file()
     assert list((Path(result.run_dir) / "logs" / "tensorboard").glob("events.out.tfevents.*"))
     card = read_card(result.artifact_dir)

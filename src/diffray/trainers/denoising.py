@@ -14,6 +14,7 @@ Worker side: built inside the Ray Train loop (`diffray.trainers.loop`), never on
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -105,6 +106,7 @@ class DenoisingTask(StepTask):
         self.empty = self.empty_prompt() if cfg.data.caption_dropout > 0 else None
         self.counters = session.EncoderCalls(self.comps)
         self.streams: dict = {}
+        self.data_time = 0.0  # seconds this step waited for micro-batches
 
     # --- what a method declares
     trains_text_encoder = False  # True: the text encoder is in the engine's module and takes token ids
@@ -139,9 +141,16 @@ class DenoisingTask(StepTask):
         """Extra inputs of the module's forward (none by default)."""
         return {}
 
+    def next_batch(self, name: str) -> dict:
+        """The next micro-batch of stream `name`; the wait counts into the step's `data_time` metric."""
+        t0 = time.perf_counter()
+        batch = next(self.streams[name])
+        self.data_time += time.perf_counter() - t0
+        return batch
+
     def loss(self, engine, step: int) -> torch.Tensor:
         """The loss of the next micro-batch."""
-        batch = next(self.streams["train"])
+        batch = self.next_batch("train")
         return batch_mean(self.losses(engine, batch, step), batch.get("loss_mask"))
 
     def after_optimizer_step(self) -> None:
@@ -157,9 +166,10 @@ class DenoisingTask(StepTask):
         """One optimizer step over `grad_accum_steps` micro-batches. The loss is averaged over ranks before
         backward, so a non-finite loss stops every rank at the same step."""
         self.counters.take()  # drop calls made outside training steps (validation, set-up)
+        self.data_time = 0.0
         total = session.accumulated_step(engine, step, self.grad_accum_steps, lambda: self.loss(engine, step),
                                          self.after_optimizer_step)
-        return session.StepOutput(total, self.counters.take())
+        return session.StepOutput(total, {**self.counters.take(), "data_time": self.data_time})
 
     # --- the denoising loss
     def losses(self, engine, batch: dict, step: int, dropout: bool = True) -> torch.Tensor:

@@ -44,13 +44,17 @@ class Engine:
         self.grad_accum_steps = grad_accum_steps
         self.micro_step = 0
         self.last_grad_norm: float | None = None
+        self._trainable: list[torch.nn.Parameter] | None = None
 
     def is_boundary(self) -> bool:
         """True when the next `step()` ends an optimizer step."""
         return (self.micro_step + 1) % self.grad_accum_steps == 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        """The parameters that train (fixed once the engine is built; looked up once, not every step)."""
+        if self._trainable is None:
+            self._trainable = [p for p in self.module.parameters() if p.requires_grad]
+        return self._trainable
 
     # --- EMA of the trainable weights (ZeRO 0-2 / DDP: every rank holds them whole)
     ema: Ema | None = None

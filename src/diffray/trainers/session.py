@@ -232,8 +232,13 @@ def gather_objects(value: Any) -> list[Any]:
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
-    """Seed torch's global RNG (LoRA dropout) from (seed, step, rank): resumable without RNG state."""
-    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+    """Seed torch's global RNG (LoRA dropout) from (seed, step, rank): resumable without RNG state.
+    The CPU generator, and the current GPU's once CUDA is in use: `torch.manual_seed` would also queue a
+    lazy CUDA seed with a formatted stack trace on every step of a CPU run."""
+    s = (seed * 1_000_003 + step) * 1_009 + rank
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed(s)
 
 
 def initial_state() -> dict[str, Any]:

@@ -43,8 +43,8 @@ class DreamBoothTask(DenoisingTask):
         return full_denoiser(self.comps, cfg.dreambooth.train_text_encoder, cfg.train.gradient_checkpointing)
 
     def loss(self, engine, step: int) -> torch.Tensor:
-        klass = next(self.streams["class"]) if "class" in self.streams else None
-        return self.prior_loss(engine, next(self.streams["train"]), klass, step)
+        klass = self.next_batch("class") if "class" in self.streams else None
+        return self.prior_loss(engine, self.next_batch("train"), klass, step)
 
     def prior_loss(self, engine, instance: dict, klass: dict | None, step: int) -> torch.Tensor:
         """Instance loss + prior_loss_weight x class loss, both rows in one forward pass."""
