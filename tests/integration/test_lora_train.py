@@ -146,12 +146,13 @@ def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
 
 
 def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, faults, straight_run):
-    faults(kill_rank_at_step={"rank": 1, "step": 5})
+    # Ray registers a checkpoint asynchronously after every rank reported it, so the restart resumes
+    # from the newest *registered* one: the kill waits until step 2's is (on a loaded machine a kill at
+    # step 5 came before any was, and the run restarted from scratch); step 4 may be registered too.
+    faults(kill_rank_at_step={"rank": 1, "step": 5, "registered": 2})
     cfg = small_cfg(tmp_path, "killed", "failure.max_failures=1", "train.validate_every=null")
     result = run_training(cfg)
     assert result.steps == 8
-    # Ray registers a checkpoint asynchronously after every rank reported it, so the restart resumes
-    # from the newest *registered* one: step 4, or step 2 if the kill came before 4 was registered.
     begin = starts(result.run_dir)
     assert begin[0] == 0 and len(begin) == 2 and begin[1] in (2, 4), begin
     steps = step_lines(result.run_dir)

@@ -1,11 +1,10 @@
 """Per-step pieces of the training loop that must stay cheap without changing what they do: the step's
-RNG seed and the rate limit on progress updates (see benchmarks/train_overhead.py)."""
+RNG seed (see benchmarks/train_overhead.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from diffray.trainers.progress import Every
 from diffray.trainers.session import seed_step
 
 
@@ -18,13 +17,3 @@ def test_seed_step_draws_what_torch_manual_seed_draws_and_queues_no_cuda_seed():
     assert torch.equal(ours, torch.rand(6))
     seed_step(3, 8, 1)
     assert not torch.equal(ours, torch.rand(6))  # each step its own dropout stream
-
-
-def test_every_lets_one_update_through_per_interval_and_forced_ones_always():
-    every = Every(0.25)
-    assert every.due(now=100.0)  # the first update always goes
-    assert not every.due(now=100.1) and not every.due(now=100.24)
-    assert every.due(now=100.26)
-    assert every.due(force=True, now=100.27)  # a held-out loss or the last step
-    assert not every.due(now=100.3)  # the interval counts from the forced update
-    assert every.due(now=100.53)

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from diffray import logs
 from diffray.trainers import hooks, session, tracking
-from diffray.trainers.progress import UPDATE_EVERY_S, Every
 from diffray.trainers.engine import build_engine
 
 
@@ -110,7 +109,6 @@ class WorkerLoop:
         trackers = tracking.open_trackers(cfg.tracking, cfg.run.name, cfg.model_dump(mode="json"),
                                           info.log_dir) if env.is_main else []
         self.logger = session.MetricsLogger(info.log_dir, env.is_main, self.state["step"], trackers)
-        self.progress_due = Every(UPDATE_EVERY_S)
 
     def run(self) -> None:
         start = self.state["step"]
@@ -167,14 +165,10 @@ class WorkerLoop:
         return {**session.summary_metrics(self.state), **self.task.report_metrics()}
 
     def progress(self, metrics: dict) -> None:
-        """Rank 0 hands the step's numbers to the driver's progress display, without waiting: at most every
-        `UPDATE_EVERY_S`, and always with a held-out loss and at the last step."""
-        if not (self.env.is_main and self.info.status is not None):
-            return
-        if not self.progress_due.due(force="val_loss" in metrics or metrics["step"] == self.cfg.train.max_steps):
-            return
-        keys = ("step", "loss", "lr", "samples_per_s", "step_time", "val_loss")
-        self.info.status.progress.remote({k: metrics[k] for k in keys if k in metrics})
+        """Rank 0 hands the step's numbers to the driver's progress display, without waiting."""
+        if self.env.is_main and self.info.status is not None:
+            keys = ("step", "loss", "lr", "samples_per_s", "step_time", "val_loss")
+            self.info.status.progress.remote({k: metrics[k] for k in keys if k in metrics})
 
     def validation_losses(self) -> dict[str, float]:
         """{"val_loss"} of the weights validation uses: the EMA ones when on, with the trained weights'

@@ -1,7 +1,6 @@
 """A training run's side channel from its workers to the driver, and the driver's view of progress.
 
-`RunStatus` is one small actor per run: rank 0 hands it the latest step's numbers without waiting (at
-most every `UPDATE_EVERY_S`, see `Every`), and a
+`RunStatus` is one small actor per run: rank 0 hands it every step's numbers without waiting, and a
 worker records there the outcomes that are not checkpoints (the step of a NaN loss). `watch_progress`
 runs a driver thread that waits on it while `fit()` runs and passes each new step to a callback (the
 CLI draws its progress bar from that).
@@ -10,30 +9,10 @@ CLI draws its progress bar from that).
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
-import time
 from typing import Any, Callable
 
 import ray
-
-UPDATE_EVERY_S = 0.25  # the shortest interval between two progress updates from rank 0
-
-
-class Every:
-    """A rate limit: `due()` is True at most once per `seconds` (monotonic clock), and always with
-    `force`. An actor call per step would cost a fast step (tens of ms on a CPU) about 1% for a display
-    that a person reads a few times a second."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.last = seconds, -math.inf
-
-    def due(self, force: bool = False, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        if not force and now - self.last < self.seconds:
-            return False
-        self.last = now
-        return True
 
 
 @ray.remote(num_cpus=0)
