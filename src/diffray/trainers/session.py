@@ -233,12 +233,12 @@ def gather_objects(value: Any) -> list[Any]:
 
 def seed_step(seed: int, step: int, rank: int) -> None:
     """Seed torch's global RNG (LoRA dropout) from (seed, step, rank): resumable without RNG state.
-    The CPU generator, and the current GPU's once CUDA is in use: `torch.manual_seed` would also queue a
-    lazy CUDA seed with a formatted stack trace on every step of a CPU run."""
+    The CPU generator, and every visible GPU's once CUDA is in use (what `torch.manual_seed` seeds; it
+    would also queue a lazy CUDA seed with a formatted stack trace on every step of a CPU run)."""
     s = (seed * 1_000_003 + step) * 1_009 + rank
     torch.default_generator.manual_seed(s)
     if torch.cuda.is_initialized():
-        torch.cuda.manual_seed(s)
+        torch.cuda.manual_seed_all(s)
 
 
 def initial_state() -> dict[str, Any]:
