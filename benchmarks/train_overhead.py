@@ -99,11 +99,9 @@ def main() -> None:
         waits: dict[str, list[float]] = {k: [] for k in samples}
         for r in range(args.rounds):
             cut = args.warmup
-            runs = {"plain": lambda: plain_loop(make_cfg(storage, f"plain{b}-{r}", args.steps, "ddp", b, data), args.steps),
-                    "ray_ddp": lambda: ray_loop(make_cfg(storage, f"ddp{b}-{r}", args.steps, "ddp", b, data)),
-                    "ray_zero2": lambda: ray_loop(make_cfg(storage, f"zero2{b}-{r}", args.steps, "deepspeed", b, data))}
-            for k, run in runs.items():
-                times, data_waits = run()
+            for k, strategy in (("plain", "ddp"), ("ray_ddp", "ddp"), ("ray_zero2", "deepspeed")):
+                cfg = make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data)
+                times, data_waits = plain_loop(cfg, args.steps) if k == "plain" else ray_loop(cfg)
                 samples[k] += times[cut:]
                 waits[k] += data_waits[cut:]
         base = statistics.median(samples["plain"])
