@@ -41,6 +41,7 @@ EXPECT = {
               "runs/my-lora/artifact/pytorch_lora_weights.safetensors", "runs/dreambooth-sample/artifact",
               "runs/textual-inversion-sample/artifact/learned_embeds.safetensors",
               "runs/controlnet-sample/artifact/config.json", "outputs/generated.png",
+              "runs/diffusion-dpo/artifact/pytorch_lora_weights.safetensors",
               "outputs/eval/prompts/results.json", "outputs/eval/star/grid.png", "outputs/kohya/lora-star.safetensors"],
     "world": ["data/world/dataset.json", "data/world/part-00000.parquet", "data/stars/dataset.json"],
     "requests": ["adapters/my-lora/pytorch_lora_weights.safetensors", "outputs/generated-0-0.png"],

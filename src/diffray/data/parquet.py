@@ -1,5 +1,6 @@
 """Read Parquet datasets of image bytes + captions (the layout HF `datasets` `to_parquet` and
-LAION-style shards use) into the same raw rows as the imagefolder reader.
+LAION-style shards use) into the same raw rows as the imagefolder reader; preference pairs (Pick-a-Pic's
+columns: caption, jpg_0, jpg_1, label_0[, label_1]) into rows of the preferred image and its `pair_image`.
 
 The driver lists the files and reads only their footers (row counts per row group), so every row
 gets a stable `sample_id` (file order, then row order) before any data is read; each Ray task then
@@ -9,7 +10,9 @@ path string (relative to the Parquet file's folder).
 
 from __future__ import annotations
 
+import logging
 import posixpath
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +26,7 @@ from diffray.data.raydata import raise_original_errors
 from diffray.errors import DatasetError
 
 HF_IMAGE_COLUMN = "image"
+log = logging.getLogger(__name__)
 
 
 def parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -64,8 +68,34 @@ def resolve_columns(schema: pa.Schema, file: str, caption_column: str, image_col
     return image, caption_column, conditioning_column
 
 
+@dataclass(frozen=True)
+class PairColumns:
+    """Where a preference pair's second image and its labels are (method diffusion_dpo): `image` is the
+    pair's first image, `image_label` its label, `pair` the second image and `pair_label` the second's
+    label (used when the file has it). A row prefers the image with the larger label; equal labels (a tie,
+    or "both bad": 0/0) carry no preference and the row is skipped. With `image_label` alone, > 0.5 prefers
+    the first image, < 0.5 the second (Pick-a-Pic's label_0)."""
+
+    pair: str = "jpg_1"
+    image_label: str = "label_0"
+    pair_label: str = "label_1"
+
+
+def preference(first, second) -> int | None:
+    """0: the first image is preferred, 1: the second, None: no preference (a tie, both bad, a missing
+    label). `second` is None when the file has no second label column."""
+    if first is None or first != first:  # None or NaN
+        return None
+    if second is None:
+        second = 1.0 - float(first)
+    if second != second or float(first) == float(second):
+        return None
+    return 0 if float(first) > float(second) else 1
+
+
 def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image_column: str,
-               conditioning_column: str | None, mask_column: str | None = None) -> list[dict]:
+               conditioning_column: str | None, mask_column: str | None = None,
+               pairs: PairColumns | None = None) -> list[dict]:
     """One work item per row group {file, row_group, first_id, num_rows, columns}, ids in file order."""
     items, next_id = [], 0
     for file in files:
@@ -78,11 +108,20 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
         image, caption, cond = resolve_columns(schema, file, caption_column, image_column, conditioning_column)
         if mask_column is not None and mask_column not in schema.names:
             raise DatasetError(f"{file}: missing column {mask_column!r} (has: {', '.join(schema.names)})")
+        pair = pair_label = label = ""
+        if pairs is not None:
+            for col in (pairs.pair, pairs.image_label):
+                if col not in schema.names:
+                    raise DatasetError(f"{file}: missing column {col!r} of the preference pairs "
+                                       f"(has: {', '.join(schema.names)})")
+            pair, label = pairs.pair, pairs.image_label
+            pair_label = pairs.pair_label if pairs.pair_label in schema.names else ""
         first_row = 0
         for g in range(meta.num_row_groups):
             n = meta.row_group(g).num_rows
             items.append({"file": file, "row_group": g, "first_id": next_id, "first_row": first_row, "num_rows": n,
-                          "image": image, "caption": caption, "conditioning": cond or "", "mask": mask_column or ""})
+                          "image": image, "caption": caption, "conditioning": cond or "", "mask": mask_column or "",
+                          "pair": pair, "label": label, "pair_label": pair_label})
             next_id, first_row = next_id + n, first_row + n
     if next_id == 0:
         raise DatasetError(f"{files[0] if len(files) == 1 else posixpath.dirname(files[0])}: no rows")
@@ -119,18 +158,21 @@ def read_row_group(fs: pafs.FileSystem, file: str, group: int, columns: list[str
 
 def read_parquet_rows(path: str, caption_column: str = "text", image_column: str = "image",
                       conditioning_column: str | None = None, id_offset: int = 0,
-                      paths: PathRules = LOCAL_ONLY, mask_column: str | None = None) -> tuple[ray.data.Dataset, int]:
-    """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image, mask_image]},
-    and
-    how many. `error` says why a row cannot be used before decoding (an image path outside the folder).
+                      paths: PathRules = LOCAL_ONLY, mask_column: str | None = None,
+                      pairs: PairColumns | None = None) -> tuple[ray.data.Dataset, int]:
+    """Rows {sample_id, source ("file#row"), caption, error, image bytes|None[, conditioning_image, mask_image,
+    pair_image]}, and how many. `error` says why a row cannot be used before decoding (an image path outside
+    the folder). With `pairs`, `image` is the preferred image of each pair and `pair_image` the other one;
+    pairs without a preference are left out (and out of the count).
 
     Raises:
         DatasetError: no Parquet files, an unreadable footer, or a missing column (named with the
             columns the file has).
     """
     fs, files = parquet_files(path)
-    items = row_groups(fs, files, caption_column, image_column, conditioning_column, mask_column)
-    extra = {"conditioning_image": "conditioning", "mask_image": "mask"}  # raw column -> item key of its name
+    items = row_groups(fs, files, caption_column, image_column, conditioning_column, mask_column, pairs)
+    extra = {"conditioning_image": "conditioning", "mask_image": "mask", "pair_image": "pair"}  # raw column ->
+    # item key of its name
 
     def read_group(batch: dict) -> dict:
         out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": [], "error": []}
@@ -139,8 +181,9 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
             names = {col: str(it[key]) for col, key in extra.items() if it[key]}
             for col in names:  # the column exists even for a row group of no rows
                 out.setdefault(col, [])
+            labels = [str(it[k]) for k in ("label", "pair_label") if it.get(k)]
             table = read_row_group(fs, str(it["file"]), int(it["row_group"]),
-                                   [it["image"], it["caption"], *names.values()])
+                                   [it["image"], it["caption"], *names.values(), *labels])
             read_rows(table, it, names, out)
         return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
                 **{k: np.array(v, dtype=object) for k, v in out.items()}}
@@ -149,7 +192,13 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
         folder = posixpath.dirname(str(it["file"]))
         images, captions = table.column(it["image"]).to_pylist(), table.column(it["caption"]).to_pylist()
         others = {col: table.column(name).to_pylist() for col, name in names.items()}
+        prefs = row_preferences(table, it)
         for i in range(table.num_rows):
+            if prefs is not None:
+                if prefs[i] is None:
+                    continue
+                if prefs[i] == 1:  # the second image won: it becomes the row's image
+                    images[i], others["pair_image"][i] = others["pair_image"][i], images[i]
             out["sample_id"].append(int(it["first_id"]) + i + id_offset)
             out["source"].append(f"{it['file']}#{int(it['first_row']) + i}")
             out["caption"].append(None if captions[i] is None else str(captions[i]))
@@ -162,4 +211,31 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
             out["error"].append(error)
 
     ds = ray.data.from_items(items).map_batches(read_group, batch_size=1, batch_format="numpy")
-    return raise_original_errors(ds), sum(it["num_rows"] for it in items)
+    total = sum(it["num_rows"] for it in items)
+    if pairs is not None:
+        total = count_preferences(fs, items, total, path)
+    return raise_original_errors(ds), total
+
+
+def row_preferences(table: pa.Table, item: dict) -> list[int | None] | None:
+    """`preference` of every row of a row group read with pair columns; None without them."""
+    if not item.get("label"):
+        return None
+    first = table.column(str(item["label"])).to_pylist()
+    second = table.column(str(item["pair_label"])).to_pylist() if item.get("pair_label") else [None] * len(first)
+    return [preference(a, b) for a, b in zip(first, second)]
+
+
+def count_preferences(fs: pafs.FileSystem, items: list[dict], total: int, path: str) -> int:
+    """How many rows carry a preference (the driver reads only the label columns); DatasetError when none."""
+    kept = 0
+    for it in items:
+        labels = [str(it[k]) for k in ("label", "pair_label") if it.get(k)]
+        kept += sum(p is not None for p in row_preferences(read_row_group(fs, str(it["file"]), int(it["row_group"]),
+                                                                          labels), it))
+    if kept == 0:
+        raise DatasetError(f"{path}: none of the {total} pairs prefers one image (every label is a tie)")
+    if kept < total:
+        log.info("data %s: %d of %d pairs carry no preference (ties, both bad) and are skipped", path,
+                 total - kept, total)
+    return kept

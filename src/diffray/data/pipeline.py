@@ -51,16 +51,30 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
 
         image_column = "image" if data.image_column == "file_name" else data.image_column
         ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
-                                      PathRules.of(data), data.mask_column)
+                                      PathRules.of(data), data.mask_column, pair_columns(data))
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
                                 batch_format="numpy")
         return ds, total
+    if pair_columns(data) is not None:
+        raise DatasetError(f"{path}: preference pairs are read from Parquet (columns {data.caption_column}, "
+                           f"{data.image_column}, {data.pair_column}, {data.label_column}), not an image folder")
     from diffray.data.folder import folder_rows
 
     fs, root, rows = folder_rows(path, data.caption_column, data.image_column, prompt, id_offset,
                                  data.conditioning_column, PathRules.of(data), data.mask_column)
     return rows_dataset(fs, root, rows), len(rows)
+
+
+def pair_columns(data):
+    """The preference-pair columns of a `data` section (`diffray.trainers.diffusion_dpo.PairDataSection`
+    has them), else None."""
+    pair = getattr(data, "pair_column", None)
+    if pair is None:
+        return None
+    from diffray.data.parquet import PairColumns
+
+    return PairColumns(pair, data.label_column, data.pair_label_column)
 
 
 def check_batch(batch: dict, rules: Rules) -> dict:
@@ -162,7 +176,7 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
                      seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
                      buckets: list[tuple[int, int]] | None = None, trigger_word: str | None = None) -> dict:
     """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
-    loss_mask]}.
+    loss_mask, pair_pixel_values]}.
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
@@ -189,6 +203,9 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
             scaled = np.empty(len(cond), dtype=object)
             scaled[:] = [(c + 1.0) / 2.0 for c in cond]
             out["conditioning_pixel_values"] = scaled
+    if "pair_image" in batch:  # the other image of a preference pair: its own pixels, the same crop/flip key
+        out["pair_pixel_values"] = preprocess_images(list(batch["pair_image"]), ids, sources, resolution,
+                                                     center_crop, random_flip, seed, rules.max_image_pixels, buckets)
     if "mask_image" in batch:
         out["loss_mask"] = loss_masks(list(batch["mask_image"]), ids, sources, resolution, center_crop, random_flip,
                                       seed, rules.max_image_pixels, buckets)

@@ -25,7 +25,7 @@ from diffray.world.suites import canny_controls
 from diffray.world.writers import WORLD_VERSION, atomic_dir, builtin_world
 
 COLOURS, SHAPES = PRETRAIN_COLOURS, PRETRAIN_SHAPES
-BUILTIN_DATASETS = ("builtin:sample", "builtin:sample/subject", "builtin:sample/canny",
+BUILTIN_DATASETS = ("builtin:sample", "builtin:sample/subject", "builtin:sample/canny", "builtin:sample/pairs",
                     *(f"builtin:world/{s}" for s in SPLITS), "builtin:world/canny")
 SAMPLE_CACHE = f"sample-w{WORLD_VERSION}-seed0"  # versioned: a new world rendering rebuilds the cached set
 
@@ -84,6 +84,20 @@ def _canny_pairs(root: Path, src: Path) -> Path:
     return root / "canny"
 
 
+def _preference_pairs(root: Path, count: int = 64, seed: int = 0) -> Path:
+    """`root/pairs/pairs.parquet`: the world's colour preference pairs (built once; the caller holds root's
+    lock)."""
+    from diffray.world.pairs import colour_pairs, write_pairs
+
+    path = root / "pairs" / "pairs.parquet"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".pairs-{os.getpid()}.parquet")
+        write_pairs(colour_pairs(count, seed), tmp)
+        os.replace(tmp, path)
+    return path
+
+
 def _builtin_sample(split: str) -> str:
     root = cache_dir() / "data" / SAMPLE_CACHE
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -92,14 +106,17 @@ def _builtin_sample(split: str) -> str:
             write_sample_dataset(root)
         if split == "canny":
             return str(_canny_pairs(root, root / "train"))
+        if split == "pairs":
+            return str(_preference_pairs(root))
     return str(root / (split or "train"))
 
 
 def resolve_data_path(path: str) -> str:
     """Where the dataset named by `path` lives.
 
-    `builtin:sample[/subject|/canny]` -> that split of the cached sample set (built once, under a file
-    lock; `canny` pairs the train split with its Canny edge maps, for ControlNet);
+    `builtin:sample[/subject|/canny|/pairs]` -> that split of the cached sample set (built once, under a
+    file lock; `canny` pairs the train split with its Canny edge maps, for ControlNet; `pairs` is a
+    Parquet file of the world's colour preference pairs, for Diffusion-DPO);
     `builtin:world/<split>` -> a cached world set of that split (`writers.BUILTIN_SIZES` images, seed 0;
     `builtin:world/canny`: `pretrain` scenes paired with their Canny maps, where a map shows the shape);
     URIs (s3://, gs://, ...) pass through unchanged; local paths come back absolute, so Ray workers
@@ -110,7 +127,7 @@ def resolve_data_path(path: str) -> str:
     """
     if is_builtin(path):
         name, _, split = path[len(BUILTIN_PREFIX):].partition("/")
-        if name == "sample" and split in ("", "train", "subject", "canny"):
+        if name == "sample" and split in ("", "train", "subject", "canny", "pairs"):
             return _builtin_sample(split)
         if name == "world" and (split in SPLITS or split == "canny"):
             return str(builtin_world(split))

@@ -49,6 +49,9 @@ def check_row(batch: dict, i: int, rules: Rules) -> str | None:
                           str(batch["source"][i]), rules)
     if reason is None and "mask_image" in batch:  # the reader adds the column only with data.mask_column
         reason = check_mask(batch["mask_image"][i], batch["image"][i], str(batch["source"][i]), rules)
+    if reason is None and "pair_image" in batch:  # a preference pair's other image: any size, it is cropped
+        why = check_sample(batch["pair_image"][i], batch["caption"][i], None, str(batch["source"][i]), rules)
+        reason = None if why is None else f"pair image: {why}"
     return reason
 
 
