@@ -19,13 +19,14 @@ import typer
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
 from diffray.export import export_command
-from diffray.world.command import eval_command, pretrain_world_command
+from diffray.world.command import eval_command, pairs_command, pretrain_world_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: sample set, latent cache, inspection.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
+data_app.command("world-pairs")(pairs_command)
 app.add_typer(config_app, name="config")
 app.command("export")(export_command)
 app.command("pretrain-world")(pretrain_world_command)

@@ -96,3 +96,37 @@ def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
         evaluate(suite="star", adapter=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="^controlnet: a ControlNet needs control images"):
         evaluate(suite="star", controlnet=f"{tiny_model_path}/controlnet", model=tiny_model_path)
+
+
+def test_world_pairs_are_labelled_by_what_the_reader_reads(ray_cluster, tmp_path):
+    """`diffray data world-pairs`: two images per prompt from the pretrained model; each label says what
+    the reader finds in the stored images (right preferred, both right a tie, both wrong both bad), and
+    the Diffusion-DPO reader takes the file as it is."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffray.world.labeller import LABELS, label_pairs
+    from diffray.world.report import score_image
+    from diffray.world.suites import EvalItem
+
+    counts = label_pairs(tmp_path / "pairs.parquet", num=16, seed=1)
+    rows = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    assert len(rows) == 16 and counts["pairs"] == 16
+    assert counts["first"] + counts["second"] + counts["ties"] + counts["both_bad"] == 16
+    for r in rows:
+        right = tuple(bool(score_image("prompts", EvalItem(0, r["caption"], r["caption"], 0),
+                                       Image.open(io.BytesIO(r[f"jpg_{k}"])).convert("RGB"))["right"]) for k in (0, 1))
+        assert right == (r["right_0"], r["right_1"]) and (r["label_0"], r["label_1"]) == LABELS[right]
+        assert r["jpg_0"] != r["jpg_1"]  # two seeds, two images
+    assert 0.5 < counts["accuracy"] <= 1.0  # the pretrained model draws most prompts right
+    # Three images of prompts that all state a position (the model's weak field): a right and a wrong one
+    # make the pair whenever the prompt has both, so fewer pairs are ties or both bad than with two.
+    counts = label_pairs(tmp_path / "pos.parquet", num=8, seed=1, images_per_prompt=3, position_p=1.0)
+    rows = pq.read_table(tmp_path / "pos.parquet").to_pylist()
+    assert all(any(w in r["caption"] for w in ("left", "right", "top", "bottom")) for r in rows)
+    assert all((r["label_0"], r["label_1"]) == LABELS[(r["right_0"], r["right_1"])] for r in rows)
+    assert counts["first"] + counts["second"] > 0
+    with pytest.raises(ConfigError, match="suite"):
+        label_pairs(tmp_path / "x.parquet", suite="star", num=2)

@@ -164,6 +164,7 @@ def test_worker_sigkill_recovers_from_last_checkpoint(ray_cluster, tmp_path, fau
     assert_same_adapter(adapter(result), straight_run, f"restarted from step {begin[1]}")
 
 
+@pytest.mark.slow  # ~85 s; CI's slow suite runs it (the default suite keeps the SIGKILL drill on the same run)
 def test_nan_loss_stops_with_step_and_last_checkpoint_still_loads(ray_cluster, tmp_path, faults, straight_run):
     faults(nan_loss_at_step=3)
     cfg = small_cfg(tmp_path, "nan", "failure.max_failures=1", "train.validate_every=null")

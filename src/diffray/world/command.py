@@ -79,3 +79,29 @@ def eval_command(
                       lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite)
     typer.echo(format_table(result))
     typer.echo(f"wrote {out / suite}/results.json, results.md, grid.png")
+
+
+def pairs_command(
+    out: Path = typer.Argument(..., help="Parquet file to write (replaced when done)"),
+    model: Optional[str] = typer.Option(None, help="Model that draws the images (default builtin:tiny)"),
+    suite: str = typer.Option("prompts", help="prompts | heldout: the suite whose prompts are drawn"),
+    num: int = typer.Option(1000, help="Pairs (prompts)"),
+    seed: int = typer.Option(1, help="Suite seed (diffray eval scores seed 0: the default draws other prompts)"),
+    steps: int = typer.Option(25, help="Sampler steps"),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale"),
+    batch_size: int = typer.Option(8, help="Images per pipeline call"),
+    images_per_prompt: int = typer.Option(2, help="Images drawn per prompt; above 2 the pair is a right and a "
+                                          "wrong one when the prompt has both"),
+    position_p: Optional[float] = typer.Option(None, help="Chance a prompt states a position (default: the "
+                                               "suite's own, 0.25)"),
+) -> None:
+    """Preference pairs labelled by the world reader: two images per prompt from the model, the one the
+    reader finds right preferred (both right: a tie, both wrong: both bad), in Pick-a-Pic's columns."""
+    from diffray.world.labeller import label_pairs
+
+    c = label_pairs(out, model=model, suite=suite, num=num, seed=seed, steps=steps, guidance=guidance,
+                    batch_size=batch_size, images_per_prompt=images_per_prompt, position_p=position_p)
+    typer.echo(f"{c['pairs']} pairs of suite {c['suite']} (seed {c['seed']}) by {c['model']}: {c['first']} prefer "
+               f"jpg_0, {c['second']} jpg_1, {c['ties']} ties, {c['both_bad']} both bad; {c['accuracy']:.1%} of the "
+               f"images right; {c['wall_s']:.0f}s")
+    typer.echo(f"wrote {out}")
