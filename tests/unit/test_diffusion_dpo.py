@@ -97,3 +97,10 @@ def test_config_defaults_and_refusals(tmp_path):
     with pytest.raises(ConfigError, match="export.formats"):
         validate_config({"method": "diffusion_dpo", "data": {"path": str(tmp_path)}, "lora": {"variant": "dora"},
                          "export": {"formats": ["kohya"]}})
+
+
+def test_data_prepare_refuses_preference_pairs_before_ray_starts():
+    from diffray.trainers.datasets import prepare_data
+
+    with pytest.raises(ConfigError, match="pairs"):
+        prepare_data(validate_config({"method": "diffusion_dpo"}))

@@ -171,8 +171,8 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
     """
     fs, files = parquet_files(path)
     items = row_groups(fs, files, caption_column, image_column, conditioning_column, mask_column, pairs)
-    extra = {"conditioning_image": "conditioning", "mask_image": "mask", "pair_image": "pair"}  # raw column ->
-    # item key of its name
+    # raw column -> the item key holding its name
+    extra = {"conditioning_image": "conditioning", "mask_image": "mask", "pair_image": "pair"}
 
     def read_group(batch: dict) -> dict:
         out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": [], "error": []}
@@ -234,7 +234,7 @@ def count_preferences(fs: pafs.FileSystem, items: list[dict], total: int, path: 
         kept += sum(p is not None for p in row_preferences(read_row_group(fs, str(it["file"]), int(it["row_group"]),
                                                                           labels), it))
     if kept == 0:
-        raise DatasetError(f"{path}: none of the {total} pairs prefers one image (every label is a tie)")
+        raise DatasetError(f"{path}: none of the {total} pairs prefers one image (every pair is a tie or both bad)")
     if kept < total:
         log.info("data %s: %d of %d pairs carry no preference (ties, both bad) and are skipped", path,
                  total - kept, total)

@@ -85,6 +85,9 @@ def prepare_data(cfg) -> dict[str, str]:
 
     if cfg.data is None:
         raise ConfigError(f"method {cfg.method} trains without a dataset: there is nothing to prepare", field="data")
+    if getattr(cfg.data, "pair_column", None) is not None:
+        raise ConfigError(f"method {cfg.method} trains both images of a pair from pixels: the latent cache does not "
+                          "hold pairs, there is nothing to prepare", field="data.cache")
     if cfg.data.cache == "off":
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"cache": "auto"})})
     model_path = resolve_model_path(cfg.model.path)
