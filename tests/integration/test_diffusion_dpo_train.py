@@ -20,6 +20,7 @@ from PIL import Image
 from diffray.methods import validate_config
 from diffray.models.adapters import read_card
 from diffray.trainers.runner import run_training
+from testkit.adapters import Probe
 from testkit.pairs import write_pairs
 
 pytestmark = pytest.mark.integration
@@ -88,21 +89,14 @@ def test_dpo_learns_the_preference_and_exports_a_stock_lora(ray_cluster, tmp_pat
 
     # Stock diffusers: the artifact reproduces the trained UNet (rebuilt from the ZeRO-2 shards) ...
     model_path = resolve_model_path("builtin:tiny")
-    model, comps = model_from_zero_checkpoint(result.run_dir, cfg, model_path)
-    g = torch.Generator().manual_seed(1)
-    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600])
-    ids = comps.tokenizer(["a red circle", "x"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        hidden = comps.text_encoder(ids)[0]
-        expected = model(latents, t, encoder_hidden_states=hidden)
+    probe = Probe(*model_from_zero_checkpoint(result.run_dir, cfg, model_path))
     pipe = StableDiffusionPipeline.from_pretrained(model_path, safety_checker=None)
     held = [r for r, h in zip(rows, held_out_mask(np.arange(len(rows)), 0.25)) if h and r["preferred"]]
     held = [r for r in held if r["jpg_1"] != b"not an image"]
     assert len(held) >= 3
     base = margins(pipe, held)
     pipe.load_lora_weights(result.artifact_dir)
-    with torch.no_grad():
-        assert (pipe.unet(latents, t, encoder_hidden_states=hidden).sample - expected).abs().max().item() < 1e-5
+    assert probe.error(pipe.unet) < 1e-5
     # ... and prefers the held-out pairs' preferred images more than the base model does.
     gain = margins(pipe, held) - base
     assert gain.mean() < 0 and (gain < 0).mean() >= 0.8, gain
