@@ -13,12 +13,13 @@ from typing import Any
 
 from diffray.config import TrainConfig, apply_overrides, read_yaml, validate_as
 from diffray.errors import ConfigError
-from diffray.trainers import controlnet, ddpo, diffusion_dpo, dreambooth, full, lora, textual_inversion, vae
+from diffray.trainers import (controlnet, ddpo, diffusion_dpo, dreambooth, full, lora, reward_model,
+                              textual_inversion, vae)
 from diffray.trainers.method import Method
 
 METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD, dreambooth.METHOD, textual_inversion.METHOD,
                                                   controlnet.METHOD, ddpo.METHOD, diffusion_dpo.METHOD,
-                                                  full.METHOD, vae.METHOD)}
+                                                  reward_model.METHOD, full.METHOD, vae.METHOD)}
 
 
 def method_of(name: str) -> Method:

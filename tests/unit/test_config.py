@@ -59,7 +59,7 @@ def test_overrides_parse_types():
     ("data.resolution=60", "data.resolution: must be a multiple of 8"),
     ("strategy.offload_params=true", "offload_params needs zero_stage 3"),
     ("method=dreamboat", "method: unknown method 'dreamboat' (allowed: lora, dreambooth, textual_inversion, "
-     "controlnet, ddpo, diffusion_dpo, full, vae)"),
+     "controlnet, ddpo, diffusion_dpo, reward_model, full, vae)"),
     ("run.name=../etc", "run.name: String should match pattern"),
     ("bogus.key=1", "bogus: unknown key"),
 ])

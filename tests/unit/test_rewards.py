@@ -67,7 +67,7 @@ def test_image_formats_agree():
 
 def test_registry_errors_and_registration():
     with pytest.raises(ConfigError, match=r"unknown reward 'nope' \(allowed: aesthetic, jpeg_compressibility, "
-                                          r"jpeg_incompressibility, prompt_alignment"):
+                                          r"jpeg_incompressibility, learned, prompt_alignment"):
         get_reward("nope")
     with pytest.raises(ConfigError, match="jpeg_compressibility: .*unexpected keyword"):
         get_reward("jpeg_compressibility", qualty=90)

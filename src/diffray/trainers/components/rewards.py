@@ -9,7 +9,8 @@ dicts that rewards may ignore.
 
 Shipped: `jpeg_compressibility` / `jpeg_incompressibility` (-/+ JPEG size in kB, DDPO's tasks),
 `aesthetic` (a LAION-style linear/MLP head on normalised CLIP image embeddings) and `prompt_alignment`
-(CLIP cosine similarity of prompt and image). Models come from local folders/files given as options;
+(CLIP cosine similarity of prompt and image), and `learned` (a preference model trained by
+`method: reward_model`). Models come from local folders/files given as options;
 nothing is ever downloaded. Never imports ray.
 """
 
@@ -206,5 +207,22 @@ def prompt_alignment(clip_path: str, device: str | None = None) -> RewardFn:
             raise ValueError(f"{len(pil)} images but {len(prompts)} prompts")
         sims = (image_embeddings(model, processor, pil) * text_embeddings(model, processor, prompts)).sum(-1)
         return sims.cpu().numpy().astype(np.float32)
+
+    return reward
+
+
+@register("learned")
+def learned(path: str, device: str | None = None) -> RewardFn:
+    """The score of a reward model trained by `method: reward_model` (a dir: its weights, config and card;
+    the card's base model gives the frozen VAE and text encoder it reads). Higher: preferred."""
+    from diffray.models.reward import LearnedReward
+
+    if not Path(path).expanduser().is_dir():
+        raise ConfigError(f"reward model not found: {path} (a local folder written by method reward_model)",
+                          field="path")
+    scorer = LearnedReward(Path(path).expanduser(), _device(device))
+
+    def reward(images, prompts, metadata=None) -> np.ndarray:
+        return scorer(to_pil_images(images), list(prompts)).astype(np.float32)
 
     return reward

@@ -21,7 +21,8 @@ from diffray.trainers.method import DataSource, Method
 
 class RewardSection(Section):
     name: str = Field("jpeg_compressibility", description="Reward in the registry (diffray.trainers.components."
-                      "rewards): jpeg_compressibility | jpeg_incompressibility | aesthetic | prompt_alignment.")
+                      "rewards): jpeg_compressibility | jpeg_incompressibility | aesthetic | prompt_alignment | "
+                      "learned (options.path: a reward_model artifact).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the reward's factory "
                                     "(e.g. clip_path, head_path: local paths; nothing is downloaded).")
     actors: int = Field(1, ge=0, le=64, description="Reward actors in the pool shared by all workers, called "
