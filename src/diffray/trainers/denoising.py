@@ -70,6 +70,18 @@ def full_denoiser(comps, train_text_encoder: bool, gradient_checkpointing: bool 
     return Denoiser(comps.unet, comps.text_encoder if train_text_encoder else None)
 
 
+def export_lora_artifact(module: Denoiser, out_dir: Path, card: dict, formats: list[str]) -> Path:
+    """The LoRA artifact of a LoRA denoiser (`export_lora`) plus each of `export.formats` in
+    artifact/<format>/, beside the artifact's own file so they travel with it."""
+    from diffray.models.adapters import export_lora
+    from diffray.models.lora_formats import export_artifact
+
+    out = export_lora(out_dir, module.unet, module.text_encoder, card)
+    for fmt in formats:
+        export_artifact(out, fmt, out / fmt)
+    return out
+
+
 def export_pipeline(family, comps, module: Denoiser, out_dir: Path, card: dict) -> Path:
     """A full pipeline dir (`StableDiffusionPipeline.from_pretrained` loads it) with the trained UNet (and
     text encoder, when it trained) plus the card: the artifact of full fine-tuning (DreamBooth full mode,

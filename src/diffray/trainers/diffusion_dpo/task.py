@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-from diffray.models.adapters import export_lora
-from diffray.models.lora_formats import export_artifact
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import per_sample_loss
 from diffray.trainers.components.dpo import DpoTerms, diffusion_dpo_loss
-from diffray.trainers.denoising import DenoisingTask, Denoiser, lora_denoiser
+from diffray.trainers.denoising import DenoisingTask, Denoiser, export_lora_artifact, lora_denoiser
 
 
 @contextlib.contextmanager
@@ -91,7 +89,5 @@ class DiffusionDpoTask(DenoisingTask):
         return self.pair_terms(engine, batch, session.VALIDATION_STEP, dropout=False).loss
 
     def export(self, out_dir: Path, card: dict) -> Path:
-        out = export_lora(out_dir, self.module.unet, self.module.text_encoder, {**card, "dpo_beta": self.cfg.dpo.beta})
-        for fmt in self.cfg.export.formats:  # beside the artifact's own file, so they travel with it
-            export_artifact(out, fmt, out / fmt)
-        return out
+        return export_lora_artifact(self.module, out_dir, {**card, "dpo_beta": self.cfg.dpo.beta},
+                                    self.cfg.export.formats)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffray.models.adapters import export_lora
-from diffray.models.lora_formats import export_artifact
-from diffray.trainers.denoising import DenoisingTask, Denoiser, lora_denoiser
+from diffray.trainers.denoising import DenoisingTask, Denoiser, export_lora_artifact, lora_denoiser
 
 
 class LoraTask(DenoisingTask):
@@ -21,7 +19,4 @@ class LoraTask(DenoisingTask):
         return lora_denoiser(self.comps, self.cfg.lora, self.cfg.run.seed, self.cfg.train.gradient_checkpointing)
 
     def export(self, out_dir: Path, card: dict) -> Path:
-        out = export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
-        for fmt in self.cfg.export.formats:  # beside the artifact's own file, so they travel with it
-            export_artifact(out, fmt, out / fmt)
-        return out
+        return export_lora_artifact(self.module, out_dir, card, self.cfg.export.formats)
