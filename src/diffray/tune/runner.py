@@ -1,7 +1,8 @@
 """The Ray edge of `diffray tune`: a Tune experiment whose trials are the method's own Ray Train runs.
 
 Each trial is a small Tune function (no CPU of its own) that builds the method's `TorchTrainer` with the
-trial's config and Tune's report callback; its workers take `scaling.*` resources like any training job.
+trial's config and reports its validation steps to Tune from its own thread (`reporting.py`); its workers
+take `scaling.*` resources like any training job.
 The datasets are built and materialized once on the driver and shared by every trial. Every validation
 step reports `val_loss` (held-out rows, fixed noise and timesteps), which the scheduler (ASHA by default)
 compares at its rungs. Rerunning the same experiment name restores it with `Tuner.restore`: finished
@@ -59,7 +60,9 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
     `driver_env` (`diffray.cluster.forwarded_env()`: Ray Train's settings, DIFFRAY_HOOK*/verbose variables)
     goes on to the trial's workers as it does in `diffray train`: the trial actor does not inherit the
     driver's environment."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.util.queue import Queue
+
+    from diffray.tune.reporting import ForwardReports, fit_reporting
 
     os.environ.update(driver_env)
     trial_id = tune.get_context().get_trial_id()
@@ -71,9 +74,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
         "tracking": TrackingSection()})  # the Tune logger callbacks track trials (one run each), not the workers
     _, log_dir = run_dirs(cfg)
     status = RunStatus.remote()
-    trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[TuneReportCallback()],
+    reports = Queue(actor_options={"num_cpus": 0})
+    trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[ForwardReports(reports)],
                             report_validation=True)
-    fit_checked(trainer, status, f"trial {trial_id}", log_dir)
+    fit_reporting(lambda: fit_checked(trainer, status, f"trial {trial_id}", log_dir), reports, tune.report)
 
 
 def trial_concurrency(job: TuneJob) -> int:
