@@ -1,5 +1,6 @@
 """`diffray` command line: init-model, data, train, tune, demo, generate, export, eval, pretrain-world, serve,
-submit, config (eval and pretrain-world are in `diffray.world.command`, export in `diffray.export`).
+submit, config, feedback (eval and pretrain-world are in `diffray.world.command`, export in `diffray.export`,
+feedback in `diffray.feedback_command`).
 
 Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
 non-zero (2 for config errors). The terminal shows diffray's own lines, a progress bar and the results;
@@ -19,6 +20,8 @@ import typer
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
 from diffray.export import export_command
+from diffray.console import run_with_progress
+from diffray.feedback_command import export_store, feedback_app
 from diffray.world.command import eval_command, pairs_command, pretrain_world_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,6 +31,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
 app.add_typer(data_app, name="data")
 data_app.command("world-pairs")(pairs_command)
 app.add_typer(config_app, name="config")
+app.add_typer(feedback_app, name="feedback")
 app.command("export")(export_command)
 app.command("pretrain-world")(pretrain_world_command)
 app.command("eval")(eval_command)
@@ -38,19 +42,6 @@ def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
                                          "DeepSpeed's own output (or set DIFFRAY_VERBOSE=1)")) -> None:
     """Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster."""
     logs.configure_cli(verbose or logs.verbose())
-
-
-def run_with_progress(cfg):
-    """`run_training` with the progress display; returns the result."""
-    from diffray.console import train_progress
-    from diffray.trainers.runner import run_training
-
-    progress = train_progress(cfg)
-    try:
-        return run_training(cfg, on_progress=progress)
-    finally:
-        if progress is not None:
-            progress.close()
 
 
 @app.command("init-model")
@@ -150,16 +141,7 @@ def data_export_feedback(out: Path = typer.Argument(..., help="Parquet file to w
                                                           "png (lossless)")) -> None:
     """Write the preferences collected by POST /v1/feedback (the playground) as a Pick-a-Pic-style Parquet
     dataset: caption, jpg_0, jpg_1, label_0, label_1, plus ids, models, time and generation parameters."""
-    from diffray.serve.feedback_store import export_parquet
-
-    if image_format not in ("jpeg", "png"):
-        raise ConfigError(f"--format {image_format!r}: use jpeg or png", field="format")
-    if db is None:
-        from diffray.serve.config import load_serve_file
-
-        db = Path(load_serve_file(str(config))[2].feedback.path)
-    rows = export_parquet(db, out, image_format)
-    typer.echo(f"wrote {rows} preference pairs to {out}")
+    export_store(out, db, config, image_format)
 
 
 @data_app.command("inspect")

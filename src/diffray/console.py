@@ -82,3 +82,15 @@ class TuneProgress:
 def train_progress(cfg) -> TrainProgress | None:
     """The driver's progress display of a training job (None when `train.progress_bar` is off)."""
     return TrainProgress(cfg.train.max_steps) if cfg.train.progress_bar else None
+
+
+def run_with_progress(cfg):
+    """`run_training` with the progress display; returns the result."""
+    from diffray.trainers.runner import run_training
+
+    progress = train_progress(cfg)
+    try:
+        return run_training(cfg, on_progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()

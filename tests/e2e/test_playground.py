@@ -158,9 +158,16 @@ def test_playground_generate_compare_prefer_and_export(site, browser, tmp_path):
     d.find_element("id", "prefer-right").click()
     _wait(d, lambda d: _text(d, "feedback-status").startswith("Recorded: right"))
     feedback_id = _text(d, "feedback-status").rsplit("(", 1)[1].rstrip(")")
-    d.refresh()  # the key is kept for the tab: models load again without asking
+    d.get(site.url + "/?left=lora-a&right=base")  # what `diffray feedback train` suggests after publishing
     _wait(d, lambda d: len(Select(d.find_element("id", "model")).options) >= 2)
-    assert not _text(d, "error")
+    assert not _text(d, "error")  # the key is kept for the tab: models load again without asking
+    picked = [Select(d.find_element("id", f"{side}-model")).first_selected_option.get_attribute("value")
+              for side in ("left", "right")]
+    assert picked == ["lora-a", "base"]
+    d.get(site.url + "/?left=../etc&right=nope")  # ids the server does not list are ignored
+    _wait(d, lambda d: len(Select(d.find_element("id", "model")).options) >= 2)
+    assert [Select(d.find_element("id", f"{side}-model")).first_selected_option.get_attribute("value")
+            for side in ("left", "right")] == ["base", "lora-a"]
     shot = Path(os.environ.get("DIFFRAY_SCREENSHOT") or tmp_path / "playground.png")
     _show_result_for_screenshot(d)
     shot.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,19 @@ async function loadModels() {
   }
   const usable = [...$("right-model").options].filter((o) => !o.disabled);
   if (usable.length > 1) $("right-model").value = usable[1].value;
+  preselect();
+}
+
+// `/?left=ID&right=ID` (what `diffray feedback train` suggests after publishing) opens Compare with those
+// two models picked; an id the server does not list (or cannot serve) is ignored.
+function preselect() {
+  const query = new URLSearchParams(window.location.search);
+  for (const side of ["left", "right"]) {
+    const wanted = query.get(side);
+    const picker = $(side + "-model");
+    const found = [...picker.options].find((o) => o.value === wanted && !o.disabled);
+    if (found) picker.value = found.value;
+  }
 }
 
 function intOrNull(id) {

@@ -1,0 +1,203 @@
+"""The feedback loop on one command (`diffray feedback train`): the preferences a served app collected
+(`POST /v1/feedback`, the playground's clicks) -> a Pick-a-Pic Parquet export -> an adapter trained on them
+(Diffusion-DPO, or a learned reward and then DDPO scored by it) -> published into the app's adapter registry
+under a new id, which the running app serves at its next request and the playground can compare against
+the previous adapter.
+
+Publishing follows the registry's rule: the artifact is copied under a hidden name (`.<id>.publish-*`, which
+the registry skips), checked as the server would check it, and renamed into place; a replaced adapter is
+renamed away first, so a reader sees the old folder or the new one. Each run is named after the adapter
+it publishes and the export's content (`<id>-<sha256[:8]>`): rerunning on the same feedback resumes that
+run, new feedback (or a `--replace` round) trains afresh instead of resuming an older run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffray.errors import ConfigError, DiffrayError
+
+METHODS = ("diffusion_dpo", "reward_model")
+PUBLISHABLE = ("lora", "textual_inversion")
+
+
+@dataclass
+class FeedbackSummary:
+    """What an export holds: pairs, those with a preference, and their distinct prompts."""
+
+    path: Path
+    pairs: int
+    preferred: int
+    prompts: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"{self.pairs} preference pairs exported to {self.path}: {self.preferred} prefer one image, "
+                f"{self.pairs - self.preferred} ties or both bad (skipped)")
+
+
+def summarize_export(path: Path) -> FeedbackSummary:
+    """Count the pairs of an exported Parquet file that prefer one image (the trainers' rule)."""
+    import pyarrow.parquet as pq
+
+    from diffray.data.parquet import preference
+
+    table = pq.read_table(path, columns=["caption", "label_0", "label_1"])
+    captions = table.column("caption").to_pylist()
+    prefs = [preference(a, b) for a, b in zip(table.column("label_0").to_pylist(), table.column("label_1").to_pylist())]
+    prompts = list(dict.fromkeys(c for c, p in zip(captions, prefs) if p is not None))
+    return FeedbackSummary(Path(path), len(prefs), sum(p is not None for p in prefs), prompts)
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_new_id(adapters_dir: Path, adapter_id: str, replace: bool) -> None:
+    """The id is a valid adapter id, not the base model's, and free unless `replace`.
+
+    Raises:
+        ConfigError: naming --publish.
+    """
+    from diffray.serve.registry import valid_id
+    from diffray.serve.schemas import BASE_IDS
+
+    if not valid_id(adapter_id) or adapter_id.startswith(".") or adapter_id in BASE_IDS:
+        raise ConfigError(f"{adapter_id!r} is not an adapter id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with "
+                          "'.', not 'base'", field="publish")
+    taken = [p for p in (adapters_dir / adapter_id, adapters_dir / f"{adapter_id}.safetensors") if p.exists()]
+    if taken and not replace:
+        raise ConfigError(f"adapter {adapter_id!r} already exists ({taken[0]}): pick another id or pass --replace",
+                          field="publish")
+
+
+def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, replace: bool = False,
+                    card_extra: dict[str, Any] | None = None) -> Path:
+    """Copy the artifact folder `artifact` (a local path or URI) into the registry `adapters_dir` as
+    `adapter_id`, atomically; `card_extra` is merged into its diffray_card.json. Returns the new folder.
+
+    Raises:
+        ConfigError: a bad or taken id.
+        DiffrayError: the artifact is not one the server can serve (the registry's reason), or unreadable.
+    """
+    import pyarrow.fs as pafs
+
+    from diffray import storage
+    from diffray.serve.registry import AdapterRegistry
+
+    root = Path(adapters_dir).expanduser().resolve()
+    check_new_id(root, adapter_id, replace)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{adapter_id}.publish-{uuid.uuid4().hex[:8]}"
+    try:
+        fs, src = storage.resolve(artifact)
+        tmp.mkdir()
+        pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if card_extra:
+            card_path = tmp / "diffray_card.json"
+            card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+            card_path.write_text(json.dumps({**card, **card_extra}, indent=2, default=str))
+        info = AdapterRegistry(root).inspect(tmp.name)
+        if info is None or info.problem or info.kind not in PUBLISHABLE:
+            why = info.problem if info is not None and info.problem else f"kind {getattr(info, 'kind', 'none')}"
+            raise DiffrayError(f"{artifact}: the server cannot serve this artifact ({why})")
+        final = root / adapter_id
+        old = root / f".{adapter_id}.old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            check_new_id(root, adapter_id, replace)  # taken since the first check: refuse unless replacing
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        return final
+    except OSError as exc:
+        raise DiffrayError(f"cannot publish {artifact} to {root}: {exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class LoopResult:
+    summary: FeedbackSummary
+    runs: list = field(default_factory=list)  # RunResult of each training, in order
+    adapter_id: str = ""
+    adapter_dir: Path | None = None
+
+
+def plan_configs(config: Path, overrides: list[str], then: Path | None, then_overrides: list[str],
+                 export: Path, run_name: str, reward_path: str = "reward-model-artifact"):
+    """The job config(s) the loop trains: (first, the DDPO job scored by `reward_path` or None). Runs are
+    named `run_name` (or `<run_name>-reward` and `<run_name>`) unless overridden; data.path is the export.
+
+    Raises:
+        ConfigError: a method the loop does not train, a reward model without a DDPO job (or the reverse).
+    """
+    from diffray.methods import load_config
+
+    method = load_config(config, overrides).method
+    if method not in METHODS:
+        raise ConfigError(f"{config}: method {method!r}; feedback trains {' or '.join(METHODS)}", field="method")
+    if method == "reward_model" and then is None:
+        raise ConfigError("a reward_model job needs --then CONFIG: the DDPO job its reward scores", field="then")
+    if method == "diffusion_dpo" and then is not None:
+        raise ConfigError("--then is for a reward_model job; a diffusion_dpo job publishes its own LoRA", field="then")
+    name = run_name if then is None else f"{run_name}-reward"
+    first = load_config(config, [f"run.name={name}", *overrides, f"data.path={export}"])
+    if then is None:
+        return first, None
+    then_method = load_config(then, then_overrides).method
+    if then_method != "ddpo":
+        raise ConfigError(f"{then}: method {then_method!r}; --then takes a ddpo job", field="then")
+    reward = ["ddpo.reward.name=learned", "ddpo.reward.options=" + json.dumps({"path": reward_path})]
+    return first, load_config(then, [f"run.name={run_name}", *then_overrides, *reward])
+
+
+def run_loop(db: Path, adapters_dir: Path, adapter_id: str, config: Path, overrides: list[str],
+             then: Path | None = None, then_overrides: list[str] | None = None, replace: bool = False,
+             export: Path | None = None, train=None, echo=print) -> LoopResult:
+    """Export the store `db`, train on it (and DDPO after a reward model), publish the adapter.
+    `train(cfg)` runs one job and returns its RunResult (default: `run_training`)."""
+    from diffray.serve.feedback_store import export_parquet
+
+    if train is None:
+        from diffray.trainers.runner import run_training as train
+    adapters_dir = Path(adapters_dir).expanduser()
+    check_new_id(adapters_dir, adapter_id, replace)
+    export = Path(export or Path("outputs") / "feedback" / f"{adapter_id}.parquet").absolute()
+    plan_configs(config, overrides, then, then_overrides or [], export, adapter_id)  # fail before exporting
+    export_parquet(db, export, "png")  # lossless: the trainers read pixels
+    summary = summarize_export(export)
+    run_name = f"{adapter_id}-{file_digest(export)[:8]}"  # same feedback: resume; new feedback: a new run
+    echo(summary.line())
+    if summary.preferred == 0:
+        raise DiffrayError(f"{db}: no pair prefers one image ({summary.pairs} ties or both bad): collect more "
+                           "feedback before training")
+    extra = list(then_overrides or [])
+    if then is not None:
+        prompts = export.with_suffix(".prompts.txt")
+        prompts.write_text("\n".join(p.replace("\n", " ") for p in summary.prompts) + "\n")
+        extra.append(f"ddpo.prompts_file={prompts}")
+    first, _ = plan_configs(config, overrides, then, extra, export, run_name)
+    result = LoopResult(summary, adapter_id=adapter_id)
+    result.runs.append(train(first))
+    echo(f"{first.method}: {result.runs[-1].summary_line()}")
+    if then is not None:
+        _, second = plan_configs(config, overrides, then, extra, export, run_name, result.runs[-1].artifact_dir)
+        result.runs.append(train(second))
+        echo(f"ddpo: {result.runs[-1].summary_line()}")
+    provenance = {"feedback": {"store": str(Path(db).absolute()), "export": str(export), "pairs": summary.pairs,
+                               "preferred": summary.preferred},
+                  "trained_by": [r.run_dir for r in result.runs]}
+    result.adapter_dir = publish_adapter(result.runs[-1].artifact_dir, adapters_dir, adapter_id, replace, provenance)
+    echo(f"published {adapter_id}: {result.adapter_dir}")
+    return result
