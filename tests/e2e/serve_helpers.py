@@ -83,3 +83,20 @@ def app_args(registry: Path, feedback_db: Path, **overrides) -> dict:
             "ingress": {"num_cpus": 0.25}, "feedback": {"path": str(feedback_db)}}
     args.update(overrides)
     return args
+
+
+def serve_feedback_app(name: str, registry: Path, **overrides):
+    """Generator for a module fixture: a diffray app `name` on a free port of the session's Ray cluster,
+    feedback stored beside `registry` (`server.db`); deleted with Serve when the generator is closed."""
+    from ray import serve
+
+    from diffray.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(registry, registry.parent / "feedback.db", **overrides)), name=name, route_prefix="/")
+    server = Server(f"http://127.0.0.1:{port}", registry)
+    server.db = registry.parent / "feedback.db"
+    yield server
+    serve.delete(name)
+    serve.shutdown()

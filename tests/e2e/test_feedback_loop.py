@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serve_helpers import KEY, Server, app_args, free_port
+from serve_helpers import KEY, serve_feedback_app
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -27,22 +27,8 @@ APP = "diffray-loop"
 
 @pytest.fixture(scope="module")
 def site(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from diffray.serve.app import build_app
-
-    reg = tmp_path_factory.mktemp("loop-adapters")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = app_args(reg, reg.parent / "feedback.db", model="builtin:tiny",
-                    limits={"max_side": 128, "max_n": 2, "max_steps": 25, "max_body_bytes": 300_000,
-                            "request_timeout_s": 120})
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    server = Server(f"http://127.0.0.1:{port}", reg)
-    server.db = reg.parent / "feedback.db"
-    yield server
-    serve.delete(APP)
-    serve.shutdown()
+    limits = {"max_side": 128, "max_n": 2, "max_steps": 25, "max_body_bytes": 300_000, "request_timeout_s": 120}
+    yield from serve_feedback_app(APP, tmp_path_factory.mktemp("loop-adapters"), model="builtin:tiny", limits=limits)
 
 
 def diffray(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from serve_helpers import KEY, Server, app_args, b64_png, free_port
+from serve_helpers import KEY, b64_png, serve_feedback_app
 
 pytestmark = [pytest.mark.e2e]
 
@@ -34,22 +34,11 @@ HOSTILE_PROMPT = '<script>window.__pwned = 1</script><img src=x onerror="window.
 
 @pytest.fixture(scope="module")
 def site(ray_cluster, tiny_model_path, tmp_path_factory):
-    from ray import serve
-
-    from diffray.serve.app import build_app
     from testkit.adapters import random_lora
 
     reg = tmp_path_factory.mktemp("pg-adapters")
     random_lora(tiny_model_path, reg / "lora-a", seed=1)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = app_args(reg, reg.parent / "feedback.db", ingress={"num_replicas": 2, "num_cpus": 0.25})
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    server = Server(f"http://127.0.0.1:{port}", reg)
-    server.db = reg.parent / "feedback.db"
-    yield server
-    serve.delete(APP)
-    serve.shutdown()
+    yield from serve_feedback_app(APP, reg, ingress={"num_replicas": 2, "num_cpus": 0.25})
 
 
 def export(db: Path, out: Path) -> list[dict]:
