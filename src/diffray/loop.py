@@ -54,16 +54,6 @@ def summarize_export(path: Path) -> FeedbackSummary:
     return FeedbackSummary(Path(path), len(prefs), sum(p is not None for p in prefs), prompts)
 
 
-def file_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_new_id(adapters_dir: Path, adapter_id: str, replace: bool) -> None:
     """The id is a valid adapter id, not the base model's, and free unless `replace`.
 
@@ -167,6 +157,7 @@ def run_loop(db: Path, adapters_dir: Path, adapter_id: str, config: Path, overri
              export: Path | None = None, train=None, echo=print) -> LoopResult:
     """Export the store `db`, train on it (and DDPO after a reward model), publish the adapter.
     `train(cfg)` runs one job and returns its RunResult (default: `run_training`)."""
+    from diffray.serve.artifacts import sha256_file
     from diffray.serve.feedback_store import export_parquet
 
     if train is None:
@@ -177,7 +168,7 @@ def run_loop(db: Path, adapters_dir: Path, adapter_id: str, config: Path, overri
     plan_configs(config, overrides, then, then_overrides or [], export, adapter_id)  # fail before exporting
     export_parquet(db, export, "png")  # lossless: the trainers read pixels
     summary = summarize_export(export)
-    run_name = f"{adapter_id}-{file_digest(export)[:8]}"  # same feedback: resume; new feedback: a new run
+    run_name = f"{adapter_id}-{sha256_file(export)[:8]}"  # same feedback: resume; new feedback: a new run
     echo(summary.line())
     if summary.preferred == 0:
         raise DiffrayError(f"{db}: no pair prefers one image ({summary.pairs} ties or both bad): collect more "

@@ -13,7 +13,8 @@ import pytest
 from safetensors.numpy import save as st_save
 
 from diffray.errors import ConfigError, DiffrayError
-from diffray.loop import file_digest, plan_configs, publish_adapter, run_loop, summarize_export
+from diffray.loop import plan_configs, publish_adapter, run_loop, summarize_export
+from diffray.serve.artifacts import sha256_file
 from diffray.serve.config import FeedbackSection, Limits
 from diffray.serve.feedback import FeedbackRequest, feedback_record
 from diffray.serve.feedback_store import FeedbackStore
@@ -123,7 +124,7 @@ def test_run_loop_exports_trains_then_ddpo_with_the_feedback_prompts_and_publish
                       then=REPO / "configs/ddpo.yaml", then_overrides=["train.max_steps=1"],
                       export=tmp_path / "fb.parquet", train=train, echo=lambda _: None)
     reward_cfg, ddpo_cfg = trained
-    digest = file_digest(tmp_path / "fb.parquet")[:8]
+    digest = sha256_file(tmp_path / "fb.parquet")[:8]
     assert reward_cfg.data.path == str(tmp_path / "fb.parquet") and reward_cfg.run.name == f"v2-{digest}-reward"
     assert ddpo_cfg.run.name == f"v2-{digest}"
     assert ddpo_cfg.ddpo.reward.options == {"path": str(tmp_path / f"runs/v2-{digest}-reward/artifact")}

@@ -137,7 +137,8 @@ def _read_head(path: Path, size: int) -> bytes:
         return first + (f.read(n) if 2 <= n <= MAX_HEADER_BYTES and 8 + n <= size else b"")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +154,7 @@ def check_safetensors(path: Path, scan: bool = True) -> FileCheck:
     """
     size = path.stat().st_size
     head = _read_head(path, size)
-    digest = _sha256(path)
+    digest = sha256_file(path)
     try:
         header = parse_header(head, size, path.name)
         if scan and size <= MAX_SCAN_BYTES:
