@@ -192,17 +192,25 @@ def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_p
     assert checkpoint_steps(run_dir) == [4, 6, 8]  # exactly the last keep_checkpoints=3
 
 
+# The option matrix's DDP entry: LoRA on the text encoder too, v-prediction, Min-SNR, noise offset, gradient
+# checkpointing, a cosine schedule, LoRA dropout (the global RNG, seeded per step) and gradient accumulation.
+DDP_OPTIONS = ["strategy.name=ddp", "lora.train_text_encoder=true", "model.prediction_type=v_prediction",
+               "train.snr_gamma=5.0", "train.noise_offset=0.05", "train.gradient_checkpointing=true",
+               "optim.lr_scheduler=cosine", "lora.dropout=0.1", "train.grad_accum_steps=2", "train.micro_batch_size=1"]
+
+
 @pytest.mark.slow
-def test_resume_is_exact_under_ddp_with_dropout_and_accumulation(ray_cluster, tmp_path):
-    """The other engine, with LoRA dropout (the global RNG, seeded per step) and gradient accumulation
-    (micro-batches skipped on resume): 4 steps + resume to 8 equals 8 straight steps."""
-    opts = ["strategy.name=ddp", "lora.dropout=0.1", "train.grad_accum_steps=2", "train.micro_batch_size=1",
-            "train.checkpoint_every=4", "train.validate_every=null"]
+def test_resume_is_exact_under_ddp_with_every_loss_option(ray_cluster, tmp_path):
+    """The other engine with every loss option (accumulation's micro-batches skipped on resume, dropout
+    reseeded): 4 steps + resume to 8 equals 8 straight steps, and the adapter exports both models' LoRAs."""
+    opts = [*DDP_OPTIONS, "train.checkpoint_every=4", "train.validate_every=null"]
     straight = run_training(small_cfg(tmp_path, "ddp-straight", *opts))
     assert run_training(small_cfg(tmp_path, "ddp-resumed", *opts, "train.max_steps=4")).steps == 4
     resumed = run_training(small_cfg(tmp_path, "ddp-resumed", *opts))
     assert starts(resumed.run_dir) == [0, 4] and resumed.steps == 8
-    assert_same_adapter(adapter(resumed), adapter(straight), "DDP: 4 steps + resume to 8")
+    weights = adapter(resumed)
+    assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
+    assert_same_adapter(weights, adapter(straight), "DDP: 4 steps + resume to 8")
 
 
 def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):
@@ -280,9 +288,7 @@ def assert_tracked(runs, vals) -> None:
     ("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"]),
     pytest.param("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"],
                  marks=pytest.mark.eval),  # accumulation in CI: the DDP exact-resume test
-    ("ddp-te-vpred", ["strategy.name=ddp", "lora.train_text_encoder=true", "model.prediction_type=v_prediction",
-                      "train.snr_gamma=5.0", "train.noise_offset=0.05", "train.gradient_checkpointing=true",
-                      "optim.lr_scheduler=cosine", "lora.dropout=0.1"]),
+    # DDP with every loss option: test_resume_is_exact_under_ddp_with_every_loss_option
 ])
 def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
     """Every engine setting and loss option trains end to end and exports a loadable adapter."""
