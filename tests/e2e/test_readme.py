@@ -116,7 +116,7 @@ def block_env(ray_address: str | None) -> dict[str, str]:
 
 # Ray's, Ray Data's, Ray Train's and DeepSpeed's own output: never on a diffray terminal unless --verbose.
 NOISE = ("Execution plan", "Starting execution of Dataset", "TrainingReport", "(RayTrainWorker", "(SplitCoordinator",
-         "(TrainController", "Started a local Ray instance", "DeepSpeed", "Setting accelerator")
+         "(TrainController", "Started a local Ray instance", "DeepSpeed", "Setting accelerator", "RayDeprecationWarning")
 
 
 # Appended to the README's `diffray demo` line (as test_tune.py appends shorter rungs to the tune line): the

@@ -86,9 +86,19 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
 def ingest_options():
     """Ray Train's ingest options with `preserve_order`: each worker's split gets the same rows in the
     same order on every run (Ray's OutputSplitter then drops locality hints for determinism), so a seed
-    reproduces a run's losses; see `diffray.data.raydata.in_order`."""
-    opts = ray.train.DataConfig.default_ingest_options()
-    opts.preserve_order = True
+    reproduces a run's losses; see `diffray.data.raydata.in_order`.
+
+    Built here rather than by `DataConfig.default_ingest_options()`, which passes `exclude_resources` on
+    and so prints Ray Data's RayDeprecationWarning on every `diffray train` terminal; the context's
+    exclusion is carried over only where someone set one."""
+    from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
+
+    ctx = DataContext.get_current().execution_options
+    opts = ExecutionOptions(resource_limits=ctx.resource_limits, preserve_order=True,
+                            verbose_progress=ctx.verbose_progress)
+    if ctx.exclude_resources != type(ctx.exclude_resources).zero():
+        opts.exclude_resources = ctx.exclude_resources
     return opts
 
 
