@@ -15,8 +15,10 @@ Prints a table and writes benchmarks/results/ddpo_overlap.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,6 +71,7 @@ def main() -> None:
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     clip, head = build_reward_models(Path(storage) / "reward")
     rows: dict[str, list[dict]] = {"inline": [], "async_actor": []}
     for r in range(args.rounds):

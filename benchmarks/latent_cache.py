@@ -11,8 +11,10 @@ Prints a table and writes benchmarks/results/latent_cache.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -60,6 +62,7 @@ def main() -> None:
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images,
                                     resolution=max(64, args.resolution)) / "train")
     cache_root = str(Path(storage) / "latents")

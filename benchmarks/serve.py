@@ -19,8 +19,10 @@ Prints a table with the ratios and writes benchmarks/results/serve.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -164,6 +166,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = resolve_model_path("builtin:tiny")
     reg = tempfile.mkdtemp(prefix="diffray-bench-adapters-")
+    atexit.register(shutil.rmtree, reg, ignore_errors=True)  # nothing left in /tmp
     random_lora(model, Path(reg) / "lora-a", seed=1)
     random_lora(model, Path(reg) / "lora-b", seed=2)
     mixed_ids = [f"mix-{i}" for i in range(args.adapters)]

@@ -10,8 +10,10 @@ Prints a table and writes benchmarks/results/train_overhead.json.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -92,6 +94,7 @@ def main() -> None:
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
+    atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")
     results = {}
     for b in args.batch_sizes:
