@@ -11,6 +11,7 @@ trials are kept, unfinished ones resume from their own last checkpoint.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -161,6 +162,10 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
         storage.write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
     tuner.fit()
+    # Ray's W&B callback stops its logging actors in __del__; left to interpreter exit, it finds the `ray`
+    # module torn down and prints an AttributeError. Collected here, while Ray is up.
+    del tuner, trainable
+    gc.collect()
     rows = collect_rows(exp_dir, job)  # read back from the directory, as `diffray tune results` does
     best = next((r for r in rows if r.status == "completed"), None)
     artifact = config_path = None
