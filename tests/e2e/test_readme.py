@@ -38,11 +38,11 @@ EXPECT = {
     "data": ["models/tiny-sd/model_index.json", "data/sample/train/metadata.jsonl", "outputs/contact_sheet.png",
              "data/pairs/metadata.jsonl", "data/pairs/conditioning/00000000.png"],
     "train": ["outputs/demo_grid.png", "runs/lora-star/artifact/pytorch_lora_weights.safetensors",
-              "runs/my-lora/artifact/pytorch_lora_weights.safetensors", "runs/dreambooth-sample/artifact",
-              "runs/textual-inversion-sample/artifact/learned_embeds.safetensors",
-              "runs/controlnet-sample/artifact/config.json", "outputs/generated.png",
+              "runs/my-lora/artifact/pytorch_lora_weights.safetensors", "outputs/generated.png",
               "runs/diffusion-dpo/artifact/pytorch_lora_weights.safetensors",
               "outputs/eval/prompts/results.json", "outputs/eval/star/grid.png", "outputs/kohya/lora-star.safetensors"],
+    "methods": ["runs/dreambooth-sample/artifact", "runs/textual-inversion-sample/artifact/learned_embeds.safetensors",
+                "runs/controlnet-sample/artifact/config.json", "outputs/generated.png"],
     "world": ["data/world/dataset.json", "data/world/part-00000.parquet", "data/stars/dataset.json"],
     "requests": ["adapters/my-lora/pytorch_lora_weights.safetensors", "outputs/generated-0-0.png"],
 }
@@ -63,7 +63,8 @@ class Block:
     @property
     def kind(self) -> str:
         m = (self.marker or "").split("(")[0]
-        return "skip" if m.startswith("skip") else "slow" if "slow" in m else "default" if "default" in m else "?"
+        return ("skip" if m.startswith("skip") else "eval" if "eval" in m else "slow" if "slow" in m
+                else "default" if "default" in m else "?")
 
     @property
     def server(self) -> bool:
@@ -93,7 +94,7 @@ BLOCKS = readme_blocks((REPO / "README.md").read_text())
 
 
 def test_every_command_block_says_where_it_runs():
-    assert BLOCKS and all(b.kind in ("default", "slow", "skip") for b in BLOCKS), \
+    assert BLOCKS and all(b.kind in ("default", "slow", "eval", "skip") for b in BLOCKS), \
         [(b.line, b.marker) for b in BLOCKS if b.kind == "?"]
     assert {b.id for b in BLOCKS if b.kind != "skip"} >= set(EXPECT) | {"serve"}
     planted = readme_blocks("text\n\n```bash\ndiffray demo\n```\n")
@@ -197,6 +198,16 @@ def test_readme_all_blocks(ray_cluster, workdir):
     answer = json.loads((workdir / "outputs" / "openai.json").read_text())
     assert answer["data"][0]["b64_json"]
     assert json.loads((workdir / "outputs" / "generate.json").read_text())["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.eval  # CI trains these configs in tests/integration/test_<method>_train.py (each loads its shipped file)
+def test_readme_method_blocks(ray_cluster, workdir):
+    """The other methods' lines (DreamBooth, Textual Inversion, ControlNet, full), after the data block."""
+    import ray
+
+    ran = run_readme({"default", "eval"}, workdir, ray.get_runtime_context().gcs_address)
+    assert ran == ["data", "methods", "world"], ran
 
 
 def read_pty(fd: int, proc: subprocess.Popen, timeout: float) -> bytes:

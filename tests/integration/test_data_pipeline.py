@@ -159,7 +159,8 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
         prepare_training_dataset(str(tmp_path / "hf.parquet"), tiny_model_path, d, 3)
 
 
-@pytest.mark.slow  # ~80 s; CI's slow suite runs it (the default suite's 20-min budget)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: the aspect-bucket test below makes the same checks (equal losses, no encoder calls, reuse)
 def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_cluster, tmp_path):
     data = write_sample_dataset(tmp_path / "s", num_images=8) / "train"
     # One worker, the whole set in every batch: the loss of a step does not depend on row order.
@@ -273,8 +274,11 @@ def write_mixed_aspect_folder(root: Path, per_shape: int = 4) -> Path:
     return root
 
 
-@pytest.mark.slow  # 43 s; CI's slow suite runs it (the default suite's budget)
+@pytest.mark.slow  # CI's slow suite runs it (the default suite's budget)
 def test_aspect_buckets_stream_one_shape_batches_and_cache_reproduces_training(ray_cluster, tmp_path, tiny_model_path):
+    """Buckets stream one-shape batches; the latent cache (flips and caption dropout included) reproduces
+    uncached training with no encoder call, is found again instead of rebuilt, and another setting is
+    another cache."""
     from diffray.trainers.session import batch_stream
 
     data = write_mixed_aspect_folder(tmp_path / "mixed")
@@ -296,17 +300,24 @@ def test_aspect_buckets_stream_one_shape_batches_and_cache_reproduces_training(r
         kinds = {int(i) % 3 for i in b["sample_id"]}
         assert len(kinds) == 1 and b["pixel_values"].shape[-1] == {0: 80, 1: 48, 2: 64}[kinds.pop()]
 
-    common = [f"data.path={data}", *buckets, "scaling.num_workers=1", "strategy.name=ddp",
+    common = [f"data.path={data}", *buckets, "scaling.num_workers=1", "strategy.name=ddp", "data.caption_dropout=0.3",
               "train.micro_batch_size=4", "train.max_steps=4", "train.checkpoint_every=4", "train.log_every=1"]
     plain = run_training(lora_cfg(tmp_path, "b-uncached", *common))
-    cached_cfg = lora_cfg(tmp_path, "b-cached", *common, f"data.cache={tmp_path / 'latents'}")
+    cache_root = tmp_path / "latents"
+    cached_cfg = lora_cfg(tmp_path, "b-cached", *common, f"data.cache={cache_root}")
     (folder,) = prepare_data(cached_cfg).values()
-    cached = run_training(cached_cfg)
+    built_at = (Path(folder) / "cache.json").stat().st_mtime_ns
+    cached = run_training(cached_cfg)  # finds the prepared cache: no rebuild
+    assert (Path(folder) / "cache.json").stat().st_mtime_ns == built_at and len(list(cache_root.iterdir())) == 1
     a, b = step_metrics(plain.run_dir), step_metrics(cached.run_dir)
     assert [e["step"] for e in a] == [e["step"] for e in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert np.isfinite(x["loss"]) and abs(x["loss"] - y["loss"]) < 1e-5 * max(1.0, abs(x["loss"]))
+        assert x["vae_encode_calls"] > 0 and x["text_encoder_calls"] > 0
         assert y["vae_encode_calls"] == 0 and y["text_encoder_calls"] == 0
+    # Another setting is another cache: a stale one is never read.
+    other = prepare_data(lora_cfg(tmp_path, "b-cached", *common, f"data.cache={cache_root}", "data.resolution=32"))
+    assert folder not in other.values() and len(list(cache_root.iterdir())) == 2
     # The cache stores each row's latents at its bucket's size (latent = pixels / 8).
     rows = read_cache_rows(folder)
     assert len(rows) == 12 and {tuple(r.shape) for r in rows} == {(4, 6, 10), (4, 10, 6), (4, 8, 8)}
