@@ -30,8 +30,8 @@ QUICK = ["train.max_steps=12", "train.validate_every=3", "train.log_every=3", "t
 # before it, so with trials running side by side whether any is stopped depended on which arrived first (all
 # four completed in one CI run). Run one at a time in the seeded grid order, each trial's losses fixed by its
 # seed, the search stops the same trials every run (asserted: some stopped, some completed). `same_as` kept.
-RANKS = (4, 16)
-HALF_GRID = [f"tune.space={{lora.rank: {{grid: {list(RANKS)}}}, optim.lr: {{grid: [3.0e-4, 3.0e-3]}}, "
+RANKS, LRS = (4, 16), (3.0e-4, 3.0e-3)
+HALF_GRID = [f"tune.space={{lora.rank: {{grid: {list(RANKS)}}}, optim.lr: {{grid: {list(LRS)}}}, "
              "lora.alpha: {same_as: lora.rank}}", "tune.max_concurrent_trials=1"]
 
 
@@ -70,7 +70,7 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
     exp = tmp_path / results[3]
     job, rows = read_experiment(str(exp))
     assert len(rows) == 4 and {(r.params["lora.rank"], r.params["optim.lr"]) for r in rows} == {
-        (r, lr) for r in RANKS for lr in (3e-4, 3e-3)}
+        (r, lr) for r in RANKS for lr in LRS}
     assert all(r.params["lora.alpha"] == r.params["lora.rank"] for r in rows)  # same_as resolved per trial
     early = [r for r in rows if r.stopped_early]
     done = [r for r in rows if r.status == "completed"]
