@@ -142,3 +142,38 @@ def test_prompt_alignment_is_clip_cosine_similarity(clip_dir):
     assert not np.allclose(rotated_scores, scores)
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         reward(batch, PROMPTS[:2], None)
+
+
+def test_world_alignment_is_the_share_of_stated_fields_the_reader_finds():
+    from diffray.world.render import render
+    from diffray.world.scenes import scene_at
+
+    scenes = [scene_at(0, "pretrain", i) for i in range(4)]
+    images = [render(s, 64) for s in scenes]
+    reward = get_reward("world_alignment")
+    own = reward(images, [s.caption for s in scenes], None)
+    assert own.dtype == np.float32 and own.shape == (4,)
+    np.testing.assert_array_equal(own, 1.0)  # a scene drawn from its caption states nothing the reader misses
+    other = "a red circle on a blue background" if scenes[0].colour != "red" else "a green circle on a blue background"
+    wrong = reward(images[:1], [other], None)[0]
+    # the share of the three stated fields (colour, shape, background) the reader finds; the colour never
+    want = np.mean([scenes[0].shape == "circle", scenes[0].bg == "blue", False])
+    assert wrong == pytest.approx(want) and wrong < 1.0
+    with pytest.raises(ValueError, match="world prompts only.*a photo of a cat"):
+        reward(images[:1], ["a photo of a cat"], None)
+    with pytest.raises(ValueError, match="1 images but 2 prompts"):
+        reward(images[:1], [scenes[0].caption] * 2, None)
+
+
+def test_world_alignment_refuses_prompts_outside_the_world_before_ray(tmp_path):
+    from diffray.methods import load_config
+    from diffray.trainers.ddpo import preflight
+
+    cfg = load_config(Path("configs/ddpo.yaml"), ["ddpo.reward.name=world_alignment"])
+    preflight(cfg, "unused")  # the shipped prompts are world prompts
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a red circle on a blue background\na photo of a cat\n")
+    cfg = load_config(Path("configs/ddpo.yaml"), ["ddpo.reward.name=world_alignment", f"ddpo.prompts_file={bad}"])
+    with pytest.raises(ConfigError, match="a photo of a cat") as err:
+        preflight(cfg, "unused")
+    assert err.value.field == "ddpo.prompts_file"

@@ -8,8 +8,9 @@ VAE decode gives after `(x / 2 + 0.5).clamp(0, 1)`), and `metadata` is an option
 dicts that rewards may ignore.
 
 Shipped: `jpeg_compressibility` / `jpeg_incompressibility` (-/+ JPEG size in kB, DDPO's tasks),
-`aesthetic` (a LAION-style linear/MLP head on normalised CLIP image embeddings) and `prompt_alignment`
-(CLIP cosine similarity of prompt and image), and `learned` (a preference model trained by
+`aesthetic` (a LAION-style linear/MLP head on normalised CLIP image embeddings), `prompt_alignment`
+(CLIP cosine similarity of prompt and image), `world_alignment` (the share of a world prompt's fields the
+world reader finds), and `learned` (a preference model trained by
 `method: reward_model`). Models come from local folders/files given as options;
 nothing is ever downloaded. Never imports ray.
 """
@@ -81,6 +82,26 @@ def jpeg_incompressibility(quality: int = JPEG_QUALITY) -> RewardFn:
 
     def reward(images, prompts=(), metadata=None) -> np.ndarray:
         return np.asarray([jpeg_size_kb(i, quality) for i in to_pil_images(images)], dtype=np.float32)
+
+    return reward
+
+
+@register("world_alignment")
+def world_alignment() -> RewardFn:
+    """The share of the fields a world prompt states (background, colour, shape, texture, size, position) that
+    the world reader finds in the image, in [0, 1]: DDPO's prompt-alignment task on the tiny world, scored by
+    classical vision instead of a captioning model. A prompt outside the world's grammar is a ValueError."""
+    from diffray.errors import DiffrayError
+    from diffray.world.scores import alignment
+
+    def reward(images, prompts, metadata=None) -> np.ndarray:
+        pil = to_pil_images(images)
+        if len(prompts) != len(pil):
+            raise ValueError(f"{len(pil)} images but {len(prompts)} prompts")
+        try:
+            return np.asarray([alignment(img, p) for img, p in zip(pil, prompts)], dtype=np.float32)
+        except DiffrayError as exc:
+            raise ValueError(f"world_alignment scores world prompts only: {exc}") from None
 
     return reward
 

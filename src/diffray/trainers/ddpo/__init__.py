@@ -22,6 +22,7 @@ from diffray.trainers.method import DataSource, Method
 class RewardSection(Section):
     name: str = Field("jpeg_compressibility", description="Reward in the registry (diffray.trainers.components."
                       "rewards): jpeg_compressibility | jpeg_incompressibility | aesthetic | prompt_alignment | "
+                      "world_alignment | "
                       "learned (options.path: a reward_model artifact).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the reward's factory "
                                     "(e.g. clip_path, head_path: local paths; nothing is downloaded).")
@@ -104,8 +105,17 @@ def preflight(cfg: DDPOTrainConfig, model_path: str) -> None:
     from diffray.trainers.components.prompts import read_prompts
     from diffray.trainers.components.rewards import REWARDS
 
-    read_prompts(cfg.ddpo.prompts, cfg.ddpo.prompts_file, "ddpo.prompts_file")
+    prompts = read_prompts(cfg.ddpo.prompts, cfg.ddpo.prompts_file, "ddpo.prompts_file")
     r = cfg.ddpo.reward
+    if r.name == "world_alignment":  # the reader scores world prompts only: say which one is not, before Ray
+        from diffray.world.grammar import parse_prompt
+
+        for prompt in prompts:
+            try:
+                parse_prompt(prompt)
+            except ConfigError as exc:
+                raise ConfigError(f"world_alignment scores prompts of the shapes world: {exc}",
+                                  field="ddpo.prompts_file" if cfg.ddpo.prompts_file else "ddpo.prompts") from None
     if r.name not in REWARDS:
         raise ConfigError(f"unknown reward {r.name!r} (allowed: {', '.join(sorted(REWARDS))})",
                           field="ddpo.reward.name")
