@@ -100,6 +100,11 @@ def test_reserved_concepts_only_in_their_sets():
     mixed = scenes("all", 600)
     assert {"star", "circle"} <= {s.shape for s in mixed} and "cyan" in {s.colour for s in mixed}
     assert 0.15 < np.mean([s.texture == "striped" for s in mixed]) < 0.35
+    replay = scenes("star_mix", 800)  # half stars, half the pretraining shapes, no held-out triple
+    assert 0.45 < np.mean([s.shape == "star" for s in replay]) < 0.55
+    assert {s.shape for s in replay} == set(G.PRETRAIN_SHAPES) | {"star"}
+    assert not {(s.colour, s.shape, s.bg) for s in replay} & set(G.HELDOUT)
+    assert not {s.colour for s in replay} & set(G.RESERVED_COLOURS) and {s.texture for s in replay} == {None}
 
 
 def test_deterministic_by_seed_and_index():

@@ -44,6 +44,10 @@ SPLITS = {
     "heldout": SplitSpec(only=HELDOUT, about="the 16 held-out (colour, shape, background) triples"),
     "base": SplitSpec(about="pretraining vocabulary, held-out triples included"),
     "star": SplitSpec(shapes=("star",), about="the reserved shape: stars in the pretraining colours"),
+    # a shape listed n times is drawn n times as often: half stars, half the pretraining shapes (replay)
+    "star_mix": SplitSpec(shapes=("star",) * len(PRETRAIN_SHAPES) + PRETRAIN_SHAPES, exclude=HELDOUT,
+                          about="half stars, half pretraining shapes: the star learned beside what the model "
+                          "knows, so its other shapes are not forgotten"),
     "cyan": SplitSpec(colours=("cyan",), about="the reserved colour: cyan pretraining shapes"),
     "striped": SplitSpec(striped_p=1.0, exclude=HELDOUT, about="the reserved texture: striped pretraining shapes"),
     "subject": SplitSpec(subject=True, about="the reserved subject: 'a photo of sks widget'"),
