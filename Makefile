@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.diffray-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup browser-deps demo test test-slow test-all test-eval bench clean
+.PHONY: setup browser-deps demo test test-slow test-all test-eval eval bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ test-all: setup
 # Not in CI (they cost minutes and prove robustness, not that the code path works).
 test-eval: setup
 	$(BIN)/python -m pytest tests -m "eval and not gpu" --durations=10 $(PYTEST_ARGS)
+
+# Every method's quality figure on the tiny world (evals/methods.py): trains each shipped config on builtin:tiny,
+# scores base vs trained with `diffray eval`, writes EVALS.md and docs/img/evals/*.png. About 40 min on 2 CPUs;
+# not in CI (CI runs one row at smoke size). A rerun reuses finished runs (outputs/evals/runs).
+eval: setup
+	$(BIN)/python evals/methods.py
 
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py

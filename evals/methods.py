@@ -1,0 +1,340 @@
+"""Every method's quality figure on the tiny world (issue "every method proves it learns"): train each shipped
+config on the pretrained `builtin:tiny`, score base vs trained with `diffray eval`, print the table and write
+EVALS.md (command, figures against their floors, wall times, one grid PNG per method).
+
+    .venv/bin/python evals/methods.py                      # every row (what `make eval` runs), ~40 min on 2 CPUs
+    .venv/bin/python evals/methods.py --rows lora,controlnet
+    .venv/bin/python evals/methods.py --smoke --out /tmp/EVALS.md --img-dir /tmp/img   # 2 steps, 4 prompts
+
+Rows train under --work-dir (default outputs/evals/runs); a rerun resumes finished runs instead of retraining
+(remove the folder to start over). Runs on the cluster in RAY_ADDRESS, or a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
+ROW_NAMES = ("lora", "textual_inversion", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune")
+ALIGNMENT_PROMPTS = 256  # prompts of the pretraining split DDPO samples for the alignment reward
+
+
+@dataclass
+class Context:
+    work: Path
+    num: int            # prompt/seed pairs per eval suite
+    smoke: bool
+    commands: list[str] = field(default_factory=list)
+    trainings: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RowResult:
+    name: str
+    figures: list
+    grid: Path | None
+    wall_s: float
+    commands: list[str]
+    trainings: list[dict]
+
+
+def shown(text: str) -> str:
+    """A command line as a user at the repository root would type it (paths under it relative)."""
+    return text.replace(f"{REPO}/", "")
+
+
+def train(ctx: Context, name: str, config: str, overrides: list[str]):
+    """`diffray train CONFIG overrides` into the work dir (a finished run of that name is reused)."""
+    from diffray.methods import load_config
+    from diffray.trainers.runner import run_training
+
+    overrides = overrides + [f"run.storage_path={ctx.work / 'runs'}", "train.progress_bar=false"]
+    if ctx.smoke:
+        overrides += SMOKE.get(load_config(REPO / config, overrides).method, ["train.max_steps=2"])
+    cfg = load_config(REPO / config, overrides)
+    # named after the resolved job: a changed config (or code default) trains afresh, an unchanged one is reused
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    overrides.append(f"run.name=eval-{name}-{digest}")
+    cfg = load_config(REPO / config, overrides)
+    visible = [o for o in overrides if not o.startswith("train.progress_bar=")]
+    ctx.commands.append(shown(f"diffray train {config} " + " ".join(shlex.quote(o) for o in visible)))
+    artifact = Path(cfg.run.storage_path) / cfg.run.name / "artifact"
+    if artifact.is_dir():
+        from diffray.models.adapters import read_card
+
+        card = read_card(artifact)
+        print(f"  {cfg.run.name}: reusing the finished run ({artifact})", flush=True)
+        ctx.trainings.append({"run": cfg.run.name, "steps": card.get("steps"), "wall_s": card.get("wall_time_s"),
+                              "reused": True})
+        return str(artifact)
+    result = run_training(cfg)
+    print(f"  {cfg.run.name}: {result.steps} steps, loss {result.loss_first_mean:.4f} -> {result.loss_last_mean:.4f}, "
+          f"{result.wall_time_s:.0f}s", flush=True)
+    ctx.trainings.append({"run": cfg.run.name, "steps": result.steps, "wall_s": round(result.wall_time_s, 1),
+                          "loss_first": result.loss_first_mean, "loss_last": result.loss_last_mean})
+    return result.artifact_dir
+
+
+SMOKE = {"ddpo": ["train.max_steps=1", "ddpo.samples_per_epoch=16", "train.checkpoint_every=1",
+                  "train.validate_every=null"],
+         "controlnet": ["train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=null"]}
+for _m in ("lora", "textual_inversion", "dreambooth"):
+    SMOKE[_m] = ["train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=null"]
+
+
+def evaluate(ctx: Context, row: str, suite: str, **kwargs):
+    """`diffray eval --suite SUITE ...` (report under the work dir) -> EvalResult."""
+    from diffray.world.evaluate import evaluate as run_eval
+
+    flags = " ".join((f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else
+                      f"--{k.replace('_', '-')} {v}") for k, v in kwargs.items() if v is not None)
+    ctx.commands.append(shown(f"diffray eval --suite {suite} --num {ctx.num} {flags}".rstrip()))
+    result = run_eval(suite=suite, num=ctx.num, out_dir=ctx.work / "eval" / row / suite, **kwargs)
+    acc = {v: result.tables[v].get("all", {}).get("accuracy") for v in result.variants}
+    print(f"  eval {suite}: {', '.join(f'{v} {a:.1%}' if a is not None else v for v, a in acc.items())} "
+          f"({result.wall_s:.0f}s)", flush=True)
+    return result
+
+
+def grid_of(ctx: Context, row: str, suite: str) -> Path:
+    return ctx.work / "eval" / row / suite / "grid.png"
+
+
+# ----------------------------------------------------------------------------------------------- the rows
+
+def row_lora(ctx: Context, key: str, label: str, extra: list[str]):
+    """The star LoRA of `make demo` (configs/demo.yaml): the reserved shape drawn, the base's prompts kept."""
+    from diffray.world.figures import concept_figures
+
+    art = train(ctx, key, "configs/demo.yaml", extra)
+    star, prompts = evaluate(ctx, key, "star", adapter=art), evaluate(ctx, key, "prompts", adapter=art)
+    return concept_figures("LoRA" + label, star, prompts), grid_of(ctx, key, "star")
+
+
+def row_textual_inversion(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/textual_inversion.yaml pointed at the star set: the token <star> draws the reserved shape."""
+    from diffray.world.figures import concept_figures
+
+    art = train(ctx, key, "configs/textual_inversion.yaml", [
+        "data.path=builtin:world/star", "textual_inversion.placeholder_token=<star>",
+        "textual_inversion.initializer_token=diamond"] + extra)
+    star, prompts = evaluate(ctx, key, "star", adapter=art), evaluate(ctx, key, "prompts", adapter=art)
+    return (concept_figures("Textual Inversion" + label, star, prompts, trained_min=0.5, identical=True),
+            grid_of(ctx, key, "star"))
+
+
+def row_dreambooth(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/dreambooth.yaml as shipped, and again without prior preservation."""
+    from diffray.world.figures import dreambooth_figures
+
+    with_prior = train(ctx, key, "configs/dreambooth.yaml", extra)
+    without = train(ctx, f"{key}-no-prior", "configs/dreambooth.yaml",
+                    extra + ["dreambooth.with_prior_preservation=false"])
+    a = evaluate(ctx, key, "subject", adapter=with_prior)
+    b = evaluate(ctx, f"{key}-no-prior", "subject", adapter=without)
+    return dreambooth_figures("DreamBooth" + label, a, b), grid_of(ctx, key, "subject")
+
+
+def row_controlnet(ctx: Context, key: str, label: str, extra: list[str]):
+    from diffray.world.figures import controlnet_figures
+
+    art = train(ctx, key, "configs/controlnet.yaml", extra)
+    result = evaluate(ctx, key, "controlnet", controlnet=art)
+    return controlnet_figures("ControlNet (canny)" + label, result), grid_of(ctx, key, "controlnet")
+
+
+def row_ddpo_jpeg(ctx: Context, key: str, label: str, extra: list[str]):
+    from diffray.world.figures import jpeg_figures
+
+    art = train(ctx, key, "configs/ddpo.yaml", extra)
+    result = evaluate(ctx, key, "prompts", adapter=art)
+    return jpeg_figures("DDPO, jpeg_compressibility" + label, result), grid_of(ctx, key, "prompts")
+
+
+def alignment_prompts(path: Path) -> Path:
+    """ALIGNMENT_PROMPTS captions of the pretraining split (the eval's held-out prompts are other scenes)."""
+    from diffray.world.scenes import scene_at
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(scene_at(0, "pretrain", i).caption + "\n" for i in range(ALIGNMENT_PROMPTS)))
+    return path
+
+
+def row_ddpo_alignment(ctx: Context, key: str, label: str, extra: list[str]):
+    from diffray.world.figures import alignment_figures
+
+    prompts = alignment_prompts(ctx.work / "alignment_prompts.txt")
+    art = train(ctx, key, "configs/ddpo.yaml", [
+        "ddpo.reward.name=world_alignment", f"ddpo.prompts_file={prompts}"] + extra)
+    result = evaluate(ctx, key, "prompts", adapter=art)
+    return alignment_figures("DDPO, world_alignment" + label, result), grid_of(ctx, key, "prompts")
+
+
+def row_tune(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/tune_lora.yaml's grid, every trial to the end (FIFO: a trial ASHA stops has no adapter to score,
+    only its final checkpoint carries one): each trial's adapter on the prompts suite, against its val_loss."""
+    from diffray.tune.config import load_tune_job
+    from diffray.tune.runner import run_tune
+    from diffray.world.figures import tune_figures
+
+    overrides = ["run.name=eval-tune", f"run.storage_path={ctx.work / 'runs'}", "tune.scheduler.name=fifo",
+                 "train.progress_bar=false"]
+    if ctx.smoke:
+        overrides += ["train.max_steps=2", "train.validate_every=1", "train.checkpoint_every=2",
+                      "tune.space={lora.rank: {grid: [4, 8]}, optim.lr: {grid: [3.0e-4]}, "
+                      "lora.alpha: {same_as: lora.rank}}"]
+    ctx.commands.append(shown("diffray tune configs/tune_lora.yaml " + " ".join(
+        shlex.quote(o) for o in overrides if not o.startswith("train.progress_bar="))))
+    job = load_tune_job(str(REPO / "configs" / "tune_lora.yaml"), overrides)
+    t0 = time.time()
+    outcome = run_tune(job)
+    ctx.trainings.append({"run": "eval-tune", "trials": len(outcome.rows), "wall_s": round(time.time() - t0, 1)})
+    trials = []
+    for r in outcome.rows:
+        if not r.checkpoint_path or not Path(f"{r.checkpoint_path}/artifact").is_dir():
+            continue
+        res = evaluate(ctx, f"tune/{r.trial_id}", "prompts", adapter=f"{r.checkpoint_path}/artifact",
+                       compare_base=False)
+        trials.append({"trial_id": r.trial_id, "params": r.params, "val_loss": r.best_metric, "steps": r.steps,
+                       "accuracy": res.accuracy(res.variants[-1], "all") or 0.0})
+    best = evaluate(ctx, "tune", "prompts", adapter=outcome.best_artifact)
+    figs = tune_figures("Tune (ASHA)", trials, best.accuracy(best.variants[-1], "all") or 0.0)
+    for t in trials:
+        print(f"  trial {t['trial_id']} {t['params']} steps {t['steps']} val_loss {t['val_loss']:.5f} "
+              f"accuracy {t['accuracy']:.1%}", flush=True)
+    ctx.trainings[-1]["trial_table"] = trials
+    return figs, grid_of(ctx, "tune", "prompts")
+
+
+# Settings measured beside each shipped config (the investigation of a missed floor, rerun by `make eval`):
+# row -> [(key, label, overrides)]. Each trains its own run and is scored with the row's suites and figures.
+VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
+    "lora": [
+        ("lora-mix600", " (star_mix, 600 steps)", ["data.path=builtin:world/star_mix", "train.max_steps=600",
+                                                   "train.checkpoint_every=300", "train.validate_every=null"]),
+        ("lora-mix1600", " (star_mix, 1600 steps)", ["data.path=builtin:world/star_mix", "train.max_steps=1600",
+                                                     "train.checkpoint_every=800", "train.validate_every=null"])],
+    "textual_inversion": [
+        ("ti-400", " (400 steps of 8, lr 5e-3)", ["train.max_steps=400", "train.micro_batch_size=8", "optim.lr=5e-3",
+                                                  "train.checkpoint_every=200", "train.validate_every=null"])],
+    "controlnet": [
+        ("controlnet-400", " (400 steps)", ["train.max_steps=400", "train.checkpoint_every=200",
+                                           "train.validate_every=null"]),
+        ("controlnet-world", " (world/canny, 600 steps of 8, lr 3e-3)", [
+            "data.path=builtin:world/canny", "optim.lr=3e-3", "train.max_steps=600", "train.micro_batch_size=8",
+            "train.checkpoint_every=300", "train.validate_every=null"])],
+    "ddpo_jpeg": [
+        ("ddpo-lr1e-3", " (lr 1e-3, 20 epochs)", ["optim.lr=1e-3", "train.max_steps=20"]),
+        ("ddpo-lr3e-3", " (lr 3e-3, 30 epochs)", ["optim.lr=3e-3", "train.max_steps=30"]),
+        ("ddpo-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
+            "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
+    "ddpo_alignment": [
+        ("align-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
+            "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
+}
+
+ROWS: dict[str, Callable] = {"lora": row_lora, "textual_inversion": row_textual_inversion,
+                             "dreambooth": row_dreambooth, "controlnet": row_controlnet, "ddpo_jpeg": row_ddpo_jpeg,
+                             "ddpo_alignment": row_ddpo_alignment, "tune": row_tune}
+
+
+def run_row(name: str, ctx: Context, img_dir: Path, variants: bool) -> RowResult:
+    ctx.commands, ctx.trainings = [], []
+    t0 = time.time()
+    figures, grid = ROWS[name](ctx, name, "", [])
+    for key, label, extra in VARIANTS.get(name, []) if variants else []:
+        figures += ROWS[name](ctx, key, label, extra)[0]
+    dest = None
+    if grid is not None and grid.is_file():
+        img_dir.mkdir(parents=True, exist_ok=True)
+        dest = img_dir / f"{name}.png"
+        shutil.copyfile(grid, dest)
+    return RowResult(name, figures, dest, time.time() - t0, list(ctx.commands), list(ctx.trainings))
+
+
+def table(results: list[RowResult]) -> list[str]:
+    lines = ["| method | figure | base | trained | floor | met |", "|---|---|---:|---:|---|:-:|"]
+    for res in results:
+        for f in res.figures:
+            lines.append(f"| {f.row} | {f.name} | {f.base} | {f.trained} | {f.floor} | "
+                         f"{'yes' if f.met else '**no**'} |")
+    return lines
+
+
+def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s: float) -> None:
+    def rel(p: Path) -> str:
+        return Path(os.path.relpath(p, out.parent.resolve())).as_posix()
+
+    parts = ["# EVALS: what each method learns on the tiny world", "",
+             "Written by `make eval` (`" + " ".join(["python evals/methods.py"] + argv) + "`); "
+             f"{total_s / 60:.1f} min on this machine. Base model `builtin:tiny` (the pretrained world model), "
+             "the shipped configs (overrides as listed), `diffray eval`'s protocol (stock StableDiffusionPipeline, "
+             "25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0), the world reader scoring every image. "
+             "Reruns with the same seeds give the same figures up to the last bits of float sums "
+             "(CPU thread scheduling).", ""] + table(results) + [""]
+    for res in results:
+        parts += [f"## {res.figures[0].row if res.figures else res.name}", "",
+                  f"Wall time {res.wall_s:.0f} s (training and eval). Commands:", "", "```"]
+        parts += res.commands + ["```", ""]
+        for t in res.trainings:
+            t = {k: v for k, v in t.items() if k != "trial_table"}
+            parts.append("- " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) and k.startswith("loss")
+                                          else f"{k} {v}" for k, v in t.items()))
+        if res.grid is not None:
+            parts += ["", f"![{res.name}]({rel(res.grid)}) (frames: green = every stated field right, red = some "
+                      "wrong, grey = nothing to check; base rows first)"]
+        parts.append("")
+    out.write_text("\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated: {', '.join(ROW_NAMES)}")
+    p.add_argument("--num", type=int, default=None, help="prompt/seed pairs per suite (default 64; smoke 4)")
+    p.add_argument("--smoke", action="store_true", help="2 steps per method, 4 prompts: the machinery only")
+    p.add_argument("--no-variants", action="store_true", help="only the shipped configs, not the settings "
+                   "measured beside them (VARIANTS)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a figure misses its floor")
+    p.add_argument("--work-dir", type=Path, default=REPO / "outputs" / "evals")
+    p.add_argument("--out", type=Path, default=REPO / "EVALS.md")
+    p.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img" / "evals")
+    args = p.parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        p.error(f"unknown row(s) {', '.join(unknown)} (allowed: {', '.join(ROW_NAMES)})")
+    from diffray import logs
+    from diffray.cluster import connect_ray
+
+    logs.configure_cli(logs.verbose())  # as `diffray ...` does: Ray's, Tune's and DeepSpeed's output to log files
+    connect_ray()
+    ctx = Context(args.work_dir.resolve(), args.num or (4 if args.smoke else 64), args.smoke)
+    t0, results = time.time(), []
+    for name in rows:
+        print(f"{name}:", flush=True)
+        results.append(run_row(name, ctx, args.img_dir, not (args.smoke or args.no_variants)))
+        write_markdown(results, args.out, argv, time.time() - t0)  # a partial table survives a later failure
+        (ctx.work / "figures.json").write_text(json.dumps(
+            [{"row": r.name, "wall_s": r.wall_s, "figures": [f.to_json() for f in r.figures],
+              "trainings": r.trainings, "commands": r.commands} for r in results], indent=2) + "\n")
+    print("\n".join(table(results)))
+    print(f"wrote {args.out} ({(time.time() - t0) / 60:.1f} min)")
+    missed = [f"{f.row}: {f.name}" for r in results for f in r.figures if not f.met]
+    if missed:
+        print(f"{len(missed)} figure(s) below their floor: " + "; ".join(missed))
+    return 1 if missed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`make eval` (evals/methods.py) runs end to end at a smoke size, so it cannot rot: CI runs the ControlNet row
+(2 training steps, 2 prompts); `make test-eval` runs every row. The figures are checked against the eval
+reports the script wrote (the machinery), not against their floors (that is `make eval`'s EVALS.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "evals"))
+from methods import ROW_NAMES  # noqa: E402
+
+
+def run_evals(tmp_path: Path, rows: str, num: int) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "EVALS.md"
+    proc = subprocess.run([sys.executable, str(REPO / "evals" / "methods.py"), "--smoke", "--rows", rows, "--num",
+                           str(num), "--work-dir", str(tmp_path / "work"), "--out", str(out), "--img-dir",
+                           str(tmp_path / "img")], cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""},
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+def test_controlnet_row_writes_its_figures_table_and_grid(tmp_path):
+    proc, out = run_evals(tmp_path, "controlnet", 2)
+    figures = json.loads((tmp_path / "work" / "figures.json").read_text())
+    assert [r["row"] for r in figures] == ["controlnet"]
+    figs = figures[0]["figures"]
+    assert [f["name"] for f in figs] == ["edge F1, output vs held-out control map", "shape IoU with the control's shape",
+                                        "the prompt's shape colour right"]
+    report = json.loads((tmp_path / "work" / "eval" / "controlnet" / "controlnet" / "results.json").read_text())
+    assert report["variants"] == ["base", "controlnet"] and report["settings"]["num"] == 2
+    for fig, name in zip(figs, ("edge_f1", "shape_iou")):  # the figures are the report's means, base and trained
+        assert fig["base"] == f"{report['metrics']['base'][name]['mean']:.3f}"
+        assert fig["trained"] == f"{report['metrics']['controlnet'][name]['mean']:.3f}"
+    missed = sum(not f["met"] for f in figs)
+    assert (f"{missed} figure(s) below their floor" in proc.stdout) == (missed > 0)
+    text = out.read_text()
+    for f in figs:  # one table row per figure, with its verdict
+        assert f"| ControlNet (canny) | {f['name']} | {f['base']} | {f['trained']} |" in text
+    assert "diffray train configs/controlnet.yaml" in text and "diffray eval --suite controlnet --num 2" in text
+    assert "![controlnet](img/controlnet.png)" in text
+    grid = Image.open(tmp_path / "img" / "controlnet.png")
+    assert grid.width > 64 * 2 and grid.height >= 3 * 64  # control, base and controlnet rows
+    assert np.asarray(grid.convert("L")).std() > 10, "the grid holds drawn images"
+    assert "wrote" in proc.stdout and "| ControlNet (canny) |" in proc.stdout
+
+
+@pytest.mark.eval
+def test_every_row_runs_at_smoke_size(tmp_path):
+    proc, out = run_evals(tmp_path, ",".join(ROW_NAMES), 2)
+    figures = json.loads((tmp_path / "work" / "figures.json").read_text())
+    assert [r["row"] for r in figures] == list(ROW_NAMES)
+    assert all(r["figures"] for r in figures)
+    text = out.read_text()
+    assert all(f"![{name}](img/{name}.png)" in text for name in ROW_NAMES)
+    # a rerun reuses the finished runs instead of training again
+    proc2, _ = run_evals(tmp_path, "lora", 2)
+    assert "reusing the finished run" in proc2.stdout
+
+
+def test_unknown_row_is_refused_by_name(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "evals" / "methods.py"), "--rows", "lora,nope"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown row(s) nope" in proc.stderr
