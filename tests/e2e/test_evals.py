@@ -42,7 +42,7 @@ def test_controlnet_row_writes_its_figures_table_and_grid(tmp_path):
     for fig, name in zip(figs, ("edge_f1", "shape_iou")):  # the figures are the report's means, base and trained
         assert fig["base"] == f"{report['metrics']['base'][name]['mean']:.3f}"
         assert fig["trained"] == f"{report['metrics']['controlnet'][name]['mean']:.3f}"
-    missed = sum(not f["met"] for f in figs)
+    missed = sum(f["met"] is False for f in figs)
     assert (f"{missed} figure(s) below their floor" in proc.stdout) == (missed > 0)
     text = out.read_text()
     for f in figs:  # one table row per figure, with its verdict

@@ -86,7 +86,7 @@ def test_jpeg_figures_use_the_paired_standard_error():
 def test_alignment_figures():
     r = result("prompts", "ddpo", {"base": {"all": 0.8, "position": 0.4}, "ddpo": {"all": 0.9, "position": 0.6}})
     figs = alignment_figures("DDPO", r)
-    assert figs[0].met and [f.name.strip() for f in figs[1:]] == ["of which position"]
+    assert figs[0].met and [f.name.strip() for f in figs[1:]] == ["of which position"] and figs[1].met is None
     r = result("prompts", "ddpo", {"base": {"all": 0.8}, "ddpo": {"all": 0.89}})
     assert not alignment_figures("DDPO", r)[0].met
 
@@ -101,5 +101,5 @@ def test_rank_correlation_and_tune_figures():
     trials = [{"val_loss": 0.1, "accuracy": 0.80}, {"val_loss": 0.2, "accuracy": 0.70},
               {"val_loss": 0.3, "accuracy": 0.6}]
     figs = tune_figures("Tune", trials, best_accuracy=0.76)
-    assert figs[0].trained == "-1.00" and verdicts(figs) == [True, True]
+    assert figs[0].trained == "-1.00" and verdicts(figs) == [None, True]
     assert not tune_figures("Tune", trials, best_accuracy=0.74)[1].met

@@ -14,14 +14,15 @@ from diffray.world.report import EvalResult
 
 @dataclass(frozen=True)
 class Figure:
-    """One measured figure: `base` and `trained` as printed, the floor as a sentence, whether it is met."""
+    """One measured figure: `base` and `trained` as printed, the floor as a sentence, whether it is met (None:
+    reported beside a floored figure, no floor of its own)."""
 
     row: str
     name: str
     base: str
     trained: str
     floor: str
-    met: bool
+    met: bool | None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -134,7 +135,7 @@ def alignment_figures(row: str, result: EvalResult, min_gain: float = 0.10) -> l
     for name in ("position", "shape"):
         if result.accuracy("base", name) is not None:
             out.append(Figure(row, f"  of which {name}", pct(result.accuracy("base", name)),
-                              pct(result.accuracy(v, name)), "(reported)", True))
+                              pct(result.accuracy(v, name)), "(reported)", None))
     return out
 
 
@@ -165,6 +166,6 @@ def tune_figures(row: str, trials: list[dict], best_accuracy: float, max_gap: fl
     rho = rank_correlation([t["val_loss"] for t in trials], [t["accuracy"] for t in trials])
     top = max(t["accuracy"] for t in trials)
     return [Figure(row, f"Spearman rank correlation, val_loss vs accuracy ({len(trials)} trials)", "-",
-                   f"{rho:+.2f}", "(reported)", True),
+                   f"{rho:+.2f}", "(reported)", None),
             Figure(row, "exported best (by val_loss) vs most accurate trial", pct(top), pct(best_accuracy),
                    "within 5 points", top - best_accuracy <= max_gap + 1e-9)]
