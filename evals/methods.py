@@ -2,11 +2,11 @@
 config on the pretrained `builtin:tiny`, score base vs trained with `diffray eval`, print the table and write
 EVALS.md (command, figures against their floors, wall times, one grid PNG per method).
 
-    .venv/bin/python evals/methods.py                      # every row (what `make eval` runs), ~40 min on 2 CPUs
+    .venv/bin/python evals/methods.py                      # every row (what `make eval` runs), ~1 h on 2 CPUs
     .venv/bin/python evals/methods.py --rows lora,controlnet
     .venv/bin/python evals/methods.py --smoke --out /tmp/EVALS.md --img-dir /tmp/img   # 2 steps, 4 prompts
 
-Rows train under --work-dir (default outputs/evals/runs); a rerun resumes finished runs instead of retraining
+Rows train under --work-dir (default outputs/evals/runs); a rerun reuses finished runs of an unchanged config
 (remove the folder to start over). Runs on the cluster in RAY_ADDRESS, or a local one.
 """
 
@@ -281,9 +281,12 @@ def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p, out.parent.resolve())).as_posix()
 
+    reuse = (" (trainings of unchanged configs reused from an earlier run of this script: each run's own "
+             "training time is listed under its method)") if any(
+        t.get("reused") for r in results for t in r.trainings) else ""
     parts = ["# EVALS: what each method learns on the tiny world", "",
              "Written by `make eval` (`" + " ".join(["python evals/methods.py"] + argv) + "`); "
-             f"{total_s / 60:.1f} min on this machine. Base model `builtin:tiny` (the pretrained world model), "
+             f"{total_s / 60:.1f} min on this machine{reuse}. Base model `builtin:tiny` (the pretrained world model), "
              "the shipped configs (overrides as listed), `diffray eval`'s protocol (stock StableDiffusionPipeline, "
              "25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0), the world reader scoring every image. "
              "Reruns with the same seeds give the same figures up to the last bits of float sums "
