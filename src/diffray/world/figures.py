@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from diffray.world.report import EvalResult
+from diffray.world.report import EvalResult, mean_sem
 
 
 @dataclass(frozen=True)
@@ -114,10 +114,10 @@ def jpeg_figures(row: str, result: EvalResult, min_drop: float = 0.20, min_se: f
     standard errors of the paired (same prompt, same seed) difference; prompt accuracy drops <= 10 points."""
     v = adapted(result)
     base, trained = per_item(result, "base", "jpeg_kb"), per_item(result, v, "jpeg_kb")
-    diff = base - trained
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else float("inf")
-    drop = float(diff.mean() / base.mean())
-    z = float(diff.mean() / se) if se > 0 else float("inf")
+    diff = mean_sem(list(base - trained))
+    se = diff["sem"] if diff["n"] > 1 else float("inf")
+    drop = diff["mean"] / float(base.mean())
+    z = diff["mean"] / se if se > 0 else float("inf")
     b, t = field_accuracy(result, "base", "all"), field_accuracy(result, v, "all")
     return [Figure(row, "mean JPEG size (kB, quality 95) on held-out prompts", f"{base.mean():.3f}",
                    f"{trained.mean():.3f} ({-drop:+.1%}, {z:.1f} SE)", f">= {min_drop:.0%} smaller, >= {min_se:g} SE",
@@ -140,23 +140,21 @@ def alignment_figures(row: str, result: EvalResult, min_gain: float = 0.10) -> l
 
 
 def rank_correlation(x: list[float], y: list[float]) -> float:
-    """Spearman's rho (average ranks for ties); nan below 2 points or for a constant side."""
+    """Spearman's rho: Pearson's r of the average ranks (ties share theirs); nan below 2 points or for a
+    constant side."""
     if len(x) < 2:
         return float("nan")
 
-    def ranks(v):
+    def ranks(v) -> np.ndarray:
         v = np.asarray(v, dtype=float)
-        order = v.argsort(kind="stable")
         r = np.empty(len(v))
-        r[order] = np.arange(len(v))
-        for value in np.unique(v):  # ties share their mean rank
+        r[v.argsort(kind="stable")] = np.arange(len(v))
+        for value in np.unique(v):
             r[v == value] = r[v == value].mean()
         return r
 
     rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
 def tune_figures(row: str, trials: list[dict], best_accuracy: float, max_gap: float = 0.05) -> list[Figure]:
