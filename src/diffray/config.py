@@ -10,6 +10,7 @@ resolving `builtin:` paths and devices is the runner's job.
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -183,6 +184,9 @@ class TrainSection(Section, Accelerator):
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward.")
     snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5.0 is usual).")
     noise_offset: float = Field(0.0, ge=0, le=1, description="Offset-noise strength.")
+    timestep_range: tuple[int, int] | None = Field(
+        None, description="Draw training (and val_loss) timesteps from [lo, hi) of the model's 1000, not all: [500, "
+        "1000] trains only the high-noise steps, where layout is decided (a ControlNet: configs/controlnet.yaml).")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps.")
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every N steps (and at the end).")
     checkpoint_steps: list[PositiveInt] = Field(
@@ -275,7 +279,10 @@ class TrainConfig(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     @model_validator(mode="after")
-    def _check_ema(self) -> TrainConfig:
+    def _check_train(self) -> TrainConfig:
+        span = self.train.timestep_range
+        if span and not 0 <= span[0] < span[1] <= 1000:
+            raise ValueError(f"train.timestep_range: {list(span)}: needs [lo, hi] with 0 <= lo < hi <= 1000")
         if self.train.ema_decay is not None and self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3:
             raise ValueError("train.ema_decay: not supported with strategy.zero_stage 3 (the weights are partitioned "
                              "across ranks); use zero_stage 0-2 or strategy.name ddp, or set train.ema_decay null")
@@ -352,12 +359,7 @@ def _looks_like_float(s: str) -> bool:
     return bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", s.strip()))
 
 
-def deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [deep_copy(v) for v in d]
-    return d
+deep_copy = copy.deepcopy  # of a config dict (YAML scalars, lists, dicts)
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:

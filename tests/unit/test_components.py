@@ -30,6 +30,19 @@ def test_noise_depends_on_sample_not_batch():
     assert n_ab.shape == (2, 4, 8, 8) and t_ab.dtype == torch.long and (0 <= t_ab).all() and (t_ab < 1000).all()
 
 
+def test_timestep_range_draws_only_from_it_with_the_same_noise():
+    ids = list(range(256))
+    full_n, full_t = sample_noise_and_timesteps((4, 8, 8), ids, 1, 0, 1000)
+    high_n, high_t = sample_noise_and_timesteps((4, 8, 8), ids, 1, 0, 1000, timestep_range=(500, 1000))
+    assert (high_t >= 500).all() and (high_t < 1000).all() and high_t.float().mean() > 700
+    assert (full_t < 500).sum() > 64  # the default draws from the whole schedule
+    assert torch.equal(high_n, full_n)  # the same noise per sample: only the timestep's draw changes
+    again_n, again_t = sample_noise_and_timesteps((4, 8, 8), ids, 1, 0, 1000, timestep_range=(500, 1000))
+    assert torch.equal(again_t, high_t)
+    with pytest.raises(ValueError, match=r"\[900, 100\)"):
+        sample_noise_and_timesteps((4, 8, 8), ids, 1, 0, 1000, timestep_range=(900, 100))
+
+
 def test_offset_noise_shifts_channel_means():
     plain, _ = sample_noise_and_timesteps((4, 32, 32), list(range(64)), 1, 0, 1000)
     offset, _ = sample_noise_and_timesteps((4, 32, 32), list(range(64)), 1, 0, 1000, noise_offset=0.5)

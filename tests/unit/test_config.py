@@ -61,6 +61,8 @@ def test_overrides_parse_types():
     ("method=dreamboat", "method: unknown method 'dreamboat' (allowed: lora, dreambooth, textual_inversion, "
      "controlnet, ddpo, diffusion_dpo, reward_model, full, vae)"),
     ("run.name=../etc", "run.name: String should match pattern"),
+    ("train.timestep_range=[900, 100]", "train.timestep_range: [900, 100]: needs [lo, hi] with 0 <= lo < hi <= 1000"),
+    ("train.timestep_range=[0, 1001]", "train.timestep_range: [0, 1001]: needs"),
     ("bogus.key=1", "bogus: unknown key"),
 ])
 def test_bad_values_name_the_field(override, expected):

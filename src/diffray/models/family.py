@@ -45,10 +45,12 @@ class StableDiffusion:
     def prediction_type(self, comps, configured: str | None) -> str:
         return configured or comps.noise_scheduler.config.prediction_type
 
-    def noised(self, comps, batch: dict, device, dtype, step: int, seed: int, noise_offset: float) -> NoisedLatents:
+    def noised(self, comps, batch: dict, device, dtype, step: int, seed: int, noise_offset: float,
+               timestep_range: tuple[int, int] | None = None) -> NoisedLatents:
         """Latents of a batch (pixels through the VAE, or the latent cache) and their noised version, every
-        draw keyed by (seed, step, sample_id)."""
-        return noise_latents(comps.vae, comps.noise_scheduler, batch, device, dtype, step, seed, noise_offset)
+        draw keyed by (seed, step, sample_id); timesteps from `timestep_range` ([lo, hi)) when given."""
+        return noise_latents(comps.vae, comps.noise_scheduler, batch, device, dtype, step, seed, noise_offset,
+                             timestep_range)
 
     def target(self, comps, n: NoisedLatents, prediction_type: str) -> torch.Tensor:
         return diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)

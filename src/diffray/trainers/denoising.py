@@ -193,7 +193,8 @@ class DenoisingTask(StepTask):
         (held-out losses) turns caption and control-image dropout off.
         """
         cfg, env = self.cfg, self.env
-        n = self.family.noised(self.comps, batch, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset)
+        n = self.family.noised(self.comps, batch, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset,
+                              cfg.train.timestep_range)
         text = self.text_inputs(batch, step, cfg.data.caption_dropout if dropout else 0.0)
         pred = engine(n.noisy, n.timesteps, **text, **self.forward_inputs(batch, step, dropout))
         target = self.family.target(self.comps, n, self.prediction_type)

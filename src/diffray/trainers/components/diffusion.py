@@ -28,6 +28,7 @@ def sample_noise_and_timesteps(
     seed: int,
     num_train_timesteps: int,
     noise_offset: float = 0.0,
+    timestep_range: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise [B, C, H, W] and integer timesteps [B], deterministic per sample.
 
@@ -35,7 +36,11 @@ def sample_noise_and_timesteps(
         latent_shape: shape of ONE latent (C, H, W).
         noise_offset: offset-noise strength: adds a per-channel constant so the model can learn
             very dark/bright images.
+        timestep_range: draw timesteps uniformly from [lo, hi) instead of [0, num_train_timesteps).
     """
+    lo, hi = timestep_range or (0, num_train_timesteps)
+    if not 0 <= lo < hi <= num_train_timesteps:
+        raise ValueError(f"timestep range [{lo}, {hi}) is not within the schedule's [0, {num_train_timesteps})")
     noises, timesteps = [], []
     c = latent_shape[0]
     for sid in sample_ids:
@@ -44,7 +49,7 @@ def sample_noise_and_timesteps(
         if noise_offset:
             n = n + noise_offset * torch.randn((c, 1, 1), generator=g)
         noises.append(n)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        timesteps.append(torch.randint(lo, hi, (1,), generator=g))
     return torch.stack(noises), torch.cat(timesteps).long()
 
 
@@ -129,7 +134,7 @@ class NoisedLatents(NamedTuple):
 
 
 def noise_latents(vae, scheduler, batch: dict, device, dtype, step: int, seed: int,
-                  noise_offset: float = 0.0) -> NoisedLatents:
+                  noise_offset: float = 0.0, timestep_range: tuple[int, int] | None = None) -> NoisedLatents:
     """The batch's latents (fp32, no grad) and the noise, timesteps and noisy latents of one training
     step, every draw keyed by (seed, step, sample_id).
 
@@ -145,6 +150,6 @@ def noise_latents(vae, scheduler, batch: dict, device, dtype, step: int, seed: i
         else:
             latents = encode_latents(vae, batch["pixel_values"].to(device, dtype), ids, step, seed).float()
     noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), ids, step, seed,
-                                                  scheduler.config.num_train_timesteps, noise_offset)
+                                                  scheduler.config.num_train_timesteps, noise_offset, timestep_range)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
     return NoisedLatents(latents, noise, timesteps, scheduler.add_noise(latents, noise, timesteps))

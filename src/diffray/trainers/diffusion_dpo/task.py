@@ -63,7 +63,8 @@ class DiffusionDpoTask(DenoisingTask):
         both = {"sample_id": torch.cat([batch["sample_id"], batch["sample_id"]]),
                 "pixel_values": torch.cat([batch["pixel_values"], batch["pair_pixel_values"]]),
                 "input_ids": torch.cat([batch["input_ids"], batch["input_ids"]])}
-        n = self.family.noised(self.comps, both, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset)
+        n = self.family.noised(self.comps, both, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset,
+                              cfg.train.timestep_range)
         text = self.text_inputs(both, step, cfg.data.caption_dropout if dropout else 0.0)
         target = self.family.target(self.comps, n, self.prediction_type)
 
