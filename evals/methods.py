@@ -225,11 +225,7 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("ti-400", " (400 steps of 8, lr 5e-3)", ["train.max_steps=400", "train.micro_batch_size=8", "optim.lr=5e-3",
                                                   "train.checkpoint_every=200", "train.validate_every=null"])],
     "controlnet": [
-        ("controlnet-400", " (400 steps)", ["train.max_steps=400", "train.checkpoint_every=200",
-                                           "train.validate_every=null"]),
-        ("controlnet-world", " (world/canny, 600 steps of 8, lr 3e-3)", [
-            "data.path=builtin:world/canny", "optim.lr=3e-3", "train.max_steps=600", "train.micro_batch_size=8",
-            "train.checkpoint_every=300", "train.validate_every=null"])],
+        ("controlnet-all-t", " (every timestep, as before: train.timestep_range=null)", ["train.timestep_range=null"])],
     "ddpo_jpeg": [
         ("ddpo-lr1e-3", " (lr 1e-3, 20 epochs)", ["optim.lr=1e-3", "train.max_steps=20"]),
         ("ddpo-lr3e-3", " (lr 3e-3, 30 epochs)", ["optim.lr=3e-3", "train.max_steps=30"]),

@@ -93,6 +93,18 @@ def render_controlled(comps, controlnet, unet, pairs: list[tuple[Any, str]], res
     return rows
 
 
+def conditioning_info(data_path: str) -> dict | None:
+    """What made the control images (the card's `conditioning`): `diffray data condition`'s conditioning.json,
+    or a world set's dataset.json (builtin:world/canny); None when the dataset does not say."""
+    from diffray.data import resolve_data_path
+
+    root = Path(resolve_data_path(data_path))
+    if (root / "conditioning.json").is_file():
+        return json.loads((root / "conditioning.json").read_text())
+    made = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
+    return {"source": data_path, "type": made["conditioning"], "options": {}} if "conditioning" in made else None
+
+
 class ControlNetTask(DenoisingTask):
     """ControlNet in the shared loop."""
 
@@ -129,11 +141,7 @@ class ControlNetTask(DenoisingTask):
                                            self.cfg.run.seed, self.cfg.controlnet.conditioning_scale))
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
-        from diffray.data import resolve_data_path
-
         self.module.controlnet.save_pretrained(out_dir, safe_serialization=True)
-        info = Path(resolve_data_path(self.cfg.data.path)) / "conditioning.json"
-        conditioning = json.loads(info.read_text()) if info.is_file() else None
-        write_card(out_dir, {**card, "conditioning": conditioning,
+        write_card(out_dir, {**card, "conditioning": conditioning_info(self.cfg.data.path),
                              "conditioning_scale": self.cfg.controlnet.conditioning_scale})
         return out_dir
