@@ -116,14 +116,24 @@ def block_env(ray_address: str | None) -> dict[str, str]:
 
 
 # Ray's, Ray Data's, Ray Train's and DeepSpeed's own output: never on a diffray terminal unless --verbose.
-NOISE = ("Execution plan", "Starting execution of Dataset", "TrainingReport", "(RayTrainWorker", "(SplitCoordinator",
-         "(TrainController", "Started a local Ray instance", "DeepSpeed", "Setting accelerator", "RayDeprecationWarning")
+NOISE = ("Execution plan", "Starting execution of Dataset", "TrainingReport", "(RayTrainWorker",
+         "(SplitCoordinator", "(TrainController", "Started a local Ray instance", "DeepSpeed", "Setting accelerator",
+         "RayDeprecationWarning")
 
 
 # Appended to the README's `diffray demo` line (as test_tune.py appends shorter rungs to the tune line): the
 # demo's path in 40 of its 400 steps, scored on 4 star prompts (what the 400 steps learn: configs/demo.yaml).
 DEMO_STEPS = 40
 DEMO_SHORT = f"--num 4 train.max_steps={DEMO_STEPS}"
+# Appended to every `diffray eval` line: 8 prompt/seed pairs instead of 64 (the command's path is the same;
+# tests/integration/test_eval.py checks what the eval reads, make eval scores 64).
+EVAL_SHORT = "--num 8"
+
+
+def shortened(script: str) -> str:
+    """The block with EVAL_SHORT appended to its `diffray eval` lines (before any comment)."""
+    return "\n".join(f"{line.split('#')[0].rstrip()} {EVAL_SHORT}" if line.startswith("diffray eval ") else line
+                     for line in script.splitlines())
 
 
 def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
@@ -132,7 +142,7 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
         demo, script = script.split("\n", 1)
         assert demo.startswith("diffray demo "), demo
         demo_in_a_terminal(demo.split("#")[0].strip() + " " + DEMO_SHORT, cwd, env)
-    proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", shortened(script)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, f"README.md:{block.line} failed:\n{proc.stderr[-4000:]}"
     noise = [n for n in NOISE if n in proc.stdout + proc.stderr]
