@@ -21,16 +21,20 @@ from methods import ROW_NAMES  # noqa: E402
 
 
 def run_evals(tmp_path: Path, rows: str, num: int) -> tuple[subprocess.CompletedProcess, Path]:
+    """The script at smoke size on the session's cluster (it runs on the one in RAY_ADDRESS, as the CLI does)."""
+    import ray
+
     out = tmp_path / "EVALS.md"
     proc = subprocess.run([sys.executable, str(REPO / "evals" / "methods.py"), "--smoke", "--rows", rows, "--num",
                            str(num), "--work-dir", str(tmp_path / "work"), "--out", str(out), "--img-dir",
-                           str(tmp_path / "img")], cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""},
+                           str(tmp_path / "img")], cwd=tmp_path,
+                          env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
                           capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc, out
 
 
-def test_controlnet_row_writes_its_figures_table_and_grid(tmp_path):
+def test_controlnet_row_writes_its_figures_table_and_grid(ray_cluster, tmp_path):
     proc, out = run_evals(tmp_path, "controlnet", 2)
     figures = json.loads((tmp_path / "work" / "figures.json").read_text())
     assert [r["row"] for r in figures] == ["controlnet"]
@@ -56,7 +60,7 @@ def test_controlnet_row_writes_its_figures_table_and_grid(tmp_path):
 
 
 @pytest.mark.eval
-def test_every_row_runs_at_smoke_size(tmp_path):
+def test_every_row_runs_at_smoke_size(ray_cluster, tmp_path):
     proc, out = run_evals(tmp_path, ",".join(ROW_NAMES), 2)
     figures = json.loads((tmp_path / "work" / "figures.json").read_text())
     assert [r["row"] for r in figures] == list(ROW_NAMES)

@@ -172,12 +172,13 @@ def start_server(block: Block, cwd: Path, env: dict[str, str]) -> subprocess.Pop
     return proc
 
 
-def run_readme(kinds: set[str], cwd: Path, ray_address: str) -> list[str]:
-    """Run the blocks of `kinds` in README order; servers stay up until the end. Returns the ids run."""
+def run_readme(kinds: set[str], cwd: Path, ray_address: str, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Run the blocks of `kinds` (but the ids in `skip`) in README order; servers stay up until the end.
+    Returns the ids run."""
     servers, ran = [], []
     try:
         for block in BLOCKS:
-            if block.kind not in kinds:
+            if block.kind not in kinds or block.id in skip:
                 continue
             if block.server:
                 servers.append(start_server(block, cwd, block_env(None)))  # its own cluster: its own HTTP port
@@ -203,7 +204,8 @@ def test_readme_default_blocks(ray_cluster, workdir):
 def test_readme_all_blocks(ray_cluster, workdir):
     import ray
 
-    ran = run_readme({"default", "slow"}, workdir, ray.get_runtime_context().gcs_address)
+    # The default blocks again (the slow ones use their outputs), but `world`: nothing after it reads ./data/world.
+    ran = run_readme({"default", "slow"}, workdir, ray.get_runtime_context().gcs_address, skip=frozenset({"world"}))
     assert {"data", "train", "serve", "requests"} <= set(ran)
     answer = json.loads((workdir / "outputs" / "openai.json").read_text())
     assert answer["data"][0]["b64_json"]
