@@ -35,11 +35,11 @@ demo: setup
 	$(BIN)/diffray demo --config configs/demo.yaml --out-dir outputs
 
 test: setup
-	$(BIN)/python -m pytest tests -m "not slow and not gpu and not eval" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "not slow and not gpu and not eval" --durations=30 $(PYTEST_ARGS)
 
 # The long cases (option matrix, every shipped config end to end); CI runs them after `test`.
 test-slow: setup
-	$(BIN)/python -m pytest tests -m "slow and not gpu and not eval" --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -m "slow and not gpu and not eval" --durations=30 $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/python -m pytest tests -m "not gpu and not eval" $(PYTEST_ARGS)
