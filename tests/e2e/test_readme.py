@@ -130,9 +130,14 @@ DEMO_SHORT = f"--num 4 train.max_steps={DEMO_STEPS}"
 EVAL_SHORT = "--num 8"
 
 
+def appended(line: str, args: str) -> str:
+    """A README command line without its comment, `args` appended."""
+    return f"{line.split('#')[0].rstrip()} {args}"
+
+
 def shortened(script: str) -> str:
-    """The block with EVAL_SHORT appended to its `diffray eval` lines (before any comment)."""
-    return "\n".join(f"{line.split('#')[0].rstrip()} {EVAL_SHORT}" if line.startswith("diffray eval ") else line
+    """The block with EVAL_SHORT appended to its `diffray eval` lines."""
+    return "\n".join(appended(line, EVAL_SHORT) if line.startswith("diffray eval ") else line
                      for line in script.splitlines())
 
 
@@ -141,7 +146,7 @@ def run_block(block: Block, cwd: Path, env: dict[str, str]) -> None:
     if block.id == "train":  # its first line, `diffray demo`, runs in a terminal: what `make demo` shows a person
         demo, script = script.split("\n", 1)
         assert demo.startswith("diffray demo "), demo
-        demo_in_a_terminal(demo.split("#")[0].strip() + " " + DEMO_SHORT, cwd, env)
+        demo_in_a_terminal(appended(demo, DEMO_SHORT), cwd, env)
     proc = subprocess.run(["bash", "-euxo", "pipefail", "-c", shortened(script)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=3600)
     assert proc.returncode == 0, f"README.md:{block.line} failed:\n{proc.stderr[-4000:]}"
