@@ -443,7 +443,7 @@ def test_mixed_load_one_in_four_hostile_every_well_formed_request_succeeds(hosti
 # ------------------------------------------------------------------------------------------- Schemathesis
 # Driven through schemathesis' Python API (one Hypothesis run per operation and generation mode): its
 # pytest plugin (`from_fixture`) does not run under pytest 9.2.
-OPERATIONS = [("GET", "/healthz"), ("GET", "/v1/models"), ("POST", "/v1/images/generations"),
+OPERATIONS = [("GET", "/healthz"), ("GET", "/v1/models"), ("GET", "/v1/status"), ("POST", "/v1/images/generations"),
               ("POST", "/v1/generate"), ("POST", "/v1/feedback")]
 CHECK_NAMES = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
                "response_schema_conformance", "ignored_auth")

@@ -32,6 +32,9 @@ def test_overrides_reach_args_and_http_options():
 @pytest.mark.parametrize("data,field", [
     ({"limits": {"max_n": 0}}, "limits.max_n"),
     ({"generator": {"autoscaling": {"min_replicas": 3, "max_replicas": 1}}}, "generator.autoscaling"),
+    ({"generator": {"autoscaling": {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 3}}},
+     "generator.autoscaling"),
+    ({"generator": {"autoscaling": {"look_back_period_s": 0}}}, "generator.autoscaling.look_back_period_s"),
     ({"batching": {"max_batch_size": "many"}}, "batching.max_batch_size"),
     ({"modle": "x"}, "modle"),
     ({"controlnets": {"canny": {"path": "x", "preprocess": "sobel"}}}, "controlnets.canny.preprocess"),
@@ -90,6 +93,15 @@ def test_build_app_deployment_options():
     args = parse_args({"generator": {"max_queued_requests": 5, "autoscaling": {"max_replicas": 3}}})
     opts = generator_options(args)
     assert opts["max_queued_requests"] == 5 and opts["autoscaling_config"]["max_replicas"] == 3
+    assert "downscale_to_zero_delay_s" not in opts["autoscaling_config"]  # Serve's default: downscale_delay_s
+    auto = {"min_replicas": 0, "max_replicas": 2, "downscale_to_zero_delay_s": 5, "look_back_period_s": 2,
+            "metrics_interval_s": 0.5}
+    opts = generator_options(parse_args({"generator": {"autoscaling": auto}}))
+    from ray.serve.config import AutoscalingConfig
+
+    serve_side = AutoscalingConfig(**opts["autoscaling_config"])  # Serve accepts every key as we pass it
+    assert (serve_side.min_replicas, serve_side.initial_replicas, serve_side.downscale_to_zero_delay_s,
+            serve_side.look_back_period_s, serve_side.metrics_interval_s) == (0, 0, 5, 2, 0.5)
     app = build_app({"auth": {"api_keys": ["k"]}})
     assert type(app).__name__ == "Application"
 

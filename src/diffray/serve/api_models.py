@@ -76,6 +76,29 @@ class FeedbackAccepted(BaseModel):
     duplicate: bool = Field(False, description="True: this id was already stored with the same content.")
 
 
+class ReplicaEntry(BaseModel):
+    id: str = Field(..., description="The Generator replica's id (also each image answer's X-Diffray-Replica).")
+    resident_adapters: list[str] | None = Field(None, description="Adapters loaded on it at its last answer to this "
+                                                "ingress replica; null before its first answer.")
+    answered: int = Field(0, description="Requests it answered for this ingress replica.")
+    last_answer_s_ago: float | None = Field(None, description="Seconds since its last answer to this ingress replica.")
+
+
+class GeneratorStatus(BaseModel):
+    status: str = Field(..., description="Serve's deployment status: HEALTHY, UPSCALING, DOWNSCALING, ...")
+    replicas: dict[str, int] = Field(..., description="Replica count by Serve's replica state (RUNNING, STARTING, "
+                                     "STOPPING, ...).")
+    running: int = Field(..., description="Replicas serving now.")
+
+
+class ServerStatus(BaseModel):
+    generator: GeneratorStatus
+    replicas: list[ReplicaEntry] = Field(..., description="The Generator's replicas alive now (running, starting or "
+                                         "stopping).")
+    in_flight: int = Field(..., description="Requests this ingress replica has passed to the Generator and not yet "
+                           "answered (queued or running): the queue depth as this ingress sees it.")
+
+
 def error_responses(*codes: int) -> dict:
     """The `responses=` of a route: the error shape for each status it can answer."""
     return {code: {"model": ErrorResponse} for code in codes}

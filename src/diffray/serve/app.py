@@ -33,7 +33,10 @@ def generator_options(args: ServeArgs) -> dict[str, Any]:
             "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
             "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s}
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s, "metrics_interval_s": a.metrics_interval_s}
+        if a.downscale_to_zero_delay_s is not None:
+            opts["autoscaling_config"]["downscale_to_zero_delay_s"] = a.downscale_to_zero_delay_s
     return opts
 
 
@@ -66,6 +69,7 @@ def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool 
 
     from diffray.cluster import connect_ray
     from diffray.serve.config import load_serve_file
+    from diffray.serve.replicas import log_replica_changes
 
     http_options, app, args = load_serve_file(path, overrides)
     host = str(http_options.get("host", "127.0.0.1"))
@@ -74,5 +78,5 @@ def run_from_file(path: str, overrides: list[str] | None = None, blocking: bool 
     serve.run(build_app(args.model_dump(mode="json")), name=app["name"], route_prefix=app["route_prefix"])
     log.info("serving %s at http://%s:%s%s (API docs at /docs); Ctrl-C stops", app["name"], host,
              http_options.get("port", 8000), app["route_prefix"] or "/")
-    if blocking:
-        threading.Event().wait()  # until Ctrl-C (KeyboardInterrupt), as `serve run` waits
+    if blocking:  # until Ctrl-C (KeyboardInterrupt), as `serve run` waits; replica count changes are logged
+        log_replica_changes(app["name"], threading.Event())

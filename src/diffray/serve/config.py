@@ -55,11 +55,19 @@ class Autoscaling(Section):
     target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
     upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before adding a replica.")
     downscale_delay_s: float = Field(120.0, ge=0, description="Sustained idleness before removing one.")
+    downscale_to_zero_delay_s: float | None = Field(None, ge=0, description="Idleness before the last replica "
+                                                    "goes when min_replicas is 0 (default downscale_delay_s).")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the ongoing-request average is taken over.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often handles and replicas report their load "
+                                      "to Serve's controller (a scale-up waits for the next report).")
 
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) is outside min_replicas..max_replicas "
+                             f"({self.min_replicas}..{self.max_replicas})")
         return self
 
 

@@ -21,20 +21,21 @@ from fastapi import FastAPI, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, ModelError, RequestError
 from diffray.serve import pages
 from diffray.serve.batcher import Batcher
 from diffray.serve.api_models import (BEARER, FeedbackAccepted, GenerateResponse, Health, ImagesResponse, ModelList,
-                                      error_responses)
+                                      ServerStatus, error_responses)
 from diffray.serve.artifacts import card_text
 from diffray.serve.config import parse_args
 from diffray.serve.exposure import enforce
 from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
 from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
 from diffray.serve.registry import AdapterRegistry
+from diffray.serve.replicas import generator_replicas
 from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job,
                                    images_job)
 
@@ -139,7 +140,7 @@ class Generator:
             raise
         if isinstance(result, BaseException):  # this job's own failure; its batch-mates are unaffected
             raise result
-        return {"images": result, "replica": self.replica_id}
+        return {"images": result, "replica": self.replica_id, "resident": sorted(self.engine.adapters.loaded)}
 
     def info(self) -> dict:
         return {"replica": self.replica_id, **self.engine.info()}
@@ -163,6 +164,9 @@ class Ingress:
         self.default_size = self.args.default_size or _native_size(resolve_model_path(self.args.model))
         fb = self.args.feedback
         self.feedback = FeedbackStore(fb.path) if fb.enabled else None
+        self.app_name = serve.get_replica_context().app_name
+        self.in_flight = 0
+        self.answers: dict[str, dict] = {}  # Generator replica id -> its last answer's resident adapters, count, time
 
     # ----------------------------------------------------------------------------------------- routes
     @api.get("/healthz", summary="Liveness: 200 while the ingress answers", response_model=Health)
@@ -177,6 +181,25 @@ class Ingress:
              include_in_schema=False)
     async def playground_asset(self, name: str) -> Response:
         return pages.asset(name)
+
+    @api.get("/v1/status", summary="The Generator's replicas (count by state; each running one's resident adapters "
+             "as last seen) and the requests in flight", response_model=ServerStatus, dependencies=AUTH,
+             responses=error_responses(401, 503))
+    async def status(self) -> dict:
+        try:
+            deployment, live = await asyncio.to_thread(generator_replicas, self.app_name)
+        except RayError:  # Serve's controller restarting
+            raise _overloaded("Serve's controller did not answer; retry", self.args.generator.retry_after_s) from None
+        now = time.monotonic()
+        for gone in set(self.answers) - set(live):
+            del self.answers[gone]
+        replicas = []
+        for rid in live:
+            seen = self.answers.get(rid)
+            replicas.append({"id": rid, "resident_adapters": seen and seen["resident"],
+                             "answered": seen["answered"] if seen else 0,
+                             "last_answer_s_ago": round(now - seen["at"], 3) if seen else None})
+        return {"generator": deployment, "replicas": replicas, "in_flight": self.in_flight}
 
     @api.get("/v1/models", summary="The base model and every adapter (rescanned per call; broken ones listed "
              "as unavailable with the reason)", response_model=ModelList, dependencies=AUTH,
@@ -276,6 +299,16 @@ class Ingress:
         handle = self.generator.options(multiplexed_model_id=key) if key else self.generator
         retry_after = self.args.generator.retry_after_s
         job.timeout_s = self.args.limits.request_timeout_s
+        self.in_flight += 1
+        try:
+            result = await self._attempts(job, handle, param, retry_after)
+        finally:
+            self.in_flight -= 1
+        seen = self.answers.setdefault(result["replica"], {"answered": 0})
+        seen.update(resident=result.get("resident", []), at=time.monotonic(), answered=seen["answered"] + 1)
+        return result
+
+    async def _attempts(self, job: Job, handle, param: str, retry_after: int) -> dict:
         for attempt in range(2):
             job.job_id = uuid.uuid4().hex
             response = handle.generate.remote(job)
