@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import serve_autoscale as bench  # noqa: E402
+from serve_helpers import Server  # noqa: E402
 from testkit.net import free_port  # noqa: E402
 from testkit.wait import wait_until  # noqa: E402
 
@@ -30,12 +31,9 @@ def serve_port(ray_cluster):
 
 
 def get_status(url: str) -> dict:
-    import json
-    import urllib.request
-
-    req = urllib.request.Request(url + "/v1/status", headers={"Authorization": f"Bearer {bench.KEY}"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    status, js, _ = Server(url, Path()).call("GET", "/v1/status", key=bench.KEY, timeout=30)
+    assert status == 200, js
+    return js
 
 
 class Lines(logging.Handler):
