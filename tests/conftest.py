@@ -37,9 +37,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3():
+    """A real S3 endpoint on 127.0.0.1 (tests/testkit/s3.py) for the whole session. Its AWS_* variables are set
+    in this process before any Ray cluster starts, so Ray workers and CLI commands reach it too."""
+    from testkit.s3 import S3Endpoint
+
+    endpoint = S3Endpoint()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in endpoint.env.items():
+            mp.setenv(k, v)
+        yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
     """A local Ray cluster for integration tests (started once, shut down at the end). The dashboard
-    (localhost) serves the state API that Ray Train's placement-group cleaner needs."""
+    (localhost) serves the state API that Ray Train's placement-group cleaner needs. Its workers see the
+    session's S3 endpoint."""
     import ray
 
     if not ray.is_initialized():

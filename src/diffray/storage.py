@@ -10,6 +10,7 @@ This module must never import Ray, torch or anything heavier than pyarrow.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import shutil
@@ -21,6 +22,7 @@ import pyarrow.fs as pafs
 
 from diffray.errors import StorageError
 
+MANIFEST = "diffray_manifest.json"  # written last into a folder copied to object storage: its files and sizes
 LOCAL_LOGS = "runs-logs"  # a URI run keeps its logs (metrics, TensorBoard, reports) under ./runs-logs/<name>
 
 
@@ -117,8 +119,10 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     On local disk the new folder is assembled beside `dest` and swapped in with renames, so a reader
     sees the old folder or the new one, never half of one.
     """
-    if is_uri(dest):
-        pafs.copy_files(src, dest, source_filesystem=fs)
+    if is_uri(dest):  # no rename on object storage: the manifest, written last, says the copy is whole
+        dfs, dpath = resolve(dest)
+        pafs.copy_files(src, dpath, source_filesystem=fs, destination_filesystem=dfs)
+        write_manifest(dfs, dpath)
         return dest
     dest = absolute(dest)
     tmp, old = f"{dest}.tmp-{uuid.uuid4().hex[:8]}", f"{dest}.old-{uuid.uuid4().hex[:8]}"
@@ -129,6 +133,30 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def write_manifest(fs: pafs.FileSystem, root: str) -> dict[str, int]:
+    """Write `root/MANIFEST` listing every other file under `root` with its size; call it after the last file
+    is written. Readers on object storage treat a folder as whole only when its manifest agrees (`incomplete`)."""
+    files = {posixpath.relpath(i.path, root): i.size for i in list_files(fs, root, recursive=True)}
+    files.pop(MANIFEST, None)
+    with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
+        f.write(json.dumps({"files": files}, sort_keys=True).encode())
+    return files
+
+
+def incomplete(manifest: bytes | None, sizes: dict[str, int]) -> str | None:
+    """Why a folder whose files have `sizes` (relative path -> bytes) is not whole by its manifest's bytes
+    (None when it is): no manifest yet, an unreadable one, or a file it names missing or of another size."""
+    if manifest is None:
+        return f"no {MANIFEST} yet (an upload in progress, or one that did not finish with it)"
+    try:
+        files = json.loads(manifest.decode("utf-8"))["files"]
+        wanted = {str(k): int(v) for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is not a JSON object with a files map"
+    missing = sorted(k for k, v in wanted.items() if sizes.get(k) != v)
+    return f"{len(missing)} file(s) missing or of another size than {MANIFEST} says: {missing[:3]}" if missing else None
 
 
 def local_dir(base: str, *parts: str) -> str:

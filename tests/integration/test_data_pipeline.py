@@ -190,6 +190,36 @@ def test_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_clu
     assert set(other.values()).isdisjoint(folders.values()) and len(list(cache_root.iterdir())) == 2
 
 
+def test_latent_cache_on_object_storage_is_built_once_reused_and_equal_to_a_local_one(ray_cluster, s3, tmp_path):
+    """`data.cache: s3://...` (a real S3 endpoint on 127.0.0.1): the Ray Data job writes its shards there,
+    cache.json last; an interrupted build's leftovers are cleared, a finished cache is reused, and it holds
+    the same rows as the same cache on local disk."""
+    from diffray.data.cache import read_cache
+
+    data = write_sample_dataset(tmp_path / "s", num_images=8) / "train"
+    common = [f"data.path={data}", "scaling.num_workers=1"]
+    root = f"{s3.bucket('latents')}/cache"
+    cfg = lora_cfg(tmp_path, "s3", *common, f"data.cache={root}")
+    (local,) = prepare_data(lora_cfg(tmp_path, "local", *common, f"data.cache={tmp_path / 'c'}")).values()
+    key = Path(local).name
+    leftover = f"{root}/{key}/shards/from-an-interrupted-build.parquet"
+    pq.write_table(pa.table({"sample_id": [99]}), leftover.removeprefix("s3://"), filesystem=s3.fs)
+
+    (folder,) = prepare_data(cfg).values()
+    assert folder == f"{root}/{key}", "the same key as on local disk"
+    keys = s3.keys(folder)
+    assert f"{folder[5:]}/cache.json" in keys and leftover[5:] not in keys, keys
+    info = json.loads(s3.fs.open_input_stream(f"{folder[5:]}/cache.json").read())
+    assert info["rows"] == 8 and info["quarantined"] == 0
+    assert prepare_data(cfg) == {"train": folder} and s3.keys(folder) == keys, "reused, not rebuilt"
+
+    remote, here = read_cache(folder).to_pandas(), read_cache(local).to_pandas()
+    assert remote["sample_id"].tolist() == here["sample_id"].tolist() == list(range(8))
+    for col in ("latent_mean", "latent_std", "prompt_embeds"):
+        np.testing.assert_allclose(np.stack(remote[col].map(np.stack)), np.stack(here[col].map(np.stack)),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_cache_and_worker_splits_hold_the_same_rows_in_the_same_order_on_every_run(ray_cluster, tmp_path):
     """A seed reproduces a run only if the rows reach the workers in the same order: the latent cache is
     read back in sample-id order (whatever order its encoder batches were written in) and Ray Train's

@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,11 +93,12 @@ def cache_key(cfg, model_path: str, path: str, prompt: str | None = None, id_off
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cache_root(cfg) -> Path:
+def cache_root(cfg) -> str:
+    """The configured cache root: an absolute local path, or a URI (s3://...) every node reads."""
     c = cfg.data.cache
     if c == "off":
         raise ValueError("data.cache is off")
-    return (cache_dir() / "latents") if c == "auto" else Path(c).expanduser().resolve()
+    return str(cache_dir() / "latents") if c == "auto" else storage.absolute(c)
 
 
 class Encoder:
@@ -148,22 +151,30 @@ def encoder_resources(scaling, cluster_cpus: float) -> tuple[float, int]:
 
 
 def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0,
-                batch_size: int = 16) -> tuple[Path, bool]:
-    """The cache folder for this dataset and settings, built if absent; returns (folder, built now).
+                batch_size: int = 16) -> tuple[str, bool]:
+    """The cache folder (a path or URI) for this dataset and settings, built if absent; returns (folder, built now).
 
     The job validates (quarantine report into the folder; fails above `data.max_bad_fraction`),
-    preprocesses and encodes; it writes into a temporary sibling and renames it into place last, so
+    preprocesses and encodes. `cache.json` marks a finished cache and is written last: on local disk
+    the cache is built in a temporary sibling renamed into place; on object storage (no rename) the
+    shards go straight to the folder, after clearing what an interrupted build left there. Either way
     an interrupted build is never read.
     """
     from diffray.data.pipeline import prepare_training_dataset
 
-    out = cache_root(cfg) / cache_key(cfg, model_path, path, prompt, id_offset)
-    if (out / CACHE_INFO).is_file():
+    out = storage.join(cache_root(cfg), cache_key(cfg, model_path, path, prompt, id_offset))
+    if storage.exists(storage.join(out, CACHE_INFO)):
         return out, False
     t0 = time.time()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remote = storage.is_uri(out)
+    tmp = Path(tempfile.mkdtemp(prefix="diffray-cache-")) if remote else Path(out).with_name(
+        f".{Path(out).name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if remote:
+        fs, inner = storage.resolve(out)
+        fs.create_dir(inner, recursive=True)
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
     ds, report = prepare_training_dataset(path, model_path, cfg.data, cfg.run.seed, tmp, prompt, id_offset)
     cpus, pool = encoder_resources(cfg.scaling, ray.cluster_resources().get("CPU", 1.0))
     encoded = ds.map_batches(Encoder, batch_size=batch_size, batch_format="numpy",
@@ -171,42 +182,54 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
                                                     "threads": int(cfg.scaling.cpus_per_worker)},
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus,
                              num_gpus=1 if cfg.scaling.use_gpu else 0)
-    encoded.write_parquet(str(tmp / SHARDS))  # rows in any order: `read_cache` returns them in sample-id order
-    info = {"key": out.name, "settings": cache_settings(cfg, path, prompt, id_offset), "model": model_path,
-            "rows": report.used, "quarantined": len(report.quarantined), "build_time_s": round(time.time() - t0, 3)}
-    (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another build of the same key finished first: use that one
+    # rows in any order: `read_cache` returns them in sample-id order
+    encoded.write_parquet(storage.join(out, SHARDS) if remote else str(tmp / SHARDS))
+    info = {"key": posixpath.basename(out), "settings": cache_settings(cfg, path, prompt, id_offset),
+            "model": model_path, "rows": report.used, "quarantined": len(report.quarantined),
+            "build_time_s": round(time.time() - t0, 3)}
+    if remote:  # the data report, then cache.json last
+        for f in (p for p in tmp.rglob("*") if p.is_file()):
+            storage.write_bytes(storage.join(out, str(f.relative_to(tmp))), f.read_bytes())
+        storage.write_text(storage.join(out, CACHE_INFO), json.dumps(info, indent=2) + "\n")
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / CACHE_INFO).is_file():
-            raise
+    else:
+        (tmp / CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another build of the same key finished first: use that one
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (Path(out) / CACHE_INFO).is_file():
+                raise
     log.info("latent cache %s: %d rows encoded, %d quarantined in %.1fs", out, report.used, len(report.quarantined),
              info["build_time_s"])
     return out, True
 
 
-def read_cache(folder: Path) -> ray.data.Dataset:
-    """The cached rows of a built cache folder."""
-    if not (folder / CACHE_INFO).is_file():
+def read_cache(folder: str | Path) -> ray.data.Dataset:
+    """The cached rows of a built cache folder (a path or URI)."""
+    folder = str(folder)
+    if not storage.exists(storage.join(folder, CACHE_INFO)):
         raise DatasetError(f"{folder}: not a latent cache (no {CACHE_INFO}); build it with `diffray data prepare`")
-    ds = in_order(ray.data.read_parquet(str(folder / SHARDS)))  # Ray reads the files in name order
-    return ds if ids_ascending(folder / SHARDS) else ds.sort("sample_id")
+    shards = storage.join(folder, SHARDS)
+    ds = in_order(ray.data.read_parquet(shards))  # Ray reads the files in name order
+    return ds if ids_ascending(shards) else ds.sort("sample_id")
 
 
-def ids_ascending(shards: Path) -> bool:
+def ids_ascending(shards: str) -> bool:
     """Whether the shards (in file-name order) hold their rows in ascending sample-id order. Ray Data
     writes a cache's rows in the order its encoder batches finish, even with `preserve_order`; training
     needs one order on every run (a seed reproduces a run), so a cache that is not already in id order
     is read through a sort (about 12 s for 30k rows of the tiny world on 2 CPUs; this check reads only
     the id column)."""
-    ids = [pq.read_table(f, columns=["sample_id"])["sample_id"].to_numpy() for f in sorted(shards.rglob("*.parquet"))]
+    fs, root = storage.resolve(shards)
+    files = [i.path for i in storage.list_files(fs, root, recursive=True) if i.path.endswith(".parquet")]
+    ids = [pq.read_table(f, columns=["sample_id"], filesystem=fs)["sample_id"].to_numpy() for f in files]
     return bool(np.all(np.diff(np.concatenate(ids)) > 0)) if ids else True
 
 
 def cached_dataset(cfg, model_path: str, path: str, prompt: str | None = None, id_offset: int = 0) -> ray.data.Dataset:
     """The training dataset from the latent cache (built first if absent)."""
     folder, _ = build_cache(cfg, model_path, path, prompt, id_offset)
-    info = json.loads((folder / CACHE_INFO).read_text())
+    info = json.loads(storage.read_text(storage.join(folder, CACHE_INFO)))
     log.info("data %s: %d rows from latent cache %s, %d quarantined", path, info["rows"], folder, info["quarantined"])
     return read_cache(folder)
