@@ -338,6 +338,17 @@ def serve_app(config: Path = typer.Argument(Path("configs/serve.yaml"), help="Se
     run_from_file(str(config), overrides or [])
 
 
+@app.command("publish")
+def publish(artifact: str = typer.Argument(..., help="A trained artifact: runs/NAME/artifact, or its URI"),
+            adapters_dir: str = typer.Argument(..., help="The serve app's adapters_dir: a folder, s3://..., gs://..."),
+            adapter_id: str = typer.Argument(..., help="The id to serve it as"),
+            replace: bool = typer.Option(False, help="Replace an adapter of the same id")) -> None:
+    """Put an artifact into a serve registry, checked as the server checks it and never half-visible there."""
+    from diffray.loop import publish_adapter
+
+    typer.echo(f"published {adapter_id}: {publish_adapter(artifact, adapters_dir, adapter_id, replace)}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line and an exit code, never a traceback."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -22,14 +22,14 @@ SERVE_CONFIG = typer.Option(Path("configs/serve.yaml"), "--serve-config", help="
                             "and adapters_dir are used (when --db / --adapters-dir are not given)")
 
 
-def _serve_paths(serve_config: Path, db: Optional[Path], adapters_dir: Optional[Path]) -> tuple[Path, Path]:
+def _serve_paths(serve_config: Path, db: Optional[Path], adapters_dir: Optional[str]) -> tuple[Path, str]:
     """(feedback store, adapter registry): the options when given, else the serve config's."""
     if db is not None and adapters_dir is not None:
         return db, adapters_dir
     from diffray.serve.config import load_serve_file
 
     args = load_serve_file(str(serve_config))[2]
-    return db or Path(args.feedback.path), adapters_dir or Path(args.adapters_dir)
+    return db or Path(args.feedback.path), adapters_dir or args.adapters_dir
 
 
 @feedback_app.command("train")
@@ -42,8 +42,8 @@ def feedback_train(
     then_set: Optional[list[str]] = typer.Option(None, "--then-set", help="key.path=value override of the --then "
                                                  "job (repeatable)"),
     db: Optional[Path] = typer.Option(None, help="Feedback store (SQLite); default: feedback.path of --serve-config"),
-    adapters_dir: Optional[Path] = typer.Option(None, help="Adapter registry to publish into; default: "
-                                                "adapters_dir of --serve-config"),
+    adapters_dir: Optional[str] = typer.Option(None, help="Adapter registry to publish into (a folder or "
+                                               "s3://...); default: adapters_dir of --serve-config"),
     serve_config: Path = SERVE_CONFIG,
     export: Optional[Path] = typer.Option(None, help="Where the Parquet export goes (default "
                                           "outputs/feedback/<id>.parquet)"),

@@ -54,54 +54,67 @@ def summarize_export(path: Path) -> FeedbackSummary:
     return FeedbackSummary(Path(path), len(prefs), sum(p is not None for p in prefs), prompts)
 
 
-def check_new_id(adapters_dir: Path, adapter_id: str, replace: bool) -> None:
+def check_new_id(adapters_dir: str | Path, adapter_id: str, replace: bool) -> None:
     """The id is a valid adapter id, not the base model's, and free unless `replace`.
 
     Raises:
         ConfigError: naming --publish.
     """
+    from diffray import storage
     from diffray.serve.registry import valid_id
     from diffray.serve.schemas import BASE_IDS
 
     if not valid_id(adapter_id) or adapter_id.startswith(".") or adapter_id in BASE_IDS:
         raise ConfigError(f"{adapter_id!r} is not an adapter id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with "
                           "'.', not 'base'", field="publish")
-    taken = [p for p in (adapters_dir / adapter_id, adapters_dir / f"{adapter_id}.safetensors") if p.exists()]
+    names = (adapter_id, f"{adapter_id}.safetensors")
+    taken = [p for p in (storage.join(str(adapters_dir), n) for n in names) if storage.exists(p)]
     if taken and not replace:
         raise ConfigError(f"adapter {adapter_id!r} already exists ({taken[0]}): pick another id or pass --replace",
                           field="publish")
 
 
 def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, replace: bool = False,
-                    card_extra: dict[str, Any] | None = None) -> Path:
-    """Copy the artifact folder `artifact` (a local path or URI) into the registry `adapters_dir` as
-    `adapter_id`, atomically; `card_extra` is merged into its diffray_card.json. Returns the new folder.
+                    card_extra: dict[str, Any] | None = None) -> str:
+    """Copy the artifact folder `artifact` (a local path or URI) into the registry `adapters_dir` (a folder or
+    an object-storage URI) as `adapter_id`; `card_extra` is merged into its diffray_card.json. Returns where
+    it went. In a folder the copy is renamed into place; on object storage its manifest is written last
+    (`storage.copy_dir`), so a registry never serves half of it.
 
     Raises:
         ConfigError: a bad or taken id.
         DiffrayError: the artifact is not one the server can serve (the registry's reason), or unreadable.
     """
+    import tempfile
+
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
     from diffray import storage
     from diffray.serve.registry import AdapterRegistry
 
-    root = Path(adapters_dir).expanduser().resolve()
+    remote = storage.is_uri(adapters_dir)
+    root = str(adapters_dir) if remote else Path(adapters_dir).expanduser().resolve()
     check_new_id(root, adapter_id, replace)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{adapter_id}.publish-{uuid.uuid4().hex[:8]}"
+    if not remote:
+        root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="diffray-publish-")) if remote else root
+    tmp = staging / f".{adapter_id}.publish-{uuid.uuid4().hex[:8]}"
     try:
         fs, src = storage.resolve(artifact)
         tmp.mkdir()
         pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        (tmp / storage.MANIFEST).unlink(missing_ok=True)  # an object-storage artifact's: a new one is written
         if card_extra:
             card_path = tmp / "diffray_card.json"
             card = json.loads(card_path.read_text()) if card_path.is_file() else {}
             card_path.write_text(json.dumps({**card, **card_extra}, indent=2, default=str))
-        info = AdapterRegistry(root).inspect(tmp.name)
+        info = AdapterRegistry(staging).inspect(tmp.name)
         if info is None or info.problem or info.kind not in PUBLISHABLE:
             why = info.problem if info is not None and info.problem else f"kind {getattr(info, 'kind', 'none')}"
             raise DiffrayError(f"{artifact}: the server cannot serve this artifact ({why})")
+        if remote:
+            return _upload(tmp, root, adapter_id, replace)
         final = root / adapter_id
         old = root / f".{adapter_id}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
@@ -109,11 +122,32 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        return final
-    except OSError as exc:
+        return str(final)
+    except (OSError, pa.ArrowException) as exc:
         raise DiffrayError(f"cannot publish {artifact} to {root}: {exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _upload(folder: Path, root: str, adapter_id: str, replace: bool) -> str:
+    """Upload a checked artifact to `root/adapter_id` on object storage; a replaced one is removed first
+    (its manifest first of all, so no reader takes the old and new files for one adapter)."""
+    import pyarrow.fs as pafs
+
+    from diffray import storage
+
+    dest = storage.join(root, adapter_id)
+    fs, path = storage.resolve(dest)
+    if storage.exists(dest) or storage.exists(f"{dest}.safetensors"):
+        check_new_id(root, adapter_id, replace)  # taken since the first check: refuse unless replacing
+        for gone in (f"{path}/{storage.MANIFEST}", f"{path}.safetensors"):
+            if fs.get_file_info(gone).type == pafs.FileType.File:
+                fs.delete_file(gone)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    return storage.copy_dir(pafs.LocalFileSystem(), str(folder), dest)
 
 
 @dataclass
@@ -121,7 +155,7 @@ class LoopResult:
     summary: FeedbackSummary
     runs: list = field(default_factory=list)  # RunResult of each training, in order
     adapter_id: str = ""
-    adapter_dir: Path | None = None
+    adapter_dir: str | None = None
 
 
 def plan_configs(config: Path, overrides: list[str], then: Path | None, then_overrides: list[str],
@@ -152,17 +186,18 @@ def plan_configs(config: Path, overrides: list[str], then: Path | None, then_ove
     return first, load_config(then, [f"run.name={run_name}", *then_overrides, *reward])
 
 
-def run_loop(db: Path, adapters_dir: Path, adapter_id: str, config: Path, overrides: list[str],
+def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, overrides: list[str],
              then: Path | None = None, then_overrides: list[str] | None = None, replace: bool = False,
              export: Path | None = None, train=None, echo=print) -> LoopResult:
     """Export the store `db`, train on it (and DDPO after a reward model), publish the adapter.
     `train(cfg)` runs one job and returns its RunResult (default: `run_training`)."""
+    from diffray import storage
     from diffray.serve.artifacts import sha256_file
     from diffray.serve.feedback_store import export_parquet
 
     if train is None:
         from diffray.trainers.runner import run_training as train
-    adapters_dir = Path(adapters_dir).expanduser()
+    adapters_dir = str(adapters_dir) if storage.is_uri(adapters_dir) else Path(adapters_dir).expanduser()
     check_new_id(adapters_dir, adapter_id, replace)
     export = Path(export or Path("outputs") / "feedback" / f"{adapter_id}.parquet").absolute()
     plan_configs(config, overrides, then, then_overrides or [], export, adapter_id)  # fail before exporting

@@ -48,7 +48,7 @@ def test_publish_is_atomic_checked_and_refuses_a_taken_id(tmp_path):
     registry = tmp_path / "adapters"
     art = lora_artifact(tmp_path / "run" / "artifact")
     out = publish_adapter(str(art), registry, "aligned-v1", card_extra={"feedback": {"pairs": 3}})
-    assert out == (registry / "aligned-v1").resolve()
+    assert out == str((registry / "aligned-v1").resolve())
     info = AdapterRegistry(registry).get("aligned-v1")
     assert info.kind == "lora" and info.card["feedback"] == {"pairs": 3} and info.card["method"] == "diffusion_dpo"
     assert sorted(p.name for p in registry.iterdir()) == ["aligned-v1"], "no temporary folder is left behind"

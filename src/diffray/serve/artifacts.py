@@ -175,8 +175,15 @@ def read_card(folder: Path) -> dict[str, Any]:
         return {}
     if not path.is_file() or path.stat().st_size > MAX_CARD_BYTES:
         raise ArtifactProblem(f"{CARD}: not a regular file of at most {MAX_CARD_BYTES} bytes")
+    return parse_card(path.read_bytes())
+
+
+def parse_card(raw: bytes) -> dict[str, Any]:
+    """A model card's bytes as a dict. Raises ArtifactProblem as `read_card` does."""
+    if len(raw) > MAX_CARD_BYTES:
+        raise ArtifactProblem(f"{CARD}: not a regular file of at most {MAX_CARD_BYTES} bytes")
     try:
-        card = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constant)
+        card = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
     except (ValueError, RecursionError):
         raise ArtifactProblem(f"{CARD}: not valid JSON") from None
     if not isinstance(card, dict):

@@ -112,7 +112,10 @@ class FeedbackSection(Section):
 class ServeArgs(Section):
     model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny.")
     adapters_dir: str = Field("./adapters", description="Adapter registry: a folder of artifact dirs, one per "
-                              "id (LoRA, Textual Inversion, ControlNet, each with diffray_card.json).")
+                              "id (LoRA, Textual Inversion, ControlNet, each with diffray_card.json), or a URI "
+                              "on object storage (s3://bucket/adapters, gs://...).")
+    adapters_listing_ttl_s: float = Field(5.0, ge=0, description="An object-storage registry is listed at most "
+                                          "this often; a new or removed adapter shows after at most this long.")
     controlnets: dict[str, ControlNetEntry] = Field({}, description="ControlNets by name (the `control.model` of "
                                                     "a request); registry ControlNets are usable by id too.")
     default_size: int | None = Field(None, ge=8, description="Width and height when a request gives none; None: "

@@ -34,7 +34,7 @@ from diffray.serve.config import parse_args
 from diffray.serve.exposure import enforce
 from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
 from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
-from diffray.serve.registry import AdapterRegistry
+from diffray.serve.remote_registry import open_registry
 from diffray.serve.replicas import generator_replicas
 from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job,
                                    images_job)
@@ -158,7 +158,7 @@ class Ingress:
         self.args = parse_args(args)
         enforce(self.args)  # with the keys this replica really has, against the host Serve really binds
         self.generator = generator
-        self.registry = AdapterRegistry(self.args.adapters_dir)
+        self.registry = open_registry(self.args.adapters_dir, self.args.adapters_listing_ttl_s)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
         self.default_size = self.args.default_size or _native_size(resolve_model_path(self.args.model))

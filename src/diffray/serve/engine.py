@@ -28,7 +28,7 @@ from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestE
 from diffray.models import speed
 from diffray.serve import mixing
 from diffray.serve.config import ServeArgs
-from diffray.serve.registry import AdapterRegistry
+from diffray.serve.remote_registry import open_registry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
 from diffray.serve.schemas import Job
 
@@ -84,7 +84,7 @@ class ImageEngine:
         self.pipe = load_pipeline(self.model_path, dtype=dtype, device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
         speed.apply(self.pipe.unet, args.generator)
-        self.registry = AdapterRegistry(args.adapters_dir)
+        self.registry = open_registry(args.adapters_dir, args.adapters_listing_ttl_s)
         self.adapters = ResidentAdapters(self.pipe, self.registry)
         self.lock = threading.RLock()
         self.schedulers = {"default": self.pipe.scheduler}

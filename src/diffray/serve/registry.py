@@ -128,9 +128,9 @@ def lora_file_problem(name: str, tensors: tuple) -> str | None:
 class AdapterRegistry:
     """Adapters under `root` by id (the folder name). Missing root = empty registry."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, files: FileChecks | None = None):
         self.root = Path(root).expanduser()
-        self.files = FileChecks()
+        self.files = files or FileChecks()
 
     def inspect(self, adapter_id: str) -> AdapterInfo | None:
         """The entry `adapter_id` as it is on disk now; None when there is no artifact folder by that name."""
