@@ -4,6 +4,10 @@
 Serve app deployed with `serve deploy` that answers with the adapter the job trained, and a job
 asking for 8 GPUs submitted with `diffray submit` that fails fast naming what the cluster has.
 
+No folder is shared through the filesystem: the job's latent cache (`diffray data prepare`), its run
+(checkpoints and artifact) and the Serve app's adapter registry all live on an S3 endpoint on 127.0.0.1
+(the session's `s3` fixture, moto's server), which the nodes reach through the AWS_* variables they inherit.
+
 The cluster is this module's own: its own temp dir, ports and token file; teardown stops only the
 process sessions it started (never a bare `ray stop`, which would stop other local clusters).
 """
@@ -124,7 +128,7 @@ class LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def local_cluster():
+def local_cluster(s3):  # the nodes inherit the S3 endpoint's AWS_* variables
     root = Path(tempfile.mkdtemp(prefix="drc-", dir="/tmp"))  # short: Ray's socket paths live under it
     cluster = LocalCluster(root)
     try:
@@ -148,33 +152,40 @@ def test_token_auth_on_and_job_server_on_localhost_only(local_cluster):
 
 
 @pytest.fixture(scope="module")
-def two_node_job(local_cluster, tmp_path_factory) -> tuple[Path, str, float]:
-    """A LoRA job submitted with `ray job submit`, its two 1-CPU workers on a 1-CPU-per-node cluster.
-    Returns (the run's artifact dir, the job's output, its wall time). Both tests below use it: the
-    serve test does not depend on another test having run first."""
-    runs = tmp_path_factory.mktemp("cluster-runs")
+def two_node_job(local_cluster, s3) -> tuple[str, str, float, str]:
+    """One `ray job submit`: `diffray data prepare` writes the latent cache to S3, then a LoRA job whose two
+    1-CPU workers span the 1-CPU nodes trains from it, its run on S3 too. Returns (the bucket, the job's
+    output, its wall time, the cache root). Both tests below use it: the serve test does not depend on
+    another test having run first."""
+    bucket = s3.bucket("cluster")
     runtime_env = {"env_vars": {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONUNBUFFERED": "1"},
                    "excludes": [".git"]}
+    cache = f"{bucket}/latents"
+    job = ["configs/lora.yaml", "run.name=two-nodes", f"run.storage_path={bucket}/runs", f"data.cache={cache}",
+           "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=null",
+           # no warm-up and a high rate: four steps that move the images enough to tell the adapter from base
+           "optim.warmup_steps=0", "optim.lr=2e-2", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
     t0 = time.time()
     proc = subprocess.run(
         [RAY, "job", "submit", "--address", local_cluster.dashboard, "--working-dir", str(REPO),
          "--runtime-env-json", json.dumps(runtime_env), "--",
-         "diffray", "train", "configs/lora.yaml", "run.name=two-nodes", f"run.storage_path={runs}",
-         "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=null",
-         # no warm-up and a high rate: four steps that move the images enough to tell the adapter from base
-         "optim.warmup_steps=0", "optim.lr=2e-2", "scaling.num_workers=2", "scaling.cpus_per_worker=1"],
+         "bash", "-c", f"diffray data prepare {' '.join(job)} && diffray train {' '.join(job)}"],
         env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    return runs / "two-nodes" / "artifact", out, time.time() - t0
+    return bucket, out, time.time() - t0, cache
 
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_ray_job_submit_trains_lora_on_workers_spanning_both_nodes(local_cluster, two_node_job):
-    artifact, out, wall = two_node_job
+def test_ray_job_submit_trains_lora_on_workers_spanning_both_nodes(local_cluster, two_node_job, s3):
+    bucket, out, wall, cache = two_node_job
     assert "succeeded" in out and "done: steps=4 " in out
-    assert (artifact / "pytorch_lora_weights.safetensors").is_file()
+    # The cache was built once (by `data prepare`) and read by training; the artifact is whole on S3.
+    assert f"train: latent cache {cache}/" in out and "cache.json" in " ".join(s3.keys(cache))
+    artifact = f"{bucket[5:]}/runs/two-nodes/artifact"
+    assert {f"{artifact}/pytorch_lora_weights.safetensors", f"{artifact}/diffray_manifest.json"} <= set(
+        s3.keys(f"{bucket}/runs/two-nodes/artifact"))
 
     # Each node has 1 CPU, so the two 1-CPU workers can only run one per node; Ray's own record of
     # the job's training-worker actors shows where they ran.
@@ -196,19 +207,26 @@ def pixels(png: bytes) -> np.ndarray:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_cluster, two_node_job, tmp_path):
+def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_cluster, two_node_job, s3, tmp_path):
     import base64
 
     import yaml
 
-    artifact = two_node_job[0]
-    shutil.copytree(artifact, tmp_path / "adapters" / "two-nodes")
+    bucket = two_node_job[0]
+    adapters = f"{bucket}/adapters"
+    proc = subprocess.run([DIFFRAY, "publish", f"{bucket}/runs/two-nodes/artifact", adapters, "two-nodes"],
+                          env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and f"published two-nodes: {adapters}/two-nodes" in proc.stdout, proc.stderr
+    # An adapter caught mid-upload (its weights there, its card and manifest not yet) is never listed.
+    weights = s3.fs.open_input_stream(f"{adapters[5:]}/two-nodes/pytorch_lora_weights.safetensors").read()
+    with s3.fs.open_output_stream(f"{adapters[5:]}/half-uploaded/pytorch_lora_weights.safetensors") as f:
+        f.write(weights)
     (port,) = free_ports(1)
     cfg = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
     cfg["proxy_location"] = "HeadOnly"  # both nodes share this machine's ports: one proxy
     cfg["http_options"].update(host="127.0.0.1", port=port)
     args = cfg["applications"][0]["args"]
-    args.update(adapters_dir=str(tmp_path / "adapters"), default_steps=4)
+    args.update(adapters_dir=adapters, adapters_listing_ttl_s=1.0, default_steps=4)
     args["generator"].update(num_cpus=0.5)
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -223,6 +241,7 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
             return [m["id"] for m in json.loads(resp.read())["data"]]
 
     wait_until(lambda: "two-nodes" in models(), "the app to list the adapter two-nodes", timeout=300, interval=1)
+    assert "half-uploaded" not in models()
 
     def served(model: str) -> np.ndarray:
         body = json.dumps({"prompt": "a red circle", "model": model, "size": "64x64", "seed": 11}).encode()
@@ -238,7 +257,7 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
     from diffray.serve.engine import ImageEngine
     from diffray.serve.schemas import Job
 
-    engine = ImageEngine(parse_args({"model": args["model"], "adapters_dir": str(tmp_path / "adapters")}), device="cpu")
+    engine = ImageEngine(parse_args({"model": args["model"], "adapters_dir": adapters}), device="cpu")
     engine.acquire(["two-nodes"])
 
     def local(adapters) -> np.ndarray:
@@ -246,6 +265,9 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
         return pixels(engine.run([job])[0][0])
 
     want_adapted, want_base = local((("two-nodes", 1.0),)), local(())
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        served("half-uploaded")
+    assert missing.value.code == 404
     got_adapted, got_base = served("two-nodes"), served("base")
     gap = np.abs(want_adapted - want_base).mean()
     noise = max(np.abs(got_adapted - want_adapted).mean(), np.abs(got_base - want_base).mean())
