@@ -21,8 +21,9 @@ TOY = {
     "ddpo_overlap": ["--epochs", "2", "--rounds", "1", "--samples", "16", "--batch", "8"],
     "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4",
               "--adapters", "2"],
-    # one trial per search: stopping trials is for tests/integration/test_tune*.py to show
-    "tune_schedulers": ["--steps", "4", "--validate-every", "2", "--grace", "2", "--schedulers", "sha", "--set",
+    # the grid search alone, of one trial: each search is the same `run` (~90 s of Tune start-up here); the
+    # schedulers' stopping is for tests/integration/test_tune*.py to show
+    "tune_schedulers": ["--steps", "4", "--validate-every", "2", "--grace", "2", "--schedulers", "", "--set",
                         "tune.space={lora.rank: {grid: [4]}}"],
 }
 
