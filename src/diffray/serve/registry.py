@@ -72,15 +72,19 @@ def check_adapter_id(adapter_id: Any, param: str = "model") -> str:
     return adapter_id
 
 
+def kind_by_names(names) -> str | None:
+    """What a folder holding the files `names` is, by its safetensors file; None when it is no artifact at all."""
+    if LORA_WEIGHTS in names:
+        return "lora"
+    if TI_WEIGHTS in names:
+        return "textual_inversion"
+    return "controlnet" if "config.json" in names and CONTROLNET_WEIGHTS in names else None
+
+
 def artifact_kind(folder: Path) -> str | None:
     """What a folder holds, by its safetensors file; None when it is no artifact at all."""
-    if (folder / LORA_WEIGHTS).is_file():
-        return "lora"
-    if (folder / TI_WEIGHTS).is_file():
-        return "textual_inversion"
-    if (folder / "config.json").is_file() and (folder / CONTROLNET_WEIGHTS).is_file():
-        return "controlnet"
-    return None
+    return kind_by_names({n for n in (LORA_WEIGHTS, TI_WEIGHTS, "config.json", CONTROLNET_WEIGHTS)
+                          if (folder / n).is_file()})
 
 
 WEIGHTS = {"lora": LORA_WEIGHTS, "textual_inversion": TI_WEIGHTS, "controlnet": CONTROLNET_WEIGHTS}

@@ -33,8 +33,7 @@ import pyarrow.fs as pafs
 from diffray import storage
 from diffray.paths import cache_dir
 from diffray.serve.artifacts import CARD, ArtifactProblem, parse_card
-from diffray.serve.registry import (CONTROLNET_WEIGHTS, AdapterInfo, AdapterRegistry, LORA_WEIGHTS, TI_WEIGHTS,
-                                    valid_id)
+from diffray.serve.registry import AdapterInfo, AdapterRegistry, kind_by_names, valid_id
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2
@@ -62,12 +61,7 @@ class Entry:
         return max((m for _, _, m in self.files), default=0) / 1e9
 
     def kind(self) -> str:
-        names = self.sizes
-        if self.bare or LORA_WEIGHTS in names:
-            return "lora"
-        if TI_WEIGHTS in names:
-            return "textual_inversion"
-        return "controlnet" if CONTROLNET_WEIGHTS in names and "config.json" in names else "unknown"
+        return "lora" if self.bare else kind_by_names(self.sizes) or "unknown"
 
 
 def group(infos: list[pafs.FileInfo], base: str) -> dict[str, Entry]:
