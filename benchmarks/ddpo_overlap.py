@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddpo_overlap.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     clip, head = build_reward_models(Path(storage) / "reward")

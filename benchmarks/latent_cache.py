@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latent_cache.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images,

@@ -179,7 +179,7 @@ def main() -> None:
     for _ in range(3):
         engine.run([job])  # warm-up
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app(app_args(reg, args.steps, args.threads, True)), name="on", route_prefix="/on")

@@ -92,7 +92,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_overhead.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # With the dashboard, as the CLI and the test cluster start Ray: it serves the state API that Ray Train's
+    # placement-group cleaner polls for the controller (without it this run's placement group was removed
+    # under load twice, killing its workers).
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")
