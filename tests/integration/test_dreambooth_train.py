@@ -81,9 +81,10 @@ def test_lora_with_prior_preservation_learns_and_reuses_class_images(ray_cluster
     assert abs(after - before).mean() > 1e-3
 
 
-# Slow suite: full fine-tuning's pipeline export is in the default suite (test_full_train.py); this adds
-# DreamBooth's full mode under ZeRO-3.
+# `make test-eval`: full fine-tuning's pipeline export is in the default suite and its ZeRO-3 run in the slow
+# one (test_full_train.py); this adds DreamBooth's full mode under ZeRO-3.
 @pytest.mark.slow
+@pytest.mark.eval
 def test_full_finetune_zero3_exports_a_pipeline_matching_the_trained_unet(ray_cluster, tmp_path, tiny_model_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from diffusers import StableDiffusionPipeline
