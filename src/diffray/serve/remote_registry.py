@@ -119,14 +119,14 @@ class RemoteRegistry(AdapterRegistry):
         """The entry is complete by its manifest (a bare file always is)."""
         if entry.bare:
             return True
-        if entry.version not in self.manifests:
-            names = entry.sizes
+        raw = self.manifests.get(entry.version, b"")  # b"": not read yet (None: there is none)
+        if raw == b"":
             raw = storage.read_or_none(self.fs, f"{self.base}/{entry.id}/{storage.MANIFEST}") \
-                if storage.MANIFEST in names else None
+                if storage.MANIFEST in entry.sizes else None
             if len(self.manifests) > 4096:
                 self.manifests.clear()
-            self.manifests[entry.version] = raw
-        problem = storage.incomplete(self.manifests[entry.version], entry.sizes)
+            self.manifests[entry.version] = raw  # lookups run in threads: a clear() elsewhere only costs a re-read
+        problem = storage.incomplete(raw, entry.sizes)
         if problem:
             log.debug("adapter %s on %s not listed: %s", entry.id, self.uri, problem)
         return problem is None
