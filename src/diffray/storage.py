@@ -121,6 +121,8 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     """
     if is_uri(dest):  # no rename on object storage: the manifest, written last, says the copy is whole
         dfs, dpath = resolve(dest)
+        if isinstance(dfs, pafs.LocalFileSystem):  # file://: folders exist before files (no markers on S3)
+            dfs.create_dir(dpath, recursive=True)
         pafs.copy_files(src, dpath, source_filesystem=fs, destination_filesystem=dfs)
         write_manifest(dfs, dpath)
         return dest

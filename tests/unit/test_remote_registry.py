@@ -152,3 +152,33 @@ def test_a_key_that_climbs_out_of_its_folder_is_not_part_of_an_entry():
                      f("b/ad/evil/./x"), f("b/ad/../top.safetensors"), f("b/ad/ok.safetensors")], "b/ad")
     assert {k: [n for n, _, _ in e.files] for k, e in entries.items()} == {
         "evil": ["pytorch_lora_weights.safetensors"], "ok": ["ok.safetensors"]}
+
+
+def test_a_replacement_that_lists_the_same_is_noticed_while_fresh_and_old_entries_are_downloaded_once(tmp_path):
+    """S3 lists mtimes to the second: an adapter replaced by one of the same sizes within that second lists exactly
+    as before. Emulated on a file:// store by setting every mtime to the same whole second."""
+    import os
+    import time
+
+    store = tmp_path / "store"
+    root = f"file://{store}"
+
+    def stamp(when: float) -> None:
+        for p in (store / "one").iterdir():
+            os.utime(p, (when, when))
+
+    second = float(int(time.time()))
+    publish_adapter(str(artifact(tmp_path / "a")), root, "one")
+    stamp(second)
+    reg = RemoteRegistry(root, listing_ttl_s=0, copies=tmp_path / "copies")
+    first, listed = reg.get("one"), reg.entries()["one"]
+    publish_adapter(str(artifact(tmp_path / "b", seed=2)), root, "one", replace=True)
+    stamp(second)
+    assert reg.entries()["one"] == listed, "the listing cannot tell the replacement apart"
+    assert reg.get("one").fingerprint != first.fingerprint, "a same-size replacement within the second is noticed"
+    stamp(second - 60)  # no longer fresh: a rewrite now would list a newer mtime, so one copy serves every listing
+    old = reg.get("one").path
+    before = sorted((tmp_path / "copies").iterdir())
+    for _ in range(3):
+        assert reg.get("one").path == old
+    assert sorted((tmp_path / "copies").iterdir()) == before, "an old entry is not downloaded again"

@@ -10,9 +10,14 @@ checks as a local folder (`registry.AdapterRegistry`), so no node needs a shared
   uploaded half-way, or by hand without a manifest, is not listed. A bare `<id>.safetensors` is one object,
   whole once listed.
 - **Used from a local copy.** An entry is downloaded once per version (its files' sizes and mtimes in
-  the listing) into a temporary folder that is renamed into place, then checked exactly as a local entry
-  is (safetensors header, kind, card); a copy whose sizes disagree with the listing is dropped. The two
-  newest versions of an id are kept. `list()` reads cards only: answering /v1/models downloads no weights.
+  the listing, and its manifest's bytes) into a temporary folder that is renamed into place, then checked
+  exactly as a local entry is (safetensors header, kind, card); a copy whose sizes disagree with the
+  listing is dropped. The two newest versions of an id are kept. `list()` reads cards only: answering
+  /v1/models downloads no weights.
+- **Fresh entries are read again.** Listings give mtimes to the second (S3), so an adapter replaced by one
+  of the same sizes within that second lists the same. An entry written less than `FRESH_S` ago (by this
+  node's clock) has its manifest and copy read again at each listing until it is older; after that a
+  rewrite necessarily lists a newer mtime.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from diffray.serve.registry import AdapterInfo, AdapterRegistry, kind_by_names, 
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2
+FRESH_S = 10.0  # an entry written this recently may be rewritten without its listing changing (1 s mtimes, clock skew)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class RemoteRegistry(AdapterRegistry):
         self.listing: dict[str, Entry] | None = None
         self.listed_at = float("-inf")
         self.listings = 0  # how many times the store was listed (the cache's effect, for tests and logs)
-        self.manifests: dict[str, bytes | None] = {}  # version -> manifest bytes read then
+        self.manifests: dict[tuple, bytes | None] = {}  # (id, listed version[, listing]) -> manifest bytes
 
     def entries(self) -> dict[str, Entry]:
         """The listing, at most `listing_ttl_s` old (an older one when the store cannot be listed)."""
@@ -115,18 +121,34 @@ class RemoteRegistry(AdapterRegistry):
             self.listed_at = time.monotonic()
             return self.listing
 
-    def whole(self, entry: Entry) -> bool:
-        """The entry is complete by its manifest (a bare file always is)."""
-        if entry.bare:
-            return True
-        raw = self.manifests.get(entry.version, b"")  # b"": not read yet (None: there is none)
+    def fresh(self, entry: Entry) -> bool:
+        """Written so recently that a rewrite may still list the same (see FRESH_S)."""
+        return time.time() - entry.mtime < FRESH_S
+
+    def manifest(self, entry: Entry) -> bytes | None:
+        """The folder entry's manifest bytes (None: there is none), read once per listed version, or once
+        per listing while the entry is fresh."""
+        key = (entry.id, entry.version, self.listings if self.fresh(entry) else 0)
+        raw = self.manifests.get(key, b"")  # b"": not read yet
         if raw == b"":
             raw = storage.read_or_none(self.fs, f"{self.base}/{entry.id}/{storage.MANIFEST}") \
                 if storage.MANIFEST in entry.sizes else None
             if len(self.manifests) > 4096:
                 self.manifests.clear()
-            self.manifests[entry.version] = raw  # lookups run in threads: a clear() elsewhere only costs a re-read
-        problem = storage.incomplete(raw, entry.sizes)
+            self.manifests[key] = raw  # lookups run in threads: a clear() elsewhere only costs a re-read
+        return raw
+
+    def version(self, entry: Entry) -> str:
+        """The entry's version for its local copy: the listing, the manifest and, while fresh, the listing's number."""
+        raw = b"" if entry.bare else self.manifest(entry) or b""
+        fresh = str(self.listings) if self.fresh(entry) else ""
+        return hashlib.sha256(f"{entry.version}|{fresh}|".encode() + raw).hexdigest()[:16]
+
+    def whole(self, entry: Entry) -> bool:
+        """The entry is complete by its manifest (a bare file always is)."""
+        if entry.bare:
+            return True
+        problem = storage.incomplete(self.manifest(entry), entry.sizes)
         if problem:
             log.debug("adapter %s on %s not listed: %s", entry.id, self.uri, problem)
         return problem is None
@@ -154,16 +176,18 @@ class RemoteRegistry(AdapterRegistry):
                     card = parse_card(storage.read_or_none(self.fs, f"{self.base}/{name}/{CARD}") or b"")
                 except ArtifactProblem as exc:
                     problem = problem or str(exc)
-            out.append(AdapterInfo(name, entry.kind(), f"{self.uri}/{name}", card, entry.mtime, entry.version, problem))
+            out.append(AdapterInfo(name, entry.kind(), f"{self.uri}/{name}", card, entry.mtime, self.version(entry),
+                                   problem))
         return out
 
     def local_copy(self, entry: Entry) -> Path | None:
         """The folder holding this version of the entry (`<id>/` or `<id>.safetensors` inside), downloaded
         when missing; None when what was downloaded does not match the listing (replaced meanwhile)."""
-        dest = Path(self.root) / f"{entry.id}@{entry.version}"
+        version = self.version(entry)
+        dest = Path(self.root) / f"{entry.id}@{version}"
         if dest.is_dir():
             return dest
-        tmp = Path(self.root) / f".{entry.id}@{entry.version}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = Path(self.root) / f".{entry.id}@{version}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             where = tmp if entry.bare else tmp / entry.id
             src = self.base if entry.bare else f"{self.base}/{entry.id}"
