@@ -3,6 +3,7 @@ preservation with class images generated once by a Ray Data job, LoRA and full f
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffray.data.folder import folder_rows
 from diffray.methods import load_config
 from diffray.models.adapters import LORA_WEIGHTS, read_card
 from diffray.trainers.dreambooth.class_images import ensure_class_images
@@ -41,6 +43,7 @@ def test_lora_with_prior_preservation_learns_and_reuses_class_images(ray_cluster
 
     cfg = db_cfg(tmp_path)
     class_dir, generated = ensure_class_images(cfg, tiny_model_path)
+    class_dir = Path(class_dir)
     assert generated == cfg.dreambooth.num_class_images == 8
     pngs = sorted(class_dir.glob("*.png"))
     assert len(pngs) == 8 and Image.open(pngs[0]).size == (64, 64)
@@ -105,3 +108,30 @@ def test_full_finetune_zero3_exports_a_pipeline_matching_the_trained_unet(ray_cl
     base = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None).unet.state_dict()
     assert max((base[k] - exported[k]).abs().max().item() for k in base) > 1e-5  # it trained
     assert read_card(result.artifact_dir)["mode"] == "full"
+
+
+@pytest.mark.slow  # ~30 s: the default suite generates and reuses class images on local disk (same code)
+def test_class_images_beside_a_latent_cache_on_object_storage_are_made_once_and_read_back(s3, ray_cluster, tmp_path,
+                                                                                            tiny_model_path):
+    """No shared filesystem: with `data.cache` on S3 the class images go there too, made once, and are read back
+    as the training's class dataset (from the URI: any node can)."""
+    from diffray.trainers.dreambooth import dataset_sources
+
+    bucket = s3.bucket("dreambooth")
+    cfg = db_cfg(tmp_path, "dreambooth.class_data_dir=null", "dreambooth.num_class_images=3",
+                 "dreambooth.class_inference_steps=2", f"data.cache={bucket}/latents")
+    class_dir, generated = ensure_class_images(cfg, tiny_model_path)
+    assert class_dir.startswith(f"{bucket}/latents/class-images/") and generated == 3
+    keys = s3.keys(class_dir)
+    assert [k.rsplit("/", 1)[1] for k in keys] == ["00000.png", "00001.png", "00002.png", "generated.json",
+                                                  "metadata.jsonl"]
+    meta = s3.fs.open_input_stream(f"{class_dir[5:]}/metadata.jsonl").read().decode().splitlines()
+    assert [json.loads(m)["file_name"] for m in meta] == ["00000.png", "00001.png", "00002.png"]
+    assert ensure_class_images(cfg, tiny_model_path) == (class_dir, 0), "reused, not made again"
+    source = dataset_sources(cfg, tiny_model_path)["class"]
+    fs, root, rows = folder_rows(source.path, prompt=source.prompt, id_offset=source.id_offset)
+    assert root == class_dir[5:] and fs.type_name == "s3"
+    assert [(r["sample_id"], r["caption"], r["error"]) for r in rows] == [
+        (1_000_000 + i, "a photo of a widget", "") for i in range(3)]
+    with Image.open(io.BytesIO(fs.open_input_stream(f"{root}/{rows[0]['source']}").read())) as img:
+        assert img.size == (64, 64)

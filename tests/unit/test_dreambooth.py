@@ -80,7 +80,10 @@ def test_class_folder_key_changes_with_every_setting_that_changes_images(tmp_pat
                   cfg_of(dreambooth={"class_inference_steps": 7}), cfg_of(run={"seed": 1})):
         assert class_dir_for(other, "/m") != base
     assert class_dir_for(cfg_of(), "/other-model") != base
-    assert class_dir_for(cfg_of(dreambooth={"class_data_dir": str(tmp_path)}), "/m") == tmp_path
+    assert class_dir_for(cfg_of(dreambooth={"class_data_dir": str(tmp_path)}), "/m") == str(tmp_path)
+    assert class_dir_for(cfg_of(dreambooth={"class_data_dir": "s3://b/class/"}), "/m") == "s3://b/class/"
+    on_s3 = class_dir_for(cfg_of(data={"cache": "s3://b/latents"}), "/m")  # no shared disk: beside the latent cache
+    assert on_s3 == f"s3://b/latents/class-images/{base.rsplit('/', 1)[1]}"
 
 
 def test_instance_folder_checks_run_before_any_work(tmp_path, tiny_model_path):

@@ -28,8 +28,9 @@ class DreamBoothSection(Section):
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class-image loss.")
     num_class_images: int = Field(16, ge=1, le=100_000,
                                   description="Class images wanted; missing ones are generated with the base model.")
-    class_data_dir: str | None = Field(None, description="Folder of class images (read, and filled up when short); "
-                                       "None = a cache folder keyed by model, prompt and sampler settings.")
+    class_data_dir: str | None = Field(None, description="Folder or URI of class images (read, and filled up when "
+                                       "short); None = a cache folder keyed by model, prompt and sampler settings "
+                                       "(beside data.cache when that is a URI, so every node reads them).")
     class_inference_steps: int = Field(25, ge=1, le=500, description="Sampler steps for class-image generation.")
     class_guidance_scale: float = Field(7.5, ge=0, description="CFG scale for class-image generation.")
     class_batch_size: int = Field(4, ge=1, description="Images per generation batch.")

@@ -1,7 +1,9 @@
 """DreamBooth's class images, on the driver: missing ones are generated with the base model as a Ray Data
 batch-inference job (an actor pool over the cluster, a GPU each when `scaling.use_gpu`), written to
 `dreambooth.class_data_dir` or a cache folder keyed by everything that changes the images, and reused
-by every later run (only what is missing is generated).
+by every later run (only what is missing is generated). Either may be a URI (`s3://...`): with `data.cache`
+on object storage the default folder is `<data.cache>/class-images/<key>`, so workers on every node read
+the same images and no node needs a shared filesystem.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from pathlib import Path
+import posixpath
 
 import numpy as np
 
@@ -21,15 +23,19 @@ CLASS_ID_OFFSET = 1_000_000  # class rows' sample ids start here (distinct noise
 GENERATED_FILE = "generated.json"
 
 
-def class_dir_for(cfg, model_path: str) -> Path:
-    """The configured class folder, or a cache folder keyed by everything that changes the images."""
+def class_dir_for(cfg, model_path: str) -> str:
+    """The configured class folder (an absolute path or a URI), or a cache folder keyed by everything that
+    changes the images: beside a `data.cache` on object storage, else in the local diffray cache."""
     db = cfg.dreambooth
     if db.class_data_dir:
-        return Path(db.class_data_dir).expanduser().resolve()
+        return storage.absolute(db.class_data_dir)
     key = json.dumps({"model": cfg.model.path, "model_path": model_path, "prompt": db.class_prompt,
                       "resolution": cfg.data.resolution, "steps": db.class_inference_steps,
                       "guidance": db.class_guidance_scale, "seed": cfg.run.seed}, sort_keys=True)
-    return cache_dir() / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    if storage.is_uri(cfg.data.cache):
+        return storage.join(cfg.data.cache, "class-images", key)
+    return str(cache_dir() / "class-images" / key)
 
 
 class ClassImageGenerator:
@@ -65,13 +71,16 @@ class ClassImageGenerator:
         return {"index": np.asarray(index, dtype=np.int64), "png": np.array(png, dtype=object)}
 
 
-def image_names(folder: Path) -> list[str]:
+def image_names(folder: str) -> list[str]:
+    """The image files directly in `folder` (a path or URI), by name."""
     from diffray.data.folder import IMAGE_SUFFIXES
 
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    fs, root = storage.resolve(folder)
+    names = (posixpath.basename(i.path) for i in storage.list_files(fs, root))
+    return sorted(n for n in names if posixpath.splitext(n)[1].lower() in IMAGE_SUFFIXES)
 
 
-def generate_missing(cfg, model_path: str, out: Path, start: int, missing: int) -> int:
+def generate_missing(cfg, model_path: str, out: str, start: int, missing: int) -> int:
     """Generate images start .. start+missing-1 into `out` (each written atomically); returns how many."""
     import ray.data
 
@@ -87,20 +96,22 @@ def generate_missing(cfg, model_path: str, out: Path, start: int, missing: int) 
     generated = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i, data in zip(batch["index"], batch["png"]):
-            storage.write_bytes(out / f"{int(i):05d}.png", data)
+            storage.write_bytes(storage.join(out, f"{int(i):05d}.png"), data)
             generated += 1
     return generated
 
 
-def ensure_class_images(cfg, model_path: str) -> tuple[Path, int]:
-    """The class folder, filled up to `num_class_images`; returns (folder, images generated now).
+def ensure_class_images(cfg, model_path: str) -> tuple[str, int]:
+    """The class folder (a path or URI), filled up to `num_class_images`; returns (folder, images generated now).
 
     Existing images (generated earlier or the user's own) are kept and counted; each new image is
-    written atomically and `metadata.jsonl` is rewritten last, so an interrupted job resumes.
+    written whole (atomically on local disk, one object on object storage) and `metadata.jsonl` is
+    rewritten last, so an interrupted job resumes.
     """
     db = cfg.dreambooth
     out = class_dir_for(cfg, model_path)
-    out.mkdir(parents=True, exist_ok=True)
+    fs, root = storage.resolve(out)
+    fs.create_dir(root, recursive=True)
     existing = image_names(out)
     missing = db.num_class_images - len(existing)
     generated = 0
@@ -109,10 +120,12 @@ def ensure_class_images(cfg, model_path: str) -> tuple[Path, int]:
         generated = generate_missing(cfg, model_path, out, start, missing)
         existing = image_names(out)
     meta = "".join(json.dumps({"file_name": n, "text": db.class_prompt}) + "\n" for n in existing)
-    if not (out / "metadata.jsonl").is_file() or (out / "metadata.jsonl").read_text() != meta:
-        storage.write_text(out / "metadata.jsonl", meta)
+    if storage.read_or_none(fs, f"{root}/metadata.jsonl") != meta.encode():
+        storage.write_text(storage.join(out, "metadata.jsonl"), meta)
     if generated:
-        record = json.loads((out / GENERATED_FILE).read_text()) if (out / GENERATED_FILE).is_file() else {}
-        record = {"prompt": db.class_prompt, "model": cfg.model.path, "generated": record.get("generated", 0) + generated}
-        (out / GENERATED_FILE).write_text(json.dumps(record) + "\n")
+        raw = storage.read_or_none(fs, f"{root}/{GENERATED_FILE}")
+        record = json.loads(raw) if raw else {}
+        record = {"prompt": db.class_prompt, "model": cfg.model.path,
+                  "generated": record.get("generated", 0) + generated}
+        storage.write_text(storage.join(out, GENERATED_FILE), json.dumps(record) + "\n")
     return out, generated
