@@ -132,11 +132,11 @@ def test_controlnet_trains_under_zero3_from_the_latent_cache(ray_cluster, tmp_pa
     assert max((trained[k] - exported[k]).abs().max().item() for k in trained) < 1e-6
 
 
-def test_data_condition_job_and_bad_pairs(ray_cluster, tmp_path, tiny_model_path):
+def test_data_condition_job_and_bad_pairs(s3, ray_cluster, tmp_path, tiny_model_path):
     # The Ray Data job gives the same pairs as the built-in paired set (same images, same edges).
     out, pairs, bad = condition_dataset(resolve_data_path("builtin:sample"), tmp_path / "pairs", "canny")
-    assert (pairs, bad) == (32, 0)
-    builtin = Path(resolve_data_path("builtin:sample/canny"))
+    assert (pairs, bad) == (32, 0) and out == str(tmp_path / "pairs")
+    out, builtin = Path(out), Path(resolve_data_path("builtin:sample/canny"))
     assert (out / "metadata.jsonl").read_text() == (builtin / "metadata.jsonl").read_text()
     for name in ("00000000.png", "00000031.png"):
         for sub in ("images", "conditioning"):
@@ -144,6 +144,17 @@ def test_data_condition_job_and_bad_pairs(ray_cluster, tmp_path, tiny_model_path
                                           np.asarray(Image.open(builtin / sub / name)))
     with pytest.raises(DatasetError, match="pairs: output folder exists and is not empty"):
         condition_dataset(resolve_data_path("builtin:sample"), tmp_path / "pairs", "canny")
+
+    # No shared filesystem: the tasks write the pairs straight to object storage, the same bytes.
+    remote = f"{s3.bucket('pairs')}/canny"
+    assert condition_dataset(resolve_data_path("builtin:sample"), remote, "canny") == (remote, 32, 0)
+    names = [k.removeprefix(f"{remote[5:]}/") for k in s3.keys(remote)]
+    top = {n for n in names if "/" not in n}
+    assert len(names) == 2 * 32 + 3 and top == {"conditioning.json", "metadata.jsonl", "quarantine.jsonl"}, top
+    for rel in ("metadata.jsonl", "conditioning/00000031.png", "images/00000000.png"):
+        assert s3.fs.open_input_stream(f"{remote[5:]}/{rel}").read() == (out / rel).read_bytes(), rel
+    with pytest.raises(DatasetError, match="canny: output folder exists and is not empty"):
+        condition_dataset(resolve_data_path("builtin:sample"), remote, "canny")
 
     # Pairs with a grayscale control (converted), an RGBA control (alpha on black) and one of the
     # wrong size (quarantined with both sizes in the reason).

@@ -9,14 +9,17 @@ wraps a transformers depth-estimation model (DPT, Depth Anything, ...) saved in 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image
 
+from diffray import storage
 from diffray.errors import ConfigError, DatasetError
 from diffray.registry import Registry
 
@@ -81,15 +84,22 @@ def depth(model_path: str) -> Preprocessor:
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def write_pair(img: Image.Image, sample_id: int, run: Preprocessor, root: Path, source: str) -> dict:
-    """Save `img` and its control image under `root` (images/, conditioning/); their metadata row."""
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_pair(img: Image.Image, sample_id: int, run: Preprocessor, root: str, source: str) -> dict:
+    """Save `img` and its control image under `root` (images/, conditioning/; a path or URI); their metadata
+    row. Each file is written whole (atomically on local disk, one object on object storage)."""
     name = f"{sample_id:08d}.png"
     control = run(img)
     if control.size != img.size:
         raise DatasetError(f"{source}: the preprocessor returned {control.size[0]}x{control.size[1]}, "
                            f"the image is {img.size[0]}x{img.size[1]}")
-    img.save(root / IMAGES_DIR / name)
-    control.save(root / CONDITIONING_DIR / name)
+    storage.write_bytes(storage.join(root, IMAGES_DIR, name), png(img))
+    storage.write_bytes(storage.join(root, CONDITIONING_DIR, name), png(control))
     return {"file_name": f"{IMAGES_DIR}/{name}", "conditioning_image": f"{CONDITIONING_DIR}/{name}"}
 
 
@@ -105,39 +115,41 @@ def condition_batch(batch: dict, kind: str, options: dict, out_dir: str, rules, 
         if int(sid) in skip:
             continue
         img = decode_image(bytes(data), str(src), rules.max_image_pixels)
-        row = write_pair(img, int(sid), run, Path(out_dir), str(src))
+        row = write_pair(img, int(sid), run, out_dir, str(src))
         for k, v in {"sample_id": int(sid), "text": caption_of(cap, rules) or "", **row}.items():
             out[k].append(v)
     return {"sample_id": np.asarray(out["sample_id"], dtype=np.int64),
             **{k: np.array(v, dtype=object) for k, v in out.items() if k != "sample_id"}}
 
 
-def _prepare_out(dst: str | Path) -> Path:
-    out = Path(dst)
-    if out.exists() and any(out.iterdir()):
-        raise DatasetError(f"{out}: output folder exists and is not empty")
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    (out / CONDITIONING_DIR).mkdir(parents=True, exist_ok=True)
+def _prepare_out(dst: str | Path) -> str:
+    """`dst` as an absolute path or URI, refused when it holds anything."""
+    out = storage.absolute(dst)
+    fs, root = storage.resolve(out)
+    if fs.get_file_info(root).type != pafs.FileType.NotFound and storage.list_files(fs, root, recursive=True):
+        raise DatasetError(f"{dst}: output folder exists and is not empty")
     return out
 
 
-def _finish(out: Path, rows: list[dict], src: str, kind: str, options: dict) -> None:
+def _finish(out: str, rows: list[dict], src: str, kind: str, options: dict) -> None:
+    """conditioning.json, then metadata.jsonl last: a reader that finds the metadata finds every pair."""
     rows = sorted(rows, key=lambda r: r["file_name"])
-    (out / "metadata.jsonl").write_text("".join(
+    storage.write_text(storage.join(out, "conditioning.json"),
+                       json.dumps({"source": src, "type": kind, "options": options}, indent=2))
+    storage.write_text(storage.join(out, "metadata.jsonl"), "".join(
         json.dumps({"file_name": r["file_name"], "text": r["text"], "conditioning_image": r["conditioning_image"]})
         + "\n" for r in rows))
-    (out / "conditioning.json").write_text(json.dumps({"source": src, "type": kind, "options": options}, indent=2))
 
 
 def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None = None,
-                      data=None) -> tuple[Path, int, int]:
+                      data=None) -> tuple[str, int, int]:
     """Write the paired dataset of `src` into `dst` as a Ray Data job: images/ (PNG), conditioning/
     (control images, same size), metadata.jsonl {file_name, text, conditioning_image}, and
     quarantine.jsonl for rows that fail validation. Returns (dst, pairs written, rows quarantined).
 
     `data`: a config `data` section (columns, validation limits, bad-row limit); defaults when None.
-    Each task writes its files into `dst` directly, so on a multi-node cluster `dst` must be a shared
-    filesystem path.
+    Each task writes its files into `dst` directly, so on a multi-node cluster `dst` is a URI
+    (`s3://...`) or a shared filesystem path; `metadata.jsonl` is written last.
 
     Raises:
         ConfigError: unknown preprocessor or option (before any work).
@@ -155,7 +167,7 @@ def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None
     rules = Rules.of(data)
     report = validate_rows(raw, total, src, rules, data.max_bad_fraction, out)
     rows = raw.map_batches(condition_batch, batch_format="numpy", batch_size=16,
-                           fn_kwargs={"kind": kind, "options": options, "out_dir": str(out.resolve()),
+                           fn_kwargs={"kind": kind, "options": options, "out_dir": out,
                                       "rules": rules, "skip": report.bad_ids}).take_all()
     _finish(out, rows, src, kind, options)
     log.info("conditioned %s -> %s: %d pairs (%s), %d quarantined", src, out, len(rows), kind, len(report.quarantined))
@@ -168,11 +180,11 @@ def condition_folder_locally(src: Path, dst: Path, kind: str, options: dict | No
 
     options = dict(options or {})
     run = make_preprocessor(kind, **options)
-    out = _prepare_out(dst)
+    out = Path(_prepare_out(dst))
     rows = []
     for i, line in enumerate((src / "metadata.jsonl").read_text().splitlines()):
         rec = json.loads(line)
         img = decode_image((src / rec["file_name"]).read_bytes(), str(src / rec["file_name"]))
-        rows.append({"text": rec["text"], **write_pair(img, i, run, out, rec["file_name"])})
-    _finish(out, rows, str(src), kind, options)
+        rows.append({"text": rec["text"], **write_pair(img, i, run, str(out), rec["file_name"])})
+    _finish(str(out), rows, str(src), kind, options)
     return out

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray.data
 
+from diffray import storage
 from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
 from diffray.data.raydata import in_order, raise_original_errors
@@ -115,10 +116,9 @@ class DataReport:
 def write_quarantine(bad: list[dict], report_dir: str | Path) -> str:
     """Write `quarantine.jsonl` (one {sample_id, source, reason} per bad row) into report_dir; its path.
     Training and `diffray data inspect` both write it, so the two reports read the same."""
-    Path(report_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(report_dir) / QUARANTINE_FILE
-    path.write_text("".join(json.dumps({k: r[k] for k in ("sample_id", "source", "reason")}) + "\n" for r in bad))
-    return str(path)
+    path = storage.join(storage.absolute(report_dir), QUARANTINE_FILE)  # a folder or a URI
+    return storage.write_text(path, "".join(json.dumps({k: r[k] for k in ("sample_id", "source", "reason")}) + "\n"
+                                            for r in bad))
 
 
 def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, max_bad_fraction: float,
