@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from diffray.errors import StorageError
 
 MANIFEST = "diffray_manifest.json"  # written last into a folder copied to object storage: its files and sizes
-LOCAL_LOGS = "runs-logs"  # a URI run keeps its logs (metrics, TensorBoard, reports) under ./runs-logs/<name>
+LOCAL_LOGS = "runs-logs"  # a URI run writes its logs under ./runs-logs/<name> and uploads them beside the run
 
 
 def is_uri(path: str | Path) -> bool:
@@ -135,6 +135,16 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def upload_dir(local: str | Path, dest: str) -> None:
+    """Copy every file under the local folder `local` to the URI `dest`, replacing same-named files (logs a
+    node writes locally, kept beside a run on object storage). A missing folder copies nothing."""
+    if not Path(local).is_dir():
+        return
+    dfs, dpath = resolve(dest)
+    pafs.copy_files(str(Path(local).resolve()), dpath, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=dfs)
 
 
 def write_manifest(fs: pafs.FileSystem, root: str) -> dict[str, int]:

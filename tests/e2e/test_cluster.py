@@ -186,6 +186,14 @@ def test_ray_job_submit_trains_lora_on_workers_spanning_both_nodes(local_cluster
     artifact = f"{bucket[5:]}/runs/two-nodes/artifact"
     assert {f"{artifact}/pytorch_lora_weights.safetensors", f"{artifact}/diffray_manifest.json"} <= set(
         s3.keys(f"{bucket}/runs/two-nodes/artifact"))
+    # The run's logs are on S3 beside it (uploaded by rank 0's node at the checkpoint, the driver at the end):
+    # its metrics show every step read latents from the cache, none encoded by the VAE or text encoder.
+    logs = f"{bucket[5:]}/runs/two-nodes/logs"
+    assert {f"{logs}/driver.log", f"{logs}/metrics.jsonl"} <= set(s3.keys(f"s3://{logs}")), s3.keys(f"s3://{logs}")
+    rows = [json.loads(x) for x in s3.fs.open_input_stream(f"{logs}/metrics.jsonl").read().decode().splitlines()]
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4], rows
+    assert all(r["vae_encode_calls"] == 0 and r["text_encoder_calls"] == 0 for r in steps), steps
 
     # Each node has 1 CPU, so the two 1-CPU workers can only run one per node; Ray's own record of
     # the job's training-worker actors shows where they ran.

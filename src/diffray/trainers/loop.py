@@ -8,19 +8,23 @@ reports, checkpoints, the artifact in the final checkpoint and the closing barri
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import pyarrow as pa
 import ray
 import torch
 import torch.distributed as dist
 
-from diffray import logs
+from diffray import logs, storage
 from diffray.trainers import hooks, session, tracking
 from diffray.trainers.engine import build_engine
+
+log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
@@ -74,11 +78,13 @@ class RunInfo:
     status: Any  # the run's RunStatus actor, or None
     has_validation: bool  # a `validation` dataset exists
     report_validation: bool  # a Tune trial: report every metric the scheduler may act on
+    logs_uri: str | None = None  # a run on object storage: where its logs are uploaded (at each checkpoint)
 
     @classmethod
     def of(cls, config: dict) -> RunInfo:
         return cls(config["model_path"], config["log_dir"], config.get("status_actor"),
-                   config.get("has_validation", False), config.get("report_validation", False))
+                   config.get("has_validation", False), config.get("report_validation", False),
+                   config.get("logs_uri"))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -225,3 +231,14 @@ class WorkerLoop:
                         self.task.export_raw(artifact)
                     self.logger.artifact(artifact)
         session.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)
+        if self.info.logs_uri:
+            upload_logs(self.info.log_dir, self.info.logs_uri)
+
+
+def upload_logs(log_dir: str, logs_uri: str) -> None:
+    """This node's log files (metrics, worker logs) to the run's `logs/` on object storage; a failed upload is
+    logged and training goes on (the logs stay on this node's disk)."""
+    try:
+        storage.upload_dir(log_dir, logs_uri)
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("logs not uploaded to %s (kept in %s): %s", logs_uri, log_dir, exc)

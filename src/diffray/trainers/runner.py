@@ -21,7 +21,7 @@ from diffray.errors import DiffrayError, TrainingError
 from diffray.methods import method_of
 from diffray.models.adapters import read_card, write_card
 from diffray.trainers.datasets import build_datasets
-from diffray.trainers.loop import train_loop_per_worker
+from diffray.trainers.loop import train_loop_per_worker, upload_logs
 from diffray.trainers.progress import RunStatus, watch_progress
 from diffray.trainers import tracking
 from diffray.trainers.session import ARTIFACT_DIR, VALIDATION
@@ -49,15 +49,23 @@ class RunResult:
 
 
 def run_dirs(cfg) -> tuple[str, str]:
-    """(run dir in storage, local log dir): logs beside the run on local disk, else under ./runs-logs."""
+    """(run dir in storage, local log dir): logs beside the run on local disk, else written under ./runs-logs
+    on each node and uploaded to the run's `logs/` (`logs_uri`)."""
     run_dir = storage.join(storage.absolute(cfg.run.storage_path), cfg.run.name)
     return run_dir, storage.local_dir(run_dir, "logs")
 
 
+def logs_uri(run_dir: str) -> str | None:
+    """Where a run on object storage keeps its logs (None on local disk: they are written there)."""
+    return storage.join(run_dir, "logs") if storage.is_uri(run_dir) else None
+
+
 def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, status,
-                  callbacks: list | None = None, report_validation: bool = False) -> TorchTrainer:
+                  callbacks: list | None = None, report_validation: bool = False,
+                  logs_uri: str | None = None) -> TorchTrainer:
     """A configured TorchTrainer for `cfg.method`; `callbacks` are Ray Train user callbacks (Tune's
-    report callback in a trial), `report_validation` reports val_loss at every validation step."""
+    report callback in a trial), `report_validation` reports val_loss at every validation step,
+    `logs_uri` (a run on object storage) is where the workers upload their logs at each checkpoint."""
     s = cfg.scaling
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
@@ -72,7 +80,8 @@ def build_trainer(cfg, model_path: str, datasets: dict[str, Any], log_dir: str, 
         train_loop_per_worker,
         train_loop_config={"method": method_of(cfg.method), "cfg": cfg.model_dump(mode="json"),
                            "model_path": model_path, "log_dir": log_dir, "status_actor": status,
-                           "has_validation": VALIDATION in datasets, "report_validation": report_validation},
+                           "has_validation": VALIDATION in datasets, "report_validation": report_validation,
+                           "logs_uri": logs_uri},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=s.worker_bundle()),
         run_config=run_config,
@@ -135,7 +144,7 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     try:
         datasets = build_datasets(cfg, model_path, log_dir)
         status = RunStatus.remote()
-        result = fit_checked(build_trainer(cfg, model_path, datasets, log_dir, status),
+        result = fit_checked(build_trainer(cfg, model_path, datasets, log_dir, status, logs_uri=logs_uri(run_dir)),
                              status, f"training run {cfg.run.name!r}", log_dir,
                              "; rerun the same command to resume from the last checkpoint", on_progress)
         if result.checkpoint is None:
@@ -143,6 +152,8 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
         artifact = export_artifact(result.checkpoint, storage.join(run_dir, ARTIFACT_DIR))
     finally:
         logs.detach_run_log(handler)
+        if logs_uri(run_dir):  # the driver's log and data reports (and this node's worker logs), success or not
+            upload_logs(log_dir, logs_uri(run_dir))
     m = result.metrics or {}
     wall = time.time() - t0
     if not storage.is_uri(artifact):

@@ -1,0 +1,33 @@
+"""Storage helpers against the session's S3 endpoint on 127.0.0.1: a run's local logs uploaded beside it on
+object storage (replaced on each upload, a failed upload only logged)."""
+
+from __future__ import annotations
+
+import logging
+
+from diffray import storage
+from diffray.trainers.loop import upload_logs
+
+
+def test_logs_are_uploaded_beside_the_run_and_replaced_on_each_upload(s3, tmp_path):
+    logs = tmp_path / "runs-logs" / "r" / "logs"
+    (logs / "tb").mkdir(parents=True)
+    (logs / "metrics.jsonl").write_text('{"step": 1}\n')
+    (logs / "tb" / "events").write_bytes(b"\x00\x01")
+    dest = f"{s3.bucket('runs')}/r/logs"
+    upload_logs(str(logs), dest)
+    assert s3.keys(dest) == [f"{dest[5:]}/metrics.jsonl", f"{dest[5:]}/tb/events"]
+    (logs / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')  # appended since: the newer file wins
+    upload_logs(str(logs), dest)
+    assert s3.fs.open_input_stream(f"{dest[5:]}/metrics.jsonl").read() == b'{"step": 1}\n{"step": 2}\n'
+    storage.upload_dir(tmp_path / "nothing-here", dest)  # no logs yet on this node: nothing to copy, no error
+    assert len(s3.keys(dest)) == 2
+
+
+def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.jsonl").write_text("{}\n")
+    with caplog.at_level(logging.WARNING, logger="diffray.trainers.loop"):
+        upload_logs(str(logs), "s3://no-such-bucket-here/r/logs")
+    assert "logs not uploaded to s3://no-such-bucket-here/r/logs" in caplog.text and str(logs) in caplog.text
