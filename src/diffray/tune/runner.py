@@ -29,7 +29,8 @@ from diffray.methods import method_of
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers import tracking
 from diffray.trainers.progress import RunStatus
-from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, run_dirs
+from diffray.trainers.loop import upload_logs
+from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, logs_uri, run_dirs
 from diffray.tune.config import TuneJob, rungs
 from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
 from diffray.tune.schedulers import build_scheduler
@@ -73,11 +74,11 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
         "train": train,
         "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
         "tracking": TrackingSection()})  # the Tune logger callbacks track trials (one run each), not the workers
-    _, log_dir = run_dirs(cfg)
+    run_dir, log_dir = run_dirs(cfg)
     status = RunStatus.remote()
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[ForwardReports(reports)],
-                            report_validation=True)
+                            report_validation=True, logs_uri=logs_uri(run_dir))
     fit_reporting(lambda: fit_checked(trainer, status, f"trial {trial_id}", log_dir), reports, tune.report)
 
 
@@ -161,7 +162,11 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         tuner = new_tuner(job, trainable, root, concurrency, on_trial)
         job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
         storage.write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if storage.is_uri(exp_dir):  # the data reports and trackers' local stores, beside the experiment
+            upload_logs(storage.local_dir(exp_dir), exp_dir)
     # Ray's W&B callback stops its logging actors in __del__; left to interpreter exit, it finds the `ray`
     # module torn down and prints an AttributeError. Collected here, while Ray is up.
     del tuner, trainable
