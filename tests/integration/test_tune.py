@@ -276,3 +276,33 @@ def test_sha_halves_whole_rungs_and_paused_trials_resume_their_runs_from_the_run
     assert sum(len(_starts(runs / f"trial-{r.trial_id}")) for r in rows) > 4, "no trial was paused and resumed"
     assert {t.status for t in ExperimentAnalysis(str(exp)).trials} == {"TERMINATED"}  # none left paused
     assert (exp / "best" / "artifact").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.eval  # ~45 s: over the CI budget; CI runs the same upload in the two-node test and test_storage_uri.py
+def test_a_search_on_object_storage_keeps_results_best_adapter_and_logs_there(s3, ray_cluster, tmp_path, monkeypatch):
+    """No shared filesystem: the experiment on S3 holds its results, the best adapter (whole by its manifest), each
+    trial's worker logs and the driver's data reports."""
+    from diffray import storage
+    from diffray.tune.runner import TRAIN_RUNS_DIR, run_tune
+
+    monkeypatch.chdir(tmp_path)  # a URI run's local logs go under ./runs-logs
+    bucket = s3.bucket("tune")
+    data = yaml.safe_load((REPO / "configs" / "tune_lora.yaml").read_text())
+    data["tune"].update(max_concurrent_trials=1, scheduler={"name": "fifo"},
+                        space={"lora.rank": {"grid": [4]}, "lora.alpha": {"same_as": "lora.rank"}})
+    config = tmp_path / "tune_s3.yaml"
+    config.write_text(yaml.safe_dump(data))
+    job = load_tune_job(config, [f"run.storage_path={bucket}/runs", "run.name=s3", "train.max_steps=4",
+                                 "train.log_every=1", "train.validate_every=2", "train.checkpoint_every=4",
+                                 "strategy.name=ddp"])
+    outcome = run_tune(job)
+    assert [r.status for r in outcome.rows] == ["completed"] and outcome.exp_dir == f"{bucket}/runs/s3"
+    keys = s3.keys(outcome.exp_dir)
+    exp = outcome.exp_dir[5:]
+    assert f"{exp}/best/artifact/{storage.MANIFEST}" in keys and f"{exp}/best/config.yaml" in keys
+    trial_logs = [k for k in keys if k.startswith(f"{exp}/{TRAIN_RUNS_DIR}/") and k.endswith("/logs/metrics.jsonl")]
+    assert len(trial_logs) == 1, keys
+    rows = [json.loads(x) for x in s3.fs.open_input_stream(trial_logs[0]).read().decode().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r and "event" not in r] == [1, 2, 3, 4]
+    assert any(k.startswith(f"{exp}/data-reports/") for k in keys), keys
