@@ -48,6 +48,15 @@ def readme_tune_lines() -> list[list[str]]:
     return lines
 
 
+def tune_job(tmp_path: Path, config: str, tune: dict, overrides: list[str]):
+    """The shipped `configs/<config>` with its `tune:` section updated by `tune`, loaded with `overrides`."""
+    data = yaml.safe_load((REPO / "configs" / config).read_text())
+    data["tune"] = {**data.get("tune", {}), **tune}
+    path = tmp_path / f"tune-{config}"
+    path.write_text(yaml.safe_dump(data))
+    return load_tune_job(path, overrides)
+
+
 @pytest.mark.slow
 def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, tmp_path, tiny_model_path):
     """The README's tune lines, run as written from a folder holding configs/ (joining the test cluster, as
@@ -181,15 +190,12 @@ def _losses(run_dir: Path) -> list[int]:
 def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     from diffray.tune.runner import run_tune
 
-    data = yaml.safe_load((REPO / "configs" / "tune_lora.yaml").read_text())
-    data["tune"].update(search="tpe", num_samples=2, max_concurrent_trials=1, scheduler={"name": "fifo"})
-    data["tune"]["space"] = {"lora.rank": {"choice": [4, 8]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
-                             "lora.alpha": {"same_as": "lora.rank"}}
-    config = tmp_path / "tune_tpe.yaml"
-    config.write_text(yaml.safe_dump(data))
-    job = load_tune_job(config, [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6",
-                                 "train.validate_every=3", "train.checkpoint_every=6", "strategy.name=ddp",
-                                 "tracking.mlflow={}", "tracking.wandb={}"])
+    space = {"lora.rank": {"choice": [4, 8]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+             "lora.alpha": {"same_as": "lora.rank"}}
+    job = tune_job(tmp_path, "tune_lora.yaml", dict(search="tpe", num_samples=2, max_concurrent_trials=1,
+                                                    scheduler={"name": "fifo"}, space=space),
+                   [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6", "train.validate_every=3",
+                    "train.checkpoint_every=6", "strategy.name=ddp", "tracking.mlflow={}", "tracking.wandb={}"])
     outcome = run_tune(job)
     assert [r.status for r in outcome.rows] == ["completed"] * 2
     assert_one_tracked_run_per_trial(tmp_path / "tpe", outcome.rows)
@@ -225,14 +231,10 @@ def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:
 def test_ddpo_trials_report_the_reward_and_export_the_best_adapter(ray_cluster, tmp_path):
     from diffray.tune.runner import run_tune
 
-    data = yaml.safe_load((REPO / "configs" / "ddpo.yaml").read_text())
-    data["tune"] = {"space": {"optim.lr": {"grid": [1.0e-3, 1.0e-2]}}, "metric": "reward_mean", "mode": "max",
-                    "search": "grid", "scheduler": {"name": "fifo"}}
-    config = tmp_path / "tune_ddpo.yaml"
-    config.write_text(yaml.safe_dump(data))
-    job = load_tune_job(config, [f"run.storage_path={tmp_path}", "run.name=ddpo", "train.max_steps=3",
-                                 "train.checkpoint_every=3", "scaling.num_workers=1", "ddpo.reward.actors=1",
-                                 "ddpo.samples_per_epoch=16"])
+    job = tune_job(tmp_path, "ddpo.yaml", {"space": {"optim.lr": {"grid": [1.0e-3, 1.0e-2]}}, "metric": "reward_mean",
+                                           "mode": "max", "search": "grid", "scheduler": {"name": "fifo"}},
+                   [f"run.storage_path={tmp_path}", "run.name=ddpo", "train.max_steps=3", "train.checkpoint_every=3",
+                    "scaling.num_workers=1", "ddpo.reward.actors=1", "ddpo.samples_per_epoch=16"])
     outcome = run_tune(job)
     rows = outcome.rows
     assert [r.status for r in rows] == ["completed"] * 2 and {r.params["optim.lr"] for r in rows} == {1e-3, 1e-2}
@@ -288,14 +290,10 @@ def test_a_search_on_object_storage_keeps_results_best_adapter_and_logs_there(s3
 
     monkeypatch.chdir(tmp_path)  # a URI run's local logs go under ./runs-logs
     bucket = s3.bucket("tune")
-    data = yaml.safe_load((REPO / "configs" / "tune_lora.yaml").read_text())
-    data["tune"].update(max_concurrent_trials=1, scheduler={"name": "fifo"},
-                        space={"lora.rank": {"grid": [4]}, "lora.alpha": {"same_as": "lora.rank"}})
-    config = tmp_path / "tune_s3.yaml"
-    config.write_text(yaml.safe_dump(data))
-    job = load_tune_job(config, [f"run.storage_path={bucket}/runs", "run.name=s3", "train.max_steps=4",
-                                 "train.log_every=1", "train.validate_every=2", "train.checkpoint_every=4",
-                                 "strategy.name=ddp"])
+    job = tune_job(tmp_path, "tune_lora.yaml", dict(max_concurrent_trials=1, scheduler={"name": "fifo"}, space={
+        "lora.rank": {"grid": [4]}, "lora.alpha": {"same_as": "lora.rank"}}),
+                   [f"run.storage_path={bucket}/runs", "run.name=s3", "train.max_steps=4", "train.log_every=1",
+                    "train.validate_every=2", "train.checkpoint_every=4", "strategy.name=ddp"])
     outcome = run_tune(job)
     assert [r.status for r in outcome.rows] == ["completed"] and outcome.exp_dir == f"{bucket}/runs/s3"
     keys = s3.keys(outcome.exp_dir)
