@@ -9,7 +9,6 @@ wraps a transformers depth-estimation model (DPT, Depth Anything, ...) saved in 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 from diffray import storage
 from diffray.errors import ConfigError, DatasetError
 from diffray.registry import Registry
+from diffray.world.render import png_bytes
 
 Preprocessor = Callable[[Image.Image], Image.Image]
 PREPROCESSORS = Registry("conditioning type", field="type")  # name -> factory(**options)
@@ -84,12 +84,6 @@ def depth(model_path: str) -> Preprocessor:
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_pair(img: Image.Image, sample_id: int, run: Preprocessor, root: str, source: str) -> dict:
     """Save `img` and its control image under `root` (images/, conditioning/; a path or URI); their metadata
     row. Each file is written whole (atomically on local disk, one object on object storage)."""
@@ -98,8 +92,8 @@ def write_pair(img: Image.Image, sample_id: int, run: Preprocessor, root: str, s
     if control.size != img.size:
         raise DatasetError(f"{source}: the preprocessor returned {control.size[0]}x{control.size[1]}, "
                            f"the image is {img.size[0]}x{img.size[1]}")
-    storage.write_bytes(storage.join(root, IMAGES_DIR, name), png(img))
-    storage.write_bytes(storage.join(root, CONDITIONING_DIR, name), png(control))
+    storage.write_bytes(storage.join(root, IMAGES_DIR, name), png_bytes(img))
+    storage.write_bytes(storage.join(root, CONDITIONING_DIR, name), png_bytes(control))
     return {"file_name": f"{IMAGES_DIR}/{name}", "conditioning_image": f"{CONDITIONING_DIR}/{name}"}
 
 

@@ -140,11 +140,12 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     connect_ray()
     check_resources(cfg.scaling)
     run_dir, log_dir = run_dirs(cfg)
+    remote_logs = logs_uri(run_dir)
     handler = logs.attach_run_log(f"{log_dir}/driver.log")
     try:
         datasets = build_datasets(cfg, model_path, log_dir)
         status = RunStatus.remote()
-        result = fit_checked(build_trainer(cfg, model_path, datasets, log_dir, status, logs_uri=logs_uri(run_dir)),
+        result = fit_checked(build_trainer(cfg, model_path, datasets, log_dir, status, logs_uri=remote_logs),
                              status, f"training run {cfg.run.name!r}", log_dir,
                              "; rerun the same command to resume from the last checkpoint", on_progress)
         if result.checkpoint is None:
@@ -152,8 +153,8 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
         artifact = export_artifact(result.checkpoint, storage.join(run_dir, ARTIFACT_DIR))
     finally:
         logs.detach_run_log(handler)
-        if logs_uri(run_dir):  # the driver's log and data reports (and this node's worker logs), success or not
-            upload_logs(log_dir, logs_uri(run_dir))
+        if remote_logs:  # the driver's log and data reports (and this node's worker logs), success or not
+            upload_logs(log_dir, remote_logs)
     m = result.metrics or {}
     wall = time.time() - t0
     if not storage.is_uri(artifact):
