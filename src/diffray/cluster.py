@@ -5,10 +5,13 @@ can fit the cluster at all.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from diffray import logs
 from diffray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Environment of every Ray Train worker; DIFFRAY_HOOK* and DIFFRAY_VERBOSE are passed on when set.
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -81,9 +84,48 @@ def alive_nodes() -> list[dict[str, float]]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+# Ray's monitor (on the head node) writes its report here every few seconds. On a cluster started without
+# an autoscaling config it runs a read-only provider whose node types are the nodes themselves (`node_<id>`);
+# with one, nodes map to the config's node types (`ray up`, KubeRay, the fake multi-node provider).
+AUTOSCALER_STATUS_KEY = "__autoscaling_status"
+AUTOSCALER_STATUS_WAIT_S = 12.0  # the monitor's first report after a head starts (it updates every 5 s)
+
+
+def autoscales(status: dict) -> bool:
+    """Whether a monitor report (`AUTOSCALER_STATUS_KEY`'s JSON) comes from an autoscaler with node types
+    of its own, rather than the read-only view of a fixed cluster."""
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
+
+
+def has_autoscaler(wait_s: float = AUTOSCALER_STATUS_WAIT_S) -> bool:
+    """Whether the connected cluster runs Ray's autoscaler (see `autoscales`). Waits up to `wait_s` for
+    the monitor's first report on a head that has just started; no report by then counts as none."""
+    import json
+    import time
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    deadline = time.monotonic() + wait_s
+    while (raw := _internal_kv_get(AUTOSCALER_STATUS_KEY)) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        return raw is not None and autoscales(json.loads(raw))
+    except (ValueError, AttributeError):  # a report this Ray version writes differently: a fixed cluster
+        return False
+
+
+def nodes_are_added(scaling) -> bool:
+    """Whether jobs wait for nodes rather than fit the alive ones: `scaling.wait_for_resources`, or when
+    it is null, whether the cluster has an autoscaler."""
+    return scaling.wait_for_resources if scaling.wait_for_resources is not None else has_autoscaler()
+
+
 def check_resources(scaling) -> None:
-    """Fail fast when the cluster's alive nodes can never hold `scaling.num_workers` workers (unless
-    `scaling.wait_for_resources`): Ray would otherwise wait forever for a placement.
+    """Fail fast when the cluster's alive nodes can never hold `scaling.num_workers` workers: Ray would
+    otherwise wait forever for a placement. On a cluster with an autoscaler (`has_autoscaler`) it logs
+    what is missing and lets Ray wait for the nodes the autoscaler adds; `scaling.wait_for_resources`
+    true (always wait) or false (always fail fast) overrides the detection.
 
     Raises:
         ConfigError: naming each resource a worker needs, the count and what the nodes have.
@@ -97,7 +139,11 @@ def check_resources(scaling) -> None:
         return
     need = ", ".join(f"{v:g} {k}" for k, v in bundle.items())
     have = "; ".join(", ".join(f"{n.get(k, 0):g} {k}" for k in bundle) for n in nodes) or "no nodes"
-    raise ConfigError(f"scaling: {scaling.num_workers} workers x ({need}) do not fit this cluster, whose "
-                      f"{len(nodes)} node(s) have [{have}] (room for {fit}); lower scaling.num_workers or "
-                      "cpus_per_worker, set scaling.use_gpu=false, or scaling.wait_for_resources=true on an "
-                      "autoscaling cluster")
+    short = (f"scaling: {scaling.num_workers} workers x ({need}) do not fit this cluster, whose {len(nodes)} "
+             f"node(s) have [{have}] (room for {fit})")
+    if nodes_are_added(scaling):
+        log.info("%s: waiting for the cluster's autoscaler to add nodes (scaling.wait_for_resources=false "
+                 "fails instead)", short)
+        return
+    raise ConfigError(f"{short}; lower scaling.num_workers or cpus_per_worker, set scaling.use_gpu=false, or "
+                      "scaling.wait_for_resources=true on a cluster whose nodes another process adds")

@@ -203,8 +203,7 @@ class TrainSection(Section, Accelerator):
     progress_bar: bool = Field(True, description="Show training progress on the driver (a live bar on a terminal, "
                                "else a plain line every N steps) when run from the CLI.")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights (e.g. 0.9999), updated "
-                                    "after every optimizer step with diffusers' warmup; validation and the artifact "
-                                    "use it. null = off.")
+                                    "each optimizer step (diffusers' warmup); validation and the artifact use it.")
     ema_on_cpu: bool = Field(False, description="Keep the EMA weights on the CPU (saves accelerator memory).")
 
 
@@ -214,8 +213,9 @@ class ScalingSection(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (torch threads follow it).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict,
                                                     description="Extra custom resources per worker.")
-    wait_for_resources: bool = Field(False, description="false: fail at once when the cluster's nodes cannot hold "
-                                     "the workers; true: wait for them (an autoscaling cluster adds nodes).")
+    wait_for_resources: bool | None = Field(None, description="Alive nodes too few for the workers: null = wait if "
+                                            "Ray's autoscaler runs, else fail naming what is missing; true/false = "
+                                            "always wait/fail.")
 
     def worker_bundle(self) -> dict[str, float]:
         """What one training worker reserves."""

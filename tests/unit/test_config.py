@@ -117,6 +117,27 @@ def test_workers_that_fit_count_whole_bundles_per_node():
     assert cfg.scaling.worker_bundle() == {"CPU": 4.0, "GPU": 1.0, "a": 1.0}
 
 
+# Ray 2.60's monitor reports (their `autoscaler_report`, abridged), taken from a `ray start --head` without an
+# autoscaling config and from one with the fake multi-node provider (tests/e2e/test_autoscaler.py starts one).
+FIXED_REPORT = {"autoscaler_report": {"active_nodes": {"node_1978ae": 1}, "pending_launches": {},
+                                      "node_type_mapping": {"1978ae": "node_1978ae"}, "legacy": True}}
+AUTOSCALER_REPORT = {"autoscaler_report": {"active_nodes": {"ray.head.default": 1, "gpu_node": 1},
+                                           "node_type_mapping": {"ffff00": "ray.head.default", "0a1b": "gpu_node"},
+                                           "legacy": True}}
+
+
+def test_an_autoscaler_is_told_from_a_fixed_clusters_read_only_report():
+    from diffray.cluster import autoscales
+
+    assert not autoscales(FIXED_REPORT)
+    assert autoscales(AUTOSCALER_REPORT)
+    head_only = {"autoscaler_report": {"node_type_mapping": {"ffff00": "ray.head.default"}}}
+    assert autoscales(head_only)  # no worker launched yet: the head's type still comes from a config
+    assert not autoscales({}) and not autoscales({"autoscaler_report": None})
+    assert validate_config({}).scaling.wait_for_resources is None  # detect by default
+    assert validate_config({"scaling": {"wait_for_resources": False}}).scaling.wait_for_resources is False
+
+
 def test_ray_train_settings_go_to_the_cluster_and_the_drivers_own_value_wins(monkeypatch):
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
 

@@ -129,3 +129,12 @@ def test_ddpo_jobs_tune_on_the_reward(tmp_path):
     with pytest.raises(ConfigError, match=r"tune\.space\.data\.path: the data section is shared"):
         load_tune_job(_ddpo_job(tmp_path, metric="reward_mean", mode="max",
                                 space={"data.path": {"grid": ["a", "b"]}}))
+
+
+def test_on_an_autoscaling_cluster_every_trial_is_asked_for_at_once():
+    from diffray.tune.runner import trial_concurrency
+
+    job = load_tune_job(REPO / "configs" / "tune_lora.yaml")  # a grid of 8 trials
+    assert job.num_trials == 8 and trial_concurrency(job, autoscaled=True) == 8  # the alive nodes are no limit
+    capped = load_tune_job(REPO / "configs" / "tune_lora.yaml", ["tune.max_concurrent_trials=3"])
+    assert trial_concurrency(capped, autoscaled=True) == 3

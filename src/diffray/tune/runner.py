@@ -22,7 +22,8 @@ import yaml
 from ray import tune
 
 from diffray import logs, storage
-from diffray.cluster import alive_nodes, check_resources, connect_ray, forwarded_env, workers_that_fit
+from diffray.cluster import (alive_nodes, check_resources, connect_ray, forwarded_env, nodes_are_added,
+                             workers_that_fit)
 from diffray.config import TrackingSection
 from diffray.errors import ConfigError
 from diffray.methods import method_of
@@ -82,10 +83,13 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
     fit_reporting(lambda: fit_checked(trainer, status, f"trial {trial_id}", log_dir), reports, tune.report)
 
 
-def trial_concurrency(job: TuneJob) -> int:
+def trial_concurrency(job: TuneJob, autoscaled: bool = False) -> int:
     """Trials that run at once: worker groups the alive nodes hold, and for DDPO also the CPUs of each
-    trial's reward actors (capped by tune.max_concurrent_trials)."""
+    trial's reward actors (capped by tune.max_concurrent_trials). On an `autoscaled` cluster the alive
+    nodes are no limit: every trial (or tune.max_concurrent_trials) asks, and the autoscaler adds nodes."""
     cfg, s = job.train, job.train.scaling
+    if autoscaled:
+        return job.tune.max_concurrent_trials or job.num_trials
     nodes = alive_nodes()
     fit = max(1, workers_that_fit(s.worker_bundle(), nodes) // s.num_workers)
     side = method_of(cfg.method).side_cpus
@@ -155,7 +159,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
                              model_path=model_path, exp_dir=exp_dir,
                              driver_env=forwarded_env(), rung_steps=tuple(sha_rungs(job))),
         TRIAL_DRIVER_RESOURCES)
-    concurrency = trial_concurrency(job)
+    concurrency = trial_concurrency(job, autoscaled=nodes_are_added(cfg.scaling))
     if restored:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
