@@ -93,6 +93,9 @@ def test_build_app_deployment_options():
     args = parse_args({"generator": {"max_queued_requests": 5, "autoscaling": {"max_replicas": 3}}})
     opts = generator_options(args)
     assert opts["max_queued_requests"] == 5 and opts["autoscaling_config"]["max_replicas"] == 3
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    placed = generator_options(parse_args({"generator": {"resources": {"A10G": 1}}}))["ray_actor_options"]
+    assert placed == {"num_cpus": 1.0, "num_gpus": 0.0, "resources": {"A10G": 1.0}}
     assert "downscale_to_zero_delay_s" not in opts["autoscaling_config"]  # Serve's default: downscale_delay_s
     auto = {"min_replicas": 0, "max_replicas": 2, "downscale_to_zero_delay_s": 5, "look_back_period_s": 2,
             "metrics_interval_s": 0.5}

@@ -21,7 +21,8 @@ def generator_options(args: ServeArgs) -> dict[str, Any]:
     """Deployment options of the Generator from the args (replicas or autoscaling, resources, queue)."""
     g = args.generator
     opts: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus},
+        "ray_actor_options": {"num_cpus": g.num_cpus, "num_gpus": g.num_gpus,
+                              **({"resources": dict(g.resources)} if g.resources else {})},
         "max_ongoing_requests": g.max_ongoing_requests,
         "max_queued_requests": g.max_queued_requests,
     }

@@ -84,6 +84,8 @@ class GeneratorSection(Section, Accelerator):
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (the pipeline then runs on CUDA).")
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom resources per replica, e.g. "
+                                        "{A10G: 1} to place replicas on that node type (an autoscaler adds one).")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per replica (CPU).")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once.")
     max_queued_requests: int = Field(32, ge=-1, description="Requests waiting for a replica; beyond it 503 "
