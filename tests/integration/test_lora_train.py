@@ -225,12 +225,20 @@ def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):
 def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
     from diffray.errors import ConfigError
 
-    # No GPU on this cluster and no autoscaler: one line naming the resource and what the nodes
-    # have, before any placement is requested (a wait for one would hang until pytest-timeout).
+    # No GPU on this cluster and no autoscaler (detected: scaling.wait_for_resources is null): one line
+    # naming the resource and what the nodes have, before any placement is requested (a wait for one
+    # would hang until pytest-timeout).
     with pytest.raises(ConfigError, match=r"scaling: 2 workers x \(1 CPU, 1 GPU\) do not fit .* 0 GPU\] \(room for 0\)"):
         run_training(small_cfg(tmp_path, "gpu", "scaling.use_gpu=true"))
     with pytest.raises(ConfigError, match=r"8 workers x \(1 CPU\) do not fit .*room for 4"):
         run_training(small_cfg(tmp_path, "wide", "scaling.num_workers=8"))
+    # tests/e2e/test_cluster.py's job, which waits for Ray's autoscaler there, fails fast here: no autoscaler.
+    from diffray.cluster import has_autoscaler
+
+    assert not has_autoscaler()
+    with pytest.raises(ConfigError, match=r"2 workers x \(1 CPU, 1 A10G\) do not fit .* 0 A10G\] \(room for 0\); "
+                                          "lower scaling.num_workers"):
+        run_training(small_cfg(tmp_path, "a10g", "scaling.resources_per_worker={A10G: 1}"))
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
