@@ -91,15 +91,30 @@ class AutoscalingCluster(LocalCluster):
         log = self.root / "head" / "session_latest" / "logs" / "monitor.log"
         return log.read_text() if log.is_file() else ""
 
-    def status(self) -> str:
-        """`ray status`: the autoscaler's current view (active, pending and idle nodes by type)."""
-        proc = subprocess.run([RAY, "status", f"--address={self.gcs}"], env=self.env, capture_output=True,
-                              text=True, timeout=60)
-        return proc.stdout
-
 
 def gpu_nodes(cluster: LocalCluster) -> list[dict]:
     return [n for n in cluster.alive_nodes() if "A10G" in n["resources_total"]]
+
+
+def gpu_node_ids_ever(cluster: LocalCluster) -> set[str]:
+    """Every gpu_1x node the state API knows, alive or removed."""
+    return {n["node_id"] for n in cluster.state("nodes") if "A10G" in n["resources_total"]}
+
+
+def submit(cluster: LocalCluster, command: str, timeout: float) -> tuple[int, str]:
+    """`ray job submit` of a bash command, without a working dir (see `autoscaled_job`); (exit status, output)."""
+    runtime_env = {"env_vars": {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONUNBUFFERED": "1"}}
+    proc = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env),
+         "--", "bash", "-c", command],
+        env=cluster.env, cwd=cluster.root, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def train_workers(cluster: LocalCluster, run_name: str) -> list[dict]:
+    """Ray's record of the training-worker actors of the job whose entrypoint sets run.name=`run_name`."""
+    job_id = next(j["job_id"] for j in cluster.request("/api/jobs/") if f"run.name={run_name}" in j["entrypoint"])
+    return cluster.state("actors", class_name="RayTrainWorker", job_id=job_id)
 
 
 def launches(cluster: AutoscalingCluster) -> int:
@@ -140,7 +155,6 @@ def autoscaled_job(local_cluster, s3) -> dict:
     # No --working-dir: the fake provider's nodes share the head's session folder, and each node's runtime-env
     # agent unpacks a job's working dir afresh into it, deleting the running driver's cwd when a node joins
     # mid-job. (On a real cluster each node has its own disk; tests below and the README use --working-dir.)
-    runtime_env = {"env_vars": {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONUNBUFFERED": "1"}}
     cache = f"{bucket}/latents"
     job = [f"{REPO}/configs/lora.yaml", "run.name=autoscaled", f"run.storage_path={bucket}/runs",
            f"data.cache={cache}", "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=null",
@@ -148,17 +162,11 @@ def autoscaled_job(local_cluster, s3) -> dict:
            "optim.warmup_steps=0", "optim.lr=2e-2", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
            "'scaling.resources_per_worker={A10G: 1}'"]
     t0 = time.time()
-    proc = subprocess.run(
-        [RAY, "job", "submit", "--address", local_cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env),
-         "--", "bash", "-c", f"diffray data prepare {' '.join(job)} && diffray train {' '.join(job)}"],
-        env=local_cluster.env, cwd=local_cluster.root, capture_output=True, text=True, timeout=400)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:] + local_cluster.monitor_log()[-3000:]
+    code, out = submit(local_cluster, f"diffray data prepare {' '.join(job)} && diffray train {' '.join(job)}", 400)
+    assert code == 0, out[-4000:] + local_cluster.monitor_log()[-3000:]
     wall = time.time() - t0
     # Snapshot of where the job ran, while the launched nodes are still listed by the state API.
-    job_id = next(j["job_id"] for j in local_cluster.request("/api/jobs/") if "run.name=autoscaled" in j["entrypoint"])
-    workers = local_cluster.state("actors", class_name="RayTrainWorker", job_id=job_id)
-    launched = {n["node_id"] for n in local_cluster.state("nodes") if "A10G" in n["resources_total"]}
+    workers, launched = train_workers(local_cluster, "autoscaled"), gpu_node_ids_ever(local_cluster)
     t1 = time.time()
     wait_until(lambda: not gpu_nodes(local_cluster), "the launched nodes to be removed once idle", timeout=120,
                interval=1)
@@ -216,7 +224,6 @@ def pixels(png: bytes) -> np.ndarray:
 @pytest.mark.slow
 def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_cluster, autoscaled_job, s3, tmp_path):
     import base64
-
 
     bucket = autoscaled_job["bucket"]
     adapters = f"{bucket}/adapters"
@@ -344,20 +351,13 @@ def test_a_search_with_more_trials_than_the_head_holds_runs_them_at_once_on_laun
     for both at once (not the alive nodes' room, none), and the autoscaler launches a node for each."""
     bucket = s3.bucket("cluster-tune")
     before = launches(local_cluster)
-    runtime_env = {"env_vars": {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONUNBUFFERED": "1"}}
     job = [f"{REPO}/configs/tune_lora.yaml", "run.name=scaled", f"run.storage_path={bucket}/tune",
            "'tune.space={lora.rank: {grid: [4, 8]}, lora.alpha: {same_as: lora.rank}}'", "tune.scheduler.name=fifo",
            "train.max_steps=2", "train.validate_every=2", "train.checkpoint_every=2",
            "'scaling.resources_per_worker={A10G: 1}'"]
-    proc = subprocess.run(
-        [RAY, "job", "submit", "--address", local_cluster.dashboard, "--runtime-env-json", json.dumps(runtime_env),
-         "--", "bash", "-c", f"diffray tune {' '.join(job)}"],
-        env=local_cluster.env, cwd=local_cluster.root, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "2 trials (2 completed, 0 stopped early)" in out, out[-4000:]
-    job_id = next(j["job_id"] for j in local_cluster.request("/api/jobs/") if "run.name=scaled" in j["entrypoint"])
-    workers = local_cluster.state("actors", class_name="RayTrainWorker", job_id=job_id)
-    gpu = {n["node_id"] for n in local_cluster.state("nodes") if "A10G" in n["resources_total"]}
+    code, out = submit(local_cluster, f"diffray tune {' '.join(job)}", 600)
+    assert code == 0 and "2 trials (2 completed, 0 stopped early)" in out, out[-4000:]
+    workers, gpu = train_workers(local_cluster, "scaled"), gpu_node_ids_ever(local_cluster)
     assert len(workers) == 2 and {w["node_id"] for w in workers} <= gpu, (workers, gpu)
     # The trials ran at once, on two different nodes: the spans of their metrics (logs uploaded to S3) overlap.
     logs = sorted(k for k in s3.keys(f"{bucket}/tune/scaled") if k.endswith("/logs/metrics.jsonl"))

@@ -281,7 +281,7 @@ def test_sha_halves_whole_rungs_and_paused_trials_resume_their_runs_from_the_run
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # ~45 s: over the CI budget; CI runs the same upload in the two-node test and test_storage_uri.py
+@pytest.mark.eval  # ~45 s: over the CI budget; CI runs the same upload in e2e/test_cluster.py and test_storage_uri.py
 def test_a_search_on_object_storage_keeps_results_best_adapter_and_logs_there(s3, ray_cluster, tmp_path, monkeypatch):
     """No shared filesystem: the experiment on S3 holds its results, the best adapter (whole by its manifest), each
     trial's worker logs and the driver's data reports."""
