@@ -176,6 +176,12 @@ def test_any_jsonl_gives_one_row_per_line_with_source_or_reason(tmp_path_factory
         assert not row["error"] or row["source"].startswith("metadata.jsonl:")
 
 
+def test_a_file_name_with_a_nul_character_is_a_bad_row_not_a_crash(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a\u0000.png", "text": "x"}) + "\n")
+    _, _, rows = folder_rows(str(tmp_path))
+    assert len(rows) == 1 and "holds a NUL character" in rows[0]["error"] and "file_name" in rows[0]["error"]
+
+
 def test_parse_metadata_keeps_line_numbers():
     got = parse_metadata("metadata.jsonl", '{"a": 1}\n\n[]\n')
     assert got == [(1, {"a": 1}, ""), (3, None, "metadata line 3: a JSON list, not an object")]

@@ -76,6 +76,8 @@ def member(fs: pafs.FileSystem, root: str, name, column: str, paths: PathRules =
         return "", ""  # no file: validation reports "image file not found"
     if not isinstance(name, str):
         return "", f"{column} is a JSON {type(name).__name__}, not a file name"
+    if "\x00" in name:  # the OS refuses such a path outright (ValueError from every path call)
+        return "", f"{column} {name[:200]!r} holds a NUL character, not a file name"
     outside = f"{column} {name[:200]!r} is not a file inside the dataset folder"
     if storage.is_uri(name) or name.startswith("/"):
         base = next((r for r in paths.roots if _under(name, r)), None)
