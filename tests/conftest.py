@@ -70,12 +70,12 @@ def model_from_zero_checkpoint():
     def rebuild(run_dir, cfg, model_path: str):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from diffray.models.loading import load_components
+        from diffray.models.family import family_of
         from diffray.trainers.denoising import lora_denoiser
 
         ckpt = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]
         trained_sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="state", exclude_frozen_parameters=True)
-        comps = load_components(model_path)
+        comps = family_of(model_path).load(model_path)
         model = lora_denoiser(comps, cfg.lora, cfg.run.seed)
         missing, unexpected = model.load_state_dict(trained_sd, strict=False)
         assert not unexpected and all("lora" not in k for k in missing)

@@ -45,11 +45,12 @@ def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also sh
 
 
 @app.command("init-model")
-def init_model(preset: str = typer.Argument(..., help="tiny (the pretrained world model) | tiny-random | sd15-shaped"),
+def init_model(preset: str = typer.Argument(..., help="tiny (the pretrained world model) | tiny-random | sd15-shaped "
+                                                      "| tiny-sdxl"),
                out_dir: Path = typer.Argument(..., help="Directory to write the diffusers pipeline to"),
                seed: int = typer.Option(0, help="Weight-init seed of a random preset (deterministic)")) -> None:
     """Write a Stable Diffusion pipeline dir (no download): the shipped pretrained world model (`tiny`) or a
-    randomly initialised one (`tiny-random`, `sd15-shaped`)."""
+    randomly initialised one (`tiny-random`, `sd15-shaped`, `tiny-sdxl`: SDXL's layout)."""
     from diffray.models.tiny import build_pipeline_dir
 
     path = build_pipeline_dir(out_dir, preset=preset, seed=seed)

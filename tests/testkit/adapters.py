@@ -78,21 +78,22 @@ def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Pat
 
 
 class Probe:
-    """A fixed UNet input (two latents, timesteps 50 and 600, two prompts' text states) and a trained
-    model's prediction for it: what an exported adapter loaded into a stock pipeline must reproduce
-    (`error(unet)`)."""
+    """A fixed UNet input (two latents, timesteps 50 and 600, two prompts' text conditioning from the
+    model's family: states, plus pooled embedding and size ids for SDXL) and a trained model's prediction
+    for it: what an exported adapter loaded into a stock pipeline must reproduce (`error(unet)`)."""
 
-    def __init__(self, model, comps):
+    def __init__(self, model, comps, family=None):
+        from diffray.models.family import StableDiffusion
+
+        family = family or StableDiffusion()
         g = torch.Generator().manual_seed(1)
         self.latents, self.t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600])
-        ids = comps.tokenizer(["a red circle", "x"], padding="max_length", max_length=77,
-                              return_tensors="pt").input_ids
         with torch.no_grad():
-            self.hidden = comps.text_encoder(ids)[0]
-            self.expected = model(self.latents, self.t, encoder_hidden_states=self.hidden)
+            self.text = family.conditioning(comps, family.tokenize(comps, ["a red circle", "x"]), {}, (64, 64))
+            self.expected = model(self.latents, self.t, **self.text)
 
     def error(self, unet) -> float:
         """Largest |unet's prediction - the trained model's| on the probe."""
         with torch.no_grad():
-            pred = unet(self.latents, self.t, encoder_hidden_states=self.hidden).sample
+            pred = unet(self.latents, self.t, **self.text).sample
         return (pred - self.expected).abs().max().item()

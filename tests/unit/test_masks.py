@@ -133,7 +133,7 @@ def test_denoising_task_shuffles_tags_per_step_and_encodes_the_shuffled_ids(lora
         per_step = [task.prompt_ids(batch, s) for s in range(1, 6)]
         assert all(torch.equal(a, b) for a, b in zip(per_step, [task.prompt_ids(batch, s) for s in range(1, 6)]))
         assert len({tuple(p[0].tolist()) for p in per_step}) > 1 and all(p[0, 1] == ids[0, 1] for p in per_step)
-        hidden = task.text_inputs(batch, 2, 0.0)["encoder_hidden_states"]
+        hidden = task.text_inputs(batch, 2, 0.0, (64, 64))["encoder_hidden_states"]
         want = task.family.encode(task.comps.text_encoder, task.prompt_ids(batch, 2))
         assert torch.allclose(hidden, want) and hidden.abs().sum() > 0
     finally:

@@ -143,11 +143,19 @@ def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, ma
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(tokenizer_path: str):
+def load_tokenizer(tokenizer_path: str, subfolder: str = "tokenizer"):
     """The CLIP tokenizer of a model dir, loaded once per worker process (never shipped from the driver)."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder="tokenizer")
+    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=subfolder)
+
+
+@functools.lru_cache(maxsize=4)
+def is_sdxl(model_path: str) -> bool:
+    """A local SDXL pipeline dir (by its model_index.json): captions get both tokenizers' ids and rows
+    their size/crop conditioning (`micro_cond`)."""
+    index = Path(model_path) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
 
 
 def held_out_mask(sample_ids, fraction: float) -> np.ndarray:
@@ -176,7 +184,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
                      seed: int, rules: Rules, skip: frozenset[int] = frozenset(),
                      buckets: list[tuple[int, int]] | None = None, trigger_word: str | None = None) -> dict:
     """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
-    loss_mask, pair_pixel_values]}.
+    loss_mask, pair_pixel_values]}. For an SDXL model input_ids are [B, 2, 77] (both tokenizers) and
+    `micro_cond` int64 [B, 4] holds each image's original (H, W) and crop top-left (y, x).
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
@@ -188,12 +197,17 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     ids = [int(i) for i in batch["sample_id"]]
     sources = [str(s) for s in batch["source"]]
     tokenizer = load_tokenizer(tokenizer_path)
+    xl = is_sdxl(tokenizer_path)
+    second = load_tokenizer(tokenizer_path, "tokenizer_2") if xl else None
+    geometry: list | None = [] if xl else None
     out = {"sample_id": np.asarray(ids, dtype=np.int64),
            "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
-                                             random_flip, seed, rules.max_image_pixels, buckets),
+                                             random_flip, seed, rules.max_image_pixels, buckets, geometry=geometry),
            "input_ids": (tokenize_captions(tokenizer, [with_trigger(caption_of(c, rules) or "", trigger_word)
-                                                       for c in batch["caption"]]) if ids
-                         else np.empty((0, tokenizer.model_max_length), dtype=np.int64))}
+                                                       for c in batch["caption"]], second) if ids
+                         else np.empty((0, *((2,) if xl else ()), tokenizer.model_max_length), dtype=np.int64))}
+    if xl:
+        out["micro_cond"] = np.asarray(geometry, dtype=np.int64).reshape(len(ids), 4)
     if "conditioning_image" in batch:
         cond = preprocess_images(list(batch["conditioning_image"]), ids, sources, resolution, center_crop,
                                  random_flip, seed, rules.max_image_pixels, buckets, background=BLACK)

@@ -94,8 +94,10 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
-                rng: np.random.Generator) -> Image.Image:
-    """Resize to cover `size` (a square side or (width, height)), crop it, maybe flip horizontally."""
+                rng: np.random.Generator, geometry: list | None = None) -> Image.Image:
+    """Resize to cover `size` (a square side or (width, height)), crop it, maybe flip horizontally.
+    `geometry` gets (original H, original W, crop top, crop left) appended, the crop's corner in the
+    image as flipped (SDXL's size/crop conditioning, as its training recipe computes it)."""
     bw, bh = (size, size) if isinstance(size, int) else size
     w, h = img.size
     scale = max(bw / w, bh / h)
@@ -106,8 +108,11 @@ def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool
     else:
         left, top = int(rng.integers(0, nw - bw + 1)), int(rng.integers(0, nh - bh + 1))
     img = img.crop((left, top, left + bw, top + bh))
-    if random_flip and rng.random() < 0.5:
+    flip = random_flip and rng.random() < 0.5
+    if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if geometry is not None:
+        geometry.append((h, w, top, nw - bw - left if flip else left))
     return img
 
 
@@ -115,8 +120,9 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
                       center_crop: bool, random_flip: bool, seed: int,
                       max_pixels: int = DEFAULT_MAX_PIXELS,
                       buckets: list[tuple[int, int]] | None = None,
-                      background: tuple[int, int, int] = WHITE) -> np.ndarray:
-    """Decode, resize to cover the target size, crop, maybe flip, scale to [-1, 1].
+                      background: tuple[int, int, int] = WHITE, geometry: list | None = None) -> np.ndarray:
+    """Decode, resize to cover the target size, crop, maybe flip, scale to [-1, 1]. `geometry` gets each
+    image's (original H, W, crop top, left): see `resize_crop`.
 
     The target is the square `resolution`, or with `buckets` the bucket nearest each image's aspect
     ratio (see `aspect_buckets`). Alpha is composited on `background` (see `decode_image`).
@@ -136,13 +142,14 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
         rng = np.random.default_rng((seed, int(sid)))
         img = decode_image(data, src, max_pixels, background)
         size = resolution if buckets is None else nearest_bucket(*img.size, buckets)
-        img = resize_crop(img, size, center_crop, random_flip, rng)
+        img = resize_crop(img, size, center_crop, random_flip, rng, geometry)
         out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
     return out
 
 
-def tokenize_captions(tokenizer, captions: list[str]) -> np.ndarray:
-    """Token ids int64 [B, model_max_length], padded and truncated."""
-    ids = tokenizer(list(captions), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="np").input_ids
-    return ids.astype(np.int64)
+def tokenize_captions(tokenizer, captions: list[str], tokenizer_2=None) -> np.ndarray:
+    """Token ids int64 [B, model_max_length], padded and truncated; with `tokenizer_2` (SDXL's) [B, 2, L],
+    one row per tokenizer."""
+    ids = [tok(list(captions), padding="max_length", truncation=True, max_length=tok.model_max_length,
+               return_tensors="np").input_ids.astype(np.int64) for tok in (tokenizer, tokenizer_2) if tok is not None]
+    return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)

@@ -3,19 +3,19 @@ denoiser. A family knows how to load its parts, tokenize and encode prompts, noi
 the training target, and how to assemble an inference pipeline from (possibly trained) parts.
 
 `StableDiffusion` (SD 1.x/2.x: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, DDPM training
-schedule) is the one family today; `family_of(model_path)` picks it. A new family is a class with the
-same methods, added to `FAMILIES`. Never imports Ray.
+schedule) and `StableDiffusionXL` (two CLIP encoders, pooled embedding and size/crop ids as added
+conditioning, same epsilon/v-prediction training); `family_of(model_path)` picks one by the dir's
+`model_index.json`. A new family is a class with the same methods, added to `FAMILIES`; `check` refuses a
+method or option it does not support, before Ray starts. Never imports Ray.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 
-from diffray.errors import ModelError
-from diffray.models.loading import SDComponents, load_components
+from diffray.errors import ConfigError, ModelError
+from diffray.models.loading import SDComponents, load_components, pipeline_class_of
 from diffray.trainers.components.diffusion import NoisedLatents, diffusion_target, noise_latents
 
 
@@ -24,6 +24,10 @@ class StableDiffusion:
 
     name = "stable-diffusion"
     pipeline_classes = ("StableDiffusionPipeline",)
+
+    def check(self, method: str, cfg) -> None:
+        """Refuse (ConfigError naming the field) a method or option this family does not train: every one
+        is supported here."""
 
     def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
         return load_components(model_path, dtype=dtype, device=device)
@@ -41,6 +45,11 @@ class StableDiffusion:
     def prompt_states(self, comps, prompts: list[str], device) -> torch.Tensor:
         """Frozen text-encoder states [B, 77, D] of `prompts`."""
         return self.encode(comps.text_encoder, self.tokenize(comps, prompts).to(device))
+
+    def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
+        """The denoiser's text conditioning kwargs of token ids (as `tokenize` makes them) from the frozen
+        encoders; `batch` and the pixel `size` (H, W) are for families with size conditioning."""
+        return {"encoder_hidden_states": self.encode(comps.text_encoder, input_ids)}
 
     def prediction_type(self, comps, configured: str | None) -> str:
         return configured or comps.noise_scheduler.config.prediction_type
@@ -68,7 +77,74 @@ class StableDiffusion:
         return pipe
 
 
-FAMILIES = (StableDiffusion(),)
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: the UNet attends to both CLIP encoders' penultimate states, concatenated, and adds an embedding
+    of the second encoder's pooled (projected) output and six size ids: the image's original (H, W), the
+    crop's top-left (y, x) and the target (H, W), as SDXL was trained (`micro_cond` rows of the data
+    pipeline give the first four; without them the image is taken as uncropped at its size). Token ids are
+    [B, 2, 77]: one row per tokenizer."""
+
+    name = "stable-diffusion-xl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    methods = ("lora",)
+
+    def check(self, method: str, cfg) -> None:
+        if method not in self.methods:
+            raise ConfigError(f"method {method!r} does not train SDXL models yet (SDXL: {', '.join(self.methods)})",
+                              field="method")
+        lora = getattr(cfg, "lora", None)
+        if lora is not None and lora.train_text_encoder:
+            raise ConfigError("SDXL LoRA trains the UNet only (the two text encoders stay frozen)",
+                              field="lora.train_text_encoder")
+        if cfg.data.cache != "off":
+            raise ConfigError("the latent cache stores one text encoder's states; SDXL encodes on the fly",
+                              field="data.cache")
+        if cfg.data.shuffle_tags:
+            raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet", field="data.shuffle_tags")
+
+    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
+        return load_components(model_path, dtype=dtype, device=device, second_encoder=True)
+
+    def tokenize(self, comps, prompts: list[str]) -> torch.Tensor:
+        """Token ids [B, 2, 77]: each tokenizer's (they pad differently)."""
+        return torch.stack([tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                                return_tensors="pt").input_ids for tok in (comps.tokenizer, comps.tokenizer_2)], 1)
+
+    def encode(self, text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("SDXL prompts need both encoders: use conditioning()")
+
+    def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
+        states = []
+        for i, encoder in enumerate((comps.text_encoder, comps.text_encoder_2)):
+            out = encoder(input_ids[:, i], output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        pooled = out.text_embeds  # the second encoder's projected output, as StableDiffusionXLPipeline
+        return {"encoder_hidden_states": torch.cat(states, dim=-1),
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(batch, size, pooled)}}
+
+    @staticmethod
+    def time_ids(batch: dict, size: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """[B, 6]: original (H, W), crop top-left (y, x), target (H, W) of each row."""
+        b = like.shape[0]
+        if "micro_cond" in batch:
+            first = torch.as_tensor(batch["micro_cond"]).reshape(b, 4)
+        else:
+            first = torch.tensor([size[0], size[1], 0, 0]).expand(b, 4)
+        target = torch.tensor(size).expand(b, 2)
+        return torch.cat([first, target], dim=1).to(like.device, like.dtype)
+
+    def pipeline(self, comps, unet=None, text_encoder=None, scheduler=None):
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline(vae=comps.vae, text_encoder=text_encoder or comps.text_encoder,
+                                         text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
+                                         tokenizer_2=comps.tokenizer_2, unet=unet or comps.unet,
+                                         scheduler=scheduler or comps.noise_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+FAMILIES = (StableDiffusion(), StableDiffusionXL())
 
 
 def family_of(model_path: str):
@@ -78,10 +154,9 @@ def family_of(model_path: str):
     Raises:
         ModelError: the dir holds a pipeline of a family diffray does not train.
     """
-    index = Path(model_path) / "model_index.json"
-    if not index.is_file():
+    pipeline_class = pipeline_class_of(model_path)
+    if not pipeline_class:
         return FAMILIES[0]
-    pipeline_class = json.loads(index.read_text()).get("_class_name", "")
     for family in FAMILIES:
         if pipeline_class in family.pipeline_classes:
             return family

@@ -22,13 +22,16 @@ LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing o
 
 @dataclass
 class SDComponents:
-    """The pieces a trainer needs; `noise_scheduler` is the training (DDPM) scheduler."""
+    """The pieces a trainer needs; `noise_scheduler` is the training (DDPM) scheduler. SDXL-layout models
+    also have `tokenizer_2` and `text_encoder_2` (a CLIP encoder with projection)."""
 
     tokenizer: Any
     text_encoder: Any
     vae: Any
     unet: Any
     noise_scheduler: Any
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
 
 
 def parse_builtin(ref: str) -> tuple[str, int]:
@@ -107,33 +110,49 @@ def _checked_tokenizer(tokenizer: Any, path: str) -> Any:
 
 
 def load_components(path: str, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> SDComponents:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler (DDPM) from a diffusers dir
-    (or hub id); the three models are loaded in `dtype` and moved to `device`. Raises `ModelError` naming
-    the path."""
+                    device: str | torch.device = "cpu", second_encoder: bool = False) -> SDComponents:
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler (DDPM, from whatever scheduler
+    config the dir ships) from a diffusers dir (or hub id); the models are loaded in `dtype` and moved to
+    `device`. `second_encoder`: also SDXL's `tokenizer_2` and `text_encoder_2` (with projection). Raises
+    `ModelError` naming the path."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     quiet_hf()
     models = dict(dtype=dtype, use_safetensors=True)  # dtype at load keeps diffusers' fp32-only modules
+    second = {}
+    if second_encoder:
+        second = dict(tokenizer_2=_checked_tokenizer(_load(CLIPTokenizer, path, "tokenizer_2"), path),
+                      text_encoder_2=_load(CLIPTextModelWithProjection, path, "text_encoder_2", **models).to(device))
     return SDComponents(
         tokenizer=_checked_tokenizer(_load(CLIPTokenizer, path, "tokenizer"), path),
         text_encoder=_load(CLIPTextModel, path, "text_encoder", **models).to(device),
         vae=_load(AutoencoderKL, path, "vae", **models).to(device),
         unet=_load(UNet2DConditionModel, path, "unet", **models).to(device),
         noise_scheduler=_load(DDPMScheduler, path, "scheduler"),
+        **second,
     )
 
 
+def pipeline_class_of(path: str) -> str:
+    """The pipeline class a local diffusers dir's `model_index.json` names ("" for a hub id or no index)."""
+    import json
+
+    index = Path(path) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+
+
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A stock `StableDiffusionPipeline` (no safety checker) from a diffusers dir or hub id.
-    Raises `ModelError` naming the path."""
-    from diffusers import StableDiffusionPipeline
+    """The stock pipeline of a diffusers dir or hub id, by its family: `StableDiffusionPipeline` (no safety
+    checker) or `StableDiffusionXLPipeline`. Raises `ModelError` naming the path."""
+    import diffusers
 
     quiet_hf()
+    name = "StableDiffusionXLPipeline" if pipeline_class_of(path) == "StableDiffusionXLPipeline" else \
+        "StableDiffusionPipeline"
+    extra = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                       use_safetensors=True)
+        pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
     except LOAD_ERRORS as exc:
         raise ModelError(f"{path}: cannot load pipeline: {str(exc).strip().splitlines()[0]}") from None
     _checked_tokenizer(pipe.tokenizer, path)

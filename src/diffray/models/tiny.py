@@ -4,7 +4,8 @@
 world by `diffray pretrain-world` (`diffray.world.pretrain`), shipped as package data (`weights/tiny/`);
 building it copies those weights. Its architecture, initialised at random, is where pretraining starts.
 `tiny-random` is the older, smaller random pipeline for fast mechanical tests; `sd15-shaped` is the real
-SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise). `tiny`
+SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise);
+`tiny-sdxl` is SDXL's layout (two text encoders, size/crop conditioning) at tiny size, random. `tiny`
 uses a word-level CLIP tokenizer over the world's words (`diffray.world.WORDS`, every other word spelled
 by characters); the others a character-level one. We write the tokenizer files ourselves. Nothing here
 downloads anything, and building never disturbs the caller's global torch RNG.
@@ -23,7 +24,7 @@ import torch
 
 from diffray.errors import ModelError
 
-PRESETS = ("tiny", "tiny-random", "sd15-shaped")
+PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl")
 PRETRAINED = ("tiny",)  # presets whose builtin is shipped weights (one set: no `?seed=`)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Part of every cached builtin's key (`builder_key`): bump it when the builder writes different files for
@@ -88,6 +89,26 @@ def preset_configs(preset: str) -> dict[str, dict]:
                                  num_attention_heads=12, max_position_embeddings=MAX_TOKENS, projection_dim=768,
                                  hidden_act="quick_gelu"),
             "scheduler": dict(SCHEDULER_CONFIG),
+        }
+    if preset == "tiny-sdxl":
+        # SDXL's layout at tiny size: two CLIP encoders (the second with a projection: the pooled embedding),
+        # cross-attention on their concatenated penultimate states (32 + 32), the "text_time" added embedding
+        # of six size/crop ids (8 channels each) plus the pooled 32, linear projections, 2 transformer layers.
+        encoder = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=MAX_TOKENS, projection_dim=32)
+        return {
+            "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                         block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                         transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+                         cross_attention_dim=64, norm_num_groups=8),
+            "vae": dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8),
+            "text_encoder": dict(encoder),
+            "text_encoder_2": dict(encoder),
+            "scheduler": dict(SCHEDULER_CONFIG, timestep_spacing="leading"),  # SDXL's Euler,
         }
     raise ModelError(f"unknown model preset {preset!r} (allowed: {', '.join(PRESETS)})")
 
@@ -175,25 +196,45 @@ def shipped(preset: str) -> Path | None:
     return d if preset in PRETRAINED and (d / "model_index.json").is_file() else None
 
 
+def is_xl(preset: str) -> bool:
+    """An SDXL-layout preset (two text encoders, `StableDiffusionXLPipeline`)."""
+    return "text_encoder_2" in preset_configs(preset)
+
+
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
     """Instantiate every pipeline component with random weights drawn from `torch.manual_seed(seed)`
-    (in a forked RNG, so the caller's RNG state is untouched). Keys match `StableDiffusionPipeline`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    (in a forked RNG, so the caller's RNG state is untouched). Keys match `StableDiffusionPipeline`, or
+    `StableDiffusionXLPipeline` for an SDXL preset (`tokenizer_2`, `text_encoder_2`: a CLIP encoder with
+    projection, and an Euler scheduler, as SDXL ships)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     cfgs = preset_configs(preset)
     with tempfile.TemporaryDirectory(prefix="diffray-tok-") as tok_dir:
         vocab = write_tokenizer_files(Path(tok_dir), _vocab_size(preset), tokenizer_words(preset))
         tokenizer = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=MAX_TOKENS)
+        # SDXL's second tokenizer has the same vocabulary and pads with "!" (not end-of-text)
+        tokenizer_2 = CLIPTokenizer(f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt", model_max_length=MAX_TOKENS,
+                                    pad_token="!")
+
+    def encoder_config(key: str):
+        return CLIPTextConfig(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **cfgs[key])
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfgs["unet"])
         vae = AutoencoderKL(**cfgs["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **cfgs["text_encoder"]))
-    scheduler = DDPMScheduler.from_config(cfgs["scheduler"])  # from_config keeps the DDIM/PNDM-only keys
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        text_encoder = CLIPTextModel(encoder_config("text_encoder"))
+        if is_xl(preset):
+            text_encoder_2 = CLIPTextModelWithProjection(encoder_config("text_encoder_2"))
+    comps = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    if is_xl(preset):
+        comps.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                     scheduler=EulerDiscreteScheduler.from_config(cfgs["scheduler"]))
+    else:  # from_config keeps the DDIM/PNDM-only keys
+        comps["scheduler"] = DDPMScheduler.from_config(cfgs["scheduler"])
+    return comps
 
 
 def _save_controlnet(unet: torch.nn.Module, out_dir: Path, seed: int) -> None:
@@ -215,7 +256,7 @@ def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
     Returns the absolute output dir. Raises `ModelError` for an unknown preset (before any work), or for
     a pretrained preset asked for another seed or whose weights are not installed.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffray.logs import quiet_hf
 
@@ -242,11 +283,13 @@ def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
             os.replace(tmp, out)
             return out
         comps = build_components(preset, seed)
-        pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        pipe = (StableDiffusionXLPipeline(**comps) if is_xl(preset) else
+                StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False))
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; the slow-tokenizer files keep 4.x loaders working.
-        write_tokenizer_files(tmp / "tokenizer", _vocab_size(preset), tokenizer_words(preset))
+        for tok in ("tokenizer", "tokenizer_2") if is_xl(preset) else ("tokenizer",):
+            write_tokenizer_files(tmp / tok, _vocab_size(preset), tokenizer_words(preset))
         if preset in ("tiny", "tiny-random"):
             _save_controlnet(comps["unet"], tmp / "controlnet", seed)
         (tmp / "diffray_model.json").write_text(json.dumps({"preset": preset, "seed": seed,

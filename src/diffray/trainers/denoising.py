@@ -37,10 +37,11 @@ class Denoiser(torch.nn.Module):
         self.unet = unet
         self.text_encoder = text_encoder
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None):
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None):
         if self.text_encoder is not None:
             encoder_hidden_states = self.text_encoder(input_ids)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                         added_cond_kwargs=added_cond_kwargs).sample
 
 
 def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: bool = False) -> Denoiser:
@@ -114,6 +115,8 @@ class DenoisingTask(StepTask):
         session.place_frozen(self.comps.vae, env)
         if not self.trains_text_encoder:
             session.place_frozen(self.comps.text_encoder, env)
+        if self.comps.text_encoder_2 is not None:
+            session.place_frozen(self.comps.text_encoder_2, env)
         self.prediction_type = self.family.prediction_type(self.comps, cfg.model.prediction_type)
         self.empty = self.empty_prompt() if cfg.data.caption_dropout > 0 else None
         self.counters = session.EncoderCalls(self.comps)
@@ -195,15 +198,21 @@ class DenoisingTask(StepTask):
         cfg, env = self.cfg, self.env
         n = self.family.noised(self.comps, batch, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset,
                               cfg.train.timestep_range)
-        text = self.text_inputs(batch, step, cfg.data.caption_dropout if dropout else 0.0)
+        text = self.text_inputs(batch, step, cfg.data.caption_dropout if dropout else 0.0, self.pixel_size(n.noisy))
         pred = engine(n.noisy, n.timesteps, **text, **self.forward_inputs(batch, step, dropout))
         target = self.family.target(self.comps, n, self.prediction_type)
         return per_sample_loss(pred, target, n.timesteps, self.comps.noise_scheduler, self.prediction_type,
                                cfg.train.snr_gamma, batch.get("loss_mask"))
 
-    def text_inputs(self, batch: dict, step: int, caption_dropout: float) -> dict:
-        """Token ids when the text encoder trains in the engine; otherwise frozen states, from the latent
-        cache or encoded here without grad. Dropped captions become the empty caption."""
+    def pixel_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """The image (H, W) of latents [B, C, h, w] (the VAE's scale)."""
+        scale = 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        return latents.shape[-2] * scale, latents.shape[-1] * scale
+
+    def text_inputs(self, batch: dict, step: int, caption_dropout: float, size: tuple[int, int]) -> dict:
+        """Token ids when the text encoder trains in the engine; otherwise frozen conditioning (states, and
+        the family's added inputs for images of `size`), from the latent cache or encoded here without grad.
+        Dropped captions become the empty caption."""
         device = self.env.device
         drop = caption_dropout_mask([int(i) for i in batch["sample_id"]], step, self.cfg.run.seed,
                                     caption_dropout).to(device)
@@ -211,20 +220,24 @@ class DenoisingTask(StepTask):
             self.empty = self.empty_prompt()
         input_ids = self.prompt_ids(batch, step).to(device)
         if drop.any():
-            input_ids = torch.where(drop[:, None], self.empty["input_ids"][None], input_ids)
+            rows = drop.view(-1, *(1,) * (input_ids.dim() - 1))  # ids are [B, 77], or [B, 2, 77] for SDXL
+            input_ids = torch.where(rows, self.empty["input_ids"][None], input_ids)
         if self.trains_text_encoder:
             return {"input_ids": input_ids}
         if "prompt_embeds" not in batch or self.cfg.data.shuffle_tags:  # cached states are of the unshuffled ids
             with torch.no_grad():
-                return {"encoder_hidden_states": self.family.encode(self.comps.text_encoder, input_ids)}
+                return self.family.conditioning(self.comps, input_ids, batch, size)
         hidden = batch["prompt_embeds"].to(device, self.env.dtype)
         if drop.any():
             hidden = torch.where(drop[:, None, None], self.empty["hidden"][None].to(hidden.dtype), hidden)
         return {"encoder_hidden_states": hidden}
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """Token ids [77] and frozen text-encoder states [77, D] of the empty caption (caption dropout)."""
+        """Token ids [77] ([2, 77] for SDXL) and, for the latent cache's rows, frozen text-encoder states
+        [77, D] of the empty caption (caption dropout)."""
         ids = self.family.tokenize(self.comps, [""]).to(self.env.device)
+        if self.comps.text_encoder_2 is not None:  # the latent cache is SD-only (the family's check)
+            return {"input_ids": ids[0]}
         with torch.no_grad():
             return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
 

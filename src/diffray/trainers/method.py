@@ -48,7 +48,11 @@ class Method:
     side_cpus: Callable[[Any], float] | None = None
 
     def check(self, cfg, model_path: str) -> None:
-        """Run the method's driver-side checks, if it has any."""
+        """Refuse a method or option the model's family does not train, then run the method's own
+        driver-side checks, if it has any."""
+        from diffray.models.family import family_of
+
+        family_of(model_path).check(self.name, cfg)
         if self.preflight is not None:
             self.preflight(cfg, model_path)
 

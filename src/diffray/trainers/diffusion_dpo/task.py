@@ -65,7 +65,7 @@ class DiffusionDpoTask(DenoisingTask):
                 "input_ids": torch.cat([batch["input_ids"], batch["input_ids"]])}
         n = self.family.noised(self.comps, both, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset,
                               cfg.train.timestep_range)
-        text = self.text_inputs(both, step, cfg.data.caption_dropout if dropout else 0.0)
+        text = self.text_inputs(both, step, cfg.data.caption_dropout if dropout else 0.0, self.pixel_size(n.noisy))
         target = self.family.target(self.comps, n, self.prediction_type)
 
         def errors(pred: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""Model families: each one's prompt conditioning and training target agree with the stock diffusers
+pipeline and scheduler of its model dir, its data rows carry what it needs, and a method or option it
+does not train is refused at config time."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffray.config import apply_overrides
+from diffray.errors import ConfigError, ModelError
+from diffray.methods import METHODS, validate_config
+from diffray.models import build_pipeline_dir
+from diffray.models.family import StableDiffusion, StableDiffusionXL, family_of
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory) -> Path:
+    return build_pipeline_dir(tmp_path_factory.mktemp("m") / "sd", "tiny-random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory) -> Path:
+    return build_pipeline_dir(tmp_path_factory.mktemp("m") / "xl", "tiny-sdxl", seed=0)
+
+
+def test_the_family_comes_from_model_index(sd, xl, tmp_path):
+    assert isinstance(family_of(str(xl)), StableDiffusionXL) and type(family_of(str(sd))) is StableDiffusion
+    assert type(family_of("org/hub-model")) is StableDiffusion  # no index to read: SD, as before
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ModelError, match="a KandinskyPipeline model; diffray trains StableDiffusionPipeline, "
+                                         "StableDiffusionXLPipeline"):
+        family_of(str(tmp_path))
+
+
+def test_tiny_sdxl_is_a_stock_sdxl_dir_that_generates(xl):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl, use_safetensors=True)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.unet.config.cross_attention_dim == 64
+    # as SDXL's: the second tokenizer pads with "!", the first with end-of-text
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    # seeded like every builtin: same seed same weights
+    again = build_pipeline_dir(xl.parent / "again", "tiny-sdxl", seed=0)
+    assert (again / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+           (xl / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_sdxl_conditioning_is_the_stock_pipelines(xl):
+    """Both encoders' penultimate states concatenated, the second's pooled projection and the six size
+    ids: what `StableDiffusionXLPipeline` feeds its UNet for the same prompts at 64 px."""
+    from diffusers import StableDiffusionXLPipeline
+
+    family = family_of(str(xl))
+    comps = family.load(str(xl))
+    prompts = ["a red circle on a blue background", "x"]
+    ids = family.tokenize(comps, prompts)
+    assert ids.shape == (2, 2, 77) and not torch.equal(ids[:, 0], ids[:, 1])  # padded differently
+    with torch.no_grad():
+        got = family.conditioning(comps, ids, {}, (64, 64))
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl, use_safetensors=True)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    assert torch.allclose(got["encoder_hidden_states"], embeds, atol=1e-6)
+    assert torch.allclose(got["added_cond_kwargs"]["text_embeds"], pooled, atol=1e-6)
+    time_ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), dtype=torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    assert torch.equal(got["added_cond_kwargs"]["time_ids"], time_ids.expand(2, 6))
+    # rows that were cropped say so: original (H, W) and crop top-left per row, the target after them
+    rows = {"micro_cond": torch.tensor([[60, 100, 0, 21], [64, 64, 0, 0]])}
+    assert family.time_ids(rows, (64, 64), pooled).tolist() == [[60, 100, 0, 21, 64, 64], [64, 64, 0, 0, 64, 64]]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("model", ["sd", "xl"])
+def test_training_target_matches_the_models_scheduler(model, prediction, request):
+    """Noised latents are the shipped scheduler's: DDPM's add_noise for SD; for SDXL, whose dir ships an
+    Euler scheduler, the same alphas (Euler's sigma = sqrt((1 - a) / a), and its noisy sample scaled by
+    sqrt(a) is DDPM's). Target: the noise for epsilon, the velocity for v-prediction."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    path = str(request.getfixturevalue(model))
+    family = family_of(path)
+    comps = family.load(path)
+    batch = {"sample_id": torch.tensor([3, 4]), "pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1}
+    n = family.noised(comps, batch, "cpu", torch.float32, step=5, seed=0, noise_offset=0.0)
+    a = comps.noise_scheduler.alphas_cumprod[n.timesteps].view(-1, 1, 1, 1)
+    if model == "xl":
+        euler = EulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        assert torch.allclose(euler.alphas_cumprod, comps.noise_scheduler.alphas_cumprod)
+        sigma = ((1 - a) / a).sqrt()
+        assert torch.allclose(n.noisy / a.sqrt(), n.latents + sigma * n.noise, atol=1e-5)
+    else:
+        ddpm = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+        assert torch.allclose(n.noisy, ddpm.add_noise(n.latents, n.noise, n.timesteps), atol=1e-6)
+    target = family.target(comps, n, family.prediction_type(comps, prediction))
+    want = n.noise if prediction == "epsilon" else a.sqrt() * n.noise - (1 - a).sqrt() * n.latents
+    assert torch.allclose(target, want, atol=1e-5)
+
+
+def job(method: str, *overrides: str):
+    return validate_config(apply_overrides({"method": method}, list(overrides)))
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("lora",)])
+def test_sdxl_refuses_what_it_does_not_train_naming_the_field(xl, method):
+    from diffray.methods import load_config, method_of
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{method}.yaml")
+    with pytest.raises(ConfigError, match="does not train SDXL models yet") as err:
+        method_of(method).check(cfg, str(xl))
+    assert "method" in str(err.value)
+
+
+@pytest.mark.parametrize("override, field", [("lora.train_text_encoder=true", "lora.train_text_encoder"),
+                                             ("data.cache=auto", "data.cache"),
+                                             ("data.shuffle_tags=true", "data.shuffle_tags")])
+def test_sdxl_lora_refuses_options_it_does_not_support(xl, sd, override, field):
+    from diffray.methods import method_of
+
+    cfg = job("lora", override)
+    with pytest.raises(ConfigError) as err:
+        method_of("lora").check(cfg, str(xl))
+    assert field in str(err.value)
+    method_of("lora").check(cfg, str(sd))  # SD trains every option
+    method_of("lora").check(job("lora"), str(xl))
+
+
+def png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_sdxl_rows_carry_both_tokenizers_ids_and_each_images_size_and_crop(xl, sd):
+    """The data pipeline's rows for an SDXL dir: ids [B, 2, 77] (each tokenizer's) and `micro_cond` =
+    (original H, W, crop top, crop left), the left measured in the flipped image when the row flipped."""
+    from diffray.data.pipeline import preprocess_batch
+    from diffray.data.transforms import resize_crop
+    from diffray.data.validate import Rules
+
+    batch = {"sample_id": np.array([0, 1, 2]), "source": np.array(["a.png", "b.png", "c.png"]),
+             "image": np.array([png(100, 60), png(64, 64), png(50, 90)], dtype=object),
+             "caption": np.array(["a red circle", "x", "a blue square"])}
+    out = preprocess_batch(batch, str(xl), 64, center_crop=True, random_flip=False, seed=0, rules=Rules())
+    family = family_of(str(xl))
+    comps = family.load(str(xl))
+    assert np.array_equal(out["input_ids"], family.tokenize(comps, list(batch["caption"])).numpy())
+    # 100x60 covers 64 as 107x64, centre crop left (107 - 64) // 2 = 21; 50x90 as 64x115, top 25
+    assert out["micro_cond"].tolist() == [[60, 100, 0, 21], [64, 64, 0, 0], [90, 50, 25, 0]]
+    assert out["input_ids"].shape == (3, 2, 77) and "micro_cond" not in preprocess_batch(
+        batch, str(sd), 64, center_crop=True, random_flip=False, seed=0, rules=Rules())
+    # random crops: the same rng draws with and without the flip; a flipped row's left is 43 - the plain one
+    img, flips = Image.new("RGB", (100, 60)), 0
+    for seed in range(16):
+        plain: list = []
+        flipped: list = []
+        resize_crop(img, 64, False, False, np.random.default_rng(seed), plain)
+        rng = np.random.default_rng(seed)
+        resize_crop(img, 64, False, True, rng, flipped)
+        rng_again = np.random.default_rng(seed)
+        rng_again.integers(0, 44), rng_again.integers(0, 1)
+        was_flipped = rng_again.random() < 0.5
+        flips += was_flipped
+        assert plain[0][:3] == flipped[0][:3] == (60, 100, 0)
+        assert flipped[0][3] == (43 - plain[0][3] if was_flipped else plain[0][3])
+    assert 0 < flips < 16
