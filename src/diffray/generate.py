@@ -51,7 +51,8 @@ def check_controls(controlnets: list[str], control_images: list[str], scales: li
 
 
 def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str], scales: list[float]):
-    """The base pipeline as a `StableDiffusionControlNetPipeline` (a MultiControlNet for several) and the
+    """The base pipeline as a `StableDiffusionControlNetPipeline` (`StableDiffusionXLControlNetPipeline` for
+    an SDXL base; a MultiControlNet for several) and the
     call arguments (image, controlnet_conditioning_scale) for its control images; `scales` as
     `check_controls` returns them (one per ControlNet).
 
@@ -60,7 +61,7 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
     Raises:
         ConfigError: a control image cannot be read.
     """
-    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
     from diffray.data.transforms import BLACK, decode_image
     from diffray.errors import DatasetError
@@ -73,7 +74,9 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
             images.append(decode_image(Path(p).read_bytes(), p, background=BLACK))
         except (OSError, DatasetError) as exc:
             raise ConfigError(f"control image {p}: {exc}") from None
-    cn_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=models[0] if len(models) == 1 else models)
+    cls = StableDiffusionXLControlNetPipeline if isinstance(pipe, StableDiffusionXLPipeline) else \
+        StableDiffusionControlNetPipeline
+    cn_pipe = cls.from_pipe(pipe, controlnet=models[0] if len(models) == 1 else models)
     if len(models) == 1:
         return cn_pipe, {"image": images[0], "controlnet_conditioning_scale": scales[0]}
     return cn_pipe, {"image": images, "controlnet_conditioning_scale": scales}

@@ -115,7 +115,7 @@ def job(method: str, *overrides: str):
     return validate_config(apply_overrides({"method": method}, list(overrides)))
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("lora",)])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in StableDiffusionXL.methods])
 def test_sdxl_refuses_what_it_does_not_train_naming_the_field(xl, method):
     from diffray.methods import load_config, method_of
 

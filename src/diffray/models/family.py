@@ -76,6 +76,17 @@ class StableDiffusion:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def controlnet_pipeline(self, comps, controlnet, unet=None, scheduler=None):
+        """A `StableDiffusionControlNetPipeline` over the given (live) parts."""
+        from diffusers import StableDiffusionControlNetPipeline
+
+        pipe = StableDiffusionControlNetPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet or comps.unet,
+            controlnet=controlnet, scheduler=scheduler or comps.noise_scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
 
 class StableDiffusionXL(StableDiffusion):
     """SDXL: the UNet attends to both CLIP encoders' penultimate states, concatenated, and adds an embedding
@@ -86,16 +97,17 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "stable-diffusion-xl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    methods = ("lora",)
+    methods = ("lora", "dreambooth", "full", "controlnet")
 
     def check(self, method: str, cfg) -> None:
         if method not in self.methods:
             raise ConfigError(f"method {method!r} does not train SDXL models yet (SDXL: {', '.join(self.methods)})",
                               field="method")
-        lora = getattr(cfg, "lora", None)
-        if lora is not None and lora.train_text_encoder:
-            raise ConfigError("SDXL LoRA trains the UNet only (the two text encoders stay frozen)",
-                              field="lora.train_text_encoder")
+        field = {"lora": "lora.train_text_encoder", "full": "full.train_text_encoder"}.get(method)
+        if method == "dreambooth":
+            field = "lora.train_text_encoder" if cfg.dreambooth.mode == "lora" else "dreambooth.train_text_encoder"
+        if field and getattr(getattr(cfg, field.split(".")[0]), field.split(".")[1]):
+            raise ConfigError("SDXL trains the UNet here; its two text encoders stay frozen", field=field)
         if cfg.data.cache != "off":
             raise ConfigError("the latent cache stores one text encoder's states; SDXL encodes on the fly",
                               field="data.cache")
@@ -140,6 +152,16 @@ class StableDiffusionXL(StableDiffusion):
                                          text_encoder_2=comps.text_encoder_2, tokenizer=comps.tokenizer,
                                          tokenizer_2=comps.tokenizer_2, unet=unet or comps.unet,
                                          scheduler=scheduler or comps.noise_scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def controlnet_pipeline(self, comps, controlnet, unet=None, scheduler=None):
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        pipe = StableDiffusionXLControlNetPipeline(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=unet or comps.unet, controlnet=controlnet,
+            scheduler=scheduler or comps.noise_scheduler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

@@ -38,6 +38,8 @@ class ModelEntry(BaseModel):
     reason: str | None = Field(None, description="Why an adapter is unavailable.")
     base_model: str | None = None
     method: str | None = None
+    family: str | None = Field(None, description="The base model's family (`stable-diffusion`, "
+                               "`stable-diffusion-xl`); on the `base` entry.")
 
 
 class ModelList(BaseModel):

@@ -161,7 +161,11 @@ class Ingress:
         self.registry = open_registry(self.args.adapters_dir, self.args.adapters_listing_ttl_s)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
-        self.default_size = self.args.default_size or _native_size(resolve_model_path(self.args.model))
+        from diffray.models.family import family_of
+
+        model_path = resolve_model_path(self.args.model)
+        self.default_size = self.args.default_size or _native_size(model_path)
+        self.family = family_of(model_path).name
         fb = self.args.feedback
         self.feedback = FeedbackStore(fb.path) if fb.enabled else None
         self.app_name = serve.get_replica_context().app_name
@@ -206,7 +210,8 @@ class Ingress:
              responses=error_responses(400, 401))
     async def models(self) -> dict:
         now = int(time.time())
-        data = [{"id": "base", "created": now, "kind": "base", "base_model": _model_name(self.args.model)}]
+        data = [{"id": "base", "created": now, "kind": "base", "base_model": _model_name(self.args.model),
+                 "family": self.family}]
         for a in await asyncio.to_thread(self.registry.list):
             data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": a.available,
                          "reason": a.problem, "base_model": card_text(a.card, "base_model"),

@@ -173,7 +173,8 @@ class ImageEngine:
         return self.control_pipes[name][1]
 
     def _build_control_pipe(self, name: str, path: str, sub: str | None):
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
+                               StableDiffusionXLPipeline)
 
         try:
             cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True, dtype=self.pipe.unet.dtype)
@@ -181,7 +182,13 @@ class ImageEngine:
             log.warning("ControlNet %s failed to load: %s: %s", name, type(exc).__name__, exc)
             raise RequestError(f"ControlNet {name!r} cannot be loaded ({type(exc).__name__})", param="control.model",
                                status=422) from None
-        cp = StableDiffusionControlNetPipeline.from_pipe(self.pipe, controlnet=cn.to(self.device))
+        for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):  # made for another base model
+            if cn.config.get(key) != self.pipe.unet.config.get(key):
+                raise RequestError(f"ControlNet {name!r} does not fit this model: its {key} is {cn.config.get(key)!r}, "
+                                   f"the model's {self.pipe.unet.config.get(key)!r}", param="control.model", status=422)
+        cls = (StableDiffusionXLControlNetPipeline if isinstance(self.pipe, StableDiffusionXLPipeline)
+               else StableDiffusionControlNetPipeline)
+        cp = cls.from_pipe(self.pipe, controlnet=cn.to(self.device))
         cp.set_progress_bar_config(disable=True)
         return cp
 

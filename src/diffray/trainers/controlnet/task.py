@@ -2,7 +2,7 @@
 so DeepSpeed ZeRO shards the ControlNet's weights, gradients and optimizer state across workers; only
 the ControlNet has requires_grad. The loss is the base's keyed denoising loss with the control images
 as extra inputs, blanked per sample by `controlnet.conditioning_dropout`. Validation renders with
-`StableDiffusionControlNetPipeline` on the live modules; the artifact is `save_pretrained` + the card.
+the family's ControlNet pipeline (`StableDiffusionControlNetPipeline`, or the SDXL one) on the live modules; the artifact is `save_pretrained` + the card.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ class ControlledUNet(torch.nn.Module):
         self.controlnet = controlnet
         self.unet = unet
 
-    def forward(self, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0):
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                added_cond_kwargs=None):
         down, mid = self.controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                                     controlnet_cond=controlnet_cond, conditioning_scale=conditioning_scale,
-                                    return_dict=False)
+                                    added_cond_kwargs=added_cond_kwargs, return_dict=False)
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                         down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                         added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
 
 
 def build_controlnet(cfg, unet) -> torch.nn.Module:
@@ -73,17 +75,14 @@ def validation_controls(cfg) -> list[tuple[Any, str]]:
             for r in rows]
 
 
-def render_controlled(comps, controlnet, unet, pairs: list[tuple[Any, str]], resolution: int, steps: int,
+def render_controlled(family, comps, controlnet, unet, pairs: list[tuple[Any, str]], resolution: int, steps: int,
                       seed: int, scale: float = 1.0) -> list[list]:
-    """Rows [control image, generated image] from the current weights (DDIM, seeds seed+i)."""
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    """Rows [control image, generated image] from the current weights (DDIM, seeds seed+i), by the family's
+    ControlNet pipeline."""
+    from diffusers import DDIMScheduler
     from PIL import Image
 
-    pipe = StableDiffusionControlNetPipeline(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=unet, controlnet=controlnet,
-        scheduler=DDIMScheduler.from_config(comps.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = family.controlnet_pipeline(comps, controlnet, unet, DDIMScheduler.from_config(comps.noise_scheduler.config))
     rows = []
     for i, (image, prompt) in enumerate(pairs):
         image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
@@ -111,8 +110,9 @@ class ControlNetTask(DenoisingTask):
     _pairs: list | None = None
 
     def build_module(self) -> ControlledUNet:
-        for frozen in (self.comps.unet, self.comps.vae, self.comps.text_encoder):
-            frozen.requires_grad_(False)
+        for frozen in (self.comps.unet, self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+            if frozen is not None:
+                frozen.requires_grad_(False)
         controlnet = build_controlnet(self.cfg, self.comps.unet)
         controlnet.requires_grad_(True)
         controlnet.train()
@@ -136,7 +136,8 @@ class ControlNetTask(DenoisingTask):
 
         if self._pairs is None:
             self._pairs = validation_controls(self.cfg)
-        return make_grid(render_controlled(self.comps, self.module.controlnet, self.module.unet, self._pairs,
+        return make_grid(render_controlled(self.family, self.comps, self.module.controlnet, self.module.unet,
+                                           self._pairs,
                                            self.cfg.data.resolution, self.cfg.train.validation_inference_steps,
                                            self.cfg.run.seed, self.cfg.controlnet.conditioning_scale))
 
