@@ -17,16 +17,18 @@ pytestmark = [pytest.mark.e2e]
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
     from diffray.models.loading import resolve_model_path
-    from testkit.adapters import controlnet_from_unet, random_lora
+    from testkit.adapters import controlnet_from_unet, random_lora, random_textual_inversion
 
     xl = resolve_model_path("builtin:tiny-sdxl")
     reg = tmp_path_factory.mktemp("adapters")
     random_lora(xl, reg / "lora-xl", seed=1)
     random_lora(xl, reg / "lora-xl-b", seed=2)
     controlnet_from_unet(xl, reg / "cn-xl", seed=4)
+    random_textual_inversion(xl, reg / "ti-xl", "<x-tok>", seed=3)  # clip_l + clip_g
     sd = resolve_model_path("builtin:tiny-random")  # adapters made for another base model
     random_lora(sd, reg / "lora-sd", seed=5)
     controlnet_from_unet(sd, reg / "cn-sd", seed=6)
+    random_textual_inversion(sd, reg / "ti-sd", "<y-tok>", seed=7)
     yield from serve_feedback_app("diffray-sdxl", reg, model="builtin:tiny-sdxl", controlnets={})
 
 
@@ -36,7 +38,9 @@ def test_models_name_the_family_and_sdxl_draws_at_its_native_size(server):
     assert status == 200 and entries["base"]["family"] == "stable-diffusion-xl"
     assert {k: m["kind"] for k, m in entries.items()} == {"base": "base", "lora-xl": "lora", "lora-xl-b": "lora",
                                                           "cn-xl": "controlnet", "lora-sd": "lora",
-                                                          "cn-sd": "controlnet"}
+                                                          "cn-sd": "controlnet", "ti-xl": "textual_inversion",
+                                                          "ti-sd": "textual_inversion"}
+    assert all(m["available"] for m in entries.values())
     base, _ = server.generate(prompt="a red circle", n=2)  # no width/height: the model's 64 px
     assert base[0].shape == (64, 64, 3) and np.abs(base[0] - base[1]).max() > 0
     again, _ = server.generate(prompt="a red circle", n=2)
@@ -52,6 +56,9 @@ def test_lora_and_controlnet_change_sdxl_images_and_mixed_batches_equal_each_alo
     assert np.abs(lora[0] - base[0]).mean() > 1 and np.abs(other[0] - lora[0]).mean() > 1
     controlled, _ = server.generate(prompt="a red circle", control={"model": "cn-xl", "image": b64_png(control_disc())})
     assert np.abs(controlled[0] - base[0]).mean() > 1
+    ti_base, _ = server.generate(prompt="a photo of <x-tok>")
+    ti, _ = server.generate(prompt="a photo of <x-tok>", adapter="ti-xl")  # the token in both encoders
+    assert np.abs(ti[0] - ti_base[0]).mean() > 1
     # eight concurrent requests over three models share the replica's batches: each equals its image alone
     models = ["lora-xl", None, "lora-xl-b"] * 3
     with ThreadPoolExecutor(8) as pool:
@@ -65,12 +72,13 @@ def test_lora_and_controlnet_change_sdxl_images_and_mixed_batches_equal_each_alo
 def test_adapters_made_for_another_base_model_are_a_422_naming_the_field(server):
     disc = b64_png(control_disc())
     for body, param in [({"control": {"model": "cn-sd", "image": disc}}, "control.model"),
-                        ({"adapter": "lora-sd"}, "adapter")]:
+                        ({"adapter": "lora-sd"}, "adapter"), ({"adapter": "ti-sd"}, "adapter")]:
         status, js, _ = server.call("POST", "/v1/generate", {"prompt": "a red circle", "steps": 2, **body})
         assert status == 422 and js["error"]["param"] == param, js
     assert "cross_attention_dim is 32, the model's 64" in server.call(
         "POST", "/v1/generate", {"prompt": "x", "control": {"model": "cn-sd", "image": disc}})[1]["error"]["message"]
-    server.generate(prompt="a red circle", adapter="lora-xl")  # the replica still serves
+    again, _ = server.generate(prompt="a photo of <x-tok>", adapter="ti-xl")  # the replica still serves, TI too
+    assert again[0].shape == (64, 64, 3)
 
 
 def test_openai_client_gets_sdxl_lora_images(server):

@@ -80,6 +80,30 @@ def test_sdxl_resume_equals_a_straight_run(ray_cluster, tmp_path):
     assert worst < 1e-6, f"max |resumed - straight| = {worst:.2e}"
 
 
+@pytest.mark.slow
+def test_sdxl_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_cluster, tmp_path):
+    """The cache holds both encoders' states, the pooled projection and each row's size ids: 3 cached steps
+    (caption dropout on: the empty caption's cached states) give the uncached steps' losses, with no VAE
+    or text-encoder call."""
+    def run(name: str, *extra: str):
+        cfg = load_config(CONFIG, [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.max_steps=3",
+                                   "train.checkpoint_every=3", "train.validate_every=null", "data.center_crop=false",
+                                   "data.caption_dropout=0.3", "train.progress_bar=false", *extra])
+        return [e for e in events(run_training(cfg).run_dir) if "loss" in e and "event" not in e]
+
+    plain, cached = run("uncached"), run("cached", f"data.cache={tmp_path / 'cache'}")
+    assert [e["step"] for e in plain] == [e["step"] for e in cached] == [1, 2, 3]
+    for x, y in zip(plain, cached):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * max(1.0, abs(x["loss"])), (x["loss"], y["loss"])
+        assert x["vae_encode_calls"] > 0 and x["text_encoder_calls"] > 0
+        assert y["vae_encode_calls"] == 0 and y["text_encoder_calls"] == 0
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "shards")
+    assert {"micro_cond", "pooled_prompt_embeds"} <= set(table.column_names)
+
+
 def losses(run_dir: str) -> list[float]:
     return [e["loss"] for e in events(run_dir) if "loss" in e and "event" not in e]
 
@@ -167,3 +191,79 @@ def test_sdxl_full_fine_tuning_exports_a_stock_sdxl_pipeline(ray_cluster, tmp_pa
     base = StableDiffusionXLPipeline.from_pretrained(resolve_model_path("builtin:tiny-sdxl"), use_safetensors=True)
     moved = max((a - b).abs().max().item() for a, b in zip(pipe.unet.parameters(), base.unet.parameters()))
     assert moved > 1e-4 and type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+
+
+def test_sdxl_textual_inversion_learns_one_row_per_encoder_and_loads_as_diffusers_documents(ray_cluster, tmp_path):
+    """configs/textual_inversion_sdxl.yaml (16 steps, weight decay on): the token's row trains in both
+    encoders and every other row stays bit-identical; the file holds clip_l/clip_g, loaded into the stock
+    pipeline by the two calls diffusers documents; on fixed draws the trained rows denoise better."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
+    from diffray.trainers.session import WorkerEnv
+    from diffray.trainers.textual_inversion.task import TextualInversionTask
+
+    model_path = resolve_model_path("builtin:tiny-sdxl")
+    cfg = load_config(REPO / "configs" / "textual_inversion_sdxl.yaml",
+                      [f"run.storage_path={tmp_path / 'runs'}", "train.max_steps=16", "train.checkpoint_every=8",
+                       "train.validate_every=16", "optim.weight_decay=0.1", "train.progress_bar=false"])
+    result = run_training(cfg)
+    card = read_card(result.artifact_dir)
+    tok = cfg.textual_inversion.placeholder_token
+    assert result.steps == 16 and card["placeholder_token"] == tok and "clip_g" in card["usage"]
+    ckpt = sorted(p for p in Path(result.run_dir).glob("checkpoint_*") if p.is_dir())[-1]
+    module = torch.load(ckpt / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    base = StableDiffusionXLPipeline.from_pretrained(model_path, use_safetensors=True)
+    learned = load_file(str(Path(result.artifact_dir) / TI_WEIGHTS))
+    assert set(learned) == {"clip_l", "clip_g"}
+    for prefix, key, encoder, tokenizer in [("text_encoder.", "clip_l", base.text_encoder, base.tokenizer),
+                                            ("text_encoder_2.", "clip_g", base.text_encoder_2, base.tokenizer_2)]:
+        (trained,) = [v for k, v in module.items() if k.startswith(prefix) and k.endswith("token_embedding.weight")]
+        old = encoder.get_input_embeddings().weight.detach()
+        vocab = old.shape[0]
+        assert trained.shape == (vocab + 1, old.shape[1]) and torch.equal(trained[:vocab], old), prefix
+        init = old[tokenizer.encode("o", add_special_tokens=False)[0]]
+        assert (trained[vocab] - init).norm() > 0.1 and torch.equal(learned[key], trained[vocab:]), prefix
+
+    from diffray.data import resolve_data_path
+    from diffray.data.pipeline import preprocess_batch
+    from diffray.data.validate import Rules
+
+    task = TextualInversionTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    root = Path(resolve_data_path(cfg.data.path))
+    meta = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    rows = preprocess_batch({"sample_id": np.arange(len(meta)), "source": np.array([m["file_name"] for m in meta]),
+                             "image": np.array([(root / m["file_name"]).read_bytes() for m in meta], dtype=object),
+                             "caption": np.array([""] * len(meta))}, model_path, 64, cfg.data.center_crop,
+                            cfg.data.random_flip, cfg.run.seed, Rules())
+    batch = {k: torch.from_numpy(v) for k, v in rows.items()}  # the subject images with their size ids
+
+    def fixed_draw_loss() -> float:
+        with torch.no_grad():
+            return sum(task.losses(task.module, batch, s).mean().item() for s in range(1, 9)) / 8
+
+    before = fixed_draw_loss()
+    with torch.no_grad():
+        for (_, encoder), ids, key in zip([(0, task.comps.text_encoder), (0, task.comps.text_encoder_2)],
+                                          task.token_ids, ("clip_l", "clip_g")):
+            encoder.get_input_embeddings().weight[ids] = learned[key]
+    after = fixed_draw_loss()
+    assert after < before - 1e-3, (before, after)  # the same noise, timesteps and templates: the token learned
+
+    base.set_progress_bar_config(disable=True)
+
+    def render(prompt):
+        return base(prompt, num_inference_steps=4, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    plain = render("a photo of")
+    for key, encoder, tokenizer in [("clip_l", base.text_encoder, base.tokenizer),
+                                    ("clip_g", base.text_encoder_2, base.tokenizer_2)]:
+        base.load_textual_inversion(learned[key], token=tok, text_encoder=encoder, tokenizer=tokenizer)
+    assert (render("a photo of") == plain).all() and np.abs(render(f"a photo of {tok}") - plain).mean() > 1e-3
+    # diffray's own loader (generate, serve) reads the card's token and gives the same pixels
+    ours = load_textual_inversion(StableDiffusionXLPipeline.from_pretrained(model_path, use_safetensors=True),
+                                  result.artifact_dir)
+    ours.set_progress_bar_config(disable=True)
+    assert (ours(f"a photo of {tok}", num_inference_steps=4, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images == render(f"a photo of {tok}")).all()

@@ -43,7 +43,7 @@ def fixed_draw_loss(cfg, model_path: str, rows: torch.Tensor | None, steps: rang
     """Mean denoising loss of every subject image under the (noise, timestep, template) draws of `steps`,
     with the placeholder rows at their initial value (None) or set to `rows`."""
     task = TextualInversionTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
-    comps, model, ids = task.comps, task.module, task.token_ids
+    comps, model, ids = task.comps, task.module, task.token_ids[0]
     if rows is not None:
         with torch.no_grad():
             comps.text_encoder.get_input_embeddings().weight[ids] = rows

@@ -41,20 +41,29 @@ def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, 
 
 def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, seed: int,
                              std: float = 3.0) -> Path:
-    """A one-vector Textual Inversion token with a random embedding."""
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """A one-vector Textual Inversion token with a random embedding (one per text encoder for SDXL:
+    the clip_l/clip_g file)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from diffray.models.textual_inversion import add_placeholder_tokens, export_textual_inversion
 
-    tok = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")
-    te = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", use_safetensors=True)
-    ids = add_placeholder_tokens(tok, te, token, "a", 1)
+    parts = [("tokenizer", "text_encoder", CLIPTextModel)]
+    if (Path(model_path) / "text_encoder_2").is_dir():
+        parts.append(("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        emb = te.get_input_embeddings().weight
-        emb[ids] = torch.randn(len(ids), emb.shape[1], generator=gen) * std
-    return export_textual_inversion(out_dir, te, ids, token, {"base_model": model_path,
-                                                              "method": "textual_inversion", "note": "random"})
+    encoders, ids = [], []
+    for tok_dir, te_dir, cls in parts:
+        tok = CLIPTokenizer.from_pretrained(model_path, subfolder=tok_dir)
+        te = cls.from_pretrained(model_path, subfolder=te_dir, use_safetensors=True)
+        ids.append(add_placeholder_tokens(tok, te, token, "a", 1))
+        with torch.no_grad():
+            emb = te.get_input_embeddings().weight
+            emb[ids[-1]] = torch.randn(len(ids[-1]), emb.shape[1], generator=gen) * std
+        encoders.append(te)
+    second = dict(text_encoder_2=encoders[1], token_ids_2=ids[1]) if len(encoders) == 2 else {}
+    return export_textual_inversion(out_dir, encoders[0], ids[0], token, {"base_model": model_path,
+                                    "method": "textual_inversion", "note": "random", "placeholder_token": token},
+                                    **second)
 
 
 def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Path:

@@ -126,7 +126,6 @@ def test_sdxl_refuses_what_it_does_not_train_naming_the_field(xl, method):
 
 
 @pytest.mark.parametrize("override, field", [("lora.train_text_encoder=true", "lora.train_text_encoder"),
-                                             ("data.cache=auto", "data.cache"),
                                              ("data.shuffle_tags=true", "data.shuffle_tags")])
 def test_sdxl_lora_refuses_options_it_does_not_support(xl, sd, override, field):
     from diffray.methods import method_of
@@ -178,3 +177,27 @@ def test_sdxl_rows_carry_both_tokenizers_ids_and_each_images_size_and_crop(xl, s
         assert plain[0][:3] == flipped[0][:3] == (60, 100, 0)
         assert flipped[0][3] == (43 - plain[0][3] if was_flipped else plain[0][3])
     assert 0 < flips < 16
+
+
+def test_textual_inversion_files_load_only_into_a_model_with_their_number_of_encoders(sd, xl, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffray.errors import AdapterError
+    from diffray.models.textual_inversion import add_placeholder_tokens, export_textual_inversion, load_textual_inversion
+    from testkit.adapters import random_textual_inversion
+
+    one = random_textual_inversion(str(sd), tmp_path / "one", "<x>", seed=1)
+    comps = family_of(str(xl)).load(str(xl))
+    ids = [add_placeholder_tokens(t, e, "<x>", "o", 1) for t, e in ((comps.tokenizer, comps.text_encoder),
+                                                                    (comps.tokenizer_2, comps.text_encoder_2))]
+    two = export_textual_inversion(tmp_path / "two", comps.text_encoder, ids[0], "<x>", {"placeholder_token": "<x>"},
+                                   comps.text_encoder_2, ids[1])
+    xl_pipe = StableDiffusionXLPipeline.from_pretrained(xl, use_safetensors=True)
+    sd_pipe = StableDiffusionPipeline.from_pretrained(sd, use_safetensors=True, safety_checker=None)
+    with pytest.raises(AdapterError, match=r"an embedding for one text encoder\(s\) \(\['<x>'\]\), this model has two"):
+        load_textual_inversion(xl_pipe, one)
+    with pytest.raises(AdapterError, match=r"an embedding for two text encoder\(s\) .*this model has one"):
+        load_textual_inversion(sd_pipe, two)
+    load_textual_inversion(xl_pipe, two)
+    for tok, enc in ((xl_pipe.tokenizer, xl_pipe.text_encoder), (xl_pipe.tokenizer_2, xl_pipe.text_encoder_2)):
+        assert "<x>" in tok.get_vocab() and enc.get_input_embeddings().weight.shape[0] == len(tok)

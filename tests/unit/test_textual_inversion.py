@@ -120,7 +120,7 @@ def test_row_guard_masks_gradients_and_restores_rows():
 
 def test_only_new_rows_get_gradient(tiny_model_path):
     task = TextualInversionTask(_cfg(num_vectors=2), tiny_model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
-    model, ids = task.module, task.token_ids
+    model, ids = task.module, task.token_ids[0]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 1 and trainable[0].endswith("embeddings.token_embedding.weight")
     weight = task.comps.text_encoder.get_input_embeddings().weight  # the task registered its RowGuard on it

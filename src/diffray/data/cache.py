@@ -11,7 +11,9 @@ rules and the caption override. A changed setting is a new key, so a stale cache
 Stored per row: sample_id, input_ids [77], latent_mean and latent_std [4, H/8, W/8] (the posterior,
 so training still draws a fresh latent sample per step exactly as without the cache), prompt_embeds
 [77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values; with a
-mask column, loss_mask [1, H, W] (pixel resolution: the loss averages it down to the latent grid).
+mask column, loss_mask [1, H, W] (pixel resolution: the loss averages it down to the latent grid). For
+SDXL: input_ids [2, 77], prompt_embeds both encoders' penultimate states [77, D1 + D2], pooled the
+second encoder's projection, and micro_cond (original size, crop) as the data pipeline made it.
 Quarantined rows are reported in the cache folder's `quarantine.jsonl`. The rows are read back in sample-id order
 (`read_cache`), the same order on every run.
 """
@@ -42,7 +44,7 @@ from diffray.paths import cache_dir
 CACHE_VERSION = 2  # 2: control images with alpha composited on black
 CACHE_INFO = "cache.json"
 SHARDS = "shards"
-MODEL_PARTS = ("vae", "text_encoder", "tokenizer")
+MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # the last two: SDXL's
 log = logging.getLogger(__name__)
 
 
@@ -105,13 +107,25 @@ class Encoder:
     """Ray Data actor: the frozen VAE and text encoder, loaded once; preprocessed rows -> cached rows."""
 
     def __init__(self, model_path: str, use_gpu: bool, threads: int = 1):
-        from diffray.models.loading import load_components
+        from diffray.models.family import family_of
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
-        comps = load_components(model_path, device=self.device)
+        comps = family_of(model_path).load(model_path, device=self.device)
         self.vae, self.text_encoder = comps.vae.eval(), comps.text_encoder.eval()
+        self.text_encoder_2 = comps.text_encoder_2.eval() if comps.text_encoder_2 is not None else None
+
+    def text_states(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds, pooled_prompt_embeds) of token ids, as the family conditions its denoiser."""
+        from diffray.models.family import sdxl_text_states
+
+        ids = torch.from_numpy(input_ids).to(self.device)
+        if self.text_encoder_2 is not None:
+            hidden, pooled = sdxl_text_states(self.text_encoder, self.text_encoder_2, ids)
+        else:
+            hidden, pooled = self.text_encoder(ids)[:2]
+        return hidden.float().cpu().numpy(), pooled.float().cpu().numpy()
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,11 +140,10 @@ class Encoder:
                 mean[i], std[i] = dist.mean[j].float().cpu().numpy(), dist.std[j].float().cpu().numpy()
         if len(groups) == 1:
             mean, std = np.stack(list(mean)), np.stack(list(std))
-        out = self.text_encoder(torch.from_numpy(batch["input_ids"]).to(self.device))
+        hidden, pooled = self.text_states(batch["input_ids"])
         cached = {"sample_id": batch["sample_id"], "input_ids": batch["input_ids"], "latent_mean": mean,
-                  "latent_std": std, "prompt_embeds": out[0].float().cpu().numpy(),
-                  "pooled_prompt_embeds": out[1].float().cpu().numpy()}
-        for column in ("conditioning_pixel_values", "loss_mask"):  # no encoder work: stored as they are
+                  "latent_std": std, "prompt_embeds": hidden, "pooled_prompt_embeds": pooled}
+        for column in ("conditioning_pixel_values", "loss_mask", "micro_cond"):  # stored as they are
             if column in batch:
                 cached[column] = batch[column]
         return cached

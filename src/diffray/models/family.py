@@ -88,6 +88,17 @@ class StableDiffusion:
         return pipe
 
 
+def sdxl_text_states(text_encoder, text_encoder_2, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt states of token ids [B, 2, 77]: both encoders' penultimate hidden states concatenated
+    [B, 77, D1 + D2], and the second encoder's pooled projection [B, P], as `StableDiffusionXLPipeline`
+    computes them (with grad when an encoder trains)."""
+    states = []
+    for i, encoder in enumerate((text_encoder, text_encoder_2)):
+        out = encoder(input_ids[:, i], output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out.text_embeds
+
+
 class StableDiffusionXL(StableDiffusion):
     """SDXL: the UNet attends to both CLIP encoders' penultimate states, concatenated, and adds an embedding
     of the second encoder's pooled (projected) output and six size ids: the image's original (H, W), the
@@ -97,7 +108,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "stable-diffusion-xl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    methods = ("lora", "dreambooth", "full", "controlnet")
+    methods = ("lora", "dreambooth", "full", "controlnet", "textual_inversion")
 
     def check(self, method: str, cfg) -> None:
         if method not in self.methods:
@@ -108,9 +119,6 @@ class StableDiffusionXL(StableDiffusion):
             field = "lora.train_text_encoder" if cfg.dreambooth.mode == "lora" else "dreambooth.train_text_encoder"
         if field and getattr(getattr(cfg, field.split(".")[0]), field.split(".")[1]):
             raise ConfigError("SDXL trains the UNet here; its two text encoders stay frozen", field=field)
-        if cfg.data.cache != "off":
-            raise ConfigError("the latent cache stores one text encoder's states; SDXL encodes on the fly",
-                              field="data.cache")
         if cfg.data.shuffle_tags:
             raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet", field="data.shuffle_tags")
 
@@ -126,12 +134,8 @@ class StableDiffusionXL(StableDiffusion):
         raise NotImplementedError("SDXL prompts need both encoders: use conditioning()")
 
     def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
-        states = []
-        for i, encoder in enumerate((comps.text_encoder, comps.text_encoder_2)):
-            out = encoder(input_ids[:, i], output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-        pooled = out.text_embeds  # the second encoder's projected output, as StableDiffusionXLPipeline
-        return {"encoder_hidden_states": torch.cat(states, dim=-1),
+        hidden, pooled = sdxl_text_states(comps.text_encoder, comps.text_encoder_2, input_ids)
+        return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(batch, size, pooled)}}
 
     @staticmethod

@@ -3,7 +3,10 @@ guard that keeps every other embedding bit-identical while one matrix trains, an
 
 The artifact is diffusers' `learned_embeds.safetensors`: one key, the placeholder token, holding a
 [num_vectors, dim] tensor; stock `pipe.load_textual_inversion(dir, weight_name=TI_WEIGHTS)` reads it and
-expands a multi-vector token into `<tok> <tok>_1 ...` in prompts by itself. Never imports ray.
+expands a multi-vector token into `<tok> <tok>_1 ...` in prompts by itself. For SDXL (two encoders) the
+file holds `clip_l` and `clip_g` (the first and second encoder's vectors), the layout diffusers documents
+for SDXL embeddings: each is loaded with `load_textual_inversion(state_dict[key], token=..., text_encoder=,
+tokenizer=)`. Never imports ray.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from diffray.errors import AdapterError, ConfigError
 from diffray.models.adapters import write_card
 
 TI_WEIGHTS = "learned_embeds.safetensors"
+SDXL_KEYS = ("clip_l", "clip_g")  # an SDXL embedding file: the first and the second text encoder's vectors
 
 
 def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
@@ -107,21 +111,46 @@ def learned_embeddings(text_encoder: torch.nn.Module, token_ids: list[int]) -> t
 
 
 def export_textual_inversion(out_dir: str | Path, text_encoder: torch.nn.Module, token_ids: list[int],
-                             placeholder: str, card: dict[str, Any]) -> Path:
-    """Write `learned_embeds.safetensors` ({placeholder: [n, dim]}) and a JSON card into out_dir."""
+                             placeholder: str, card: dict[str, Any], text_encoder_2: torch.nn.Module | None = None,
+                             token_ids_2: list[int] | None = None) -> Path:
+    """Write `learned_embeds.safetensors` ({placeholder: [n, dim]}, or SDXL's {clip_l, clip_g} with a second
+    encoder) and a JSON card into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({placeholder: learned_embeddings(text_encoder, token_ids)}, str(out / TI_WEIGHTS),
-              metadata={"format": "pt"})
+    tensors = {placeholder: learned_embeddings(text_encoder, token_ids)}
+    if text_encoder_2 is not None:
+        tensors = dict(zip(SDXL_KEYS, (tensors[placeholder], learned_embeddings(text_encoder_2, token_ids_2))))
+    save_file(tensors, str(out / TI_WEIGHTS), metadata={"format": "pt"})
     write_card(out, card)
     return out
 
 
 def load_textual_inversion(pipe, adapter_dir: str | Path):
-    """`pipe.load_textual_inversion` on a diffray TI dir; the token is the one stored in the file."""
+    """`pipe.load_textual_inversion` on a diffray TI dir; the token is the one stored in the file, or for
+    an SDXL file the card's `placeholder_token`, loaded into both encoders. An SDXL file on a one-encoder
+    model, or a one-encoder file on SDXL, is an AdapterError."""
+    from safetensors import safe_open
+
+    from diffray.models.adapters import read_card
+
     d = Path(adapter_dir)
+    xl_model = getattr(pipe, "text_encoder_2", None) is not None
     try:
-        pipe.load_textual_inversion(str(d), weight_name=TI_WEIGHTS, use_safetensors=True)
+        with safe_open(str(d / TI_WEIGHTS), "pt") as f:
+            keys = set(f.keys())
+            xl_file = keys == set(SDXL_KEYS)
+            if xl_file != xl_model:
+                raise ValueError(f"an embedding for {'two' if xl_file else 'one'} text encoder(s) ({sorted(keys)}), "
+                                 f"this model has {'two' if xl_model else 'one'}")
+            if not xl_file:
+                pipe.load_textual_inversion(str(d), weight_name=TI_WEIGHTS, use_safetensors=True)
+                return pipe
+            token = read_card(d).get("placeholder_token")
+            if not isinstance(token, str) or not token:
+                raise ValueError("its card names no placeholder_token")
+            for key, encoder, tokenizer in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
+                                               (pipe.tokenizer, pipe.tokenizer_2)):
+                pipe.load_textual_inversion(f.get_tensor(key), token=token, text_encoder=encoder, tokenizer=tokenizer)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise AdapterError(f"{d}: cannot load textual inversion into this base model: {exc}") from None
     return pipe

@@ -21,7 +21,7 @@ from typing import Any
 
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
 from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS
-from diffray.models.textual_inversion import TI_WEIGHTS
+from diffray.models.textual_inversion import SDXL_KEYS, TI_WEIGHTS
 from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,13 @@ def kind_problem(kind: str, tensors: tuple) -> str | None:
     if not tensors:
         return f"{WEIGHTS[kind]}: holds no tensors"
     if kind == "textual_inversion":
+        if {name for name, _ in tensors} == set(SDXL_KEYS):  # SDXL: one matrix per encoder, the token in the card
+            shapes = [shape for _, shape in tensors]
+            if any(len(sh) != 2 or 0 in sh for sh in shapes) or shapes[0][0] != shapes[1][0]:
+                return f"{TI_WEIGHTS}: clip_l and clip_g must be [vectors, dim] matrices of as many vectors"
+            return None
         if len(tensors) != 1:
-            return f"{TI_WEIGHTS}: must hold exactly one token, holds {len(tensors)}"
+            return f"{TI_WEIGHTS}: must hold exactly one token (or SDXL's clip_l and clip_g), holds {len(tensors)}"
         token, shape = tensors[0]
         if not token or len(token) > MAX_TI_TOKEN_CHARS or any(c.isspace() for c in token):
             return f"{TI_WEIGHTS}: the token name must be 1-{MAX_TI_TOKEN_CHARS} characters without spaces"

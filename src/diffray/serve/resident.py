@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffray.errors import AdapterError, RequestError
-from diffray.models.textual_inversion import TI_WEIGHTS
 from diffray.serve.artifacts import stat_key
 from diffray.serve.registry import AdapterInfo, AdapterRegistry
 
@@ -138,9 +137,11 @@ class ResidentAdapters:
 
     def _load_ti(self, info: AdapterInfo, rec: Loaded) -> None:
         """Load a TI and record exactly the tokens it added (also when it fails halfway)."""
+        from diffray.models.textual_inversion import load_textual_inversion
+
         vocab = set(self.pipe.tokenizer.get_vocab())
         try:
-            self.pipe.load_textual_inversion(info.path, weight_name=TI_WEIGHTS, use_safetensors=True)
+            load_textual_inversion(self.pipe, info.path)  # one encoder, or SDXL's two (refused on the other)
         finally:
             rec.tokens = [t for t in self.pipe.tokenizer.get_vocab() if t not in vocab]
 
@@ -159,9 +160,12 @@ class ResidentAdapters:
                 if failed or peft_name(rec.id) in names:
                     self.pipe.delete_adapters(peft_name(rec.id))
             elif rec.tokens:
-                present = [t for t in rec.tokens if t in self.pipe.tokenizer.get_vocab()]
-                if present:
-                    self.pipe.unload_textual_inversion(present)
+                second = getattr(self.pipe, "text_encoder_2", None)
+                for tokenizer, encoder in ((self.pipe.tokenizer, self.pipe.text_encoder),
+                                           (getattr(self.pipe, "tokenizer_2", None), second)):
+                    present = [t for t in rec.tokens if encoder is not None and t in tokenizer.get_vocab()]
+                    if present:
+                        self.pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
         except Exception as exc:  # noqa: BLE001 - an unload must not fail an unrelated request
             log.warning("unloading adapter %s: %s: %s", rec.id, type(exc).__name__, exc)
 

@@ -22,23 +22,30 @@ import torch
 from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
 from diffray.models import speed
-from diffray.models.family import family_of
+from diffray.models.family import family_of, sdxl_text_states
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import batch_mean, caption_dropout_mask, per_sample_loss
 from diffray.trainers.steps import StepTask
 
 
 class Denoiser(torch.nn.Module):
-    """The module the engine wraps: the UNet, plus the text encoder when it trains (the module then
-    encodes token ids itself, so the engine's gradients and sharding reach the encoder)."""
+    """The module the engine wraps: the UNet, plus the text encoder(s) when they train (the module then
+    encodes token ids itself, so the engine's gradients and sharding reach the encoders). With SDXL's
+    second encoder, ids are [B, 2, 77] and `time_ids` are the rows' size ids."""
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None):
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                 text_encoder_2: torch.nn.Module | None = None):
         super().__init__()
         self.unet = unet
         self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
 
-    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None):
-        if self.text_encoder is not None:
+    def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None,
+                time_ids=None):
+        if self.text_encoder_2 is not None:
+            encoder_hidden_states, pooled = sdxl_text_states(self.text_encoder, self.text_encoder_2, input_ids)
+            added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
+        elif self.text_encoder is not None:
             encoder_hidden_states = self.text_encoder(input_ids)[0]
         return self.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                          added_cond_kwargs=added_cond_kwargs).sample
@@ -115,7 +122,7 @@ class DenoisingTask(StepTask):
         session.place_frozen(self.comps.vae, env)
         if not self.trains_text_encoder:
             session.place_frozen(self.comps.text_encoder, env)
-        if self.comps.text_encoder_2 is not None:
+        if self.comps.text_encoder_2 is not None and not self.trains_text_encoder:
             session.place_frozen(self.comps.text_encoder_2, env)
         self.prediction_type = self.family.prediction_type(self.comps, cfg.model.prediction_type)
         self.empty = self.empty_prompt() if cfg.data.caption_dropout > 0 else None
@@ -223,23 +230,33 @@ class DenoisingTask(StepTask):
             rows = drop.view(-1, *(1,) * (input_ids.dim() - 1))  # ids are [B, 77], or [B, 2, 77] for SDXL
             input_ids = torch.where(rows, self.empty["input_ids"][None], input_ids)
         if self.trains_text_encoder:
-            return {"input_ids": input_ids}
+            if self.comps.text_encoder_2 is None:
+                return {"input_ids": input_ids}
+            like = torch.empty(len(input_ids), device=device, dtype=self.env.dtype)
+            return {"input_ids": input_ids, "time_ids": self.family.time_ids(batch, size, like)}
         if "prompt_embeds" not in batch or self.cfg.data.shuffle_tags:  # cached states are of the unshuffled ids
             with torch.no_grad():
                 return self.family.conditioning(self.comps, input_ids, batch, size)
         hidden = batch["prompt_embeds"].to(device, self.env.dtype)
         if drop.any():
             hidden = torch.where(drop[:, None, None], self.empty["hidden"][None].to(hidden.dtype), hidden)
-        return {"encoder_hidden_states": hidden}
+        if self.comps.text_encoder_2 is None:
+            return {"encoder_hidden_states": hidden}
+        pooled = batch["pooled_prompt_embeds"].to(device, self.env.dtype)  # SDXL: the cached pooled projection
+        if drop.any():
+            pooled = torch.where(drop[:, None], self.empty["pooled"][None].to(pooled.dtype), pooled)
+        return {"encoder_hidden_states": hidden,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.family.time_ids(batch, size, pooled)}}
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
         """Token ids [77] ([2, 77] for SDXL) and, for the latent cache's rows, frozen text-encoder states
-        [77, D] of the empty caption (caption dropout)."""
+        [77, D] (and SDXL's pooled projection) of the empty caption (caption dropout)."""
         ids = self.family.tokenize(self.comps, [""]).to(self.env.device)
-        if self.comps.text_encoder_2 is not None:  # the latent cache is SD-only (the family's check)
-            return {"input_ids": ids[0]}
         with torch.no_grad():
-            return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
+            if self.comps.text_encoder_2 is None:
+                return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
+            hidden, pooled = sdxl_text_states(self.comps.text_encoder, self.comps.text_encoder_2, ids)
+            return {"input_ids": ids[0], "hidden": hidden[0], "pooled": pooled[0]}
 
     # --- validation
     def validation_loss(self, engine, batch: dict) -> torch.Tensor:

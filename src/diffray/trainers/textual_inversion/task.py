@@ -24,40 +24,57 @@ from diffray.trainers.components.prompts import template_prompts
 from diffray.trainers.denoising import DenoisingTask, Denoiser
 
 
-def build_model(cfg, comps) -> tuple[Denoiser, list[int]]:
-    """Add the placeholder token(s) (rows initialised from the initializer token) and freeze everything
-    but the input embeddings. Returns the module and the new token ids (identical on every rank)."""
+def encoders(comps) -> list[tuple]:
+    """(tokenizer, text encoder) pairs that learn the token: one, or SDXL's two."""
+    pairs = [(comps.tokenizer, comps.text_encoder)]
+    if comps.text_encoder_2 is not None:
+        pairs.append((comps.tokenizer_2, comps.text_encoder_2))
+    return pairs
+
+
+def build_model(cfg, comps) -> tuple[Denoiser, list[list[int]]]:
+    """Add the placeholder token(s) to every text encoder (rows initialised from the initializer token) and
+    freeze everything but their input embeddings. Returns the module and each encoder's new token ids
+    (identical on every rank)."""
     ti = cfg.textual_inversion
-    token_ids = add_placeholder_tokens(comps.tokenizer, comps.text_encoder, ti.placeholder_token,
-                                       ti.initializer_token, ti.num_vectors)
     comps.unet.requires_grad_(False)
-    comps.text_encoder.requires_grad_(False)
-    comps.text_encoder.get_input_embeddings().weight.requires_grad_(True)
+    token_ids = []
+    for tokenizer, encoder in encoders(comps):
+        token_ids.append(add_placeholder_tokens(tokenizer, encoder, ti.placeholder_token, ti.initializer_token,
+                                                ti.num_vectors))
+        encoder.requires_grad_(False)
+        encoder.get_input_embeddings().weight.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
-    return Denoiser(comps.unet, comps.text_encoder), token_ids
+    return Denoiser(comps.unet, comps.text_encoder, comps.text_encoder_2), token_ids
 
 
-def card_fields(cfg) -> dict:
+def card_fields(cfg, sdxl: bool = False) -> dict:
     """What a user needs to load and prompt the artifact."""
     ti = cfg.textual_inversion
-    return {"placeholder_token": ti.placeholder_token, "num_vectors": ti.num_vectors,
-            "tokens": placeholder_tokens(ti.placeholder_token, ti.num_vectors), "weight_name": TI_WEIGHTS,
-            "usage": f"pipe.load_textual_inversion(dir, weight_name={TI_WEIGHTS!r}); write "
-                     f"{ti.placeholder_token!r} in prompts (diffusers expands multi-vector tokens itself)"}
+    tok = ti.placeholder_token
+    usage = (f"pipe.load_textual_inversion(dir, weight_name={TI_WEIGHTS!r}); write {tok!r} in prompts (diffusers "
+             "expands multi-vector tokens itself)")
+    if sdxl:
+        usage = (f"sd = safetensors.torch.load_file(dir/{TI_WEIGHTS!r}); pipe.load_textual_inversion(sd['clip_l'], "
+                 f"token={tok!r}, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); the same with "
+                 f"sd['clip_g'], pipe.text_encoder_2, pipe.tokenizer_2; write {tok!r} in prompts")
+    return {"placeholder_token": tok, "num_vectors": ti.num_vectors, "tokens": placeholder_tokens(tok, ti.num_vectors),
+            "weight_name": TI_WEIGHTS, "usage": usage}
 
 
 class TextualInversionTask(DenoisingTask):
     """Textual Inversion in the shared loop."""
 
     trains_text_encoder = True
-    token_ids: list[int]  # set by build_module
+    token_ids: list[list[int]]  # per text encoder, set by build_module
 
     def __init__(self, cfg, model_path: str, env):
         super().__init__(cfg, model_path, env)
         # Saved before the engine restores a checkpoint: a resumed optimizer's master copy may carry
         # weight-decayed old rows into the weight, which `start` undoes.
-        self.guard = RowGuard(self.comps.text_encoder.get_input_embeddings().weight, self.token_ids).register()
+        self.guards = [RowGuard(encoder.get_input_embeddings().weight, ids).register()
+                       for (_, encoder), ids in zip(encoders(self.comps), self.token_ids)]
 
     def build_module(self) -> Denoiser:
         module, self.token_ids = build_model(self.cfg, self.comps)
@@ -68,15 +85,20 @@ class TextualInversionTask(DenoisingTask):
         ti = self.cfg.textual_inversion
         prompts = template_prompts(ti.learnable_property, placeholder_text(ti.placeholder_token, ti.num_vectors),
                                    [int(i) for i in batch["sample_id"]], step, self.cfg.run.seed)
-        return torch.from_numpy(tokenize_captions(self.comps.tokenizer, prompts))
+        return torch.from_numpy(tokenize_captions(self.comps.tokenizer, prompts, self.comps.tokenizer_2))
 
     def start(self, engine, state: dict) -> None:
-        self.guard.restore()
+        for guard in self.guards:
+            guard.restore()
         super().start(engine, state)
 
     def after_optimizer_step(self) -> None:
-        self.guard.restore()
+        for guard in self.guards:
+            guard.restore()
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
-        return export_textual_inversion(out_dir, self.comps.text_encoder, self.token_ids,
-                                        self.cfg.textual_inversion.placeholder_token, {**card, **card_fields(self.cfg)})
+        second = {} if self.comps.text_encoder_2 is None else dict(text_encoder_2=self.comps.text_encoder_2,
+                                                                    token_ids_2=self.token_ids[1])
+        card = {**card, **card_fields(self.cfg, bool(second))}
+        return export_textual_inversion(out_dir, self.comps.text_encoder, self.token_ids[0],
+                                        self.cfg.textual_inversion.placeholder_token, card, **second)
