@@ -61,7 +61,8 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
     Raises:
         ConfigError: a control image cannot be read.
     """
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+    from diffusers import (StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
+                           StableDiffusionXLPipeline)
 
     from diffray.data.transforms import BLACK, decode_image
     from diffray.errors import DatasetError

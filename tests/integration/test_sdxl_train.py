@@ -66,7 +66,8 @@ def test_sdxl_resume_equals_a_straight_run(ray_cluster, tmp_path):
     """4 steps + resume to 8 equals 8 straight steps to 1e-6 (random crops and flips on, so each row's
     size/crop conditioning and both tokenizers' ids come back the same on resume)."""
     def cfg(name: str, steps: int):
-        return load_config(CONFIG, [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "data.center_crop=false",
+        return load_config(CONFIG, [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+                                    "data.center_crop=false",
                                     f"train.max_steps={steps}", "train.checkpoint_every=4", "train.validate_every=null",
                                     "train.micro_batch_size=2", "train.progress_bar=false", "data.caption_dropout=0.2"])
 

@@ -183,7 +183,8 @@ def test_textual_inversion_files_load_only_into_a_model_with_their_number_of_enc
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffray.errors import AdapterError
-    from diffray.models.textual_inversion import add_placeholder_tokens, export_textual_inversion, load_textual_inversion
+    from diffray.models.textual_inversion import (add_placeholder_tokens, export_textual_inversion,
+                                                  load_textual_inversion)
     from testkit.adapters import random_textual_inversion
 
     one = random_textual_inversion(str(sd), tmp_path / "one", "<x>", seed=1)

@@ -11,7 +11,6 @@ method or option it does not support, before Ray starts. Never imports Ray.
 
 from __future__ import annotations
 
-
 import torch
 
 from diffray.errors import ConfigError, ModelError
@@ -120,7 +119,8 @@ class StableDiffusionXL(StableDiffusion):
         if field and getattr(getattr(cfg, field.split(".")[0]), field.split(".")[1]):
             raise ConfigError("SDXL trains the UNet here; its two text encoders stay frozen", field=field)
         if cfg.data.shuffle_tags:
-            raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet", field="data.shuffle_tags")
+            raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet",
+                              field="data.shuffle_tags")
 
     def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
         return load_components(model_path, dtype=dtype, device=device, second_encoder=True)

@@ -1,8 +1,10 @@
 """ControlNet on the shared denoising base. The engine wraps `ControlledUNet` (ControlNet + frozen UNet),
 so DeepSpeed ZeRO shards the ControlNet's weights, gradients and optimizer state across workers; only
 the ControlNet has requires_grad. The loss is the base's keyed denoising loss with the control images
-as extra inputs, blanked per sample by `controlnet.conditioning_dropout`. Validation renders with
-the family's ControlNet pipeline (`StableDiffusionControlNetPipeline`, or the SDXL one) on the live modules; the artifact is `save_pretrained` + the card.
+as extra inputs, blanked per sample by `controlnet.conditioning_dropout`. Validation renders with the
+family's ControlNet pipeline (`StableDiffusionControlNetPipeline`, or the SDXL one) on the live modules;
+the artifact is `save_pretrained` + the card. For SDXL, the size/pooled-text conditioning reaches both
+the ControlNet and the UNet.
 """
 
 from __future__ import annotations
@@ -136,10 +138,10 @@ class ControlNetTask(DenoisingTask):
 
         if self._pairs is None:
             self._pairs = validation_controls(self.cfg)
+        t, cn = self.cfg.train, self.cfg.controlnet
         return make_grid(render_controlled(self.family, self.comps, self.module.controlnet, self.module.unet,
-                                           self._pairs,
-                                           self.cfg.data.resolution, self.cfg.train.validation_inference_steps,
-                                           self.cfg.run.seed, self.cfg.controlnet.conditioning_scale))
+                                           self._pairs, self.cfg.data.resolution, t.validation_inference_steps,
+                                           self.cfg.run.seed, cn.conditioning_scale))
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
         self.module.controlnet.save_pretrained(out_dir, safe_serialization=True)
