@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python benchmarks/ddpo_overlap.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/tune_schedulers.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf runs outputs .pytest_cache

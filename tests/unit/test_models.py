@@ -202,3 +202,19 @@ def test_sd15_shaped_has_the_real_architecture():
     assert 859e6 < count["unet"] < 860e6, count  # SD 1.5: 859.52M
     assert 83e6 < count["vae"] < 84e6, count  # 83.65M
     assert 123e6 < count["text"] < 124e6, count  # CLIP ViT-L/14 text tower: 123.06M
+
+
+def test_sdxl_shaped_has_the_real_architecture():
+    """SDXL base 1.0's parameter counts, on the meta device (nothing allocated)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = preset_configs("sdxl-shaped")
+    assert tiny.is_xl("sdxl-shaped") and cfg["vae"]["scaling_factor"] == 0.13025
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**cfg["unet"])
+        one = CLIPTextModel(CLIPTextConfig(vocab_size=tiny.SD15_VOCAB, **cfg["text_encoder"]))
+        two = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=tiny.SD15_VOCAB, **cfg["text_encoder_2"]))
+    count = {name: sum(p.numel() for p in m.parameters()) for name, m in [("unet", unet), ("one", one), ("two", two)]}
+    assert count == {"unet": 2_567_463_684, "one": 123_060_480, "two": 694_659_840}, count

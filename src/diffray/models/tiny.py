@@ -5,7 +5,8 @@ world by `diffray pretrain-world` (`diffray.world.pretrain`), shipped as package
 building it copies those weights. Its architecture, initialised at random, is where pretraining starts.
 `tiny-random` is the older, smaller random pipeline for fast mechanical tests; `sd15-shaped` is the real
 SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise);
-`tiny-sdxl` is SDXL's layout (two text encoders, size/crop conditioning) at tiny size, random. `tiny`
+`tiny-sdxl` is SDXL's layout (two text encoders, size/crop conditioning) at tiny size, random, and
+`sdxl-shaped` SDXL base 1.0's real architecture with random weights (about 14 GB in fp32). `tiny`
 uses a word-level CLIP tokenizer over the world's words (`diffray.world.WORDS`, every other word spelled
 by characters); the others a character-level one. We write the tokenizer files ourselves. Nothing here
 downloads anything, and building never disturbs the caller's global torch RNG.
@@ -24,7 +25,7 @@ import torch
 
 from diffray.errors import ModelError
 
-PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl")
+PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl", "sdxl-shaped")
 PRETRAINED = ("tiny",)  # presets whose builtin is shipped weights (one set: no `?seed=`)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Part of every cached builtin's key (`builder_key`): bump it when the builder writes different files for
@@ -33,7 +34,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUILDER_VERSION = 2
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_TOKENS = 77
-SD15_VOCAB = 49408  # the sd15-shaped tokenizer is padded to SD 1.5's embedding-table size
+SD15_VOCAB = 49408  # the sd15/sdxl-shaped tokenizers are padded to CLIP's embedding-table size
 # SD 1.5's scheduler_config.json; the DDIM/PNDM-only keys make `from_config` of those match SD 1.5.
 SCHEDULER_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
@@ -109,6 +110,27 @@ def preset_configs(preset: str) -> dict[str, dict]:
             "text_encoder": dict(encoder),
             "text_encoder_2": dict(encoder),
             "scheduler": dict(SCHEDULER_CONFIG, timestep_spacing="leading"),  # SDXL's Euler,
+        }
+    if preset == "sdxl-shaped":  # SDXL base 1.0's architecture (UNet 2.567B, CLIP-L + OpenCLIP bigG), random
+        return {
+            "unet": dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                         block_out_channels=(320, 640, 1280),
+                         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                         attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                         addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                         projection_class_embeddings_input_dim=2816, cross_attention_dim=2048, norm_num_groups=32),
+            "vae": dict(sample_size=1024, in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32,
+                        scaling_factor=0.13025, force_upcast=True),
+            "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=MAX_TOKENS, projection_dim=768,
+                                 hidden_act="quick_gelu"),
+            "text_encoder_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                   num_attention_heads=20, max_position_embeddings=MAX_TOKENS, projection_dim=1280,
+                                   hidden_act="gelu"),
+            "scheduler": dict(SCHEDULER_CONFIG, timestep_spacing="leading"),
         }
     raise ModelError(f"unknown model preset {preset!r} (allowed: {', '.join(PRESETS)})")
 
@@ -187,7 +209,7 @@ def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None, words=()
 
 
 def _vocab_size(preset: str) -> int | None:
-    return SD15_VOCAB if preset == "sd15-shaped" else None
+    return SD15_VOCAB if preset in ("sd15-shaped", "sdxl-shaped") else None
 
 
 def shipped(preset: str) -> Path | None:
