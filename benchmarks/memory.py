@@ -7,10 +7,11 @@ encoders and VAE are frozen bf16 weights (2 bytes/parameter: diffray casts froze
 half precision on GPUs); a trained parameter costs 16 bytes (bf16 weights 2 + bf16 gradients 2 + fp32
 master weights and Adam's two moments 12; DDP's fp32 weights + autocast also come to 16). ZeRO-2
 partitions gradients and optimizer state over the N GPUs (2 + 14/N bytes), ZeRO-3 everything (16/N).
-The frozen UNet under a LoRA is 4 bytes/parameter with DDP (fp32, autocast) and 2 under DeepSpeed bf16. LoRA: rank `--lora-rank` on
-the UNet attention projections (to_q, to_k, to_v, to_out.0), counted from the modules' shapes.
-Activations are NOT included: they grow with resolution and micro-batch and shrink with gradient
-checkpointing; measure them on a GPU (`benchmarks/gpu.py` reports peak memory).
+The frozen UNet under a LoRA is 4 bytes/parameter with DDP (fp32, autocast) and 2 under DeepSpeed bf16.
+LoRA: rank `--lora-rank` on the UNet attention projections (to_q, to_k, to_v, to_out.0), counted from
+the modules' shapes.
+Activations are NOT included: they grow with resolution and micro-batch and shrink with
+gradient checkpointing; measure them on a GPU (`benchmarks/gpu.py` reports peak memory).
 
     python benchmarks/memory.py                    # table on stdout; benchmarks/results/memory.json
     python benchmarks/memory.py --gpus 4 --lora-rank 32

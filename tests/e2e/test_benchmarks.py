@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
-    "gpu": ["--dry"],
-    "memory": [],  # parameter counts on the meta device: the full script, a few seconds  # CPU, tiny random model: every section, compile with the aot_eager backend
+    "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
+    "memory": [],  # parameter counts on the meta device: the whole script, a few seconds
     "latent_cache": ["--num-images", "8", "--batch", "4", "--steps", "3", "--warmup", "1", "--rounds", "1"],
     "ddpo_overlap": ["--epochs", "2", "--rounds", "1", "--samples", "16", "--batch", "8"],
     "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4",

@@ -62,23 +62,50 @@ def test_shipped_sdxl_lora_config_learns_and_its_artifact_loads_in_stock_sdxl(ra
 
 
 @pytest.mark.slow
-def test_sdxl_resume_equals_a_straight_run(ray_cluster, tmp_path):
-    """4 steps + resume to 8 equals 8 straight steps to 1e-6 (random crops and flips on, so each row's
-    size/crop conditioning and both tokenizers' ids come back the same on resume)."""
+def test_sdxl_resume_equals_a_straight_run_and_a_both_encoder_lora_loads_in_stock_sdxl(
+        ray_cluster, tmp_path, model_from_zero_checkpoint):
+    """LoRA on the UNet and both text encoders (`lora.train_text_encoder`): 4 steps + resume to 8 equals 8
+    straight steps to 1e-6 (random crops and flips, caption dropout on: each row's size ids and both
+    tokenizers' ids come back the same on resume); the artifact holds `unet.`, `text_encoder.` and
+    `text_encoder_2.` layers, and stock `StableDiffusionXLPipeline.load_lora_weights` + `encode_prompt`
+    reproduce the trained model's prediction."""
+    from diffusers import StableDiffusionXLPipeline
+
     def cfg(name: str, steps: int):
         return load_config(CONFIG, [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
-                                    "data.center_crop=false",
-                                    f"train.max_steps={steps}", "train.checkpoint_every=4", "train.validate_every=null",
-                                    "train.micro_batch_size=2", "train.progress_bar=false", "data.caption_dropout=0.2"])
+                                    "data.center_crop=false", f"train.max_steps={steps}", "train.checkpoint_every=4",
+                                    "train.validate_every=null", "train.micro_batch_size=2", "train.progress_bar=false",
+                                    "data.caption_dropout=0.2", "lora.train_text_encoder=true"])
 
     straight = run_training(cfg("straight", 8))
     assert run_training(cfg("resumed", 4)).steps == 4
     resumed = run_training(cfg("resumed", 8))
     assert [e["resumed_from_step"] for e in events(resumed.run_dir) if e.get("event") == "start"] == [0, 4]
     got, want = (load_file(str(Path(r.artifact_dir) / LORA_WEIGHTS)) for r in (resumed, straight))
-    assert got.keys() == want.keys() and got
+    assert got.keys() == want.keys() and {k.split(".")[0] for k in got} == {"unet", "text_encoder", "text_encoder_2"}
     worst = max((got[k] - want[k]).abs().max().item() for k in got)
     assert worst < 1e-6, f"max |resumed - straight| = {worst:.2e}"
+
+    model_path = resolve_model_path("builtin:tiny-sdxl")
+    model, comps = model_from_zero_checkpoint(straight.run_dir, cfg("straight", 8), model_path)
+    family = StableDiffusionXL()
+    prompts = ["a red circle on a blue background", "x"]
+    g = torch.Generator().manual_seed(1)
+    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 600])
+    time_ids = family.time_ids({}, (64, 64), latents[:, 0, 0, 0])
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_path, use_safetensors=True)
+
+    def stock() -> torch.Tensor:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+        return pipe.unet(latents, t, encoder_hidden_states=embeds,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    with torch.no_grad():
+        expected = model(latents, t, input_ids=family.tokenize(comps, prompts), time_ids=time_ids)
+        before = stock()
+        pipe.load_lora_weights(straight.artifact_dir)
+        after = stock()
+    assert (before - expected).abs().max() > 1e-3 and (after - expected).abs().max() < 1e-5
 
 
 @pytest.mark.slow

@@ -125,17 +125,24 @@ def test_sdxl_refuses_what_it_does_not_train_naming_the_field(xl, method):
     assert "method" in str(err.value)
 
 
-@pytest.mark.parametrize("override, field", [("lora.train_text_encoder=true", "lora.train_text_encoder"),
-                                             ("data.shuffle_tags=true", "data.shuffle_tags")])
-def test_sdxl_lora_refuses_options_it_does_not_support(xl, sd, override, field):
+@pytest.mark.parametrize("method, override, field", [
+    ("full", "full.train_text_encoder=true", "full.train_text_encoder"),
+    ("dreambooth", "dreambooth.mode=full", "dreambooth.train_text_encoder"),
+    ("lora", "data.shuffle_tags=true", "data.shuffle_tags"),
+    ("lora", "export.formats=[kohya]", "export.formats"),
+    ("lora", "lora.init_from=/some/lora.safetensors", "lora.init_from")])
+def test_sdxl_refuses_options_it_does_not_support(xl, sd, tmp_path, method, override, field):
     from diffray.methods import method_of
 
-    cfg = job("lora", override)
+    overrides = [override, "data.path=unused"]
+    if method == "dreambooth":
+        overrides += ["dreambooth.train_text_encoder=true", "dreambooth.instance_prompt=a sks dog"]
+    cfg = job(method, *overrides)
     with pytest.raises(ConfigError) as err:
-        method_of("lora").check(cfg, str(xl))
+        method_of(method).family_check(cfg, str(xl))
     assert field in str(err.value)
-    method_of("lora").check(cfg, str(sd))  # SD trains every option
-    method_of("lora").check(job("lora"), str(xl))
+    method_of(method).family_check(cfg, str(sd))  # SD trains every option
+    method_of("lora").family_check(job("lora", "lora.train_text_encoder=true"), str(xl))  # both encoders' LoRA
 
 
 def png(w: int, h: int) -> bytes:

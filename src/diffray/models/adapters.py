@@ -69,10 +69,11 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_lora(out_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
-                card: dict[str, Any]) -> Path:
+                card: dict[str, Any], text_encoder_2: torch.nn.Module | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` (+ adapter metadata) and a JSON card into out_dir; a LoHa or
-    LoKr adapter goes to `export_peft_adapter` instead (its card says the variant either way)."""
-    from diffusers import StableDiffusionPipeline
+    LoKr adapter goes to `export_peft_adapter` instead (its card says the variant either way). With SDXL's
+    second text encoder, its layers are `text_encoder_2.` keys (`StableDiffusionXLPipeline`'s layout)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     variant = variant_of(unet.peft_config["default"])
     if variant in PEFT_DIR_VARIANTS:
@@ -86,8 +87,12 @@ def export_lora(out_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.
     if text_encoder is not None:
         kwargs["text_encoder_lora_layers"] = lora_state_dict(text_encoder)
         kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet),
-                                              safe_serialization=True, **kwargs)
+    pipeline = StableDiffusionPipeline
+    if text_encoder_2 is not None:
+        pipeline = StableDiffusionXLPipeline
+        kwargs["text_encoder_2_lora_layers"] = lora_state_dict(text_encoder_2)
+        kwargs["text_encoder_2_lora_adapter_metadata"] = text_encoder_2.peft_config["default"].to_dict()
+    pipeline.save_lora_weights(out, unet_lora_layers=lora_state_dict(unet), safe_serialization=True, **kwargs)
     write_card(out, card)
     return out
 

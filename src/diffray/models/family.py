@@ -113,11 +113,19 @@ class StableDiffusionXL(StableDiffusion):
         if method not in self.methods:
             raise ConfigError(f"method {method!r} does not train SDXL models yet (SDXL: {', '.join(self.methods)})",
                               field="method")
-        field = {"lora": "lora.train_text_encoder", "full": "full.train_text_encoder"}.get(method)
-        if method == "dreambooth":
-            field = "lora.train_text_encoder" if cfg.dreambooth.mode == "lora" else "dreambooth.train_text_encoder"
+        field = {"full": "full.train_text_encoder"}.get(method)
+        if method == "dreambooth" and cfg.dreambooth.mode == "full":
+            field = "dreambooth.train_text_encoder"
         if field and getattr(getattr(cfg, field.split(".")[0]), field.split(".")[1]):
-            raise ConfigError("SDXL trains the UNet here; its two text encoders stay frozen", field=field)
+            raise ConfigError("SDXL fine-tunes the UNet only; a text-encoder LoRA (lora.train_text_encoder) trains "
+                              "both encoders", field=field)
+        lora = getattr(cfg, "lora", None)
+        if lora is not None and method in ("lora", "dreambooth") and lora.init_from:
+            raise ConfigError("starting an SDXL LoRA from another adapter is not supported yet", field="lora.init_from")
+        export = getattr(cfg, "export", None)
+        if export is not None and export.formats:
+            raise ConfigError("the kohya/peft/diffusers copies are written for SD LoRAs only; the SDXL artifact "
+                              "is diffusers' layout already", field="export.formats")
         if cfg.data.shuffle_tags:
             raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet",
                               field="data.shuffle_tags")

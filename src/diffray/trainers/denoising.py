@@ -52,13 +52,15 @@ class Denoiser(torch.nn.Module):
 
 
 def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: bool = False) -> Denoiser:
-    """Frozen base + LoRA on `lora.target_modules` (and on the text encoder with `lora.train_text_encoder`),
-    initialised from `seed`, so identical on every rank."""
+    """Frozen base + LoRA on `lora.target_modules` (and on the text encoder, SDXL's two, with
+    `lora.train_text_encoder`), initialised from `seed`, so identical on every rank."""
     add_lora(comps.unet, lora.rank, lora.scale_alpha, lora.dropout, lora.target_modules, seed, lora.variant)
-    comps.text_encoder.requires_grad_(False)
-    if lora.train_text_encoder:
-        add_lora(comps.text_encoder, lora.rank, lora.scale_alpha, lora.dropout, lora.text_encoder_target_modules,
-                 seed + 1, lora.variant)
+    encoders = [e for e in (comps.text_encoder, comps.text_encoder_2) if e is not None]
+    for i, encoder in enumerate(encoders):
+        encoder.requires_grad_(False)
+        if lora.train_text_encoder:
+            add_lora(encoder, lora.rank, lora.scale_alpha, lora.dropout, lora.text_encoder_target_modules,
+                     seed + 1 + i, lora.variant)
     if lora.init_from:
         from diffray.models.lora_formats import init_lora_from
 
@@ -66,7 +68,9 @@ def lora_denoiser(comps, lora: LoraSection, seed: int, gradient_checkpointing: b
                        lora.scale_alpha)
     if gradient_checkpointing:
         comps.unet.enable_gradient_checkpointing()
-    return Denoiser(comps.unet, comps.text_encoder if lora.train_text_encoder else None)
+    if not lora.train_text_encoder:
+        return Denoiser(comps.unet)
+    return Denoiser(comps.unet, comps.text_encoder, comps.text_encoder_2)
 
 
 def full_denoiser(comps, train_text_encoder: bool, gradient_checkpointing: bool = False) -> Denoiser:
@@ -84,7 +88,7 @@ def export_lora_artifact(module: Denoiser, out_dir: Path, card: dict, formats: l
     from diffray.models.adapters import export_lora
     from diffray.models.lora_formats import export_artifact
 
-    out = export_lora(out_dir, module.unet, module.text_encoder, card)
+    out = export_lora(out_dir, module.unet, module.text_encoder, card, module.text_encoder_2)
     for fmt in formats:
         export_artifact(out, fmt, out / fmt)
     return out

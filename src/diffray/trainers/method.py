@@ -47,12 +47,15 @@ class Method:
     step_metric: tuple[str, str, str] | None = None
     side_cpus: Callable[[Any], float] | None = None
 
-    def check(self, cfg, model_path: str) -> None:
-        """Refuse a method or option the model's family does not train, then run the method's own
-        driver-side checks, if it has any."""
+    def family_check(self, cfg, model_path: str) -> None:
+        """Refuse (ConfigError naming the field) a method or option the model's family does not train."""
         from diffray.models.family import family_of
 
         family_of(model_path).check(self.name, cfg)
+
+    def check(self, cfg, model_path: str) -> None:
+        """The family's check, then the method's own driver-side checks, if it has any."""
+        self.family_check(cfg, model_path)
         if self.preflight is not None:
             self.preflight(cfg, model_path)
 

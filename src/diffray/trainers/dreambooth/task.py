@@ -92,7 +92,7 @@ class DreamBoothTask(DenoisingTask):
         db = self.cfg.dreambooth
         card = {**card, "instance_prompt": db.instance_prompt, "class_prompt": db.class_prompt, "mode": db.mode}
         if db.mode == "lora":
-            return export_lora(out_dir, self.module.unet, self.module.text_encoder, card)
+            return export_lora(out_dir, self.module.unet, self.module.text_encoder, card, self.module.text_encoder_2)
         return export_pipeline(self.family, self.comps, self.module, out_dir, card)
 
     def export_raw(self, artifact: Path) -> None:
