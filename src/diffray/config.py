@@ -1,12 +1,10 @@
-"""Typed job configs: YAML -> pydantic models, dotted `key=value` overrides, one-line errors.
-
-Every section forbids unknown keys so a typo fails at load time with the field path named. Configs are
-plain data: they travel to Ray workers as dicts (`model_dump()`) and are re-validated there. This module
-holds the sections every method shares and the loading helpers; each method's own section and config
-model live in its package (`diffray.trainers.<method>`), and `diffray.methods` maps `method:` to them
-and validates whole job files. This module must never touch the environment (cache dirs, Ray, CUDA):
-resolving `builtin:` paths and devices is the runner's job.
-"""
+"""Typed job configs: YAML -> pydantic models, dotted `key=value` overrides, one-line errors. Every section
+forbids unknown keys so a typo fails at load time with the field path named. Configs are plain data: they
+travel to Ray workers as dicts (`model_dump()`) and are re-validated there. This module holds the sections
+every method shares (`flow:` in `diffray.flow_config`) and the loading helpers; each method's own section
+and config model live in its package (`diffray.trainers.<method>`), and `diffray.methods` maps `method:` to
+them and validates whole job files. Never touches the environment (cache dirs, Ray, CUDA): resolving
+`builtin:` paths and devices is the runner's job."""
 
 from __future__ import annotations
 
@@ -21,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from diffray import yaml_io
 from diffray.errors import ConfigError
 from diffray.accelerator import Accelerator
+from diffray.flow_config import FlowSection
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
@@ -278,6 +277,7 @@ class TrainConfig(Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     failure: FailureSection = Field(default_factory=FailureSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    flow: FlowSection = Field(default_factory=FlowSection, description="Flow-matching training (Flux).")
 
     @model_validator(mode="after")
     def _check_train(self) -> TrainConfig:

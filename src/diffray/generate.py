@@ -83,13 +83,23 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
     return cn_pipe, {"image": images, "controlnet_conditioning_scale": scales}
 
 
+def flux_args(pipe) -> dict:
+    """A `FluxPipeline`'s call arguments for the size its VAE was made for and the T5 length its tokenizer
+    names (the pipeline's defaults are 1024 px and 512 tokens whatever the model); {} for other pipelines."""
+    if type(pipe).__name__ != "FluxPipeline":
+        return {}
+    size = int(pipe.vae.config.sample_size)
+    return {"height": size, "width": size, "max_sequence_length": min(int(pipe.tokenizer_2.model_max_length), 512)}
+
+
 def render(pipe, prompts: list[str], seed: int, num_images: int, steps: int, guidance: float,
            lora_scale: float | None = None, extra: dict | None = None) -> list[list]:
     """One row of `num_images` PIL images per prompt; image j uses seed + j. `extra`: more pipeline
     arguments (control images and scales)."""
-    extra = dict(extra or {})
-    if lora_scale is not None:
-        extra["cross_attention_kwargs"] = {"scale": lora_scale}
+    extra = {**flux_args(pipe), **(extra or {})}
+    if lora_scale is not None:  # Flux's transformer takes the LoRA scale as joint_attention_kwargs
+        key = "joint_attention_kwargs" if type(pipe).__name__ == "FluxPipeline" else "cross_attention_kwargs"
+        extra[key] = {"scale": lora_scale}
     rows = []
     for p in prompts:
         gens = [torch.Generator().manual_seed(seed + j) for j in range(num_images)]

@@ -21,3 +21,11 @@ def cache_dir() -> Path:
 
 def is_builtin(path: str) -> bool:
     return str(path).startswith(BUILTIN_PREFIX)
+
+
+def pipeline_class_of(path: str) -> str:
+    """The pipeline class a local diffusers dir's `model_index.json` names ("" for a hub id or no index)."""
+    import json
+
+    index = Path(path) / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""

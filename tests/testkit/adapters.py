@@ -88,7 +88,8 @@ def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Pat
 
 class Probe:
     """A fixed UNet input (two latents, timesteps 50 and 600, two prompts' text conditioning from the
-    model's family: states, plus pooled embedding and size ids for SDXL) and a trained model's prediction
+    model's family: states, plus pooled embedding and size ids for SDXL, T5 states and CLIP's pooled output
+    for Flux) and a trained model's prediction
     for it: what an exported adapter loaded into a stock pipeline must reproduce (`error(unet)`)."""
 
     def __init__(self, model, comps, family=None):
@@ -103,6 +104,8 @@ class Probe:
 
     def error(self, unet) -> float:
         """Largest |unet's prediction - the trained model's| on the probe."""
-        with torch.no_grad():
-            pred = unet(self.latents, self.t, **self.text).sample
+        from diffray.trainers.denoising import Denoiser
+
+        with torch.no_grad():  # through our Denoiser: a Flux transformer takes packed latents
+            pred = Denoiser(unet)(self.latents, self.t, **self.text)
         return (pred - self.expected).abs().max().item()

@@ -33,7 +33,7 @@ def test_shipped_config_validates_and_method_is_registered():
 @pytest.mark.parametrize("overrides, match", [
     (["full.from_scratch=maybe"], r"full\.from_scratch: Input should be a valid boolean"),
     (["full.lr=1"], r"full\.lr: unknown key \(allowed: from_scratch, train_text_encoder\)"),
-    (["lora.rank=4"], r"lora: unknown key \(allowed: data, failure, full, method"),
+    (["lora.rank=4"], r"lora: unknown key \(allowed: data, failure, flow, full, method"),
     (["data.caption_dropout=1.5"], r"data\.caption_dropout"),
 ])
 def test_bad_full_configs_name_the_field(overrides, match):

@@ -166,7 +166,7 @@ def test_errors_name_the_path_or_the_presets(tmp_path):
         resolve_model_path(str(tmp_path))
     with pytest.raises(ModelError,
                        match=r"unknown model preset 'xl' \(allowed: tiny, tiny-random, sd15-shaped, tiny-sdxl, "
-                             r"sdxl-shaped\)"):
+                             r"sdxl-shaped, tiny-flux, flux-shaped\)"):
         build_pipeline_dir(tmp_path / "x", preset="xl")
     assert not (tmp_path / "x").exists()
     assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"

@@ -27,6 +27,7 @@ from diffray.data.folder import PathRules
 from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_row
 from diffray.errors import DatasetError
+from diffray.paths import pipeline_class_of
 
 QUARANTINE_FILE = "quarantine.jsonl"
 log = logging.getLogger(__name__)
@@ -144,18 +145,21 @@ def validate_rows(raw: ray.data.Dataset, total: int, path: str, rules: Rules, ma
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(tokenizer_path: str, subfolder: str = "tokenizer"):
-    """The CLIP tokenizer of a model dir, loaded once per worker process (never shipped from the driver)."""
-    from transformers import CLIPTokenizer
+    """A tokenizer of a model dir (CLIP; Flux's `tokenizer_2` is T5), loaded once per worker process (never
+    shipped from the driver)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
-    return CLIPTokenizer.from_pretrained(tokenizer_path, subfolder=subfolder)
+    cls = T5TokenizerFast if subfolder == "tokenizer_2" and model_class(tokenizer_path) == "FluxPipeline" \
+        else CLIPTokenizer
+    return cls.from_pretrained(tokenizer_path, subfolder=subfolder)
 
 
 @functools.lru_cache(maxsize=4)
-def is_sdxl(model_path: str) -> bool:
-    """A local SDXL pipeline dir (by its model_index.json): captions get both tokenizers' ids and rows
-    their size/crop conditioning (`micro_cond`)."""
-    index = Path(model_path) / "model_index.json"
-    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionXLPipeline"
+def model_class(model_path: str) -> str:
+    """The pipeline class of a local model dir ("" for none). SDXL's captions get both tokenizers' ids
+    stacked and rows their size/crop conditioning (`micro_cond`); Flux's get CLIP's and T5's ids
+    concatenated."""
+    return pipeline_class_of(model_path)
 
 
 def held_out_mask(sample_ids, fraction: float) -> np.ndarray:
@@ -185,7 +189,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
                      buckets: list[tuple[int, int]] | None = None, trigger_word: str | None = None) -> dict:
     """One map_batches step: raw rows -> {sample_id, pixel_values, input_ids[, conditioning_pixel_values,
     loss_mask, pair_pixel_values]}. For an SDXL model input_ids are [B, 2, 77] (both tokenizers) and
-    `micro_cond` int64 [B, 4] holds each image's original (H, W) and crop top-left (y, x).
+    `micro_cond` int64 [B, 4] holds each image's original (H, W) and crop top-left (y, x); for Flux they
+    are [B, 77 + L] (CLIP's, then T5's).
 
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
@@ -197,15 +202,17 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     ids = [int(i) for i in batch["sample_id"]]
     sources = [str(s) for s in batch["source"]]
     tokenizer = load_tokenizer(tokenizer_path)
-    xl = is_sdxl(tokenizer_path)
-    second = load_tokenizer(tokenizer_path, "tokenizer_2") if xl else None
+    kind = model_class(tokenizer_path)
+    xl, flux = kind == "StableDiffusionXLPipeline", kind == "FluxPipeline"
+    second = load_tokenizer(tokenizer_path, "tokenizer_2") if xl or flux else None
     geometry: list | None = [] if xl else None
+    width = tokenizer.model_max_length + (min(second.model_max_length, 512) if flux else 0)
     out = {"sample_id": np.asarray(ids, dtype=np.int64),
            "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
                                              random_flip, seed, rules.max_image_pixels, buckets, geometry=geometry),
            "input_ids": (tokenize_captions(tokenizer, [with_trigger(caption_of(c, rules) or "", trigger_word)
-                                                       for c in batch["caption"]], second) if ids
-                         else np.empty((0, *((2,) if xl else ()), tokenizer.model_max_length), dtype=np.int64))}
+                                                       for c in batch["caption"]], second, concat=flux) if ids
+                         else np.empty((0, *((2,) if xl else ()), width), dtype=np.int64))}
     if xl:
         out["micro_cond"] = np.asarray(geometry, dtype=np.int64).reshape(len(ids), 4)
     if "conditioning_image" in batch:

@@ -147,9 +147,11 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
     return out
 
 
-def tokenize_captions(tokenizer, captions: list[str], tokenizer_2=None) -> np.ndarray:
+def tokenize_captions(tokenizer, captions: list[str], tokenizer_2=None, concat: bool = False) -> np.ndarray:
     """Token ids int64 [B, model_max_length], padded and truncated; with `tokenizer_2` (SDXL's) [B, 2, L],
-    one row per tokenizer."""
-    ids = [tok(list(captions), padding="max_length", truncation=True, max_length=tok.model_max_length,
+    one row per tokenizer, or with `concat` (Flux's T5, at most 512 long) [B, L1 + L2]."""
+    ids = [tok(list(captions), padding="max_length", truncation=True, max_length=min(tok.model_max_length, 512),
                return_tensors="np").input_ids.astype(np.int64) for tok in (tokenizer, tokenizer_2) if tok is not None]
-    return ids[0] if len(ids) == 1 else np.stack(ids, axis=1)
+    if len(ids) == 1:
+        return ids[0]
+    return np.concatenate(ids, axis=1) if concat else np.stack(ids, axis=1)

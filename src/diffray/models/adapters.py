@@ -72,7 +72,8 @@ def export_lora(out_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.
                 card: dict[str, Any], text_encoder_2: torch.nn.Module | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` (+ adapter metadata) and a JSON card into out_dir; a LoHa or
     LoKr adapter goes to `export_peft_adapter` instead (its card says the variant either way). With SDXL's
-    second text encoder, its layers are `text_encoder_2.` keys (`StableDiffusionXLPipeline`'s layout)."""
+    second text encoder, its layers are `text_encoder_2.` keys (`StableDiffusionXLPipeline`'s layout); a Flux
+    transformer's are `transformer.` keys (`FluxPipeline`'s)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     variant = variant_of(unet.peft_config["default"])
@@ -83,6 +84,13 @@ def export_lora(out_dir: str | Path, unet: torch.nn.Module, text_encoder: torch.
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     card = {**card, "adapter_variant": variant}
+    if type(unet).__name__ == "FluxTransformer2DModel":  # diffusers' Flux layout: `transformer.` keys
+        from diffusers import FluxPipeline
+
+        FluxPipeline.save_lora_weights(out, transformer_lora_layers=lora_state_dict(unet), safe_serialization=True,
+                                       transformer_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        write_card(out, card)
+        return out
     kwargs: dict[str, Any] = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
     if text_encoder is not None:
         kwargs["text_encoder_lora_layers"] = lora_state_dict(text_encoder)

@@ -5,7 +5,7 @@ the training target, and how to assemble an inference pipeline from (possibly tr
 `StableDiffusion` (SD 1.x/2.x: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, DDPM training
 schedule) and `StableDiffusionXL` (two CLIP encoders, pooled embedding and size/crop ids as added
 conditioning, same epsilon/v-prediction training); `family_of(model_path)` picks one by the dir's
-`model_index.json`. A new family is a class with the same methods, added to `FAMILIES`; `check` refuses a
+`model_index.json`; `Flux` (`diffray.models.flux`: a flow-matching transformer). A new family is a class with the same methods, added to `FAMILIES`; `check` refuses a
 method or option it does not support, before Ray starts. Never imports Ray.
 """
 
@@ -14,8 +14,19 @@ from __future__ import annotations
 import torch
 
 from diffray.errors import ConfigError, ModelError
+from diffray.models.flux import Flux
 from diffray.models.loading import SDComponents, load_components, pipeline_class_of
 from diffray.trainers.components.diffusion import NoisedLatents, diffusion_target, noise_latents
+
+
+def refuse_flow(cfg) -> None:
+    """A DDPM-trained family: any `flow:` setting is a ConfigError naming it."""
+    flow = getattr(cfg, "flow", None)
+    if flow is not None and not flow.is_default():
+        defaults = type(flow)()
+        changed = next(k for k, v in flow if v != getattr(defaults, k))
+        raise ConfigError("flow-matching settings apply to Flux models only; this model trains by DDPM",
+                          field=f"flow.{changed}")
 
 
 class StableDiffusion:
@@ -26,7 +37,8 @@ class StableDiffusion:
 
     def check(self, method: str, cfg) -> None:
         """Refuse (ConfigError naming the field) a method or option this family does not train: every one
-        is supported here."""
+        is supported here but the flow-matching section."""
+        refuse_flow(cfg)
 
     def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
         return load_components(model_path, dtype=dtype, device=device)
@@ -53,8 +65,12 @@ class StableDiffusion:
     def prediction_type(self, comps, configured: str | None) -> str:
         return configured or comps.noise_scheduler.config.prediction_type
 
+    def forward_kwargs(self, cfg) -> dict:
+        """Extra inputs of the denoiser's forward from the config (none here)."""
+        return {}
+
     def noised(self, comps, batch: dict, device, dtype, step: int, seed: int, noise_offset: float,
-               timestep_range: tuple[int, int] | None = None) -> NoisedLatents:
+               timestep_range: tuple[int, int] | None = None, flow=None) -> NoisedLatents:
         """Latents of a batch (pixels through the VAE, or the latent cache) and their noised version, every
         draw keyed by (seed, step, sample_id); timesteps from `timestep_range` ([lo, hi)) when given."""
         return noise_latents(comps.vae, comps.noise_scheduler, batch, device, dtype, step, seed, noise_offset,
@@ -62,6 +78,16 @@ class StableDiffusion:
 
     def target(self, comps, n: NoisedLatents, prediction_type: str) -> torch.Tensor:
         return diffusion_target(comps.noise_scheduler, n.latents, n.noise, n.timesteps, prediction_type)
+
+    def sampler(self, comps):
+        """The scheduler validation renders with: DDIM over the training schedule."""
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(comps.noise_scheduler.config)
+
+    def render_args(self, comps, resolution: int) -> dict:
+        """Pipeline-call arguments that rendering at `resolution` needs beyond the prompt (none here)."""
+        return {}
 
     def pipeline(self, comps, unet=None, text_encoder=None, scheduler=None):
         """A `StableDiffusionPipeline` over the given (live, possibly trained) parts; the loaded ones
@@ -110,6 +136,7 @@ class StableDiffusionXL(StableDiffusion):
     methods = ("lora", "dreambooth", "full", "controlnet", "textual_inversion")
 
     def check(self, method: str, cfg) -> None:
+        refuse_flow(cfg)
         if method not in self.methods:
             raise ConfigError(f"method {method!r} does not train SDXL models yet (SDXL: {', '.join(self.methods)})",
                               field="method")
@@ -178,7 +205,7 @@ class StableDiffusionXL(StableDiffusion):
         return pipe
 
 
-FAMILIES = (StableDiffusion(), StableDiffusionXL())
+FAMILIES = (StableDiffusion(), StableDiffusionXL(), Flux())
 
 
 def family_of(model_path: str):

@@ -15,7 +15,7 @@ from filelock import FileLock
 
 from diffray.errors import ModelError
 from diffray.logs import quiet_hf
-from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin
+from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin, pipeline_class_of
 
 LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing or malformed files
 
@@ -134,22 +134,15 @@ def load_components(path: str, dtype: torch.dtype = torch.float32,
     )
 
 
-def pipeline_class_of(path: str) -> str:
-    """The pipeline class a local diffusers dir's `model_index.json` names ("" for a hub id or no index)."""
-    import json
-
-    index = Path(path) / "model_index.json"
-    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
-
-
 def load_pipeline(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The stock pipeline of a diffusers dir or hub id, by its family: `StableDiffusionPipeline` (no safety
-    checker) or `StableDiffusionXLPipeline`. Raises `ModelError` naming the path."""
+    checker), `StableDiffusionXLPipeline` or `FluxPipeline`. Raises `ModelError` naming the path."""
     import diffusers
 
     quiet_hf()
-    name = "StableDiffusionXLPipeline" if pipeline_class_of(path) == "StableDiffusionXLPipeline" else \
-        "StableDiffusionPipeline"
+    name = pipeline_class_of(path)
+    if name not in ("StableDiffusionXLPipeline", "FluxPipeline"):
+        name = "StableDiffusionPipeline"
     extra = {"safety_checker": None} if name == "StableDiffusionPipeline" else {}
     try:
         pipe = getattr(diffusers, name).from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)

@@ -24,6 +24,13 @@ def set_attention(model: torch.nn.Module, kind: str) -> None:
     """Give every attention layer of a diffusers model the processor of `kind` (see the module doc)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+    if type(model).__name__ == "FluxTransformer2DModel":  # its own processor, on torch's SDPA (no eager one)
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        if kind != "sdpa":
+            raise ValueError(f"attention {kind!r}: a Flux transformer has the sdpa kernel only")
+        model.set_attn_processor(FluxAttnProcessor())
+        return
     model.set_attn_processor(AttnProcessor2_0() if kind == "sdpa" else AttnProcessor())
 
 

@@ -6,7 +6,8 @@ building it copies those weights. Its architecture, initialised at random, is wh
 `tiny-random` is the older, smaller random pipeline for fast mechanical tests; `sd15-shaped` is the real
 SD 1.5 architecture with *random* weights, for throughput benchmarks only (its images are noise);
 `tiny-sdxl` is SDXL's layout (two text encoders, size/crop conditioning) at tiny size, random, and
-`sdxl-shaped` SDXL base 1.0's real architecture with random weights (about 14 GB in fp32). `tiny`
+`sdxl-shaped` SDXL base 1.0's real architecture with random weights (about 14 GB in fp32); `tiny-flux`
+and `flux-shaped` the same for FLUX.1-dev (`diffray.models.flux`; flux-shaped is about 67 GB in fp32). `tiny`
 uses a word-level CLIP tokenizer over the world's words (`diffray.world.WORDS`, every other word spelled
 by characters); the others a character-level one. We write the tokenizer files ourselves. Nothing here
 downloads anything, and building never disturbs the caller's global torch RNG.
@@ -25,7 +26,7 @@ import torch
 
 from diffray.errors import ModelError
 
-PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl", "sdxl-shaped")
+PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl", "sdxl-shaped", "tiny-flux", "flux-shaped")
 PRETRAINED = ("tiny",)  # presets whose builtin is shipped weights (one set: no `?seed=`)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Part of every cached builtin's key (`builder_key`): bump it when the builder writes different files for
@@ -132,6 +133,44 @@ def preset_configs(preset: str) -> dict[str, dict]:
                                    hidden_act="gelu"),
             "scheduler": dict(SCHEDULER_CONFIG, timestep_spacing="leading"),
         }
+    if preset == "tiny-flux":
+        # FLUX.1-dev's layout at tiny size (guidance-distilled: the guidance embedding), 1 double + 1 single
+        # stream block (2 heads of 8, rope axes 2+2+4), 4
+        # latent channels packed 2x2 (16 in), CLIP's pooled 32 and a 1-layer T5 of 32 (sequence 32), the
+        # VAE with a shift factor and no quant convs as Flux's, flow-matching Euler scheduler (shift 1).
+        return {
+            "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+            "vae": dict(sample_size=64, in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+                        scaling_factor=0.5, shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False),
+            "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=MAX_TOKENS),
+            "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                   feed_forward_proj="gated-gelu"),
+            "tokenizer_2": dict(model_max_length=32),
+            "scheduler": dict(num_train_timesteps=1000, shift=1.0),
+        }
+    if preset == "flux-shaped":  # FLUX.1-dev's architecture (transformer 11.90B, T5-XXL 4.76B, CLIP-L), random
+        return {
+            "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+            "vae": dict(sample_size=1024, in_channels=3, out_channels=3, latent_channels=16,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+            "text_encoder": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12, max_position_embeddings=MAX_TOKENS, projection_dim=768,
+                                 hidden_act="quick_gelu"),
+            "text_encoder_2": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu"),
+            "tokenizer_2": dict(model_max_length=512, vocab_size=32128),
+            "scheduler": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                              max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        }
     raise ModelError(f"unknown model preset {preset!r} (allowed: {', '.join(PRESETS)})")
 
 
@@ -142,6 +181,10 @@ def builder_key(preset: str) -> str:
     ModelError for an unknown preset."""
     spec = {"builder": BUILDER_VERSION, "configs": preset_configs(preset), "vocab": _vocab_size(preset),
             "words": list(tokenizer_words(preset))}
+    if is_flux(preset):
+        from diffray.models.flux_build import T5_CHARS, T5_SPECIALS
+
+        spec["t5"] = [T5_SPECIALS, T5_CHARS]
     if preset in PRETRAINED and shipped(preset):
         spec["card"] = (shipped(preset) / "diffray_model.json").read_text()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
@@ -209,7 +252,7 @@ def write_tokenizer_files(out_dir: Path, vocab_size: int | None = None, words=()
 
 
 def _vocab_size(preset: str) -> int | None:
-    return SD15_VOCAB if preset in ("sd15-shaped", "sdxl-shaped") else None
+    return SD15_VOCAB if preset in ("sd15-shaped", "sdxl-shaped", "flux-shaped") else None
 
 
 def shipped(preset: str) -> Path | None:
@@ -219,8 +262,13 @@ def shipped(preset: str) -> Path | None:
 
 
 def is_xl(preset: str) -> bool:
-    """An SDXL-layout preset (two text encoders, `StableDiffusionXLPipeline`)."""
-    return "text_encoder_2" in preset_configs(preset)
+    """An SDXL-layout preset (two text encoders and a UNet, `StableDiffusionXLPipeline`)."""
+    return {"text_encoder_2", "unet"} <= set(preset_configs(preset))
+
+
+def is_flux(preset: str) -> bool:
+    """A Flux-layout preset (`FluxPipeline`: a transformer, CLIP + T5)."""
+    return "transformer" in preset_configs(preset)
 
 
 def build_components(preset: str = "tiny", seed: int = 0) -> dict:
@@ -245,6 +293,10 @@ def build_components(preset: str = "tiny", seed: int = 0) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if is_flux(preset):
+            from diffray.models.flux_build import build_flux_components
+
+            return build_flux_components(cfgs, tokenizer, encoder_config("text_encoder"))
         unet = UNet2DConditionModel(**cfgs["unet"])
         vae = AutoencoderKL(**cfgs["vae"])
         text_encoder = CLIPTextModel(encoder_config("text_encoder"))
@@ -305,9 +357,14 @@ def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
             os.replace(tmp, out)
             return out
         comps = build_components(preset, seed)
-        pipe = (StableDiffusionXLPipeline(**comps) if is_xl(preset) else
-                StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                                        requires_safety_checker=False))
+        if is_flux(preset):
+            from diffusers import FluxPipeline
+
+            pipe = FluxPipeline(**comps)
+        else:
+            pipe = (StableDiffusionXLPipeline(**comps) if is_xl(preset) else
+                    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                            requires_safety_checker=False))
         pipe.save_pretrained(tmp, safe_serialization=True)
         # transformers 5 saves only tokenizer.json; the slow-tokenizer files keep 4.x loaders working.
         for tok in ("tokenizer", "tokenizer_2") if is_xl(preset) else ("tokenizer",):

@@ -23,6 +23,7 @@ from diffray.config import LoraSection
 from diffray.models.adapters import add_lora
 from diffray.models import speed
 from diffray.models.family import family_of, sdxl_text_states
+from diffray.models.flux import FLUX_GUIDANCE, flux_forward
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import batch_mean, caption_dropout_mask, per_sample_loss
 from diffray.trainers.steps import StepTask
@@ -41,7 +42,10 @@ class Denoiser(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2
 
     def forward(self, noisy_latents, timesteps, input_ids=None, encoder_hidden_states=None, added_cond_kwargs=None,
-                time_ids=None):
+                time_ids=None, guidance=None):
+        if added_cond_kwargs and "pooled_projections" in added_cond_kwargs:  # Flux: packed patches, flow
+            return flux_forward(self.unet, noisy_latents, timesteps, encoder_hidden_states,
+                                added_cond_kwargs["pooled_projections"], FLUX_GUIDANCE if guidance is None else guidance)
         if self.text_encoder_2 is not None:
             encoder_hidden_states, pooled = sdxl_text_states(self.text_encoder, self.text_encoder_2, input_ids)
             added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
@@ -208,9 +212,10 @@ class DenoisingTask(StepTask):
         """
         cfg, env = self.cfg, self.env
         n = self.family.noised(self.comps, batch, env.device, env.dtype, step, cfg.run.seed, cfg.train.noise_offset,
-                              cfg.train.timestep_range)
+                               cfg.train.timestep_range, flow=cfg.flow)
         text = self.text_inputs(batch, step, cfg.data.caption_dropout if dropout else 0.0, self.pixel_size(n.noisy))
-        pred = engine(n.noisy, n.timesteps, **text, **self.forward_inputs(batch, step, dropout))
+        pred = engine(n.noisy, n.timesteps, **text, **self.family.forward_kwargs(cfg),
+                      **self.forward_inputs(batch, step, dropout))
         target = self.family.target(self.comps, n, self.prediction_type)
         return per_sample_loss(pred, target, n.timesteps, self.comps.noise_scheduler, self.prediction_type,
                                cfg.train.snr_gamma, batch.get("loss_mask"))
@@ -256,6 +261,8 @@ class DenoisingTask(StepTask):
         """Token ids [77] ([2, 77] for SDXL) and, for the latent cache's rows, frozen text-encoder states
         [77, D] (and SDXL's pooled projection) of the empty caption (caption dropout)."""
         ids = self.family.tokenize(self.comps, [""]).to(self.env.device)
+        if self.family.name == "flux":  # no latent cache on Flux: the empty caption's ids are enough
+            return {"input_ids": ids[0]}
         with torch.no_grad():
             if self.comps.text_encoder_2 is None:
                 return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
@@ -274,11 +281,10 @@ class DenoisingTask(StepTask):
         return make_grid([self.render(self.cfg.train.validation_prompts)])
 
     def render(self, prompts: list[str]) -> list:
-        """Images of `prompts` (seeds run seed + i) with a DDIM sampler and the live weights."""
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self.comps.noise_scheduler.config)
-        pipe = self.family.pipeline(self.comps, unet=self.comps.unet, scheduler=scheduler)
+        """Images of `prompts` (seeds run seed + i) with the family's validation sampler (DDIM for the
+        UNet families) and the live weights."""
+        pipe = self.family.pipeline(self.comps, unet=self.comps.unet, scheduler=self.family.sampler(self.comps))
         steps, seed = self.cfg.train.validation_inference_steps, self.cfg.run.seed
+        extra = self.family.render_args(self.comps, self.cfg.data.resolution)
         return [pipe(p, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i),
-                     output_type="pil").images[0] for i, p in enumerate(prompts)]
+                     output_type="pil", **extra).images[0] for i, p in enumerate(prompts)]
