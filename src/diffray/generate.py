@@ -136,7 +136,8 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
         load_adapter(pipe, adapter)
     if adapter is not None or controlnets:
         rows += render(pipe, prompts, seed, num_images, steps, guidance, lora_scale if adapter else None, extra)
-        names = ([read_card(adapter).get("method", "adapter")] if adapter else []) + (["controlnet"] if controlnets else [])
+        names = (([read_card(adapter).get("method", "adapter")] if adapter else [])
+                 + (["controlnet"] if controlnets else []))
         labels += ["+".join(names)] * len(prompts)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

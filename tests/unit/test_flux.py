@@ -199,8 +199,9 @@ def test_flux_timestep_sampling_follows_the_flow_section(flux, sampling):
     flow = FlowSection(timestep_sampling=sampling)
     ours = Flux.sigmas(comps.noise_scheduler, index, ids, 0, 0, flow)
     assert torch.equal(ours[:7], Flux.sigmas(comps.noise_scheduler, index[:7], ids[:7], 0, 0, flow))
-    u = compute_density_for_timestep_sampling(sampling if sampling != "uniform" else "none", 4000, logit_mean=0.0,
-                                              logit_std=1.0, mode_scale=1.29, generator=torch.Generator().manual_seed(0))
+    u = compute_density_for_timestep_sampling(sampling if sampling != "uniform" else "none", 4000,
+                                              logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                              generator=torch.Generator().manual_seed(0))
     stock = comps.noise_scheduler.sigmas[(u * 1000).long().clamp(0, 999)]
     for q in (0.1, 0.5, 0.9):  # same distribution: quantiles agree to sampling error
         assert abs(torch.quantile(ours, q) - torch.quantile(stock, q)) < 0.03, (q, sampling)

@@ -3,10 +3,11 @@ denoiser. A family knows how to load its parts, tokenize and encode prompts, noi
 the training target, and how to assemble an inference pipeline from (possibly trained) parts.
 
 `StableDiffusion` (SD 1.x/2.x: CLIP text encoder, UNet2DConditionModel, AutoencoderKL, DDPM training
-schedule) and `StableDiffusionXL` (two CLIP encoders, pooled embedding and size/crop ids as added
-conditioning, same epsilon/v-prediction training); `family_of(model_path)` picks one by the dir's
-`model_index.json`; `Flux` (`diffray.models.flux`: a flow-matching transformer). A new family is a class with the same methods, added to `FAMILIES`; `check` refuses a
-method or option it does not support, before Ray starts. Never imports Ray.
+schedule), `StableDiffusionXL` (two CLIP encoders, pooled embedding and size/crop ids as added
+conditioning, same epsilon/v-prediction training) and `Flux` (`diffray.models.flux`: CLIP + T5, a
+flow-matching transformer); `family_of(model_path)` picks one by the dir's `model_index.json`. A new
+family is a class with the same methods, added to `FAMILIES`; `check` refuses a method or option it does
+not support, before Ray starts. Never imports Ray.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ class Denoiser(torch.nn.Module):
                 time_ids=None, guidance=None):
         if added_cond_kwargs and "pooled_projections" in added_cond_kwargs:  # Flux: packed patches, flow
             return flux_forward(self.unet, noisy_latents, timesteps, encoder_hidden_states,
-                                added_cond_kwargs["pooled_projections"], FLUX_GUIDANCE if guidance is None else guidance)
+                                added_cond_kwargs["pooled_projections"],
+                                FLUX_GUIDANCE if guidance is None else guidance)
         if self.text_encoder_2 is not None:
             encoder_hidden_states, pooled = sdxl_text_states(self.text_encoder, self.text_encoder_2, input_ids)
             added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
