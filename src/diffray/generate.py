@@ -9,6 +9,7 @@ import torch
 
 from diffray.errors import AdapterError, ConfigError
 from diffray.images import make_grid
+from diffray.models.flux import call_args
 from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, load_peft_adapter, read_card
 from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
 
@@ -83,20 +84,11 @@ def controlnet_pipeline(pipe, controlnets: list[str], control_images: list[str],
     return cn_pipe, {"image": images, "controlnet_conditioning_scale": scales}
 
 
-def flux_args(pipe) -> dict:
-    """A `FluxPipeline`'s call arguments for the size its VAE was made for and the T5 length its tokenizer
-    names (the pipeline's defaults are 1024 px and 512 tokens whatever the model); {} for other pipelines."""
-    if type(pipe).__name__ != "FluxPipeline":
-        return {}
-    size = int(pipe.vae.config.sample_size)
-    return {"height": size, "width": size, "max_sequence_length": min(int(pipe.tokenizer_2.model_max_length), 512)}
-
-
 def render(pipe, prompts: list[str], seed: int, num_images: int, steps: int, guidance: float,
            lora_scale: float | None = None, extra: dict | None = None) -> list[list]:
     """One row of `num_images` PIL images per prompt; image j uses seed + j. `extra`: more pipeline
     arguments (control images and scales)."""
-    extra = {**flux_args(pipe), **(extra or {})}
+    extra = {**call_args(pipe), **(extra or {})}
     if lora_scale is not None:  # Flux's transformer takes the LoRA scale as joint_attention_kwargs
         key = "joint_attention_kwargs" if type(pipe).__name__ == "FluxPipeline" else "cross_attention_kwargs"
         extra[key] = {"scale": lora_scale}

@@ -62,11 +62,12 @@ def flux_forward(transformer, latents: torch.Tensor, timesteps: torch.Tensor, st
 
 class Flux:
     """FLUX.1: CLIP (pooled) + T5 (token states), `FluxTransformer2DModel` in `SDComponents.unet`,
-    flow-matching training. Token ids are [B, 77 + L]: CLIP's then T5's, concatenated. LoRA only so far."""
+    flow-matching training. Token ids are [B, 77 + L]: CLIP's then T5's, concatenated. LoRA and
+    DreamBooth-LoRA (with prior preservation) so far."""
 
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
-    methods = ("lora",)
+    methods = ("lora", "dreambooth")
 
     def check(self, method: str, cfg) -> None:
         if method not in self.methods:
@@ -85,6 +86,9 @@ class Flux:
             value = getattr(getattr(cfg, section, None), key, None)
             if value not in (None, False, (), [], "", "off"):
                 raise ConfigError(why, field=field)
+        if method == "dreambooth" and cfg.dreambooth.mode != "lora":
+            raise ConfigError("DreamBooth on Flux trains a LoRA (mode: lora); full fine-tuning of the 12B "
+                              "transformer is not supported yet", field="dreambooth.mode")
         if cfg.train.timestep_range and cfg.flow.timestep_sampling != "uniform":
             raise ConfigError("a timestep range draws uniformly; not with flow.timestep_sampling "
                               f"{cfg.flow.timestep_sampling}", field="train.timestep_range")
@@ -201,6 +205,15 @@ class Flux:
 
     def controlnet_pipeline(self, comps, controlnet, unet=None, scheduler=None):
         raise ConfigError("ControlNet on Flux is not supported yet", field="controlnet")
+
+
+def call_args(pipe) -> dict:
+    """A `FluxPipeline`'s call arguments for the size its VAE was made for and the T5 length its tokenizer
+    names (the pipeline's defaults are 1024 px and 512 tokens whatever the model); {} for other pipelines."""
+    if type(pipe).__name__ != "FluxPipeline":
+        return {}
+    size = int(pipe.vae.config.sample_size)
+    return {"height": size, "width": size, "max_sequence_length": min(int(pipe.tokenizer_2.model_max_length), 512)}
 
 
 def is_flux_dir(path: str | Path) -> bool:

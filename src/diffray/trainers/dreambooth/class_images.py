@@ -59,10 +59,14 @@ class ClassImageGenerator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from diffray.models.flux import call_args
+
         index = [int(i) for i in batch["index"]]
         gens = [torch.Generator().manual_seed(self.seed * 1_000_003 + i) for i in index]
+        extra = {k: v for k, v in call_args(self.pipe).items() if k not in ("height", "width")}  # Flux's T5 length
         images = self.pipe([self.prompt] * len(index), height=self.resolution, width=self.resolution,
-                           num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens).images
+                           num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
+                           **extra).images
         png = []
         for img in images:
             buf = io.BytesIO()
