@@ -91,15 +91,16 @@ def test_flux_resume_equals_a_straight_run_under_logit_normal_sampling_with_a_sh
     worst = max((got[k] - want[k]).abs().max().item() for k in got)
     assert worst < 1e-6, f"max |resumed - straight| = {worst:.2e}"
     uniform = run_training(cfg("uniform", 1, "train.checkpoint_every=1", "flow.guidance=1.0"))
-    first = [next(e["loss"] for e in events(r.run_dir) if "loss" in e and "event" not in e) for r in (straight, uniform)]
+    first = [next(e["loss"] for e in events(r.run_dir) if "loss" in e and "event" not in e)
+             for r in (straight, uniform)]
     assert abs(first[0] - first[1]) > 1e-4, first
 
 
 @pytest.mark.slow
 def test_flux_dreambooth_lora_with_prior_preservation_learns_and_loads_in_stock_flux(ray_cluster, tmp_path):
-    """configs/dreambooth_flux.yaml as shipped (40 steps; at 20 the loss has not moved yet): class images drawn by the Flux base at the
-    training size, instance and class rows in each step's forward, the loss falls, the LoRA loads in
-    `FluxPipeline`; DreamBooth full mode is refused on Flux, naming the field."""
+    """configs/dreambooth_flux.yaml as shipped (40 steps; at 20 the loss has not moved yet): class images
+    drawn by the Flux base at the training size, instance and class rows in each step's forward, the loss
+    falls, the LoRA loads in `FluxPipeline`; DreamBooth full mode is refused on Flux, naming the field."""
     from diffusers import FluxPipeline
     from PIL import Image
 
