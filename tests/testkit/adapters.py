@@ -18,12 +18,16 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, std: float = 0.5,
                 variant: str = "lora", text_encoder: bool = False) -> Path:
-    """A LoRA (or `variant`) on the UNet attention projections with B ~ N(0, std) (so it changes the
-    output); with `text_encoder`, one on the text encoder's q/v projections too."""
-    from diffusers import UNet2DConditionModel
+    """A LoRA (or `variant`) on the UNet attention projections (a Flux model's transformer's) with
+    B ~ N(0, std) (so it changes the output); with `text_encoder`, one on the text encoder's q/v
+    projections too."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
+    if (Path(model_path) / "transformer").is_dir():
+        unet = FluxTransformer2DModel.from_pretrained(model_path, subfolder="transformer", use_safetensors=True)
+    else:
+        unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", use_safetensors=True)
     add_lora(unet, rank, float(rank), 0.0, TARGETS, seed, variant)
     models = [unet]
     if text_encoder:

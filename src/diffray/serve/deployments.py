@@ -73,8 +73,10 @@ def _native_size(model_path: str) -> int:
     import json
 
     try:
-        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
         vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
+        if (Path(model_path) / "transformer").is_dir():  # Flux: the VAE's size (FluxPipeline says 1024 for any)
+            return int(vae["sample_size"])
+        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return 512

@@ -26,6 +26,7 @@ import torch
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
 from diffray.models import speed
+from diffray.models.flux import call_args
 from diffray.serve import mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.remote_registry import open_registry
@@ -83,14 +84,18 @@ class ImageEngine:
         self.model_path = resolve_model_path(args.model)
         self.pipe = load_pipeline(self.model_path, dtype=dtype, device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        speed.apply(self.pipe.unet, args.generator)
+        self.flux = type(self.pipe).__name__ == "FluxPipeline"  # a transformer, flow-matching sampler, T5
+        self.denoiser = self.pipe.transformer if self.flux else self.pipe.unet
+        speed.apply(self.denoiser, args.generator)
         self.registry = open_registry(args.adapters_dir, args.adapters_listing_ttl_s)
         self.adapters = ResidentAdapters(self.pipe, self.registry)
         self.lock = threading.RLock()
         self.schedulers = {"default": self.pipe.scheduler}
         self.step_checks: dict[tuple[str, int], RequestError | None] = {}
         self.control_pipes: dict[str, object] = {}
-        self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.native_size = (int(self.pipe.vae.config.sample_size) if self.flux else
+                            int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor))
+        self.call_args = {k: v for k, v in call_args(self.pipe).items() if k == "max_sequence_length"}
         self.steps_done = 0  # sampler steps run by this engine (the clock cancellations are measured on)
         self.cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # job id -> steps_done then
         # (why, steps run between the cancel and the stop) per abandoned job: "cancel" or "deadline"
@@ -177,6 +182,9 @@ class ImageEngine:
                                StableDiffusionXLPipeline)
 
         try:
+            if self.flux:
+                raise RequestError("ControlNets are not served with a Flux model yet", param="control.model",
+                                   status=422)
             cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True, dtype=self.pipe.unet.dtype)
         except Exception as exc:  # noqa: BLE001 - any loader failure is the artifact's
             log.warning("ControlNet %s failed to load: %s: %s", name, type(exc).__name__, exc)
@@ -193,6 +201,9 @@ class ImageEngine:
         return cp
 
     def scheduler(self, name: str):
+        if self.flux and name != "default":
+            raise RequestError(f"the {name} sampler is for DDPM-trained models; a Flux model samples with its own "
+                               "flow-matching scheduler (scheduler: default)", param="scheduler", status=422)
         if name not in self.schedulers:
             import diffusers
 
@@ -226,7 +237,7 @@ class ImageEngine:
         equal shape keys, one LoRA each, no LoRA at two weights."""
         # A compiled UNet never sees forward hooks added after it was compiled (torch.compile does not guard
         # on them), and mixed batches add theirs per call: with compile, each LoRA set gets its own call.
-        mix = self.args.batching.mix_adapters and not self.args.generator.compile
+        mix = self.args.batching.mix_adapters and not self.args.generator.compile and not self.flux
         lora = self._mixable_lora(job) if mix else None
         if lora is None:
             return job.batch_key()
@@ -254,6 +265,9 @@ class ImageEngine:
 
     def _check_text(self, job: Job) -> RequestError | None:
         """The error of a job whose prompt the tokenizer cannot encode (None when it can)."""
+        if self.flux and job.negative_prompt is not None:
+            return RequestError("a Flux model is guidance-distilled: it takes no negative prompt",
+                                param="negative_prompt", status=422)
         for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
             if text is None:
                 continue
@@ -269,6 +283,12 @@ class ImageEngine:
         1000 of 1000, UniPC failed an assertion), so each (sampler, steps) is dry-run once on a 1x1 latent
         with a zero model output: the sampler's own code decides, at no UNet cost."""
         key = (job.scheduler, job.steps)
+        if self.flux:
+            try:
+                self.scheduler(job.scheduler)
+            except RequestError as exc:
+                return exc
+            return None  # the flow-matching Euler sampler runs any step count
         if key not in self.step_checks:
             self.step_checks[key] = None if _sampler_runs(self.scheduler(job.scheduler), job.steps) else RequestError(
                 f"the {job.scheduler} sampler cannot run {job.steps} steps with this model", param="steps")
@@ -337,7 +357,7 @@ class ImageEngine:
                 negs.append(job.negative_prompt or "")
                 gens.append(torch.Generator(device="cpu").manual_seed(job.seed + j))
                 controls.append(job.control_image)
-        extra = {}
+        extra = dict(self.call_args)
         if first.controlnet:
             extra = {"image": controls, "controlnet_conditioning_scale": first.control_scale}
         with torch.inference_mode(), adapter_context:

@@ -119,10 +119,12 @@ def _no_artifact(folder: Path) -> str:
     return f"holds no {LORA_WEIGHTS}, {TI_WEIGHTS} or ControlNet {CONTROLNET_WEIGHTS}"
 
 
-# A LoRA file's keys: kohya (`lora_unet_...`) or diffusers/PEFT (`unet.` / `text_encoder.` prefixed)
+# A LoRA file's keys: kohya (`lora_unet_...`) or diffusers/PEFT (`unet.` / `text_encoder[_2].` / Flux's
+# `transformer.` prefixed)
 LORA_FILE_KEY = re.compile(r"(?:lora_unet_|lora_te[12]?_)[A-Za-z0-9_]{1,300}"
                            r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"
-                           r"|(?:unet|text_encoder)\.[A-Za-z0-9_.]{1,300}\.(?:lora[._][A-Za-z_.]{1,40})?weight")
+                           r"|(?:unet|text_encoder(?:_2)?|transformer)\.[A-Za-z0-9_.]{1,300}"
+                           r"\.(?:lora[._][A-Za-z_.]{1,40})?weight")
 
 
 def lora_file_problem(name: str, tensors: tuple) -> str | None:

@@ -43,6 +43,8 @@ def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
     text = str(exc)
     if "size mismatch" in text or "shape" in text:
         why = "its tensor shapes do not match this base model"
+    elif "made for another base model" in text:
+        why = text
     elif "already in tokenizer" in text:
         why = "its token is already in this model's vocabulary"
     else:
@@ -121,6 +123,9 @@ class ResidentAdapters:
             if info.kind == "lora":
                 self.pipe.load_lora_weights(info.path, weight_name=info.weights_name,
                                             adapter_name=peft_name(info.id), use_safetensors=True)
+                if not any(peft_name(info.id) in names for names in self.pipe.get_list_adapters().values()):
+                    # a loader that skips every key (a UNet LoRA given to Flux's transformer) loads nothing
+                    raise ValueError("none of its layers is in this base model (made for another base model)")
             else:
                 self._load_ti(info, rec)
         except Exception as exc:  # noqa: BLE001 - loaders raise many types for one cause: a bad artifact
