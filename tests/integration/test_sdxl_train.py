@@ -117,13 +117,13 @@ def test_sdxl_latent_cache_reproduces_uncached_training_without_encoder_calls(ra
     from diffray.data.sample import write_sample_dataset
 
     # 80 px images trained at 64 with random crops: each row's size ids differ from the uncropped default.
-    data = write_sample_dataset(tmp_path / "s", num_images=8, resolution=80) / "train"
+    data = write_sample_dataset(tmp_path / "s", num_images=4, resolution=80) / "train"
 
     def run(name: str, *extra: str):
         cfg = load_config(CONFIG, [f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", "train.max_steps=3",
                                    "train.checkpoint_every=3", "train.validate_every=null", "data.center_crop=false",
                                    "data.caption_dropout=0.3", "train.progress_bar=false", f"data.path={data}",
-                                   "scaling.num_workers=1", "strategy.name=ddp", "train.micro_batch_size=8", *extra])
+                                   "scaling.num_workers=1", "strategy.name=ddp", "train.micro_batch_size=4", *extra])
         return [e for e in events(run_training(cfg).run_dir) if "loss" in e and "event" not in e]
 
     plain, cached = run("uncached"), run("cached", f"data.cache={tmp_path / 'cache'}")

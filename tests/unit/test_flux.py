@@ -132,7 +132,7 @@ def job(method: str, *overrides: str):
     return validate_config(apply_overrides({"method": method}, ["data.path=unused", *overrides]))
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m != "lora"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in Flux.methods])
 def test_flux_refuses_methods_it_does_not_train(flux, method):
     from diffray.methods import load_config, method_of
 
