@@ -40,12 +40,17 @@ def run_file(wandb_dir: str | Path, timeout: float = 60) -> Path:
     """The one offline run file under `wandb_dir` (the `dir` given to wandb: it adds `wandb/`), once it
     holds the run's `exit` record: `run.finish()` can return while wandb's core process is still writing
     the file (seen on a loaded machine: a file without its history rows yet)."""
-    from testkit.wait import wait_until
-
     files = sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"expected one offline run under {wandb_dir}, found {files}"
-    wait_until(lambda: _complete(files[0]), f"{files[0]}: the run's exit record", timeout=timeout)
-    return files[0]
+    return finished(files[0], timeout)
+
+
+def finished(path: Path, timeout: float = 60) -> Path:
+    """`path` once it holds its run's `exit` record (wandb's core process may still be writing it)."""
+    from testkit.wait import wait_until
+
+    wait_until(lambda: _complete(path), f"{path}: the run's exit record", timeout=timeout)
+    return path
 
 
 def _complete(path: Path) -> bool:
