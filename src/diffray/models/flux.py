@@ -13,8 +13,6 @@ imports Ray.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from diffray.errors import ConfigError
@@ -113,7 +111,8 @@ class Flux:
 
     @staticmethod
     def t5_length(comps) -> int:
-        """The T5 sequence length trained and rendered at: the tokenizer's `model_max_length`, at most 512."""
+        """The T5 sequence length trained and rendered at: the tokenizer's `model_max_length`, at most 512
+        (`comps`: model parts or a pipeline, anything with `tokenizer_2`)."""
         return min(int(comps.tokenizer_2.model_max_length), 512)
 
     def tokenize(self, comps, prompts: list[str]) -> torch.Tensor:
@@ -213,11 +212,5 @@ def call_args(pipe) -> dict:
     if type(pipe).__name__ != "FluxPipeline":
         return {}
     size = int(pipe.vae.config.sample_size)
-    return {"height": size, "width": size, "max_sequence_length": min(int(pipe.tokenizer_2.model_max_length), 512)}
+    return {"height": size, "width": size, "max_sequence_length": Flux.t5_length(pipe)}
 
-
-def is_flux_dir(path: str | Path) -> bool:
-    """A local dir whose model_index.json names `FluxPipeline`."""
-    from diffray.paths import pipeline_class_of
-
-    return pipeline_class_of(str(path)) == "FluxPipeline"

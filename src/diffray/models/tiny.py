@@ -135,9 +135,9 @@ def preset_configs(preset: str) -> dict[str, dict]:
         }
     if preset == "tiny-flux":
         # FLUX.1-dev's layout at tiny size (guidance-distilled: the guidance embedding), 1 double + 1 single
-        # stream block (2 heads of 8, rope axes 2+2+4), 4
-        # latent channels packed 2x2 (16 in), CLIP's pooled 32 and a 1-layer T5 of 32 (sequence 32), the
-        # VAE with a shift factor and no quant convs as Flux's, flow-matching Euler scheduler (shift 1).
+        # stream block (2 heads of 8, rope axes 2+2+4), 4 latent channels packed 2x2 (16 in), CLIP's pooled
+        # 32 and a 1-layer T5 of 32 (sequence 32), the VAE with a shift factor and no quant convs as Flux's,
+        # flow-matching Euler scheduler (shift 1).
         return {
             "transformer": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
