@@ -110,9 +110,11 @@ def test_controlnet_learns_round_trips_and_follows_the_control_image(ray_cluster
     assert not np.array_equal(np.asarray(Image.open(three)), np.asarray(Image.open(alone)))
 
 
-# Slow suite: one run for ZeRO-3 and the latent cache (the cache's equivalence is in the default suite through
-# LoRA, test_data_pipeline.py): the conditioning images still read per row, the VAE and text encoder never.
+# `make test-eval`: one run for ZeRO-3 and the latent cache: the conditioning images still read per row, the
+# VAE and text encoder never. CI: ControlNet under ZeRO-2 (default suite), ZeRO-3 in LoRA's option matrix, the
+# cache's equivalence through LoRA (test_data_pipeline.py).
 @pytest.mark.slow
+@pytest.mark.eval
 def test_controlnet_trains_under_zero3_from_the_latent_cache(ray_cluster, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from diffusers import ControlNetModel

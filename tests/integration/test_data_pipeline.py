@@ -360,6 +360,7 @@ def read_cache_rows(folder) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: the buckets' one-shape batches and cache in the test above, ZeRO-2 on two workers everywhere
 def test_aspect_buckets_train_on_two_zero2_workers(ray_cluster, tmp_path):
     # Ranks may hold different buckets (tensor shapes) at the same step; gradients still reduce.
     data = write_mixed_aspect_folder(tmp_path / "mixed", per_shape=6)

@@ -315,7 +315,7 @@ def test_strategy_and_option_matrix(ray_cluster, tmp_path, name, overrides):
 # Training configs the README does not already run as shipped (tests/e2e/test_readme.py: its `diffray train`
 # lines, and `diffray demo`, which trains configs/demo.yaml; the other-methods block's DreamBooth, Textual
 # Inversion, ControlNet and full configs are trained in CI by their methods' integration tests, which load
-# those files), nor test_tune.py's DDPO search (configs/ddpo.yaml with a learning-rate grid).
+# those files), nor configs/ddpo.yaml (test_ddpo_train.py loads it).
 RUN_ELSEWHERE = (set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "README.md").read_text()))
                  | {"ddpo.yaml", "demo.yaml"})
 

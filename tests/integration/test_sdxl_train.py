@@ -109,6 +109,7 @@ def test_sdxl_resume_equals_a_straight_run_and_a_both_encoder_lora_loads_in_stoc
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: SD's latent cache reproducing training (test_data_pipeline.py)
 def test_sdxl_latent_cache_reproduces_uncached_training_without_encoder_calls(ray_cluster, tmp_path):
     """The cache holds both encoders' states, the pooled projection and each row's size ids: 3 cached steps
     (caption dropout on: the empty caption's cached states) give the uncached steps' losses, with no VAE

@@ -230,6 +230,7 @@ def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: the ASHA and TPE searches (the same trial runner), DDPO's own tests
 def test_ddpo_trials_report_the_reward_and_export_the_best_adapter(ray_cluster, tmp_path):
     from diffray.tune.runner import run_tune
 
