@@ -6,6 +6,7 @@ they name `builtin:tiny` / `builtin:sample` and these resolve here.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -23,9 +24,47 @@ def is_builtin(path: str) -> bool:
     return str(path).startswith(BUILTIN_PREFIX)
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """A Hugging Face hub id is exactly "name" or "org/name"; anything else is a local path."""
+    path = str(path)
+    return not (path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path or is_builtin(path))
+
+
 def pipeline_class_of(path: str) -> str:
-    """The pipeline class a local diffusers dir's `model_index.json` names ("" for a hub id or no index)."""
+    """The pipeline class a diffusers model's `model_index.json` names: a local dir's, or a hub id's (read
+    through the Hugging Face cache: downloaded where the hub is reachable, the cached copy offline). ""
+    for a local dir or a hub repo without the index.
+
+    Raises:
+        ModelError: a hub id whose index cannot be read (offline and not cached, no such repo, no access).
+    """
     import json
 
     index = Path(path) / "model_index.json"
-    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    if index.is_file():
+        return json.loads(index.read_text()).get("_class_name", "")
+    if Path(path).expanduser().exists() or not looks_like_hub_id(path):
+        return ""
+    hub_index = _hub_index(str(path))
+    return json.loads(Path(hub_index).read_text()).get("_class_name", "") if hub_index else ""
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_index(repo_id: str) -> str:
+    """The local path of a hub repo's `model_index.json` ("" where the repo has none)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    from diffray.errors import ModelError
+
+    try:
+        return hf_hub_download(repo_id, "model_index.json")
+    except RemoteEntryNotFoundError:
+        return ""
+    except LocalEntryNotFoundError:
+        raise ModelError(f"{repo_id}: a hub id whose model_index.json is not in the Hugging Face cache and the hub "
+                         "is not reachable (offline); download the model first (hf download "
+                         f"{repo_id}) or name a local diffusers dir") from None
+    except (OSError, ValueError) as exc:  # no such repo, gated, an HTTP error, an invalid id
+        raise ModelError(f"{repo_id}: cannot read its model_index.json from the Hugging Face hub: "
+                         f"{str(exc).strip().splitlines()[0]}") from None

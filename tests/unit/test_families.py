@@ -35,11 +35,49 @@ def xl(tmp_path_factory) -> Path:
 
 def test_the_family_comes_from_model_index(sd, xl, tmp_path):
     assert isinstance(family_of(str(xl)), StableDiffusionXL) and type(family_of(str(sd))) is StableDiffusion
-    assert type(family_of("org/hub-model")) is StableDiffusion  # no index to read: SD, as before
+    with pytest.raises(ModelError, match="org/hub-model: a hub id whose model_index.json is not in the Hugging "
+                                         "Face cache and the hub is not reachable"):
+        family_of("org/hub-model")  # offline here: its index cannot be read, so its family is not guessed
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ModelError, match="a KandinskyPipeline model; diffray trains StableDiffusionPipeline, "
                                          "StableDiffusionXLPipeline"):
         family_of(str(tmp_path))
+
+
+def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
+    """A Hugging Face cache holding `model_dir` as the snapshot of `repo_id`'s main branch, the layout
+    `hf download` writes (refs/main -> a commit, snapshots/<commit>/...)."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dir, repo / "snapshots" / commit)
+    return root
+
+
+def test_a_hub_ids_family_comes_from_its_cached_model_index_and_it_loads_from_the_cache(xl, tmp_path, monkeypatch):
+    """A hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0 on a cluster) is read as what its index
+    says, not taken as SD: the index through huggingface_hub (the cache offline, as here), and the model
+    then loads by the same id from that cache, in a fresh process as a Ray worker would."""
+    import subprocess
+    import sys
+
+    import huggingface_hub.constants
+
+    cache = hub_cache(tmp_path / "hub", "org/tiny-sdxl", xl)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert isinstance(family_of("org/tiny-sdxl"), StableDiffusionXL)
+    code = ("from diffray.models.family import family_of; from diffray.data.pipeline import model_class; "
+            "c = family_of('org/tiny-sdxl').load('org/tiny-sdxl'); "
+            "print(type(c.unet).__name__, c.unet.config.addition_embed_type, type(c.text_encoder_2).__name__, "
+            "model_class('org/tiny-sdxl'))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_CACHE": str(cache),
+                          "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["UNet2DConditionModel", "text_time", "CLIPTextModelWithProjection",
+                                   "StableDiffusionXLPipeline"]
 
 
 def test_tiny_sdxl_is_a_stock_sdxl_dir_that_generates(xl):

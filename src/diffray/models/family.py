@@ -210,11 +210,12 @@ FAMILIES = (StableDiffusion(), StableDiffusionXL(), Flux())
 
 
 def family_of(model_path: str):
-    """The family of a diffusers model dir (by `model_index.json`'s pipeline class); a hub id or a dir
-    without the index is taken as Stable Diffusion.
+    """The family of a diffusers model dir or hub id (by `model_index.json`'s pipeline class; a hub id's
+    index comes through the Hugging Face cache); a dir without the index is taken as Stable Diffusion.
 
     Raises:
-        ModelError: the dir holds a pipeline of a family diffray does not train.
+        ModelError: the model is a pipeline of a family diffray does not train, or a hub id whose index
+            cannot be read.
     """
     pipeline_class = pipeline_class_of(model_path)
     if not pipeline_class:

@@ -15,7 +15,7 @@ from filelock import FileLock
 
 from diffray.errors import ModelError
 from diffray.logs import quiet_hf
-from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin, pipeline_class_of
+from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin, looks_like_hub_id, pipeline_class_of
 
 LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing or malformed files
 
@@ -65,11 +65,6 @@ def _build_cached(preset: str, seed: int) -> Path:
     return target
 
 
-def _looks_local(path: str) -> bool:
-    # A hub id is exactly "name" or "org/name"; anything else must be a local path.
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-
-
 def resolve_model_path(path: str) -> str:
     """Turn a model reference into something `from_pretrained` can read.
 
@@ -86,7 +81,7 @@ def resolve_model_path(path: str) -> str:
         return str(_build_cached(*parse_builtin(path)))
     p = Path(path).expanduser()
     if not p.exists():
-        if _looks_local(path):
+        if not looks_like_hub_id(path):
             raise ModelError(f"{p}: model dir does not exist")
         return path  # a hub id: from_pretrained resolves it where the cluster has network access
     if not ((p / "model_index.json").is_file() or (p / "unet" / "config.json").is_file()):
