@@ -146,7 +146,6 @@ def test_flux_refuses_methods_it_does_not_train(flux, method):
     ("lora.train_text_encoder=true", "lora.train_text_encoder"),
     ("lora.init_from=/some/lora.safetensors", "lora.init_from"),
     ("export.formats=[kohya]", "export.formats"),
-    ("data.cache=auto", "data.cache"),
     ("data.shuffle_tags=true", "data.shuffle_tags"),
     ("train.snr_gamma=5", "train.snr_gamma"),
     ("model.prediction_type=epsilon", "model.prediction_type"),
@@ -160,6 +159,48 @@ def test_flux_refuses_options_it_does_not_support_naming_the_field(flux, overrid
     with pytest.raises(ConfigError) as err:
         method_of("lora").family_check(job("lora", override), str(flux))
     assert field in str(err.value)
+
+
+def test_flux_cached_rows_train_the_uncached_losses_without_encoder_calls(flux):
+    """The latent cache's rows of a Flux model (the VAE posterior, T5's states, CLIP's pooled output, made
+    by the cache's encoder actor) give the LoRA task the losses it computes from images and token ids, with
+    caption dropout on (dropped rows read the empty caption's cached states), and no VAE or encoder call."""
+    from diffray.data.cache import Encoder
+    from diffray.methods import method_of
+    from diffray.trainers.components.diffusion import caption_dropout_mask
+    from diffray.trainers.session import WorkerEnv
+
+    cfg = job("lora", f"model.path={flux}", "data.cache=auto", "data.caption_dropout=0.5", "lora.rank=4")
+    method_of("lora").family_check(cfg, str(flux))  # the cache is taken on Flux
+    task = method_of("lora").task()(cfg, str(flux), WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    torch.manual_seed(0)
+    for name, param in task.module.named_parameters():  # a LoRA away from its zero init: it reads the text
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    captions = ["a red circle", "a blue square on green", "x", "two yellow stars"]
+    rows = {"sample_id": np.arange(4), "pixel_values": np.random.default_rng(0).uniform(-1, 1, (4, 3, 64, 64))
+            .astype(np.float32), "input_ids": task.family.tokenize(task.comps, captions).numpy()}
+    encoder = Encoder(str(flux), use_gpu=False)
+    assert encoder.comps.unet is None  # the cache's actors never hold the transformer
+    cached = encoder(rows)
+    assert cached["prompt_embeds"].shape == (4, Flux.t5_length(task.comps), task.comps.text_encoder_2.config.d_model)
+
+    def as_torch(batch):
+        return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+
+    step = next(s for s in range(1, 50)  # a step that drops some captions and keeps others
+                if 0 < int(caption_dropout_mask(list(range(4)), s, cfg.run.seed, 0.5).sum()) < 4)
+    task.counters.take()
+    with torch.no_grad():
+        live = task.losses(task.module, as_torch(rows), step)
+        live_calls = task.counters.take()
+        from_cache = task.losses(task.module, as_torch({k: v for k, v in cached.items() if k != "pixel_values"}), step)
+        cache_calls = task.counters.take()
+    torch.testing.assert_close(from_cache, live, rtol=1e-4, atol=1e-5)
+    assert all(live_calls.values()) and not any(cache_calls.values()), (live_calls, cache_calls)
+    with torch.no_grad():  # the cached states are what the loss reads: other rows' states give other losses
+        swapped = {**as_torch(cached), "prompt_embeds": torch.from_numpy(cached["prompt_embeds"][::-1].copy())}
+        assert (task.losses(task.module, swapped, step) - live).abs().max() > 1e-4
 
 
 def test_flux_shaped_has_the_real_architecture():

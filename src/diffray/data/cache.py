@@ -13,7 +13,9 @@ so training still draws a fresh latent sample per step exactly as without the ca
 [77, D], pooled_prompt_embeds [D] and, with a conditioning column, conditioning_pixel_values; with a
 mask column, loss_mask [1, H, W] (pixel resolution: the loss averages it down to the latent grid). For
 SDXL: input_ids [2, 77], prompt_embeds both encoders' penultimate states [77, D1 + D2], pooled the
-second encoder's projection, and micro_cond (original size, crop) as the data pipeline made it.
+second encoder's projection, and micro_cond (original size, crop) as the data pipeline made it. For
+Flux: input_ids [77 + L] (CLIP's, then T5's), prompt_embeds T5's last states [L, D], pooled CLIP's pooled
+output. The encoder actors load the VAE and text encoders only, never the denoiser.
 Quarantined rows are reported in the cache folder's `quarantine.jsonl`. The rows are read back in sample-id order
 (`read_cache`), the same order on every run.
 """
@@ -112,19 +114,16 @@ class Encoder:
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
-        comps = family_of(model_path).load(model_path, device=self.device)
-        self.vae, self.text_encoder = comps.vae.eval(), comps.text_encoder.eval()
-        self.text_encoder_2 = comps.text_encoder_2.eval() if comps.text_encoder_2 is not None else None
+        self.family = family_of(model_path)
+        self.comps = self.family.load(model_path, device=self.device, denoiser=False)  # encoders and VAE only
+        for part in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+            if part is not None:
+                part.eval()
+        self.vae = self.comps.vae
 
     def text_states(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_embeds, pooled_prompt_embeds) of token ids, as the family conditions its denoiser."""
-        from diffray.models.family import sdxl_text_states
-
-        ids = torch.from_numpy(input_ids).to(self.device)
-        if self.text_encoder_2 is not None:
-            hidden, pooled = sdxl_text_states(self.text_encoder, self.text_encoder_2, ids)
-        else:
-            hidden, pooled = self.text_encoder(ids)[:2]
+        """(prompt_embeds, pooled_prompt_embeds) of token ids: the family's `text_states`."""
+        hidden, pooled = self.family.text_states(self.comps, torch.from_numpy(input_ids).to(self.device))
         return hidden.float().cpu().numpy(), pooled.float().cpu().numpy()
 
     @torch.no_grad()

@@ -41,8 +41,10 @@ class StableDiffusion:
         is supported here but the flow-matching section."""
         refuse_flow(cfg)
 
-    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
-        return load_components(model_path, dtype=dtype, device=device)
+    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu",
+             denoiser: bool = True) -> SDComponents:
+        """The model's parts; `denoiser=False` leaves the UNet (transformer) out, as the latent cache needs."""
+        return load_components(model_path, dtype=dtype, device=device, denoiser=denoiser)
 
     def tokenize(self, comps, prompts: list[str]) -> torch.Tensor:
         """Token ids [B, 77] (padded to the tokenizer's length, truncated)."""
@@ -62,6 +64,17 @@ class StableDiffusion:
         """The denoiser's text conditioning kwargs of token ids (as `tokenize` makes them) from the frozen
         encoders; `batch` and the pixel `size` (H, W) are for families with size conditioning."""
         return {"encoder_hidden_states": self.encode(comps.text_encoder, input_ids)}
+
+    def text_states(self, comps, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states [B, T, D], pooled [B, P]) of token ids from the frozen encoders: what the latent cache
+        stores per row (`prompt_embeds`, `pooled_prompt_embeds`) and `states_conditioning` reads back."""
+        hidden, pooled = comps.text_encoder(input_ids)[:2]
+        return hidden, pooled
+
+    def states_conditioning(self, comps, hidden: torch.Tensor, pooled: torch.Tensor, batch: dict,
+                            size: tuple[int, int]) -> dict:
+        """`conditioning`'s kwargs from `text_states` (cached rows: no encoder call)."""
+        return {"encoder_hidden_states": hidden}
 
     def prediction_type(self, comps, configured: str | None) -> str:
         return configured or comps.noise_scheduler.config.prediction_type
@@ -158,8 +171,9 @@ class StableDiffusionXL(StableDiffusion):
             raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet",
                               field="data.shuffle_tags")
 
-    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
-        return load_components(model_path, dtype=dtype, device=device, second_encoder=True)
+    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu",
+             denoiser: bool = True) -> SDComponents:
+        return load_components(model_path, dtype=dtype, device=device, second_encoder=True, denoiser=denoiser)
 
     def tokenize(self, comps, prompts: list[str]) -> torch.Tensor:
         """Token ids [B, 2, 77]: each tokenizer's (they pad differently)."""
@@ -170,7 +184,13 @@ class StableDiffusionXL(StableDiffusion):
         raise NotImplementedError("SDXL prompts need both encoders: use conditioning()")
 
     def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
-        hidden, pooled = sdxl_text_states(comps.text_encoder, comps.text_encoder_2, input_ids)
+        return self.states_conditioning(comps, *self.text_states(comps, input_ids), batch, size)
+
+    def text_states(self, comps, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sdxl_text_states(comps.text_encoder, comps.text_encoder_2, input_ids)
+
+    def states_conditioning(self, comps, hidden: torch.Tensor, pooled: torch.Tensor, batch: dict,
+                            size: tuple[int, int]) -> dict:
         return {"encoder_hidden_states": hidden,
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.time_ids(batch, size, pooled)}}
 

@@ -17,7 +17,7 @@ import torch
 
 from diffray.errors import ConfigError
 from diffray.models.loading import SDComponents, _checked_tokenizer, _load
-from diffray.trainers.components.diffusion import NoisedLatents, encode_latents, sample_noise_and_timesteps
+from diffray.trainers.components.diffusion import NoisedLatents, batch_latents, sample_noise_and_timesteps
 
 FLUX_GUIDANCE = 3.5  # the default guidance value a guidance-distilled (dev) transformer trains at (flow.guidance)
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,6 @@ class Flux:
         refused = {"lora.train_text_encoder": "a text-encoder LoRA on Flux is not supported yet",
                    "lora.init_from": "starting a Flux LoRA from another adapter is not supported yet",
                    "export.formats": "the kohya/peft/diffusers copies are written for SD LoRAs only",
-                   "data.cache": "the latent cache does not hold Flux's T5 states yet",
                    "data.shuffle_tags": "tag shuffling works on one tokenizer's ids; not with Flux yet",
                    "train.snr_gamma": "Min-SNR weighting is for DDPM training; Flux trains by flow matching",
                    "model.prediction_type": "Flux predicts the flow (noise - latents); it has no other target",
@@ -95,7 +94,8 @@ class Flux:
         if getattr(cfg.lora, "variant", "lora") != "lora":
             raise ConfigError("Flux LoRAs are plain LoRA (diffusers' Flux layout)", field="lora.variant")
 
-    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu") -> SDComponents:
+    def load(self, model_path: str, dtype: torch.dtype = torch.float32, device="cpu",
+             denoiser: bool = True) -> SDComponents:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -106,7 +106,7 @@ class Flux:
             tokenizer_2=_checked_tokenizer(_load(T5TokenizerFast, model_path, "tokenizer_2"), model_path),
             text_encoder_2=_load(T5EncoderModel, model_path, "text_encoder_2", **models).to(device),
             vae=_load(AutoencoderKL, model_path, "vae", **models).to(device),
-            unet=_load(FluxTransformer2DModel, model_path, "transformer", **models).to(device),
+            unet=_load(FluxTransformer2DModel, model_path, "transformer", **models).to(device) if denoiser else None,
             noise_scheduler=_load(FlowMatchEulerDiscreteScheduler, model_path, "scheduler"))
 
     @staticmethod
@@ -123,25 +123,31 @@ class Flux:
         return torch.cat([clip, t5], dim=1)
 
     def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
+        return self.states_conditioning(comps, *self.text_states(comps, input_ids), batch, size)
+
+    def text_states(self, comps, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 states [B, L, D] and CLIP's pooled output [B, P], as `FluxPipeline.encode_prompt` computes them."""
         n = comps.tokenizer.model_max_length
         pooled = comps.text_encoder(input_ids[:, :n], output_hidden_states=False).pooler_output
         states = comps.text_encoder_2(input_ids[:, n:], output_hidden_states=False)[0]
-        return {"encoder_hidden_states": states, "added_cond_kwargs": {"pooled_projections": pooled}}
+        return states, pooled
+
+    def states_conditioning(self, comps, hidden: torch.Tensor, pooled: torch.Tensor, batch: dict,
+                            size: tuple[int, int]) -> dict:
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"pooled_projections": pooled}}
 
     def prediction_type(self, comps, configured: str | None) -> str:
         return "flow_match"
 
     def noised(self, comps, batch: dict, device, dtype, step: int, seed: int, noise_offset: float,
                timestep_range: tuple[int, int] | None = None, flow=None) -> NoisedLatents:
-        """Latents ((sample - shift) * scale), noise and sigma of each row keyed by (seed, step, sample_id),
-        the noisy latents on the straight path between them. `timesteps` holds sigma * 1000; sigma follows
-        the `flow` section (`sigmas`)."""
+        """Latents ((sample - shift) * scale; from the latent cache's rows or the VAE), noise and sigma of
+        each row keyed by (seed, step, sample_id), the noisy latents on the straight path between them.
+        `timesteps` holds sigma * 1000; sigma follows the `flow` section (`sigmas`)."""
         vae, scheduler = comps.vae, comps.noise_scheduler
         ids = [int(i) for i in batch["sample_id"]]
-        with torch.no_grad():
-            latents = encode_latents(vae, batch["pixel_values"].to(device, dtype), ids, step, seed).float()
-        latents = latents - vae.config.scaling_factor * (vae.config.shift_factor or 0.0)
+        shift = vae.config.scaling_factor * (vae.config.shift_factor or 0.0)
+        latents = batch_latents(vae, batch, device, dtype, step, seed) - shift
         noise, index = sample_noise_and_timesteps(tuple(latents.shape[1:]), ids, step, seed,
                                                   scheduler.config.num_train_timesteps, noise_offset, timestep_range)
         sigmas = self.sigmas(scheduler, index, ids, step, seed, flow).to(latents.device)

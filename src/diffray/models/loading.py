@@ -104,12 +104,12 @@ def _checked_tokenizer(tokenizer: Any, path: str) -> Any:
     return tokenizer
 
 
-def load_components(path: str, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", second_encoder: bool = False) -> SDComponents:
+def load_components(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    second_encoder: bool = False, denoiser: bool = True) -> SDComponents:
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler (DDPM, from whatever scheduler
     config the dir ships) from a diffusers dir (or hub id); the models are loaded in `dtype` and moved to
-    `device`. `second_encoder`: also SDXL's `tokenizer_2` and `text_encoder_2` (with projection). Raises
-    `ModelError` naming the path."""
+    `device`. `second_encoder`: also SDXL's `tokenizer_2` and `text_encoder_2` (with projection);
+    `denoiser=False` leaves the UNet out (None). Raises `ModelError` naming the path."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -123,7 +123,7 @@ def load_components(path: str, dtype: torch.dtype = torch.float32,
         tokenizer=_checked_tokenizer(_load(CLIPTokenizer, path, "tokenizer"), path),
         text_encoder=_load(CLIPTextModel, path, "text_encoder", **models).to(device),
         vae=_load(AutoencoderKL, path, "vae", **models).to(device),
-        unet=_load(UNet2DConditionModel, path, "unet", **models).to(device),
+        unet=_load(UNet2DConditionModel, path, "unet", **models).to(device) if denoiser else None,
         noise_scheduler=_load(DDPMScheduler, path, "scheduler"),
         **second,
     )

@@ -247,28 +247,19 @@ class DenoisingTask(StepTask):
         if "prompt_embeds" not in batch or self.cfg.data.shuffle_tags:  # cached states are of the unshuffled ids
             with torch.no_grad():
                 return self.family.conditioning(self.comps, input_ids, batch, size)
-        hidden = batch["prompt_embeds"].to(device, self.env.dtype)
+        hidden, pooled = (batch[k].to(device, self.env.dtype) for k in ("prompt_embeds", "pooled_prompt_embeds"))
         if drop.any():
             hidden = torch.where(drop[:, None, None], self.empty["hidden"][None].to(hidden.dtype), hidden)
-        if self.comps.text_encoder_2 is None:
-            return {"encoder_hidden_states": hidden}
-        pooled = batch["pooled_prompt_embeds"].to(device, self.env.dtype)  # SDXL: the cached pooled projection
-        if drop.any():
             pooled = torch.where(drop[:, None], self.empty["pooled"][None].to(pooled.dtype), pooled)
-        return {"encoder_hidden_states": hidden,
-                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": self.family.time_ids(batch, size, pooled)}}
+        return self.family.states_conditioning(self.comps, hidden, pooled, batch, size)
 
     def empty_prompt(self) -> dict[str, torch.Tensor]:
-        """Token ids [77] ([2, 77] for SDXL) and, for the latent cache's rows, frozen text-encoder states
-        [77, D] (and SDXL's pooled projection) of the empty caption (caption dropout)."""
+        """Token ids ([77]; [2, 77] for SDXL, [77 + L] for Flux) and, for the latent cache's rows, the frozen
+        states and pooled output of the empty caption (caption dropout), as the family's `text_states`."""
         ids = self.family.tokenize(self.comps, [""]).to(self.env.device)
-        if self.family.name == "flux":  # no latent cache on Flux: the empty caption's ids are enough
-            return {"input_ids": ids[0]}
         with torch.no_grad():
-            if self.comps.text_encoder_2 is None:
-                return {"input_ids": ids[0], "hidden": self.family.encode(self.comps.text_encoder, ids)[0]}
-            hidden, pooled = sdxl_text_states(self.comps.text_encoder, self.comps.text_encoder_2, ids)
-            return {"input_ids": ids[0], "hidden": hidden[0], "pooled": pooled[0]}
+            hidden, pooled = self.family.text_states(self.comps, ids)
+        return {"input_ids": ids[0], "hidden": hidden[0], "pooled": pooled[0]}
 
     # --- validation
     def validation_loss(self, engine, batch: dict) -> torch.Tensor:

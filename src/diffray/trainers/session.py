@@ -369,7 +369,8 @@ def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:
 
 
 class EncoderCalls:
-    """Counts VAE encodes and text-encoder forwards on a worker (the latent cache should make both 0).
+    """Counts VAE encodes and text-encoder forwards (either encoder) on a worker (the latent cache should
+    make both 0).
 
     `take()` returns the counts since the last `take()` and resets them; the loop takes once at the
     start of a step (dropping validation's calls) and once into the step's metrics.
@@ -384,7 +385,9 @@ class EncoderCalls:
             return encode(*args, **kwargs)
 
         comps.vae.encode = counted_encode
-        comps.text_encoder.register_forward_pre_hook(lambda module, args: self._add("text_encoder_calls"))
+        for encoder in (comps.text_encoder, comps.text_encoder_2):  # SDXL's and Flux's second (T5) count too
+            if encoder is not None:
+                encoder.register_forward_pre_hook(lambda module, args: self._add("text_encoder_calls"))
 
     def _add(self, key: str) -> None:
         self.counts[key] += 1

@@ -126,6 +126,18 @@ def caption_dropout_mask(sample_ids: list[int], step: int, seed: int, p: float) 
                          for s in sample_ids])
 
 
+@torch.no_grad()
+def batch_latents(vae, batch: dict, device, dtype, step: int, seed: int) -> torch.Tensor:
+    """The batch's scaled VAE latents (fp32), drawn per (seed, step, sample_id) from the latent cache's
+    posterior (`latent_mean`/`latent_std`: no VAE work) or from encoding `pixel_values`: the same draw
+    for the same sample either way."""
+    ids = [int(i) for i in batch["sample_id"]]
+    if "latent_mean" in batch:
+        mean, std = (batch[k].to(device, torch.float32) for k in ("latent_mean", "latent_std"))
+        return sample_latents(mean, std, ids, step, seed, vae.config.scaling_factor)
+    return encode_latents(vae, batch["pixel_values"].to(device, dtype), ids, step, seed).float()
+
+
 class NoisedLatents(NamedTuple):
     latents: torch.Tensor
     noise: torch.Tensor
@@ -142,13 +154,7 @@ def noise_latents(vae, scheduler, batch: dict, device, dtype, step: int, seed: i
     encoding `pixel_values` with the VAE; both give the same draw for the same sample.
     """
     ids = [int(i) for i in batch["sample_id"]]
-    with torch.no_grad():
-        if "latent_mean" in batch:
-            latents = sample_latents(batch["latent_mean"].to(device, torch.float32),
-                                     batch["latent_std"].to(device, torch.float32), ids, step, seed,
-                                     vae.config.scaling_factor)
-        else:
-            latents = encode_latents(vae, batch["pixel_values"].to(device, dtype), ids, step, seed).float()
+    latents = batch_latents(vae, batch, device, dtype, step, seed)
     noise, timesteps = sample_noise_and_timesteps(tuple(latents.shape[1:]), ids, step, seed,
                                                   scheduler.config.num_train_timesteps, noise_offset, timestep_range)
     noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
