@@ -296,7 +296,8 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
              seed: int = typer.Option(0, help="Seed of the first image"),
              num_images: int = typer.Option(1, min=1, max=16, help="Images per prompt"),
              steps: int = typer.Option(20, min=1, max=500, help="Sampler steps"),
-             guidance: float = typer.Option(7.5, min=0.0, max=50.0, help="Classifier-free guidance scale"),
+             guidance: Optional[float] = typer.Option(None, min=0.0, max=50.0, help="Guidance scale (default: the "
+                                                      "model's, 7.5; 3.5 for Flux's distilled guidance)"),
              lora_scale: float = typer.Option(1.0, help="LoRA strength"),
              compare_base: bool = typer.Option(False, help="Add a row per prompt from the base model (same seeds)"),
              controlnet: Optional[list[Path]] = typer.Option(None, help="ControlNet dir (repeatable: several "

@@ -101,13 +101,14 @@ def render(pipe, prompts: list[str], seed: int, num_images: int, steps: int, gui
 
 
 def generate_grid(prompts: list[str], adapter: str | None, model: str | None, out: Path, seed: int = 0,
-                  num_images: int = 1, steps: int = 20, guidance: float = 7.5, lora_scale: float = 1.0,
+                  num_images: int = 1, steps: int = 20, guidance: float | None = None, lora_scale: float = 1.0,
                   compare_base: bool = False, controlnets: list[str] | None = None,
                   control_images: list[str] | None = None, control_scales: list[float] | None = None) -> Path:
     """Render prompts (base rows first when `compare_base`) and save one labelled grid PNG.
 
-    With `controlnets` every image is controlled by their `control_images` (one each) at
-    `control_scales`; the base rows are then the same pipeline at control scale 0 (no control)."""
+    `guidance` None is the model family's default (7.5; 3.5 for Flux). With `controlnets` every image is
+    controlled by their `control_images` (one each) at `control_scales`; the base rows are then the same
+    pipeline at control scale 0 (no control)."""
     from diffray.models.loading import load_pipeline, resolve_model_path
 
     controlnets = list(controlnets or [])
@@ -115,6 +116,10 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
     base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
     pipe = load_pipeline(resolve_model_path(base))
+    if guidance is None:  # the family's: classifier-free 7.5 for SD/SDXL, Flux's distilled 3.5
+        from diffray.models.family import family_of
+
+        guidance = family_of(resolve_model_path(base)).default_guidance
     extra, off = {}, {}
     if controlnets:
         pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), scales)

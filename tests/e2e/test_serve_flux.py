@@ -41,6 +41,10 @@ def test_models_name_the_family_and_flux_draws_at_its_native_size(server):
     assert base[0].shape == (64, 64, 3) and np.abs(base[0] - base[1]).max() > 0
     again, _ = server.generate(prompt="a red circle", n=2)
     assert all((a == b).all() for a, b in zip(base, again))
+    # no guidance given: Flux's distilled 3.5 (FluxPipeline's), not SD's classifier-free 7.5
+    distilled, _ = server.generate(prompt="a red circle", n=2, guidance=3.5)
+    assert all((a == b).all() for a, b in zip(base, distilled))
+    assert np.abs(server.generate(prompt="a red circle", n=2, guidance=7.5)[0][0] - base[0]).max() > 0
     wide, _ = server.generate(prompt="a red circle", width=96, height=64)
     assert wide[0].shape == (64, 96, 3)
 

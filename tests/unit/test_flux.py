@@ -203,6 +203,20 @@ def test_flux_cached_rows_train_the_uncached_losses_without_encoder_calls(flux):
         assert (task.losses(task.module, swapped, step) - live).abs().max() > 1e-4
 
 
+def test_generate_draws_flux_at_its_distilled_guidance_unless_told(flux, tmp_path):
+    """`diffray generate` without --guidance renders a Flux model at 3.5 (FluxPipeline's default), not 7.5."""
+    from diffray.generate import generate_grid
+
+    def grid(name: str, guidance=None) -> np.ndarray:
+        from PIL import Image
+
+        path = generate_grid(["a red circle"], None, str(flux), tmp_path / f"{name}.png", steps=2, guidance=guidance)
+        return np.asarray(Image.open(path))
+
+    plain = grid("plain")
+    assert np.array_equal(plain, grid("at-3.5", 3.5)) and not np.array_equal(plain, grid("at-7.5", 7.5))
+
+
 def test_flux_shaped_has_the_real_architecture():
     """FLUX.1-dev's parameter counts on the meta device (nothing allocated): transformer 11,901,408,320, T5-XXL
     encoder 4,762,310,656; the T5 tokenizer (ours) spans T5's 32128-row table."""

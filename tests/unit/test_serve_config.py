@@ -154,6 +154,13 @@ def test_job_keys_group_compatible_requests():
     assert Job(prompt="p", n=1, width=8, height=8, steps=1, guidance=1, seed=0).adapter_key() == ""
 
 
+def test_a_request_without_guidance_gets_the_model_familys():
+    assert generate_job(GenerateRequest(prompt="x"), LIMITS, 64, 4, 3.5).guidance == 3.5  # a Flux app's
+    assert generate_job(GenerateRequest(prompt="x", guidance=2.0), LIMITS, 64, 4, 3.5).guidance == 2.0
+    assert generate_job(GenerateRequest(prompt="x"), LIMITS, 64, 4).guidance == 7.5
+    assert images_job(ImagesRequest(prompt="x"), LIMITS, 64, 4, 3.5).guidance == 3.5
+
+
 def test_decode_b64_image_errors_name_param():
     import base64
 

@@ -34,6 +34,7 @@ class StableDiffusion:
     """SD 1.x / 2.x (epsilon or v-prediction)."""
 
     name = "stable-diffusion"
+    default_guidance = 7.5  # classifier-free guidance scale when a render names none
     pipeline_classes = ("StableDiffusionPipeline",)
 
     def check(self, method: str, cfg) -> None:

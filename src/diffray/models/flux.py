@@ -64,6 +64,7 @@ class Flux:
     DreamBooth-LoRA (with prior preservation) so far."""
 
     name = "flux"
+    default_guidance = FLUX_GUIDANCE  # the distilled guidance value FLUX.1-dev draws at (FluxPipeline's default)
     pipeline_classes = ("FluxPipeline",)
     methods = ("lora", "dreambooth")
 

@@ -100,7 +100,7 @@ class Spinner:
 
 
 def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_images: int = 1,
-                    steps: int | None = None, guidance: float = 7.5, adapter: str | None = None,
+                    steps: int | None = None, guidance: float | None = None, adapter: str | None = None,
                     lora_scale: float = 1.0, size: int | None = None, api_key: str | None = None,
                     retry: RetryPolicy | None = None) -> list[Path]:
     """One /v1/generate request per prompt; PNGs saved as `<out stem>-<prompt>-<image>.png` next to `out`.
@@ -117,7 +117,9 @@ def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_
         print(f"\nretry {attempt} in {wait:.1f}s ({why})", file=sys.stderr, flush=True)
 
     for p, prompt in enumerate(prompts):
-        body: dict[str, Any] = {"prompt": prompt, "n": num_images, "seed": seed, "guidance": guidance}
+        body: dict[str, Any] = {"prompt": prompt, "n": num_images, "seed": seed}
+        if guidance is not None:  # else the server's model's default
+            body["guidance"] = guidance
         if steps is not None:
             body["steps"] = steps
         if size is not None:

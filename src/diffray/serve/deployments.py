@@ -167,7 +167,8 @@ class Ingress:
 
         model_path = resolve_model_path(self.args.model)
         self.default_size = self.args.default_size or _native_size(model_path)
-        self.family = family_of(model_path).name
+        family = family_of(model_path)
+        self.family, self.default_guidance = family.name, family.default_guidance
         fb = self.args.feedback
         self.feedback = FeedbackStore(fb.path) if fb.enabled else None
         self.app_name = serve.get_replica_context().app_name
@@ -225,7 +226,7 @@ class Ingress:
               response_model=ImagesResponse, dependencies=AUTH,
               responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def images_generations(self, req: ImagesRequest) -> JSONResponse:
-        job = images_job(req, self.args.limits, self.default_size, self.args.default_steps)
+        job = images_job(req, self.args.limits, self.default_size, self.args.default_steps, self.default_guidance)
         await self._check_adapters(job, single_param="model")
         result = await self._run(job, "model")
         if req.response_format == "url":
@@ -240,7 +241,7 @@ class Ingress:
               "adapters with weights, ControlNet with a control image", response_model=GenerateResponse,
               dependencies=AUTH, responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def generate(self, req: GenerateRequest) -> JSONResponse:
-        job = generate_job(req, self.args.limits, self.default_size, self.args.default_steps)
+        job = generate_job(req, self.args.limits, self.default_size, self.args.default_steps, self.default_guidance)
         await self._check_adapters(job, single_param="adapter" if req.adapter is not None else None)
         if req.control is not None:
             job.controlnet, job.control_image = await asyncio.to_thread(self._control, req, job)

@@ -88,7 +88,8 @@ class GenerateRequest(Body):
     width: int | None = Field(None, description="Pixels, a multiple of 8.")
     height: int | None = Field(None, description="Pixels, a multiple of 8.")
     steps: int | None = Field(None, description="Sampler steps.")
-    guidance: float = Field(7.5, allow_inf_nan=False, description="Classifier-free guidance scale.")
+    guidance: float | None = Field(None, allow_inf_nan=False, description="Guidance scale (absent: the model's "
+                                   "default, 7.5 classifier-free for SD/SDXL, 3.5 distilled for Flux).")
     seed: int | None = Field(None, description="Seed of the first image (random when absent).")
     scheduler: Literal[SCHEDULERS] = Field("default", description="Sampler.")  # type: ignore[valid-type]
     adapter: Text | None = Field(None, description="One adapter id.")
@@ -188,19 +189,24 @@ def adapter_of_model(model: str | None) -> str | None:
     return model
 
 
-def images_job(req: ImagesRequest, limits: Limits, default_size: int, default_steps: int) -> Job:
-    """An OpenAI request as a Job (adapter ids not yet resolved). Raises RequestError."""
+def images_job(req: ImagesRequest, limits: Limits, default_size: int, default_steps: int,
+               default_guidance: float = 7.5) -> Job:
+    """An OpenAI request as a Job (adapter ids not yet resolved; the model family's guidance). Raises
+    RequestError."""
     width, height = parse_size(req.size, default_size, limits)
-    seed = check_common(req.n, default_steps, 7.5, req.seed, limits)
+    seed = check_common(req.n, default_steps, default_guidance, req.seed, limits)
     adapter = adapter_of_model(req.model)
     return Job(prompt=check_prompt(req.prompt, limits, "prompt"), n=req.n, width=width, height=height,
-               steps=default_steps, guidance=7.5, seed=seed, adapters=((adapter, 1.0),) if adapter else ())
+               steps=default_steps, guidance=default_guidance, seed=seed, adapters=((adapter, 1.0),) if adapter else ())
 
 
-def generate_job(req: GenerateRequest, limits: Limits, default_size: int, default_steps: int) -> Job:
-    """A /v1/generate request as a Job (adapters not resolved, control image not decoded)."""
+def generate_job(req: GenerateRequest, limits: Limits, default_size: int, default_steps: int,
+                 default_guidance: float = 7.5) -> Job:
+    """A /v1/generate request as a Job (adapters not resolved, control image not decoded); a request
+    without guidance gets `default_guidance` (the model family's)."""
     steps = default_steps if req.steps is None else req.steps
-    seed = check_common(req.n, steps, req.guidance, req.seed, limits)
+    guidance = default_guidance if req.guidance is None else req.guidance
+    seed = check_common(req.n, steps, guidance, req.seed, limits)
     width = check_side(default_size if req.width is None else req.width, limits, "width")
     height = check_side(default_size if req.height is None else req.height, limits, "height")
     if req.adapter is not None and req.adapters:
@@ -215,7 +221,7 @@ def generate_job(req: GenerateRequest, limits: Limits, default_size: int, defaul
     if neg is not None and len(neg) > limits.max_prompt_chars:
         raise RequestError(f"{len(neg)} characters; at most {limits.max_prompt_chars}", param="negative_prompt")
     return Job(prompt=check_prompt(req.prompt, limits, "prompt"), n=req.n, width=width, height=height,
-               steps=steps, guidance=req.guidance, seed=seed, negative_prompt=neg, scheduler=req.scheduler,
+               steps=steps, guidance=guidance, seed=seed, negative_prompt=neg, scheduler=req.scheduler,
                adapters=tuple(pairs), control_scale=req.control.scale if req.control else 1.0)
 
 
