@@ -37,6 +37,8 @@ def test_models_name_the_family_and_flux_draws_at_its_native_size(server):
     assert status == 200 and entries["base"]["family"] == "flux"
     assert {k: m["kind"] for k, m in entries.items()} == {"base": "base", "lora-flux": "lora", "lora-flux-b": "lora",
                                                           "lora-sd": "lora", "cn-sd": "controlnet"}
+    # an adapter's family is its card's: the one it was trained on, whatever this app serves
+    assert (entries["lora-flux"]["family"], entries["lora-sd"]["family"]) == ("flux", "stable-diffusion")
     base, _ = server.generate(prompt="a red circle", n=2)  # no width/height: the model's 64 px
     assert base[0].shape == (64, 64, 3) and np.abs(base[0] - base[1]).max() > 0
     again, _ = server.generate(prompt="a red circle", n=2)

@@ -37,7 +37,7 @@ def test_shipped_flux_lora_config_learns_and_its_artifact_loads_in_stock_flux(ra
     # The random tiny Flux starts near flow loss 1.85; LoRA on its attention brings it down (fixed seed).
     assert result.loss_last_mean < result.loss_first_mean - 0.1, result.summary_line()
     assert (Path(result.run_dir) / "logs" / "validation" / "step_000060.png").is_file()  # rendered by Flux
-    assert read_card(result.artifact_dir)["method"] == "lora"
+    assert read_card(result.artifact_dir)["method"] == "lora" and read_card(result.artifact_dir)["family"] == "flux"
     layers = load_file(str(Path(result.artifact_dir) / LORA_WEIGHTS))
     assert layers and {k.split(".")[0] for k in layers} == {"transformer"}
     assert any(".single_transformer_blocks." in k for k in layers)

@@ -39,8 +39,11 @@ def random_lora(model_path: str, out_dir: str | Path, seed: int, rank: int = 4, 
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+    from diffray.models.family import family_of
+
     return export_lora(out_dir, unet, models[1] if text_encoder else None,
-                       {"base_model": model_path, "method": "lora", "note": "random"})
+                       {"base_model": model_path, "method": "lora", "family": family_of(model_path).name,
+                        "note": "random"})
 
 
 def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, seed: int,

@@ -38,8 +38,9 @@ class ModelEntry(BaseModel):
     reason: str | None = Field(None, description="Why an adapter is unavailable.")
     base_model: str | None = None
     method: str | None = None
-    family: str | None = Field(None, description="The base model's family (`stable-diffusion`, "
-                               "`stable-diffusion-xl`); on the `base` entry.")
+    family: str | None = Field(None, description="The model family (`stable-diffusion`, `stable-diffusion-xl`, "
+                               "`flux`): the served base's on the `base` entry, the one an adapter was trained on "
+                               "(its card's) on an adapter's, where the card says.")
 
 
 class ModelList(BaseModel):

@@ -218,7 +218,7 @@ class Ingress:
         for a in await asyncio.to_thread(self.registry.list):
             data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": a.available,
                          "reason": a.problem, "base_model": card_text(a.card, "base_model"),
-                         "method": card_text(a.card, "method")})
+                         "method": card_text(a.card, "method"), "family": card_text(a.card, "family")})
         data += [{"id": name, "created": now, "kind": "controlnet"} for name in self.args.controlnets]
         return {"object": "list", "data": data}
 
