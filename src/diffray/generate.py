@@ -115,11 +115,12 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     scales = check_controls(controlnets, list(control_images or []), list(control_scales or []))
     cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
     base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
-    pipe = load_pipeline(resolve_model_path(base))
+    base_path = resolve_model_path(base)
+    pipe = load_pipeline(base_path)
     if guidance is None:  # the family's: classifier-free 7.5 for SD/SDXL, Flux's distilled 3.5
         from diffray.models.family import family_of
 
-        guidance = family_of(resolve_model_path(base)).default_guidance
+        guidance = family_of(base_path).default_guidance
     extra, off = {}, {}
     if controlnets:
         pipe, extra = controlnet_pipeline(pipe, controlnets, list(control_images or []), scales)
