@@ -155,6 +155,44 @@ def test_guidance_with_negative_equal_to_prompt_is_no_guidance(unet, embeds):
     assert not torch.allclose(sample(unet, embeds, guidance=7.0).latents, plain.latents)
 
 
+def test_sdxl_guidance_pairs_each_half_with_its_own_added_conditioning_and_log_probs_recompute(tmp_path):
+    """SDXL's conditioning is a dict (states, pooled embedding, size ids): guidance concatenates every part,
+    the negative's pooled embedding with the negative's states, and PPO's recomputation gives ratio 1."""
+    from diffray.models import build_pipeline_dir
+    from diffray.models.family import StableDiffusionXL
+    from diffray.trainers.components.ddpo import guided_noise_pred, index_conditioning
+
+    family = StableDiffusionXL()
+    comps = family.load(str(build_pipeline_dir(tmp_path / "xl", "tiny-sdxl", seed=0)))
+    unet = comps.unet.eval()
+
+    def cond(prompts):
+        with torch.no_grad():
+            return family.conditioning(comps, family.tokenize(comps, prompts), {}, (64, 64))
+
+    prompt, negative = cond(["a red circle", "a blue square"]), cond(["blurry"])
+    assert prompt["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([801, 401])
+    with torch.no_grad():
+        guided = guided_noise_pred(unet, x, t, prompt, negative, 5.0)
+        pooled = negative["added_cond_kwargs"]["text_embeds"].expand(2, -1)
+        uncond = unet(x, t, encoder_hidden_states=negative["encoder_hidden_states"].expand(2, -1, -1),
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": prompt["added_cond_kwargs"]["time_ids"]})
+        text = unet(x, t, **prompt)
+    torch.testing.assert_close(guided, uncond.sample + 5.0 * (text.sample - uncond.sample), rtol=1e-4, atol=1e-5)
+
+    with torch.no_grad():
+        traj = sample_trajectory(unet, make_scheduler(), prompt, negative, 3, 5.0, 1.0,
+                                 torch.Generator().manual_seed(0))
+        sched = make_scheduler()
+        sched.set_timesteps(3)
+        js = torch.tensor([2, 0])  # per-sample steps, one row of the conditioning each
+        rows = torch.tensor([1, 0])
+        lp = transition_log_prob(unet, sched, traj.states[rows, js], traj.next_latents[rows, js], traj.timesteps[js],
+                                 index_conditioning(prompt, rows), negative, 5.0, 1.0)
+    torch.testing.assert_close(lp, traj.log_probs[rows, js], rtol=1e-5, atol=1e-5)
+
+
 def test_stat_tracker_normalises_per_prompt_then_falls_back_to_the_batch():
     t = PerPromptStatTracker(buffer_size=2, min_count=2)
     adv = t.update(["a", "b", "a", "b"], np.array([1.0, 10.0, 3.0, 14.0]))

@@ -148,7 +148,7 @@ class StableDiffusionXL(StableDiffusion):
 
     name = "stable-diffusion-xl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
-    methods = ("lora", "dreambooth", "full", "controlnet", "textual_inversion")
+    methods = ("lora", "dreambooth", "full", "controlnet", "textual_inversion", "ddpo")
 
     def check(self, method: str, cfg) -> None:
         refuse_flow(cfg)
@@ -162,13 +162,13 @@ class StableDiffusionXL(StableDiffusion):
             raise ConfigError("SDXL fine-tunes the UNet only; a text-encoder LoRA (lora.train_text_encoder) trains "
                               "both encoders", field=field)
         lora = getattr(cfg, "lora", None)
-        if lora is not None and method in ("lora", "dreambooth") and lora.init_from:
+        if lora is not None and method in ("lora", "dreambooth", "ddpo") and lora.init_from:
             raise ConfigError("starting an SDXL LoRA from another adapter is not supported yet", field="lora.init_from")
         export = getattr(cfg, "export", None)
         if export is not None and export.formats:
             raise ConfigError("the kohya/peft/diffusers copies are written for SD LoRAs only; the SDXL artifact "
                               "is diffusers' layout already", field="export.formats")
-        if cfg.data.shuffle_tags:
+        if cfg.data is not None and cfg.data.shuffle_tags:
             raise ConfigError("tag shuffling works on one tokenizer's ids; not with SDXL yet",
                               field="data.shuffle_tags")
 

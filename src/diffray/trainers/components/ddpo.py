@@ -144,16 +144,45 @@ def _predict_x0_and_eps(scheduler, model_output: torch.Tensor, x: torch.Tensor,
     return x0, eps
 
 
-def guided_noise_pred(unet, latents: torch.Tensor, timestep, prompt_embeds: torch.Tensor,
-                      negative_embeds: torch.Tensor | None, guidance: float) -> torch.Tensor:
+def as_conditioning(cond: torch.Tensor | dict) -> dict:
+    """The UNet's text conditioning kwargs: `encoder_hidden_states` [B, L, D] and, for SDXL, `added_cond_kwargs`
+    ({"text_embeds": [B, P], "time_ids": [B, 6]}), as a family's `conditioning` makes them; a bare tensor
+    is SD's `encoder_hidden_states`."""
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+def map_conditioning(fn, *conds: dict) -> dict:
+    """`fn` over matching tensors of (nested) conditioning dicts: {k: fn(a[k], b[k], ...)}."""
+    return {k: map_conditioning(fn, *(c[k] for c in conds)) if isinstance(v, dict) else fn(*(c[k] for c in conds))
+            for k, v in conds[0].items()}
+
+
+def cat_conditioning(conds: Sequence[dict]) -> dict:
+    """Batches of conditioning, concatenated along the batch dim."""
+    return map_conditioning(lambda *xs: torch.cat(xs), *conds)
+
+
+def index_conditioning(cond: dict, idx) -> dict:
+    """The rows `idx` of every tensor in `cond`."""
+    return map_conditioning(lambda x: x[idx], cond)
+
+
+def _conditioning_batch(cond: dict) -> tuple[int, torch.device]:
+    hidden = cond["encoder_hidden_states"]
+    return hidden.shape[0], hidden.device
+
+
+def guided_noise_pred(unet, latents: torch.Tensor, timestep, prompt_embeds: torch.Tensor | dict,
+                      negative_embeds: torch.Tensor | dict | None, guidance: float) -> torch.Tensor:
     """The UNet prediction at (latents, timestep), with classifier-free guidance when `negative_embeds`
     is given and `guidance` > 1 (one batched forward of [negative; prompt], as diffusers pipelines do).
 
     Args:
         latents: x_t [B, C, H, W] (cast to the UNet's dtype for the forward).
         timestep: int / 0-d tensor or [B] (one per sample).
-        prompt_embeds: text-encoder states [B, L, D].
-        negative_embeds: [B or 1, L, D] states of the negative / empty prompt, or None (no guidance).
+        prompt_embeds: the prompts' conditioning (`as_conditioning`): states [B, L, D], or a dict of them
+            with SDXL's added conditioning.
+        negative_embeds: the same for the negative / empty prompt, batch B or 1; or None (no guidance).
         guidance: the guidance scale w: uncond + w * (cond - uncond).
 
     Returns:
@@ -162,15 +191,18 @@ def guided_noise_pred(unet, latents: torch.Tensor, timestep, prompt_embeds: torc
     b = latents.shape[0]
     t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(b)
     x = latents.to(unet.dtype)  # DDIM's scale_model_input is the identity, so it is not called
+    cast = (lambda v: v.to(unet.dtype) if v.is_floating_point() else v)
+    cond = map_conditioning(cast, as_conditioning(prompt_embeds))
     if negative_embeds is None or guidance <= 1.0:
-        return unet(x, t, encoder_hidden_states=prompt_embeds.to(unet.dtype)).sample.float()
-    embeds = torch.cat([negative_embeds.expand(b, -1, -1), prompt_embeds]).to(unet.dtype)
-    uncond, cond = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=embeds).sample.float().chunk(2)
-    return uncond + guidance * (cond - uncond)
+        return unet(x, t, **cond).sample.float()
+    both = map_conditioning(lambda n, c: torch.cat([cast(n).expand(b, *n.shape[1:]), c]),
+                            as_conditioning(negative_embeds), cond)
+    uncond, guided = unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.float().chunk(2)
+    return uncond + guidance * (guided - uncond)
 
 
 @torch.no_grad()
-def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor | dict, negative_embeds: torch.Tensor | dict | None,
                       steps: int, guidance: float, eta: float, generator: torch.Generator,
                       latents_shape: Sequence[int] | None = None) -> Trajectory:
     """Sample a batch of DDIM chains from pure noise, recording every state and step log-probability.
@@ -178,8 +210,8 @@ def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor, negative_emb
     Args:
         unet: a diffusers `UNet2DConditionModel` (any dtype; the chain is kept in fp32).
         scheduler: a `DDIMScheduler` (see `ddim_scheduler`); `set_timesteps(steps)` is called on it.
-        prompt_embeds: [B, L, D]; B is the batch size and its device the sampling device.
-        negative_embeds: [B or 1, L, D] for classifier-free guidance, or None.
+        prompt_embeds: the prompts' conditioning (`as_conditioning`), batch B; its device is the sampling device.
+        negative_embeds: the negative prompt's (batch B or 1) for classifier-free guidance, or None.
         steps: number of denoising steps T.
         guidance: classifier-free guidance scale (ignored without `negative_embeds` or when <= 1).
         eta: DDIM noise weight, > 0.
@@ -192,9 +224,9 @@ def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor, negative_emb
     if latents_shape is None:
         size = unet.config.sample_size
         latents_shape = (unet.config.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
-    device = prompt_embeds.device
+    batch, device = _conditioning_batch(as_conditioning(prompt_embeds))
     scheduler.set_timesteps(steps, device=device)
-    shape = (prompt_embeds.shape[0], *latents_shape)
+    shape = (batch, *latents_shape)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device)
     latents = noise.to(device) * scheduler.init_noise_sigma
     states, log_probs = [latents], []
@@ -207,8 +239,8 @@ def sample_trajectory(unet, scheduler, prompt_embeds: torch.Tensor, negative_emb
 
 
 def transition_log_prob(unet, scheduler, latents: torch.Tensor, next_latents: torch.Tensor, timestep,
-                        prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None, guidance: float,
-                        eta: float) -> torch.Tensor:
+                        prompt_embeds: torch.Tensor | dict, negative_embeds: torch.Tensor | dict | None,
+                        guidance: float, eta: float) -> torch.Tensor:
     """Log-probability [B] (with gradients to the UNet) of stored transitions latents -> next_latents under
     the UNet's current weights: the PPO update's new log-probability. `timestep` may differ per sample
     ([B]); `scheduler` must have had `set_timesteps` with the sampling step count."""

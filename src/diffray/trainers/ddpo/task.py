@@ -31,8 +31,10 @@ from diffray.trainers.components.ddpo import (
     batch_advantages,
     best_and_worst,
     clipped_policy_loss,
+    cat_conditioning,
     ddim_scheduler,
     draw_prompts,
+    index_conditioning,
     sample_trajectory,
     transition_log_prob,
 )
@@ -42,8 +44,9 @@ from diffray.trainers.denoising import lora_denoiser
 
 
 class EngineUNet:
-    """The engine-wrapped LoRA UNet with the call signature `guided_noise_pred` expects, so sampling and
-    PPO forwards go through DeepSpeed/DDP (ZeRO-3 gathers weights inside forward)."""
+    """The engine-wrapped LoRA UNet with the call signature `guided_noise_pred` expects (the conditioning as
+    keyword arguments), so sampling and PPO forwards go through DeepSpeed/DDP (ZeRO-3 gathers weights inside
+    forward)."""
 
     def __init__(self, engine, unet: torch.nn.Module):
         self.engine, self.unet = engine, unet
@@ -56,8 +59,8 @@ class EngineUNet:
     def config(self):
         return self.unet.config
 
-    def __call__(self, x, t, encoder_hidden_states):
-        return SimpleNamespace(sample=self.engine(x, t, encoder_hidden_states=encoder_hidden_states))
+    def __call__(self, x, t, **conditioning):
+        return SimpleNamespace(sample=self.engine(x, t, **conditioning))
 
 
 @dataclass
@@ -65,7 +68,7 @@ class EpochSamples:
     """One worker's epoch: trajectories concatenated over sampling batches, their prompts and images."""
 
     trajectory: Trajectory
-    embeds: torch.Tensor
+    embeds: dict  # the prompts' conditioning (`components.ddpo.as_conditioning`), batch N
     prompts: list[str]
     images: np.ndarray  # uint8 [N, H, W, 3]
     rewards: np.ndarray  # float32 [N]
@@ -100,20 +103,30 @@ class DDPOTask:
         self.comps = self.family.load(model_path)
         self.module = lora_denoiser(self.comps, cfg.lora, cfg.run.seed, cfg.train.gradient_checkpointing).to(env.device)
         speed.apply_to_children(self.module, cfg.train)
-        for frozen in (self.comps.vae, self.comps.text_encoder):
+        for frozen in (self.comps.vae, self.comps.text_encoder, self.comps.text_encoder_2):
+            if frozen is None:
+                continue
             frozen.requires_grad_(False)
             session.place_frozen(frozen, env)
         self.prompts = read_prompts(self.d.prompts, self.d.prompts_file, "ddpo.prompts_file")
         self.scheduler = ddim_scheduler(self.comps.noise_scheduler)
-        self.negative = self.family.prompt_states(self.comps, [self.d.negative_prompt], env.device)
-        size = (self.d.resolution // 8,) * 2 if self.d.resolution else None
-        self.latents_shape = (self.comps.unet.config.in_channels, *size) if size else None
+        unet, scale = self.comps.unet.config, 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
+        pixels = self.d.resolution or unet.sample_size * scale
+        self.pixel_size = (pixels, pixels)  # SDXL's target-size conditioning
+        self.latents_shape = (unet.in_channels, pixels // scale, pixels // scale)
+        self.negative = self.prompt_conditioning([self.d.negative_prompt])
         self.train_timesteps = max(1, int(self.d.sample_steps * self.d.timestep_fraction))
         self.tracker = (PerPromptStatTracker(self.d.stat_buffer_size, self.d.stat_min_count)
                         if self.d.per_prompt_advantages else None)
         self.pool = open_reward_pool(self.d.reward, env)
         self.engine = self.policy = self.samples = None
         self.reward_first = self.reward_last = None
+
+    @torch.no_grad()
+    def prompt_conditioning(self, prompts: list[str]) -> dict:
+        """The frozen encoders' conditioning of `prompts` (SDXL's: both encoders, pooled, size ids)."""
+        ids = self.family.tokenize(self.comps, prompts).to(self.env.device)
+        return self.family.conditioning(self.comps, ids, {}, self.pixel_size)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -175,7 +188,7 @@ class DDPOTask:
         self.module.eval()
         for b in range(d.samples_per_epoch // d.sample_batch_size):
             batch_prompts = draw_prompts(self.prompts, d.sample_batch_size, self.key(epoch, b))
-            hidden = self.family.prompt_states(self.comps, batch_prompts, self.env.device)
+            hidden = self.prompt_conditioning(batch_prompts)
             gen = torch.Generator().manual_seed(hash_key(self.key(epoch, b, 1)))
             traj = sample_trajectory(self.policy, self.scheduler, hidden, self.negative, d.sample_steps, d.guidance,
                                      d.eta, gen, self.latents_shape)
@@ -194,7 +207,7 @@ class DDPOTask:
         t1 = time.perf_counter()
         rewards = np.concatenate([self.pool.result(p) for p in pending])
         t2 = time.perf_counter()
-        samples = EpochSamples(merge(trajectories), torch.cat(embeds), prompts, np.concatenate(images), rewards)
+        samples = EpochSamples(merge(trajectories), cat_conditioning(embeds), prompts, np.concatenate(images), rewards)
         return samples, {"sample_time": t1 - t0, "reward_wait_time": t2 - t1}
 
     def advantages(self, samples: EpochSamples) -> tuple[torch.Tensor, np.ndarray, list[str]]:
@@ -223,7 +236,8 @@ class DDPOTask:
                     c = cols[:, j]
                     log_prob = transition_log_prob(self.policy, self.scheduler, traj.states[idx, c],
                                                    traj.next_latents[idx, c], traj.timesteps[c],
-                                                   samples.embeds[idx], self.negative, d.guidance, d.eta)
+                                                   index_conditioning(samples.embeds, idx), self.negative,
+                                                   d.guidance, d.eta)
                     loss, kl, clip = clipped_policy_loss(log_prob, traj.log_probs[idx, c], adv[idx], d.clip_range,
                                                          d.adv_clip_max)
                     self.engine.backward(loss)
