@@ -188,6 +188,8 @@ def _losses(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
+    """On an SDXL model (the shipped job with model.path changed: Tune is the same for every family)."""
+    from diffray.models.adapters import read_card
     from diffray.tune.runner import run_tune
 
     space = {"lora.rank": {"choice": [4, 8]}, "optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
@@ -195,7 +197,8 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     job = tune_job(tmp_path, "tune_lora.yaml", dict(search="tpe", num_samples=2, max_concurrent_trials=1,
                                                     scheduler={"name": "fifo"}, space=space),
                    [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6", "train.validate_every=3",
-                    "train.checkpoint_every=6", "strategy.name=ddp", "tracking.mlflow={}", "tracking.wandb={}"])
+                    "train.checkpoint_every=6", "strategy.name=ddp", "tracking.mlflow={}", "tracking.wandb={}",
+                    "model.path=builtin:tiny-sdxl"])
     outcome = run_tune(job)
     assert [r.status for r in outcome.rows] == ["completed"] * 2
     assert_one_tracked_run_per_trial(tmp_path / "tpe", outcome.rows)
@@ -204,6 +207,7 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     assert all(r.params["lora.rank"] in (4, 8) and r.params["lora.alpha"] == r.params["lora.rank"]
                for r in outcome.rows)
     assert outcome.best is outcome.rows[0] and Path(outcome.best_artifact, "pytorch_lora_weights.safetensors").is_file()
+    assert read_card(outcome.best_artifact)["family"] == "stable-diffusion-xl"
 
 
 def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:

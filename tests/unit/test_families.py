@@ -224,6 +224,26 @@ def test_sdxl_rows_carry_both_tokenizers_ids_and_each_images_size_and_crop(xl, s
     assert 0 < flips < 16
 
 
+def test_sdxl_size_ids_under_aspect_buckets_are_each_rows_original_size_its_bucket_crop_and_the_bucket(xl):
+    """With `data.aspect_buckets`, an SDXL row's size ids are its original (H, W), the corner of the crop to
+    its bucket, and the bucket's (H, W) as the target: what the denoiser reads from a one-shape batch."""
+    from diffray.data.pipeline import preprocess_batch
+    from diffray.data.transforms import aspect_buckets
+    from diffray.data.validate import Rules
+
+    batch = {"sample_id": np.array([0, 1, 2]), "source": np.array(["wide.png", "tall.png", "square.png"]),
+             "image": np.array([png(120, 70), png(70, 120), png(90, 90)], dtype=object),
+             "caption": np.array(["a red circle", "x", "a blue square"])}
+    out = preprocess_batch(batch, str(xl), 64, center_crop=True, random_flip=False, seed=0, rules=Rules(),
+                           buckets=aspect_buckets(64, 16, 2.0))  # (48, 80), (64, 64), (80, 48) as (W, H)
+    assert [px.shape[1:] for px in out["pixel_values"]] == [(48, 80), (80, 48), (64, 64)]
+    # 120x70 covers the 80x48 bucket as 82x48: centre crop left 1; 70x120 as 48x82: top 1
+    assert out["micro_cond"].tolist() == [[70, 120, 0, 1], [120, 70, 1, 0], [90, 90, 0, 0]]
+    for i, px in enumerate(out["pixel_values"]):  # each row trains in a batch of its own shape
+        ids = StableDiffusionXL.time_ids({"micro_cond": out["micro_cond"][[i]]}, px.shape[1:], torch.zeros(1))
+        assert ids.tolist() == [[*out["micro_cond"][i], *px.shape[1:]]]
+
+
 def test_textual_inversion_files_load_only_into_a_model_with_their_number_of_encoders(sd, xl, tmp_path):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 

@@ -43,3 +43,17 @@ def test_precheck_validates_train_and_tune_configs_and_warns_on_relative_storage
         precheck(["tune", "configs/tune_lora.yaml", "tune.scheduler.grace_period=1"], REPO, io.StringIO())
     with pytest.raises(ConfigError, match="no such config under the working dir"):
         precheck(["train", "configs/nope.yaml"], REPO, io.StringIO())
+
+
+@pytest.mark.parametrize("config", ["lora_sdxl.yaml", "dreambooth_sdxl.yaml", "textual_inversion_sdxl.yaml",
+                                    "controlnet_sdxl.yaml", "lora_flux.yaml", "dreambooth_flux.yaml"])
+def test_every_family_config_submits_as_the_sd_ones_do(config):
+    """SDXL's and Flux's shipped configs pass the same checks and get the same job line (the family is the
+    cluster job's to read from the model, as `diffray train` does)."""
+    args = with_storage_path(["train", f"configs/{config}", "train.max_steps=8"], "s3://b/runs")
+    err = io.StringIO()
+    precheck(args, REPO, err)
+    assert err.getvalue() == ""
+    assert entrypoint(args) == f"diffray train configs/{config} train.max_steps=8 run.storage_path=s3://b/runs"
+    with pytest.raises(ConfigError, match="train.max_stepz"):
+        precheck([*args, "train.max_stepz=4"], REPO, io.StringIO())
