@@ -5,11 +5,14 @@ together each get their image alone, and the official `openai` client gets the a
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from serve_helpers import KEY, b64_png, control_disc, png_array, serve_feedback_app
+
+from diffray.models.adapters import CARD
 
 pytestmark = [pytest.mark.e2e]
 
@@ -29,6 +32,9 @@ def server(ray_cluster, tmp_path_factory):
     random_lora(sd, reg / "lora-sd", seed=5)
     controlnet_from_unet(sd, reg / "cn-sd", seed=6)
     random_textual_inversion(sd, reg / "ti-sd", "<y-tok>", seed=7)
+    old = controlnet_from_unet(sd, reg / "cn-sd-old", seed=6)  # a card from before cards named the family
+    card = json.loads((old / CARD).read_text())
+    (old / CARD).write_text(json.dumps({k: v for k, v in card.items() if k != "family"}))
     yield from serve_feedback_app("diffray-sdxl", reg, model="builtin:tiny-sdxl", controlnets={})
 
 
@@ -39,8 +45,12 @@ def test_models_name_the_family_and_sdxl_draws_at_its_native_size(server):
     assert {k: m["kind"] for k, m in entries.items()} == {"base": "base", "lora-xl": "lora", "lora-xl-b": "lora",
                                                           "cn-xl": "controlnet", "lora-sd": "lora",
                                                           "cn-sd": "controlnet", "ti-xl": "textual_inversion",
-                                                          "ti-sd": "textual_inversion"}
-    assert all(m["available"] for m in entries.values())
+                                                          "ti-sd": "textual_inversion", "cn-sd-old": "controlnet"}
+    # an adapter whose card names another family is listed as unavailable, saying why
+    other = {"lora-sd", "cn-sd", "ti-sd"}
+    assert all(m["available"] for k, m in entries.items() if k not in other) and all(
+        not entries[k]["available"] and entries[k]["family"] == "stable-diffusion" and entries[k]["reason"] ==
+        "trained for a stable-diffusion model; this server's model is stable-diffusion-xl" for k in other)
     base, _ = server.generate(prompt="a red circle", n=2)  # no width/height: the model's 64 px
     assert base[0].shape == (64, 64, 3) and np.abs(base[0] - base[1]).max() > 0
     again, _ = server.generate(prompt="a red circle", n=2)
@@ -72,11 +82,16 @@ def test_lora_and_controlnet_change_sdxl_images_and_mixed_batches_equal_each_alo
 def test_adapters_made_for_another_base_model_are_a_422_naming_the_field(server):
     disc = b64_png(control_disc())
     for body, param in [({"control": {"model": "cn-sd", "image": disc}}, "control.model"),
-                        ({"adapter": "lora-sd"}, "adapter"), ({"adapter": "ti-sd"}, "adapter")]:
+                        ({"adapter": "lora-sd"}, "adapter"), ({"adapter": "ti-sd"}, "adapter"),
+                        ({"adapters": [{"id": "lora-xl"}, {"id": "lora-sd"}]}, "adapters.1.id")]:
         status, js, _ = server.call("POST", "/v1/generate", {"prompt": "a red circle", "steps": 2, **body})
         assert status == 422 and js["error"]["param"] == param, js
-    assert "cross_attention_dim is 32, the model's 64" in server.call(
-        "POST", "/v1/generate", {"prompt": "x", "control": {"model": "cn-sd", "image": disc}})[1]["error"]["message"]
+        assert "trained for a stable-diffusion model; this server's model is stable-diffusion-xl" in \
+            js["error"]["message"], js
+    # a card without the family: the replica's load finds the mismatch
+    old = {"prompt": "x", "control": {"model": "cn-sd-old", "image": disc}}
+    message = server.call("POST", "/v1/generate", old)[1]["error"]["message"]
+    assert "cross_attention_dim is 32, the model's 64" in message
     again, _ = server.generate(prompt="a photo of <x-tok>", adapter="ti-xl")  # the replica still serves, TI too
     assert again[0].shape == (64, 64, 3)
 

@@ -7,11 +7,14 @@ base's LoRA, a DDPM sampler, a negative prompt, a ControlNet) is a 422 naming th
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from serve_helpers import KEY, b64_png, control_disc, png_array, serve_feedback_app
+
+from diffray.models.adapters import CARD
 
 pytestmark = [pytest.mark.e2e]
 
@@ -27,6 +30,9 @@ def server(ray_cluster, tmp_path_factory):
     random_lora(flux, reg / "lora-flux-b", seed=2)
     sd = resolve_model_path("builtin:tiny-random")  # made for another base model
     random_lora(sd, reg / "lora-sd", seed=5)
+    old = random_lora(sd, reg / "lora-sd-old", seed=5)  # a card from before cards named the family
+    card = json.loads((old / CARD).read_text())
+    (old / CARD).write_text(json.dumps({k: v for k, v in card.items() if k != "family"}))
     controlnet_from_unet(sd, reg / "cn-sd", seed=6)
     yield from serve_feedback_app("diffray-flux", reg, model="builtin:tiny-flux", controlnets={})
 
@@ -36,9 +42,12 @@ def test_models_name_the_family_and_flux_draws_at_its_native_size(server):
     entries = {m["id"]: m for m in js["data"]}
     assert status == 200 and entries["base"]["family"] == "flux"
     assert {k: m["kind"] for k, m in entries.items()} == {"base": "base", "lora-flux": "lora", "lora-flux-b": "lora",
-                                                          "lora-sd": "lora", "cn-sd": "controlnet"}
+                                                          "lora-sd": "lora", "cn-sd": "controlnet",
+                                                          "lora-sd-old": "lora"}
     # an adapter's family is its card's: the one it was trained on, whatever this app serves
     assert (entries["lora-flux"]["family"], entries["lora-sd"]["family"]) == ("flux", "stable-diffusion")
+    assert entries["lora-flux"]["available"] and not entries["lora-sd"]["available"]
+    assert entries["lora-sd"]["reason"] == "trained for a stable-diffusion model; this server's model is flux"
     base, _ = server.generate(prompt="a red circle", n=2)  # no width/height: the model's 64 px
     assert base[0].shape == (64, 64, 3) and np.abs(base[0] - base[1]).max() > 0
     again, _ = server.generate(prompt="a red circle", n=2)
@@ -71,8 +80,10 @@ def test_what_flux_does_not_take_is_a_422_naming_the_field(server):
                         ({"control": {"model": "cn-sd", "image": disc}}, "control.model")]:
         status, js, _ = server.call("POST", "/v1/generate", {"prompt": "a red circle", "steps": 2, **body})
         assert status == 422 and js["error"]["param"] == param, (body, js)
-    assert "none of its layers is in this base model" in server.call(
+    assert "trained for a stable-diffusion model; this server's model is flux" in server.call(
         "POST", "/v1/generate", {"prompt": "x", "adapter": "lora-sd"})[1]["error"]["message"]
+    status, js, _ = server.call("POST", "/v1/generate", {"prompt": "x", "adapter": "lora-sd-old"})
+    assert status == 422 and "none of its layers is in this base model" in js["error"]["message"]  # the replica's
     again, _ = server.generate(prompt="a red circle", adapter="lora-flux")  # the replica still serves
     assert again[0].shape == (64, 64, 3)
 

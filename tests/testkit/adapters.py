@@ -68,9 +68,11 @@ def random_textual_inversion(model_path: str, out_dir: str | Path, token: str, s
             emb[ids[-1]] = torch.randn(len(ids[-1]), emb.shape[1], generator=gen) * std
         encoders.append(te)
     second = dict(text_encoder_2=encoders[1], token_ids_2=ids[1]) if len(encoders) == 2 else {}
-    return export_textual_inversion(out_dir, encoders[0], ids[0], token, {"base_model": model_path,
-                                    "method": "textual_inversion", "note": "random", "placeholder_token": token},
-                                    **second)
+    from diffray.models.family import family_of
+
+    card = {"base_model": model_path, "method": "textual_inversion", "family": family_of(model_path).name,
+            "note": "random", "placeholder_token": token}
+    return export_textual_inversion(out_dir, encoders[0], ids[0], token, card, **second)
 
 
 def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Path:
@@ -89,7 +91,10 @@ def controlnet_from_unet(model_path: str, out_dir: str | Path, seed: int) -> Pat
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     out = Path(out_dir)
     cn.save_pretrained(out, safe_serialization=True)
-    write_card(out, {"base_model": model_path, "method": "controlnet", "note": "random"})
+    from diffray.models.family import family_of
+
+    write_card(out, {"base_model": model_path, "method": "controlnet", "family": family_of(model_path).name,
+                     "note": "random"})
     return out
 
 

@@ -216,8 +216,9 @@ class Ingress:
         data = [{"id": "base", "created": now, "kind": "base", "base_model": _model_name(self.args.model),
                  "family": self.family}]
         for a in await asyncio.to_thread(self.registry.list):
-            data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": a.available,
-                         "reason": a.problem, "base_model": card_text(a.card, "base_model"),
+            problem = a.problem or self._family_problem(a)
+            data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": problem is None,
+                         "reason": problem, "base_model": card_text(a.card, "base_model"),
                          "method": card_text(a.card, "method"), "family": card_text(a.card, "family")})
         data += [{"id": name, "created": now, "kind": "controlnet"} for name in self.args.controlnets]
         return {"object": "list", "data": data}
@@ -266,6 +267,14 @@ class Ingress:
         return {"id": rec_id, "created": created, "duplicate": duplicate}
 
     # ---------------------------------------------------------------------------------------- helpers
+    def _family_problem(self, info) -> Optional[str]:
+        """Why an artifact whose card names another model family cannot be served here (None: it can, or its
+        card is older than the family field and the replica's load checks it)."""
+        trained = card_text(info.card, "family")
+        if trained and trained != self.family:
+            return f"trained for a {trained} model; this server's model is {self.family}"
+        return None
+
     async def _check_adapters(self, job: Job, single_param: Optional[str]) -> None:
         for i, (adapter_id, _) in enumerate(job.adapters):
             param = single_param or f"adapters.{i}.id"
@@ -273,6 +282,9 @@ class Ingress:
                 info = await asyncio.to_thread(self.registry.get, adapter_id, param)
             except AdapterError as exc:
                 raise _client_error(exc, param) from None
+            if self._family_problem(info):
+                raise RequestError(f"adapter {adapter_id!r} is unavailable: {self._family_problem(info)}", param=param,
+                                   status=422)
             if info.kind not in ("lora", "textual_inversion"):
                 raise RequestError(f"{adapter_id!r} is a {info.kind}; use it as control.model", param=param)
 
@@ -293,6 +305,9 @@ class Ingress:
                 raise _client_error(exc, "control.model") from None
             if info.kind != "controlnet":
                 raise RequestError(f"{spec.model!r} is a {info.kind}, not a ControlNet", param="control.model")
+            if self._family_problem(info):
+                raise RequestError(f"adapter {spec.model!r} is unavailable: {self._family_problem(info)}",
+                                   param="control.model", status=422)
         param, data = ("control.image", spec.image) if spec.image is not None else ("control.raw_image", spec.raw_image)
         img = decode_b64_image(data, param, self.args.limits.max_control_pixels)
         img = img.resize((job.width, job.height), Image.Resampling.BICUBIC)
