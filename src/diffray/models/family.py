@@ -56,11 +56,6 @@ class StableDiffusion:
         """Text-encoder states [B, 77, D] that condition the denoiser (with grad when the encoder trains)."""
         return text_encoder(input_ids)[0]
 
-    @torch.no_grad()
-    def prompt_states(self, comps, prompts: list[str], device) -> torch.Tensor:
-        """Frozen text-encoder states [B, 77, D] of `prompts`."""
-        return self.encode(comps.text_encoder, self.tokenize(comps, prompts).to(device))
-
     def conditioning(self, comps, input_ids: torch.Tensor, batch: dict, size: tuple[int, int]) -> dict:
         """The denoiser's text conditioning kwargs of token ids (as `tokenize` makes them) from the frozen
         encoders; `batch` and the pixel `size` (H, W) are for families with size conditioning."""

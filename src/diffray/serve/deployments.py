@@ -282,9 +282,8 @@ class Ingress:
                 info = await asyncio.to_thread(self.registry.get, adapter_id, param)
             except AdapterError as exc:
                 raise _client_error(exc, param) from None
-            if self._family_problem(info):
-                raise RequestError(f"adapter {adapter_id!r} is unavailable: {self._family_problem(info)}", param=param,
-                                   status=422)
+            if problem := self._family_problem(info):
+                raise RequestError(f"adapter {adapter_id!r} is unavailable: {problem}", param=param, status=422)
             if info.kind not in ("lora", "textual_inversion"):
                 raise RequestError(f"{adapter_id!r} is a {info.kind}; use it as control.model", param=param)
 
@@ -305,9 +304,9 @@ class Ingress:
                 raise _client_error(exc, "control.model") from None
             if info.kind != "controlnet":
                 raise RequestError(f"{spec.model!r} is a {info.kind}, not a ControlNet", param="control.model")
-            if self._family_problem(info):
-                raise RequestError(f"adapter {spec.model!r} is unavailable: {self._family_problem(info)}",
-                                   param="control.model", status=422)
+            if problem := self._family_problem(info):
+                raise RequestError(f"adapter {spec.model!r} is unavailable: {problem}", param="control.model",
+                                   status=422)
         param, data = ("control.image", spec.image) if spec.image is not None else ("control.raw_image", spec.raw_image)
         img = decode_b64_image(data, param, self.args.limits.max_control_pixels)
         img = img.resize((job.width, job.height), Image.Resampling.BICUBIC)
