@@ -54,13 +54,13 @@ def runs_root(tmp_path_factory) -> str:
 def mean_jpeg_kb(pipe, cfg, seed: int = 999) -> float:
     """Mean JPEG size of EVAL_SAMPLES images DDPO-sampled from the pipeline's UNet (fixed prompts/seeds), with
     the conditioning of the pipeline's family (SDXL's: both encoders, pooled embedding, size ids)."""
-    from diffray.models.family import StableDiffusion, StableDiffusionXL
+    from diffray.models.family import family_of
     from diffray.trainers.components.ddpo import ddim_scheduler, draw_prompts, sample_trajectory
     from diffray.trainers.components.rewards import get_reward
     from diffray.trainers.ddpo.task import decode_images
 
     d = cfg.ddpo
-    family = StableDiffusionXL() if getattr(pipe, "text_encoder_2", None) is not None else StableDiffusion()
+    family = family_of(pipe.name_or_path)
 
     def cond(prompts):
         with torch.no_grad():
