@@ -202,6 +202,7 @@ def _post_until_accepted(site, body: dict, log: list) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: the feedback store's unit tests and the feedback loop e2e (test_feedback_loop.py)
 def test_200_concurrent_posts_with_a_restart_are_each_exported_exactly_once(site, tmp_path):
     import ray
 

@@ -348,10 +348,11 @@ def test_killing_a_generator_replica_under_load(server, retry):
 
 
 # ------------------------------------------------------------------------------------ the shipped config
-# `diffray serve configs/serve.yaml` is the README's serve block (tests/e2e/test_readme.py, slow suite), so CI
-# runs `serve run` here; this test's checks on the `diffray serve` launcher are the eval matrix.
+# `diffray serve configs/serve.yaml` is the README's serve block (tests/e2e/test_readme.py, slow suite), which CI
+# runs; both launchers' checks here are the eval matrix.
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", [pytest.param("diffray", marks=pytest.mark.eval), "serve"])
+@pytest.mark.eval
+@pytest.mark.parametrize("launcher", ["diffray", "serve"])
 def test_shipped_config_runs_with_serve_run_and_diffray_serve(launcher, tmp_path):
     """configs/serve.yaml as-is (port and registry moved aside): `serve run FILE` / `diffray serve FILE`
     start a fresh local cluster, answer an OpenAI-style request, and stop on Ctrl-C."""

@@ -86,6 +86,7 @@ def test_replicas_follow_a_load_ramp_up_and_back_down(serve_port, tmp_path):
     assert last["id"] in replicas and last["answered"] >= 1 and last["resident_adapters"] == [], last
 
 
+@pytest.mark.eval  # CI: the load-ramp test above scales the same Generator up and down
 def test_a_generator_scaled_to_zero_starts_a_replica_for_the_first_request(serve_port, tmp_path):
     from ray import serve
 

@@ -304,7 +304,8 @@ def write_mixed_aspect_folder(root: Path, per_shape: int = 4) -> Path:
     return root
 
 
-@pytest.mark.slow  # CI's slow suite runs it (the default suite's budget)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: unit/test_buckets.py and unit/test_families.py (bucketed SDXL rows)
 def test_aspect_buckets_stream_one_shape_batches_and_cache_reproduces_training(ray_cluster, tmp_path, tiny_model_path):
     """Buckets stream one-shape batches; the latent cache (flips and caption dropout included) reproduces
     uncached training with no encoder call, is found again instead of rebuilt, and another setting is

@@ -110,7 +110,8 @@ def test_full_finetune_zero3_exports_a_pipeline_matching_the_trained_unet(ray_cl
     assert read_card(result.artifact_dir)["mode"] == "full"
 
 
-@pytest.mark.slow  # ~30 s: the default suite generates and reuses class images on local disk (same code)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: class images on local disk (default suite), the latent cache on S3 (test_data_pipeline.py)
 def test_class_images_beside_a_latent_cache_on_object_storage_are_made_once_and_read_back(s3, ray_cluster, tmp_path,
                                                                                             tiny_model_path):
     """No shared filesystem: with `data.cache` on S3 the class images go there too, made once, and are read back

@@ -98,7 +98,8 @@ def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
         evaluate(suite="star", controlnet=f"{tiny_model_path}/controlnet", model=tiny_model_path)
 
 
-@pytest.mark.slow  # ~35 s; CI's slow suite runs it (the default suite's 20-min budget)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: unit/test_world_eval.py (the reader's labels) and Diffusion-DPO on pairs (default suite)
 def test_world_pairs_are_labelled_by_what_the_reader_reads(ray_cluster, tmp_path):
     """`diffray data world-pairs`: two images per prompt from the pretrained model; each label says what
     the reader finds in the stored images (right preferred, both right a tie, both wrong both bad), and

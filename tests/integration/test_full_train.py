@@ -191,6 +191,7 @@ def test_full_zero2_learns_exports_ema_and_raw_as_a_stock_pipeline(ray_cluster, 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", [[], pytest.param(["strategy.name=ddp", "train.ema_on_cpu=true"], marks=pytest.mark.eval)],
                          ids=["zero2", "ddp-cpu"])
+@pytest.mark.eval  # CI: EMA on full fine-tuning (default suite) and exact resume (test_lora_train.py)
 def test_resumed_run_continues_the_same_ema(ray_cluster, tmp_path, engine):
     common = ["train.max_steps=4", "train.checkpoint_every=2", "train.ema_decay=0.9", *engine]
     straight = run_training(full_cfg(tmp_path, "ema-straight", *common))

@@ -111,10 +111,9 @@ def test_demo_run_learns_exports_and_roundtrips(ray_cluster, tmp_path, tiny_mode
     assert abs(lora_img - base_img).mean() > 1e-3
 
 
-# Slow suite: DeepSpeed (the default suite trains 2 ZeRO-2 workers in its SIGKILL and checkpoint drills);
-# DDP's case is the eval matrix.
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.eval), "deepspeed"])
+@pytest.mark.eval  # CI: 2 ZeRO-2 workers reproduce a straight run in the SIGKILL and checkpoint drills
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_data_parallel_equivalence(ray_cluster, tmp_path, strategy):
     """2 workers x micro-batch 1 == 1 worker x micro-batch 2 on the same data (gradients are averaged)."""
     from diffray.data.sample import write_sample_dataset
@@ -242,7 +241,8 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
-@pytest.mark.slow  # ~100 s; CI's slow suite runs it (the default suite's 20-min budget)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: val_loss under ZeRO-3 (test_full_train.py) and the trackers' unit tests
 def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
     from diffray.trainers.datasets import build_datasets
 
@@ -292,7 +292,8 @@ def assert_tracked(runs, vals) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
-    ("zero3", ["strategy.zero_stage=3", "train.validate_every=4", "data.validation_fraction=0.2"]),
+    pytest.param("zero3", ["strategy.zero_stage=3", "train.validate_every=4", "data.validation_fraction=0.2"],
+                 marks=pytest.mark.eval),  # CI: ZeRO-3 with validation on full fine-tuning, Flux's ZeRO-3 resume
     pytest.param("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"],
                  marks=pytest.mark.eval),  # CI: ZeRO-3 above, ZeRO-2 in the default suite (the same engine)
     pytest.param("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"],
@@ -321,6 +322,7 @@ RUN_ELSEWHERE = (set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "R
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: each config's engine and method run in the tests above (DDP: the exact-resume test)
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").glob("*.yaml"))  # training jobs only
                                   if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))
                                   and p.name not in RUN_ELSEWHERE],
@@ -367,6 +369,7 @@ def test_ema_adapter_is_the_hand_computed_ema_and_the_card_says_so(ray_cluster, 
     assert read_card(result.artifact_dir)["weights"] == "ema (decay 0.9)"
 
 
+@pytest.mark.eval  # CI: unit/test_speed.py (each option on the model, same outputs and gradients)
 def test_accelerator_options_train_the_same_adapter(ray_cluster, tmp_path, straight_run):
     """Eager attention, torch.compile (aot_eager: graph capture without kernel generation) and fused AdamW
     under ZeRO-2 on 2 workers: the same adapter as the straight run, to float noise. (Channels-last is

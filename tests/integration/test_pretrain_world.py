@@ -25,6 +25,7 @@ def losses(work: Path, stage: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+@pytest.mark.eval  # CI: unit/test_world_model.py checks the shipped world model draws its world
 def test_pretrain_world_runs_and_resumes(ray_cluster, tmp_path):
     import torch
     from diffusers import ControlNetModel, StableDiffusionPipeline
