@@ -25,6 +25,7 @@ def run(args: list[str], env=None, timeout=600) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.eval  # CI: the README's train block runs `diffray train` and `generate` through the CLI
 def test_readme_commands_end_to_end(tmp_path, tiny_model_path):
     # `init-model`, `data sample` and `config show` run as commands in the README's data block
     # (tests/e2e/test_readme.py); here their outputs come from the same library calls.

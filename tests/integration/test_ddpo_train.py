@@ -111,7 +111,8 @@ def test_jpeg_reward_moves_the_policy(ray_cluster, runs_root, tiny_model_path, r
         assert after > before + MARGIN_KB
 
 
-@pytest.mark.slow  # ~90 s; CI's slow suite runs it (the default suite's 20-min budget)
+@pytest.mark.slow
+@pytest.mark.eval  # CI: SD's DDPO (default suite), SDXL's guided sampling and log-probs (unit/test_ddpo_components.py)
 def test_reward_actor_killed_mid_call_is_restarted_and_the_epoch_completes(ray_cluster, tmp_path, faults,
                                                                            model_from_zero_checkpoint):
     """On SDXL with guidance (CI's SDXL DDPO run: both encoders, pooled embedding and size ids through

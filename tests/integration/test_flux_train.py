@@ -71,6 +71,7 @@ def events(run_dir: str) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: Flux LoRA training (default suite), flow matching (unit/test_flux.py), exact resume on SD
 def test_flux_resume_under_zero3_equals_a_straight_run_with_logit_normal_sampling_and_a_shift(ray_cluster,
                                                                                                tmp_path):
     """Under ZeRO-3 with gradient checkpointing, from the latent cache (how Flux fits a GPU: no VAE, T5 or

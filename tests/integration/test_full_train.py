@@ -85,6 +85,7 @@ def fixed_noise_loss(unet, comps, data_dir: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: full fine-tuning under ZeRO-2 (default suite), the TE latent cache through LoRA
 def test_zero3_with_text_encoder_latent_cache_and_validation(ray_cluster, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -199,6 +199,7 @@ DDP_OPTIONS = ["strategy.name=ddp", "lora.train_text_encoder=true", "model.predi
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: exact resume under ZeRO-2 (the checkpoint drill), the loss options' unit tests
 def test_resume_is_exact_under_ddp_with_every_loss_option(ray_cluster, tmp_path):
     """The other engine with every loss option (accumulation's micro-batches skipped on resume, dropout
     reseeded): 4 steps + resume to 8 equals 8 straight steps, and the adapter exports both models' LoRAs."""

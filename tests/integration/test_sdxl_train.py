@@ -62,6 +62,7 @@ def test_shipped_sdxl_lora_config_learns_and_its_artifact_loads_in_stock_sdxl(ra
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: SDXL LoRA training (default suite), exact resume on SD (the checkpoint drill)
 def test_sdxl_resume_equals_a_straight_run_and_a_both_encoder_lora_loads_in_stock_sdxl(
         ray_cluster, tmp_path, model_from_zero_checkpoint):
     """LoRA on the UNet and both text encoders (`lora.train_text_encoder`): 4 steps + resume to 8 equals 8
@@ -144,6 +145,7 @@ def losses(run_dir: str) -> list[float]:
     return [e["loss"] for e in events(run_dir) if "loss" in e and "event" not in e]
 
 
+@pytest.mark.eval  # CI: ControlNet training on SD, SDXL ControlNets served (e2e/test_serve_families.py)
 def test_sdxl_controlnet_learns_and_its_artifact_drives_stock_sdxl_controlnet(ray_cluster, tmp_path):
     """configs/controlnet_sdxl.yaml (20 of its 40 steps): the ControlNet copies the SDXL UNet's encoder with
     its size/pooled-text embedding and gets the same added conditioning in training; the artifact equals
@@ -230,6 +232,7 @@ def test_sdxl_full_fine_tuning_exports_a_stock_sdxl_pipeline(ray_cluster, tmp_pa
     assert moved > 1e-4 and type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
 
 
+@pytest.mark.eval  # CI: Textual Inversion on SD, SDXL embeddings served (e2e/test_serve_families.py)
 def test_sdxl_textual_inversion_learns_one_row_per_encoder_and_loads_as_diffusers_documents(ray_cluster, tmp_path):
     """configs/textual_inversion_sdxl.yaml (16 steps, weight decay on): the token's row trains in both
     encoders and every other row stays bit-identical; the file holds clip_l/clip_g, loaded into the stock

@@ -58,6 +58,7 @@ def tune_job(tmp_path: Path, config: str, tune: dict, overrides: list[str]):
 
 
 @pytest.mark.slow
+@pytest.mark.eval  # CI: a search through Tune (the tune_schedulers benchmark at toy size), ASHA records (unit)
 def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, tmp_path, tiny_model_path):
     """The README's tune lines, run as written from a folder holding configs/ (joining the test cluster, as
     under `ray job submit`), with shorter rungs and half the grid appended; then the search read back and its

@@ -85,6 +85,7 @@ def test_options_are_config_fields_with_named_errors():
         load_config("configs/lora.yaml", ["train.compile_mode=fast"])
 
 
+@pytest.mark.eval  # CI: each option on the model (above), the serving engine's batches (test_serve_engine.py)
 def test_serving_engine_with_every_option_draws_the_same_images(tiny_model_path, tmp_path):
     import io
     from dataclasses import replace
