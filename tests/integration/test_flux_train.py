@@ -104,7 +104,7 @@ def test_flux_resume_under_zero3_equals_a_straight_run_with_logit_normal_samplin
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: DreamBooth on SD (default suite), Flux LoRA training (default) and resume (slow)
+@pytest.mark.eval  # CI: DreamBooth on SD and Flux LoRA training (default suite)
 def test_flux_dreambooth_lora_with_prior_preservation_learns_and_loads_in_stock_flux(ray_cluster, tmp_path):
     """configs/dreambooth_flux.yaml as shipped (40 steps; at 20 the loss has not moved yet): class images
     drawn by the Flux base at the training size, instance and class rows in each step's forward, the loss

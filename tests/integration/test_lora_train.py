@@ -243,7 +243,7 @@ def test_workers_the_cluster_cannot_hold_fail_fast(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: val_loss under ZeRO-3 (test_full_train.py) and the trackers' unit tests
+@pytest.mark.eval  # CI: the trackers' unit tests; no CI test computes val_loss now
 def test_held_out_validation_loss_is_logged_and_reproducible(ray_cluster, tmp_path, tiny_model_path):
     from diffray.trainers.datasets import build_datasets
 
@@ -294,7 +294,7 @@ def assert_tracked(runs, vals) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name, overrides", [
     pytest.param("zero3", ["strategy.zero_stage=3", "train.validate_every=4", "data.validation_fraction=0.2"],
-                 marks=pytest.mark.eval),  # CI: ZeRO-3 with validation on full fine-tuning, Flux's ZeRO-3 resume
+                 marks=pytest.mark.eval),  # no ZeRO-3 run in CI: full fine-tuning's and Flux's are eval too
     pytest.param("zero1-offload", ["strategy.zero_stage=1", "strategy.offload_optimizer=true"],
                  marks=pytest.mark.eval),  # CI: ZeRO-3 above, ZeRO-2 in the default suite (the same engine)
     pytest.param("zero0-accum", ["strategy.zero_stage=0", "train.grad_accum_steps=2", "train.micro_batch_size=1"],
@@ -323,7 +323,7 @@ RUN_ELSEWHERE = (set(re.findall(r"diffray train configs/(\S+\.yaml)", (REPO / "R
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: each config's engine and method run in the tests above (DDP: the exact-resume test)
+@pytest.mark.eval  # CI: each config's engine and method run in the tests above (DDP: make test-eval only)
 @pytest.mark.parametrize("path", [p for p in sorted((REPO / "configs").glob("*.yaml"))  # training jobs only
                                   if not {"tune", "applications"} & set(yaml.safe_load(p.read_text()))
                                   and p.name not in RUN_ELSEWHERE],

@@ -195,7 +195,7 @@ def test_sdxl_controlnet_learns_and_its_artifact_drives_stock_sdxl_controlnet(ra
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: DreamBooth on SD (default suite), SDXL LoRA (default) and resume (slow)
+@pytest.mark.eval  # CI: DreamBooth on SD and SDXL LoRA training (default suite)
 def test_sdxl_dreambooth_lora_with_prior_preservation_learns_and_loads_in_stock_sdxl(ray_cluster, tmp_path):
     """configs/dreambooth_sdxl.yaml (20 of its 40 steps): class images drawn by the SDXL base, instance and
     class rows in each step's forward, the loss falls, the LoRA loads in `StableDiffusionXLPipeline`."""

@@ -101,7 +101,7 @@ def test_learns_only_the_new_token_and_exports_a_stock_embedding(ray_cluster, tm
     assert abs(render(f"a photo of {TOK}") - base_img).mean() > 1e-3
 
 
-@pytest.mark.eval  # CI: single-vector TI (above) and SDXL TI with one row per encoder
+@pytest.mark.eval  # CI: single-vector TI (above)
 def test_multi_vector_style_token_with_ddp(ray_cluster, tmp_path, tiny_model_path):
     from diffusers import StableDiffusionPipeline
 

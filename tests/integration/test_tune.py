@@ -129,7 +129,7 @@ def test_asha_search_exports_a_best_adapter_that_loads_and_reruns(ray_cluster, t
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: a trial's checkpoints and the ASHA search through the CLI (above)
+@pytest.mark.eval  # CI: a trial through Tune in the tune_schedulers benchmark smoke
 def test_a_failed_trial_is_reported_and_resumes_from_its_own_checkpoint(ray_cluster, tmp_path):
     """Two trials, one at a time; rank 0 of each is SIGKILLed once before step 9, once Ray has registered
     the step-6 checkpoint. failure.max_failures=1 restarts that trial's workers from it; =0 fails the trial: the search
@@ -189,7 +189,7 @@ def _losses(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.eval  # CI: the ASHA search through the CLI (above); the trackers' unit tests
+@pytest.mark.eval  # CI: the tune_schedulers benchmark smoke; the trackers' unit tests
 def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     """On an SDXL model (the shipped job with model.path changed: Tune is the same for every family)."""
     from diffray.models.adapters import read_card

@@ -70,7 +70,7 @@ def save_state_often(monkeypatch):
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 
-@pytest.mark.eval  # CI: unit/test_tune_results.py (rung records, restore) and the ASHA search
+@pytest.mark.eval  # CI: unit/test_tune_results.py (rung records, restore)
 def test_each_rung_keeps_the_best_quarter_of_the_whole_rung_and_survivors_resume_at_their_rung(ray_cluster, tmp_path):
     qs = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # worst first
     exp_dir, by_q, starts = run(tmp_path, qs)
@@ -91,7 +91,7 @@ def test_each_rung_keeps_the_best_quarter_of_the_whole_rung_and_survivors_resume
     assert state["rungs"] == [5, 20] and state["expected"] == [8, 2]
 
 
-@pytest.mark.eval  # CI: unit/test_tune_results.py and the ASHA search
+@pytest.mark.eval  # CI: unit/test_tune_results.py
 def test_a_trial_that_fails_before_its_rung_does_not_hold_the_rung_up(ray_cluster, tmp_path):
     qs = [5.0, 4.0, 3.0, 2.0, 1.0]
     exp_dir, by_q, starts = run(tmp_path, qs, fail_q=1.0, max_running=3, slow_q=5.0)
