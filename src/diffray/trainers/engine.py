@@ -98,11 +98,27 @@ class Engine:
         return float(self.optimizer.param_groups[0]["lr"])
 
 
+def skip_inference_comm_op() -> None:
+    """On CPU, DeepSpeed's comm backend loads its shared-memory all-reduce (`deepspeed_shm_comm`) when it
+    starts, JIT-compiling it first where no build is cached: about 90 s of both cores on a fresh node, and
+    again whenever a process with another compile command (a plain Python process vs a Ray worker) loaded it
+    last. Only `inference_all_reduce` uses that op; training's collectives are torch.distributed's. So it is
+    marked unavailable before the backend starts (deepspeed.ops keeps its probe of compatible ops in one
+    dict for edits like this one). GPUs' accelerators have no such op: nothing to do there."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, module, optim: OptimSection, strategy: StrategySection, micro_batch_size: int,
                  grad_accum_steps: int, max_steps: int, precision: str):
         import deepspeed
 
+        skip_inference_comm_op()
         super().__init__(module, grad_accum_steps)
         world = dist.get_world_size() if dist.is_initialized() else 1
         ds_config = build_deepspeed_config(strategy.zero_stage, micro_batch_size, grad_accum_steps, world,
