@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -117,6 +118,33 @@ def test_openai_client_gets_images(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.images.generate(prompt="x", size="65x64")
     assert "size" in str(err.value)
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """{name: ms} of a Server-Timing header (`name;dur=12.3, ...`)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/generate", {"prompt": "a red circle", "steps": 4, "seed": 7, "adapter": "lora-a"}),
+    ("/v1/images/generations", {"prompt": "a red circle", "size": "64x64", "model": "base"}),
+])
+def test_an_answer_says_where_its_time_went(server, path, body):
+    t0 = time.perf_counter()
+    status, js, headers = server.call("POST", path, body)
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    assert status == 200, js
+    t = server_timing(headers["server-timing"])
+    assert list(t) == ["ingress", "generator", "adapters", "queue", "engine"], headers["server-timing"]
+    assert t["engine"] > 0 and t["adapters"] >= 0 and t["queue"] >= 0 and int(headers["x-diffray-batch"]) >= 1
+    # nested: the replica's parts within the Ingress's call to it, within the handler, within the client's wait
+    # (each figure rounded to 0.1 ms)
+    assert t["adapters"] + t["queue"] + t["engine"] <= t["generator"] + 0.2
+    assert t["generator"] <= t["ingress"] + 0.1 and t["ingress"] <= wall_ms
 
 
 def test_new_adapter_is_served_without_redeploy(server):

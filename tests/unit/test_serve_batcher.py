@@ -72,3 +72,30 @@ def test_a_batch_waits_up_to_wait_s_for_more_jobs():
     engine = Engine()
     assert asyncio.run(main(engine)) == ["A", "B"]
     assert engine.batches == [["a", "b"]]
+
+
+def test_each_job_is_told_how_long_it_queued_and_how_long_its_batch_ran():
+    async def main(engine):
+        loop = asyncio.get_running_loop()
+        batcher = Batcher(engine.run, max_size=3, wait_s=0.0)
+        first = asyncio.create_task(batcher.submit_timed("a"))
+        await until(engine.started)  # "a" runs (blocked); "b" and "c" queue behind it
+        a_running = loop.time()
+        rest = [asyncio.create_task(batcher.submit_timed(j)) for j in ("b", "c")]
+        while batcher.queue.qsize() < 2:
+            await asyncio.sleep(0)
+        queued = loop.time()
+        await asyncio.sleep(0.02)  # not a synchronisation: a known least time for "b" and "c" in the queue
+        released = loop.time()
+        engine.release.set()
+        return await first, await asyncio.gather(*rest), a_running, queued, released
+
+    engine = Engine()
+    (a, ta), [(b, tb), (c, tc)], a_running, queued, released = asyncio.run(main(engine))
+    assert (a, b, c) == ("A", "B", "C") and engine.batches == [["a"], ["b", "c"]]
+    assert (ta.batch_size, tb.batch_size, tc.batch_size) == (1, 2, 2)
+    assert ta.run_s >= released - a_running >= 0.02  # "a"'s call lasted at least until it was released
+    assert tb.run_s == tc.run_s >= 0  # one call, shared by the batch
+    # "b" and "c" were queued before "a" was released, and their batch started after "a"'s call returned
+    assert min(tb.queued_s, tc.queued_s) >= released - queued >= 0.02
+    assert 0 <= ta.queued_s < ta.run_s

@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where one job's time in the batcher went (seconds): waiting for its batch to start, and the batch's
+    `run` call, which every job of the batch shares."""
+
+    queued_s: float
+    run_s: float
+    batch_size: int
+
+
 class Batcher:
-    """`await submit(job)` returns the job's entry of `run(jobs)`: a result, or an exception object."""
+    """`await submit(job)` returns the job's entry of `run(jobs)`: a result, or an exception object;
+    `submit_timed` returns it with its `Timing`."""
 
     def __init__(self, run: Callable[[list], list], max_size: int, wait_s: float):
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
@@ -26,12 +38,17 @@ class Batcher:
         self.task: asyncio.Task | None = None
 
     async def submit(self, job) -> Any:
+        return (await self.submit_timed(job))[0]
+
+    async def submit_timed(self, job) -> tuple[Any, Timing]:
         if self.task is None:  # created on the loop that serves the requests
             self.queue = asyncio.Queue()
             self.task = asyncio.create_task(self._loop())
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future, submitted = loop.create_future(), loop.time()
         self.queue.put_nowait((job, future))
-        return await future
+        result, started, run_s, size = await future
+        return result, Timing(started - submitted, run_s, size)
 
     async def _next_batch(self) -> list[tuple[Any, asyncio.Future]]:
         loop = asyncio.get_running_loop()
@@ -55,10 +72,13 @@ class Batcher:
             batch = await self._next_batch()
             if not batch:
                 continue
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 results = await asyncio.to_thread(self.run, [job for job, _ in batch])
             except Exception as exc:  # noqa: BLE001 - the engine answers per job; this is a bug's last resort
                 results = [exc] * len(batch)
+            run_s = loop.time() - started
             for (_, fut), result in zip(batch, results):
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_result((result, started, run_s, len(batch)))

@@ -103,6 +103,18 @@ class AdapterSet:
             self.engine.release(self.ids)
 
 
+def answer_headers(result: dict, t0: float) -> dict[str, str]:
+    """An image answer's headers: the replica that drew it, and a Server-Timing header saying where the
+    request's time went, in ms: `ingress` (this handler, from the validated request to the encoded images),
+    `generator` (its call to the Generator, the actor hop included), and within the replica `adapters`
+    (loading or finding the adapter set), `queue` (waiting for its batch to start) and `engine` (the
+    batch's pipeline call and PNG encoding, shared by the `batch` jobs in it)."""
+    timing = {**result["timing"], "ingress": time.perf_counter() - t0}
+    parts = [f"{name};dur={timing[name] * 1e3:.1f}" for name in ("ingress", "generator", "adapters", "queue", "engine")]
+    return {"X-Diffray-Replica": result["replica"], "X-Diffray-Batch": str(timing["batch"]),
+            "Server-Timing": ", ".join(parts)}
+
+
 @serve.deployment(name="Generator")
 class Generator:
     """One pipeline per replica; requests of the same shape share a pipeline call (`Batcher`, then the
@@ -133,16 +145,20 @@ class Generator:
         if job.timeout_s > 0:  # a backstop on this process's own clock, should the ingress's cancel never arrive
             job.deadline = time.monotonic() + 2 * job.timeout_s
         key = serve.get_multiplexed_model_id()
+        t0 = time.perf_counter()
         if key:
             await self.adapter_set(key)
+        adapters_s = time.perf_counter() - t0
         try:
-            result = await self.batcher.submit(job)
+            result, timing = await self.batcher.submit_timed(job)
         except asyncio.CancelledError:  # the caller gave up: stop the pipeline at its next step
             self.engine.cancel(job.job_id)
             raise
         if isinstance(result, BaseException):  # this job's own failure; its batch-mates are unaffected
             raise result
-        return {"images": result, "replica": self.replica_id, "resident": sorted(self.engine.adapters.loaded)}
+        return {"images": result, "replica": self.replica_id, "resident": sorted(self.engine.adapters.loaded),
+                "timing": {"adapters": adapters_s, "queue": timing.queued_s, "engine": timing.run_s,
+                           "batch": timing.batch_size}}
 
     def info(self) -> dict:
         return {"replica": self.replica_id, **self.engine.info()}
@@ -227,6 +243,7 @@ class Ingress:
               response_model=ImagesResponse, dependencies=AUTH,
               responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def images_generations(self, req: ImagesRequest) -> JSONResponse:
+        t0 = time.perf_counter()
         job = images_job(req, self.args.limits, self.default_size, self.args.default_steps, self.default_guidance)
         await self._check_adapters(job, single_param="model")
         result = await self._run(job, "model")
@@ -235,13 +252,13 @@ class Ingress:
                     for png in result["images"]]
         else:
             data = [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in result["images"]]
-        return JSONResponse({"created": int(time.time()), "data": data},
-                            headers={"X-Diffray-Replica": result["replica"]})
+        return JSONResponse({"created": int(time.time()), "data": data}, headers=answer_headers(result, t0))
 
     @api.post("/v1/generate", summary="Everything: negative prompt, steps, guidance, seed, scheduler, "
               "adapters with weights, ControlNet with a control image", response_model=GenerateResponse,
               dependencies=AUTH, responses=error_responses(400, 401, 404, 413, 422, 503, 504))
     async def generate(self, req: GenerateRequest) -> JSONResponse:
+        t0 = time.perf_counter()
         job = generate_job(req, self.args.limits, self.default_size, self.args.default_steps, self.default_guidance)
         await self._check_adapters(job, single_param="adapter" if req.adapter is not None else None)
         if req.control is not None:
@@ -251,7 +268,7 @@ class Ingress:
                   for i, png in enumerate(result["images"])]
         return JSONResponse({"created": int(time.time()), "model": job.adapter_key() or "base", "seed": job.seed,
                              "width": job.width, "height": job.height, "images": images},
-                            headers={"X-Diffray-Replica": result["replica"]})
+                            headers=answer_headers(result, t0))
 
     @api.post("/v1/feedback", summary="Record which of two images of one prompt a person preferred",
               response_model=FeedbackAccepted, dependencies=AUTH,
@@ -322,10 +339,12 @@ class Ingress:
         retry_after = self.args.generator.retry_after_s
         job.timeout_s = self.args.limits.request_timeout_s
         self.in_flight += 1
+        t0 = time.perf_counter()
         try:
             result = await self._attempts(job, handle, param, retry_after)
         finally:
             self.in_flight -= 1
+        result["timing"]["generator"] = time.perf_counter() - t0
         seen = self.answers.setdefault(result["replica"], {"answered": 0})
         seen.update(resident=result.get("resident", []), at=time.monotonic(), answered=seen["answered"] + 1)
         return result
