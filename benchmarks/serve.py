@@ -9,7 +9,10 @@
 4. requests for `--adapters` distinct LoRAs at concurrency 8: mixed-adapter batching (one pipeline call,
    each row its own LoRA: `diffray.serve.mixing`) vs one call per adapter, as throughput through Serve (two apps, batching on
    in both) and as `ImageEngine.run` of one such batch directly, with every image checked against the
-   image the job gets alone.
+   image the job gets alone;
+5. where a served request's time goes (the latency requests' own Server-Timing headers: HTTP and proxy,
+   the Ingress, the hop to the Generator, its queue, its engine call), beside an HTTP round trip to a route
+   that does nothing (`/healthz`) and the direct call.
 
     .venv/bin/python benchmarks/serve.py            # --requests 60 --rounds 3 --steps 10
 
@@ -42,12 +45,43 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def post(url: str, body: dict) -> float:
+    return post_timed(url, body)[0]
+
+
+def post_timed(url: str, body: dict) -> tuple[float, dict[str, float]]:
+    """Seconds until the whole answer was read, and the answer's Server-Timing parts (seconds)."""
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
         r.read()
         assert r.status == 200
+        timing = r.headers.get("Server-Timing", "")
+    wall = time.perf_counter() - t0
+    parts = (p.strip().partition(";dur=") for p in timing.split(",") if p.strip())
+    return wall, {name: float(dur) / 1e3 for name, _, dur in parts}
+
+
+def get(url: str) -> float:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as r:
+        r.read()
     return time.perf_counter() - t0
+
+
+def decompose(direct: list[float], served: list[tuple[float, dict]], healthz: list[float]) -> dict:
+    """Median ms of where a served request's time went, each part from the same requests' Server-Timing:
+    HTTP and the proxy (the client's wait less the Ingress handler), the Ingress's own work, the hop to the
+    Generator and back, the replica's queue and adapter lookup, and its engine call; beside them a direct
+    call in this process and an HTTP round trip to a route that does nothing (`/healthz`)."""
+    def med(xs):
+        return statistics.median(xs) * 1e3
+
+    return {"direct_engine": med(direct), "replica_engine": med([t["engine"] for _, t in served]),
+            "replica_queue_and_adapters": med([t["queue"] + t["adapters"] for _, t in served]),
+            "generator_hop": med([t["generator"] - t["engine"] - t["queue"] - t["adapters"] for _, t in served]),
+            "ingress_own": med([t["ingress"] - t["generator"] for _, t in served]),
+            "http_and_proxy": med([w - t["ingress"] for w, t in served]),
+            "served_total": med([w for w, _ in served]), "healthz_round_trip": med(healthz)}
 
 
 def app_args(reg: str, steps: int, threads: int, batching: bool, mix: bool = True, adapters: int = 4) -> dict:
@@ -195,13 +229,15 @@ def main() -> None:
         for name in mixed_ids:
             post(f"{base}{prefix}/v1/generate", {**body, "adapter": name})
 
-    direct, served, tput = [], [], {"on": [], "off": [], "mix": [], "sep": []}
+    direct, timed, healthz, tput = [], [], [], {"on": [], "off": [], "mix": [], "sep": []}
     for r in range(args.rounds):
         for _ in range(args.requests):
             t0 = time.perf_counter()
             engine.run([job])
             direct.append(time.perf_counter() - t0)
-        served += [post(f"{base}/off/v1/generate", body) for _ in range(args.requests)]
+        timed += [post_timed(f"{base}/off/v1/generate", body) for _ in range(args.requests)]
+        healthz += [get(f"{base}/off/healthz") for _ in range(args.requests)]
+        served = [w for w, _ in timed]
         for variant in (("on", "off") if r % 2 == 0 else ("off", "on")):
             tput[variant].append(throughput(f"{base}/{variant}/v1/generate", body, args.concurrency,
                                             args.throughput_requests))
@@ -224,6 +260,7 @@ def main() -> None:
                        "serve_p50": pct(served, 50) * 1e3, "serve_p99": pct(served, 99) * 1e3},
         "throughput_rps": {"batching_on": statistics.median(tput["on"]), "batching_off": statistics.median(tput["off"]),
                            "rounds_on": tput["on"], "rounds_off": tput["off"]},
+        "serve_parts_ms_p50": decompose(direct, timed, healthz),
         "adapter_switch_ms": {k: v * 1e3 for k, v in switch.items()},
         "mixed_adapters": {"adapters": args.adapters, "serve_rps_mixed": statistics.median(tput["mix"]),
                            "serve_rps_per_adapter": statistics.median(tput["sep"]), "rounds_mixed": tput["mix"],
@@ -260,6 +297,8 @@ def main() -> None:
           f"{mx['per_adapter_s'] * 1e3:.0f} / {mx['mixed_s'] * 1e3:.0f} = "
           f"{res['ratios']['mixed_over_per_adapter_engine']:.2f}x | |\n"
           f"| largest pixel difference, mixed vs each job alone | {mx['max_pixel_diff_vs_alone']} | <= 1 |\n"
+          f"\nWhere a served request's time went (p50 ms, from its Server-Timing header):\n\n| part | ms |\n|---|---|\n"
+          + "".join(f"| {k} | {v:.1f} |\n" for k, v in res["serve_parts_ms_p50"].items()) +
           f"\nwrote {args.out}")
 
 
