@@ -30,6 +30,8 @@ import torch
 from diffray.methods import load_config
 from diffray.trainers.runner import run_training
 
+from common import init_ray  # benchmarks/common.py: the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers (testkit): small models built from code
 from testkit.models import build_tiny_clip, write_aesthetic_head  # noqa: E402
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ddpo_overlap.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    init_ray(num_cpus=2)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     clip, head = build_reward_models(Path(storage) / "reward")

@@ -27,6 +27,8 @@ from diffray.data.sample import write_sample_dataset
 from diffray.trainers.datasets import prepare_data
 from diffray.trainers.runner import run_training
 
+from common import init_ray  # benchmarks/common.py: the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latent_cache.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    init_ray()
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images,

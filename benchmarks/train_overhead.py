@@ -30,6 +30,8 @@ from diffray.trainers.lora.task import LoraTask
 from diffray.trainers.runner import run_training
 from diffray.trainers.session import WorkerEnv
 
+from common import init_ray  # benchmarks/common.py: the script's folder is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
 
@@ -92,10 +94,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_overhead.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
-    # With the dashboard, as the CLI and the test cluster start Ray: it serves the state API that Ray Train's
-    # placement-group cleaner polls for the controller (without it this run's placement group was removed
-    # under load twice, killing its workers).
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    init_ray(num_cpus=4)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")

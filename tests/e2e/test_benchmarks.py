@@ -29,11 +29,23 @@ TOY = {
 }
 
 
+# Each script joins the cluster in RAY_ADDRESS (benchmarks/common.py) as `diffray` commands do, so these runs
+# share the session's cluster instead of starting one each (15-20 s apiece here). serve.py starts and shuts down
+# Serve itself on a port of its own: it keeps a cluster of its own, away from the session's Serve apps.
+OWN_CLUSTER = {"serve"}
+
+
 @pytest.mark.parametrize("name", sorted(TOY))
-def test_benchmark_runs_at_toy_size(name, tmp_path):
+def test_benchmark_runs_at_toy_size(name, tmp_path, request):
+    address = ""
+    if name not in OWN_CLUSTER:
+        import ray
+
+        request.getfixturevalue("ray_cluster")
+        address = ray.get_runtime_context().gcs_address
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TOY[name], "--out", str(out)],
-                          cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text()), "the script wrote its results"

@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 DIFFRAY = str(Path(sys.executable).parent / "diffray")
 
 
-def run(args: list[str], timeout=600) -> subprocess.CompletedProcess:
-    # No RAY_ADDRESS: the CLI starts (and stops) its own local cluster.
+def run(args: list[str], ray_address: str = "", timeout=600) -> subprocess.CompletedProcess:
+    """The command as a user runs it: on the cluster in `ray_address` (as under `ray job submit`), or with none
+    the CLI starts (and stops) a local cluster of its own where it needs one."""
     return subprocess.run([DIFFRAY, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "RAY_ADDRESS": ""})
+                          env={**os.environ, "RAY_ADDRESS": ray_address})
 
 
 def test_data_world_writes_both_formats(tmp_path):
@@ -35,9 +36,13 @@ def test_data_world_writes_both_formats(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("diffray: error: split: unknown")
 
 
-def test_eval_prints_table_and_writes_report(tmp_path):
+def test_eval_prints_table_and_writes_report(ray_cluster, tmp_path):
+    # On the session's cluster: a CLI command's own local cluster is what tests/integration/test_cluster_ports.py
+    # and the README's `diffray serve` block start.
+    import ray
+
     proc = run(["eval", "--model", "builtin:tiny-random", "--suite", "heldout", "--num", "2", "--steps", "2",
-                "--out", str(tmp_path)])
+                "--out", str(tmp_path)], ray_address=ray.get_runtime_context().gcs_address)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "suite heldout" in proc.stdout and "\nbg " in proc.stdout and "jpeg_kb" in proc.stdout
     report = tmp_path / "heldout"
