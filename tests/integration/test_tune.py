@@ -190,8 +190,10 @@ def _losses(run_dir: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.eval  # CI: the tune_schedulers benchmark smoke; the trackers' unit tests
-def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
-    """On an SDXL model (the shipped job with model.path changed: Tune is the same for every family)."""
+@pytest.mark.parametrize("model,family", [("builtin:tiny-sdxl", "stable-diffusion-xl"), ("builtin:tiny-flux", "flux")])
+def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path, model, family):
+    """On an SDXL and a Flux model (the shipped job with model.path changed: Tune is the same for every family;
+    Flux's val_loss is its flow-matching loss)."""
     from diffray.models.adapters import read_card
     from diffray.tune.runner import run_tune
 
@@ -201,7 +203,7 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
                                                     scheduler={"name": "fifo"}, space=space),
                    [f"run.storage_path={tmp_path}", "run.name=tpe", "train.max_steps=6", "train.validate_every=3",
                     "train.checkpoint_every=6", "strategy.name=ddp", "tracking.mlflow={}", "tracking.wandb={}",
-                    "model.path=builtin:tiny-sdxl"])
+                    f"model.path={model}"])
     outcome = run_tune(job)
     assert [r.status for r in outcome.rows] == ["completed"] * 2
     assert_one_tracked_run_per_trial(tmp_path / "tpe", outcome.rows)
@@ -210,7 +212,7 @@ def test_tpe_search_proposes_trials_from_the_space(ray_cluster, tmp_path):
     assert all(r.params["lora.rank"] in (4, 8) and r.params["lora.alpha"] == r.params["lora.rank"]
                for r in outcome.rows)
     assert outcome.best is outcome.rows[0] and Path(outcome.best_artifact, "pytorch_lora_weights.safetensors").is_file()
-    assert read_card(outcome.best_artifact)["family"] == "stable-diffusion-xl"
+    assert read_card(outcome.best_artifact)["family"] == family
 
 
 def assert_one_tracked_run_per_trial(exp_dir: Path, rows) -> None:
