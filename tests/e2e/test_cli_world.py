@@ -37,8 +37,8 @@ def test_data_world_writes_both_formats(tmp_path):
 
 
 def test_eval_prints_table_and_writes_report(ray_cluster, tmp_path):
-    # On the session's cluster: a CLI command's own local cluster is what tests/integration/test_cluster_ports.py
-    # and the README's `diffray serve` block start.
+    # On the session's cluster: the CLI's own local cluster (`connect_ray` without RAY_ADDRESS) is started by the
+    # README's `diffray serve` block (tests/e2e/test_readme.py); test_cluster_ports.py checks such a cluster's ports.
     import ray
 
     proc = run(["eval", "--model", "builtin:tiny-random", "--suite", "heldout", "--num", "2", "--steps", "2",
