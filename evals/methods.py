@@ -227,7 +227,8 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "controlnet": [
         ("controlnet-all-t", " (every timestep, as before: train.timestep_range=null)", ["train.timestep_range=null"])],
     "ddpo_jpeg": [
-        ("ddpo-lr1e-3", " (lr 1e-3, 20 epochs)", ["optim.lr=1e-3", "train.max_steps=20"]),
+        ("ddpo-lr1e-2", " (lr 1e-2, 10 epochs: the config before)", ["optim.lr=1e-2", "train.max_steps=10",
+                                                                     "train.checkpoint_every=5", "train.validate_every=5"]),
         ("ddpo-lr3e-3", " (lr 3e-3, 30 epochs)", ["optim.lr=3e-3", "train.max_steps=30"]),
         ("ddpo-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
