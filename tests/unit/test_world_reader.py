@@ -209,3 +209,37 @@ def test_the_star_suites_ceiling_through_the_vae():
     large_acc = float(np.mean([r for r, s in zip(read, small) if not s]))
     assert 39 <= sum(read) <= 43 and ceiling < 0.7, (sum(read), ceiling)  # 41 here; +-2 for float drift
     assert sum(small) == 23 and small_acc < 0.4 and large_acc > 0.8, (sum(small), small_acc, large_acc)
+
+
+def test_the_subject_suites_ceiling_through_the_vae():
+    """What DreamBooth could score on `diffray eval --suite subject` through the shipped VAE: the widget's own
+    images (the 5 training images of `builtin:world/subject`, and 20 more scenes) encoded and decoded score a
+    mean fidelity of ~0.05 (0-0.166 each; their crisp renders 0.75-1.05), under the floor of 3x the base's 0.026
+    (EVALS.md). The VAE never saw the subject: its stripes blur away and its pastel backgrounds shift
+    (docs/world.md)."""
+    scenes = [scene_at(0, "subject", i) for i in range(5)] + [scene_at(3, "subject", i) for i in range(20)]
+    crisp = [subject_fidelity(render(s)) for s in scenes]
+    decoded = [subject_fidelity(img) for img in through_the_vae(scenes)]
+    assert min(crisp) > 0.7, crisp
+    assert 0.03 <= float(np.mean(decoded)) <= 0.07 and float(np.mean(decoded[:5])) < 3 * 0.026, decoded
+
+
+def test_the_jpeg_floors_reach_through_the_vae():
+    """How small DDPO's JPEGs could get on `diffray eval --suite prompts` (64 prompts, suite seed 0) while drawing
+    every scene: the scenes' own renders through the shipped VAE average 1.56 kB (quality 95), 4.7% under the
+    base model's samples (1.640 kB, EVALS.md); every shape at the smallest `small` radius (0.14) 1.32 kB (-19.5%,
+    and every `large` prompt wrong); the backgrounds alone 0.93 kB. The floor, 20% smaller with at most 10
+    points of accuracy lost, lies about where the shapes stop being drawn as stated (README, DDPO)."""
+    import dataclasses
+
+    from diffray.world.suites import EVAL_SEED, SUITE_SPLIT
+
+    scenes = [scene_at(EVAL_SEED, SUITE_SPLIT["prompts"], i) for i in range(64)]
+
+    def mean_kb(scs) -> float:
+        return float(np.mean([jpeg_kb(img) for img in through_the_vae(scs)]))
+
+    exact, small = mean_kb(scenes), mean_kb([dataclasses.replace(s, r=0.14) for s in scenes])
+    flat = mean_kb([dataclasses.replace(s, r=0.0) for s in scenes])
+    assert 1.50 <= exact <= 1.62 and exact > 0.9 * 1.640, exact
+    assert 1.25 <= small <= 1.38 and flat < 1.0 and flat < small < exact, (small, flat)
