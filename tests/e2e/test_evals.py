@@ -76,3 +76,21 @@ def test_unknown_row_is_refused_by_name(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "evals" / "methods.py"), "--rows", "lora,nope"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown row(s) nope" in proc.stderr
+
+
+def test_position_probe_runs_and_the_shipped_model_ignores_position_words(tmp_path):
+    """evals/position_probe.py at smoke size (2 oracle and 2 joint steps): every comparison is printed, and the
+    shipped model's loss does not depend on the position word (docs/world.md, "Where position is lost")."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(REPO / "evals" / "position_probe.py"), "--oracle-steps", "2",
+                           "--joint-steps", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ratios = {(name, band): float(ratio) for name, band, ratio in re.findall(
+        r"^(words|oracle|joint): t in \[(\d+, \d+)\): .* ratio ([\d.]+)$", proc.stdout, flags=re.M)}
+    assert sorted({name for name, _ in ratios}) == ["joint", "oracle", "words"] and len(ratios) == 9, proc.stdout
+    assert all(0.99 <= ratios[("words", band)] <= 1.01 for band in ("0, 1000", "600, 1000")), ratios
+    example = re.search(r"772 held out with a position \(e\.g\. '(.*)' -> '(.*)'\)", proc.stdout)
+    words = {w for w in example.groups()[0].split() if w in ("left", "right", "top", "bottom")}
+    assert words and example.groups()[1] == re.sub(r"\b(left|right|top|bottom)\b", lambda m: {
+        "left": "right", "right": "left", "top": "bottom", "bottom": "top"}[m.group(1)], example.groups()[0])
