@@ -1,5 +1,5 @@
 """Does a world model's denoiser use the position words, and could its UNet place a shape at all? (docs/world.md,
-"Why position is not learned").
+"Where position is lost").
 
     .venv/bin/python evals/position_probe.py                          # the shipped builtin:tiny: words only, ~1 min
     .venv/bin/python evals/position_probe.py --oracle-steps 1500      # + the oracle run, ~8 min on 2 CPUs
@@ -47,8 +47,9 @@ def load_rows(data_dir: Path | None) -> list[dict]:
     from diffray.world.writers import write_world_dataset
 
     if data_dir is None:
-        data_dir = Path(tempfile.mkdtemp(prefix="position-probe-")) / "data"
-        write_world_dataset(data_dir, "pretrain", NUM_ROWS, 7, fmt="parquet", position_p=0.75)
+        with tempfile.TemporaryDirectory(prefix="position-probe-") as tmp:
+            return load_rows(write_world_dataset(Path(tmp) / "data", "pretrain", NUM_ROWS, 7, fmt="parquet",
+                                                 position_p=0.75))
     table = pq.read_table(sorted(data_dir.glob("part-*.parquet"))[0], columns=["image", "text", "position"])
     return table.slice(0, NUM_ROWS).to_pylist()
 
