@@ -34,9 +34,19 @@ import tempfile
 import time
 from pathlib import Path
 
-POSITIONS = [None, "on the left", "on the right", "at the top", "at the bottom"]
-SWAP_INDEX = {1: 2, 2: 1, 3: 4, 4: 3}
+from diffray.world.grammar import POSITIONS as STATED
+
 SWAP_WORD = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+SWAP_RE = re.compile(rf"\b({'|'.join(SWAP_WORD)})\b")
+
+
+def swap_position(text: str) -> str:
+    """`text` with its position word swapped: left <-> right, top <-> bottom."""
+    return SWAP_RE.sub(lambda m: SWAP_WORD[m.group(1)], text)
+
+
+POSITIONS = [None, *STATED]  # index 0: no position stated
+SWAP_INDEX = {i: POSITIONS.index(swap_position(p)) for i, p in enumerate(POSITIONS) if p}
 NUM_ROWS, NUM_TRAIN, MAX_TOKENS = 6000, 5000, 77
 NOISE_BANDS = ((0, 1000), (600, 1000), (0, 400))
 
@@ -102,15 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         states = encode_text(ids)
     pos = torch.tensor([POSITIONS.index(r["position"]) for r in rows])
     held = torch.tensor([i for i in range(NUM_TRAIN, len(rows)) if pos[i] > 0])
-    swapped = [re.sub(r"\b(left|right|top|bottom)\b", lambda m: SWAP_WORD[m.group(1)], rows[int(i)]["text"])
-               for i in held]
+    swapped = [swap_position(rows[int(i)]["text"]) for i in held]
     if any(a == rows[int(i)]["text"] for a, i in zip(swapped, held)):
         raise SystemExit("a held-out caption has no position word to swap")
     swapped_ids = token_ids(swapped)
     with torch.no_grad():
         swapped_states = encode_text(swapped_ids)
 
-    def loss(cond: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> float | torch.Tensor:
+    def loss(cond: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         pred = unet(sched.add_noise(lat[idx], noise, t), t, encoder_hidden_states=cond).sample
         return torch.nn.functional.mse_loss(pred, noise)
 
