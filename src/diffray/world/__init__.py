@@ -1,7 +1,8 @@
 """The shapes world: a procedural, captioned image world (grammar, scenes, renderer, dataset writers), a
 classical-vision reader of its images, scores, and `diffray eval` (`diffray.world.evaluate`).
 
-Everything but `evaluate` is pure (numpy, PIL, OpenCV) and never imports ray or torch.
+Everything but `evaluate`, `pretrain` (which drive Ray) and `caption_encoder` (torch, in-process) is pure
+(numpy, PIL, OpenCV) and never imports ray or torch.
 """
 
 from diffray.world.grammar import (CLASS_PROMPT, COLOURS, HELDOUT, INSTANCE_PROMPT, SHAPES, WORDS, Scene, caption,

@@ -19,7 +19,9 @@ def pretrain_world_command(
     out_dir: Path = typer.Argument(..., help="Where the pretrained pipeline dir is written (replaced when done)"),
     seed: int = typer.Option(_D.seed, help="Seed of the weights' init, the data and the noise"),
     vae_steps: int = typer.Option(_D.vae_steps, help="Autoencoder optimizer steps"),
-    unet_steps: int = typer.Option(_D.unet_steps, help="UNet + text-encoder optimizer steps"),
+    unet_steps: int = typer.Option(_D.unet_steps, help="UNet optimizer steps (on the frozen text encoder)"),
+    text_steps: int = typer.Option(_D.text_steps, help="Text-encoder steps naming the captions' fields"),
+    position_p: float = typer.Option(_D.position_p, help="Share of the UNet's captions that state a position"),
     vae_images: int = typer.Option(_D.vae_images, help="Images of the `all` split for the autoencoder"),
     unet_images: int = typer.Option(_D.unet_images, help="Images of the `pretrain` split for the UNet"),
     vae_batch: int = typer.Option(_D.vae_batch, help="Autoencoder batch per step (all workers)"),
@@ -31,14 +33,16 @@ def pretrain_world_command(
     work_dir: Optional[Path] = typer.Option(None, help="Data, runs and checkpoints (default: OUT_DIR.work); "
                                             "rerunning with the same one resumes"),
 ) -> None:
-    """Pretrain the tiny world model from random weights: the VAE on every concept's images, then UNet
-    and text encoder (`method: full`, from scratch) on the pretraining split. Resumable; see the card."""
+    """Pretrain the tiny world model from random weights: the VAE on every concept's images, the text
+    encoder on naming the pretraining captions' fields, then the UNet (`method: full`, from scratch) on the
+    pretraining split with that encoder frozen. Resumable; see the card."""
     from diffray.console import train_progress
     from diffray.world.pretrain import pretrain_world
 
-    plan = PretrainPlan(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, vae_images=vae_images,
-                        unet_images=unet_images, vae_batch=vae_batch, unet_batch=unet_batch,
-                        num_workers=num_workers, checkpoint_every=checkpoint_every, eval_num=eval_num)
+    plan = PretrainPlan(seed=seed, vae_steps=vae_steps, unet_steps=unet_steps, text_steps=text_steps,
+                        vae_images=vae_images, unet_images=unet_images, vae_batch=vae_batch, unet_batch=unet_batch,
+                        position_p=position_p, num_workers=num_workers, checkpoint_every=checkpoint_every,
+                        eval_num=eval_num)
     command = "diffray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     card = pretrain_world(out_dir, plan, work_dir, progress=train_progress, command=command)
     for name, s in card["stages"].items():

@@ -1,19 +1,24 @@
 """`diffray pretrain-world`: train the tiny world model from random weights, reproducibly from a seed.
 
-Three stages, each a Ray Train run of a shipped method (so each checkpoints and resumes: rerunning the
-same command continues where it stopped, and a finished stage is not run again):
+Three training stages; the first and the last are Ray Train runs of a shipped method (so they checkpoint and
+resume: rerunning the same command continues where it stopped, and a finished stage is not run again):
 
 1. `vae`: the autoencoder (AutoencoderKL of the `tiny` architecture, from scratch) on the `all` split,
    every concept of the world (a codec, like SD's VAE: it sees no caption).
-2. `unet`: `method: full` from scratch, UNet and text encoder, on the `pretrain` split only (no reserved
-   concept, no held-out triple), with caption dropout (classifier-free guidance) and an EMA of the weights.
-3. assemble: the pipeline dir (EMA weights; the word-level tokenizer; a ControlNet initialised from the
+2. `text`: the text encoder, from scratch, learns to name every field of the `pretrain` split's captions
+   (`diffray.world.caption_encoder`, in this process, about a minute), and is frozen from then on: trained
+   jointly with the UNet it collapsed the position words (docs/world.md, "Where position is lost").
+3. `unet`: `method: full` from scratch, the UNet on the frozen text encoder, on the `pretrain` split only (no
+   reserved concept, no held-out triple), with caption dropout (classifier-free guidance) and an EMA of the
+   weights.
+4. assemble: the pipeline dir (EMA weights; the word-level tokenizer; a ControlNet initialised from the
    UNet, for `controlnet` configs) with `diffray_model.json` and a README card recording the command,
    steps, wall times and losses.
-4. eval: `diffray eval` of the result on the `prompts` and `heldout` suites (`eval_num` pairs each, the
+5. eval: `diffray eval` of the result on the `prompts` and `heldout` suites (`eval_num` pairs each, the
    evaluation protocol), written into the card (skipped with `eval_num=0`).
 
-Like `diffray.world.evaluate`, this module drives Ray; the rest of `diffray.world` is pure.
+Like `diffray.world.evaluate`, this module drives Ray (and `caption_encoder` torch, in-process); the rest of
+`diffray.world` is pure.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffray.errors import ConfigError
+from diffray.world.caption_encoder import train_caption_encoder
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,15 @@ class PretrainPlan:
     vae_images: int = 20_000
     unet_images: int = 30_000
     vae_steps: int = 4_000
-    unet_steps: int = 7_000
+    unet_steps: int = 8_000
     vae_batch: int = 32  # per optimizer step, over all workers
     unet_batch: int = 64
     vae_lr: float = 1e-3
     unet_lr: float = 1e-3
+    text_steps: int = 400  # caption-field steps of the text encoder (stage 2)
+    text_batch: int = 256
+    text_lr: float = 1e-3
+    position_p: float = 0.5  # share of the UNet's captions that state a position (the world's default: 0.25)
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     num_workers: int = 2
@@ -49,7 +59,7 @@ class PretrainPlan:
 
     def check(self) -> None:
         for name in ("vae_images", "unet_images", "vae_steps", "unet_steps", "vae_batch", "unet_batch",
-                     "num_workers", "checkpoint_every"):
+                     "text_steps", "text_batch", "num_workers", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if self.eval_num < 0:
@@ -70,12 +80,14 @@ def _base(work: Path, seed: int) -> Path:
     return d
 
 
-def _data(work: Path, split: str, n: int, seed: int) -> Path:
+def _data(work: Path, split: str, n: int, seed: int, position_p: float | None = None) -> Path:
+    from diffray.world.scenes import SIZE_WORD_P
     from diffray.world.writers import write_world_dataset
 
-    d = work / "data" / f"{split}-{n}-seed{seed}"
+    p = SIZE_WORD_P if position_p is None else position_p
+    d = work / "data" / (f"{split}-{n}-seed{seed}" + ("" if p == SIZE_WORD_P else f"-position{p:g}"))
     if not (d / "dataset.json").is_file():
-        write_world_dataset(d, split, n, seed, fmt="parquet")
+        write_world_dataset(d, split, n, seed, fmt="parquet", position_p=p)
     return d
 
 
@@ -106,7 +118,7 @@ def vae_config(plan: PretrainPlan, work: Path, model: Path, data: Path) -> dict:
 def unet_config(plan: PretrainPlan, work: Path, model: Path, data: Path) -> dict:
     cfg = _common(plan, work, "world-unet", model, data, plan.unet_steps, plan.unet_batch, plan.unet_lr)
     cfg["method"] = "full"
-    cfg["full"] = {"from_scratch": True, "train_text_encoder": True}
+    cfg["full"] = {"from_scratch": True, "train_text_encoder": False}  # the encoder of stage 2, frozen
     cfg["data"]["caption_dropout"] = plan.caption_dropout
     cfg["data"]["cache"] = "auto"  # latents encoded once by the trained VAE, not at every step
     cfg["train"]["ema_decay"] = plan.ema_decay
@@ -172,13 +184,17 @@ def model_card(card: dict) -> str:
     lines = ["# diffray tiny world model", "",
              "A text-to-image Stable Diffusion pipeline (64 px, 8x8 latents) trained from random weights on the "
              "diffray shapes world by `diffray pretrain-world`. Word-level tokenizer over the world's words. The "
-             "VAE saw every concept's images (a codec); the UNet and text encoder only the `pretrain` split: the "
-             "reserved concepts (star, cyan, striped, sks widget) and the held-out triples were never shown.", "",
+             "VAE saw every concept's images (a codec). The text encoder first learned to name every field of the "
+             "`pretrain` split's captions, then stayed frozen while the UNet trained on that split: the reserved "
+             "concepts (star, cyan, striped, sks widget) and the held-out triples were never shown.", "",
              f"Command: `{card['command']}`", "",
              "| stage | method | steps | wall | first loss | last loss |", "|---|---|---:|---:|---:|---:|"]
     for name, s in st.items():
         lines.append(f"| {name} | {s['method']} | {s['steps']} | {s['wall_time_s'] / 60:.1f} min | "
                      f"{s['loss_first']:.4f} | {s['loss_last']:.4f} |")
+    if st.get("text", {}).get("heldout_accuracy"):
+        lines += ["", "Text encoder, held-out captions: field named right " + ", ".join(
+            f"{f} {a:.1%}" for f, a in st["text"]["heldout_accuracy"].items()) + "."]
     lines += ["", f"Plan: `{json.dumps(plan)}`", ""]
     if card.get("eval"):
         lines += ["## Evaluation", "", "`diffray eval` (stock StableDiffusionPipeline, the model's scheduler, 25 "
@@ -217,12 +233,16 @@ def pretrain_world(out_dir: str | Path, plan: PretrainPlan = PretrainPlan(), wor
     base = _base(work, plan.seed)
     vae = _stage(vae_config(plan, work, base, _data(work, "all", plan.vae_images, plan.seed)), progress)
     with_vae = _with_vae(base, Path(vae["artifact"]), work / "random-with-vae")
-    unet = _stage(unet_config(plan, work, with_vae, _data(work, "pretrain", plan.unet_images, plan.seed)), progress)
+    data = _data(work, "pretrain", plan.unet_images, plan.seed, plan.position_p)
+    text = train_caption_encoder(with_vae, data, work / "random-with-vae-text", steps=plan.text_steps,
+                                 batch=plan.text_batch, lr=plan.text_lr, seed=plan.seed)
+    unet = _stage(unet_config(plan, work, Path(text["artifact"]), data), progress)
     card = {"preset": "tiny", "pretrained": True, "plan": asdict(plan),
             "command": command or f"diffray pretrain-world {shlex.quote(str(out_dir))} --seed {plan.seed}",
-            "stages": {k: {**{key: v[key] for key in ("method", "steps", "wall_time_s", "loss_first", "loss_last")},
+            "stages": {k: {**{key: v[key] for key in ("method", "steps", "wall_time_s", "loss_first", "loss_last",
+                                                      "heldout_accuracy") if key in v},
                            "config": json.loads(json.dumps(v["config"]).replace(str(work), "<work>"))}
-                       for k, v in (("vae", vae), ("unet", unet))},
+                       for k, v in (("vae", vae), ("text", text), ("unet", unet))},
             "wall_time_s_this_call": round(time.time() - t0, 1)}
     _assemble(Path(unet["artifact"]), out, card)
     if plan.eval_num:
