@@ -64,6 +64,34 @@ def test_trigger_word_is_the_first_tag_of_every_trained_caption(tiny_model_path)
     assert with_trigger("", "sks") == "sks" and with_trigger("a b", None) == "a b"
 
 
+def test_a_flipped_image_gets_its_caption_mirrored(tiny_model_path):
+    """random_flip draws per sample; every sample drawn flipped (its red half now on the right) reads "right"
+    where its caption said "left", and the others keep their caption (planted bug: captions left as they
+    were, as before, so a flipped "on the left" taught the wrong side)."""
+    import io
+
+    from PIL import Image
+
+    from diffray.data.transforms import mirror_caption
+
+    img = Image.new("RGB", (64, 64), "blue")
+    img.paste((255, 0, 0), (0, 0, 32, 64))  # red on the left half
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    n = 16
+    caption = "a red square on the left on a blue background"
+    batch = {"sample_id": np.arange(n), "source": np.array([f"{i}.png" for i in range(n)], dtype=object),
+             "caption": np.array([caption] * n, dtype=object), "error": np.array([""] * n, dtype=object),
+             "image": np.array([buf.getvalue()] * n, dtype=object)}
+    out = preprocess_batch(batch, tiny_model_path, 32, True, True, 0, Rules())
+    flipped = out["pixel_values"][:, 0, :, -1].mean(axis=1) > 0  # red (channel 0 high) on the right edge
+    assert 0 < flipped.sum() < n
+    tok = load_tokenizer(tiny_model_path)
+    words = [tok.decode(r, skip_special_tokens=True).split() for r in out["input_ids"]]
+    assert all(("right" in w) == f and ("left" in w) != f for w, f in zip(words, flipped)), (words, flipped)
+    assert mirror_caption("Left of the RIGHT bright leftover, left") == "Right of the LEFT bright leftover, right"
+
+
 def test_keep_tokens_needs_shuffle_tags():
     with pytest.raises(ConfigError, match="keep_tokens"):
         load_config(REPO / "configs" / "lora.yaml", ["data.keep_tokens=1"])

@@ -43,7 +43,7 @@ from diffray.data.raydata import in_order
 from diffray.errors import DatasetError
 from diffray.paths import cache_dir
 
-CACHE_VERSION = 2  # 2: control images with alpha composited on black
+CACHE_VERSION = 3  # 2: control images with alpha composited on black; 3: flipped captions mirrored
 CACHE_INFO = "cache.json"
 SHARDS = "shards"
 MODEL_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")  # the last two: SDXL's

@@ -24,7 +24,7 @@ from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
 from diffray.data.raydata import in_order, raise_original_errors
 from diffray.data.folder import PathRules
-from diffray.data.transforms import BLACK, aspect_buckets, preprocess_images, tokenize_captions
+from diffray.data.transforms import BLACK, aspect_buckets, mirror_caption, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_row
 from diffray.errors import DatasetError
 from diffray.paths import pipeline_class_of
@@ -195,7 +195,8 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     Rows whose id is in `skip` (quarantined) are dropped. With `buckets` each image is cropped to the
     bucket nearest its aspect ratio (pixel_values becomes a variable-shaped column). The conditioning
     image gets the same resize, crop and flip as its image (same key, same size); its alpha is
-    composited on black (transparent = no control signal). `trigger_word` is prepended to every caption."""
+    composited on black (transparent = no control signal). `trigger_word` is prepended to every caption; a
+    flipped image's caption has "left" and "right" swapped (`mirror_caption`)."""
     if skip:
         keep = np.array([int(i) not in skip for i in batch["sample_id"]], dtype=bool)
         batch = {k: v[keep] for k, v in batch.items()}
@@ -207,11 +208,13 @@ def preprocess_batch(batch: dict, tokenizer_path: str, resolution: int, center_c
     second = load_tokenizer(tokenizer_path, "tokenizer_2") if xl or flux else None
     geometry: list | None = [] if xl else None
     width = tokenizer.model_max_length + (min(second.model_max_length, 512) if flux else 0)
-    out = {"sample_id": np.asarray(ids, dtype=np.int64),
-           "pixel_values": preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop,
-                                             random_flip, seed, rules.max_image_pixels, buckets, geometry=geometry),
-           "input_ids": (tokenize_captions(tokenizer, [with_trigger(caption_of(c, rules) or "", trigger_word)
-                                                       for c in batch["caption"]], second, concat=flux) if ids
+    flips: list[bool] = []
+    pixels = preprocess_images(list(batch["image"]), ids, sources, resolution, center_crop, random_flip, seed,
+                               rules.max_image_pixels, buckets, geometry=geometry, flips=flips)
+    captions = [with_trigger(caption_of(c, rules) or "", trigger_word) for c in batch["caption"]]
+    captions = [mirror_caption(c) if flipped else c for c, flipped in zip(captions, flips)]
+    out = {"sample_id": np.asarray(ids, dtype=np.int64), "pixel_values": pixels,
+           "input_ids": (tokenize_captions(tokenizer, captions, second, concat=flux) if ids
                          else np.empty((0, *((2,) if xl else ()), width), dtype=np.int64))}
     if xl:
         out["micro_cond"] = np.asarray(geometry, dtype=np.int64).reshape(len(ids), 4)

@@ -7,6 +7,7 @@ is transformed the same way whichever worker or batch it lands in.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -93,11 +94,28 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda s: (abs(math.log(s[0] / s[1]) - target), s[0] / s[1]))
 
 
+_MIRROR = {"left": "right", "right": "left"}
+_MIRROR_RE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mirror_caption(text: str) -> str:
+    """`text` as it reads for its image flipped left to right: the words "left" and "right" swapped (whole
+    words, case kept: "Left" -> "Right"), so a flipped "a circle on the left" is not taught the wrong side."""
+
+    def swap(m: re.Match) -> str:
+        word = m.group(1)
+        other = _MIRROR[word.lower()]
+        return other.upper() if word.isupper() else other.capitalize() if word[0].isupper() else other
+
+    return _MIRROR_RE.sub(swap, text)
+
+
 def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
-                rng: np.random.Generator, geometry: list | None = None) -> Image.Image:
+                rng: np.random.Generator, geometry: list | None = None, flips: list | None = None) -> Image.Image:
     """Resize to cover `size` (a square side or (width, height)), crop it, maybe flip horizontally.
     `geometry` gets (original H, original W, crop top, crop left) appended, the crop's corner in the
-    image as flipped (SDXL's size/crop conditioning, as its training recipe computes it)."""
+    image as flipped (SDXL's size/crop conditioning, as its training recipe computes it); `flips` gets
+    whether it was flipped."""
     bw, bh = (size, size) if isinstance(size, int) else size
     w, h = img.size
     scale = max(bw / w, bh / h)
@@ -113,6 +131,8 @@ def resize_crop(img: Image.Image, size: int | tuple[int, int], center_crop: bool
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if geometry is not None:
         geometry.append((h, w, top, nw - bw - left if flip else left))
+    if flips is not None:
+        flips.append(flip)
     return img
 
 
@@ -120,9 +140,10 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
                       center_crop: bool, random_flip: bool, seed: int,
                       max_pixels: int = DEFAULT_MAX_PIXELS,
                       buckets: list[tuple[int, int]] | None = None,
-                      background: tuple[int, int, int] = WHITE, geometry: list | None = None) -> np.ndarray:
+                      background: tuple[int, int, int] = WHITE, geometry: list | None = None,
+                      flips: list | None = None) -> np.ndarray:
     """Decode, resize to cover the target size, crop, maybe flip, scale to [-1, 1]. `geometry` gets each
-    image's (original H, W, crop top, left): see `resize_crop`.
+    image's (original H, W, crop top, left), `flips` whether it was flipped: see `resize_crop`.
 
     The target is the square `resolution`, or with `buckets` the bucket nearest each image's aspect
     ratio (see `aspect_buckets`). Alpha is composited on `background` (see `decode_image`).
@@ -142,7 +163,7 @@ def preprocess_images(images: list[bytes], sample_ids: list[int], sources: list[
         rng = np.random.default_rng((seed, int(sid)))
         img = decode_image(data, src, max_pixels, background)
         size = resolution if buckets is None else nearest_bucket(*img.size, buckets)
-        img = resize_crop(img, size, center_crop, random_flip, rng, geometry)
+        img = resize_crop(img, size, center_crop, random_flip, rng, geometry, flips)
         out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
     return out
 
