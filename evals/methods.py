@@ -52,6 +52,15 @@ def shown(text: str) -> str:
     return text.replace(f"{REPO}/", "")
 
 
+def base_identity(model_path: str) -> str:
+    """The base a run trains on, for its run name: the card of a pretrained model (a retrained `builtin:tiny`
+    has a new one), else the path."""
+    from diffray.models.loading import resolve_model_path
+
+    card = Path(resolve_model_path(model_path)) / "diffray_model.json"
+    return card.read_text() if card.is_file() else str(model_path)
+
+
 def train(ctx: Context, name: str, config: str, overrides: list[str]):
     """`diffray train CONFIG overrides` into the work dir (a finished run of that name is reused)."""
     from diffray.methods import load_config
@@ -61,8 +70,10 @@ def train(ctx: Context, name: str, config: str, overrides: list[str]):
     if ctx.smoke:
         overrides += SMOKE.get(load_config(REPO / config, overrides).method, SMOKE_STEPS)
     cfg = load_config(REPO / config, overrides)
-    # named after the resolved job: a changed config (or code default) trains afresh, an unchanged one is reused
-    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    # named after the resolved job and its base model's card: a changed config (or code default) or a retrained
+    # base trains afresh, an unchanged one is reused
+    job = {"config": cfg.model_dump(mode="json"), "base": base_identity(cfg.model.path)}
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:8]
     overrides.append(f"run.name=eval-{name}-{digest}")
     cfg = load_config(REPO / config, overrides)
     visible = [o for o in overrides if not o.startswith("train.progress_bar=")]
