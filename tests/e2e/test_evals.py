@@ -78,9 +78,11 @@ def test_unknown_row_is_refused_by_name(tmp_path):
     assert proc.returncode == 2 and "unknown row(s) nope" in proc.stderr
 
 
-def test_position_probe_runs_and_the_shipped_model_ignores_position_words(tmp_path):
+def test_position_probe_runs_and_the_shipped_model_uses_the_position_words(tmp_path):
     """evals/position_probe.py at smoke size (2 oracle and 2 joint steps): every comparison is printed, and the
-    shipped model's loss does not depend on the position word (docs/world.md, "Where position is lost")."""
+    shipped model's loss depends on the position word: 2.79x with it swapped at t >= 600, 1.46x over all
+    timesteps (the first world model, whose text encoder had collapsed the position words: 1.001 and 1.000;
+    docs/world.md, "Where position is lost")."""
     import re
 
     proc = subprocess.run([sys.executable, str(REPO / "evals" / "position_probe.py"), "--oracle-steps", "2",
@@ -89,7 +91,7 @@ def test_position_probe_runs_and_the_shipped_model_ignores_position_words(tmp_pa
     ratios = {(name, band): float(ratio) for name, band, ratio in re.findall(
         r"^(words|oracle|joint): t in \[(\d+, \d+)\): .* ratio ([\d.]+)$", proc.stdout, flags=re.M)}
     assert sorted({name for name, _ in ratios}) == ["joint", "oracle", "words"] and len(ratios) == 9, proc.stdout
-    assert all(0.99 <= ratios[("words", band)] <= 1.01 for band in ("0, 1000", "600, 1000")), ratios
+    assert ratios[("words", "600, 1000")] >= 2.0 and ratios[("words", "0, 1000")] >= 1.2, ratios
     example = re.search(r"772 held out with a position \(e\.g\. '(.*)' -> '(.*)'\)", proc.stdout)
     words = {w for w in example.groups()[0].split() if w in ("left", "right", "top", "bottom")}
     assert words and example.groups()[1] == re.sub(r"\b(left|right|top|bottom)\b", lambda m: {
