@@ -4,7 +4,7 @@ The image enters as the base model's frozen VAE latents (the posterior mean, sca
 channels, so the network can tell where things are; the prompt as the base model's frozen text encoder's
 pooled output (CLIP: the end-of-text token's state), which modulates every conv layer (FiLM). On the
 world's colour pairs the pooled state generalises to held-out pairs far better than the mean of the
-token states (92% against 81% after 60 steps on 102 pairs). A spatial mean of a 1x1 head
+token states (92% against 81% after 60 steps on 102 pairs, with the first world model's text encoder). A spatial mean of a 1x1 head
 gives the score. Trained by `method: reward_model` on preference pairs (loss -log sigmoid(r_w - r_l));
 scored by DDPO's `learned` reward (`LearnedReward`).
 
