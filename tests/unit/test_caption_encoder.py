@@ -74,3 +74,14 @@ def test_a_dir_without_parquet_is_named(world, tmp_path):
     _, model, _ = world
     with pytest.raises(DatasetError, match=str(tmp_path)):
         train_caption_encoder(model, tmp_path, tmp_path / "out", steps=1, batch=1, lr=1e-3, seed=0)
+
+
+@pytest.mark.parametrize("field, value", [("position_p", 1.5), ("text_steps", 0), ("text_batch", 0)])
+def test_the_pretrain_plan_names_a_bad_field_before_anything_runs(field, value):
+    import dataclasses
+
+    from diffray.errors import ConfigError
+    from diffray.world.pretrain import PretrainPlan
+
+    with pytest.raises(ConfigError, match=f"^{field}: "):
+        dataclasses.replace(PretrainPlan(), **{field: value}).check()

@@ -64,6 +64,8 @@ class PretrainPlan:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", field=name)
         if self.eval_num < 0:
             raise ConfigError(f"must be >= 0, got {self.eval_num}", field="eval_num")
+        if not 0 <= self.position_p <= 1:
+            raise ConfigError(f"must be a probability in [0, 1], got {self.position_p}", field="position_p")
         for name in ("vae_batch", "unet_batch"):
             if getattr(self, name) % self.num_workers:
                 raise ConfigError(f"{getattr(self, name)} does not split over {self.num_workers} workers",
