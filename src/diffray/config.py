@@ -48,8 +48,7 @@ class DataSection(Section):
         "auto", description="auto: .parquet files -> parquet, a folder with metadata.jsonl/csv -> imagefolder.")
     resolution: int = Field(64, ge=8, le=4096, description="Square training resolution in pixels (multiple of 8).")
     center_crop: bool = Field(True, description="Center crop after resizing (else a random crop).")
-    random_flip: bool = Field(False, description="Random horizontal flip, seeded per sample; a flipped image's "
-                              "caption has 'left' and 'right' swapped.")
+    random_flip: bool = Field(False, description="Random horizontal flip, seeded per sample (caption: left<->right).")
     aspect_buckets: bool = Field(False, description="Aspect-ratio buckets: crop each image to the bucket (about "
                                  "resolution^2 pixels, sides multiples of bucket_step) nearest its aspect ratio "
                                  "instead of a square; each micro-batch holds one bucket.")
