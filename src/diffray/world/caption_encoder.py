@@ -48,6 +48,7 @@ def train_caption_encoder(model_dir: Path, data_dir: Path, out_dir: Path, *, ste
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from diffray.data.transforms import tokenize_captions
     from diffray.world.writers import atomic_dir
 
     done = Path(out_dir) / STAGE_FILE
@@ -58,8 +59,7 @@ def train_caption_encoder(model_dir: Path, data_dir: Path, out_dir: Path, *, ste
     values = {f: sorted({str(r[f]) for r in rows}) for f in FIELDS}  # str(None) == "None": field left out
     targets = {f: torch.tensor([values[f].index(str(r[f])) for r in rows]) for f in FIELDS}
     tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    ids = tokenizer([r["text"] for r in rows], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = torch.from_numpy(tokenize_captions(tokenizer, [r["text"] for r in rows]))  # as training tokenizes
     n_train = len(rows) - max(1, int(len(rows) * HELD_OUT))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
