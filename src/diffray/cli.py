@@ -132,6 +132,20 @@ def data_condition(src: str = typer.Argument(..., help="Image dataset: imagefold
     typer.echo(f"wrote {pairs} pairs to {out} ({bad} quarantined)")
 
 
+@data_app.command("rank-pairs")
+def data_rank_pairs(pairs: str = typer.Argument(..., help="Preference pairs: Parquet file or dir in Pick-a-Pic's "
+                                                "columns (caption, jpg_0, jpg_1, label_0[, label_1])"),
+                    reward: Path = typer.Option(..., help="Reward-model dir (a `method: reward_model` "
+                                                "artifact)")) -> None:
+    """The share of preference pairs a learned reward ranks the way their labels do (ties, both bad: skipped):
+    the reward model's pairwise accuracy on pairs it did not train on."""
+    from diffray.models.reward import rank_pairs
+
+    r = rank_pairs(reward, pairs)
+    typer.echo(f"{r['accuracy']:.1%} of {r['pairs']} pairs ranked right ({r['right']}); {r['skipped']} without a "
+               "preference skipped")
+
+
 @data_app.command("export-feedback")
 def data_export_feedback(out: Path = typer.Argument(..., help="Parquet file to write (replaced atomically)"),
                          db: Optional[Path] = typer.Option(None, help="Feedback store (SQLite); default: "

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffray.errors import DatasetError
 from diffray.methods import load_config, validate_config
 from diffray.models.adapters import read_card
 from diffray.trainers.runner import run_training
+from diffray.world.pairs import write_pairs as write_parquet
 from testkit.pairs import write_pairs
 
 pytestmark = pytest.mark.integration
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_reward_model_learns_held_out_preferences_and_drives_ddpo(ray_cluster, tmp_path):
     from diffray.data.pipeline import held_out_mask
-    from diffray.models.reward import load_reward_model
+    from diffray.models.reward import load_reward_model, rank_pairs
     from diffray.trainers.components.rewards import get_reward
 
     # 256 pairs (192 trained on): the base's text encoder names all five caption fields in its pooled state, not
@@ -58,6 +60,17 @@ def test_reward_model_learns_held_out_preferences_and_drives_ddpo(ray_cluster, t
         scores = reward(images, [r["caption"]] * 2)
         right.append(scores[0] > scores[1])
     assert np.mean(right) >= 0.8, right
+
+    # `diffray data rank-pairs`: the same figure from a Parquet of the held-out rows, ties counted and skipped;
+    # a corrupt image is named by file, row and column.
+    held_rows = [r for r, h in zip(rows, held_out_mask(np.arange(len(rows)), 0.25)) if h]
+    write_parquet(held_rows, tmp_path / "held.parquet", row_group_size=7)
+    ranked = rank_pairs(result.artifact_dir, str(tmp_path / "held.parquet"), batch_size=5)
+    assert (ranked["pairs"], ranked["right"]) == (len(held), int(np.sum(right)))
+    assert ranked["skipped"] == len(held_rows) - len(held) > 0
+    write_parquet(held_rows[:3] + [dict(held[0], jpg_1=b"not an image")], tmp_path / "bad.parquet")
+    with pytest.raises(DatasetError, match=r"bad.parquet: row 3, column 'jpg_1'"):
+        rank_pairs(result.artifact_dir, str(tmp_path / "bad.parquet"))
 
     # One DDPO epoch scored by it in the reward actors: the rewards are the model's scores (finite, varied).
     ddpo = load_config(REPO / "configs" / "ddpo.yaml", [

@@ -150,3 +150,48 @@ def encode_mean(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 def pooled_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     """The text encoder's pooled output [B, D] (fp32) of token ids [B, T]."""
     return text_encoder(input_ids).pooler_output.float()
+
+
+def rank_pairs(reward_path: str | Path, pairs_path: str, batch_size: int = 64,
+               device: str | torch.device = "cpu") -> dict:
+    """How often a learned reward ranks preference pairs the way their labels do: every pair of a Parquet
+    file or dir in Pick-a-Pic's columns (caption, jpg_0, jpg_1, label_0[, label_1]) that prefers one image
+    is scored; ties and "both bad" are counted and skipped. {pairs, right, accuracy, skipped}."""
+    import io
+    import posixpath
+
+    from PIL import Image
+
+    from diffray.data.parquet import (PairColumns, image_bytes, parquet_files, read_row_group, row_groups,
+                                      row_preferences)
+    from diffray.errors import DatasetError
+
+    reward, pairs = LearnedReward(reward_path, device), PairColumns()
+    fs, files = parquet_files(pairs_path)
+    items = row_groups(fs, files, "caption", "jpg_0", None, pairs=pairs)
+    right = total = skipped = 0
+    for it in items:
+        cols = [c for c in (it["caption"], it["image"], it["pair"], it["label"], it["pair_label"]) if c]
+        table = read_row_group(fs, str(it["file"]), int(it["row_group"]), cols)
+        prefs, captions = row_preferences(table, it), table.column(it["caption"]).to_pylist()
+        firsts, seconds = table.column(it["image"]).to_pylist(), table.column(it["pair"]).to_pylist()
+        kept = [i for i, p in enumerate(prefs) if p is not None]
+        skipped += len(prefs) - len(kept)
+        for start in range(0, len(kept), batch_size):
+            rows = kept[start:start + batch_size]
+            images = []
+            for col, cells in ((it["image"], firsts), (it["pair"], seconds)):
+                for i in rows:
+                    data, why = image_bytes(fs, cells[i], posixpath.dirname(str(it["file"])), col)
+                    try:
+                        images.append(Image.open(io.BytesIO(data or b"")).convert("RGB"))
+                    except Exception:  # noqa: BLE001 - any undecodable cell is the file's fault, named
+                        raise DatasetError(f"{it['file']}: row {it['first_row'] + i}, column {col!r}: "
+                                           f"{why or 'not a decodable image'}") from None
+            scores = reward(images, [captions[i] for i in rows] * 2)
+            first, second = scores[:len(rows)], scores[len(rows):]
+            right += sum(int((a > b) == (prefs[i] == 0)) for a, b, i in zip(first, second, rows))
+            total += len(rows)
+    if total == 0:
+        raise DatasetError(f"{pairs_path}: no pair prefers one image (every pair is a tie or both bad)")
+    return {"pairs": total, "right": right, "accuracy": right / total, "skipped": skipped}
