@@ -24,8 +24,15 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_NAMES = ("lora", "textual_inversion", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune")
+ROW_NAMES = ("lora", "textual_inversion", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune",
+             "diffusion_dpo", "reward_model", "ddpo_learned")
 ALIGNMENT_PROMPTS = 256  # prompts of the pretraining split DDPO samples for the alignment reward
+# Issue 19's preference rows: the base gets 98.8% of the protocol's prompts right (25 steps, guidance 5), so its
+# pairs are nearly all ties. At 2 steps without guidance (the scheduler's "leading" spacing: t = 501, then 1) it
+# gets 26.6%: the labeller's pairs are drawn, and the aligned models scored, there.
+FEW = {"steps": 2, "guidance": 1.0}
+FEW_LABEL = "2 steps, guidance 1"
+PREFERENCE_NUM = 256  # eval prompts of the preference rows (2-step renders are cheap; 64 leave +-6 points of noise)
 
 
 @dataclass
@@ -100,14 +107,15 @@ SMOKE = {"ddpo": ["train.max_steps=1", "ddpo.samples_per_epoch=16", "train.check
                   "train.validate_every=null"]}  # a DDPO step is a whole epoch; every other method: SMOKE_STEPS
 
 
-def evaluate(ctx: Context, row: str, suite: str, **kwargs):
+def evaluate(ctx: Context, row: str, suite: str, num: int | None = None, **kwargs):
     """`diffray eval --suite SUITE ...` (report under the work dir) -> EvalResult."""
     from diffray.world.evaluate import evaluate as run_eval
 
+    num = ctx.num if ctx.smoke or num is None else max(num, ctx.num)
     flags = " ".join((f"--{'' if v else 'no-'}{k.replace('_', '-')}" if isinstance(v, bool) else
                       f"--{k.replace('_', '-')} {v}") for k, v in kwargs.items() if v is not None)
-    ctx.commands.append(shown(f"diffray eval --suite {suite} --num {ctx.num} {flags}".rstrip()))
-    result = run_eval(suite=suite, num=ctx.num, out_dir=ctx.work / "eval" / row / suite, **kwargs)
+    ctx.commands.append(shown(f"diffray eval --suite {suite} --num {num} {flags}".rstrip()))
+    result = run_eval(suite=suite, num=num, out_dir=ctx.work / "eval" / row / suite, **kwargs)
     acc = {v: result.tables[v].get("all", {}).get("accuracy") for v in result.variants}
     print(f"  eval {suite}: {', '.join(f'{v} {a:.1%}' if a is not None else v for v, a in acc.items())} "
           f"({result.wall_s:.0f}s)", flush=True)
@@ -224,6 +232,68 @@ def row_tune(ctx: Context, key: str, label: str, extra: list[str]):
     return figs, grid_of(ctx, "tune", "prompts")
 
 
+def world_pairs(ctx: Context, name: str, seed: int, num: int) -> Path:
+    """`diffray data world-pairs` at FEW (4 images per prompt: a right and a wrong one when the prompt has both),
+    drawn once into the work dir."""
+    from diffray.world.labeller import label_pairs
+
+    num = 16 if ctx.smoke else num
+    out = ctx.work / f"pairs-{name}-seed{seed}-{num}.parquet"
+    ctx.commands.append(f"diffray data world-pairs {shown(str(out))} --num {num} --seed {seed} --steps {FEW['steps']} "
+                        f"--guidance {FEW['guidance']} --images-per-prompt 4")
+    if not out.is_file():
+        c = label_pairs(out.with_suffix(".tmp"), num=num, seed=seed, images_per_prompt=4, **FEW)
+        print(f"  pairs {name}: {c['first'] + c['second']} of {c['pairs']} with a preference, {c['accuracy']:.1%} of "
+              f"the images right", flush=True)
+        out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def pair_overrides(pairs: Path, steps: int) -> list[str]:
+    return [f"data.path={pairs}", f"train.max_steps={steps}", f"train.checkpoint_every={steps}",
+            "train.validate_every=100"]
+
+
+def row_diffusion_dpo(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/diffusion_dpo.yaml on 1,000 labeller pairs of the base's own 2-step images (seed 1), scored on
+    the eval's prompts (seed 0) sampled the same way, and at the protocol."""
+    from diffray.world.figures import preference_figures
+
+    pairs = world_pairs(ctx, "train", 1, 1000)
+    art = train(ctx, key, "configs/diffusion_dpo.yaml", pair_overrides(pairs, 300) + ["dpo.beta=500"] + extra)
+    few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **FEW)
+    protocol = evaluate(ctx, f"{key}-protocol", "prompts", num=PREFERENCE_NUM, adapter=art)
+    return preference_figures("Diffusion-DPO" + label, few, protocol, FEW_LABEL), grid_of(ctx, key, "prompts")
+
+
+def reward_artifact(ctx: Context) -> str:
+    pairs = world_pairs(ctx, "train", 1, 1000)
+    return train(ctx, "reward_model", "configs/reward_model.yaml", pair_overrides(pairs, 400))
+
+
+def row_reward_model(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/reward_model.yaml on the same pairs; ranked on 500 prompts' pairs of another suite seed (2)."""
+    from diffray.models.reward import rank_pairs
+    from diffray.world.figures import pairwise_figure
+
+    art, held = reward_artifact(ctx), world_pairs(ctx, "held", 2, 500)
+    ctx.commands.append(f"diffray data rank-pairs {shown(str(held))} --reward {shown(art)}")
+    return [pairwise_figure("Reward model (Bradley-Terry)" + label, rank_pairs(art, str(held)))], None
+
+
+def row_ddpo_learned(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/ddpo.yaml scored by the learned reward, sampling as the pairs were drawn (FEW), on the
+    alignment prompts."""
+    from diffray.world.figures import preference_figures
+
+    reward, prompts = reward_artifact(ctx), alignment_prompts(ctx.work / "alignment_prompts.txt")
+    art = train(ctx, key, "configs/ddpo.yaml", [
+        "ddpo.reward.name=learned", f"ddpo.reward.options={{path: {reward}}}", f"ddpo.prompts_file={prompts}",
+        f"ddpo.sample_steps={FEW['steps']}", f"ddpo.guidance={FEW['guidance']}"] + extra)
+    few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **FEW)
+    return preference_figures("DDPO, learned reward" + label, few, None, FEW_LABEL, None), grid_of(ctx, key, "prompts")
+
+
 # Settings measured beside each shipped config (the investigation of a missed floor, rerun by `make eval`):
 # row -> [(key, label, overrides)]. Each trains its own run and is scored with the row's suites and figures.
 VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
@@ -243,6 +313,11 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("ddpo-lr3e-3", " (lr 3e-3, 30 epochs)", ["optim.lr=3e-3", "train.max_steps=30"]),
         ("ddpo-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
+    "diffusion_dpo": [
+        ("dpo-beta5000", " (beta 5000: the paper's and the shipped config's)", ["dpo.beta=5000"])],
+    "ddpo_learned": [
+        ("ddpo-world-few", " (the world_alignment reward instead: the reader itself)", [
+            "ddpo.reward.name=world_alignment", "ddpo.reward.options={}"])],
     "ddpo_alignment": [
         ("align-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
@@ -250,7 +325,9 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
 
 ROWS: dict[str, Callable] = {"lora": row_lora, "textual_inversion": row_textual_inversion,
                              "dreambooth": row_dreambooth, "controlnet": row_controlnet, "ddpo_jpeg": row_ddpo_jpeg,
-                             "ddpo_alignment": row_ddpo_alignment, "tune": row_tune}
+                             "ddpo_alignment": row_ddpo_alignment, "tune": row_tune,
+                             "diffusion_dpo": row_diffusion_dpo, "reward_model": row_reward_model,
+                             "ddpo_learned": row_ddpo_learned}
 
 
 def compact_png(src: Path, dest: Path) -> None:
@@ -274,6 +351,20 @@ def run_row(name: str, ctx: Context, img_dir: Path, variants: bool) -> RowResult
     return RowResult(name, figures, dest, time.time() - t0, list(ctx.commands), list(ctx.trainings))
 
 
+def earlier_results(work: Path, img_dir: Path, skip: list[str]) -> list[RowResult]:
+    """The rows of the work dir's last figures.json that are not rerun now: a partial `--rows` rerun keeps them in
+    EVALS.md as they were measured."""
+    from diffray.world.figures import Figure
+
+    path, out = work / "figures.json", []
+    for r in json.loads(path.read_text()) if path.is_file() else []:
+        if r["row"] in ROWS and r["row"] not in skip:
+            grid = img_dir / f"{r['row']}.png"
+            out.append(RowResult(r["row"], [Figure(**f) for f in r["figures"]], grid if grid.is_file() else None,
+                                 r["wall_s"], r["commands"], r["trainings"]))
+    return out
+
+
 def table(results: list[RowResult]) -> list[str]:
     lines = ["| method | figure | base | trained | floor | met |", "|---|---|---:|---:|---|:-:|"]
     for res in results:
@@ -283,18 +374,21 @@ def table(results: list[RowResult]) -> list[str]:
     return lines
 
 
-def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s: float) -> None:
+def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s: float,
+                   rerun: list[str] | None = None) -> None:
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p, out.parent.resolve())).as_posix()
 
     reuse = (" (trainings of unchanged configs reused from an earlier run of this script: each run's own "
              "training time is listed under its method)") if any(
         t.get("reused") for r in results for t in r.trainings) else ""
+    scope = f" for the rows {', '.join(rerun)}; the other rows are as an earlier run measured them" if rerun else ""
     parts = ["# EVALS: what each method learns on the tiny world", "",
              "Written by `make eval` (`" + " ".join(["python evals/methods.py"] + argv) + "`); "
-             f"{total_s / 60:.1f} min on this machine{reuse}. Base model `builtin:tiny` (the pretrained world model), "
-             "the shipped configs (overrides as listed), `diffray eval`'s protocol (stock StableDiffusionPipeline, "
-             "25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0), the world reader scoring every image. "
+             f"{total_s / 60:.1f} min on this machine{reuse}{scope}. Base model `builtin:tiny` (the pretrained world "
+             "model), the shipped configs (overrides as listed), `diffray eval`'s protocol (stock "
+             "StableDiffusionPipeline, 25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0; the preference rows also at "
+             f"{FEW_LABEL}, where the base errs), the world reader scoring every image. "
              "Reruns with the same seeds give the same figures up to the last bits of float sums "
              "(CPU thread scheduling).", ""] + table(results) + [""]
     for res in results:
@@ -335,14 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure_cli(logs.verbose())  # as `diffray ...` does: Ray's, Tune's and DeepSpeed's output to log files
     connect_ray()
     ctx = Context(args.work_dir.resolve(), args.num or (4 if args.smoke else 64), args.smoke)
-    t0, results = time.time(), []
+    t0, results, kept = time.time(), [], earlier_results(ctx.work, args.img_dir, rows)
     for name in rows:
         print(f"{name}:", flush=True)
         results.append(run_row(name, ctx, args.img_dir, not (args.smoke or args.no_variants)))
-        write_markdown(results, args.out, argv, time.time() - t0)  # a partial table survives a later failure
+        every = sorted(kept + results, key=lambda r: ROW_NAMES.index(r.name))
+        # a partial table survives a later failure
+        write_markdown(every, args.out, argv, time.time() - t0, rows if kept else None)
         (ctx.work / "figures.json").write_text(json.dumps(
             [{"row": r.name, "wall_s": r.wall_s, "figures": [f.to_json() for f in r.figures],
-              "trainings": r.trainings, "commands": r.commands} for r in results], indent=2) + "\n")
+              "trainings": r.trainings, "commands": r.commands} for r in every], indent=2) + "\n")
     print("\n".join(table(results)))
     print(f"wrote {args.out} ({(time.time() - t0) / 60:.1f} min)")
     missed = [f"{f.row}: {f.name}" for r in results for f in r.figures if f.met is False]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from diffray.world.figures import (alignment_figures, concept_figures, controlnet_figures, dreambooth_figures,
-                                   jpeg_figures, rank_correlation, tune_figures)
+                                   jpeg_figures, pairwise_figure, preference_figures, rank_correlation, tune_figures)
 from diffray.world.report import EvalResult
 
 
@@ -89,6 +89,42 @@ def test_alignment_figures():
     assert figs[0].met and [f.name.strip() for f in figs[1:]] == ["of which position"] and figs[1].met is None
     r = result("prompts", "ddpo", {"base": {"all": 0.8}, "ddpo": {"all": 0.89}})
     assert not alignment_figures("DDPO", r)[0].met
+
+
+def with_rights(res: EvalResult, rights: dict[str, list[bool]]) -> EvalResult:
+    """`res` with per-prompt "every field right" records (variant -> one bool per prompt id)."""
+    res.records.extend({"id": i, "variant": v, "right": r, "metrics": {}} for v, rs in rights.items()
+                       for i, r in enumerate(rs))
+    return res
+
+
+def test_preference_figures_and_the_reward_models_pairwise_accuracy():
+    few = result("prompts", "diffusion_dpo", {"base": {"all": 0.266, "colour": 0.47, "position": 0.75},
+                                              "diffusion_dpo": {"all": 0.366, "colour": 0.6, "position": 0.7}})
+    protocol = result("prompts", "diffusion_dpo", {"base": {"all": 0.988}, "diffusion_dpo": {"all": 0.996}})
+    figs = preference_figures("DPO", few, protocol, "2 steps, guidance 1")
+    assert verdicts(figs) == [True, None, None, None]  # colour, position (no shape scored), the protocol
+    assert (figs[0].base, figs[0].trained, figs[-1].trained) == ("26.6%", "36.6%", "99.6%")
+    assert "2 steps, guidance 1" in figs[0].name and [f.name.strip() for f in figs[1:3]] == [
+        "of which colour", "of which position"]
+    short = result("prompts", "diffusion_dpo", {"base": {"all": 0.266}, "diffusion_dpo": {"all": 0.36}})
+    assert verdicts(preference_figures("DPO", short, None, "x")) == [False]  # 9.4 points < 10
+    # no floor in points: the paired per-prompt change must be >= 2 standard errors
+    base = [False] * 12 + [True] * 4
+    up = with_rights(result("prompts", "ddpo", {"base": {"all": 0.25}, "ddpo": {"all": 0.75}}),
+                     {"base": base, "ddpo": [True] * 8 + [False] * 4 + [True] * 4})
+    fig = preference_figures("DDPO", up, None, "x", None)[0]
+    d = np.array([1.0] * 8 + [0.0] * 8)  # the per-prompt changes
+    z = d.mean() / (d.std(ddof=1) / 4)
+    assert fig.met and fig.trained == f"75.0% (+50.0 points, {z:.1f} SE)" and fig.floor == "rises >= 2 SE (paired)"
+    noise = with_rights(result("prompts", "ddpo", {"base": {"all": 0.25}, "ddpo": {"all": 0.3125}}),
+                        {"base": base, "ddpo": [True] + [False] * 11 + [True] * 4})  # one prompt more: 1.0 SE
+    assert preference_figures("DDPO", noise, None, "x", None)[0].met is False
+    flat = result("prompts", "ddpo", {"base": {"all": 0.266}, "ddpo": {"all": 0.266}})
+    assert verdicts(preference_figures("DDPO", flat, None, "x", None)) == [False]  # no records: nothing shown
+    fig = pairwise_figure("RM", {"pairs": 297, "right": 254, "accuracy": 254 / 297, "skipped": 203})
+    assert fig.met and fig.trained == "85.5%" and "297 held-out pairs" in fig.name
+    assert not pairwise_figure("RM", {"pairs": 10, "right": 7, "accuracy": 0.7, "skipped": 0}).met
 
 
 def test_rank_correlation_and_tune_figures():

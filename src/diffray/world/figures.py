@@ -167,3 +167,44 @@ def tune_figures(row: str, trials: list[dict], best_accuracy: float, max_gap: fl
                    f"{rho:+.2f}", "(reported)", None),
             Figure(row, "exported best (by val_loss) vs most accurate trial", pct(top), pct(best_accuracy),
                    "within 5 points", top - best_accuracy <= max_gap + 1e-9)]
+
+
+def paired_gain(result: EvalResult, variant: str) -> tuple[float, float]:
+    """(mean, standard errors) of the per-prompt change in "every field right" (1/0), variant minus base, over
+    the prompts both scored (same prompt, same seed): nan standard errors when nothing varies."""
+    right = {(r["variant"], r["id"]): float(r["right"]) for r in result.records if r.get("right") is not None}
+    diff = [right[(variant, i)] - right[("base", i)] for v, i in right if v == variant and ("base", i) in right]
+    if len(diff) < 2:
+        return float("nan"), float("nan")
+    d = mean_sem(diff)
+    return d["mean"], d["mean"] / d["sem"] if d["sem"] > 0 else float("nan")
+
+
+def preference_figures(row: str, few: EvalResult, protocol: EvalResult | None, few_label: str,
+                       min_gain: float | None = 0.10, min_se: float = 2.0) -> list[Figure]:
+    """A model aligned on preference pairs drawn where the base errs (`few`: the suite sampled as the pairs
+    were): its prompt accuracy rises >= `min_gain` (None: by >= `min_se` standard errors of the paired
+    per-prompt change); `protocol`, the eval's own sampling, is reported beside it."""
+    v = adapted(few)
+    b, t = field_accuracy(few, "base", "all"), field_accuracy(few, v, "all")
+    gain, z = paired_gain(few, v)
+    floor = f"rises >= {min_se:g} SE (paired)" if min_gain is None else f"rises >= {min_gain * 100:.0f} points"
+    met = z >= min_se if min_gain is None else t - b >= min_gain - 1e-9
+    shown = pct(t) if gain != gain else f"{pct(t)} ({gain * 100:+.1f} points, {z:.1f} SE)"
+    out = [Figure(row, f"held-out prompt accuracy, {few_label} (every field right)", pct(b), shown, floor,
+                  bool(met))]
+    for name in ("colour", "shape", "position"):
+        if few.accuracy("base", name) is not None:
+            out.append(Figure(row, f"  of which {name}", pct(few.accuracy("base", name)), pct(few.accuracy(v, name)),
+                              "(reported)", None))
+    if protocol is not None:
+        pv = adapted(protocol)
+        out.append(Figure(row, "  the same prompts at the eval's 25 steps, guidance 5", pct(field_accuracy(
+            protocol, "base", "all")), pct(field_accuracy(protocol, pv, "all")), "(reported)", None))
+    return out
+
+
+def pairwise_figure(row: str, ranked: dict, min_accuracy: float = 0.80) -> Figure:
+    """A learned reward's pairwise accuracy on held-out pairs (`diffray.models.reward.rank_pairs`)."""
+    return Figure(row, f"pairwise accuracy on {ranked['pairs']} held-out pairs (other prompts, other seeds)", "50% "
+                  "(chance)", f"{ranked['accuracy']:.1%}", f">= {min_accuracy:.0%}", ranked["accuracy"] >= min_accuracy)
