@@ -76,7 +76,7 @@ def test_preference_rows_draw_their_pairs_once_and_score_at_few_steps(ray_cluste
     assert dpo[0]["base"] == f"{report['tables']['base']['all']['accuracy']:.1%}"
     rm = figures["reward_model"]["figures"]
     assert len(rm) == 1 and rm[0]["floor"] == ">= 80%" and "held-out pairs" in rm[0]["name"]
-    assert figures["ddpo_learned"]["figures"][0]["floor"] == "rises"
+    assert figures["ddpo_learned"]["figures"][0]["floor"] == "rises >= 2 SE (paired)"
     text = out.read_text()
     assert "diffray data rank-pairs" in text and "--steps 2 --guidance 1.0" in text
     assert "![reward_model]" not in text and "![ddpo_learned](img/ddpo_learned.png)" in text
