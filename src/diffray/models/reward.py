@@ -157,13 +157,11 @@ def rank_pairs(reward_path: str | Path, pairs_path: str, batch_size: int = 64,
     """How often a learned reward ranks preference pairs the way their labels do: every pair of a Parquet
     file or dir in Pick-a-Pic's columns (caption, jpg_0, jpg_1, label_0[, label_1]) that prefers one image
     is scored; ties and "both bad" are counted and skipped. {pairs, right, accuracy, skipped}."""
-    import io
     import posixpath
-
-    from PIL import Image
 
     from diffray.data.parquet import (PairColumns, image_bytes, parquet_files, read_row_group, row_groups,
                                       row_preferences)
+    from diffray.data.transforms import decode_image
     from diffray.errors import DatasetError
 
     reward, pairs = LearnedReward(reward_path, device), PairColumns()
@@ -183,11 +181,10 @@ def rank_pairs(reward_path: str | Path, pairs_path: str, batch_size: int = 64,
             for col, cells in ((it["image"], firsts), (it["pair"], seconds)):
                 for i in rows:
                     data, why = image_bytes(fs, cells[i], posixpath.dirname(str(it["file"])), col)
-                    try:
-                        images.append(Image.open(io.BytesIO(data or b"")).convert("RGB"))
-                    except Exception:  # noqa: BLE001 - any undecodable cell is the file's fault, named
-                        raise DatasetError(f"{it['file']}: row {it['first_row'] + i}, column {col!r}: "
-                                           f"{why or 'not a decodable image'}") from None
+                    source = f"{it['file']}: row {it['first_row'] + i}, column {col!r}"
+                    if why:
+                        raise DatasetError(f"{source}: {why}")
+                    images.append(decode_image(data or b"", source))
             scores = reward(images, [captions[i] for i in rows] * 2)
             first, second = scores[:len(rows)], scores[len(rows):]
             right += sum(int((a > b) == (prefs[i] == 0)) for a, b, i in zip(first, second, rows))
