@@ -241,11 +241,10 @@ def world_pairs(ctx: Context, name: str, seed: int, num: int) -> Path:
     out = ctx.work / f"pairs-{name}-seed{seed}-{num}.parquet"
     ctx.commands.append(f"diffray data world-pairs {shown(str(out))} --num {num} --seed {seed} --steps {FEW['steps']} "
                         f"--guidance {FEW['guidance']} --images-per-prompt 4")
-    if not out.is_file():
-        c = label_pairs(out.with_suffix(".tmp"), num=num, seed=seed, images_per_prompt=4, **FEW)
+    if not out.is_file():  # label_pairs writes the file whole or not at all
+        c = label_pairs(out, num=num, seed=seed, images_per_prompt=4, **FEW)
         print(f"  pairs {name}: {c['first'] + c['second']} of {c['pairs']} with a preference, {c['accuracy']:.1%} of "
               f"the images right", flush=True)
-        out.with_suffix(".tmp").rename(out)
     return out
 
 
