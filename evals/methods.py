@@ -259,7 +259,7 @@ def row_diffusion_dpo(ctx: Context, key: str, label: str, extra: list[str]):
     from diffray.world.figures import preference_figures
 
     pairs = world_pairs(ctx, "train", 1, 1000)
-    art = train(ctx, key, "configs/diffusion_dpo.yaml", pair_overrides(pairs, 300) + ["dpo.beta=500"] + extra)
+    art = train(ctx, key, "configs/diffusion_dpo.yaml", pair_overrides(pairs, 300) + extra)
     few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **FEW)
     protocol = evaluate(ctx, f"{key}-protocol", "prompts", num=PREFERENCE_NUM, adapter=art)
     return preference_figures("Diffusion-DPO" + label, few, protocol, FEW_LABEL), grid_of(ctx, key, "prompts")
@@ -313,7 +313,7 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("ddpo-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
     "diffusion_dpo": [
-        ("dpo-beta5000", " (beta 5000: the paper's and the shipped config's)", ["dpo.beta=5000"])],
+        ("dpo-beta5000", " (beta 5000: the paper's, the schema's default)", ["dpo.beta=5000"])],
     "ddpo_learned": [
         ("ddpo-world-few", " (the world_alignment reward instead: the reader itself)", [
             "ddpo.reward.name=world_alignment", "ddpo.reward.options={}"])],
