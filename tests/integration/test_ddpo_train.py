@@ -6,6 +6,7 @@ reproduces the trained UNet."""
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -110,6 +111,34 @@ def test_jpeg_reward_moves_the_policy(ray_cluster, runs_root, tiny_model_path, r
         assert after < before - MARGIN_KB
     else:
         assert after > before + MARGIN_KB
+
+
+def unet_shift(model_path: str, artifact: str) -> float:
+    """Mean |UNet output with the adapter - without| on fixed inputs: how far a run moved from the base."""
+    pipe = load_pipe(model_path)
+    g = torch.Generator().manual_seed(1)
+    latents, t, hidden = torch.randn(4, 4, 8, 8, generator=g), torch.tensor([50, 300, 600, 900]), torch.randn(
+        4, 77, 32, generator=g)
+    with torch.no_grad():
+        base = pipe.unet(latents, t, encoder_hidden_states=hidden).sample
+        pipe.load_lora_weights(artifact)
+        return float((pipe.unet(latents, t, encoder_hidden_states=hidden).sample - base).abs().mean())
+
+
+def test_kl_to_the_base_holds_the_policy_near_it(ray_cluster, runs_root, tiny_model_path):
+    """`ddpo.kl_coef`: the same run as the JPEG test's but for the KL term moves the UNet a fraction as far, and
+    logs the KL (0 before the first update, then positive) every epoch."""
+    _, free = trained(runs_root, "jpeg_compressibility", 0)
+    cfg = ddpo_cfg(Path(runs_root), "ddpo-kl", "ddpo.reward.name=jpeg_compressibility", "run.seed=0",
+                   f"train.max_steps={EPOCHS}", f"train.checkpoint_every={EPOCHS}", "train.validate_every=null",
+                   "ddpo.kl_coef=100")
+    held = run_training(cfg)
+    kls = [e["kl_ref"] for e in epoch_lines(held.run_dir)]
+    assert len(kls) == EPOCHS and all(math.isfinite(k) and k > 0 for k in kls), kls
+    assert "kl_ref" not in epoch_lines(free.run_dir)[0]
+    shifts = unet_shift(tiny_model_path, held.artifact_dir), unet_shift(tiny_model_path, free.artifact_dir)
+    print(f"UNet shift from the base: kl_coef 100 {shifts[0]:.5f}, none {shifts[1]:.5f}")
+    assert 0 < shifts[0] < 0.5 * shifts[1]
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ from diffray.trainers.components.ddpo import (
     clipped_policy_loss,
     ddim_step_with_logprob,
     sample_trajectory,
+    step_kl,
     transition_log_prob,
+    transition_terms,
 )
 
 STEPS = 10
@@ -225,3 +227,53 @@ def test_clipped_loss_at_ratio_one_is_the_plain_policy_gradient_loss():
     adv = torch.tensor([0.5, -2.0, 1.5])
     loss, kl, clip_frac = clipped_policy_loss(lp, lp.clone(), adv, clip_range=1e-4, adv_clip_max=5.0)
     assert loss.item() == pytest.approx(float(-adv.mean())) and kl.item() == 0 and clip_frac.item() == 0
+
+
+def test_step_kl_is_the_hand_computed_gaussian_kl_of_the_two_means():
+    sched = make_scheduler()
+    g = torch.Generator().manual_seed(3)
+    x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    offset = torch.tensor([0.0, 0.3]).reshape(2, 1, 1, 1)
+    t = int(sched.timesteps[4])
+    kl = step_kl(sched, eps + offset, eps, t, x, 1.0)
+    # epsilon prediction: mean = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2) eps, so a
+    # shift d of eps shifts every element of the mean by k d; both steps have the same sigma s
+    a = sched.alphas_cumprod.double()
+    a_t, a_prev = a[t], a[t - 1000 // STEPS]
+    sigma = math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    k = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - sigma**2).sqrt()
+    assert kl[0].item() == 0.0
+    assert kl[1].item() == pytest.approx(float((k * 0.3) ** 2 / (2 * sigma**2)), rel=1e-4)
+
+
+def test_kl_to_the_adapters_off_reference_is_zero_there_and_its_gradient_pulls_the_lora_back(embeds):
+    from diffray.models.adapters import add_lora
+    from diffray.trainers.ddpo.task import ReferenceUNet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**preset_configs("tiny-random")["unet"]).eval()
+    add_lora(unet, 4, 4, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], seed=0)
+    sched, (prompt, negative) = make_scheduler(), embeds
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    nxt = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    t, reference = sched.timesteps[3], ReferenceUNet(unet)
+    lp, kl = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
+    assert torch.equal(lp, transition_log_prob(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0))
+    assert kl.abs().max().item() < 1e-10  # a fresh LoRA (B = 0) is the base model
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    _, kl = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
+    assert kl.min().item() > 0
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    assert all(p.requires_grad for p in lora)
+    kl.mean().backward()
+    with torch.no_grad():
+        for p in lora:
+            p -= 0.5 * p.grad
+    _, after = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
+    assert after.mean().item() < 0.8 * kl.mean().item()  # a step down the KL's gradient: closer to the base
+    assert all(p.requires_grad for p in lora)  # the reference pass switched the adapters back on

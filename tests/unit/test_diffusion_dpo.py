@@ -59,7 +59,7 @@ def test_reference_pass_switches_every_adapter_off_and_back_on(tiny_model_path):
     from diffusers import UNet2DConditionModel
 
     from diffray.models.adapters import add_lora
-    from diffray.trainers.diffusion_dpo.task import adapters_off
+    from diffray.trainers.denoising import adapters_off
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_path, subfolder="unet")
     x, t = torch.randn(1, unet.config.in_channels, 8, 8), torch.tensor([10])

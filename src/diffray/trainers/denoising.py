@@ -14,6 +14,7 @@ Worker side: built inside the Ray Train loop (`diffray.trainers.loop`), never on
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -27,6 +28,22 @@ from diffray.models.flux import FLUX_GUIDANCE, flux_forward
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import batch_mean, caption_dropout_mask, per_sample_loss
 from diffray.trainers.steps import StepTask
+
+
+@contextlib.contextmanager
+def adapters_off(module: torch.nn.Module):
+    """Every PEFT adapter layer of `module` passes its base layer's output through (the reference model);
+    switched back on, trainable as before, on exit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 class Denoiser(torch.nn.Module):

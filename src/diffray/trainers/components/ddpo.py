@@ -94,12 +94,27 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
         ValueError: eta <= 0, `set_timesteps` not called, both `prev_sample` and `generator`, or a step with
             zero variance (a scheduler with `set_alpha_to_one=True` has one at the last step).
     """
+    if prev_sample is not None and generator is not None:
+        raise ValueError("pass either prev_sample (to score it) or generator (to sample one), not both")
+    x = sample.float()
+    mean, std = step_mean_and_std(scheduler, model_output, timestep, x, eta)
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device)
+        prev_sample = mean + std * noise.to(x.device)
+    prev_sample = prev_sample.detach().float()
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def step_mean_and_std(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+                      eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [B, ...], std broadcastable [B, 1, ...]) of the Gaussian DDIM step x_t -> x_{t-1}, fp32; the
+    mean carries gradients to `model_output`. Raises as `ddim_step_with_logprob`."""
     if eta <= 0:
         raise ValueError(f"eta must be > 0 for a stochastic policy with a log-probability, got {eta}")
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(steps) before ddim_step_with_logprob")
-    if prev_sample is not None and generator is not None:
-        raise ValueError("pass either prev_sample (to score it) or generator (to sample one), not both")
     t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alphas = scheduler.alphas_cumprod.to(torch.float32)
@@ -113,14 +128,18 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
     x, eps_or_v = sample.float(), model_output.float()
     alpha_t, alpha_prev, std = (_per_sample(v, x) for v in (alpha_t, alpha_prev, std))
     x0, eps = _predict_x0_and_eps(scheduler, eps_or_v, x, alpha_t)
-    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
-    if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                            device=generator.device if generator is not None else x.device)
-        prev_sample = mean + std * noise.to(x.device)
-    prev_sample = prev_sample.detach().float()
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps, std
+
+
+def step_kl(scheduler, model_output: torch.Tensor, reference_output: torch.Tensor, timestep, sample: torch.Tensor,
+            eta: float) -> torch.Tensor:
+    """KL(policy step || reference step) [B] of one DDIM step from `sample`, the mean over non-batch dims (as
+    the log-probabilities): both are Gaussians with the same sigma_t, so it is |mean - mean_ref|^2 / (2 sigma_t^2).
+    The per-step KL regulariser of DPOK (Fan et al., 2023); gradients reach `model_output` only."""
+    mean, std = step_mean_and_std(scheduler, model_output, timestep, sample, eta)
+    ref, _ = step_mean_and_std(scheduler, reference_output.detach(), timestep, sample, eta)
+    kl = (mean - ref) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
 def _predict_x0_and_eps(scheduler, model_output: torch.Tensor, x: torch.Tensor,
@@ -244,8 +263,22 @@ def transition_log_prob(unet, scheduler, latents: torch.Tensor, next_latents: to
     """Log-probability [B] (with gradients to the UNet) of stored transitions latents -> next_latents under
     the UNet's current weights: the PPO update's new log-probability. `timestep` may differ per sample
     ([B]); `scheduler` must have had `set_timesteps` with the sampling step count."""
+    return transition_terms(unet, scheduler, latents, next_latents, timestep, prompt_embeds, negative_embeds,
+                            guidance, eta)[0]
+
+
+def transition_terms(unet, scheduler, latents: torch.Tensor, next_latents: torch.Tensor, timestep,
+                     prompt_embeds: torch.Tensor | dict, negative_embeds: torch.Tensor | dict | None, guidance: float,
+                     eta: float, reference=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`transition_log_prob`'s log-probability [B], the step's KL to the reference [B] or None): `reference`
+    is the reference model's UNet (called without grad), e.g. the policy with its LoRA switched off."""
     pred = guided_noise_pred(unet, latents, timestep, prompt_embeds, negative_embeds, guidance)
-    return ddim_step_with_logprob(scheduler, pred, timestep, latents, eta, prev_sample=next_latents)[1]
+    log_prob = ddim_step_with_logprob(scheduler, pred, timestep, latents, eta, prev_sample=next_latents)[1]
+    if reference is None:
+        return log_prob, None
+    with torch.no_grad():
+        ref = guided_noise_pred(reference, latents, timestep, prompt_embeds, negative_embeds, guidance)
+    return log_prob, step_kl(scheduler, pred, ref, timestep, latents, eta)
 
 
 class PerPromptStatTracker:

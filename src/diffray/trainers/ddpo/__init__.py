@@ -58,6 +58,9 @@ class DDPOSection(Section):
                                      "(a random subset, per sample and pass).")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon.")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clamped to [-adv_clip_max, adv_clip_max].")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of each trained step's KL to the base model (the LoRA "
+                           "switched off) added to the PPO loss, as DPOK (Fan et al., 2023): holds the policy near "
+                           "the base against a reward it can exploit. 0 (DDPO as published): off, no extra forward.")
     per_prompt_advantages: bool = Field(True, description="Normalise rewards per prompt with a running stat tracker "
                                         "(else over the epoch's batch of all workers).")
     stat_buffer_size: int | None = Field(32, ge=1, description="Rewards kept per prompt by the stat tracker "

@@ -3,7 +3,8 @@
 Sample `ddpo.samples_per_epoch` stochastic DDIM trajectories in batches, decode them and hand each batch
 to the reward pool without waiting; gather every rank's (prompt, reward) so the per-prompt stat tracker
 is the same on all ranks; then `inner_epochs` PPO passes over a random `timestep_fraction` of each
-sample's steps through the shared engine (DeepSpeed ZeRO or DDP). Everything around the epoch (resume,
+sample's steps through the shared engine (DeepSpeed ZeRO or DDP), with `kl_coef` x each step's KL to the
+base model (the LoRA switched off) added to the loss when it is set. Everything around the epoch (resume,
 NaN stop, logging, grids, checkpoints, the LoRA artifact, Tune reports) is the shared loop's. The math
 is in `components.ddpo`, the rewards in `components.rewards`.
 """
@@ -36,11 +37,11 @@ from diffray.trainers.components.ddpo import (
     draw_prompts,
     index_conditioning,
     sample_trajectory,
-    transition_log_prob,
+    transition_terms,
 )
 from diffray.trainers.components.prompts import read_prompts
 from diffray.trainers.ddpo.pool import open_reward_pool
-from diffray.trainers.denoising import lora_denoiser
+from diffray.trainers.denoising import adapters_off, lora_denoiser
 
 
 class EngineUNet:
@@ -61,6 +62,21 @@ class EngineUNet:
 
     def __call__(self, x, t, **conditioning):
         return SimpleNamespace(sample=self.engine(x, t, **conditioning))
+
+
+class ReferenceUNet:
+    """The LoRA UNet with its adapters switched off (the base model, DDPO's KL reference): no second copy."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def __call__(self, x, t, **conditioning):
+        with adapters_off(self.unet):
+            return self.unet(x, t, **conditioning)
 
 
 @dataclass
@@ -142,6 +158,7 @@ class DDPOTask:
     def start(self, engine, state: dict) -> None:
         self.engine = engine
         self.policy = EngineUNet(engine, self.module.unet)
+        self.reference = ReferenceUNet(self.module.unet) if self.d.kl_coef > 0 else None
 
     def load_state(self, state: dict) -> None:
         if self.tracker is not None:
@@ -225,7 +242,7 @@ class DDPOTask:
         d, mb = self.d, self.cfg.train.micro_batch_size
         traj, n, steps = samples.trajectory, len(samples.prompts), self.d.sample_steps
         gen = torch.Generator().manual_seed(hash_key(self.key(epoch, 2)))
-        sums = {"loss": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+        sums = {"loss": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0, **({"kl_ref": 0.0} if self.reference else {})}
         count = 0
         for _ in range(d.inner_epochs):
             perm = torch.randperm(n, generator=gen)
@@ -234,12 +251,15 @@ class DDPOTask:
                 cols = torch.stack([torch.randperm(steps, generator=gen) for _ in idx])[:, :self.train_timesteps]
                 for j in range(self.train_timesteps):
                     c = cols[:, j]
-                    log_prob = transition_log_prob(self.policy, self.scheduler, traj.states[idx, c],
-                                                   traj.next_latents[idx, c], traj.timesteps[c],
-                                                   index_conditioning(samples.embeds, idx), self.negative,
-                                                   d.guidance, d.eta)
+                    log_prob, kl_ref = transition_terms(self.policy, self.scheduler, traj.states[idx, c],
+                                                        traj.next_latents[idx, c], traj.timesteps[c],
+                                                        index_conditioning(samples.embeds, idx), self.negative,
+                                                        d.guidance, d.eta, self.reference)
                     loss, kl, clip = clipped_policy_loss(log_prob, traj.log_probs[idx, c], adv[idx], d.clip_range,
                                                          d.adv_clip_max)
+                    if kl_ref is not None:
+                        loss = loss + d.kl_coef * kl_ref.mean()
+                        sums["kl_ref"] += float(kl_ref.detach().mean())
                     self.engine.backward(loss)
                     self.engine.step()
                     sums["loss"] += float(loss.detach())

@@ -8,7 +8,6 @@ images of a pair (keyed by the pair's sample id); the reference pass runs withou
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,23 +16,7 @@ import torch
 from diffray.trainers import session
 from diffray.trainers.components.diffusion import per_sample_loss
 from diffray.trainers.components.dpo import DpoTerms, diffusion_dpo_loss
-from diffray.trainers.denoising import DenoisingTask, Denoiser, export_lora_artifact, lora_denoiser
-
-
-@contextlib.contextmanager
-def adapters_off(module: torch.nn.Module):
-    """Every PEFT adapter layer of `module` passes its base layer's output through (the reference model);
-    switched back on, trainable as before, on exit."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+from diffray.trainers.denoising import DenoisingTask, Denoiser, adapters_off, export_lora_artifact, lora_denoiser
 
 
 class DiffusionDpoTask(DenoisingTask):
