@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffray.methods import load_config
@@ -101,6 +102,30 @@ def test_learns_only_the_new_token_and_exports_a_stock_embedding(ray_cluster, tm
     assert abs(render(f"a photo of {TOK}") - base_img).mean() > 1e-3
 
 
+def test_dataset_captions_teach_a_shape_the_model_knows_under_a_new_word(ray_cluster, tmp_path):
+    """The pretrained world model's triangles with their own captions, 'triangle' swapped for <tri>, the token
+    starting as 'circle' (configs/textual_inversion.yaml, 60 steps): the token then draws the triangles it did
+    not draw before (scored with 'circle' in its place: what the untrained token feeds the model)."""
+    from diffray.world.evaluate import evaluate
+
+    cfg = load_config(REPO / "configs" / "textual_inversion.yaml", [
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=tri", "train.progress_bar=false", "train.validate_every=null",
+        "data.path=builtin:world/triangle", "textual_inversion.placeholder_token=<tri>",
+        "textual_inversion.initializer_token=circle", "textual_inversion.captions=dataset",
+        "textual_inversion.concept_word=triangle"])
+    assert cfg.model.path == "builtin:tiny" and cfg.train.max_steps == 60
+    art = run_training(cfg).artifact_dir
+    fast = dict(num=16, steps=10)
+    start = evaluate(suite="triangle", adapter=art, token="circle", compare_base=False, **fast)
+    trained = evaluate(suite="triangle", adapter=art, **fast)
+    assert trained.settings["token"] == "<tri>" and all(
+        "<tri>" in r["rendered_prompt"] for r in trained.records if r["variant"] == "textual_inversion")
+    assert start.accuracy("textual_inversion", "shape") <= 0.1, "the untrained token draws circles"
+    # as often as the word itself draws them (at 10 steps the base draws 14 of the 16)
+    after, word = trained.accuracy("textual_inversion", "shape"), trained.accuracy("base", "shape")
+    assert after >= 0.75 and after >= word - 2 / 16, (after, word)
+
+
 @pytest.mark.eval  # CI: single-vector TI (above)
 def test_multi_vector_style_token_with_ddp(ray_cluster, tmp_path, tiny_model_path):
     from diffusers import StableDiffusionPipeline
@@ -136,6 +161,12 @@ def test_bad_inputs_fail_on_the_driver_before_ray(tmp_path):
     for i in range(2):
         (broken / f"{i}.png").write_bytes(b"not an image")
     (tmp_path / "empty").mkdir()
+    shapes = tmp_path / "shapes"  # dataset captions: one of them lacks the concept word
+    shapes.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(shapes / f"{i}.png")
+    (shapes / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": c}) + "\n" for i, c in
+                                                   enumerate(["a red triangle on a blue background", "a blue circle"])))
     cases = [
         (ConfigError, r"^textual_inversion\.placeholder_token: 'a' is already in the tokenizer's vocabulary",
          ["textual_inversion.placeholder_token=a"]),
@@ -144,6 +175,9 @@ def test_bad_inputs_fail_on_the_driver_before_ray(tmp_path):
         (DatasetError, r"^data\.path: concept images in .*broken: 2 of 2 cannot be used \(no valid images\): "
                        r"0\.png: cannot decode image", [f"data.path={broken}"]),
         (DatasetError, r"^data\.path: concept images: .*empty: no images", [f"data.path={tmp_path / 'empty'}"]),
+        (DatasetError, r"^data\.path: concept images in .*shapes: 1 of 2 cannot be used: 1\.png: its caption 'a blue "
+                       r"circle' does not hold 'triangle' as a word within the first 77 tokens",
+         [f"data.path={shapes}", "textual_inversion.captions=dataset", "textual_inversion.concept_word=triangle"]),
     ]
     for error, message, overrides in cases:
         with pytest.raises(error, match=message) as err:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from diffray.world.figures import (alignment_figures, concept_figures, controlnet_figures, dreambooth_figures,
-                                   jpeg_figures, pairwise_figure, preference_figures, rank_correlation, tune_figures)
+                                   jpeg_figures, pairwise_figure, preference_figures, rank_correlation, token_figures,
+                                   tune_figures)
 from diffray.world.report import EvalResult
 
 
@@ -46,6 +47,18 @@ def test_concept_figures_lora_and_textual_inversion():
     assert verdicts(concept_figures("TI", ti, same, trained_min=0.5, identical=True)) == [True, True]
     moved = result("prompts", "textual_inversion", metrics={"textual_inversion": {"identical_to_base": 63 / 64}})
     assert verdicts(concept_figures("TI", ti, moved, trained_min=0.5, identical=True)) == [True, False]
+
+
+def test_token_figures_score_the_token_before_and_after_against_the_word():
+    start = result("triangle", "textual_inversion", {"textual_inversion": {"shape": 0.0}})
+    trained = result("triangle", "textual_inversion", {"base": {"shape": 1.0}, "textual_inversion": {"shape": 0.5}})
+    figs = token_figures("TI control", start, trained)
+    assert verdicts(figs) == [True, None] and [(f.base, f.trained) for f in figs] == [("0.0%", "50.0%"), ("-", "100.0%")]
+    assert figs[0].name == "triangle prompts with the token: the triangle drawn (shape)"
+    low = result("triangle", "textual_inversion", {"base": {"shape": 1.0}, "textual_inversion": {"shape": 0.49}})
+    assert verdicts(token_figures("TI control", start, low)) == [False, None]
+    drew = result("triangle", "textual_inversion", {"textual_inversion": {"shape": 0.11}})
+    assert verdicts(token_figures("TI control", drew, trained)) == [False, None]  # it drew them before training
 
 
 def test_dreambooth_figures_fidelity_ratio_and_prior_drift():

@@ -3,6 +3,8 @@ gradient, and the export -> stock diffusers `load_textual_inversion` round trip.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -19,9 +21,12 @@ from diffray.models.textual_inversion import (
     add_placeholder_tokens,
     check_tokens,
     export_textual_inversion,
+    has_word,
     learned_embeddings,
     placeholder_text,
     placeholder_tokens,
+    substitute_tokens,
+    word_ends,
 )
 from diffray.trainers.components.prompts import OBJECT_TEMPLATES, STYLE_TEMPLATES, template_prompts
 from diffray.trainers.session import WorkerEnv
@@ -45,8 +50,13 @@ def test_config_defaults_and_errors():
         ({"textual_inversion": {"placeholder_token": "<a b>"}}, "textual_inversion.placeholder_token: String should match"),
         ({"textual_inversion": {"learnable_property": "scene"}},
          "textual_inversion.learnable_property: Input should be 'object' or 'style'"),
-        ({"textual_inversion": {"rank": 4}}, "textual_inversion.rank: unknown key (allowed: initializer_token,"),
+        ({"textual_inversion": {"rank": 4}}, "textual_inversion.rank: unknown key (allowed: captions, concept_word, initializer_token,"),
         ({"strategy": {"zero_stage": 3}}, "strategy.zero_stage: textual inversion trains one small embedding matrix"),
+        ({"textual_inversion": {"concept_word": "star"}},
+         "textual_inversion.concept_word: names a word of the dataset's captions; it needs textual_inversion.captions: "
+         "dataset"),
+        ({"textual_inversion": {"captions": "dataset", "concept_word": "two words"}},
+         "textual_inversion.concept_word: String should match"),
     ]:
         with pytest.raises(ConfigError) as err:
             validate_config({"method": "textual_inversion", **raw})
@@ -103,6 +113,88 @@ def test_template_prompts_are_keyed_per_sample():
     style = template_prompts("style", "<x> <x>_1", [0, 1], step=1, seed=0)
     assert all(p in {t.format("<x> <x>_1") for t in STYLE_TEMPLATES} for p in style)
     assert (len(OBJECT_TEMPLATES), len(STYLE_TEMPLATES)) == (27, 19)
+
+
+def test_dataset_captions_swap_the_word_for_the_token_as_the_tokenizer_would():
+    """The ids `substitute_tokens` makes from the pipeline's tokenized captions equal tokenizing the caption with
+    the word replaced in the text, by the tokenizer that knows the placeholder: one and three vectors, the word
+    twice, next to punctuation, not inside another word, and a caption truncated at 77 tokens."""
+    from diffray.data.transforms import tokenize_captions
+    from diffray.models.loading import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny")  # the world model's word-level tokenizer
+    for num_vectors, word, tok_path in [(1, "star", path), (3, "star", path), (1, "star", None), (2, "<star>", None)]:
+        base = load_components(tok_path or _tiny_random()).tokenizer
+        captions = ["a large cyan striped star on the left on a black background", "a star, a star", "star",
+                    "a superstar and a starry star", "stars " * 80 + "star", "a red circle on a blue background"]
+        if tok_path == path:  # 74 one-token words: three vectors each push it past 77 tokens
+            captions.append("a " * 72 + "star star")
+        if word.startswith("<"):  # the placeholder written in the captions themselves
+            captions = [c.replace("star", word) if "star" in c.split() else c for c in captions[:3]] + [
+                f"a {word} on a blue background"]
+        ids = torch.from_numpy(tokenize_captions(base, captions, None))
+        word_ids = base.encode(word, add_special_tokens=False)
+        ends = word_ends(base)
+        base.add_tokens(placeholder_tokens("<s>", num_vectors))
+        new = base.convert_tokens_to_ids(placeholder_tokens("<s>", num_vectors))
+        got = substitute_tokens(ids, word_ids, new, base.eos_token_id, base.pad_token_id, ends)
+        text = placeholder_text("<s>", num_vectors)
+        # a placeholder written in a caption is found only with spaces around it: '<star>,' splits as '<', 'star', '>,'
+        after = r"(?=\s|$)" if word.startswith("<") else r"(?=[\s,]|$)"
+        want = [re.sub(rf"(?<!\S){re.escape(word)}{after}", text, c) for c in captions]
+        assert want[0] == f"a large cyan striped {text} on the left on a black background"
+        assert torch.equal(got, torch.from_numpy(tokenize_captions(base, want, None))), (num_vectors, word, tok_path)
+        assert got.shape == ids.shape and (got == new[0]).any(dim=1).tolist()[:3] == [True, True, True]
+    # the preflight check finds the word where the swap would
+    tok = load_components(path).tokenizer
+    assert has_word(tok, "a red star on a blue background", "star") and has_word(tok, "<x> on blue", "<x>")
+    assert not has_word(tok, "a red circle", "star") and not has_word(tok, "a superstar", "star")
+    assert not has_word(tok, "stars " * 80 + "star", "star"), "past the 77 tokens training sees"
+    assert not has_word(tok, "a <x>, on blue", "<x>"), "'>,' is one piece"
+
+
+def _tiny_random() -> str:
+    from diffray.models.loading import resolve_model_path
+
+    return resolve_model_path("builtin:tiny-random")
+
+
+def test_dataset_caption_prompts_put_the_token_in_the_batch_captions(tiny_model_path):
+    """`captions: dataset`: the task's prompt ids are the batch's own captions with the word's ids swapped for
+    the token's; templates are not drawn."""
+    from diffray.data.transforms import tokenize_captions
+
+    cfg = _cfg(captions="dataset", concept_word="oo", initializer_token="o", num_vectors=2)
+    task = TextualInversionTask(cfg, tiny_model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    tok = task.comps.tokenizer  # now holds the placeholder
+    captions = ["a oo b", "no word here", "oo oo"]
+    batch = {"sample_id": torch.tensor([0, 1, 2]),
+             "input_ids": torch.from_numpy(tokenize_captions(load_components(tiny_model_path).tokenizer, captions,
+                                                             None))}
+    text = placeholder_text(TOK, 2)
+    want = tokenize_captions(tok, ["a " + text + " b", "no word here", text + " " + text], None)
+    assert torch.equal(task.prompt_ids(batch, step=3), torch.from_numpy(want))
+    templated = TextualInversionTask(_cfg(initializer_token="o"), tiny_model_path,
+                                     WorkerEnv(0, 1, torch.device("cpu"), "fp32")).prompt_ids(batch, step=3)
+    assert not torch.equal(templated, batch["input_ids"])
+
+
+def test_dataset_caption_prompts_on_sdxl_swap_the_word_in_both_tokenizers(tmp_path):
+    """SDXL's batches hold both tokenizers' ids [B, 2, 77]; each gets its own tokenizer's token ids (and padding)."""
+    from diffray.data.transforms import tokenize_captions
+    from diffray.models.tiny import build_pipeline_dir
+
+    xl = str(build_pipeline_dir(tmp_path / "xl", "tiny-sdxl", seed=0))
+    cfg = _cfg(captions="dataset", concept_word="oo", initializer_token="o")
+    cfg.model.path = xl
+    task = TextualInversionTask(cfg, xl, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    fresh = load_components(xl, second_encoder=True)
+    captions = ["a oo b", "oo"]
+    ids = torch.from_numpy(tokenize_captions(fresh.tokenizer, captions, fresh.tokenizer_2))
+    assert ids.shape == (2, 2, 77)
+    got = task.prompt_ids({"sample_id": torch.tensor([0, 1]), "input_ids": ids}, step=0)
+    want = tokenize_captions(task.comps.tokenizer, ["a " + TOK + " b", TOK], task.comps.tokenizer_2)
+    assert torch.equal(got, torch.from_numpy(want)) and (got[:, 1] == task.token_ids[1][0]).any(dim=1).all()
 
 
 def test_row_guard_masks_gradients_and_restores_rows():

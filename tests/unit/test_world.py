@@ -105,6 +105,9 @@ def test_reserved_concepts_only_in_their_sets():
     assert {s.shape for s in replay} == set(G.PRETRAIN_SHAPES) | {"star"}
     assert not {(s.colour, s.shape, s.bg) for s in replay} & set(G.HELDOUT)
     assert not {s.colour for s in replay} & set(G.RESERVED_COLOURS) and {s.texture for s in replay} == {None}
+    control = scenes("triangle", 300)  # Textual Inversion's control: a known shape, held-out triples left out
+    assert {s.shape for s in control} == {"triangle"} and {s.colour for s in control} == set(G.PRETRAIN_COLOURS)
+    assert not {(s.colour, s.shape, s.bg) for s in control} & set(G.HELDOUT) and {s.texture for s in control} == {None}
 
 
 def test_deterministic_by_seed_and_index():

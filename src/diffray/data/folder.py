@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -215,10 +216,12 @@ def folder_rows(path: str, caption_column: str = "text", image_column: str = "fi
     return fs, root, [{**r, "sample_id": r["sample_id"] + id_offset} for r in rows]
 
 
-def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str, min_images: int,
-                         what: str, paths: PathRules = LOCAL_ONLY) -> int:
+def check_concept_images(path: str, caption_column: str, image_column: str, prompt: str | None, min_images: int,
+                         what: str, paths: PathRules = LOCAL_ONLY,
+                         caption_check: Callable[[str], str | None] | None = None) -> int:
     """Decode every image of a small concept folder (DreamBooth instances, Textual Inversion images) on
-    the driver, before any Ray work; returns how many there are.
+    the driver, before any Ray work; returns how many there are. `prompt` replaces every caption (None:
+    the metadata's captions, each passed to `caption_check`, which returns why it is unusable or None).
 
     Raises:
         DatasetError: one line naming `what`, the folder and up to five bad files, or too few images.
@@ -239,6 +242,9 @@ def check_concept_images(path: str, caption_column: str, image_column: str, prom
             if data is None:
                 raise DatasetError(f"{row['source']}: image file not found")
             decode_image(data, row["source"])
+            why = None if caption_check is None else caption_check(row["caption"] or "")
+            if why:
+                raise DatasetError(f"{row['source']}: {why}")
         except DatasetError as exc:
             bad.append(str(exc))
     if bad:

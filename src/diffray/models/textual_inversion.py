@@ -11,6 +11,7 @@ tokenizer=)`. Never imports ray.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,48 @@ def placeholder_tokens(placeholder: str, num_vectors: int) -> list[str]:
 def placeholder_text(placeholder: str, num_vectors: int) -> str:
     """What stands for the concept in a training prompt: every vector's token, space separated."""
     return " ".join(placeholder_tokens(placeholder, num_vectors))
+
+
+def word_ends(tokenizer) -> Callable[[int], bool]:
+    """Whether a token id ends a word: CLIP's BPE marks each word's last token with `</w>`; special and added
+    tokens stand alone."""
+    alone = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return lambda i: i in alone or tokenizer.convert_ids_to_tokens(i).endswith("</w>")
+
+
+def substitute_tokens(ids: torch.Tensor, word_ids: Sequence[int], new_ids: Sequence[int], eos_id: int, pad_id: int,
+                      word_end: Callable[[int], bool] = lambda i: True) -> torch.Tensor:
+    """Token ids [B, L] of padded captions (BOS, tokens, EOS, padding) with every occurrence of the word whose
+    ids are `word_ids` replaced by `new_ids`, re-padded to L (a caption that grows past L loses its last tokens
+    before the EOS, as the tokenizer truncates). CLIP's BPE splits words apart before merging, so a whole word
+    has the same ids wherever it stands; an occurrence counts only where a word starts (after BOS or a token
+    for which `word_end` holds), so 'star' is not found at the end of 'superstar'."""
+    word, new, length = list(word_ids), list(new_ids), ids.shape[-1]
+    rows = []
+    for row in ids.tolist():
+        end = row.index(eos_id, 1) if eos_id in row[1:] else length
+        body, out, i = row[1:end], [], 0
+        while i < len(body):
+            if body[i:i + len(word)] == word and (i == 0 or word_end(body[i - 1])):
+                out += new
+                i += len(word)
+            else:
+                out.append(body[i])
+                i += 1
+        out = out[:length - 2]
+        rows.append([row[0], *out, eos_id] + [pad_id] * (length - 2 - len(out)))
+    return torch.tensor(rows, dtype=ids.dtype, device=ids.device)
+
+
+def has_word(tokenizer, caption: str, word: str) -> bool:
+    """Whether `caption`, tokenized as training does (77 tokens), holds `word` where `substitute_tokens` finds
+    it. A placeholder written in a caption needs spaces around it: `<tok>,` splits as `<`, `tok`, `>,`."""
+    from diffray.data.transforms import tokenize_captions
+
+    ids = torch.from_numpy(tokenize_captions(tokenizer, [caption], None))
+    out = substitute_tokens(ids, tokenizer.encode(word, add_special_tokens=False), [-1], tokenizer.eos_token_id,
+                            tokenizer.pad_token_id, word_ends(tokenizer))
+    return bool((out == -1).any())
 
 
 def check_tokens(tokenizer, placeholder: str, initializer: str, num_vectors: int) -> int:

@@ -57,7 +57,8 @@ def pretrain_world_command(
 def eval_command(
     model: Optional[str] = typer.Option(None, help="Base model: builtin:tiny, a diffusers dir or hub id (default: "
                                         "the adapter's base, else builtin:tiny)"),
-    suite: str = typer.Option("prompts", help="prompts | heldout | controlnet | subject | star | cyan | striped"),
+    suite: str = typer.Option("prompts", help="prompts | heldout | controlnet | subject | star | cyan | striped | "
+                                              "triangle"),
     adapter: Optional[Path] = typer.Option(None, help="LoRA or Textual Inversion adapter dir"),
     controlnet: Optional[Path] = typer.Option(None, help="ControlNet dir (suite controlnet)"),
     num: Optional[int] = typer.Option(None, help="Prompt/seed pairs (default 64)"),

@@ -77,6 +77,19 @@ def concept_figures(row: str, concept: EvalResult, prompts: EvalResult | None, f
     return out
 
 
+def token_figures(row: str, start: EvalResult, trained: EvalResult, field: str = "shape", start_max: float = 0.10,
+                  trained_min: float = 0.50) -> list[Figure]:
+    """A Textual Inversion token learning a concept the base already draws under its own word: the concept's
+    field on prompts with the token, before training (`start`: the token's initializer word in its place, which
+    is what the untrained token feeds the model) and after; then the same prompts with the word (the base)."""
+    before, after = field_accuracy(start, adapted(start), field), field_accuracy(trained, adapted(trained), field)
+    word = field_accuracy(trained, "base", field)
+    return [Figure(row, f"{trained.suite} prompts with the token: the {trained.suite} drawn ({field})", pct(before),
+                   pct(after), f"token before training <= {start_max:.0%}, trained >= {trained_min:.0%}",
+                   before <= start_max and after >= trained_min),
+            Figure(row, "the same prompts with the word itself (the base model)", "-", pct(word), "(reported)", None)]
+
+
 def dreambooth_figures(row: str, with_prior: EvalResult, without_prior: EvalResult | None,
                        min_ratio: float = 3.0) -> list[Figure]:
     """Subject fidelity on the instance prompt (trained >= `min_ratio` x base), and the class prompt's

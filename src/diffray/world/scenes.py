@@ -48,6 +48,9 @@ SPLITS = {
     "star_mix": SplitSpec(shapes=("star",) * len(PRETRAIN_SHAPES) + PRETRAIN_SHAPES, exclude=HELDOUT,
                           about="half stars, half pretraining shapes: the star learned beside what the model "
                           "knows, so its other shapes are not forgotten"),
+    "triangle": SplitSpec(shapes=("triangle",), exclude=HELDOUT,
+                          about="a shape the model knows: triangles, held-out triples left out (Textual Inversion's "
+                          "control concept, learned under a new word)"),
     "cyan": SplitSpec(colours=("cyan",), about="the reserved colour: cyan pretraining shapes"),
     "striped": SplitSpec(striped_p=1.0, exclude=HELDOUT, about="the reserved texture: striped pretraining shapes"),
     "subject": SplitSpec(subject=True, about="the reserved subject: 'a photo of sks widget'"),

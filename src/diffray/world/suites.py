@@ -28,10 +28,13 @@ SUITES = {
     "subject": "'a photo of sks widget' (fidelity) and 'a photo of a widget' (class drift)",
     "star": "prompts with the reserved shape", "cyan": "prompts with the reserved colour",
     "striped": "prompts with the reserved texture",
+    "triangle": "prompts with a triangle, a shape the model knows (a Textual Inversion token in place of the word)",
 }
 SUITE_SPLIT = {"prompts": "base", "heldout": "heldout", "controlnet": "pretrain", "star": "star", "cyan": "cyan",
-               "striped": "striped"}
-CONCEPT_SUITES = ("star", "cyan", "striped", "subject")
+               "striped": "striped", "triangle": "triangle"}
+CONCEPT_SUITES = ("star", "cyan", "striped", "subject", "triangle")
+# concept suite -> the words a Textual Inversion token replaces: the reserved concepts', and the control's
+CONCEPT_WORDS = {**RESERVED, "triangle": "triangle"}
 DEFAULT_NUM = 64
 EVAL_SEED = 1000
 SEED_STRIDE = 100_000  # generator seeds of suite seed s: s * SEED_STRIDE + item id
@@ -87,7 +90,7 @@ def with_token(prompt: str, suite: str, token: str | None) -> str:
     """`prompt` with the concept's words of `suite` replaced by `token` (unchanged without a token)."""
     if not token or suite not in CONCEPT_SUITES:
         return prompt
-    words = RESERVED[suite]
+    words = CONCEPT_WORDS[suite]
     return re.sub(rf"\b{re.escape(words)}\b", token, prompt)
 
 

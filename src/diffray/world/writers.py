@@ -22,7 +22,7 @@ from diffray.world.scenes import SIZE_WORD_P, SPLITS, check_split, scene_at
 
 WORLD_VERSION = 1  # bump when a rendering or a split changes, so cached sets are rebuilt
 FORMATS = ("imagefolder", "parquet")
-BUILTIN_SIZES = {"pretrain": 256, "heldout": 64, "base": 64, "star": 64, "star_mix": 128, "cyan": 64, "striped": 64, "subject": 5,
+BUILTIN_SIZES = {"pretrain": 256, "heldout": 64, "base": 64, "star": 64, "star_mix": 128, "triangle": 64, "cyan": 64, "striped": 64, "subject": 5,
                  "all": 256, "canny": 256}
 BUILTIN_SEED = 0
 ROWS_PER_FILE = 10_000  # Parquet: rows per shard file

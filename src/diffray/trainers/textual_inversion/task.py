@@ -1,7 +1,8 @@
 """Textual Inversion on the shared denoising base. The engine trains the text encoder's input embedding
 matrix (the module takes token ids); a `RowGuard` masks the gradient of the old rows and writes them back
 after every optimizer step and after a resume (as the reference implementations do), which works
-unchanged under DDP and DeepSpeed ZeRO 0-2. Captions come from the object/style prompt templates.
+unchanged under DDP and DeepSpeed ZeRO 0-2. Captions come from the object/style prompt templates, or from
+the dataset with the concept word's token ids swapped for the placeholder's.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from diffray.models.textual_inversion import (
     export_textual_inversion,
     placeholder_text,
     placeholder_tokens,
+    substitute_tokens,
+    word_ends,
 )
 from diffray.trainers.components.prompts import template_prompts
 from diffray.trainers.denoising import DenoisingTask, Denoiser
@@ -68,6 +71,7 @@ class TextualInversionTask(DenoisingTask):
 
     trains_text_encoder = True
     token_ids: list[list[int]]  # per text encoder, set by build_module
+    word_ids: list[list[int]]  # per text encoder: the concept word's ids under the base tokenizer (dataset captions)
 
     def __init__(self, cfg, model_path: str, env):
         super().__init__(cfg, model_path, env)
@@ -77,12 +81,24 @@ class TextualInversionTask(DenoisingTask):
                        for (_, encoder), ids in zip(encoders(self.comps), self.token_ids)]
 
     def build_module(self) -> Denoiser:
+        word = self.cfg.textual_inversion.caption_word()
+        # The word's ids under the base tokenizer(s), as the data pipeline tokenized the captions.
+        self.word_ids = [] if word is None else [tok.encode(word, add_special_tokens=False)
+                                                 for tok, _ in encoders(self.comps)]
         module, self.token_ids = build_model(self.cfg, self.comps)
         return module
 
     def prompt_ids(self, batch: dict, step: int) -> torch.Tensor:
-        """A template caption per row ("a photo of a <tok>", ...), drawn per (seed, step, sample)."""
+        """A template caption per row ("a photo of a <tok>", ...), drawn per (seed, step, sample); or with
+        `captions: dataset` the row's own caption with the concept word's ids replaced by the token's."""
         ti = self.cfg.textual_inversion
+        if ti.captions == "dataset":
+            ids = super().prompt_ids(batch, step)
+            swapped = [substitute_tokens(ids if ids.dim() == 2 else ids[:, k], word, new, tok.eos_token_id,
+                                         tok.pad_token_id, word_ends(tok))
+                       for k, ((tok, _), word, new) in enumerate(zip(encoders(self.comps), self.word_ids,
+                                                                     self.token_ids))]
+            return swapped[0] if ids.dim() == 2 else torch.stack(swapped, dim=1)
         prompts = template_prompts(ti.learnable_property, placeholder_text(ti.placeholder_token, ti.num_vectors),
                                    [int(i) for i in batch["sample_id"]], step, self.cfg.run.seed)
         return torch.from_numpy(tokenize_captions(self.comps.tokenizer, prompts, self.comps.tokenizer_2))
