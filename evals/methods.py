@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_NAMES = ("lora", "textual_inversion", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune",
+ROW_NAMES = ("lora", "textual_inversion", "ti_control", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune",
              "diffusion_dpo", "reward_model", "ddpo_learned")
 ALIGNMENT_PROMPTS = 256  # prompts of the pretraining split DDPO samples for the alignment reward
 # Issue 19's preference rows: the base gets 98.8% of the protocol's prompts right (25 steps, guidance 5), so its
@@ -147,6 +147,21 @@ def row_textual_inversion(ctx: Context, key: str, label: str, extra: list[str]):
     star, prompts = evaluate(ctx, key, "star", adapter=art), evaluate(ctx, key, "prompts", adapter=art)
     return (concept_figures("Textual Inversion" + label, star, prompts, trained_min=0.5, identical=True),
             grid_of(ctx, key, "star"))
+
+
+def row_ti_control(ctx: Context, key: str, label: str, extra: list[str]):
+    """Textual Inversion where the base can draw the concept: triangles learned as <tri> from the world set's own
+    captions ('triangle' swapped for the token), the token starting as 'circle'. Before training the token feeds
+    the model exactly what 'circle' does, so the start is scored with 'circle' in its place."""
+    from diffray.world.figures import token_figures
+
+    art = train(ctx, key, "configs/textual_inversion.yaml", [
+        "data.path=builtin:world/triangle", "textual_inversion.placeholder_token=<tri>",
+        "textual_inversion.initializer_token=circle", "textual_inversion.captions=dataset",
+        "textual_inversion.concept_word=triangle"] + extra)
+    start = evaluate(ctx, f"{key}-start", "triangle", adapter=art, token="circle", compare_base=False)
+    trained = evaluate(ctx, key, "triangle", adapter=art)
+    return token_figures("Textual Inversion, control" + label, start, trained), grid_of(ctx, key, "triangle")
 
 
 def row_dreambooth(ctx: Context, key: str, label: str, extra: list[str]):
@@ -303,7 +318,12 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
                                                      "train.checkpoint_every=800", "train.validate_every=null"])],
     "textual_inversion": [
         ("ti-400", " (400 steps of 8, lr 5e-3)", ["train.max_steps=400", "train.micro_batch_size=8", "optim.lr=5e-3",
-                                                  "train.checkpoint_every=200", "train.validate_every=null"])],
+                                                  "train.checkpoint_every=200", "train.validate_every=null"]),
+        ("ti-captions", " (the set's own captions, 'star' as <star>)", ["textual_inversion.captions=dataset",
+                                                                      "textual_inversion.concept_word=star"])],
+    "ti_control": [
+        ("ti-control-templates", " (the object templates, 'a photo of a <tri>', as shipped)", [
+            "textual_inversion.captions=templates", "textual_inversion.concept_word=null"])],
     "controlnet": [
         ("controlnet-all-t", " (every timestep, as before: train.timestep_range=null)", ["train.timestep_range=null"])],
     "ddpo_jpeg": [
@@ -322,7 +342,7 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
 }
 
-ROWS: dict[str, Callable] = {"lora": row_lora, "textual_inversion": row_textual_inversion,
+ROWS: dict[str, Callable] = {"lora": row_lora, "textual_inversion": row_textual_inversion, "ti_control": row_ti_control,
                              "dreambooth": row_dreambooth, "controlnet": row_controlnet, "ddpo_jpeg": row_ddpo_jpeg,
                              "ddpo_alignment": row_ddpo_alignment, "tune": row_tune,
                              "diffusion_dpo": row_diffusion_dpo, "reward_model": row_reward_model,
@@ -378,8 +398,8 @@ def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s
     def rel(p: Path) -> str:
         return Path(os.path.relpath(p, out.parent.resolve())).as_posix()
 
-    reuse = (" (trainings of unchanged configs reused from an earlier run of this script: each run's own "
-             "training time is listed under its method)") if any(
+    reuse = (" (a training of an unchanged config already under the work dir, from an earlier row of this run "
+             "or an earlier run, is reused: each run's own training time is listed under its method)") if any(
         t.get("reused") for r in results for t in r.trainings) else ""
     scope = f" for the rows {', '.join(rerun)}; the other rows are as an earlier run measured them" if rerun else ""
     parts = ["# EVALS: what each method learns on the tiny world", "",
