@@ -116,8 +116,11 @@ def evaluate(ctx: Context, row: str, suite: str, num: int | None = None, **kwarg
                       f"--{k.replace('_', '-')} {v}") for k, v in kwargs.items() if v is not None)
     ctx.commands.append(shown(f"diffray eval --suite {suite} --num {num} {flags}".rstrip()))
     result = run_eval(suite=suite, num=num, out_dir=ctx.work / "eval" / row / suite, **kwargs)
-    acc = {v: result.tables[v].get("all", {}).get("accuracy") for v in result.variants}
-    print(f"  eval {suite}: {', '.join(f'{v} {a:.1%}' if a is not None else v for v, a in acc.items())} "
+    # every field right; and for a shape concept the shape alone, which is that row's figure
+    fields = ("all", "shape") if suite in ("star", "triangle") else ("all",)
+    shown_acc = lambda v: ", ".join(f"{f} {a:.1%}" for f in fields
+                                    if (a := result.tables[v].get(f, {}).get("accuracy")) is not None)
+    print(f"  eval {suite}: {'; '.join(f'{v} {shown_acc(v)}'.rstrip() for v in result.variants)} "
           f"({result.wall_s:.0f}s)", flush=True)
     return result
 
