@@ -72,6 +72,7 @@ class TextualInversionTask(DenoisingTask):
     trains_text_encoder = True
     token_ids: list[list[int]]  # per text encoder, set by build_module
     word_ids: list[list[int]]  # per text encoder: the concept word's ids under the base tokenizer (dataset captions)
+    word_end: list  # per text encoder: whether a token id ends a word (`word_ends`)
 
     def __init__(self, cfg, model_path: str, env):
         super().__init__(cfg, model_path, env)
@@ -86,6 +87,7 @@ class TextualInversionTask(DenoisingTask):
         self.word_ids = [] if word is None else [tok.encode(word, add_special_tokens=False)
                                                  for tok, _ in encoders(self.comps)]
         module, self.token_ids = build_model(self.cfg, self.comps)
+        self.word_end = [word_ends(tok) for tok, _ in encoders(self.comps)]
         return module
 
     def prompt_ids(self, batch: dict, step: int) -> torch.Tensor:
@@ -95,9 +97,9 @@ class TextualInversionTask(DenoisingTask):
         if ti.captions == "dataset":
             ids = super().prompt_ids(batch, step)
             swapped = [substitute_tokens(ids if ids.dim() == 2 else ids[:, k], word, new, tok.eos_token_id,
-                                         tok.pad_token_id, word_ends(tok))
-                       for k, ((tok, _), word, new) in enumerate(zip(encoders(self.comps), self.word_ids,
-                                                                     self.token_ids))]
+                                         tok.pad_token_id, end)
+                       for k, ((tok, _), word, new, end) in enumerate(zip(encoders(self.comps), self.word_ids,
+                                                                          self.token_ids, self.word_end))]
             return swapped[0] if ids.dim() == 2 else torch.stack(swapped, dim=1)
         prompts = template_prompts(ti.learnable_property, placeholder_text(ti.placeholder_token, ti.num_vectors),
                                    [int(i) for i in batch["sample_id"]], step, self.cfg.run.seed)
