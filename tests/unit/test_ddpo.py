@@ -37,6 +37,8 @@ def test_defaults_validate_without_a_dataset():
     ("ddpo.reward.actors=-1", r"^ddpo.reward.actors: Input should be greater than or equal to 0"),
     ("ddpo.reward.nme=x", r"^ddpo.reward.nme: unknown key \(allowed: actors, max_restarts, name, num_cpus"),
     ("ddpo.prompts=[]", r"^ddpo.prompts: List should have at least 1 item"),
+    ("ddpo.images_per_prompt=3", r"ddpo.sample_batch_size=4 must be a multiple of ddpo.images_per_prompt=3"),
+    ("ddpo.images_per_prompt=0", r"^ddpo.images_per_prompt: Input should be greater than or equal to 1"),
 ])
 def test_bad_settings_name_the_field(override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -77,6 +79,45 @@ def test_advantages_from_gathered_rewards_match_on_every_rank():
     # Without a tracker: normalised over the whole batch.
     whole = batch_advantages(prompts, rewards, None)
     np.testing.assert_allclose(whole, (rewards - rewards.mean()) / (rewards.std() + 1e-6), rtol=1e-5)
+
+
+def test_grouped_draws_repeat_each_prompt_and_are_normalised_within_the_group_from_the_first_epoch():
+    from diffray.trainers.ddpo.task import stat_tracker
+
+    prompts = [f"p{i}" for i in range(50)]
+    assert draw_prompts(prompts, 8, [0, 1, 0, 0], 1) == draw_prompts(prompts, 8, [0, 1, 0, 0])  # 1: as before
+    grouped = draw_prompts(prompts, 8, [0, 1, 0, 0], 4)
+    assert grouped[:4] == [grouped[0]] * 4 and grouped[4:] == [grouped[4]] * 4
+    assert grouped[0] == draw_prompts(prompts, 2, [0, 1, 0, 0])[0]
+    with pytest.raises(ValueError, match="not a multiple"):
+        draw_prompts(prompts, 6, [0], 4)
+    with pytest.raises(ConfigError, match=r"images_per_prompt > 1 .* needs ddpo.per_prompt_advantages: true"):
+        ddpo("ddpo.images_per_prompt=2", "ddpo.per_prompt_advantages=false")
+
+    # A reward with per-prompt offsets (a Bradley-Terry model's are arbitrary): 'a' scores near 100, 'b' near
+    # -100. Over the batch the offsets are all the advantages say; within each group they are gone.
+    names = ["a"] * 4 + ["b"] * 4
+    rewards = np.array([101, 99, 102, 98, -99, -101, -98, -102], dtype=np.float32)
+    assert stat_tracker(ddpo("ddpo.images_per_prompt=1").ddpo).min_count == 16
+    tracker = stat_tracker(ddpo("ddpo.images_per_prompt=4", "ddpo.sample_batch_size=8").ddpo)
+    adv = tracker.update(names, rewards)
+    np.testing.assert_allclose(adv[:4], (rewards[:4] - 100) / (np.std(rewards[:4]) + 1e-6), rtol=1e-5)
+    np.testing.assert_array_equal(np.sign(adv), [1, -1, 1, -1, 1, -1, 1, -1])
+    ungrouped = stat_tracker(ddpo().ddpo).update(names, rewards)
+    np.testing.assert_array_equal(np.sign(ungrouped), [1, 1, 1, 1, -1, -1, -1, -1])
+    assert stat_tracker(ddpo("ddpo.per_prompt_advantages=false").ddpo) is None
+
+
+def test_a_worker_samples_its_batches_in_groups(tiny_model_path):
+    from diffray.trainers.ddpo.task import DDPOTask
+    from diffray.trainers.session import WorkerEnv
+
+    cfg = ddpo(f"model.path={tiny_model_path}", "ddpo.reward.actors=0", "ddpo.prompts=[a, b, c, d, e, f, g, h]",
+               "ddpo.sample_batch_size=8", "ddpo.images_per_prompt=4")
+    task = DDPOTask(cfg, tiny_model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
+    drawn = task.batch_prompts(epoch=2, batch=1)
+    assert drawn == [drawn[0]] * 4 + [drawn[4]] * 4
+    assert task.tracker.min_count == 4
 
 
 def test_prompt_draws_are_keyed_and_best_worst_picks():

@@ -344,11 +344,14 @@ def batch_advantages(prompts: Sequence[str], rewards: np.ndarray, tracker: PerPr
     return ((rewards - rewards.mean()) / (rewards.std() + 1e-6)).astype(np.float32)
 
 
-def draw_prompts(prompts: Sequence[str], count: int, key: Sequence[int]) -> list[str]:
+def draw_prompts(prompts: Sequence[str], count: int, key: Sequence[int], group: int = 1) -> list[str]:
     """`count` prompts drawn uniformly with replacement, reproducibly from an integer `key` (e.g. seed,
-    epoch, rank, batch), so a resumed run draws what the interrupted one would have."""
+    epoch, rank, batch), so a resumed run draws what the interrupted one would have; with `group` > 1,
+    `count // group` prompts each repeated `group` times in a row (`count` a multiple of `group`)."""
+    if count % group:
+        raise ValueError(f"count={count} is not a multiple of group={group}")
     rng = np.random.default_rng([int(k) for k in key])
-    return [prompts[i] for i in rng.integers(0, len(prompts), size=count)]
+    return [prompts[i] for i in rng.integers(0, len(prompts), size=count // group) for _ in range(group)]
 
 
 def best_and_worst(rewards: np.ndarray, k: int) -> tuple[list[int], list[int]]:

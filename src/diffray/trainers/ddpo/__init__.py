@@ -53,6 +53,11 @@ class DDPOSection(Section):
     guidance: float = Field(5.0, ge=0, description="Classifier-free guidance scale while sampling and training.")
     samples_per_epoch: int = Field(16, ge=1, description="Trajectories each worker samples per epoch.")
     sample_batch_size: int = Field(4, ge=1, description="Trajectories per sampling batch (one reward call each).")
+    images_per_prompt: int = Field(1, ge=1, description="Trajectories of each drawn prompt in a sampling batch "
+                                   "(a group, other noise each). Above 1, a prompt's rewards are normalised "
+                                   "within its group from its first epoch (`stat_min_count` counts at most the "
+                                   "group): what a reward with per-prompt offsets, such as a learned "
+                                   "Bradley-Terry model, needs when there are more prompts than epochs can revisit.")
     inner_epochs: int = Field(1, ge=1, le=100, description="PPO passes over each epoch's samples.")
     timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="Fraction of the T steps trained per sample "
                                      "(a random subset, per sample and pass).")
@@ -96,6 +101,12 @@ class DDPOTrainConfig(TrainConfig):
         if d.samples_per_epoch % d.sample_batch_size:
             raise ValueError(f"ddpo.samples_per_epoch={d.samples_per_epoch} must be a multiple of "
                              f"ddpo.sample_batch_size={d.sample_batch_size}")
+        if d.sample_batch_size % d.images_per_prompt:
+            raise ValueError(f"ddpo.sample_batch_size={d.sample_batch_size} must be a multiple of "
+                             f"ddpo.images_per_prompt={d.images_per_prompt} (a batch holds whole groups)")
+        if d.images_per_prompt > 1 and not d.per_prompt_advantages:
+            raise ValueError("ddpo.images_per_prompt > 1 groups trajectories for per-prompt advantages: it needs "
+                             "ddpo.per_prompt_advantages: true")
         per_update = t.micro_batch_size * t.grad_accum_steps
         if d.samples_per_epoch % per_update:
             raise ValueError(f"ddpo.samples_per_epoch={d.samples_per_epoch} must be a multiple of "

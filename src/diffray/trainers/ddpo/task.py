@@ -98,6 +98,16 @@ def decode_images(vae, latents: torch.Tensor) -> np.ndarray:
     return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def stat_tracker(d) -> PerPromptStatTracker | None:
+    """The per-prompt advantage tracker of a `ddpo` section (None: normalise over each epoch's batch). With
+    `images_per_prompt` > 1 every drawn prompt has at least a group's rewards, so it is normalised per prompt
+    from its first epoch on."""
+    if not d.per_prompt_advantages:
+        return None
+    group = d.images_per_prompt
+    return PerPromptStatTracker(d.stat_buffer_size, min(d.stat_min_count, group) if group > 1 else d.stat_min_count)
+
+
 def merge(trajectories: list[Trajectory]) -> Trajectory:
     first = trajectories[0]
     return Trajectory(torch.cat([t.latents for t in trajectories]), first.timesteps,
@@ -132,8 +142,7 @@ class DDPOTask:
         self.latents_shape = (unet.in_channels, pixels // scale, pixels // scale)
         self.negative = self.prompt_conditioning([self.d.negative_prompt])
         self.train_timesteps = max(1, int(self.d.sample_steps * self.d.timestep_fraction))
-        self.tracker = (PerPromptStatTracker(self.d.stat_buffer_size, self.d.stat_min_count)
-                        if self.d.per_prompt_advantages else None)
+        self.tracker = stat_tracker(self.d)
         self.pool = open_reward_pool(self.d.reward, env)
         self.engine = self.policy = self.samples = None
         self.reward_first = self.reward_last = None
@@ -197,6 +206,10 @@ class DDPOTask:
     def key(self, epoch: int, *more: int) -> list[int]:
         return [self.cfg.run.seed, epoch, self.env.rank, *more]
 
+    def batch_prompts(self, epoch: int, batch: int) -> list[str]:
+        """The prompts of one sampling batch: drawn by (seed, epoch, rank, batch), in groups of `images_per_prompt`."""
+        return draw_prompts(self.prompts, self.d.sample_batch_size, self.key(epoch, batch), self.d.images_per_prompt)
+
     def sample_epoch(self, epoch: int) -> tuple[EpochSamples, dict[str, float]]:
         """Sample, decode and submit every batch, then wait for the scores (the overlap is in between)."""
         d, t0 = self.d, time.perf_counter()
@@ -204,7 +217,7 @@ class DDPOTask:
         trajectories, embeds, prompts, images, pending = [], [], [], [], []
         self.module.eval()
         for b in range(d.samples_per_epoch // d.sample_batch_size):
-            batch_prompts = draw_prompts(self.prompts, d.sample_batch_size, self.key(epoch, b))
+            batch_prompts = self.batch_prompts(epoch, b)
             hidden = self.prompt_conditioning(batch_prompts)
             gen = torch.Generator().manual_seed(hash_key(self.key(epoch, b, 1)))
             traj = sample_trajectory(self.policy, self.scheduler, hidden, self.negative, d.sample_steps, d.guidance,
