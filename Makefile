@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python benchmarks/latent_cache.py
 	$(BIN)/python benchmarks/ddpo_overlap.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/serve_edge.py
 	$(BIN)/python benchmarks/tune_schedulers.py
 	$(BIN)/python benchmarks/memory.py
 

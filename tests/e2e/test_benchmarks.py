@@ -22,6 +22,7 @@ TOY = {
     "ddpo_overlap": ["--epochs", "2", "--rounds", "1", "--samples", "16", "--batch", "8"],
     "serve": ["--requests", "2", "--rounds", "1", "--steps", "2", "--concurrency", "2", "--throughput-requests", "4",
               "--adapters", "2"],
+    "serve_edge": ["--requests", "3", "--rounds", "1"],
     # the grid search alone, of one trial: each search is the same `run` (~90 s of Tune start-up here); the
     # schedulers' stopping is for tests/integration/test_tune*.py to show
     "tune_schedulers": ["--steps", "4", "--validate-every", "2", "--grace", "2", "--schedulers", "", "--set",
@@ -30,9 +31,10 @@ TOY = {
 
 
 # Each script joins the cluster in RAY_ADDRESS (benchmarks/common.py) as `diffray` commands do, so these runs
-# share the session's cluster instead of starting one each (15-20 s apiece here). serve.py starts and shuts down
-# Serve itself on a port of its own: it keeps a cluster of its own, away from the session's Serve apps.
-OWN_CLUSTER = {"serve"}
+# share the session's cluster instead of starting one each (15-20 s apiece here). serve.py and serve_edge.py start
+# and shut down Serve themselves on a port of their own: each keeps a cluster of its own, away from the session's
+# Serve apps.
+OWN_CLUSTER = {"serve", "serve_edge"}
 
 
 @pytest.mark.parametrize("name", sorted(TOY))

@@ -82,6 +82,33 @@ def test_body_cap_declared_and_streamed(client):
     assert r.status_code == 413
 
 
+@pytest.mark.parametrize("method, headers, body_read", [
+    ("GET", [], False), ("GET", [(b"content-length", b"0")], False),
+    ("POST", [(b"content-length", b"2")], True), ("POST", [(b"transfer-encoding", b"chunked")], True)])
+def test_a_request_without_a_body_never_asks_the_server_for_one(method, headers, body_read):
+    """Under Serve each receive() in the replica is an actor call back to the proxy: a bodiless request skips it."""
+    import asyncio
+
+    from fastapi.responses import JSONResponse
+
+    reads = []
+    app = EdgeMiddleware(JSONResponse({"ok": True}), EdgePolicy(max_body_bytes=2000))
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"{}" if body_read else b"", "more_body": False}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": "/healthz", "root_path": "", "headers": headers,
+             "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 200 and bool(reads) is body_read
+
+
 def test_key_ok_constant_time_match():
     assert key_ok("Bearer abc", ["x", "abc"]) and key_ok("bearer abc ", ["abc"]) and not key_ok("Bearer ab", ["abc"])
 
