@@ -142,6 +142,22 @@ def test_kl_to_the_base_holds_the_policy_near_it(ray_cluster, runs_root, tiny_mo
 
 
 @pytest.mark.slow
+def test_kl_reference_under_zero3_is_the_base_as_under_zero2(ray_cluster, tmp_path):
+    """Under ZeRO-3 the weights are partitioned and the KL's reference pass calls the UNet outside the engine's
+    forward, with the LoRA switched off: its KL must be the one ZeRO-2 measures (float noise apart), not 0
+    (the LoRA left on) or garbage (unGathered weights)."""
+    kls = {}
+    for stage in (2, 3):
+        cfg = ddpo_cfg(tmp_path, f"kl-z{stage}", "train.max_steps=1", "train.checkpoint_every=1",
+                       "train.validate_every=null", "ddpo.kl_coef=100", f"strategy.zero_stage={stage}")
+        result = run_training(cfg)
+        assert read_card(result.artifact_dir)["method"] == "ddpo"
+        kls[stage] = epoch_lines(result.run_dir)[0]["kl_ref"]
+    print(f"kl_ref after one epoch: ZeRO-2 {kls[2]:.6f}, ZeRO-3 {kls[3]:.6f}")
+    assert kls[2] > 0 and kls[3] == pytest.approx(kls[2], rel=0.1)
+
+
+@pytest.mark.slow
 @pytest.mark.eval  # CI: SD's DDPO (default suite), SDXL's guided sampling and log-probs (unit/test_ddpo_components.py)
 def test_reward_actor_killed_mid_call_is_restarted_and_the_epoch_completes(ray_cluster, tmp_path, faults,
                                                                            model_from_zero_checkpoint):
