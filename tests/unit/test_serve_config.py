@@ -225,3 +225,17 @@ def test_decode_b64_image_never_leaks_reprs(data):
     with pytest.raises(RequestError) as err:
         decode_b64_image(data, "control.image", 10_000)
     assert err.value.param == "control.image" and "0x" not in err.value.message and "<" not in err.value.message
+
+
+def test_one_deployment_takes_the_generators_options():
+    """`generator.in_ingress`: the app is the Ingress alone, sized and placed as the Generator would be."""
+    from diffray.serve.app import build_app
+
+    gen = {"in_ingress": True, "num_cpus": 2, "resources": {"A10G": 1}, "autoscaling": {"max_replicas": 3}}
+    d = build_app({"generator": gen, "auth": {"api_keys": ["k"]}})._bound_deployment
+    assert d.name == "Ingress" and d.init_args[0] is None  # no Generator handle: it draws itself
+    assert d.ray_actor_options == {"num_cpus": 2.0, "num_gpus": 0.0, "resources": {"A10G": 1.0}}
+    assert d._deployment_config.autoscaling_config.max_replicas == 3
+    assert d.max_ongoing_requests == 256  # HTTP requests; the Generator's limits are checked by the replica
+    two = build_app({"auth": {"api_keys": ["k"]}})._bound_deployment
+    assert two.ray_actor_options == {"num_cpus": 0.5} and two.init_args[0] is not None

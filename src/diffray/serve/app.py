@@ -42,7 +42,8 @@ def generator_options(args: ServeArgs) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """The diffray Serve application: Ingress -> Generator.
+    """The diffray Serve application: Ingress -> Generator, or the Ingress alone drawing in its own
+    replicas (`generator.in_ingress`).
 
     Args:
         args: `ServeArgs` fields (model, adapters_dir, controlnets, limits, auth, generator, batching,
@@ -56,6 +57,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = parse_args(args)
     enforce(cfg)
     plain = cfg.model_dump(mode="json")
+    if cfg.generator.in_ingress:  # one deployment: the Generator's replicas, resources and autoscaling
+        return Ingress.options(**{**generator_options(cfg), "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
+                                  "max_queued_requests": -1}).bind(None, plain)
     generator = Generator.options(**generator_options(cfg)).bind(plain)
     return Ingress.options(num_replicas=cfg.ingress.num_replicas,
                            ray_actor_options={"num_cpus": cfg.ingress.num_cpus},

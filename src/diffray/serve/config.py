@@ -94,6 +94,11 @@ class GeneratorSection(Section, Accelerator):
     max_adapters_per_replica: int = Field(4, ge=1, description="Resident adapter sets per replica (LRU).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Pipeline dtype (fp16 "
                                                              "only on GPU).")
+    in_ingress: bool = Field(False, description="Run the pipeline in the Ingress's own replicas: one deployment, "
+                             "so a request skips the Ingress -> Generator actor call (a few ms each, BENCHMARKS.md). "
+                             "The Ingress then takes this section's replicas or autoscaling, resources and limits; "
+                             "an adapter set loads on whichever replica takes the request (no routing by adapter); "
+                             "/v1/status lists the Ingress's replicas.")
 
 
 class IngressSection(Section):
@@ -129,6 +134,15 @@ class ServeArgs(Section):
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the Generator.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="Ingress deployment.")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="Preference feedback store.")
+
+    @model_validator(mode="after")
+    def _one_deployment(self) -> ServeArgs:
+        if self.generator.in_ingress:
+            for name in ("num_replicas", "num_cpus"):  # by value: the args travel to the replicas as a full dump
+                if getattr(self.ingress, name) != IngressSection.model_fields[name].default:
+                    raise ValueError(f"ingress.{name}: with generator.in_ingress the Ingress's replicas are the "
+                                     f"Generator's: set generator.{name} (or generator.autoscaling) instead")
+        return self
 
     def api_keys(self) -> list[str]:
         """Configured keys plus those in $DIFFRAY_API_KEYS (read where this runs: the ingress replica)."""

@@ -1,6 +1,7 @@
 """The two Serve deployments: `Generator` (the pipeline; multiplexed adapters, dynamic batching) and
 `Ingress` (FastAPI: the OpenAI-style and full APIs, models list, feedback, the playground page, health,
-auth, limits).
+auth, limits). With `generator.in_ingress` there is one: each Ingress replica holds the pipeline side
+(`Drawing`) itself, and a request skips the actor call to a Generator.
 
 This is the Ray edge of serving: request checks live in `schemas`/`feedback`, the pipeline in `engine`,
 HTTP policy in `http`, routes' answers in `api_models`. The ingress turns every Ray failure into a JSON
@@ -115,21 +116,22 @@ def answer_headers(result: dict, t0: float) -> dict[str, str]:
             "Server-Timing": ", ".join(parts)}
 
 
-@serve.deployment(name="Generator")
-class Generator:
-    """One pipeline per replica; requests of the same shape share a pipeline call (`Batcher`, then the
-    engine's grouping: same adapters, or one mixable LoRA each)."""
+class Drawing:
+    """A replica's pipeline side: the engine, the batcher and the resident adapter sets. The Generator
+    deployment wraps one; with `generator.in_ingress` each Ingress replica holds its own. Requests of the
+    same shape share a pipeline call (`Batcher`, then the engine's grouping: same adapters, or one mixable
+    LoRA each)."""
 
-    def __init__(self, args: dict):
+    def __init__(self, args):
         import torch
 
         from diffray.serve.engine import ImageEngine
 
-        self.args = parse_args(args)
-        if self.args.generator.torch_threads:
-            torch.set_num_threads(self.args.generator.torch_threads)
-        self.engine = ImageEngine(self.args)
-        b = self.args.batching
+        self.args = args
+        if args.generator.torch_threads:
+            torch.set_num_threads(args.generator.torch_threads)
+        self.engine = ImageEngine(args)
+        b = args.batching
         self.batcher = Batcher(self.engine.run, b.max_batch_size if b.enabled else 1,
                                b.batch_wait_timeout_s if b.enabled else 0.0)
         engine = self.engine
@@ -137,14 +139,15 @@ class Generator:
         async def load_adapters(key: str) -> AdapterSet:
             return await asyncio.to_thread(AdapterSet, engine, key.split("+"))
 
-        self.adapter_set = serve.multiplexed(max_num_models_per_replica=self.args.generator.max_adapters_per_replica)(
+        self.adapter_set = serve.multiplexed(max_num_models_per_replica=args.generator.max_adapters_per_replica)(
             load_adapters)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
 
-    async def generate(self, job: Job) -> dict:
-        if job.timeout_s > 0:  # a backstop on this process's own clock, should the ingress's cancel never arrive
+    async def generate(self, job: Job, key: str) -> dict:
+        """The job's images, its replica and timing; `key` is the job's adapter set ("" for none). A
+        cancelled caller (timeout, client gone) has its job abandoned at the next sampler step."""
+        if job.timeout_s > 0:  # a backstop on this process's own clock, should the caller's cancel never arrive
             job.deadline = time.monotonic() + 2 * job.timeout_s
-        key = serve.get_multiplexed_model_id()
         t0 = time.perf_counter()
         if key:
             await self.adapter_set(key)
@@ -164,10 +167,25 @@ class Generator:
         return {"replica": self.replica_id, **self.engine.info()}
 
 
+@serve.deployment(name="Generator")
+class Generator:
+    """One pipeline per replica (`Drawing`); its adapter set is the request's multiplexed model id."""
+
+    def __init__(self, args: dict):
+        self.drawing = Drawing(parse_args(args))
+
+    async def generate(self, job: Job) -> dict:
+        return await self.drawing.generate(job, serve.get_multiplexed_model_id())
+
+    def info(self) -> dict:
+        return self.drawing.info()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    """HTTP in, jobs to the Generator, images out; preferences into the feedback store."""
+    """HTTP in, jobs to the Generator, images out; preferences into the feedback store. `generator` is
+    the Generator's handle, or None with `generator.in_ingress`: this replica then draws itself."""
 
     def __init__(self, generator, args: dict):
         from diffray.models.loading import resolve_model_path
@@ -176,6 +194,8 @@ class Ingress:
         self.args = parse_args(args)
         enforce(self.args)  # with the keys this replica really has, against the host Serve really binds
         self.generator = generator
+        self.drawing = Drawing(self.args) if generator is None else None
+        self.generator_deployment = "Generator" if generator is not None else "Ingress"
         self.registry = open_registry(self.args.adapters_dir, self.args.adapters_listing_ttl_s)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
@@ -210,7 +230,7 @@ class Ingress:
              responses=error_responses(401, 503))
     async def status(self) -> dict:
         try:
-            deployment, live = await asyncio.to_thread(generator_replicas, self.app_name)
+            deployment, live = await asyncio.to_thread(generator_replicas, self.app_name, self.generator_deployment)
         except RayError:  # Serve's controller restarting
             raise _overloaded("Serve's controller did not answer; retry", self.args.generator.retry_after_s) from None
         now = time.monotonic()
@@ -331,23 +351,46 @@ class Ingress:
             img = make_preprocessor("canny")(img)
         return spec.model, img
 
+    def info(self) -> dict:
+        """This replica's engine figures (`ImageEngine.info`) when it draws itself (`generator.in_ingress`)."""
+        if self.drawing is None:
+            raise RequestError("this Ingress does not draw: ask the Generator (generator.in_ingress is off)")
+        return self.drawing.info()
+
     async def _run(self, job: Job, param: str) -> dict:
         """The Generator's answer; overload -> 503 (Retry-After), timeout -> 504 (and the job is cancelled
         on its replica), a lost replica is retried once, then 503."""
         key = job.adapter_key()
-        handle = self.generator.options(multiplexed_model_id=key) if key else self.generator
         retry_after = self.args.generator.retry_after_s
         job.timeout_s = self.args.limits.request_timeout_s
         self.in_flight += 1
         t0 = time.perf_counter()
         try:
-            result = await self._attempts(job, handle, param, retry_after)
+            if self.drawing is not None:
+                result = await self._draw_here(job, key, param, retry_after)
+            else:
+                handle = self.generator.options(multiplexed_model_id=key) if key else self.generator
+                result = await self._attempts(job, handle, param, retry_after)
         finally:
             self.in_flight -= 1
         result["timing"]["generator"] = time.perf_counter() - t0
         seen = self.answers.setdefault(result["replica"], {"answered": 0})
         seen.update(resident=result.get("resident", []), at=time.monotonic(), answered=seen["answered"] + 1)
         return result
+
+    async def _draw_here(self, job: Job, key: str, param: str, retry_after: int) -> dict:
+        """`_attempts` for `generator.in_ingress`: this replica's own pipeline, with the Generator's limits
+        (`max_ongoing_requests` drawing or waiting for a batch, `max_queued_requests` more waiting)."""
+        g = self.args.generator
+        if g.max_queued_requests >= 0 and self.in_flight > g.max_ongoing_requests + g.max_queued_requests:
+            raise _overloaded("the server is at capacity; retry later", retry_after)
+        job.job_id = uuid.uuid4().hex
+        try:  # a timeout or a client gone cancels the drawing, which abandons the job at its next step
+            return await asyncio.wait_for(self.drawing.generate(job, key), timeout=job.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"generation took longer than {job.timeout_s}s", status=504, kind="timeout") from None
+        except DiffrayError as exc:
+            raise _client_error(exc, param) from None
 
     async def _attempts(self, job: Job, handle, param: str, retry_after: int) -> dict:
         for attempt in range(2):
