@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile of xs (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Start a local Ray cluster of `num_cpus` CPUs (Ray's default: the machine's cores) for this run, or
     join the one in RAY_ADDRESS when it is set, as `diffray` commands do (the slow suite's toy-size runs share

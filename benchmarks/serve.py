@@ -1,8 +1,11 @@
 """Serving overheads on the tiny model, side by side in one run:
 
 1. latency p50/p99 of a direct pipeline call (the same `ImageEngine.run` a replica does: pipeline +
-   PNG encoding) vs the same request through Serve over HTTP (proxy -> Ingress -> Generator), one at a
-   time, rounds interleaved; steps chosen so one generation takes >= 50 ms;
+   PNG encoding) vs the same request through Serve over HTTP, one at a time, rounds interleaved; steps
+   chosen so one generation takes >= 50 ms. Served by the two deployments (proxy -> Ingress -> Generator)
+   and by one (`generator.in_ingress`: proxy -> Ingress, which draws), each from a client that opens a
+   connection per request (urllib) and from one that keeps its connection open (as requests.Session,
+   httpx and the openai SDK do);
 2. throughput at concurrency 8 with dynamic batching on vs off (two apps, one Generator replica each,
    rounds interleaved);
 3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline;
@@ -38,10 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers (testkit): ports, untrained adapters
 from testkit.net import free_port  # noqa: E402
 
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+from common import pct  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 
 def post(url: str, body: dict) -> float:
@@ -59,6 +59,28 @@ def post_timed(url: str, body: dict) -> tuple[float, dict[str, float]]:
     wall = time.perf_counter() - t0
     parts = (p.strip().partition(";dur=") for p in timing.split(",") if p.strip())
     return wall, {name: float(dur) / 1e3 for name, _, dur in parts}
+
+
+class KeepAlive:
+    """A client that keeps one HTTP/1.1 connection open across requests (`post_timed`'s answer)."""
+
+    def __init__(self, base: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base)
+        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+
+    def post_timed(self, path: str, body: dict) -> tuple[float, dict[str, float]]:
+        data = json.dumps(body).encode()
+        t0 = time.perf_counter()
+        self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+        r = self.conn.getresponse()
+        r.read()
+        assert r.status == 200
+        wall = time.perf_counter() - t0
+        parts = (p.strip().partition(";dur=") for p in r.headers.get("Server-Timing", "").split(",") if p.strip())
+        return wall, {name: float(dur) / 1e3 for name, _, dur in parts}
 
 
 def get(url: str) -> float:
@@ -84,12 +106,14 @@ def decompose(direct: list[float], served: list[tuple[float, dict]], healthz: li
             "served_total": med([w for w, _ in served]), "healthz_round_trip": med(healthz)}
 
 
-def app_args(reg: str, steps: int, threads: int, batching: bool, mix: bool = True, adapters: int = 4) -> dict:
+def app_args(reg: str, steps: int, threads: int, batching: bool, mix: bool = True, adapters: int = 4,
+             one: bool = False) -> dict:
+    """One Generator replica (or, `one`, one Ingress replica drawing itself: `generator.in_ingress`)."""
     return {"model": "builtin:tiny", "adapters_dir": reg, "default_steps": steps,
             "generator": {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": threads, "max_ongoing_requests": 8,
-                          "max_queued_requests": -1, "max_adapters_per_replica": max(4, adapters)},
+                          "max_queued_requests": -1, "max_adapters_per_replica": max(4, adapters), "in_ingress": one},
             "batching": {"enabled": batching, "max_batch_size": 8, "batch_wait_timeout_s": 0.01, "mix_adapters": mix},
-            "ingress": {"num_cpus": 0.25}}
+            **({} if one else {"ingress": {"num_cpus": 0.25}})}
 
 
 def throughput(url: str, body: dict, concurrency: int, total: int, adapters: list[str] | None = None) -> float:
@@ -218,24 +242,32 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
     serve.run(build_app(app_args(reg, args.steps, args.threads, True)), name="on", route_prefix="/on")
     serve.run(build_app(app_args(reg, args.steps, args.threads, False)), name="off", route_prefix="/off")
+    serve.run(build_app(app_args(reg, args.steps, args.threads, False, one=True)), name="one", route_prefix="/one")
     for name, mix in (("mix", True), ("sep", False)):  # batching on in both: mixed-adapter batching on / off
         serve.run(build_app(app_args(reg, args.steps, args.threads, True, mix, args.adapters)), name=name,
                   route_prefix=f"/{name}")
     base = f"http://127.0.0.1:{port}"
-    for prefix in ("/on", "/off"):
+    for prefix in ("/on", "/off", "/one"):
         for _ in range(3):
             post(f"{base}{prefix}/v1/generate", body)
+    keep = KeepAlive(base)
     for prefix in ("/mix", "/sep"):  # every adapter resident before anything is timed
         for name in mixed_ids:
             post(f"{base}{prefix}/v1/generate", {**body, "adapter": name})
 
     direct, timed, healthz, tput = [], [], [], {"on": [], "off": [], "mix": [], "sep": []}
+    lats = {"two_new": [], "two_keep": [], "one_new": [], "one_keep": []}  # the latency variants' (wall, timing)
     for r in range(args.rounds):
         for _ in range(args.requests):
             t0 = time.perf_counter()
             engine.run([job])
             direct.append(time.perf_counter() - t0)
-        timed += [post_timed(f"{base}/off/v1/generate", body) for _ in range(args.requests)]
+        order = ("two_new", "one_new", "two_keep", "one_keep")
+        for variant in (order if r % 2 == 0 else order[::-1]):
+            path = f"/{'off' if variant.startswith('two') else 'one'}/v1/generate"
+            send = keep.post_timed if variant.endswith("keep") else (lambda p, b: post_timed(base + p, b))
+            lats[variant] += [send(path, body) for _ in range(args.requests)]
+        timed = lats["two_new"]
         healthz += [get(f"{base}/off/healthz") for _ in range(args.requests)]
         served = [w for w, _ in timed]
         for variant in (("on", "off") if r % 2 == 0 else ("off", "on")):
@@ -257,10 +289,12 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}",
         "date": time.strftime("%Y-%m-%d"), "settings": vars(args),
         "latency_ms": {"direct_p50": pct(direct, 50) * 1e3, "direct_p99": pct(direct, 99) * 1e3,
-                       "serve_p50": pct(served, 50) * 1e3, "serve_p99": pct(served, 99) * 1e3},
+                       "serve_p50": pct(served, 50) * 1e3, "serve_p99": pct(served, 99) * 1e3,
+                       **{f"{v}_p{q}": pct([w for w, _ in xs], q) * 1e3 for v, xs in lats.items() for q in (50, 99)}},
         "throughput_rps": {"batching_on": statistics.median(tput["on"]), "batching_off": statistics.median(tput["off"]),
                            "rounds_on": tput["on"], "rounds_off": tput["off"]},
         "serve_parts_ms_p50": decompose(direct, timed, healthz),
+        "one_deployment_parts_ms_p50": decompose(direct, lats["one_new"], healthz),
         "adapter_switch_ms": {k: v * 1e3 for k, v in switch.items()},
         "mixed_adapters": {"adapters": args.adapters, "serve_rps_mixed": statistics.median(tput["mix"]),
                            "serve_rps_per_adapter": statistics.median(tput["sep"]), "rounds_mixed": tput["mix"],
@@ -271,6 +305,8 @@ def main() -> None:
     res["ratios"] = {
         "serve_over_direct_p50": lat["serve_p50"] / lat["direct_p50"],
         "serve_over_direct_p99": lat["serve_p99"] / lat["direct_p99"],
+        **{f"{v}_over_direct_p50": lat[f"{v}_p50"] / lat["direct_p50"] for v in ("two_new", "two_keep", "one_new",
+                                                                                  "one_keep")},
         "batching_on_over_off": tp["batching_on"] / tp["batching_off"],
         "switch_over_generation": sw["switch"] / sw["generation"],
         "reload_over_switch": sw["reload_pipeline"] / sw["switch"],
@@ -284,6 +320,12 @@ def main() -> None:
           f"| Serve p50 / p99 (ms) | {lat['serve_p50']:.1f} / {lat['serve_p99']:.1f} | |\n"
           f"| Serve / direct p50, p99 | {res['ratios']['serve_over_direct_p50']:.3f}, "
           f"{res['ratios']['serve_over_direct_p99']:.3f} | <= 1.10 |\n"
+          + "".join(f"| {label}: p50 (ms), / direct | {lat[v + '_p50']:.1f}, {res['ratios'][v + '_over_direct_p50']:.3f} "
+                    f"| <= 1.10 |\n" for v, label in (
+                        ("two_new", "two deployments, a connection per request"),
+                        ("two_keep", "two deployments, kept connection"),
+                        ("one_new", "one deployment, a connection per request"),
+                        ("one_keep", "one deployment, kept connection"))) +
           f"| throughput @{args.concurrency} batching on / off (req/s) | {tp['batching_on']:.2f} / "
           f"{tp['batching_off']:.2f} = {res['ratios']['batching_on_over_off']:.2f}x | >= 1.5x |\n"
           f"| adapter switch / generation / pipeline reload (ms) | {sw['switch']:.2f} / {sw['generation']:.1f} / "
@@ -299,6 +341,9 @@ def main() -> None:
           f"| largest pixel difference, mixed vs each job alone | {mx['max_pixel_diff_vs_alone']} | <= 1 |\n"
           f"\nWhere a served request's time went (p50 ms, from its Server-Timing header):\n\n| part | ms |\n|---|---|\n"
           + "".join(f"| {k} | {v:.1f} |\n" for k, v in res["serve_parts_ms_p50"].items()) +
+          "\nThe same with one deployment (`generator.in_ingress`; `generator_hop` is then the in-process call):\n\n"
+          "| part | ms |\n|---|---|\n"
+          + "".join(f"| {k} | {v:.1f} |\n" for k, v in res["one_deployment_parts_ms_p50"].items()) +
           f"\nwrote {args.out}")
 
 

@@ -33,10 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the tests' helpers (testkit): ports
 from testkit.net import free_port  # noqa: E402
 
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+from common import pct  # noqa: E402  (benchmarks/common.py: the script's folder is on sys.path)
 
 
 def main() -> None:
