@@ -69,6 +69,19 @@ def control_disc() -> Image.Image:
     return Image.fromarray(arr)
 
 
+def adapter_registry(model_path: str, registry: Path, controlnet: bool = True) -> Path:
+    """The serving tests' registry, made without training: LoRAs `lora-a` and `lora-b` (random B), a
+    Textual Inversion `ti-x` (token `<x-tok>`) and, with `controlnet`, a ControlNet `cn-x` from the UNet."""
+    from testkit.adapters import controlnet_from_unet, random_lora, random_textual_inversion
+
+    random_lora(model_path, registry / "lora-a", seed=1)
+    random_lora(model_path, registry / "lora-b", seed=2)
+    random_textual_inversion(model_path, registry / "ti-x", "<x-tok>", seed=3)
+    if controlnet:
+        controlnet_from_unet(model_path, registry / "cn-x", seed=4)
+    return registry
+
+
 def app_args(registry: Path, feedback_db: Path, **overrides) -> dict:
     """Args of a small test app: tiny model at 64 px, auth on, one Generator replica; `overrides` replace
     whole sections (limits=..., generator=...)."""

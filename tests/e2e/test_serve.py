@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import KEY, Server, b64_png, control_disc, free_port, lower, png_array
+from serve_helpers import KEY, Server, adapter_registry, b64_png, control_disc, free_port, lower, png_array
 from testkit.procs import interrupt_group
 from testkit.wait import wait_until
 
@@ -37,13 +37,8 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from diffray.serve.app import build_app
-    from testkit.adapters import controlnet_from_unet, random_lora, random_textual_inversion
 
-    reg = tmp_path_factory.mktemp("adapters")
-    random_lora(tiny_model_path, reg / "lora-a", seed=1)
-    random_lora(tiny_model_path, reg / "lora-b", seed=2)
-    random_textual_inversion(tiny_model_path, reg / "ti-x", "<x-tok>", seed=3)
-    controlnet_from_unet(tiny_model_path, reg / "cn-x", seed=4)
+    reg = adapter_registry(tiny_model_path, tmp_path_factory.mktemp("adapters"))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model": "builtin:tiny-random", "adapters_dir": str(reg), "default_steps": 4,

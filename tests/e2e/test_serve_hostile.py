@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import KEY, Server, app_args, b64_png, control_disc, free_port, png_array
+from serve_helpers import KEY, Server, adapter_registry, app_args, b64_png, control_disc, free_port, png_array
 from testkit.wait import wait_until
 
 pytestmark = [pytest.mark.e2e]
@@ -50,13 +50,10 @@ def hostile(ray_cluster, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from diffray.serve.app import build_app
-    from testkit.adapters import controlnet_from_unet, random_lora, random_textual_inversion
+    from testkit.adapters import random_textual_inversion
 
     reg, spare = tmp_path_factory.mktemp("hostile-adapters"), tmp_path_factory.mktemp("spare")
-    random_lora(tiny_model_path, reg / "lora-a", seed=1)
-    random_lora(tiny_model_path, reg / "lora-b", seed=2)
-    random_textual_inversion(tiny_model_path, reg / "ti-x", "<x-tok>", seed=3)
-    controlnet_from_unet(tiny_model_path, reg / "cn-x", seed=4)
+    adapter_registry(tiny_model_path, reg)
     for token, seed in (("p", 5), ("q", 6), ("e", 7)):
         random_textual_inversion(tiny_model_path, spare / f"ti-{token}", f"<{token}-tok>", seed=seed)
     port = free_port()

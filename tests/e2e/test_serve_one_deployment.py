@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import KEY, Server, app_args, free_port
+from serve_helpers import KEY, Server, adapter_registry, app_args, free_port
 from testkit.wait import wait_until
 
 from diffray.errors import ConfigError
@@ -35,12 +35,8 @@ def servers(ray_cluster, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from diffray.serve.app import build_app
-    from testkit.adapters import random_lora, random_textual_inversion
 
-    reg = tmp_path_factory.mktemp("one-adapters")
-    random_lora(tiny_model_path, reg / "lora-a", seed=1)
-    random_lora(tiny_model_path, reg / "lora-b", seed=2)
-    random_textual_inversion(tiny_model_path, reg / "ti-x", "<x-tok>", seed=3)
+    reg = adapter_registry(tiny_model_path, tmp_path_factory.mktemp("one-adapters"), controlnet=False)
     limits = {"max_side": 256, "max_n": 2, "max_steps": 1000, "request_timeout_s": 3}
     generator = {"num_replicas": 1, "num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 2,
                  "max_queued_requests": 2, "max_adapters_per_replica": 3}
@@ -101,8 +97,10 @@ def test_an_answer_says_where_its_time_went(servers):
         name, _, dur = part.strip().partition(";dur=")
         t[name] = float(dur)
     assert list(t) == ["ingress", "generator", "adapters", "queue", "engine"]
-    assert t["engine"] > 0 and t["adapters"] + t["queue"] + t["engine"] <= t["generator"] + 0.2
-    assert t["generator"] <= t["ingress"] + 0.1
+    # nested, each figure rounded to 0.1 ms (off by up to 0.05 each); with no hop, the replica's parts fill
+    # `generator` to within a tenth of a ms, so the rounding is all the slack there is
+    assert t["engine"] > 0 and t["adapters"] + t["queue"] + t["engine"] <= t["generator"] + 0.21, t
+    assert t["generator"] <= t["ingress"] + 0.11, t
 
 
 def test_status_lists_the_ingress_replicas_and_what_they_hold(servers):

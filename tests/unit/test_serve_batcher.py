@@ -99,3 +99,22 @@ def test_each_job_is_told_how_long_it_queued_and_how_long_its_batch_ran():
     # "b" and "c" were queued before "a" was released, and their batch started after "a"'s call returned
     assert min(tb.queued_s, tc.queued_s) >= released - queued >= 0.02
     assert 0 <= ta.queued_s < ta.run_s
+
+
+def test_timings_are_finer_than_a_uvloop_millisecond():
+    """Serve's replicas run uvloop, whose loop.time() moves in whole milliseconds: the Server-Timing parts
+    the batcher reports (queue, engine) were whole ms, and summed past the call that held them."""
+    import time
+
+    import uvloop
+
+    def run(jobs):
+        time.sleep(0.0004)
+        return jobs
+
+    async def main():
+        b = Batcher(run, max_size=1, wait_s=0.0)
+        return [(await b.submit_timed(i))[1] for i in range(10)]
+
+    timings = uvloop.run(main())
+    assert all(0.0004 <= t.run_s < 0.5 for t in timings), [t.run_s for t in timings]
