@@ -1,7 +1,7 @@
 """The two Serve deployments: `Generator` (the pipeline; multiplexed adapters, dynamic batching) and
 `Ingress` (FastAPI: the OpenAI-style and full APIs, models list, feedback, the playground page, health,
 auth, limits). With `generator.in_ingress` there is one: each Ingress replica holds the pipeline side
-(`Drawing`) itself, and a request skips the actor call to a Generator.
+(`drawing.Drawing`) itself, and a request skips the actor call to a Generator.
 
 This is the Ray edge of serving: request checks live in `schemas`/`feedback`, the pipeline in `engine`,
 HTTP policy in `http`, routes' answers in `api_models`. The ingress turns every Ray failure into a JSON
@@ -27,11 +27,11 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, ModelError, RequestError
 from diffray.serve import pages
-from diffray.serve.batcher import Batcher
 from diffray.serve.api_models import (BEARER, FeedbackAccepted, GenerateResponse, Health, ImagesResponse, ModelList,
                                       ServerStatus, error_responses)
 from diffray.serve.artifacts import card_text
 from diffray.serve.config import parse_args
+from diffray.serve.drawing import Drawing
 from diffray.serve.exposure import enforce
 from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
 from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
@@ -90,20 +90,6 @@ def _model_name(model: str) -> str:
     return Path(model).name
 
 
-class AdapterSet:
-    """A multiplexed "model": a set of adapters held resident in the engine until Serve evicts it."""
-
-    def __init__(self, engine, ids: list):
-        self.engine, self.ids, self.live = engine, ids, False
-        engine.acquire(ids)
-        self.live = True
-
-    def __del__(self):  # Serve calls this on LRU eviction (in a thread); later calls do nothing. Never raises.
-        if getattr(self, "live", False):
-            self.live = False
-            self.engine.release(self.ids)
-
-
 def answer_headers(result: dict, t0: float) -> dict[str, str]:
     """An image answer's headers: the replica that drew it, and a Server-Timing header saying where the
     request's time went, in ms: `ingress` (this handler, from the validated request to the encoded images),
@@ -114,57 +100,6 @@ def answer_headers(result: dict, t0: float) -> dict[str, str]:
     parts = [f"{name};dur={timing[name] * 1e3:.1f}" for name in ("ingress", "generator", "adapters", "queue", "engine")]
     return {"X-Diffray-Replica": result["replica"], "X-Diffray-Batch": str(timing["batch"]),
             "Server-Timing": ", ".join(parts)}
-
-
-class Drawing:
-    """A replica's pipeline side: the engine, the batcher and the resident adapter sets. The Generator
-    deployment wraps one; with `generator.in_ingress` each Ingress replica holds its own. Requests of the
-    same shape share a pipeline call (`Batcher`, then the engine's grouping: same adapters, or one mixable
-    LoRA each)."""
-
-    def __init__(self, args):
-        import torch
-
-        from diffray.serve.engine import ImageEngine
-
-        self.args = args
-        if args.generator.torch_threads:
-            torch.set_num_threads(args.generator.torch_threads)
-        self.engine = ImageEngine(args)
-        b = args.batching
-        self.batcher = Batcher(self.engine.run, b.max_batch_size if b.enabled else 1,
-                               b.batch_wait_timeout_s if b.enabled else 0.0)
-        engine = self.engine
-
-        async def load_adapters(key: str) -> AdapterSet:
-            return await asyncio.to_thread(AdapterSet, engine, key.split("+"))
-
-        self.adapter_set = serve.multiplexed(max_num_models_per_replica=args.generator.max_adapters_per_replica)(
-            load_adapters)
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-
-    async def generate(self, job: Job, key: str) -> dict:
-        """The job's images, its replica and timing; `key` is the job's adapter set ("" for none). A
-        cancelled caller (timeout, client gone) has its job abandoned at the next sampler step."""
-        if job.timeout_s > 0:  # a backstop on this process's own clock, should the caller's cancel never arrive
-            job.deadline = time.monotonic() + 2 * job.timeout_s
-        t0 = time.perf_counter()
-        if key:
-            await self.adapter_set(key)
-        adapters_s = time.perf_counter() - t0
-        try:
-            result, timing = await self.batcher.submit_timed(job)
-        except asyncio.CancelledError:  # the caller gave up: stop the pipeline at its next step
-            self.engine.cancel(job.job_id)
-            raise
-        if isinstance(result, BaseException):  # this job's own failure; its batch-mates are unaffected
-            raise result
-        return {"images": result, "replica": self.replica_id, "resident": sorted(self.engine.adapters.loaded),
-                "timing": {"adapters": adapters_s, "queue": timing.queued_s, "engine": timing.run_s,
-                           "batch": timing.batch_size}}
-
-    def info(self) -> dict:
-        return {"replica": self.replica_id, **self.engine.info()}
 
 
 @serve.deployment(name="Generator")
