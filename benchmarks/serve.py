@@ -56,9 +56,13 @@ def post_timed(url: str, body: dict) -> tuple[float, dict[str, float]]:
         r.read()
         assert r.status == 200
         timing = r.headers.get("Server-Timing", "")
-    wall = time.perf_counter() - t0
-    parts = (p.strip().partition(";dur=") for p in timing.split(",") if p.strip())
-    return wall, {name: float(dur) / 1e3 for name, _, dur in parts}
+    return time.perf_counter() - t0, timing_parts(timing)
+
+
+def timing_parts(header: str) -> dict[str, float]:
+    """{name: seconds} of a Server-Timing header (`name;dur=12.3, ...`, in ms)."""
+    parts = (p.strip().partition(";dur=") for p in header.split(",") if p.strip())
+    return {name: float(dur) / 1e3 for name, _, dur in parts}
 
 
 class KeepAlive:
@@ -78,9 +82,7 @@ class KeepAlive:
         r = self.conn.getresponse()
         r.read()
         assert r.status == 200
-        wall = time.perf_counter() - t0
-        parts = (p.strip().partition(";dur=") for p in r.headers.get("Server-Timing", "").split(",") if p.strip())
-        return wall, {name: float(dur) / 1e3 for name, _, dur in parts}
+        return time.perf_counter() - t0, timing_parts(r.headers.get("Server-Timing", ""))
 
 
 def get(url: str) -> float:

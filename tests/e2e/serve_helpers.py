@@ -48,6 +48,15 @@ class Server:
         return [png_array(i["b64_json"]) for i in js["images"]], headers
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """{name: ms} of a Server-Timing header (`name;dur=12.3, ...`)."""
+    out = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
 def lower(headers) -> dict:
     return {k.lower(): v for k, v in headers.items()}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serve_helpers import KEY, Server, adapter_registry, b64_png, control_disc, free_port, lower, png_array
+from serve_helpers import (KEY, Server, adapter_registry, b64_png, control_disc, free_port, lower, png_array,
+                           server_timing)
 from testkit.procs import interrupt_group
 from testkit.wait import wait_until
 
@@ -113,15 +114,6 @@ def test_openai_client_gets_images(server):
     with pytest.raises(openai.BadRequestError) as err:
         client.images.generate(prompt="x", size="65x64")
     assert "size" in str(err.value)
-
-
-def server_timing(header: str) -> dict[str, float]:
-    """{name: ms} of a Server-Timing header (`name;dur=12.3, ...`)."""
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
 
 
 @pytest.mark.parametrize("path, body", [

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import KEY, Server, adapter_registry, app_args, free_port
+from serve_helpers import KEY, Server, adapter_registry, app_args, free_port, server_timing
 from testkit.wait import wait_until
 
 from diffray.errors import ConfigError
@@ -92,10 +92,7 @@ def test_an_answer_says_where_its_time_went(servers):
     one, _ = servers
     status, js, headers = one.call("POST", G, {"prompt": "a red circle", "steps": 4, "adapter": "lora-a"})
     assert status == 200, js
-    t = {}
-    for part in headers["server-timing"].split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        t[name] = float(dur)
+    t = server_timing(headers["server-timing"])
     assert list(t) == ["ingress", "generator", "adapters", "queue", "engine"]
     # nested, each figure rounded to 0.1 ms (off by up to 0.05 each); with no hop, the replica's parts fill
     # `generator` to within a tenth of a ms, so the rounding is all the slack there is

@@ -57,6 +57,10 @@ def _overloaded(message: str, retry_after: int) -> RequestError:
     return err
 
 
+def _timed_out(job: Job) -> RequestError:
+    return RequestError(f"generation took longer than {job.timeout_s}s", status=504, kind="timeout")
+
+
 def _client_error(exc: DiffrayError, param: Optional[str] = "model") -> RequestError:
     cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the replica's exception
     if isinstance(cause, RequestError):
@@ -130,7 +134,6 @@ class Ingress:
         enforce(self.args)  # with the keys this replica really has, against the host Serve really binds
         self.generator = generator
         self.drawing = Drawing(self.args) if generator is None else None
-        self.generator_deployment = "Generator" if generator is not None else "Ingress"
         self.registry = open_registry(self.args.adapters_dir, self.args.adapters_listing_ttl_s)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
@@ -165,7 +168,8 @@ class Ingress:
              responses=error_responses(401, 503))
     async def status(self) -> dict:
         try:
-            deployment, live = await asyncio.to_thread(generator_replicas, self.app_name, self.generator_deployment)
+            drawing = "Generator" if self.drawing is None else "Ingress"  # the deployment whose replicas draw
+            deployment, live = await asyncio.to_thread(generator_replicas, self.app_name, drawing)
         except RayError:  # Serve's controller restarting
             raise _overloaded("Serve's controller did not answer; retry", self.args.generator.retry_after_s) from None
         now = time.monotonic()
@@ -323,7 +327,7 @@ class Ingress:
         try:  # a timeout or a client gone cancels the drawing, which abandons the job at its next step
             return await asyncio.wait_for(self.drawing.generate(job, key), timeout=job.timeout_s)
         except asyncio.TimeoutError:
-            raise RequestError(f"generation took longer than {job.timeout_s}s", status=504, kind="timeout") from None
+            raise _timed_out(job) from None
         except DiffrayError as exc:
             raise _client_error(exc, param) from None
 
@@ -335,8 +339,7 @@ class Ingress:
                 return await asyncio.wait_for(response, timeout=job.timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
-                raise RequestError(f"generation took longer than {job.timeout_s}s", status=504,
-                                   kind="timeout") from None
+                raise _timed_out(job) from None
             except asyncio.CancelledError:  # the client went away: stop the work it asked for
                 response.cancel()
                 raise
