@@ -1,11 +1,13 @@
 """ImageEngine without Ray: resident adapters switch without a reload, shared adapters are reference
-counted, batches equal single calls, seeds are deterministic, TI tokens load and unload. The hardening
+counted, batches equal single calls, seeds are deterministic, TI tokens load and unload and reach only the
+prompts of the jobs that ask for them. The hardening
 cases (a job fails alone, broken or replaced artifacts, cancellation between steps) are in
 test_serve_engine_faults.py."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,8 @@ def engine(tiny_model_path, tmp_path_factory):
     random_lora(tiny_model_path, reg / "dora", seed=5, variant="dora")
     random_lora(tiny_model_path, reg / "rs", seed=6, variant="rslora")
     random_textual_inversion(tiny_model_path, reg / "t", "<t-tok>", seed=3)
+    random_textual_inversion(tiny_model_path, reg / "t-twin", "<t-tok>", seed=7)  # another tenant, same token
+    random_textual_inversion(tiny_model_path, reg / "sks", "sks", seed=8)  # a token that is also part of words
     kohya = export_artifact(reg / "a", "kohya", tmp_path_factory.mktemp("kohya")) / "lora.safetensors"
     kohya.rename(reg / "a-kohya.safetensors")  # "a" as A1111/ComfyUI users ship it: a bare kohya file
     return ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(reg)}), device="cpu")
@@ -135,6 +139,72 @@ def test_textual_inversion_loads_and_unloads(engine):
     assert with_t != plain
     engine.release(["t"])
     assert len(engine.pipe.tokenizer) == vocab
+
+
+def test_a_resident_textual_inversion_reaches_only_the_jobs_that_ask_for_it(engine):
+    """A prompt holding a resident TI's token (in any case, or inside a word) reads it as plain text unless
+    the job asks for that TI: the image is the one a replica without the TI gives, alone or in a call beside
+    the TI's job. The job that asks reads the embedding exactly as stock diffusers loads it."""
+    import torch
+
+    from diffray.errors import RequestError
+    from diffray.models.loading import load_pipeline
+    from diffray.models.textual_inversion import load_textual_inversion
+
+    prompts = ["a <t-tok>", "a <T-TOK> and sks", "asks"]
+    bare = {p: engine.run([job(prompt=p)])[0] for p in prompts}  # nothing resident yet
+    engine.acquire(["t", "t-twin", "sks"])  # two tenants' TIs with one token are resident together
+    try:
+        for p in prompts:
+            assert engine.run([job(prompt=p)])[0] == bare[p]
+        with_t = job(prompt="a <T-TOK> and sks", adapters=(("t", 1.0),))
+        together = engine.run([with_t, job(prompt="a <T-TOK> and sks"), job(prompt="a <t-tok>")])
+        assert engine.batch_log[-1] == (3, 1)  # one call: the TI job's rows beside the others
+
+        def close(a: bytes, b: bytes) -> bool:  # at most one level of batch-shape fp noise
+            return np.abs(pixels(a) - pixels(b)).max() <= 1
+
+        assert close(together[1][0], bare["a <T-TOK> and sks"][0]) and close(together[2][0], bare["a <t-tok>"][0])
+        assert close(together[0][0], engine.run([with_t])[0][0])
+        assert np.abs(pixels(together[0][0]) - pixels(bare["a <T-TOK> and sks"][0])).mean() > 1
+        twin = engine.run([job(prompt="a <T-TOK> and sks", adapters=(("t-twin", 1.0),))])[0]
+        assert twin not in (together[0], bare["a <T-TOK> and sks"])
+        both = engine.run([job(prompt="a <t-tok>", adapters=(("t", 1.0), ("t-twin", 1.0)))])[0]
+        assert isinstance(both, RequestError) and both.param == "adapters" and "'<t-tok>'" in str(both)
+
+        for text, adapters in [("a <T-TOK> and sks", (("t", 1.0),)), ("asks <t-tok>", (("sks", 1.0), ("t", 1.0)))]:
+            stock = load_pipeline(engine.model_path, dtype=torch.float32, device="cpu")  # holding just these TIs
+            for adapter_id, _ in adapters:
+                load_textual_inversion(stock, engine.registry.get(adapter_id).path)
+            ours = engine.adapters.prompt_text(text, adapters)
+            with torch.no_grad():
+                want = stock.encode_prompt(text, "cpu", 1, False)[0]
+                got = engine.pipe.encode_prompt(ours, "cpu", 1, False)[0]
+            assert torch.equal(got, want), text
+    finally:
+        engine.release(["t", "t-twin", "sks"])
+    hidden = engine.run([job(prompt="a \x1ft_xyz\x1f")])[0]  # a TI's hidden name cannot come from a prompt
+    assert isinstance(hidden, RequestError) and hidden.param == "prompt"
+
+
+def test_a_textual_inversion_whose_token_is_a_word_is_refused(engine, tmp_path):
+    """Stock diffusers refuses a token already in the vocabulary (every prompt's word would change meaning)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from diffray.errors import AdapterError
+
+    word = Path(engine.registry.root) / "word"
+    shutil.copytree(Path(engine.registry.get("t").path), word)
+    save_file({"a": next(iter(load_file(word / "learned_embeds.safetensors").values()))},
+              str(word / "learned_embeds.safetensors"))
+    try:
+        out = engine.run([job(prompt="a red circle", adapters=(("word", 1.0),))])[0]
+    finally:
+        shutil.rmtree(word)
+    assert isinstance(out, AdapterError) and "already in this model's vocabulary" in str(out)
+    assert engine.resident == {}
 
 
 def test_schedulers_and_negative_prompt(engine):

@@ -168,13 +168,36 @@ def export_textual_inversion(out_dir: str | Path, text_encoder: torch.nn.Module,
     return out
 
 
-def load_textual_inversion(pipe, adapter_dir: str | Path):
-    """`pipe.load_textual_inversion` on a diffray TI dir; the token is the one stored in the file, or for
-    an SDXL file the card's `placeholder_token`, loaded into both encoders. An SDXL file on a one-encoder
-    model, or a one-encoder file on SDXL, is an AdapterError."""
+def stored_token(adapter_dir: str | Path) -> str:
+    """The placeholder token a TI artifact is written with in prompts: the file's one key, or for an SDXL
+    file (`clip_l`/`clip_g`) the card's `placeholder_token`.
+
+    Raises:
+        AdapterError: the file or the card names no token.
+    """
     from safetensors import safe_open
 
     from diffray.models.adapters import read_card
+
+    d = Path(adapter_dir)
+    try:
+        with safe_open(str(d / TI_WEIGHTS), "pt") as f:
+            keys = list(f.keys())
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise AdapterError(f"{d / TI_WEIGHTS}: cannot be read: {exc}") from None
+    token = read_card(d).get("placeholder_token") if set(keys) == set(SDXL_KEYS) else keys[0] if len(keys) == 1 \
+        else None
+    if not isinstance(token, str) or not token:
+        raise AdapterError(f"{d}: its card names no placeholder_token" if set(keys) == set(SDXL_KEYS) else
+                           f"{d / TI_WEIGHTS}: must hold exactly one token, holds {len(keys)}")
+    return token
+
+
+def load_textual_inversion(pipe, adapter_dir: str | Path, as_token: str | None = None):
+    """`pipe.load_textual_inversion` on a diffray TI dir; the token is the one stored in the file, or for
+    an SDXL file the card's `placeholder_token`, loaded into both encoders (`as_token` loads it under
+    another name). An SDXL file on a one-encoder model, or a one-encoder file on SDXL, is an AdapterError."""
+    from safetensors import safe_open
 
     d = Path(adapter_dir)
     xl_model = getattr(pipe, "text_encoder_2", None) is not None
@@ -186,11 +209,9 @@ def load_textual_inversion(pipe, adapter_dir: str | Path):
                 raise ValueError(f"an embedding for {'two' if xl_file else 'one'} text encoder(s) ({sorted(keys)}), "
                                  f"this model has {'two' if xl_model else 'one'}")
             if not xl_file:
-                pipe.load_textual_inversion(str(d), weight_name=TI_WEIGHTS, use_safetensors=True)
+                pipe.load_textual_inversion(str(d), weight_name=TI_WEIGHTS, token=as_token, use_safetensors=True)
                 return pipe
-            token = read_card(d).get("placeholder_token")
-            if not isinstance(token, str) or not token:
-                raise ValueError("its card names no placeholder_token")
+            token = as_token or stored_token(d)
             for key, encoder, tokenizer in zip(SDXL_KEYS, (pipe.text_encoder, pipe.text_encoder_2),
                                                (pipe.tokenizer, pipe.tokenizer_2)):
                 pipe.load_textual_inversion(f.get_tensor(key), token=token, text_encoder=encoder, tokenizer=tokenizer)

@@ -6,8 +6,10 @@ Adapters live in `resident.ResidentAdapters` (loaded once, switched with `set_ad
 adapter set holds them or when their files change). Every pipeline or adapter operation holds one lock:
 generation runs in a worker thread while the replica's event loop keeps accepting requests.
 
-A job fails alone: its prompts are checked against the tokenizer before any pipeline call, and when a
-pipeline call over several jobs fails, each job is run on its own so only the culprit gets the error.
+A job's prompt reads the tokens of the Textual Inversions it asks for and of no other resident one
+(`ResidentAdapters.prompt_text`). A job fails alone: its prompts are checked against the tokenizer before
+any pipeline call, and when a pipeline call over several jobs fails, each job is run on its own so only
+the culprit gets the error.
 A job is abandoned between sampler steps once it is cancelled (`cancel`) or past its deadline: the call
 stops at the next step callback and the group's other jobs run again without it.
 """
@@ -31,7 +33,7 @@ from diffray.serve import mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.remote_registry import open_registry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
-from diffray.serve.schemas import Job
+from diffray.serve.schemas import Job, check_text
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +274,16 @@ class ImageEngine:
             if text is None:
                 continue
             try:
+                check_text(text)  # as the HTTP schemas do; a TI's hidden name cannot come from a prompt
+            except ValueError as exc:
+                return RequestError(f"the text {exc}", param=param)
+            try:
+                text = self.adapters.prompt_text(text, job.adapters)
+            except RequestError as exc:
+                return exc
+            except Exception:  # noqa: BLE001 - an adapter that cannot load: reported by the job's own call
+                pass
+            try:
                 self.pipe.tokenizer(text)
             except Exception:  # noqa: BLE001 - whatever the tokenizer chokes on is the prompt's fault
                 return RequestError("the tokenizer cannot encode this text", param=param)
@@ -352,9 +364,11 @@ class ImageEngine:
         pipe.scheduler = self.scheduler(first.scheduler)
         prompts, negs, gens, controls = [], [], [], []
         for job in jobs:
+            prompt = self.adapters.prompt_text(job.prompt, job.adapters)  # its TIs' tokens, no other's
+            neg = self.adapters.prompt_text(job.negative_prompt or "", job.adapters)
             for j in range(job.n):
-                prompts.append(job.prompt)
-                negs.append(job.negative_prompt or "")
+                prompts.append(prompt)
+                negs.append(neg)
                 gens.append(torch.Generator(device="cpu").manual_seed(job.seed + j))
                 controls.append(job.control_image)
         extra = dict(self.call_args)

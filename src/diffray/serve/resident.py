@@ -1,7 +1,11 @@
 """The adapters resident in one pipeline: loading, sharing, noticing changes on disk, unloading.
 
 Every LoRA is a named PEFT adapter on the one UNet (switched with `set_adapters`), every Textual
-Inversion adds its tokens to the one tokenizer. A record made at load time remembers what was added
+Inversion adds its tokens to the one tokenizer. A TI's token is added under a name of its own (`hidden_token`:
+control characters, which a request's text cannot hold), and only the prompts of jobs that ask for that TI
+have its public token rewritten to that name (`prompt_text`): every other prompt is tokenized as on a
+replica without it, so a tenant's TI never reaches another's prompt and an image never depends on what the
+replica holds. A record made at load time remembers what was added
 (the PEFT name, the exact tokens) and the content fingerprint that was loaded, so unloading never reads
 the disk (the folder may be gone or replaced) and a replaced artifact is told apart by content, not by
 name. `sweep` unloads whatever was removed or replaced on disk since it was loaded. Loading failures of
@@ -29,6 +33,12 @@ def peft_name(adapter_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", adapter_id) + "_" + hashlib.sha1(adapter_id.encode()).hexdigest()[:6]
 
 
+def hidden_token(adapter_id: str) -> str:
+    """The name a resident TI's token is loaded under: lower case (the tokenizer matches lower-cased text)
+    between two unit separators, a control character `schemas.check_text` refuses in requests."""
+    return "\x1f" + peft_name(adapter_id).lower() + "\x1f"
+
+
 @dataclass
 class Loaded:
     """What loading one adapter put into the pipeline."""
@@ -37,6 +47,7 @@ class Loaded:
     kind: str
     fingerprint: str  # "" when the files changed while loading: reload on next use
     tokens: list[str] = field(default_factory=list)
+    token: str = ""  # a TI's public token, as prompts write it (loaded as `hidden_token(id)`)
 
 
 def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
@@ -142,11 +153,14 @@ class ResidentAdapters:
 
     def _load_ti(self, info: AdapterInfo, rec: Loaded) -> None:
         """Load a TI and record exactly the tokens it added (also when it fails halfway)."""
-        from diffray.models.textual_inversion import load_textual_inversion
+        from diffray.models.textual_inversion import load_textual_inversion, stored_token
 
         vocab = set(self.pipe.tokenizer.get_vocab())
-        try:
-            load_textual_inversion(self.pipe, info.path)  # one encoder, or SDXL's two (refused on the other)
+        rec.token = stored_token(info.path)
+        if rec.token.lower() in vocab:  # what stock diffusers refuses: the word would stop meaning itself
+            raise ValueError(f"Token {rec.token} already in tokenizer vocabulary")
+        try:  # one encoder, or SDXL's two (refused on the other)
+            load_textual_inversion(self.pipe, info.path, as_token=hidden_token(info.id))
         finally:
             rec.tokens = [t for t in self.pipe.tokenizer.get_vocab() if t not in vocab]
 
@@ -177,6 +191,29 @@ class ResidentAdapters:
     def lora_names(self, adapters: tuple[tuple[str, float], ...]) -> list[tuple[str, float]]:
         """(PEFT name, weight) of the LoRAs among `adapters` (each made resident first)."""
         return [(peft_name(a), w) for a, w in adapters if self.ensure(a).kind == "lora"]
+
+    def prompt_text(self, text: str | None, adapters: tuple[tuple[str, float], ...]) -> str | None:
+        """`text` as this pipeline must read it for a job using `adapters`: the public token of each of its TIs
+        (matched as the tokenizer matches an added token: anywhere, in any case) becomes that TI's hidden
+        name; the tokens of other resident TIs stay plain text.
+
+        Raises:
+            RequestError: two of the job's TIs use the same token.
+        """
+        tis: dict[str, tuple[str, str]] = {}  # lower-cased public token -> (adapter id, hidden name)
+        for adapter_id, _ in adapters:
+            rec = self.ensure(adapter_id)
+            if rec.kind != "textual_inversion":
+                continue
+            other = tis.setdefault(rec.token.lower(), (adapter_id, hidden_token(adapter_id)))[0]
+            if other != adapter_id:
+                raise RequestError(f"{other!r} and {adapter_id!r} both use the token {rec.token!r}: a prompt cannot "
+                                   "tell them apart", param="adapters", status=422)
+        if not tis or text is None:
+            return text
+        longest_first = sorted(tis, key=len, reverse=True)  # the tokenizer's leftmost-longest match
+        pattern = re.compile("|".join(re.escape(t) for t in longest_first), re.IGNORECASE)
+        return pattern.sub(lambda m: tis[m.group(0).lower()][1], text)
 
     def any_lora(self) -> bool:
         return any(rec.kind == "lora" for rec in self.loaded.values())
