@@ -3,8 +3,12 @@
 side by side in one run. Start-up (cluster, worker group, first steps) is excluded.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 2] [--batch-sizes 4 16]
+        [--threads 2] [--sched]
 
-Prints a table and writes benchmarks/results/train_overhead.json.
+Prints a table and writes benchmarks/results/train_overhead.json. `--sched` also samples every thread on the
+machine (Linux /proc) and reports, per variant's measured steps: how often the two busiest threads (the
+training thread and torch's other intra-op thread) were preempted per step, the cores they got, and how
+often threads machine-wide went to sleep and woke (the other processes' wakeups that preempt them).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +39,45 @@ from common import init_ray  # benchmarks/common.py: the script's folder is on s
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def read_threads() -> dict[str, tuple[int, int, int]]:
+    """(CPU ticks, voluntary, involuntary context switches) of every thread on the machine, by "pid/tid"."""
+    out = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                switches = [int(line.split()[1]) for line in
+                            Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines() if "ctxt_switches" in line]
+                out[f"{pid}/{tid}"] = (int(fields[11]) + int(fields[12]), *switches)
+        except (OSError, ValueError, IndexError):  # a thread that ended while read
+            continue
+    return out
+
+
+class SchedSampler:
+    """Every thread's CPU ticks and context switches every `period` s, read back per time window."""
+
+    def __init__(self, period: float = 0.5):
+        self.period, self.snaps = period, []
+        self.stop = threading.Event()
+        threading.Thread(target=self._run, name="sched-sampler", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.period):
+            self.snaps.append((time.time(), read_threads()))
+
+    def window(self, start: float, end: float, steps: int) -> dict:
+        # inside the window: the worker's threads may be gone from a snapshot taken after its last step
+        (t0, a), (t1, b) = next(x for x in self.snaps if x[0] >= start), [x for x in self.snaps if x[0] <= end][-1]
+        deltas = [tuple(x - y for x, y in zip(v, a[k])) for k, v in b.items() if k in a]
+        busiest = sorted(deltas, reverse=True)[:2]
+        return {"window_s": t1 - t0, "sleeps_per_s": sum(d[1] for d in deltas) / (t1 - t0),
+                "busiest_cores": [d[0] / CLOCK_TICKS / (t1 - t0) for d in busiest],
+                "preempted_per_step": [d[2] / steps for d in busiest]}
 
 
 def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, data: str):
@@ -44,9 +88,9 @@ def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, dat
         "strategy.zero_stage=2", "failure.max_failures=0"])
 
 
-def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
+def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
     """The same model, loss and data stream (shuffle buffer included) with a bare torch AdamW loop in this
-    process."""
+    process. Returns step times, data waits and each step's end (time.time())."""
     torch.set_num_threads(THREADS)
     model_path = resolve_model_path(cfg.model.path)
     task = LoraTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
@@ -62,7 +106,7 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
             yield from ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, **shuffle)
             epoch += 1
 
-    it, times, waits = batches(), [], []
+    it, times, waits, ends = batches(), [], [], []
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
         batch = next(it)
@@ -73,26 +117,33 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float]]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return times, waits
+        ends.append(time.time())
+    return times, waits, ends
 
 
-def ray_loop(cfg) -> tuple[list[float], list[float]]:
-    """The worker's logged step times and, within them, the waits for micro-batches (`data_time`)."""
+def ray_loop(cfg) -> tuple[list[float], list[float], list[float]]:
+    """The worker's logged step times, within them the waits for micro-batches (`data_time`), and when each
+    step was logged (just after it ended)."""
     result = run_training(cfg)
     rows = [json.loads(x) for x in (Path(result.run_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_time" in r]
-    return [r["step_time"] for r in rows], [r["data_time"] for r in rows]
+    return [r["step_time"] for r in rows], [r["data_time"] for r in rows], [r["time"] for r in rows]
 
 
 def main() -> None:
+    global THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three variants")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="micro-batch sizes to measure")
     ap.add_argument("--num-images", type=int, default=512, help="sample-set size (epoch length)")
+    ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (and the worker's CPUs)")
+    ap.add_argument("--sched", action="store_true", help="sample every thread's preemptions and wakeups (/proc)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_overhead.json"))
     args = ap.parse_args()
+    THREADS = args.threads
+    sampler = SchedSampler() if args.sched else None
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
     init_ray(num_cpus=4)
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
@@ -102,19 +153,23 @@ def main() -> None:
     for b in args.batch_sizes:
         samples: dict[str, list[float]] = {"plain": [], "ray_ddp": [], "ray_zero2": []}
         waits: dict[str, list[float]] = {k: [] for k in samples}
+        sched: dict[str, list[dict]] = {k: [] for k in samples}
         for r in range(args.rounds):
             cut = args.warmup
             for k, strategy in (("plain", "ddp"), ("ray_ddp", "ddp"), ("ray_zero2", "deepspeed")):
                 cfg = make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data)
-                times, data_waits = plain_loop(cfg, args.steps) if k == "plain" else ray_loop(cfg)
+                times, data_waits, ends = plain_loop(cfg, args.steps) if k == "plain" else ray_loop(cfg)
                 samples[k] += times[cut:]
                 waits[k] += data_waits[cut:]
+                if sampler is not None and len(ends) > cut + 1:  # steps cut+1.. end, as measured
+                    sched[k].append(sampler.window(ends[cut], ends[-1], len(ends) - cut - 1))
         base = statistics.median(samples["plain"])
         results[f"batch{b}"] = {k: {"median_step_ms": 1000 * statistics.median(v),
                                     "overhead_ms": 1000 * (statistics.median(v) - base),
                                     "mean_step_ms": 1000 * statistics.mean(v),
                                     "median_data_ms": 1000 * statistics.median(waits[k]),
-                                    "ratio_vs_plain": statistics.median(v) / base, "steps_measured": len(v)}
+                                    "ratio_vs_plain": statistics.median(v) / base, "steps_measured": len(v),
+                                    **({"sched": sched[k]} if sched[k] else {})}
                                 for k, v in samples.items()}
     ray.shutdown()
     print(f"{'batch':<7}{'variant':<12}{'median step (ms)':>18}{'mean (ms)':>11}{'data wait (ms)':>16}"
@@ -124,6 +179,14 @@ def main() -> None:
             print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}"
                   f"{row['median_data_ms']:>16.2f}{row['overhead_ms']:>15.2f}"
                   f"{row['ratio_vs_plain']:>16.3f}{row['steps_measured']:>7}")
+    if sampler is not None:
+        sampler.stop.set()
+        print("\nper round: preempted per step (two busiest threads), their cores, sleeps/s machine-wide")
+        for b, rows in results.items():
+            for k, row in rows.items():
+                for w in row.get("sched", []):
+                    print(f"{b[5:]:<7}{k:<12}{' / '.join(f'{x:.0f}' for x in w['preempted_per_step']):>12}"
+                          f"{' / '.join(f'{x:.2f}' for x in w['busiest_cores']):>14}{w['sleeps_per_s']:>9.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "results": results,

@@ -85,6 +85,20 @@ def test_deepspeed_config(stage):
         build_deepspeed_config(2, 1, 1, 1, None, "fp8")
 
 
+def test_zero2_keeps_an_adapters_gradients_in_place_and_a_large_sets_contiguous():
+    """An adapter's small gradients skip the per-tensor copy into contiguous buckets (most of ZeRO-2's step
+    cost for a LoRA); a large trainable set, an unknown size, an offloaded optimizer and ZeRO-3 keep them."""
+    def layout(stage=2, **kw):
+        z = build_deepspeed_config(stage, 1, 1, 2, 1.0, **kw)["zero_optimization"]
+        return z["contiguous_gradients"], z["reduce_scatter"]
+
+    assert layout(trainable_elements=800_000) == (False, False)
+    assert layout(trainable_elements=860_000_000) == (True, True)
+    assert layout() == (True, True)
+    assert layout(trainable_elements=800_000, offload_optimizer=True) == (True, True)
+    assert layout(3, trainable_elements=800_000) == (True, True)
+
+
 def test_caption_dropout_is_keyed_per_sample_and_hits_its_rate():
     from diffray.trainers.components.diffusion import caption_dropout_mask
 

@@ -123,7 +123,8 @@ class DeepSpeedEngine(Engine):
         world = dist.get_world_size() if dist.is_initialized() else 1
         ds_config = build_deepspeed_config(strategy.zero_stage, micro_batch_size, grad_accum_steps, world,
                                            optim.max_grad_norm, precision, strategy.offload_optimizer,
-                                           strategy.offload_params)
+                                           strategy.offload_params,
+                                           sum(p.numel() for p in self.trainable_parameters()))
         optimizer, scheduler = build_optimizer(self.trainable_parameters(), optim, max_steps)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
