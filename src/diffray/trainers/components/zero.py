@@ -5,7 +5,7 @@ from __future__ import annotations
 # Trainable elements up to which ZeRO-2 keeps each gradient where autograd put it (an adapter's few MB): copying
 # every gradient into a contiguous bucket as it is produced, then reduce-scattering it, guards against memory
 # fragmentation of large gradients and costs a Python hook's copy per tensor, which for a LoRA's hundreds of
-# small tensors was most of DeepSpeed's per-step cost (BENCHMARKS.md, "Ray Train overhead").
+# small tensors was most of DeepSpeed's per-step cost (BENCHMARKS.md, "DeepSpeed ZeRO-2's own per-step cost").
 SMALL_GRADIENTS = 50_000_000
 
 
