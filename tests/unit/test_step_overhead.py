@@ -27,27 +27,20 @@ def test_seed_step_draws_what_torch_manual_seed_draws_and_queues_no_cuda_seed():
 def one_rank():
     """A one-rank gloo process group, as Ray Train sets one up for a single worker (DeepSpeed caches its
     groups, so the module's tests share one)."""
-    import os
-
     import deepspeed.comm.comm as ds_comm
     import torch.distributed as dist
     from testkit.net import free_port
 
-    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        ds_comm.cdb = None
-        dist.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):  # what Ray Train sets
+            mp.setenv(name, value)
+        store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            ds_comm.cdb = None
+            dist.destroy_process_group()
 
 
 def test_the_deepspeed_engine_starts_without_the_inference_all_reduce_op_and_trains(one_rank):
