@@ -176,7 +176,7 @@ def test_a_resident_textual_inversion_reaches_only_the_jobs_that_ask_for_it(engi
             stock = load_pipeline(engine.model_path, dtype=torch.float32, device="cpu")  # holding just these TIs
             for adapter_id, _ in adapters:
                 load_textual_inversion(stock, engine.registry.get(adapter_id).path)
-            ours = engine.adapters.prompt_text(text, adapters)
+            ours = engine.adapters.prompt_texts(adapters, text)[0]
             with torch.no_grad():
                 want = stock.encode_prompt(text, "cpu", 1, False)[0]
                 got = engine.pipe.encode_prompt(ours, "cpu", 1, False)[0]

@@ -7,7 +7,7 @@ adapter set holds them or when their files change). Every pipeline or adapter op
 generation runs in a worker thread while the replica's event loop keeps accepting requests.
 
 A job's prompt reads the tokens of the Textual Inversions it asks for and of no other resident one
-(`ResidentAdapters.prompt_text`). A job fails alone: its prompts are checked against the tokenizer before
+(`ResidentAdapters.prompt_texts`). A job fails alone: its prompts are checked against the tokenizer before
 any pipeline call, and when a pipeline call over several jobs fails, each job is run on its own so only
 the culprit gets the error.
 A job is abandoned between sampler steps once it is cancelled (`cancel`) or past its deadline: the call
@@ -270,19 +270,21 @@ class ImageEngine:
         if self.flux and job.negative_prompt is not None:
             return RequestError("a Flux model is guidance-distilled: it takes no negative prompt",
                                 param="negative_prompt", status=422)
-        for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
-            if text is None:
-                continue
+        params = [(param, text) for param, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt))
+                  if text is not None]
+        for param, text in params:
             try:
                 check_text(text)  # as the HTTP schemas do; a TI's hidden name cannot come from a prompt
             except ValueError as exc:
                 return RequestError(f"the text {exc}", param=param)
-            try:
-                text = self.adapters.prompt_text(text, job.adapters)
-            except RequestError as exc:
-                return exc
-            except Exception:  # noqa: BLE001 - an adapter that cannot load: reported by the job's own call
-                pass
+        texts = [text for _, text in params]
+        try:
+            texts = self.adapters.prompt_texts(job.adapters, *texts)
+        except RequestError as exc:
+            return exc
+        except Exception:  # noqa: BLE001 - an adapter that cannot load: reported by the job's own call
+            pass
+        for (param, _), text in zip(params, texts):
             try:
                 self.pipe.tokenizer(text)
             except Exception:  # noqa: BLE001 - whatever the tokenizer chokes on is the prompt's fault
@@ -364,8 +366,8 @@ class ImageEngine:
         pipe.scheduler = self.scheduler(first.scheduler)
         prompts, negs, gens, controls = [], [], [], []
         for job in jobs:
-            prompt = self.adapters.prompt_text(job.prompt, job.adapters)  # its TIs' tokens, no other's
-            neg = self.adapters.prompt_text(job.negative_prompt or "", job.adapters)
+            # the job's own TIs' tokens, and no other's
+            prompt, neg = self.adapters.prompt_texts(job.adapters, job.prompt, job.negative_prompt or "")
             for j in range(job.n):
                 prompts.append(prompt)
                 negs.append(neg)

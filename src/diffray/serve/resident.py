@@ -3,7 +3,7 @@
 Every LoRA is a named PEFT adapter on the one UNet (switched with `set_adapters`), every Textual
 Inversion adds its tokens to the one tokenizer. A TI's token is added under a name of its own (`hidden_token`:
 control characters, which a request's text cannot hold), and only the prompts of jobs that ask for that TI
-have its public token rewritten to that name (`prompt_text`): every other prompt is tokenized as on a
+have its public token rewritten to that name (`prompt_texts`): every other prompt is tokenized as on a
 replica without it, so a tenant's TI never reaches another's prompt and an image never depends on what the
 replica holds. A record made at load time remembers what was added
 (the PEFT name, the exact tokens) and the content fingerprint that was loaded, so unloading never reads
@@ -192,9 +192,9 @@ class ResidentAdapters:
         """(PEFT name, weight) of the LoRAs among `adapters` (each made resident first)."""
         return [(peft_name(a), w) for a, w in adapters if self.ensure(a).kind == "lora"]
 
-    def prompt_text(self, text: str | None, adapters: tuple[tuple[str, float], ...]) -> str | None:
-        """`text` as this pipeline must read it for a job using `adapters`: the public token of each of its TIs
-        (matched as the tokenizer matches an added token: anywhere, in any case) becomes that TI's hidden
+    def prompt_texts(self, adapters: tuple[tuple[str, float], ...], *texts: str | None) -> list[str | None]:
+        """`texts` as this pipeline must read them for a job using `adapters`: the public token of each of its
+        TIs (matched as the tokenizer matches an added token: anywhere, in any case) becomes that TI's hidden
         name; the tokens of other resident TIs stay plain text.
 
         Raises:
@@ -209,11 +209,11 @@ class ResidentAdapters:
             if other != adapter_id:
                 raise RequestError(f"{other!r} and {adapter_id!r} both use the token {rec.token!r}: a prompt cannot "
                                    "tell them apart", param="adapters", status=422)
-        if not tis or text is None:
-            return text
+        if not tis:
+            return list(texts)
         longest_first = sorted(tis, key=len, reverse=True)  # the tokenizer's leftmost-longest match
         pattern = re.compile("|".join(re.escape(t) for t in longest_first), re.IGNORECASE)
-        return pattern.sub(lambda m: tis[m.group(0).lower()][1], text)
+        return [None if text is None else pattern.sub(lambda m: tis[m.group(0).lower()][1], text) for text in texts]
 
     def any_lora(self) -> bool:
         return any(rec.kind == "lora" for rec in self.loaded.values())
