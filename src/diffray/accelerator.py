@@ -15,8 +15,9 @@ class Accelerator(BaseModel):
                                                 "SDPA, or the plain reference (diffray.models.speed).")
     channels_last: bool = Field(False, description="Channels-last (NHWC) UNet/ControlNet weights (GPU convs).")
     compile: bool = Field(False, description="torch.compile the UNet/ControlNet in place (GPU; the first call of "
-                          "each input shape compiles, and so does the first call of each adapter). Serving "
-                          "then runs each LoRA set in its own call (no mixed-adapter batches).")
+                          "each input shape compiles, and so does the first call of each adapter unless serving "
+                          "has `generator.hotswap`). Serving then runs each LoRA set in its own call (no "
+                          "mixed-adapter batches).")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
         "default", description="torch.compile mode (with compile).")
     compile_backend: Literal["inductor", "aot_eager", "cudagraphs"] = Field(

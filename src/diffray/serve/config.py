@@ -79,6 +79,13 @@ class Batching(Section):
                                "a pipeline call: base layers once, each row its own LoRA.")
 
 
+class Hotswap(Section):
+    rank: int = Field(..., ge=1, le=1024, description="The slot's rank: the largest LoRA rank served, or the sum "
+                      "of the ranks of the LoRAs one request may combine.")
+    targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="Denoiser layers "
+                               "the slot covers (PEFT target_modules); a LoRA on any other layer is refused.")
+
+
 class GeneratorSection(Section, Accelerator):
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count; None uses `autoscaling`.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
@@ -99,6 +106,16 @@ class GeneratorSection(Section, Accelerator):
                              "The Ingress then takes this section's replicas or autoscaling, resources and limits; "
                              "an adapter set loads on whichever replica takes the request (no routing by adapter); "
                              "/v1/status lists the Ingress's replicas.")
+    hotswap: Hotswap | None = Field(None, description="With compile: every LoRA is served through one LoRA slot "
+                                    "of the compiled UNet/transformer whose weights are replaced in place, so a new "
+                                    "LoRA or LoRA set compiles nothing (diffray.serve.hotswap). None: each LoRA is "
+                                    "its own PEFT adapter, and each new set compiles again.")
+
+    @model_validator(mode="after")
+    def _hotswap_needs_compile(self) -> GeneratorSection:
+        if self.hotswap is not None and not self.compile:
+            raise ValueError("hotswap is for a compiled denoiser: set generator.compile: true, or leave hotswap out")
+        return self
 
 
 class IngressSection(Section):

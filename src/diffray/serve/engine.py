@@ -29,7 +29,7 @@ import torch
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
 from diffray.models import speed
 from diffray.models.flux import call_args
-from diffray.serve import mixing
+from diffray.serve import hotswap, mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.remote_registry import open_registry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
@@ -88,9 +88,11 @@ class ImageEngine:
         self.pipe.set_progress_bar_config(disable=True)
         self.flux = type(self.pipe).__name__ == "FluxPipeline"  # a transformer, flow-matching sampler, T5
         self.denoiser = self.pipe.transformer if self.flux else self.pipe.unet
+        hs = args.generator.hotswap  # the slot goes in before the denoiser is compiled
+        slot = hotswap.Slot(self.pipe, "transformer" if self.flux else "unet", hs.rank, hs.targets) if hs else None
         speed.apply(self.denoiser, args.generator)
         self.registry = open_registry(args.adapters_dir, args.adapters_listing_ttl_s)
-        self.adapters = ResidentAdapters(self.pipe, self.registry)
+        self.adapters = ResidentAdapters(self.pipe, self.registry, slot)
         self.lock = threading.RLock()
         self.schedulers = {"default": self.pipe.scheduler}
         self.step_checks: dict[tuple[str, int], RequestError | None] = {}
@@ -126,14 +128,7 @@ class ImageEngine:
 
     def activate(self, adapters: tuple[tuple[str, float], ...]) -> None:
         """Point the pipeline at these adapters and weights (LoRA on, TI tokens just resident)."""
-        loras = self.adapters.lora_names(adapters)
-        if not self.adapters.any_lora():
-            return
-        if loras:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([n for n, _ in loras], [w for _, w in loras])
-        else:
-            self.pipe.disable_lora()
+        self.adapters.activate(adapters)
 
     # ------------------------------------------------------------------------------------------ cancellation
     def cancel(self, job_id: str) -> None:
@@ -384,8 +379,9 @@ class ImageEngine:
         return list(result.images)
 
     def info(self) -> dict:
-        """What a test or operator may ask a replica: resident adapters, batch sizes and cancellation figures."""
-        return {"native_size": self.native_size, "resident": sorted(self.adapters.loaded),
+        """What a test or operator may ask a replica: device, resident adapters, batches and cancellations."""
+        return {"native_size": self.native_size, "device": self.device, "dtype": str(self.pipe.dtype),
+                "resident": sorted(self.adapters.loaded),
                 "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
                 "runs": self.runs, "batches": [list(x) for x in self.batch_log],
                 "busy": not self._idle()}

@@ -1,7 +1,8 @@
 """The adapters resident in one pipeline: loading, sharing, noticing changes on disk, unloading.
 
-Every LoRA is a named PEFT adapter on the one UNet (switched with `set_adapters`), every Textual
-Inversion adds its tokens to the one tokenizer. A TI's token is added under a name of its own (`hidden_token`:
+Every LoRA is a named PEFT adapter on the one UNet (switched with `set_adapters`), or, with a hotswap slot
+(`hotswap.Slot`, for a compiled UNet), factors held beside it and copied into the slot per call; every
+Textual Inversion adds its tokens to the one tokenizer. A TI's token is added under a name of its own (`hidden_token`:
 control characters, which a request's text cannot hold), and only the prompts of jobs that ask for that TI
 have its public token rewritten to that name (`prompt_texts`): every other prompt is tokenized as on a
 replica without it, so a tenant's TI never reaches another's prompt and an image never depends on what the
@@ -48,6 +49,7 @@ class Loaded:
     fingerprint: str  # "" when the files changed while loading: reload on next use
     tokens: list[str] = field(default_factory=list)
     token: str = ""  # a TI's public token, as prompts write it (loaded as `hidden_token(id)`)
+    factors: object = None  # with a hotswap slot: a LoRA's denoiser layers (`hotswap.Factors`)
 
 
 def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
@@ -58,6 +60,8 @@ def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
         why = text
     elif "already in tokenizer" in text:
         why = "its token is already in this model's vocabulary"
+    elif "hotswap" in text:
+        why = text
     else:
         why = f"it does not fit this base model ({type(exc).__name__})"
     return AdapterError(f"adapter {adapter_id!r} cannot be loaded: {why}")
@@ -66,8 +70,8 @@ def _load_failure(adapter_id: str, exc: Exception) -> AdapterError:
 class ResidentAdapters:
     """Adapters held by a pipeline, reference-counted by the adapter sets (multiplexed models) using them."""
 
-    def __init__(self, pipe, registry: AdapterRegistry):
-        self.pipe, self.registry = pipe, registry
+    def __init__(self, pipe, registry: AdapterRegistry, slot=None):
+        self.pipe, self.registry, self.slot = pipe, registry, slot
         self.loaded: dict[str, Loaded] = {}
         self.refs: dict[str, int] = {}
         self.version = 0  # +1 on every load and unload: what was derived from the pipeline's layers is stale
@@ -137,10 +141,12 @@ class ResidentAdapters:
                 if not any(peft_name(info.id) in names for names in self.pipe.get_list_adapters().values()):
                     # a loader that skips every key (a UNet LoRA given to Flux's transformer) loads nothing
                     raise ValueError("none of its layers is in this base model (made for another base model)")
+                if self.slot is not None:
+                    rec.factors = self.slot.take(peft_name(info.id))
             else:
                 self._load_ti(info, rec)
         except Exception as exc:  # noqa: BLE001 - loaders raise many types for one cause: a bad artifact
-            self._remove(rec, failed=True)
+            self._remove(rec)
             log.warning("adapter %s failed to load: %s: %s", info.id, type(exc).__name__, exc)
             raise _load_failure(info.id, exc) from None
         try:
@@ -170,14 +176,21 @@ class ResidentAdapters:
         if rec is not None:
             self._remove(rec)
 
-    def _remove(self, rec: Loaded, failed: bool = False) -> None:
-        """Delete the record's LoRA / tokens; after a failed load also whatever it half-injected."""
+    def _remove(self, rec: Loaded) -> None:
+        """Delete the record's LoRA from every component that has it (after a failed load, what it
+        half-injected) or its tokens."""
+        from diffusers import ModelMixin
+
         self.version += 1
         try:
-            if rec.kind == "lora":
-                names = {n for names in self.pipe.get_list_adapters().values() for n in names}
-                if failed or peft_name(rec.id) in names:
-                    self.pipe.delete_adapters(peft_name(rec.id))
+            if rec.kind == "lora":  # from each component that has it (with a slot the denoiser has none)
+                for part, names in self.pipe.get_list_adapters().items():
+                    if peft_name(rec.id) in names:
+                        model = getattr(self.pipe, part)
+                        if isinstance(model, ModelMixin):  # a UNet or transformer; else a text encoder
+                            model.delete_adapters(peft_name(rec.id))
+                        else:
+                            model.delete_adapter(peft_name(rec.id))
             elif rec.tokens:
                 second = getattr(self.pipe, "text_encoder_2", None)
                 for tokenizer, encoder in ((self.pipe.tokenizer, self.pipe.text_encoder),
@@ -217,3 +230,24 @@ class ResidentAdapters:
 
     def any_lora(self) -> bool:
         return any(rec.kind == "lora" for rec in self.loaded.values())
+
+    def activate(self, adapters: tuple[tuple[str, float], ...]) -> None:
+        """Point the pipeline at these adapters and weights (LoRA on, TI tokens just resident).
+
+        Raises:
+            RequestError: with a slot, LoRAs whose ranks add up to more than it holds.
+        """
+        loras = self.lora_names(adapters)
+        if self.slot is not None:
+            from diffray.serve.hotswap import activate_text_encoders
+
+            parts = [(self.loaded[a].factors, w) for a, w in adapters if self.loaded[a].kind == "lora"]
+            self.slot.fill(parts, (self.version, tuple(loras)))
+            activate_text_encoders(self.pipe, loras, self.slot.part)
+        elif not self.any_lora():
+            return
+        elif loras:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([n for n, _ in loras], [w for _, w in loras])
+        else:
+            self.pipe.disable_lora()
