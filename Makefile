@@ -58,6 +58,7 @@ eval: setup
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/zero_step.py
+	$(BIN)/python benchmarks/hotswap.py
 	$(BIN)/python benchmarks/latent_cache.py
 	$(BIN)/python benchmarks/ddpo_overlap.py
 	$(BIN)/python benchmarks/serve.py

@@ -7,8 +7,9 @@
    dense bf16 peak (datasheet) and a bf16 matmul measured here;
 2. the latent cache's gain at that size: a step that also encodes its images with the VAE (and captions
    with the text encoder) vs a step on cached latents;
-3. serving: `ImageEngine.run` latency at 512 px / 25 steps, with and without `generator.compile`, and
-   switching between two resident LoRAs (the first request of each, then alternating).
+3. serving: `ImageEngine.run` latency at 512 px / 25 steps, eager, with `generator.compile`, and with
+   compile and `generator.hotswap` (one LoRA slot: a new LoRA compiles nothing), and switching between
+   two resident LoRAs (the first request of each, then alternating).
 
     python benchmarks/gpu.py                 # on a CUDA machine; writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --dry           # CPU, tiny model, a few steps: checks the script runs
@@ -153,8 +154,11 @@ def serve_section(args, model_path, device) -> dict:
     with tempfile.TemporaryDirectory(prefix="diffray-gpu-") as reg:
         for k, name in enumerate(("lora-a", "lora-b")):
             random_lora(model_path, Path(reg) / name, seed=k, rank=args.rank, std=0.01)
-        for compiled in (False, True):
+        for key in ("eager", "compiled", "compiled_hotswap"):
+            compiled = key != "eager"
             gen = {"dtype": "float32" if args.dry else "bfloat16", "compile": compiled}
+            if key == "compiled_hotswap":  # one LoRA slot, weights replaced in place (diffray.serve.hotswap)
+                gen["hotswap"] = {"rank": args.rank}
             if args.dry and compiled:
                 gen["compile_backend"] = "aot_eager"
             engine = ImageEngine(parse_args({"model": model_path, "adapters_dir": reg, "generator": gen}),
@@ -171,7 +175,6 @@ def serve_section(args, model_path, device) -> dict:
 
             first = run()
             lat = [run() for _ in range(args.repeats)]
-            key = "compiled" if compiled else "eager"
             out[key] = {"first_s": first, "p50_s": statistics.median(lat)}
             engine.acquire(["lora-a", "lora-b"])
             firsts = {n: run(((n, 1.0),)) for n in ("lora-a", "lora-b")}

@@ -18,6 +18,7 @@ TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
     "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8"],
     "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
+    "hotswap": ["--backend", "aot_eager", "--loras", "2", "--repeats", "1", "--steps", "2"],
     "memory": [],  # parameter counts on the meta device: the whole script, a few seconds
     "latent_cache": ["--num-images", "8", "--batch", "4", "--steps", "3", "--warmup", "1", "--rounds", "1"],
     "ddpo_overlap": ["--epochs", "2", "--rounds", "1", "--samples", "16", "--batch", "8"],
