@@ -2,8 +2,10 @@
 
 `TrainProgress` is fed rank 0's numbers after every step (`runner.run_training(on_progress=...)`): on a
 terminal it redraws one line in place (step, loss, lr, samples/s, ETA); without one it prints a plain
-line every `every` steps, so logs of CI and `ray job submit` stay readable. `TuneProgress` does the same
-for trials. Never imports Ray or torch.
+line each time the step passes a multiple of `every`, so logs of CI and `ray job submit` stay readable.
+The driver sees only the latest step when several finish between two looks (`trainers.progress`), so
+the line is for the first step seen past each multiple, not only for the multiple itself. `TuneProgress`
+prints a line per trial. Never imports Ray or torch.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def eta(seconds: float) -> str:
 
 class TrainProgress:
     """Training progress of `total` steps on `stream`: on a terminal one bar redrawn in place (`\\r`), else
-    a plain line every `every` steps and at the last step."""
+    a plain line for the first step seen past each multiple of `every`, and for the last step."""
 
     BAR = 20  # characters of the bar itself
 
@@ -32,12 +34,14 @@ class TrainProgress:
         self.every = every or max(1, total // 10)
         self.t0: float | None = None
         self.first = 0
+        self.shown = 0  # the step of the last plain line (before the first: the step before the first seen)
         self.drawn = False
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         step, now = int(metrics["step"]), time.monotonic()
         if self.t0 is None:  # the first step seen (a resumed run starts later): ETA from here on
             self.t0, self.first = now, step - 1
+            self.shown = self.first
         rate = (step - self.first) / max(now - self.t0, 1e-9)
         text = (f"loss={metrics.get('loss', float('nan')):.4f} lr={metrics.get('lr', 0.0):.2e} "
                 f"{metrics.get('samples_per_s', 0.0):.1f} samples/s eta {eta((self.total - step) / max(rate, 1e-9))}")
@@ -48,8 +52,9 @@ class TrainProgress:
             self.stream.write("\r" + line[:width].ljust(width))
             self.stream.flush()
             self.drawn = True
-        elif step % self.every == 0 or step == self.total:
+        elif step // self.every > self.shown // self.every or (step == self.total and self.shown != step):
             print(f"step {step}/{self.total} {text}", file=self.stream, flush=True)
+            self.shown = step
 
     def close(self) -> None:
         if self.drawn:
