@@ -21,6 +21,7 @@ COMPILE = {"compile": True, "compile_backend": "aot_eager"}
 
 @pytest.fixture(scope="module")
 def registry(tiny_model_path, tmp_path_factory):
+    from diffray.models.lora_formats import export_artifact
     from testkit.adapters import random_lora, random_textual_inversion
 
     reg = tmp_path_factory.mktemp("hotswap-reg")
@@ -32,6 +33,8 @@ def registry(tiny_model_path, tmp_path_factory):
     random_lora(tiny_model_path, reg / "huge", seed=6, rank=16)
     random_lora(tiny_model_path, reg / "dora", seed=7, variant="dora")
     random_textual_inversion(tiny_model_path, reg / "t", "<t-tok>", seed=8)
+    kohya = export_artifact(reg / "a", "kohya", tmp_path_factory.mktemp("kohya")) / "lora.safetensors"
+    kohya.rename(reg / "a-kohya.safetensors")  # "a" as a bare kohya file
     return reg
 
 
@@ -119,8 +122,14 @@ def test_what_the_slot_cannot_hold_is_refused_by_name(tiny_model_path, registry,
         assert adapter_id not in hot.info()["resident"]
     assert list(hot.denoiser.peft_config) == ["diffray_slot"]  # a refused LoRA leaves nothing behind
     narrow = engine(tiny_model_path, registry, **COMPILE, hotswap={"rank": 8, "targets": ["to_q", "to_k", "to_v"]})
-    with pytest.raises(AdapterError, match=r"outside the hotswap slot's targets .*generator.hotswap.targets"):
+    base = narrow.run([job()])[0]
+    before = graphs()
+    outside = r"outside the hotswap slot's targets .*generator.hotswap.targets"
+    with pytest.raises(AdapterError, match=outside):  # refused from the file's keys, before loading
         narrow.acquire(["a"])
+    assert narrow.run([job()])[0] == base and graphs() == before  # no PEFT wrapper left on to_out.0
+    with pytest.raises(AdapterError, match=outside):  # a kohya file: refused once loaded
+        narrow.acquire(["a-kohya"])
     with pytest.raises(ConfigError, match="generator.compile"):
         parse_args({"model": tiny_model_path, "generator": {"hotswap": {"rank": 8}}})
 

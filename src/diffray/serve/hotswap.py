@@ -13,7 +13,9 @@ weights are replaced) extended to weighted sets of LoRAs.
 
 The slot takes plain LoRAs (and rsLoRA) on linear layers without biases whose layers are among the slot's
 targets and whose ranks fit; a text encoder's part of a LoRA stays a PEFT adapter there (the text encoders
-are not compiled). Never imports ray.
+are not compiled). A file in the diffusers layout is refused from its keys before anything is loaded
+(`precheck`); a kohya file is checked once loaded, and if refused leaves PEFT's empty wrapper on the
+layers outside the slot (the same images, one more compile). Never imports ray.
 """
 
 from __future__ import annotations
@@ -53,6 +55,28 @@ class Slot:
                        if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
         self.holds: tuple | None = None  # the key of what the slot's weights hold now (None: unknown)
         self.fill([], ())
+
+    def precheck(self, tensors: tuple) -> None:
+        """Refuse, before anything is loaded, a LoRA file whose diffusers-layout keys (`<part>.<layer>.lora...`)
+        show it cannot sit in the slot: a refused load leaves no PEFT wrapper on a layer outside the slot,
+        which would change the graph. Kohya-layout keys are checked by `take` once loaded.
+
+        Raises:
+            ValueError: as `take` does.
+        """
+        prefix = self.part + "."
+        for key, shape in tensors:
+            if not key.startswith(prefix) or ".lora" not in key:
+                continue
+            layer, rest = key[len(prefix):].split(".lora", 1)
+            if "magnitude" in rest:
+                raise ValueError("hotswap takes plain LoRAs, not dora (generator.hotswap)")
+            if layer not in self.layers:
+                raise ValueError(f"it has layers outside the hotswap slot's targets {self.targets} "
+                                 f"(generator.hotswap.targets), e.g. {layer}")
+            if rest in ("_A.weight", ".down.weight") and shape and shape[0] > self.rank:
+                raise ValueError(f"its rank {shape[0]} is beyond the hotswap slot's rank {self.rank} "
+                                 "(generator.hotswap.rank)")
 
     def take(self, name: str) -> Factors:
         """Move PEFT adapter `name`'s denoiser layers into `Factors` and delete them from the denoiser (which

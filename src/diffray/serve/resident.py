@@ -136,6 +136,8 @@ class ResidentAdapters:
         rec = Loaded(info.id, info.kind, info.fingerprint)
         try:
             if info.kind == "lora":
+                if self.slot is not None:
+                    self.slot.precheck(info.tensors)
                 self.pipe.load_lora_weights(info.path, weight_name=info.weights_name,
                                             adapter_name=peft_name(info.id), use_safetensors=True)
                 if not any(peft_name(info.id) in names for names in self.pipe.get_list_adapters().values()):
