@@ -103,7 +103,7 @@ def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path)
     engine.acquire(["lora-a"])
     jobs = [Job(prompt=body["prompt"], n=1, width=64, height=64, steps=8, guidance=7.5, seed=7, adapters=a)
             for a in ((), (("lora-a", 1.0),))]
-    direct_base, direct_lora = (_png(base64.b64encode(r[0]).decode()) for r in engine.run(jobs[:1]) + engine.run(jobs[1:]))
+    direct_base, direct_lora = (_png(base64.b64encode(engine.run([j])[0][0]).decode()) for j in jobs)
 
     lora_gap = np.abs(served_lora - served_base).mean()
     diffs = [np.abs(a - b).max() for a, b in ((served_base, direct_base), (served_lora, direct_lora))]

@@ -3,7 +3,7 @@
 A compiled UNet (or Flux transformer) is specialised on its PEFT adapters: which are active, and which
 exist. Activating another LoRA, or loading one, compiles it again (tens of seconds at SD size, and
 torch.compile keeps 8 graphs per function). With a slot, the denoiser holds exactly one PEFT adapter for
-its whole life, added before it is first called: `Slot.NAME`, of a fixed rank on fixed target layers, with
+its whole life, added before it is first called: `ADAPTER`, of a fixed rank on fixed target layers, with
 scale 1 and zero weights (it adds nothing). Loading a LoRA takes its denoiser layers out into `Factors`
 (A, and B times the LoRA's scale) and deletes them from the denoiser again, before the next call; a job
 copies its LoRAs' factors into the slot's weights in place. Several LoRAs of one job sit side by side in the
