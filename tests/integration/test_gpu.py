@@ -3,7 +3,9 @@
 - bf16 LoRA on one GPU worker through Ray Train, for DDP and for DeepSpeed ZeRO-2 (with `use_gpu` Ray
   Train's process group is NCCL);
 - a served LoRA: a Serve app whose Generator replica holds the GPU answers `/v1/generate` over HTTP with
-  the pixels an in-process `ImageEngine` on the same GPU draws, and they differ from the base model's.
+  the pixels an in-process `ImageEngine` on the same GPU draws, and they differ from the base model's;
+  also with the UNet compiled (inductor) and `generator.hotswap`, where two LoRAs and their combination
+  after the base compile nothing more.
 
 The module starts its own local cluster with the GPU and without the dashboard or the S3 endpoint the
 other integration tests share: neither is what these check, and a bare GPU node need not carry their
@@ -62,7 +64,8 @@ def _png(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
-def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path):
+@pytest.mark.parametrize("speed", [{}, {"compile": True, "hotswap": {"rank": 8}}], ids=["eager", "hotswap"])
+def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path, speed):
     from ray import serve
 
     from diffray.models.loading import resolve_model_path
@@ -76,8 +79,9 @@ def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path)
     model = resolve_model_path("builtin:tiny-random")
     reg = tmp_path / "adapters"
     random_lora(model, reg / "lora-a", seed=1)
+    random_lora(model, reg / "lora-b", seed=2)
     args = {"model": "builtin:tiny-random", "adapters_dir": str(reg), "auth": {"api_keys": [KEY]},
-            "generator": {"num_replicas": 1, "num_cpus": 1, "num_gpus": 1, "dtype": "bfloat16"},
+            "generator": {"num_replicas": 1, "num_cpus": 1, "num_gpus": 1, "dtype": "bfloat16", **speed},
             "ingress": {"num_cpus": 0.5}, "feedback": {"path": str(tmp_path / "feedback.db")}}
     body = {"prompt": "a red circle", "width": 64, "height": 64, "steps": 8, "guidance": 7.5, "seed": 7}
 
@@ -94,12 +98,17 @@ def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path)
             with urllib.request.urlopen(req, timeout=300) as r:
                 return _png(json.loads(r.read())["images"][0]["b64_json"])
 
-        served_base, served_lora = post(), post(adapter="lora-a")
-        info = serve.get_deployment_handle("Generator", app_name="gpu").info.remote().result()
+        generator = serve.get_deployment_handle("Generator", app_name="gpu")
+        served_base = post()
+        graphs = generator.info.remote().result()["graphs"]
+        served_lora = post(adapter="lora-a")
+        post(adapter="lora-b")
+        post(adapters=[{"id": "lora-a", "weight": 0.5}, {"id": "lora-b", "weight": 1.0}])
+        info = generator.info.remote().result()
     finally:
         serve.shutdown()
 
-    engine = ImageEngine(parse_args(args), device="cuda")
+    engine = ImageEngine(parse_args(args), device="cuda")  # the same settings, compile included
     engine.acquire(["lora-a"])
     jobs = [Job(prompt=body["prompt"], n=1, width=64, height=64, steps=8, guidance=7.5, seed=7, adapters=a)
             for a in ((), (("lora-a", 1.0),))]
@@ -108,7 +117,10 @@ def test_a_served_lora_on_the_gpu_draws_what_the_engine_draws(gpu_ray, tmp_path)
     lora_gap = np.abs(served_lora - served_base).mean()
     diffs = [np.abs(a - b).max() for a, b in ((served_base, direct_base), (served_lora, direct_lora))]
     print(f"served vs direct max |diff| base {diffs[0]} lora {diffs[1]}; lora vs base mean |diff| {lora_gap:.2f}; "
-          f"replica {info['device']} {info['dtype']}")
-    assert info["device"] == "cuda" and info["dtype"] == "torch.bfloat16" and info["resident"] == ["lora-a"]
+          f"replica {info['device']} {info['dtype']}, graphs {graphs} after the base, {info['graphs']} at the end")
+    assert info["device"] == "cuda" and info["dtype"] == "torch.bfloat16"
+    assert {"lora-a", "lora-b"} <= set(info["resident"])
+    if speed:
+        assert graphs > 0 and info["graphs"] == graphs  # compiled once, for the base; the LoRAs compiled nothing
     assert max(diffs) <= 2, diffs
     assert lora_gap > 5, lora_gap

@@ -379,8 +379,12 @@ class ImageEngine:
         return list(result.images)
 
     def info(self) -> dict:
-        """What a test or operator may ask a replica: device, resident adapters, batches and cancellations."""
+        """What a test or operator may ask a replica: device, resident adapters, batches, cancellations, and
+        the graphs torch.compile made in this process so far (Dynamo's count)."""
+        from torch._dynamo.utils import counters
+
         return {"native_size": self.native_size, "device": self.device, "dtype": str(self.pipe.dtype),
+                "graphs": counters["stats"]["unique_graphs"],
                 "resident": sorted(self.adapters.loaded),
                 "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
                 "runs": self.runs, "batches": [list(x) for x in self.batch_log],
