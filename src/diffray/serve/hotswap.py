@@ -70,13 +70,18 @@ class Slot:
                 continue
             layer, rest = key[len(prefix):].split(".lora", 1)
             if "magnitude" in rest:
-                raise ValueError("hotswap takes plain LoRAs, not dora (generator.hotswap)")
+                raise not_plain("dora")
             if layer not in self.layers:
-                raise ValueError(f"it has layers outside the hotswap slot's targets {self.targets} "
-                                 f"(generator.hotswap.targets), e.g. {layer}")
+                raise self.outside(layer)
             if rest in ("_A.weight", ".down.weight") and shape and shape[0] > self.rank:
-                raise ValueError(f"its rank {shape[0]} is beyond the hotswap slot's rank {self.rank} "
-                                 "(generator.hotswap.rank)")
+                raise self.beyond(shape[0])
+
+    def outside(self, layer: str) -> ValueError:
+        return ValueError(f"it has layers outside the hotswap slot's targets {self.targets} "
+                          f"(generator.hotswap.targets), e.g. {layer}")
+
+    def beyond(self, rank: int) -> ValueError:
+        return ValueError(f"its rank {rank} is beyond the hotswap slot's rank {self.rank} (generator.hotswap.rank)")
 
     def take(self, name: str) -> Factors:
         """Move PEFT adapter `name`'s denoiser layers into `Factors` and delete them from the denoiser (which
@@ -97,16 +102,14 @@ class Slot:
             mine = {n: m for n, m in self.denoiser.named_modules() if isinstance(m, LoraLayer) and name in m.lora_A}
             outside = sorted(n for n in mine if n not in self.layers)
             if variant_of(config) not in ("lora", "rslora"):
-                raise ValueError(f"hotswap takes plain LoRAs, not {variant_of(config)} (generator.hotswap)")
+                raise not_plain(variant_of(config))
             if outside:
-                raise ValueError(f"it has layers outside the hotswap slot's targets {self.targets} "
-                                 f"(generator.hotswap.targets), e.g. {outside[0]}")
+                raise self.outside(outside[0])
             if any(not isinstance(m, LoraLinear) or m.lora_B[name].bias is not None for m in mine.values()):
                 raise ValueError("hotswap takes LoRAs on linear layers without biases (generator.hotswap)")
             rank = max((m.r[name] for m in mine.values()), default=0)
             if rank > self.rank:
-                raise ValueError(f"its rank {rank} is beyond the hotswap slot's rank {self.rank} "
-                                 "(generator.hotswap.rank)")
+                raise self.beyond(rank)
             layers = {}
             with torch.no_grad():
                 for n, m in mine.items():  # PEFT's LoraLayer.set_scale: alpha / r (rsLoRA: / sqrt(r))
@@ -151,6 +154,10 @@ class Slot:
                         b[:, at:at + fb.shape[1]].copy_(fb * weight if weight != 1.0 else fb)
                     at += factors.rank
         self.holds = key
+
+
+def not_plain(variant: str) -> ValueError:
+    return ValueError(f"hotswap takes plain LoRAs, not {variant} (generator.hotswap)")
 
 
 def activate_text_encoders(pipe, loras: list[tuple[str, float]], denoiser_part: str) -> None:
