@@ -39,6 +39,8 @@ def test_defaults_validate_without_a_dataset():
     ("ddpo.prompts=[]", r"^ddpo.prompts: List should have at least 1 item"),
     ("ddpo.images_per_prompt=3", r"ddpo.sample_batch_size=4 must be a multiple of ddpo.images_per_prompt=3"),
     ("ddpo.images_per_prompt=0", r"^ddpo.images_per_prompt: Input should be greater than or equal to 1"),
+    ("ddpo.timestep_spacing=middle", r"^ddpo.timestep_spacing: Input should be 'leading', 'trailing' or 'linspace'"),
+    ("ddpo.min_step_std=1", r"^ddpo.min_step_std: Input should be less than 1"),
 ])
 def test_bad_settings_name_the_field(override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -64,6 +66,38 @@ def test_preflight_checks_prompts_and_reward(tmp_path):
         read_prompts(ddpo(f"ddpo.prompts_file={tmp_path / 'empty.txt'}").ddpo)
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     assert read_prompts(ddpo(f"ddpo.prompts_file={tmp_path / 'p.txt'}").ddpo) == ["a cat", "a dog"]
+
+
+def test_preflight_refuses_untrainable_steps_and_warns_when_the_sampler_cannot_explore(tiny_model_path, caplog):
+    from diffray.trainers.ddpo import preflight
+
+    with pytest.raises(ConfigError, match=r"^ddpo.min_step_std: no sampling step has sigma_t >= 0.1 \(sample_steps=2, "
+                       r"'leading' spacing: 0.04\d, 0.02\d\)"):
+        preflight(ddpo("ddpo.sample_steps=2", "ddpo.min_step_std=0.1"), tiny_model_path)
+    with caplog.at_level("WARNING", logger="diffray.trainers.components.ddpo_steps"):
+        preflight(ddpo("ddpo.sample_steps=2"), tiny_model_path)
+        assert "every sampling step's sigma_t is below 0.1 (0.04" in caplog.text
+        assert "ddpo.timestep_spacing=trailing" in caplog.text
+        caplog.clear()
+        preflight(ddpo("ddpo.sample_steps=2", "ddpo.timestep_spacing=trailing", "ddpo.min_step_std=0.1"),
+                  tiny_model_path)
+        preflight(ddpo("ddpo.sample_steps=5"), tiny_model_path)
+        assert caplog.text == ""
+
+
+def test_a_worker_trains_only_the_steps_min_step_std_keeps(tiny_model_path):
+    from diffray.trainers.ddpo.task import DDPOTask
+    from diffray.trainers.session import WorkerEnv
+
+    env = WorkerEnv(0, 1, torch.device("cpu"), "fp32")
+    task = DDPOTask(ddpo(f"model.path={tiny_model_path}", "ddpo.reward.actors=0", "ddpo.sample_steps=5",
+                         "ddpo.min_step_std=0.1", "ddpo.timestep_fraction=0.5"), tiny_model_path, env)
+    assert task.trained.tolist() == [0, 1, 2] and task.train_timesteps == 1 and task.grad_accum_steps == 1
+    task = DDPOTask(ddpo(f"model.path={tiny_model_path}", "ddpo.reward.actors=0", "ddpo.sample_steps=2",
+                         "ddpo.timestep_spacing=trailing"), tiny_model_path, env)
+    assert task.scheduler.config.timestep_spacing == "trailing" and task.trained.tolist() == [0, 1]
+    task.scheduler.set_timesteps(2)
+    assert task.scheduler.timesteps.tolist() == [999, 499]
 
 
 def test_advantages_from_gathered_rewards_match_on_every_rank():

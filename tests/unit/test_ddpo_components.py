@@ -15,12 +15,14 @@ from diffray.models.tiny import SCHEDULER_CONFIG, preset_configs
 from diffray.trainers.components.ddpo import (
     PerPromptStatTracker,
     clipped_policy_loss,
+    ddim_scheduler,
     ddim_step_with_logprob,
     sample_trajectory,
     step_kl,
     transition_log_prob,
     transition_terms,
 )
+from diffray.trainers.components.ddpo_steps import train_columns, trained_steps
 
 STEPS = 10
 
@@ -277,3 +279,29 @@ def test_kl_to_the_adapters_off_reference_is_zero_there_and_its_gradient_pulls_t
     _, after = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
     assert after.mean().item() < 0.8 * kl.mean().item()  # a step down the KL's gradient: closer to the base
     assert all(p.requires_grad for p in lora)  # the reference pass switched the adapters back on
+
+
+@pytest.mark.parametrize("spacing, first, last", [("leading", (0.03, 0.05), (0.015, 0.025)),
+                                                  ("trailing", (0.8, 0.9), (0.02, 0.04))])
+def test_step_stds_are_diffusers_ddim_variances_and_tiny_ones_are_not_trained(spacing, first, last):
+    from diffusers import DDPMScheduler
+
+    s = ddim_scheduler(DDPMScheduler.from_config(SCHEDULER_CONFIG), spacing)
+    assert s.config.timestep_spacing == spacing
+    kept, stds = trained_steps(s, 2, 1.0, 0.1)
+    expected = [float(s._get_variance(int(t), int(t) - 500)) ** 0.5 for t in s.timesteps]
+    np.testing.assert_allclose(stds, expected, rtol=1e-5)
+    assert first[0] < stds[0] < first[1] and last[0] < stds[1] < last[1]
+    assert kept == ([0] if spacing == "trailing" else [])
+    assert trained_steps(s, 2, 1.0, 0.0)[0] == [0, 1]
+    assert trained_steps(s, 2, 0.5, 0.0)[1] == pytest.approx([v / 2 for v in stds])
+
+
+def test_train_columns_draw_only_kept_steps_and_all_steps_as_before():
+    g = torch.Generator().manual_seed(3)
+    cols = train_columns(torch.tensor([0, 2, 5]), 2, 64, g)
+    assert cols.shape == (64, 2) and set(cols.flatten().tolist()) == {0, 2, 5}
+    assert all(row[0] != row[1] for row in cols.tolist())
+    every = train_columns(torch.arange(6), 3, 8, torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)  # every step kept: the draws DDPO made before steps could be dropped
+    torch.testing.assert_close(every, torch.stack([torch.randperm(6, generator=g) for _ in range(8)])[:, :3])

@@ -56,11 +56,29 @@ class Trajectory:
         return self.latents[:, -1]
 
 
-def ddim_scheduler(scheduler):
-    """A `DDIMScheduler` with the noise schedule of `scheduler` (e.g. a model's training DDPMScheduler)."""
+def ddim_scheduler(scheduler, timestep_spacing: str | None = None):
+    """A `DDIMScheduler` with the noise schedule of `scheduler` (e.g. a model's training DDPMScheduler), and its
+    timestep spacing unless `timestep_spacing` ("leading" | "trailing" | "linspace") says otherwise."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(scheduler.config)
+    return DDIMScheduler.from_config(scheduler.config, **({"timestep_spacing": timestep_spacing}
+                                                           if timestep_spacing else {}))
+
+
+def step_std(scheduler, timestep, eta: float) -> torch.Tensor:
+    """sigma_t [B] (fp32) of the DDIM step x_t -> x_{t-1} at `timestep` (an int or [B]) after `set_timesteps`:
+    eta times the DDPM posterior's std between the two timesteps."""
+    alpha_t, alpha_prev = _step_alphas(scheduler, timestep)
+    return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+
+
+def _step_alphas(scheduler, timestep) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha-bar at t, alpha-bar at the previous timestep, or the final one after the last) [B] fp32."""
+    t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = scheduler.alphas_cumprod.to(torch.float32)
+    return alphas[t], torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)],
+                                  torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32))
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -116,12 +134,8 @@ def step_mean_and_std(scheduler, model_output: torch.Tensor, timestep, sample: t
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(steps) before ddim_step_with_logprob")
     t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas = scheduler.alphas_cumprod.to(torch.float32)
-    alpha_t = alphas[t]
-    alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.as_tensor(scheduler.final_alpha_cumprod,
-                                                                                      dtype=torch.float32))
-    std = eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
+    alpha_t, alpha_prev = _step_alphas(scheduler, t)
+    std = step_std(scheduler, t, eta)
     if (std <= 0).any():
         raise ValueError(f"DDIM step at timestep(s) {t[std <= 0].tolist()} has zero variance (no log-probability); "
                          "use a scheduler with set_alpha_to_one=False")

@@ -10,6 +10,7 @@ the worker side (one loop step = one epoch: sample, score, PPO passes) is `task.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -49,6 +50,10 @@ class DDPOSection(Section):
     resolution: int | None = Field(None, ge=8, le=4096, description="Image size in pixels (multiple of 8); None: "
                                    "the UNet's sample_size x 8.")
     sample_steps: int = Field(10, ge=2, le=1000, description="DDIM steps per trajectory (T).")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(
+        None, description="The sampler's timestep spacing (None: the model scheduler's). With few steps, "
+        "'leading' (SD's) starts below full noise and leaves each step's sigma_t tiny (0.04 and 0.02 at 2 "
+        "steps): the policy cannot explore; 'trailing' starts from full noise (sigma_t 0.85 at the first step).")
     eta: float = Field(1.0, gt=0, le=1.0, description="DDIM noise weight (> 0: each step is a Gaussian policy).")
     guidance: float = Field(5.0, ge=0, description="Classifier-free guidance scale while sampling and training.")
     samples_per_epoch: int = Field(16, ge=1, description="Trajectories each worker samples per epoch.")
@@ -61,6 +66,10 @@ class DDPOSection(Section):
     inner_epochs: int = Field(1, ge=1, le=100, description="PPO passes over each epoch's samples.")
     timestep_fraction: float = Field(1.0, gt=0, le=1.0, description="Fraction of the T steps trained per sample "
                                      "(a random subset, per sample and pass).")
+    min_step_std: float = Field(0.0, ge=0, lt=1, description="Steps whose sigma_t is below this are sampled but "
+                                "not trained: their log-probability gradient scales as 1 / sigma_t and is mostly "
+                                "that step's own noise (the last step's sigma_t is about 0.03 at any T). 0 (DDPO "
+                                "as published): every step; timestep_fraction then counts the steps kept.")
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon.")
     adv_clip_max: float = Field(5.0, gt=0, description="Advantages are clamped to [-adv_clip_max, adv_clip_max].")
     kl_coef: float = Field(0.0, ge=0, description="Weight of each trained step's KL to the base model (the LoRA "
@@ -115,7 +124,8 @@ class DDPOTrainConfig(TrainConfig):
 
 
 def preflight(cfg: DDPOTrainConfig, model_path: str) -> None:
-    """Driver-side checks before Ray starts: the prompts and the reward's name and options."""
+    """Driver-side checks before Ray starts: the prompts, the reward's name and options, and (for a local
+    model dir) the sampling steps left to train."""
     from diffray.trainers.components.prompts import read_prompts
     from diffray.trainers.components.rewards import REWARDS
 
@@ -137,6 +147,12 @@ def preflight(cfg: DDPOTrainConfig, model_path: str) -> None:
         inspect.signature(REWARDS[r.name]).bind(**r.options)
     except TypeError as exc:
         raise ConfigError(f"{r.name}: {exc}", field="ddpo.reward.options") from None
+    if (Path(model_path) / "scheduler" / "scheduler_config.json").is_file():
+        from diffusers import DDPMScheduler
+
+        from diffray.trainers.components.ddpo_steps import sampled_steps
+
+        sampled_steps(cfg.ddpo, DDPMScheduler.from_pretrained(model_path, subfolder="scheduler"))
 
 
 def dataset_sources(cfg: DDPOTrainConfig, model_path: str) -> dict[str, DataSource]:

@@ -3,8 +3,9 @@
 Sample `ddpo.samples_per_epoch` stochastic DDIM trajectories in batches, decode them and hand each batch
 to the reward pool without waiting; gather every rank's (prompt, reward) so the per-prompt stat tracker
 is the same on all ranks; then `inner_epochs` PPO passes over a random `timestep_fraction` of each
-sample's steps through the shared engine (DeepSpeed ZeRO or DDP), with `kl_coef` x each step's KL to the
-base model (the LoRA switched off) added to the loss when it is set. Everything around the epoch (resume,
+sample's trained steps (those with sigma_t >= `min_step_std`) through the shared engine (DeepSpeed ZeRO or
+DDP), with `kl_coef` x each step's KL to the base model (the LoRA switched off) added to the loss when it is
+set. Everything around the epoch (resume,
 NaN stop, logging, grids, checkpoints, the LoRA artifact, Tune reports) is the shared loop's. The math
 is in `components.ddpo`, the rewards in `components.rewards`.
 """
@@ -39,6 +40,7 @@ from diffray.trainers.components.ddpo import (
     sample_trajectory,
     transition_terms,
 )
+from diffray.trainers.components.ddpo_steps import sampled_steps, train_columns
 from diffray.trainers.components.prompts import read_prompts
 from diffray.trainers.ddpo.pool import open_reward_pool
 from diffray.trainers.denoising import adapters_off, lora_denoiser
@@ -135,13 +137,14 @@ class DDPOTask:
             frozen.requires_grad_(False)
             session.place_frozen(frozen, env)
         self.prompts = read_prompts(self.d.prompts, self.d.prompts_file, "ddpo.prompts_file")
-        self.scheduler = ddim_scheduler(self.comps.noise_scheduler)
+        self.scheduler = ddim_scheduler(self.comps.noise_scheduler, self.d.timestep_spacing)
+        self.trained = torch.tensor(sampled_steps(self.d, self.comps.noise_scheduler))  # step indices to train
         unet, scale = self.comps.unet.config, 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
         pixels = self.d.resolution or unet.sample_size * scale
         self.pixel_size = (pixels, pixels)  # SDXL's target-size conditioning
         self.latents_shape = (unet.in_channels, pixels // scale, pixels // scale)
         self.negative = self.prompt_conditioning([self.d.negative_prompt])
-        self.train_timesteps = max(1, int(self.d.sample_steps * self.d.timestep_fraction))
+        self.train_timesteps = max(1, int(len(self.trained) * self.d.timestep_fraction))
         self.tracker = stat_tracker(self.d)
         self.pool = open_reward_pool(self.d.reward, env)
         self.engine = self.policy = self.samples = None
@@ -251,9 +254,9 @@ class DDPOTask:
         return mine, rewards, prompts
 
     def ppo_passes(self, epoch: int, samples: EpochSamples, adv: torch.Tensor) -> dict[str, float]:
-        """`inner_epochs` passes of clipped PPO updates over a random subset of each sample's timesteps."""
+        """`inner_epochs` passes of clipped PPO updates over a random subset of each sample's trained steps."""
         d, mb = self.d, self.cfg.train.micro_batch_size
-        traj, n, steps = samples.trajectory, len(samples.prompts), self.d.sample_steps
+        traj, n = samples.trajectory, len(samples.prompts)
         gen = torch.Generator().manual_seed(hash_key(self.key(epoch, 2)))
         sums = {"loss": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0, **({"kl_ref": 0.0} if self.reference else {})}
         count = 0
@@ -261,7 +264,7 @@ class DDPOTask:
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, mb):
                 idx = perm[start:start + mb]
-                cols = torch.stack([torch.randperm(steps, generator=gen) for _ in idx])[:, :self.train_timesteps]
+                cols = train_columns(self.trained, self.train_timesteps, len(idx), gen)
                 for j in range(self.train_timesteps):
                     c = cols[:, j]
                     log_prob, kl_ref = transition_terms(self.policy, self.scheduler, traj.states[idx, c],
