@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from diffray.errors import ConfigError
 from diffray.world.evaluate import evaluate
@@ -30,6 +31,27 @@ def test_base_model_suite_report(ray_cluster, tiny_model_path, tmp_path):
     assert "| bg |" in (tmp_path / "results.md").read_text() and (tmp_path / "grid.png").stat().st_size > 0
     again = evaluate(model=tiny_model_path, suite="heldout", **FAST)
     assert all((a == b).all() for a, b in zip(pixels(result, "base").values(), pixels(again, "base").values()))
+
+
+def test_timestep_spacing_respaces_the_models_scheduler_as_stock_diffusers_does(ray_cluster, tiny_model_path):
+    from diffusers import StableDiffusionPipeline
+
+    from diffray.world.suites import build_suite
+
+    fast = dict(FAST, num=2)
+    trailing = evaluate(model=tiny_model_path, suite="heldout", timestep_spacing="trailing", **fast)
+    assert trailing.settings["timestep_spacing"] == "trailing"
+    leading = evaluate(model=tiny_model_path, suite="heldout", **fast)
+    assert "timestep_spacing" not in leading.settings
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    items = build_suite("heldout", 2)
+    stock = pipe([it.prompt for it in items], generator=[torch.Generator().manual_seed(it.seed) for it in items],
+                 num_inference_steps=2, guidance_scale=5.0, height=64, width=64).images
+    for it, img in zip(items, stock):
+        ours = pixels(trailing, "base")[it.id].astype(int)
+        assert np.abs(ours - np.asarray(img, dtype=int)).max() <= 2
+        assert np.abs(ours - pixels(leading, "base")[it.id].astype(int)).mean() > 5
 
 
 def test_lora_rows_change_and_base_rows_stay_the_base(ray_cluster, tiny_model_path, tmp_path):
@@ -91,6 +113,8 @@ def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
         evaluate(suite="star", adapter=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="^resolution: "):
         evaluate(suite="star", resolution=60)
+    with pytest.raises(ConfigError, match="^timestep_spacing: must be leading, trailing or linspace, got 'middle'"):
+        evaluate(suite="star", timestep_spacing="middle")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="^adapter: .*empty holds none of pytorch_lora_weights.safetensors"):
         evaluate(suite="star", adapter=str(tmp_path / "empty"))

@@ -72,6 +72,8 @@ def eval_command(
     lora_scale: float = typer.Option(1.0, help="LoRA strength"),
     batch_size: int = typer.Option(8, help="Images per pipeline call"),
     out: Path = typer.Option(Path("outputs/eval"), help="Folder for results.json, results.md, grid.png"),
+    timestep_spacing: Optional[str] = typer.Option(None, help="leading | trailing | linspace: respace the model's "
+                                                   "scheduler (default: as it is)"),
 ) -> None:
     """Render a fixed suite of world prompts (one Ray Data batch-inference job), read the images back with
     classical vision and print accuracy per field (and ControlNet / subject / JPEG figures)."""
@@ -81,7 +83,8 @@ def eval_command(
     result = evaluate(model=model, suite=suite, adapter=str(adapter) if adapter else None,
                       controlnet=str(controlnet) if controlnet else None, num=num, seed=seed, steps=steps,
                       guidance=guidance, resolution=resolution, token=token, compare_base=compare_base,
-                      lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite)
+                      lora_scale=lora_scale, batch_size=batch_size, out_dir=out / suite,
+                      timestep_spacing=timestep_spacing)
     typer.echo(format_table(result))
     typer.echo(f"wrote {out / suite}/results.json, results.md, grid.png")
 

@@ -23,6 +23,9 @@ from diffray.world.report import EvalResult, score_rows, write_report
 from diffray.world.suites import CONCEPT_SUITES, EvalItem, build_suite, check_suite
 
 
+SPACINGS = (None, "leading", "trailing", "linspace")
+
+
 class Renderer:
     """Ray Data callable class: holds one pipeline (adapter loaded, ControlNet variant sharing its parts) and
     the suite's items; renders rows {variant, chunk} (a chunk: `batch_size` consecutive items) into PNG bytes.
@@ -30,7 +33,8 @@ class Renderer:
     size changes the float result in its last bits)."""
 
     def __init__(self, items: list[EvalItem], model_path: str, adapter: str | None, controlnet: str | None,
-                 steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int):
+                 steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int,
+                 timestep_spacing: str | None = None):
         import torch
 
         from diffray.generate import load_adapter
@@ -41,6 +45,9 @@ class Renderer:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = load_pipeline(model_path, device=device)
         self.pipe.set_progress_bar_config(disable=True)
+        if timestep_spacing:  # the model's scheduler, spaced otherwise
+            self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config,
+                                                                        timestep_spacing=timestep_spacing)
         self.control_pipe = None
         if controlnet:
             from diffusers import StableDiffusionControlNetPipeline
@@ -116,7 +123,7 @@ def ti_token(adapter: str | None) -> str | None:
 
 
 def check_inputs(model: str | None, adapter: str | None, controlnet: str | None, steps: int, guidance: float,
-                 resolution: int, batch_size: int) -> str:
+                 resolution: int, batch_size: int, timestep_spacing: str | None = None) -> str:
     """The base model reference (the adapter's card's base when `model` is None); ConfigError naming a bad
     option, before Ray or any model starts."""
     from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, read_card
@@ -127,6 +134,8 @@ def check_inputs(model: str | None, adapter: str | None, controlnet: str | None,
                             ("batch_size", batch_size, batch_size >= 1)):
         if not ok:
             raise ConfigError(f"bad value {value!r}", field=name)
+    if timestep_spacing not in SPACINGS:
+        raise ConfigError(f"must be leading, trailing or linspace, got {timestep_spacing!r}", field="timestep_spacing")
     for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, PEFT_WEIGHTS, TI_WEIGHTS)),
                            ("controlnet", controlnet, ("config.json",))):
         if d is not None and not Path(d).is_dir():
@@ -158,7 +167,8 @@ def render_images(items: list[EvalItem], variants: list[str], model_path: str, a
     cpus, gpus, pool = pool_size(len(rows))
     kwargs = dict(items=items, model_path=model_path, adapter=adapter, controlnet=controlnet,
                   steps=settings["steps"], guidance=settings["guidance"], resolution=settings["resolution"],
-                  lora_scale=settings["lora_scale"], batch_size=batch_size, threads=int(cpus))
+                  lora_scale=settings["lora_scale"], batch_size=batch_size, threads=int(cpus),
+                  timestep_spacing=settings.get("timestep_spacing"))
     ds = ray.data.from_items(rows).map_batches(
         Renderer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus, num_gpus=gpus)
@@ -176,16 +186,18 @@ def absolute(path: str | None) -> str | None:
 def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | None = None,
              controlnet: str | None = None, num: int | None = None, seed: int = 0, steps: int = 25,
              guidance: float = 5.0, resolution: int = 64, token: str | None = None, compare_base: bool = True,
-             lora_scale: float = 1.0, batch_size: int = 8, out_dir: str | Path | None = None) -> EvalResult:
+             lora_scale: float = 1.0, batch_size: int = 8, out_dir: str | Path | None = None,
+             timestep_spacing: str | None = None) -> EvalResult:
     """Render `suite` with the model (and adapter / ControlNet) and score it; write the report to `out_dir`.
 
     A Textual Inversion adapter's token replaces the concept's words in concept suites unless `token` says
-    otherwise. Raises ConfigError (bad option), ModelError / AdapterError (what cannot be loaded).
+    otherwise. `timestep_spacing` ("leading" | "trailing" | "linspace") respaces the model's scheduler (None:
+    as it is). Raises ConfigError (bad option), ModelError / AdapterError (what cannot be loaded).
     """
     from diffray.models.loading import resolve_model_path
 
     t0 = time.time()
-    base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size)
+    base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size, timestep_spacing)
     token = token if token is not None else (ti_token(adapter) if suite in CONCEPT_SUITES else None)
     check_suite(suite, num, token)
     if controlnet and suite != "controlnet":
@@ -195,7 +207,8 @@ def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | No
     kind = adapter_kind(adapter, controlnet)
     variants = (["base"] if compare_base or kind is None else []) + ([kind] if kind else [])
     settings = dict(model=base_ref, adapter=adapter, controlnet=controlnet, suite=suite, num=len(items), seed=seed,
-                    steps=steps, guidance=guidance, resolution=resolution, token=token, lora_scale=lora_scale)
+                    steps=steps, guidance=guidance, resolution=resolution, token=token, lora_scale=lora_scale,
+                    **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}))
     images = render_images(items, variants, absolute(resolve_model_path(base_ref)), absolute(adapter),
                            absolute(controlnet), settings, batch_size)
     result = score_rows(suite, settings, variants, items, images, time.time() - t0)
