@@ -24,14 +24,20 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
-ROW_NAMES = ("lora", "textual_inversion", "ti_control", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment", "tune",
-             "diffusion_dpo", "reward_model", "ddpo_learned")
+ROW_NAMES = ("lora", "textual_inversion", "ti_control", "dreambooth", "controlnet", "ddpo_jpeg", "ddpo_alignment",
+             "ddpo_alignment_explore", "tune", "diffusion_dpo", "reward_model", "ddpo_learned")
 ALIGNMENT_PROMPTS = 256  # prompts of the pretraining split DDPO samples for the alignment reward
 # Issue 19's preference rows: the base gets 98.8% of the protocol's prompts right (25 steps, guidance 5), so its
 # pairs are nearly all ties. At 2 steps without guidance (the scheduler's "leading" spacing: t = 501, then 1) it
 # gets 26.6%: the labeller's pairs are drawn, and the aligned models scored, there.
 FEW = {"steps": 2, "guidance": 1.0}
 FEW_LABEL = "2 steps, guidance 1"
+# DDPO explores through each step's noise, and at FEW's spacing both steps' sigma_t are tiny (0.04, 0.02): its policy
+# cannot move there. It samples, and is scored, at 2 "trailing" steps instead (from full noise: sigma_t 0.85, then
+# 0.03, that last step sampled but not trained), where the base gets 62.9% of the eval's prompts right.
+EXPLORE = {"steps": 2, "guidance": 1.0, "timestep_spacing": "trailing"}
+EXPLORE_LABEL = "2 trailing steps, guidance 1"
+DDPO_EXPLORE = ["ddpo.sample_steps=2", "ddpo.guidance=1.0", "ddpo.timestep_spacing=trailing", "ddpo.min_step_std=0.1"]
 PREFERENCE_NUM = 256  # eval prompts of the preference rows (2-step renders are cheap; 64 leave +-6 points of noise)
 
 
@@ -214,6 +220,19 @@ def row_ddpo_alignment(ctx: Context, key: str, label: str, extra: list[str]):
     return alignment_figures("DDPO, world_alignment" + label, result), grid_of(ctx, key, "prompts")
 
 
+def row_ddpo_alignment_explore(ctx: Context, key: str, label: str, extra: list[str]):
+    """configs/ddpo.yaml with the reader's reward where the base errs and DDPO can explore (EXPLORE), scored the
+    same way: issue 17's alignment floor (+10 points) where there is room for it."""
+    from diffray.world.figures import preference_figures
+
+    prompts = alignment_prompts(ctx.work / "alignment_prompts.txt")
+    art = train(ctx, key, "configs/ddpo.yaml", [
+        "ddpo.reward.name=world_alignment", f"ddpo.prompts_file={prompts}", *DDPO_EXPLORE] + extra)
+    few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **EXPLORE)
+    return (preference_figures("DDPO, world_alignment, " + EXPLORE_LABEL + label, few, None, EXPLORE_LABEL),
+            grid_of(ctx, key, "prompts"))
+
+
 def row_tune(ctx: Context, key: str, label: str, extra: list[str]):
     """configs/tune_lora.yaml's grid, every trial to the end (FIFO: a trial ASHA stops has no adapter to score,
     only its final checkpoint carries one): each trial's adapter on the prompts suite, against its val_loss."""
@@ -299,16 +318,18 @@ def row_reward_model(ctx: Context, key: str, label: str, extra: list[str]):
 
 
 def row_ddpo_learned(ctx: Context, key: str, label: str, extra: list[str]):
-    """configs/ddpo.yaml scored by the learned reward, sampling as the pairs were drawn (FEW), on the
-    alignment prompts."""
+    """configs/ddpo.yaml scored by the learned reward on the alignment prompts, sampled and scored where DDPO can
+    explore (EXPLORE): each prompt drawn in groups of 4 (the reward's per-prompt offsets cancel) and kl_coef 0.1
+    (the policy held near the base, where the reward model ranks images as the reader does)."""
     from diffray.world.figures import preference_figures
 
     reward, prompts = reward_artifact(ctx), alignment_prompts(ctx.work / "alignment_prompts.txt")
     art = train(ctx, key, "configs/ddpo.yaml", [
         "ddpo.reward.name=learned", f"ddpo.reward.options={{path: {reward}}}", f"ddpo.prompts_file={prompts}",
-        f"ddpo.sample_steps={FEW['steps']}", f"ddpo.guidance={FEW['guidance']}"] + extra)
-    few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **FEW)
-    return preference_figures("DDPO, learned reward" + label, few, None, FEW_LABEL, None), grid_of(ctx, key, "prompts")
+        *DDPO_EXPLORE, "ddpo.images_per_prompt=4", "ddpo.kl_coef=0.1"] + extra)
+    few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **EXPLORE)
+    return (preference_figures("DDPO, learned reward" + label, few, None, EXPLORE_LABEL, None),
+            grid_of(ctx, key, "prompts"))
 
 
 # Settings measured beside each shipped config (the investigation of a missed floor, rerun by `make eval`):
@@ -338,8 +359,20 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "diffusion_dpo": [
         ("dpo-beta5000", " (beta 5000: the paper's, the schema's default)", ["dpo.beta=5000"])],
     "ddpo_learned": [
-        ("ddpo-world-few", " (the world_alignment reward instead: the reader itself)", [
+        ("ddpo-learned-seed1", " (run.seed=1)", ["run.seed=1"]),
+        ("ddpo-learned-nokl", " (kl_coef 0: the policy finds what the reward model misjudges)", ["ddpo.kl_coef=0"]),
+        ("ddpo-learned-every-step", " (every step trained: min_step_std 0)", ["ddpo.min_step_std=0"]),
+        ("ddpo-learned-leading", " (sampled at FEW's leading 2 steps, every step trained: as before)", [
+            "ddpo.timestep_spacing=null", "ddpo.min_step_std=0"]),
+        ("ddpo-world-explore", " (the world_alignment reward instead: the reader itself)", [
             "ddpo.reward.name=world_alignment", "ddpo.reward.options={}"])],
+    "ddpo_alignment_explore": [
+        ("align-explore-seed1", " (run.seed=1)", ["run.seed=1"]),
+        ("align-explore-every-step", " (every step trained: min_step_std 0)", ["ddpo.min_step_std=0"]),
+        ("align-explore-40", " (40 epochs)", ["train.max_steps=40"]),
+        ("align-explore-80", " (80 epochs)", ["train.max_steps=80"]),
+        ("align-explore-g4-kl", " (groups of 4, kl_coef 0.1: the learned reward row's settings)", [
+            "ddpo.images_per_prompt=4", "ddpo.kl_coef=0.1"])],
     "ddpo_alignment": [
         ("align-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
@@ -347,7 +380,8 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
 
 ROWS: dict[str, Callable] = {"lora": row_lora, "textual_inversion": row_textual_inversion, "ti_control": row_ti_control,
                              "dreambooth": row_dreambooth, "controlnet": row_controlnet, "ddpo_jpeg": row_ddpo_jpeg,
-                             "ddpo_alignment": row_ddpo_alignment, "tune": row_tune,
+                             "ddpo_alignment": row_ddpo_alignment,
+                             "ddpo_alignment_explore": row_ddpo_alignment_explore, "tune": row_tune,
                              "diffusion_dpo": row_diffusion_dpo, "reward_model": row_reward_model,
                              "ddpo_learned": row_ddpo_learned}
 
@@ -409,8 +443,9 @@ def write_markdown(results: list[RowResult], out: Path, argv: list[str], total_s
              "Written by `make eval` (`" + " ".join(["python evals/methods.py"] + argv) + "`); "
              f"{total_s / 60:.1f} min on this machine{reuse}{scope}. Base model `builtin:tiny` (the pretrained world "
              "model), the shipped configs (overrides as listed), `diffray eval`'s protocol (stock "
-             "StableDiffusionPipeline, 25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0; the preference rows also at "
-             f"{FEW_LABEL}, where the base errs), the world reader scoring every image. "
+             "StableDiffusionPipeline, 25 steps, guidance 5, 64x64, seeded per prompt, suite seed 0; the preference rows "
+             f"also at {FEW_LABEL}, where the base errs, and the DDPO rows that align prompts at {EXPLORE_LABEL}, "
+             "where it errs and DDPO can explore), the world reader scoring every image. "
              "Reruns with the same seeds give the same figures up to the last bits of float sums "
              "(CPU thread scheduling).", ""] + table(results) + [""]
     for res in results:

@@ -61,7 +61,8 @@ def test_controlnet_row_writes_its_figures_table_and_grid(ray_cluster, tmp_path)
 
 def test_preference_rows_draw_their_pairs_once_and_score_at_few_steps(ray_cluster, tmp_path):
     """Issue 19's rows: the labeller's pairs are drawn at 2 steps without guidance, once (the reward model and DDPO
-    with it reuse the file and the reward run), and the aligned models are scored there."""
+    with it reuse the file and the reward run), and the aligned models are scored there; DDPO samples and is scored
+    at 2 trailing steps, where it can explore."""
     proc, out = run_evals(tmp_path, "diffusion_dpo,reward_model,ddpo_learned", 2)
     figures = {r["row"]: r for r in json.loads((tmp_path / "work" / "figures.json").read_text())}
     assert list(figures) == ["diffusion_dpo", "reward_model", "ddpo_learned"]
@@ -76,9 +77,14 @@ def test_preference_rows_draw_their_pairs_once_and_score_at_few_steps(ray_cluste
     assert dpo[0]["base"] == f"{report['tables']['base']['all']['accuracy']:.1%}"
     rm = figures["reward_model"]["figures"]
     assert len(rm) == 1 and rm[0]["floor"] == ">= 80%" and "held-out pairs" in rm[0]["name"]
-    assert figures["ddpo_learned"]["figures"][0]["floor"] == "rises >= 2 SE (paired)"
+    learned = figures["ddpo_learned"]["figures"]
+    assert learned[0]["floor"] == "rises >= 2 SE (paired)"
+    assert learned[0]["name"] == "held-out prompt accuracy, 2 trailing steps, guidance 1 (every field right)"
+    report = json.loads((tmp_path / "work" / "eval" / "ddpo_learned" / "prompts" / "results.json").read_text())
+    assert [report["settings"][k] for k in ("steps", "guidance", "timestep_spacing")] == [2, 1.0, "trailing"]
     text = out.read_text()
     assert "diffray data rank-pairs" in text and "--steps 2 --guidance 1.0" in text
+    assert "ddpo.timestep_spacing=trailing ddpo.min_step_std=0.1" in text and "--timestep-spacing trailing" in text
     assert "![reward_model]" not in text and "![ddpo_learned](img/ddpo_learned.png)" in text
 
 
