@@ -36,11 +36,13 @@ def test_base_model_suite_report(ray_cluster, tiny_model_path, tmp_path):
 def test_timestep_spacing_respaces_the_models_scheduler_as_stock_diffusers_does(ray_cluster, tiny_model_path):
     from diffusers import StableDiffusionPipeline
 
+    from diffray.world.report import format_table
     from diffray.world.suites import build_suite
 
     fast = dict(FAST, num=2)
     trailing = evaluate(model=tiny_model_path, suite="heldout", timestep_spacing="trailing", **fast)
     assert trailing.settings["timestep_spacing"] == "trailing"
+    assert "2 steps (trailing), guidance 5.0" in format_table(trailing).splitlines()[0]
     leading = evaluate(model=tiny_model_path, suite="heldout", **fast)
     assert "timestep_spacing" not in leading.settings
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)

@@ -125,9 +125,10 @@ def format_table(result: EvalResult) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     s = result.settings
+    spacing = f" ({s['timestep_spacing']})" if s.get("timestep_spacing") else ""
     head = (f"suite {result.suite} ({SUITES[result.suite]}): {s['num']} prompts x {len(result.variants)} "
-            f"variant(s), model {s['model']}, {s['steps']} steps, guidance {s['guidance']}, {s['resolution']}px, "
-            f"seed {s['seed']}, {result.wall_s:.1f}s")
+            f"variant(s), model {s['model']}, {s['steps']} steps{spacing}, guidance {s['guidance']}, "
+            f"{s['resolution']}px, seed {s['seed']}, {result.wall_s:.1f}s")
     return "\n".join([head, lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 

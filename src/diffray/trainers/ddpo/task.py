@@ -5,9 +5,9 @@ to the reward pool without waiting; gather every rank's (prompt, reward) so the 
 is the same on all ranks; then `inner_epochs` PPO passes over a random `timestep_fraction` of each
 sample's trained steps (those with sigma_t >= `min_step_std`) through the shared engine (DeepSpeed ZeRO or
 DDP), with `kl_coef` x each step's KL to the base model (the LoRA switched off) added to the loss when it is
-set. Everything around the epoch (resume,
-NaN stop, logging, grids, checkpoints, the LoRA artifact, Tune reports) is the shared loop's. The math
-is in `components.ddpo`, the rewards in `components.rewards`.
+set. Everything around the epoch (resume, NaN stop, logging, grids, checkpoints, the LoRA artifact, Tune
+reports) is the shared loop's. The math is in `components.ddpo` and `components.ddpo_steps`, the rewards in
+`components.rewards`.
 """
 
 from __future__ import annotations
