@@ -222,12 +222,14 @@ def row_ddpo_alignment(ctx: Context, key: str, label: str, extra: list[str]):
 
 def row_ddpo_alignment_explore(ctx: Context, key: str, label: str, extra: list[str]):
     """configs/ddpo.yaml with the reader's reward where the base errs and DDPO can explore (EXPLORE), scored the
-    same way: issue 17's alignment floor (+10 points) where there is room for it."""
+    same way: issue 17's alignment floor (+10 points) where there is room for it. Groups of 4 and kl_coef 0.1 as
+    the learned reward's row, 40 epochs."""
     from diffray.world.figures import preference_figures
 
     prompts = alignment_prompts(ctx.work / "alignment_prompts.txt")
     art = train(ctx, key, "configs/ddpo.yaml", [
-        "ddpo.reward.name=world_alignment", f"ddpo.prompts_file={prompts}", *DDPO_EXPLORE] + extra)
+        "ddpo.reward.name=world_alignment", f"ddpo.prompts_file={prompts}", *DDPO_EXPLORE,
+        "ddpo.images_per_prompt=4", "ddpo.kl_coef=0.1", "train.max_steps=40"] + extra)
     few = evaluate(ctx, key, "prompts", num=PREFERENCE_NUM, adapter=art, **EXPLORE)
     return (preference_figures("DDPO, world_alignment, " + EXPLORE_LABEL + label, few, None, EXPLORE_LABEL),
             grid_of(ctx, key, "prompts"))
@@ -367,12 +369,17 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("ddpo-world-explore", " (the world_alignment reward instead: the reader itself)", [
             "ddpo.reward.name=world_alignment", "ddpo.reward.options={}"])],
     "ddpo_alignment_explore": [
-        ("align-explore-seed1", " (run.seed=1)", ["run.seed=1"]),
-        ("align-explore-every-step", " (every step trained: min_step_std 0)", ["ddpo.min_step_std=0"]),
-        ("align-explore-40", " (40 epochs)", ["train.max_steps=40"]),
-        ("align-explore-80", " (80 epochs)", ["train.max_steps=80"]),
-        ("align-explore-g4-kl", " (groups of 4, kl_coef 0.1: the learned reward row's settings)", [
-            "ddpo.images_per_prompt=4", "ddpo.kl_coef=0.1"])],
+        ("align-explore-main-seed1", " (run.seed=1)", ["run.seed=1"]),
+        ("align-explore-g4-kl", " (20 epochs)", ["train.max_steps=20"]),
+        ("align-explore-plain", " (over the batch, no KL, 20 epochs: as first measured)", [
+            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20"]),
+        ("align-explore-seed1", " (over the batch, no KL, 20 epochs, run.seed=1)", [
+            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20", "run.seed=1"]),
+        ("align-explore-every-step", " (over the batch, no KL, 20 epochs, every step trained)", [
+            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20", "ddpo.min_step_std=0"]),
+        ("align-explore-40", " (over the batch, no KL, 40 epochs)", ["ddpo.images_per_prompt=1", "ddpo.kl_coef=0"]),
+        ("align-explore-80", " (over the batch, no KL, 80 epochs)", [
+            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=80"])],
     "ddpo_alignment": [
         ("align-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
