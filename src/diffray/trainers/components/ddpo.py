@@ -68,7 +68,10 @@ def ddim_scheduler(scheduler, timestep_spacing: str | None = None):
 def step_std(scheduler, timestep, eta: float) -> torch.Tensor:
     """sigma_t [B] (fp32) of the DDIM step x_t -> x_{t-1} at `timestep` (an int or [B]) after `set_timesteps`:
     eta times the DDPM posterior's std between the two timesteps."""
-    alpha_t, alpha_prev = _step_alphas(scheduler, timestep)
+    return _std(*_step_alphas(scheduler, timestep), eta)
+
+
+def _std(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
     return eta * ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).sqrt()
 
 
@@ -135,7 +138,7 @@ def step_mean_and_std(scheduler, model_output: torch.Tensor, timestep, sample: t
         raise ValueError("call scheduler.set_timesteps(steps) before ddim_step_with_logprob")
     t = torch.as_tensor(timestep).detach().to("cpu", torch.long).reshape(-1)
     alpha_t, alpha_prev = _step_alphas(scheduler, t)
-    std = step_std(scheduler, t, eta)
+    std = _std(alpha_t, alpha_prev, eta)
     if (std <= 0).any():
         raise ValueError(f"DDIM step at timestep(s) {t[std <= 0].tolist()} has zero variance (no log-probability); "
                          "use a scheduler with set_alpha_to_one=False")
