@@ -58,7 +58,7 @@ def test_artifact_round_trip_and_refusals(tmp_path):
         load_reward_model(tmp_path / "rm")
 
 
-def test_learned_reward_scores_with_the_base_models_vae_and_text_encoder(tmp_path):
+def test_learned_reward_scores_with_the_base_models_vae_and_text_encoder(tmp_path, caplog):
     from PIL import Image
 
     from diffray.trainers.components.rewards import get_reward
@@ -78,6 +78,13 @@ def test_learned_reward_scores_with_the_base_models_vae_and_text_encoder(tmp_pat
     assert scores[0] != scores[1]
     assert np.allclose(reward(np.stack([np.asarray(i) for i in images]), prompts), scores, atol=1e-5)
     assert isinstance(images[0], Image.Image)
+    assert not [r for r in caplog.records if "resized" in r.getMessage()]
+    # another resolution is scored resized, and said once
+    small = [im.resize((32, 32)) for im in images]
+    with caplog.at_level("WARNING", logger="diffray.models.reward"):
+        assert np.isfinite(reward(small, prompts)).all() and np.isfinite(reward(small, prompts)).all()
+    said = [r.getMessage() for r in caplog.records if "resized" in r.getMessage()]
+    assert len(said) == 1 and "64x64" in said[0] and "32x32" in said[0], said
     with pytest.raises(ConfigError, match="path"):
         get_reward("learned", path=str(tmp_path / "missing"))
     save_reward_model(tmp_path / "narrow", RewardNet(4, 32, 8, 2), 64, {"base_model": "builtin:tiny"})

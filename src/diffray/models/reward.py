@@ -16,11 +16,14 @@ Pure torch + diffusers/transformers; never imports ray.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 REWARD_WEIGHTS = "reward_model.safetensors"
 REWARD_CONFIG = "reward_config.json"
@@ -123,6 +126,7 @@ class LearnedReward:
                              f"{shape['text_dim']}-wide text states, {model_path} gives {vae.latent_channels} and "
                              f"{te.hidden_size} (trained on another base model?)")
         self.device = torch.device(device)
+        self.path, self.resized = str(path), False
         for m in (self.net, self.comps.vae, self.comps.text_encoder):
             m.to(self.device).eval().requires_grad_(False)
 
@@ -133,6 +137,11 @@ class LearnedReward:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         r = self.resolution
+        if not self.resized and (other := next((im.size for im in images if im.size != (r, r)), None)):
+            # scored off the distribution it was trained on: said once, not refused (a near size still ranks)
+            log.warning("%s was trained on %dx%d images; scoring %dx%d ones resized (bicubic)", self.path, r, r,
+                        *other)
+            self.resized = True
         pixels = np.stack([np.asarray(im.convert("RGB").resize((r, r), Image.Resampling.BICUBIC)
                                       if im.size != (r, r) else im.convert("RGB"), dtype=np.float32)
                            for im in images]) / 127.5 - 1.0
