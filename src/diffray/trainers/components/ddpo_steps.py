@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from diffray.trainers.components.ddpo import ddim_scheduler, step_std
+from diffray.trainers.components.ddpo import step_std
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,13 @@ def train_columns(trained: torch.Tensor, count: int, samples: int, generator: to
     return trained[torch.stack([torch.randperm(len(trained), generator=generator) for _ in range(samples)])[:, :count]]
 
 
-def sampled_steps(d, noise_scheduler) -> list[int]:
+def sampled_steps(d, scheduler) -> list[int]:
     """The indices of the sampling steps a `ddpo` config section `d` trains (`trained_steps` under its
-    `min_step_std`), from the model's noise scheduler; a ConfigError naming `ddpo.min_step_std` when none is
-    left. Logs a warning when every step's sigma_t is below 0.1: the policy can barely explore."""
+    `min_step_std`), from the DDIM `scheduler` it samples with (`ddim_scheduler` of the model's under
+    `d.timestep_spacing`; its timesteps are set to `d.sample_steps`); a ConfigError naming `ddpo.min_step_std`
+    when none is left. Logs a warning when every step's sigma_t is below 0.1: the policy can barely explore."""
     from diffray.errors import ConfigError
 
-    scheduler = ddim_scheduler(noise_scheduler, d.timestep_spacing)
     kept, stds = trained_steps(scheduler, d.sample_steps, d.eta, d.min_step_std)
     shown = ", ".join(f"{s:.3f}" for s in stds)
     if not kept:

@@ -150,9 +150,11 @@ def preflight(cfg: DDPOTrainConfig, model_path: str) -> None:
     if (Path(model_path) / "scheduler" / "scheduler_config.json").is_file():
         from diffusers import DDPMScheduler
 
+        from diffray.trainers.components.ddpo import ddim_scheduler
         from diffray.trainers.components.ddpo_steps import sampled_steps
 
-        sampled_steps(cfg.ddpo, DDPMScheduler.from_pretrained(model_path, subfolder="scheduler"))
+        noise = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler")
+        sampled_steps(cfg.ddpo, ddim_scheduler(noise, cfg.ddpo.timestep_spacing))
 
 
 def dataset_sources(cfg: DDPOTrainConfig, model_path: str) -> dict[str, DataSource]:

@@ -138,7 +138,7 @@ class DDPOTask:
             session.place_frozen(frozen, env)
         self.prompts = read_prompts(self.d.prompts, self.d.prompts_file, "ddpo.prompts_file")
         self.scheduler = ddim_scheduler(self.comps.noise_scheduler, self.d.timestep_spacing)
-        self.trained = torch.tensor(sampled_steps(self.d, self.comps.noise_scheduler))  # step indices to train
+        self.trained = torch.tensor(sampled_steps(self.d, self.scheduler))  # step indices to train
         unet, scale = self.comps.unet.config, 2 ** (len(self.comps.vae.config.block_out_channels) - 1)
         pixels = self.d.resolution or unet.sample_size * scale
         self.pixel_size = (pixels, pixels)  # SDXL's target-size conditioning
