@@ -353,11 +353,18 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "controlnet": [
         ("controlnet-all-t", " (every timestep, as before: train.timestep_range=null)", ["train.timestep_range=null"])],
     "ddpo_jpeg": [
-        ("ddpo-lr1e-2", " (lr 1e-2, 10 epochs: the config before)", ["optim.lr=1e-2", "train.max_steps=10",
-                                                                     "train.checkpoint_every=5", "train.validate_every=5"]),
-        ("ddpo-lr3e-3", " (lr 3e-3, 30 epochs)", ["optim.lr=3e-3", "train.max_steps=30"]),
-        ("ddpo-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
-            "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
+        ("ddpo-jpeg-seed1", " (run.seed=1)", ["run.seed=1"]),
+        ("ddpo-jpeg-kl05", " (kl_coef 0.05)", ["ddpo.kl_coef=0.05"]),
+        ("ddpo-jpeg-nokl", " (no KL: kl_coef 0)", ["ddpo.kl_coef=0"]),
+        ("ddpo-jpeg-nokl-e10", " (no KL, 10 epochs)", ["ddpo.kl_coef=0", "train.max_steps=10"]),
+        ("ddpo-jpeg-s10", " (10 sampling steps: trained down to t = 201)", ["ddpo.sample_steps=10"]),
+        ("ddpo-jpeg-every-step", " (every step trained, no KL: the config before)", [
+            "ddpo.min_step_std=0", "ddpo.kl_coef=0"]),
+        ("ddpo-lr3e-3", " (every step trained, no KL, lr 3e-3, 30 epochs)", [
+            "ddpo.min_step_std=0", "ddpo.kl_coef=0", "optim.lr=3e-3", "train.max_steps=30"]),
+        ("ddpo-cfg", " (every step trained, no KL, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
+            "ddpo.min_step_std=0", "ddpo.kl_coef=0", "train.max_steps=15", "ddpo.sample_steps=10",
+            "ddpo.guidance=5.0"])],
     "diffusion_dpo": [
         ("dpo-beta5000", " (beta 5000: the paper's, the schema's default)", ["dpo.beta=5000"])],
     "ddpo_learned": [
