@@ -7,7 +7,8 @@ EVALS.md (command, figures against their floors, wall times, one grid PNG per me
     .venv/bin/python evals/methods.py --smoke --out /tmp/EVALS.md --img-dir /tmp/img   # 2 steps, 4 prompts
 
 Rows train under --work-dir (default outputs/evals/runs); a rerun reuses finished runs of an unchanged config
-(remove the folder to start over). Runs on the cluster in RAY_ADDRESS, or a local one.
+(remove the folder to start over). The figures go to EVALS.json beside EVALS.md (beside --out), so a partial
+`--rows` rerun keeps the other rows as they were measured. Runs on the cluster in RAY_ADDRESS, or a local one.
 """
 
 from __future__ import annotations
@@ -421,13 +422,18 @@ def run_row(name: str, ctx: Context, img_dir: Path, variants: bool) -> RowResult
     return RowResult(name, figures, dest, time.time() - t0, list(ctx.commands), list(ctx.trainings))
 
 
-def earlier_results(work: Path, img_dir: Path, skip: list[str]) -> list[RowResult]:
-    """The rows of the work dir's last figures.json that are not rerun now: a partial `--rows` rerun keeps them in
-    EVALS.md as they were measured."""
+def record_path(out: Path) -> Path:
+    """The figures behind a markdown report, as JSON beside it (EVALS.json for EVALS.md, committed with it)."""
+    return out.with_suffix(".json")
+
+
+def earlier_results(record: Path, img_dir: Path, skip: list[str]) -> list[RowResult]:
+    """The rows of the last `record` (see `record_path`) that are not rerun now: a partial `--rows` rerun keeps
+    them in EVALS.md as they were measured, on a fresh clone too (the work dir is not needed)."""
     from diffray.world.figures import Figure
 
-    path, out = work / "figures.json", []
-    for r in json.loads(path.read_text()) if path.is_file() else []:
+    out = []
+    for r in json.loads(record.read_text()) if record.is_file() else []:
         if r["row"] in ROWS and r["row"] not in skip:
             grid = img_dir / f"{r['row']}.png"
             out.append(RowResult(r["row"], [Figure(**f) for f in r["figures"]], grid if grid.is_file() else None,
@@ -500,14 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure_cli(logs.verbose())  # as `diffray ...` does: Ray's, Tune's and DeepSpeed's output to log files
     connect_ray()
     ctx = Context(args.work_dir.resolve(), args.num or (4 if args.smoke else 64), args.smoke)
-    t0, results, kept = time.time(), [], earlier_results(ctx.work, args.img_dir, rows)
+    record = record_path(args.out)
+    t0, results, kept = time.time(), [], earlier_results(record, args.img_dir, rows)
     for name in rows:
         print(f"{name}:", flush=True)
         results.append(run_row(name, ctx, args.img_dir, not (args.smoke or args.no_variants)))
         every = sorted(kept + results, key=lambda r: ROW_NAMES.index(r.name))
         # a partial table survives a later failure
         write_markdown(every, args.out, argv, time.time() - t0, rows if kept else None)
-        (ctx.work / "figures.json").write_text(json.dumps(
+        record.write_text(json.dumps(
             [{"row": r.name, "wall_s": r.wall_s, "figures": [f.to_json() for f in r.figures],
               "trainings": r.trainings, "commands": r.commands} for r in every], indent=2) + "\n")
     print("\n".join(table(results)))

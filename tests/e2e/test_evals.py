@@ -35,10 +35,16 @@ def run_evals(tmp_path: Path, rows: str, num: int) -> tuple[subprocess.Completed
 
 
 def test_controlnet_row_writes_its_figures_table_and_grid(ray_cluster, tmp_path):
+    """A partial rerun keeps the other rows of the record beside the report (EVALS.json), as a fresh clone holds
+    it with no work dir: here a LoRA row measured before."""
+    kept = {"row": "lora", "wall_s": 600.0, "commands": ["diffray train configs/demo.yaml"], "trainings": [],
+            "figures": [{"row": "LoRA", "name": "star prompts: the star drawn (shape)", "base": "0.0%",
+                         "trained": "53.1%", "floor": "base <= 10%, trained >= 70%", "met": False}]}
+    (tmp_path / "EVALS.json").write_text(json.dumps([kept]))
     proc, out = run_evals(tmp_path, "controlnet", 2)
-    figures = json.loads((tmp_path / "work" / "figures.json").read_text())
-    assert [r["row"] for r in figures] == ["controlnet"]
-    figs = figures[0]["figures"]
+    figures = json.loads((tmp_path / "EVALS.json").read_text())
+    assert [r["row"] for r in figures] == ["lora", "controlnet"] and figures[0] == kept
+    figs = figures[1]["figures"]
     assert [f["name"] for f in figs] == ["edge F1, output vs held-out control map", "shape IoU with the control's shape",
                                         "the prompt's shape colour right"]
     report = json.loads((tmp_path / "work" / "eval" / "controlnet" / "controlnet" / "results.json").read_text())
@@ -51,6 +57,9 @@ def test_controlnet_row_writes_its_figures_table_and_grid(ray_cluster, tmp_path)
     text = out.read_text()
     for f in figs:  # one table row per figure, with its verdict
         assert f"| ControlNet (canny) | {f['name']} | {f['base']} | {f['trained']} |" in text
+    assert ("| LoRA | star prompts: the star drawn (shape) | 0.0% | 53.1% | base <= 10%, trained >= 70% | **no** |"
+            in text)
+    assert "for the rows controlnet; the other rows are as an earlier run measured them" in text
     assert "diffray train configs/controlnet.yaml" in text and "diffray eval --suite controlnet --num 2" in text
     assert "![controlnet](img/controlnet.png)" in text
     grid = Image.open(tmp_path / "img" / "controlnet.png")
@@ -64,7 +73,7 @@ def test_preference_rows_draw_their_pairs_once_and_score_at_few_steps(ray_cluste
     with it reuse the file and the reward run), and the aligned models are scored there; DDPO samples and is scored
     at 2 trailing steps, where it can explore."""
     proc, out = run_evals(tmp_path, "diffusion_dpo,reward_model,ddpo_learned", 2)
-    figures = {r["row"]: r for r in json.loads((tmp_path / "work" / "figures.json").read_text())}
+    figures = {r["row"]: r for r in json.loads((tmp_path / "EVALS.json").read_text())}
     assert list(figures) == ["diffusion_dpo", "reward_model", "ddpo_learned"]
     assert sorted(p.name for p in (tmp_path / "work").glob("pairs-*.parquet")) == [
         "pairs-held-seed2-16.parquet", "pairs-train-seed1-16.parquet"]
@@ -91,7 +100,7 @@ def test_preference_rows_draw_their_pairs_once_and_score_at_few_steps(ray_cluste
 @pytest.mark.eval
 def test_every_row_runs_at_smoke_size(ray_cluster, tmp_path):
     proc, out = run_evals(tmp_path, ",".join(ROW_NAMES), 2)
-    figures = json.loads((tmp_path / "work" / "figures.json").read_text())
+    figures = json.loads((tmp_path / "EVALS.json").read_text())
     assert [r["row"] for r in figures] == list(ROW_NAMES)
     assert all(r["figures"] for r in figures)
     text = out.read_text()
