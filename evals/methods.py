@@ -335,6 +335,10 @@ def row_ddpo_learned(ctx: Context, key: str, label: str, extra: list[str]):
             grid_of(ctx, key, "prompts"))
 
 
+# Override pairs several variants share (kept first, in this order, so the printed commands and run digests stay).
+PUBLISHED_DDPO = ["ddpo.min_step_std=0", "ddpo.kl_coef=0"]  # every sampled step trained, no KL: DDPO as published
+OVER_THE_BATCH = ["ddpo.images_per_prompt=1", "ddpo.kl_coef=0"]  # advantages over the batch, no KL: as first measured
+
 # Settings measured beside each shipped config (the investigation of a missed floor, rerun by `make eval`):
 # row -> [(key, label, overrides)]. Each trains its own run and is scored with the row's suites and figures.
 VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
@@ -359,12 +363,11 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("ddpo-jpeg-nokl", " (no KL: kl_coef 0)", ["ddpo.kl_coef=0"]),
         ("ddpo-jpeg-nokl-e10", " (no KL, 10 epochs)", ["ddpo.kl_coef=0", "train.max_steps=10"]),
         ("ddpo-jpeg-s10", " (10 sampling steps: trained down to t = 201)", ["ddpo.sample_steps=10"]),
-        ("ddpo-jpeg-every-step", " (every step trained, no KL: the config before)", [
-            "ddpo.min_step_std=0", "ddpo.kl_coef=0"]),
+        ("ddpo-jpeg-every-step", " (every step trained, no KL: the config before)", PUBLISHED_DDPO),
         ("ddpo-lr3e-3", " (every step trained, no KL, lr 3e-3, 30 epochs)", [
-            "ddpo.min_step_std=0", "ddpo.kl_coef=0", "optim.lr=3e-3", "train.max_steps=30"]),
+            *PUBLISHED_DDPO, "optim.lr=3e-3", "train.max_steps=30"]),
         ("ddpo-cfg", " (every step trained, no KL, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
-            "ddpo.min_step_std=0", "ddpo.kl_coef=0", "train.max_steps=15", "ddpo.sample_steps=10",
+            *PUBLISHED_DDPO, "train.max_steps=15", "ddpo.sample_steps=10",
             "ddpo.guidance=5.0"])],
     "diffusion_dpo": [
         ("dpo-beta5000", " (beta 5000: the paper's, the schema's default)", ["dpo.beta=5000"])],
@@ -380,14 +383,14 @@ VARIANTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("align-explore-main-seed1", " (run.seed=1)", ["run.seed=1"]),
         ("align-explore-g4-kl", " (20 epochs)", ["train.max_steps=20"]),
         ("align-explore-plain", " (over the batch, no KL, 20 epochs: as first measured)", [
-            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20"]),
+            *OVER_THE_BATCH, "train.max_steps=20"]),
         ("align-explore-seed1", " (over the batch, no KL, 20 epochs, run.seed=1)", [
-            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20", "run.seed=1"]),
+            *OVER_THE_BATCH, "train.max_steps=20", "run.seed=1"]),
         ("align-explore-every-step", " (over the batch, no KL, 20 epochs, every step trained)", [
-            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=20", "ddpo.min_step_std=0"]),
-        ("align-explore-40", " (over the batch, no KL, 40 epochs)", ["ddpo.images_per_prompt=1", "ddpo.kl_coef=0"]),
+            *OVER_THE_BATCH, "train.max_steps=20", "ddpo.min_step_std=0"]),
+        ("align-explore-40", " (over the batch, no KL, 40 epochs)", OVER_THE_BATCH),
         ("align-explore-80", " (over the batch, no KL, 80 epochs)", [
-            "ddpo.images_per_prompt=1", "ddpo.kl_coef=0", "train.max_steps=80"])],
+            *OVER_THE_BATCH, "train.max_steps=80"])],
     "ddpo_alignment": [
         ("align-cfg", " (lr 1e-3, 15 epochs sampled as evaluated: 10 steps, guidance 5)", [
             "optim.lr=1e-3", "train.max_steps=15", "ddpo.sample_steps=10", "ddpo.guidance=5.0"])],
