@@ -129,6 +129,7 @@ def unet_shift(model_path: str, artifact: str) -> float:
         return float((pipe.unet(latents, t, encoder_hidden_states=hidden).sample - base).abs().mean())
 
 
+@pytest.mark.slow  # ~1 min: in CI's slow suite, which keeps the default suite under its 20 minutes
 def test_kl_to_the_base_holds_the_policy_near_it(ray_cluster, runs_root, tiny_model_path):
     """`ddpo.kl_coef`: the same run as the JPEG test's but for the KL term moves the UNet a fraction as far, and
     logs the KL (0 before the first update, then positive) every epoch."""
