@@ -2,7 +2,7 @@
 config on the pretrained `builtin:tiny`, score base vs trained with `diffray eval`, print the table and write
 EVALS.md (command, figures against their floors, wall times, one grid PNG per method).
 
-    .venv/bin/python evals/methods.py                      # every row (what `make eval` runs), ~1 h on 2 CPUs
+    .venv/bin/python evals/methods.py                      # every row (what `make eval` runs), ~85 min on 2 CPUs
     .venv/bin/python evals/methods.py --rows lora,controlnet
     .venv/bin/python evals/methods.py --smoke --out /tmp/EVALS.md --img-dir /tmp/img   # 2 steps, 4 prompts
 
@@ -75,6 +75,16 @@ def base_identity(model_path: str) -> str:
     return card.read_text() if card.is_file() else str(model_path)
 
 
+def run_digest(ctx: Context, cfg) -> str:
+    """A run's name tag: the resolved job and its base model's card, so a changed config (or code default) or a
+    retrained base trains afresh and an unchanged one is reused. Paths under the work dir and the repository are
+    written relative, so every clone names the same job alike (EVALS.md's run names hold on any machine)."""
+    job = json.dumps({"config": cfg.model_dump(mode="json"), "base": base_identity(cfg.model.path)}, sort_keys=True)
+    for root, tag in ((ctx.work.resolve(), "<work>"), (ctx.work, "<work>"), (REPO, "<repo>")):
+        job = job.replace(str(root), tag)
+    return hashlib.sha256(job.encode()).hexdigest()[:8]
+
+
 def train(ctx: Context, name: str, config: str, overrides: list[str]):
     """`diffray train CONFIG overrides` into the work dir (a finished run of that name is reused)."""
     from diffray.methods import load_config
@@ -84,11 +94,7 @@ def train(ctx: Context, name: str, config: str, overrides: list[str]):
     if ctx.smoke:
         overrides += SMOKE.get(load_config(REPO / config, overrides).method, SMOKE_STEPS)
     cfg = load_config(REPO / config, overrides)
-    # named after the resolved job and its base model's card: a changed config (or code default) or a retrained
-    # base trains afresh, an unchanged one is reused
-    job = {"config": cfg.model_dump(mode="json"), "base": base_identity(cfg.model.path)}
-    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:8]
-    overrides.append(f"run.name=eval-{name}-{digest}")
+    overrides.append(f"run.name=eval-{name}-{run_digest(ctx, cfg)}")
     cfg = load_config(REPO / config, overrides)
     visible = [o for o in overrides if not o.startswith("train.progress_bar=")]
     ctx.commands.append(shown(f"diffray train {config} " + " ".join(shlex.quote(o) for o in visible)))
