@@ -50,8 +50,8 @@ test-eval: setup
 	$(BIN)/python -m pytest tests -m "eval and not gpu" --durations=10 $(PYTEST_ARGS)
 
 # Every method's quality figure on the tiny world (evals/methods.py): trains each shipped config on builtin:tiny,
-# scores base vs trained with `diffray eval`, writes EVALS.md, EVALS.json and docs/img/evals/*.png. About 1 h on 2 CPUs;
-# not in CI (CI runs one row at smoke size). A rerun reuses finished runs (outputs/evals/runs).
+# scores base vs trained with `diffray eval`, writes EVALS.md, EVALS.json and docs/img/evals/*.png. About 85 min
+# on 2 CPUs; not in CI (CI runs one row at smoke size). A rerun reuses finished runs (outputs/evals/runs).
 eval: setup
 	$(BIN)/python evals/methods.py
 

@@ -2,7 +2,7 @@
 1 worker (DDP strategy and DeepSpeed ZeRO-2), same tiny model, data, batch and thread count, measured
 side by side in one run. Start-up (cluster, worker group, first steps) is excluded.
 
-    .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 2] [--batch-sizes 4 16]
+    .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 3] [--batch-sizes 4 16]
         [--threads 2] [--sched]
 
 Prints a table and writes benchmarks/results/train_overhead.json. `--sched` also samples every thread on the
@@ -135,7 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of the three variants")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the three variants, "
+                    "each round in another order")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16], help="micro-batch sizes to measure")
     ap.add_argument("--num-images", type=int, default=512, help="sample-set size (epoch length)")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (and the worker's CPUs)")
@@ -154,12 +155,17 @@ def main() -> None:
         samples: dict[str, list[float]] = {"plain": [], "ray_ddp": [], "ray_zero2": []}
         waits: dict[str, list[float]] = {k: [] for k in samples}
         sched: dict[str, list[dict]] = {k: [] for k in samples}
+        per_round: dict[str, list[float]] = {k: [] for k in samples}
+        variants = (("plain", "ddp"), ("ray_ddp", "ddp"), ("ray_zero2", "deepspeed"))
         for r in range(args.rounds):
             cut = args.warmup
-            for k, strategy in (("plain", "ddp"), ("ray_ddp", "ddp"), ("ray_zero2", "deepspeed")):
+            # each round starts one variant later (a Latin square over 3 rounds): the machine's speed drifts by
+            # 10-20% within seconds here, and a fixed order would tie each variant to one place in every round
+            for k, strategy in variants[r % 3:] + variants[:r % 3]:
                 cfg = make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data)
                 times, data_waits, ends = plain_loop(cfg, args.steps) if k == "plain" else ray_loop(cfg)
                 samples[k] += times[cut:]
+                per_round[k].append(1000 * statistics.median(times[cut:]))
                 waits[k] += data_waits[cut:]
                 if sampler is not None and len(ends) > cut + 1:  # steps cut+1.. end, as measured
                     sched[k].append(sampler.window(ends[cut], ends[-1], len(ends) - cut - 1))
@@ -169,6 +175,7 @@ def main() -> None:
                                     "mean_step_ms": 1000 * statistics.mean(v),
                                     "median_data_ms": 1000 * statistics.median(waits[k]),
                                     "ratio_vs_plain": statistics.median(v) / base, "steps_measured": len(v),
+                                    "round_median_ms": per_round[k],
                                     **({"sched": sched[k]} if sched[k] else {})}
                                 for k, v in samples.items()}
     ray.shutdown()

@@ -2,9 +2,11 @@
 engine (torch AdamW and clipping), ZeRO-2 with contiguous gradient buckets (DeepSpeed's usual layout, and
 diffray's before adapters got their own) and ZeRO-2 with the gradients in place (diffray's layout for
 trainable sets up to `zero.SMALL_GRADIENTS` elements), on a one-rank gloo group as Ray Train sets up for one
-worker. Same tiny model, batch and seed for all three; the variants run interleaved.
+worker. Same tiny model, batch and seed for all three; the variants run interleaved. With `--in-ray-task` the
+same runs in a Ray task: a worker process, at Ray's worker priority (niceness 15, `RAY_worker_niceness`) beside
+Ray's own processes at 0, as Ray Train's worker runs.
 
-    .venv/bin/python benchmarks/zero_step.py [--steps 30] [--rounds 4] [--batch 4] [--threads 1]
+    .venv/bin/python benchmarks/zero_step.py [--steps 30] [--rounds 4] [--batch 4] [--threads 1] [--in-ray-task]
 
 Prints the median step (forward, backward, optimizer) per variant and writes benchmarks/results/zero_step.json.
 """
@@ -21,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 import torch.distributed as dist
 
@@ -50,11 +53,33 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no core shared with the rest)")
     ap.add_argument("--num-images", type=int, default=64)
+    ap.add_argument("--in-ray-task", action="store_true",
+                    help="measure in a Ray task (a worker process, at Ray's worker priority, as Ray Train's worker "
+                         "runs) instead of in this process")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "zero_step.json"))
     args = ap.parse_args()
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
+    init_ray(num_cpus=2 + args.threads if args.in_ray_task else 2)  # Ray Data reads the sample set
+    if args.in_ray_task:
+        path = os.pathsep.join(x for x in (str(REPO / "benchmarks"), os.environ.get("PYTHONPATH")) if x)
+        env = {"DIFFRAY_CACHE": os.environ["DIFFRAY_CACHE"], "PYTHONPATH": path}
+        record = ray.get(ray.remote(num_cpus=args.threads, runtime_env={"env_vars": env})(measure).remote(args))
+    else:
+        record = measure(args)
+    print(f"LoRA: {record['trainable_elements']} trainable elements in {record['trainable_tensors']} tensors; "
+          f"batch {args.batch}, {args.threads} thread(s), niceness {record['niceness']}")
+    print(f"{'variant':<18}{'median step (ms)':>18}{'over DDP (ms)':>15}{'ratio vs DDP':>14}")
+    for name, row in record["results"].items():
+        print(f"{name:<18}{row['median_step_ms']:>18.2f}{row['over_ddp_ms']:>15.2f}{row['ratio_vs_ddp']:>14.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), **record, "torch": torch.__version__}, indent=2))
+    print(f"wrote {out}")
+
+
+def measure(args) -> dict:
+    """The three engines stepped interleaved in this process; returns the record main() prints and writes."""
     torch.set_num_threads(args.threads)
-    init_ray(num_cpus=2)  # Ray Data reads the sample set
     os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
     store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -95,19 +120,13 @@ def main() -> None:
         for name in times:
             times[name] += [step(name, 3 + r * args.steps + i) for i in range(args.steps)]
     base = statistics.median(times["ddp"])
-    results = {name: {"median_step_ms": 1000 * statistics.median(v), "over_ddp_ms": 1000 * (statistics.median(v) - base),
-                      "ratio_vs_ddp": statistics.median(v) / base, "steps_measured": len(v)} for name, v in times.items()}
+    results = {name: {"median_step_ms": 1000 * statistics.median(v),
+                      "over_ddp_ms": 1000 * (statistics.median(v) - base),
+                      "ratio_vs_ddp": statistics.median(v) / base, "steps_measured": len(v)}
+               for name, v in times.items()}
     dist.destroy_process_group()
     _, _, trainable, tensors = runs["zero2_in_place"]
-    print(f"LoRA: {trainable} trainable elements in {tensors} tensors; batch {args.batch}, {args.threads} thread(s)")
-    print(f"{'variant':<18}{'median step (ms)':>18}{'over DDP (ms)':>15}{'ratio vs DDP':>14}")
-    for name, row in results.items():
-        print(f"{name:<18}{row['median_step_ms']:>18.2f}{row['over_ddp_ms']:>15.2f}{row['ratio_vs_ddp']:>14.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "trainable_elements": trainable, "trainable_tensors": tensors,
-                               "results": results, "torch": torch.__version__}, indent=2))
-    print(f"wrote {out}")
+    return {"trainable_elements": trainable, "trainable_tensors": tensors, "niceness": os.nice(0), "results": results}
 
 
 if __name__ == "__main__":

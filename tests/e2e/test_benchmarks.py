@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
-    "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8"],
+    "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8", "--in-ray-task"],  # the task runs `measure`
     "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
     "hotswap": ["--backend", "aot_eager", "--loras", "2", "--repeats", "1", "--steps", "2"],
     "memory": [],  # parameter counts on the meta device: the whole script, a few seconds
