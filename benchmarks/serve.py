@@ -1,11 +1,11 @@
 """Serving overheads on the tiny model, side by side in one run:
 
 1. latency p50/p99 of a direct pipeline call (the same `ImageEngine.run` a replica does: pipeline +
-   PNG encoding) vs the same request through Serve over HTTP, one at a time, rounds interleaved; steps
-   chosen so one generation takes >= 50 ms. Served by the two deployments (proxy -> Ingress -> Generator)
-   and by one (`generator.in_ingress`: proxy -> Ingress, which draws), each from a client that opens a
-   connection per request (urllib) and from one that keeps its connection open (as requests.Session,
-   httpx and the openai SDK do);
+   PNG encoding) vs the same request through Serve over HTTP, one at a time, the variants taking turns
+   request by request; steps chosen so one generation takes >= 50 ms. Served by the two deployments
+   (proxy -> Ingress -> Generator) and by one (`generator.in_ingress`: proxy -> Ingress, which draws), each
+   from a client that opens a connection per request (urllib) and from one that keeps its connection open
+   (as requests.Session, httpx and the openai SDK do);
 2. throughput at concurrency 8 with dynamic batching on vs off (two apps, one Generator replica each,
    rounds interleaved);
 3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline;
@@ -259,16 +259,22 @@ def main() -> None:
 
     direct, timed, healthz, tput = [], [], [], {"on": [], "off": [], "mix": [], "sep": []}
     lats = {"two_new": [], "two_keep": [], "one_new": [], "one_keep": []}  # the latency variants' (wall, timing)
+    order = ("direct", "two_new", "one_new", "two_keep", "one_keep")
     for r in range(args.rounds):
-        for _ in range(args.requests):
-            t0 = time.perf_counter()
-            engine.run([job])
-            direct.append(time.perf_counter() - t0)
-        order = ("two_new", "one_new", "two_keep", "one_keep")
-        for variant in (order if r % 2 == 0 else order[::-1]):
-            path = f"/{'off' if variant.startswith('two') else 'one'}/v1/generate"
-            send = keep.post_timed if variant.endswith("keep") else (lambda p, b: post_timed(base + p, b))
-            lats[variant] += [send(path, body) for _ in range(args.requests)]
+        # the latency variants take turns request by request, each turn starting one variant later: this VM's
+        # speed drifts by 10-20% within seconds (BENCHMARKS.md), so blocks of one variant at a time compared
+        # different speeds
+        for i in range(args.requests):
+            k = (r * args.requests + i) % len(order)
+            for variant in order[k:] + order[:k]:
+                if variant == "direct":
+                    t0 = time.perf_counter()
+                    engine.run([job])
+                    direct.append(time.perf_counter() - t0)
+                    continue
+                path = f"/{'off' if variant.startswith('two') else 'one'}/v1/generate"
+                lats[variant].append(keep.post_timed(path, body) if variant.endswith("keep")
+                                     else post_timed(base + path, body))
         timed = lats["two_new"]
         healthz += [get(f"{base}/off/healthz") for _ in range(args.requests)]
         served = [w for w, _ in timed]
