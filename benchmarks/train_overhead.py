@@ -3,12 +3,18 @@
 side by side in one run. Start-up (cluster, worker group, first steps) is excluded.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 3] [--batch-sizes 4 16]
-        [--threads 2] [--sched]
+        [--threads 2] [--sched] [--paired]
 
 Prints a table and writes benchmarks/results/train_overhead.json. `--sched` also samples every thread on the
 machine (Linux /proc) and reports, per variant's measured steps: how often the two busiest threads (the
 training thread and torch's other intra-op thread) were preempted per step, the cores they got, and how
 often threads machine-wide went to sleep and woke (the other processes' wakeups that preempt them).
+
+`--paired` (writes train_overhead_paired.json) runs each Ray variant with a plain loop of its own taking turns
+step by step: before each step the worker waits (the `DIFFRAY_HOOKS` plugin `paired_hooks.py`, outside its
+timed step) while this process runs one plain step. Each pair then sees the machine at the same speed, which
+on a VM drifts by 10-20% within seconds; Ray's other processes (controller, Ray Data's coordinators) run
+during both turns, so this ratio is the cost inside the worker's step, not that of the processes beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import atexit
 import json
 import os
+import select
 import shutil
 import statistics
 import tempfile
@@ -88,9 +95,9 @@ def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, dat
         "strategy.zero_stage=2", "failure.max_failures=0"])
 
 
-def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
+def plain_steps(cfg):
     """The same model, loss and data stream (shuffle buffer included) with a bare torch AdamW loop in this
-    process. Returns step times, data waits and each step's end (time.time())."""
+    process: yields each step's time, data wait and end (time.time())."""
     torch.set_num_threads(THREADS)
     model_path = resolve_model_path(cfg.model.path)
     task = LoraTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
@@ -106,19 +113,80 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
             yield from ds.iter_torch_batches(batch_size=cfg.train.micro_batch_size, drop_last=True, **shuffle)
             epoch += 1
 
-    it, times, waits, ends = batches(), [], [], []
-    for step in range(1, steps + 1):
+    it, step = batches(), 0
+    while True:
+        step += 1
         t0 = time.perf_counter()
         batch = next(it)
-        waits.append(time.perf_counter() - t0)
+        wait = time.perf_counter() - t0
         loss = task.losses(task.module, batch, step).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        ends.append(time.time())
-    return times, waits, ends
+        yield time.perf_counter() - t0, wait, time.time()
+
+
+def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
+    """`steps` steps of `plain_steps`: their times, data waits and ends."""
+    rows = [row for row, _ in zip(plain_steps(cfg), range(steps))]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def taking_turns(ray_cfg, plain_cfg, steps: int, pair_dir: Path) -> tuple[tuple[list, list, list], list[float]]:
+    """A Ray Train run and the plain loop taking turns step by step (`--paired`): before each of its steps the
+    worker waits (`paired_hooks.py`, outside its timed step) while a thread of this process runs one plain
+    step, so each pair of steps sees the machine at the same speed. Returns the Ray run's (times, waits, ends)
+    and the plain steps' times."""
+    os.mkfifo(pair_dir / "ready")
+    os.mkfifo(pair_dir / "go")
+    os.environ.update(DIFFRAY_HOOKS=str(REPO / "benchmarks" / "paired_hooks.py"), DIFFRAY_HOOK_PAIR_DIR=str(pair_dir))
+    plain: list[float] = []
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def turns():
+        ready = os.open(pair_dir / "ready", os.O_RDONLY | os.O_NONBLOCK)
+        go, buffer = None, b""
+        try:
+            stepper = plain_steps(plain_cfg)
+            for _ in range(steps):
+                while b"\n" not in buffer:  # the worker's "ready for step s"
+                    if done.is_set():
+                        return
+                    if select.select([ready], [], [], 0.5)[0]:
+                        buffer += os.read(ready, 64)
+                buffer = buffer[buffer.index(b"\n") + 1:]
+                plain.append(next(stepper)[0])
+                if go is None:
+                    go = open(pair_dir / "go", "w", buffering=1)
+                go.write("go\n")
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+            failed.append(exc)
+            if go is None:  # let a worker blocked on opening `go` see it closed (its hook then raises)
+                deadline = time.time() + 10
+                while go is None and time.time() < deadline:
+                    try:
+                        go = os.fdopen(os.open(pair_dir / "go", os.O_WRONLY | os.O_NONBLOCK), "w")
+                    except OSError:
+                        time.sleep(0.1)
+        finally:
+            os.close(ready)
+            if go is not None:
+                go.close()
+
+    thread = threading.Thread(target=turns, name="plain-turns", daemon=True)
+    thread.start()
+    try:
+        ray_result = ray_loop(ray_cfg)
+    finally:
+        done.set()
+        thread.join(timeout=60)
+        for name in ("DIFFRAY_HOOKS", "DIFFRAY_HOOK_PAIR_DIR"):
+            os.environ.pop(name, None)
+    if failed:
+        raise failed[0]
+    return ray_result, plain
 
 
 def ray_loop(cfg) -> tuple[list[float], list[float], list[float]]:
@@ -141,8 +209,11 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=512, help="sample-set size (epoch length)")
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (and the worker's CPUs)")
     ap.add_argument("--sched", action="store_true", help="sample every thread's preemptions and wakeups (/proc)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_overhead.json"))
+    ap.add_argument("--paired", action="store_true", help="each Ray run and a plain loop take turns step by step")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/train_overhead[_paired].json")
     args = ap.parse_args()
+    args.out = args.out or str(REPO / "benchmarks" / "results" /
+                               ("train_overhead_paired.json" if args.paired else "train_overhead.json"))
     THREADS = args.threads
     sampler = SchedSampler() if args.sched else None
     os.environ.setdefault("DIFFRAY_CACHE", str(REPO / ".cache" / "diffray"))
@@ -150,6 +221,8 @@ def main() -> None:
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)  # nothing left in /tmp
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")
+    if args.paired:
+        return paired_main(args, storage, data)
     results = {}
     for b in args.batch_sizes:
         samples: dict[str, list[float]] = {"plain": [], "ray_ddp": [], "ray_zero2": []}
@@ -197,6 +270,44 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "results": results,
+                               "torch": torch.__version__, "ray": ray.__version__}, indent=2))
+    print(f"wrote {out}")
+
+
+def paired_main(args, storage: str, data: str) -> None:
+    """`--paired`: Ray + DDP and Ray + ZeRO-2, each run taking turns step by step with a plain loop of its own
+    (`taking_turns`); the ratio is the Ray steps' median over the paired plain steps' median, and the median
+    of the per-pair ratios (Ray step s over the plain step just before it)."""
+    results = {}
+    for b in args.batch_sizes:
+        ray_times: dict[str, list[float]] = {"ray_ddp": [], "ray_zero2": []}
+        plain_times: dict[str, list[float]] = {k: [] for k in ray_times}
+        variants = (("ray_ddp", "ddp"), ("ray_zero2", "deepspeed"))
+        for r in range(args.rounds):
+            for k, strategy in variants[r % 2:] + variants[:r % 2]:
+                pair_dir = Path(tempfile.mkdtemp(dir=storage))
+                (times, _, _), plain = taking_turns(make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data),
+                                                    make_cfg(storage, f"plain-{k}{b}-{r}", args.steps, "ddp", b, data),
+                                                    args.steps, pair_dir)
+                ray_times[k] += times[args.warmup:]
+                plain_times[k] += plain[args.warmup:len(times)]
+        results[f"batch{b}"] = {
+            k: {"median_step_ms": 1000 * statistics.median(v),
+                "plain_median_step_ms": 1000 * statistics.median(plain_times[k]),
+                "ratio_vs_plain": statistics.median(v) / statistics.median(plain_times[k]),
+                "pair_ratio_median": statistics.median(x / y for x, y in zip(v, plain_times[k])),
+                "steps_measured": len(v)}
+            for k, v in ray_times.items()}
+    ray.shutdown()
+    print(f"{'batch':<7}{'variant':<12}{'Ray step (ms)':>15}{'plain step (ms)':>17}{'ratio':>8}{'pair ratio':>12}"
+          f"{'steps':>7}")
+    for b, rows in results.items():
+        for k, row in rows.items():
+            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>15.2f}{row['plain_median_step_ms']:>17.2f}"
+                  f"{row['ratio_vs_plain']:>8.3f}{row['pair_ratio_median']:>12.3f}{row['steps_measured']:>7}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "paired": True, "results": results,
                                "torch": torch.__version__, "ray": ray.__version__}, indent=2))
     print(f"wrote {out}")
 

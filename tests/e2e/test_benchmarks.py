@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
+    # a Ray run and the plain loop taking turns step by step through benchmarks/paired_hooks.py
+    "train_overhead --paired": ["--paired", "--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4",
+                                "--num-images", "16"],
     "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8", "--in-ray-task"],  # the task runs `measure`
     "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
     "hotswap": ["--backend", "aot_eager", "--loras", "2", "--repeats", "1", "--steps", "2"],
@@ -47,8 +50,9 @@ def test_benchmark_runs_at_toy_size(name, tmp_path, request):
 
         request.getfixturevalue("ray_cluster")
         address = ray.get_runtime_context().gcs_address
-    out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *TOY[name], "--out", str(out)],
+    script = name.split()[0]
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *TOY[name], "--out", str(out)],
                           cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
