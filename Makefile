@@ -57,6 +57,7 @@ eval: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/train_overhead.py --paired
 	$(BIN)/python benchmarks/zero_step.py
 	$(BIN)/python benchmarks/hotswap.py
 	$(BIN)/python benchmarks/latent_cache.py
