@@ -212,6 +212,8 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true", help="each Ray run and a plain loop take turns step by step")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train_overhead[_paired].json")
     args = ap.parse_args()
+    if args.sched and args.paired:
+        ap.error("--sched samples the unpaired runs only; run it without --paired")
     args.out = args.out or str(REPO / "benchmarks" / "results" /
                                ("train_overhead_paired.json" if args.paired else "train_overhead.json"))
     THREADS = args.threads
