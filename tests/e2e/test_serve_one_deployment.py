@@ -6,8 +6,9 @@ must give the same pixels from both.
 Covers: base / n=2 / LoRA / two LoRAs / TI images equal to the two-deployment app's, the Server-Timing
 parts, `/v1/status` naming the Ingress's replicas and their resident adapters, the Generator's limits
 (503 with Retry-After beyond `max_ongoing_requests` + `max_queued_requests`), a timeout and a client that
-goes away each abandoning the generation at the next sampler step, and the config error for a setting
-the one deployment has no use for.
+goes away each abandoning the generation at the next sampler step, the config error for a setting the
+one deployment has no use for, and (a third app of two replicas) Serve's proxy routing a request that names
+its adapter set in the `serve_multiplexed_model_id` header to the replica that holds it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from diffray.errors import ConfigError
 
 pytestmark = [pytest.mark.e2e]
 
-ONE, TWO = "diffray-one", "diffray-two"
+ONE, TWO, ROUTED = "diffray-one", "diffray-two", "diffray-routed"
 G = "/v1/generate"
 LONG = {"prompt": "a long one", "width": 256, "height": 256, "steps": 900, "seed": 1}
 
@@ -52,6 +53,23 @@ def servers(ray_cluster, tiny_model_path, tmp_path_factory):
     serve.delete(ONE)
     serve.delete(TWO)
     serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def routed(servers):
+    """A third app on the same Serve instance: one deployment of two replicas."""
+    from ray import serve
+
+    from diffray.serve.app import build_app
+
+    one, _ = servers
+    args = app_args(one.registry, one.registry.parent / "fb-routed.db",
+                    generator={"num_replicas": 2, "num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 2,
+                               "max_adapters_per_replica": 3, "in_ingress": True})
+    del args["ingress"]
+    serve.run(build_app(args), name=ROUTED, route_prefix="/routed")
+    yield Server(one.url.removesuffix("/one") + "/routed", one.registry)
+    serve.delete(ROUTED)
 
 
 def _info() -> dict:
@@ -168,3 +186,24 @@ def test_an_ingress_setting_the_one_deployment_does_not_use_is_refused(tmp_path,
 
     with pytest.raises(ConfigError, match=field):
         build_app({"adapters_dir": str(tmp_path), "generator": {"in_ingress": True}, "ingress": ingress})
+
+
+def test_a_request_naming_its_adapters_in_the_header_goes_to_the_replica_holding_them(routed):
+    """With one deployment each replica's adapter sets are its multiplexed models, so Serve's proxy routes on
+    the `serve_multiplexed_model_id` header (the adapter ids, sorted, joined by '+') as a handle call to the
+    Generator would: a request naming `lora-a` there goes to the replica that loaded `lora-a`."""
+    body = {"prompt": "a red circle", "adapter": "lora-a", "steps": 1}
+
+    def answered_by(headers: dict) -> str:
+        status, js, h = routed.call("POST", G, body, headers=headers)
+        assert status == 200, js
+        return h["x-diffray-replica"]
+
+    named = {"serve_multiplexed_model_id": "lora-a"}
+    holder = answered_by(named)  # lora-a loads on one of the two replicas
+    # that replica reports its models to Serve's controller, which passes them on to the proxy
+    wait_until(lambda: all(answered_by(named) == holder for _ in range(4)),
+               "the proxy to send requests for lora-a to the replica that holds it", timeout=60)
+    assert {answered_by(named) for _ in range(16)} == {holder}  # by chance: 1 in 2**16
+    # the header's dash spelling (what HTTP clients that refuse underscores send) routes the same
+    assert {answered_by({"serve-multiplexed-model-id": "lora-a"}) for _ in range(8)} == {holder}

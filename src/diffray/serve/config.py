@@ -104,7 +104,8 @@ class GeneratorSection(Section, Accelerator):
     in_ingress: bool = Field(False, description="Run the pipeline in the Ingress's own replicas: one deployment, "
                              "so a request skips the Ingress -> Generator actor call (a few ms each, BENCHMARKS.md). "
                              "The Ingress then takes this section's replicas or autoscaling, resources and limits; "
-                             "an adapter set loads on whichever replica takes the request (no routing by adapter); "
+                             "Serve's proxy routes by adapter set only a request that names its set in the "
+                             "serve_multiplexed_model_id header, others load theirs on whichever replica takes them; "
                              "/v1/status lists the Ingress's replicas.")
     hotswap: Hotswap | None = Field(None, description="With compile: every LoRA is served through one LoRA slot "
                                     "of the compiled UNet/transformer whose weights are replaced in place, so a new "
