@@ -1,6 +1,6 @@
 """A `DIFFRAY_HOOKS` plugin for `train_overhead.py --paired`: before each optimizer step, rank 0 of the Ray
 Train worker says it is ready (a line on the FIFO `$DIFFRAY_HOOK_PAIR_DIR/ready`) and waits for its turn (a line
-on `.../go`), so the benchmark's plain loop runs one step between every two of the worker's. The wait is
+on `.../go`), so the benchmark's plain loops run one step each between every two of the worker's. The wait is
 before the worker starts timing its step."""
 
 from __future__ import annotations

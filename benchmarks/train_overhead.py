@@ -3,7 +3,7 @@
 side by side in one run. Start-up (cluster, worker group, first steps) is excluded.
 
     .venv/bin/python benchmarks/train_overhead.py [--steps 80] [--warmup 10] [--rounds 3] [--batch-sizes 4 16]
-        [--threads 2] [--sched] [--paired]
+        [--threads 2] [--sched] [--paired [--engine-loop]]
 
 Prints a table and writes benchmarks/results/train_overhead.json. `--sched` also samples every thread on the
 machine (Linux /proc) and reports, per variant's measured steps: how often the two busiest threads (the
@@ -12,9 +12,12 @@ often threads machine-wide went to sleep and woke (the other processes' wakeups 
 
 `--paired` (writes train_overhead_paired.json) runs each Ray variant with a plain loop of its own taking turns
 step by step: before each step the worker waits (the `DIFFRAY_HOOKS` plugin `paired_hooks.py`, outside its
-timed step) while this process runs one plain step. Each pair then sees the machine at the same speed, which
-on a VM drifts by 10-20% within seconds; Ray's other processes (controller, Ray Data's coordinators) run
-during both turns, so this ratio is the cost inside the worker's step, not that of the processes beside it.
+timed step) while this process runs one step of the bare torch loop and, with `--engine-loop`, one of the same
+engine (the DDP engine, or DeepSpeed ZeRO-2 on a one-rank gloo group) without Ray Train. The steps of a turn
+then see the machine at the same speed, which on a VM drifts by 10-20% within seconds; Ray's other processes
+(controller, Ray Data's coordinators) run during every turn, so these ratios are the cost inside the worker's
+step, not that of the processes beside it. Over the torch loop it is the issue's figure; over the same engine,
+what Ray Train and the worker's loop add to the engine's own cost.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
 from diffray.data.sample import write_sample_dataset
 from diffray.methods import load_config
 from diffray.models.loading import resolve_model_path
 from diffray.trainers.datasets import build_dataset
+from diffray.trainers.engine import build_engine
 from diffray.trainers.lora.task import LoraTask
 from diffray.trainers.runner import run_training
 from diffray.trainers.session import WorkerEnv
@@ -95,14 +100,17 @@ def make_cfg(storage: str, name: str, steps: int, strategy: str, batch: int, dat
         "strategy.zero_stage=2", "failure.max_failures=0"])
 
 
-def plain_steps(cfg):
+def plain_steps(cfg, same_engine: bool = False):
     """The same model, loss and data stream (shuffle buffer included) with a bare torch AdamW loop in this
-    process: yields each step's time, data wait and end (time.time())."""
+    process: yields each step's time, data wait and end (time.time()). With `same_engine` the loop steps
+    diffray's engine for `cfg.strategy` (DeepSpeed ZeRO-2 or the DDP engine) on a one-rank gloo group in
+    this process, as the worker does, without Ray Train or the worker's loop around it."""
     torch.set_num_threads(THREADS)
     model_path = resolve_model_path(cfg.model.path)
     task = LoraTask(cfg, model_path, WorkerEnv(0, 1, torch.device("cpu"), "fp32"))
     params = [p for p in task.module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine = one_rank_engine(task.module, cfg) if same_engine else None
+    opt = None if engine else torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     ds = build_dataset(cfg, model_path)
 
     def batches():  # the worker's stream: each epoch reshuffled through the same local buffer (data.shuffle_buffer)
@@ -119,12 +127,27 @@ def plain_steps(cfg):
         t0 = time.perf_counter()
         batch = next(it)
         wait = time.perf_counter() - t0
-        loss = task.losses(task.module, batch, step).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.backward(task.losses(engine, batch, step).mean())
+            engine.step()
+        else:
+            loss = task.losses(task.module, batch, step).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         yield time.perf_counter() - t0, wait, time.time()
+
+
+def one_rank_engine(module: torch.nn.Module, cfg):
+    """diffray's engine for `cfg.strategy` over `module` in this process, on a one-rank gloo group (started
+    once) as Ray Train sets up for one worker."""
+    if not dist.is_initialized():
+        os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    return build_engine(module, cfg.strategy, cfg.optim, cfg.train.micro_batch_size, 1, cfg.train.max_steps, "fp32",
+                        torch.device("cpu"))
 
 
 def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
@@ -133,15 +156,17 @@ def plain_loop(cfg, steps: int) -> tuple[list[float], list[float], list[float]]:
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def taking_turns(ray_cfg, plain_cfg, steps: int, pair_dir: Path) -> tuple[tuple[list, list, list], list[float]]:
-    """A Ray Train run and the plain loop taking turns step by step (`--paired`): before each of its steps the
-    worker waits (`paired_hooks.py`, outside its timed step) while a thread of this process runs one plain
-    step, so each pair of steps sees the machine at the same speed. Returns the Ray run's (times, waits, ends)
-    and the plain steps' times."""
+def taking_turns(ray_cfg, plain_loops: list[tuple], steps: int,
+                 pair_dir: Path) -> tuple[tuple[list, list, list], list[list[float]]]:
+    """A Ray Train run and plain loops taking turns step by step (`--paired`): before each of its steps the
+    worker waits (`paired_hooks.py`, outside its timed step) while a thread of this process runs one step of
+    each plain loop (`plain_steps(cfg, same_engine)` per entry of `plain_loops`, their order rotating turn by
+    turn), so the steps of a turn see the machine at the same speed. Returns the Ray run's (times, waits, ends)
+    and each plain loop's step times."""
     os.mkfifo(pair_dir / "ready")
     os.mkfifo(pair_dir / "go")
     os.environ.update(DIFFRAY_HOOKS=str(REPO / "benchmarks" / "paired_hooks.py"), DIFFRAY_HOOK_PAIR_DIR=str(pair_dir))
-    plain: list[float] = []
+    plain: list[list[float]] = [[] for _ in plain_loops]
     failed: list[BaseException] = []
     done = threading.Event()
 
@@ -149,15 +174,17 @@ def taking_turns(ray_cfg, plain_cfg, steps: int, pair_dir: Path) -> tuple[tuple[
         ready = os.open(pair_dir / "ready", os.O_RDONLY | os.O_NONBLOCK)
         go, buffer = None, b""
         try:
-            stepper = plain_steps(plain_cfg)
-            for _ in range(steps):
+            steppers = [plain_steps(cfg, same_engine) for cfg, same_engine in plain_loops]
+            for s in range(steps):
                 while b"\n" not in buffer:  # the worker's "ready for step s"
                     if done.is_set():
                         return
                     if select.select([ready], [], [], 0.5)[0]:
                         buffer += os.read(ready, 64)
                 buffer = buffer[buffer.index(b"\n") + 1:]
-                plain.append(next(stepper)[0])
+                for i in range(len(steppers)):
+                    j = (s + i) % len(steppers)
+                    plain[j].append(next(steppers[j])[0])
                 if go is None:
                     go = open(pair_dir / "go", "w", buffering=1)
                 go.write("go\n")
@@ -210,10 +237,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=THREADS, help="torch threads (and the worker's CPUs)")
     ap.add_argument("--sched", action="store_true", help="sample every thread's preemptions and wakeups (/proc)")
     ap.add_argument("--paired", action="store_true", help="each Ray run and a plain loop take turns step by step")
+    ap.add_argument("--engine-loop", action="store_true",
+                    help="with --paired: a second plain loop in each turn steps the Ray run's engine in this process")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train_overhead[_paired].json")
     args = ap.parse_args()
     if args.sched and args.paired:
         ap.error("--sched samples the unpaired runs only; run it without --paired")
+    if args.engine_loop and not args.paired:
+        ap.error("--engine-loop is a second plain loop of --paired; add --paired")
     args.out = args.out or str(REPO / "benchmarks" / "results" /
                                ("train_overhead_paired.json" if args.paired else "train_overhead.json"))
     THREADS = args.threads
@@ -277,36 +308,48 @@ def main() -> None:
 
 
 def paired_main(args, storage: str, data: str) -> None:
-    """`--paired`: Ray + DDP and Ray + ZeRO-2, each run taking turns step by step with a plain loop of its own
-    (`taking_turns`); the ratio is the Ray steps' median over the paired plain steps' median, and the median
-    of the per-pair ratios (Ray step s over the plain step just before it)."""
+    """`--paired`: Ray + DDP and Ray + ZeRO-2, each run taking turns step by step with a bare torch loop of its
+    own (`taking_turns`) and, with `--engine-loop`, also with the same engine (DDP engine or DeepSpeed ZeRO-2)
+    stepped in this process. The ratios are the Ray steps' median over each plain loop's median (over the torch
+    loop: the issue's figure; over the engine: what Ray Train and the worker's loop add to the engine's own
+    cost), and the median of the per-pair ratios (Ray step s over the torch step of the same turn)."""
     results = {}
     for b in args.batch_sizes:
         ray_times: dict[str, list[float]] = {"ray_ddp": [], "ray_zero2": []}
         plain_times: dict[str, list[float]] = {k: [] for k in ray_times}
+        engine_times: dict[str, list[float]] = {k: [] for k in ray_times}
         variants = (("ray_ddp", "ddp"), ("ray_zero2", "deepspeed"))
         for r in range(args.rounds):
             for k, strategy in variants[r % 2:] + variants[:r % 2]:
                 pair_dir = Path(tempfile.mkdtemp(dir=storage))
-                (times, _, _), plain = taking_turns(make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data),
-                                                    make_cfg(storage, f"plain-{k}{b}-{r}", args.steps, "ddp", b, data),
-                                                    args.steps, pair_dir)
+                loops = [(make_cfg(storage, f"plain-{k}{b}-{r}", args.steps, "ddp", b, data), False)]
+                if args.engine_loop:
+                    loops.append((make_cfg(storage, f"engine-{k}{b}-{r}", args.steps, strategy, b, data), True))
+                (times, _, _), plain = taking_turns(
+                    make_cfg(storage, f"{k}{b}-{r}", args.steps, strategy, b, data), loops, args.steps, pair_dir)
                 ray_times[k] += times[args.warmup:]
-                plain_times[k] += plain[args.warmup:len(times)]
+                plain_times[k] += plain[0][args.warmup:len(times)]
+                if args.engine_loop:
+                    engine_times[k] += plain[1][args.warmup:len(times)]
         results[f"batch{b}"] = {
             k: {"median_step_ms": 1000 * statistics.median(v),
                 "plain_median_step_ms": 1000 * statistics.median(plain_times[k]),
                 "ratio_vs_plain": statistics.median(v) / statistics.median(plain_times[k]),
+                **({"engine_median_step_ms": 1000 * statistics.median(engine_times[k]),
+                    "ratio_vs_engine": statistics.median(v) / statistics.median(engine_times[k])}
+                   if args.engine_loop else {}),
                 "pair_ratio_median": statistics.median(x / y for x, y in zip(v, plain_times[k])),
                 "steps_measured": len(v)}
             for k, v in ray_times.items()}
     ray.shutdown()
-    print(f"{'batch':<7}{'variant':<12}{'Ray step (ms)':>15}{'plain step (ms)':>17}{'ratio':>8}{'pair ratio':>12}"
-          f"{'steps':>7}")
+    print(f"{'batch':<7}{'variant':<12}{'Ray step (ms)':>15}{'plain step (ms)':>17}{'ratio':>8}"
+          + (f"{'engine step (ms)':>18}{'ratio':>8}" if args.engine_loop else "") + f"{'pair ratio':>12}{'steps':>7}")
     for b, rows in results.items():
         for k, row in rows.items():
+            engine = (f"{row['engine_median_step_ms']:>18.2f}{row['ratio_vs_engine']:>8.3f}" if args.engine_loop
+                      else "")
             print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>15.2f}{row['plain_median_step_ms']:>17.2f}"
-                  f"{row['ratio_vs_plain']:>8.3f}{row['pair_ratio_median']:>12.3f}{row['steps_measured']:>7}")
+                  f"{row['ratio_vs_plain']:>8.3f}{engine}{row['pair_ratio_median']:>12.3f}{row['steps_measured']:>7}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "paired": True, "results": results,
