@@ -139,13 +139,17 @@ def plain_steps(cfg, same_engine: bool = False):
         yield time.perf_counter() - t0, wait, time.time()
 
 
-def one_rank_engine(module: torch.nn.Module, cfg):
-    """diffray's engine for `cfg.strategy` over `module` in this process, on a one-rank gloo group (started
-    once) as Ray Train sets up for one worker."""
+def one_rank_group() -> None:
+    """A one-rank gloo group in this process, as Ray Train sets up for one worker (once)."""
     if not dist.is_initialized():
         os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
         store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+
+
+def one_rank_engine(module: torch.nn.Module, cfg):
+    """diffray's engine for `cfg.strategy` over `module` in this process, on `one_rank_group()`."""
+    one_rank_group()
     return build_engine(module, cfg.strategy, cfg.optim, cfg.train.micro_batch_size, 1, cfg.train.max_steps, "fp32",
                         torch.device("cpu"))
 

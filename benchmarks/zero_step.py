@@ -36,7 +36,7 @@ from diffray.trainers.lora.task import LoraTask
 from diffray.trainers.session import WorkerEnv
 
 from common import init_ray  # benchmarks/common.py: the script's folder is on sys.path
-from train_overhead import REPO, make_cfg
+from train_overhead import REPO, make_cfg, one_rank_group
 
 VARIANTS = (("ddp", "ddp"), ("zero2_contiguous", "deepspeed"), ("zero2_in_place", "deepspeed"))
 
@@ -80,9 +80,7 @@ def main() -> None:
 def measure(args) -> dict:
     """The three engines stepped interleaved in this process; returns the record main() prints and writes."""
     torch.set_num_threads(args.threads)
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    one_rank_group()
     storage = tempfile.mkdtemp(prefix="diffray-bench-")
     atexit.register(shutil.rmtree, storage, ignore_errors=True)
     data = str(write_sample_dataset(Path(storage) / "data", num_images=args.num_images) / "train")
