@@ -17,6 +17,7 @@ from diffray.trainers.components.ddpo import (
     clipped_policy_loss,
     ddim_scheduler,
     ddim_step_with_logprob,
+    guided_noise_pred,
     sample_trajectory,
     step_kl,
     transition_log_prob,
@@ -268,8 +269,14 @@ def test_kl_to_the_adapters_off_reference_is_zero_there_and_its_gradient_pulls_t
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
-    _, kl = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
+    lp, kl = transition_terms(unet, sched, x, nxt, t, prompt, negative, 5.0, 1.0, reference)
     assert kl.min().item() > 0
+    # the two terms from one step mean are the step's log-probability and KL computed each on its own
+    with torch.no_grad():
+        pred = guided_noise_pred(unet, x, t, prompt, negative, 5.0)
+        ref = guided_noise_pred(reference, x, t, prompt, negative, 5.0)
+    assert torch.equal(lp.detach(), ddim_step_with_logprob(sched, pred, t, x, 1.0, prev_sample=nxt)[1])
+    assert torch.equal(kl.detach(), step_kl(sched, pred, ref, t, x, 1.0))
     lora = [p for n, p in unet.named_parameters() if "lora_" in n]
     assert all(p.requires_grad for p in lora)
     kl.mean().backward()

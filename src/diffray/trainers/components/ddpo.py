@@ -124,8 +124,19 @@ def ddim_step_with_logprob(scheduler, model_output: torch.Tensor, timestep, samp
                             device=generator.device if generator is not None else x.device)
         prev_sample = mean + std * noise.to(x.device)
     prev_sample = prev_sample.detach().float()
-    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample, _gaussian_log_prob(prev_sample, mean, std)
+
+
+def _gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) [B], the mean over non-batch dims."""
+    log_prob = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - HALF_LOG_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def _gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(reference_mean, std^2)) [B], the mean over non-batch dims."""
+    kl = (mean - reference_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
 def step_mean_and_std(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor,
@@ -155,8 +166,7 @@ def step_kl(scheduler, model_output: torch.Tensor, reference_output: torch.Tenso
     The per-step KL regulariser of DPOK (Fan et al., 2023); gradients reach `model_output` only."""
     mean, std = step_mean_and_std(scheduler, model_output, timestep, sample, eta)
     ref, _ = step_mean_and_std(scheduler, reference_output.detach(), timestep, sample, eta)
-    kl = (mean - ref) ** 2 / (2 * std**2)
-    return kl.mean(dim=tuple(range(1, kl.ndim)))
+    return _gaussian_kl(mean, ref, std)
 
 
 def _predict_x0_and_eps(scheduler, model_output: torch.Tensor, x: torch.Tensor,
@@ -290,12 +300,15 @@ def transition_terms(unet, scheduler, latents: torch.Tensor, next_latents: torch
     """(`transition_log_prob`'s log-probability [B], the step's KL to the reference [B] or None): `reference`
     is the reference model's UNet (called without grad), e.g. the policy with its LoRA switched off."""
     pred = guided_noise_pred(unet, latents, timestep, prompt_embeds, negative_embeds, guidance)
-    log_prob = ddim_step_with_logprob(scheduler, pred, timestep, latents, eta, prev_sample=next_latents)[1]
+    # the policy's step mean once, for both terms (as `ddim_step_with_logprob` and `step_kl` compute them)
+    mean, std = step_mean_and_std(scheduler, pred, timestep, latents, eta)
+    log_prob = _gaussian_log_prob(next_latents.detach().float(), mean, std)
     if reference is None:
         return log_prob, None
     with torch.no_grad():
         ref = guided_noise_pred(reference, latents, timestep, prompt_embeds, negative_embeds, guidance)
-    return log_prob, step_kl(scheduler, pred, ref, timestep, latents, eta)
+        ref_mean, _ = step_mean_and_std(scheduler, ref, timestep, latents, eta)
+    return log_prob, _gaussian_kl(mean, ref_mean, std)
 
 
 class PerPromptStatTracker:
