@@ -25,6 +25,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
+# slow since 2026-12-06 (the default suite took 19:11 of its 20 minutes): ~60 s, two Ray Train runs
+@pytest.mark.slow
 def test_reward_model_learns_held_out_preferences_and_drives_ddpo(ray_cluster, tmp_path):
     from diffray.data.pipeline import held_out_mask
     from diffray.models.reward import load_reward_model, rank_pairs
