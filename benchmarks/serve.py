@@ -5,7 +5,9 @@
    request by request; steps chosen so one generation takes >= 50 ms. Served by the two deployments
    (proxy -> Ingress -> Generator) and by one (`generator.in_ingress`: proxy -> Ingress, which draws), each
    from a client that opens a connection per request (urllib) and from one that keeps its connection open
-   (as requests.Session, httpx and the openai SDK do);
+   (as requests.Session, httpx and the openai SDK do); and, by one deployment, a request for an adapter with
+   and without the `serve_multiplexed_model_id` header that routes it to the replica holding that adapter
+   (what the header costs the proxy; an app of its own);
 2. throughput at concurrency 8 with dynamic batching on vs off (two apps, one Generator replica each,
    rounds interleaved);
 3. switching to a resident adapter (`set_adapters`) vs one generation vs reloading the pipeline;
@@ -48,9 +50,10 @@ def post(url: str, body: dict) -> float:
     return post_timed(url, body)[0]
 
 
-def post_timed(url: str, body: dict) -> tuple[float, dict[str, float]]:
+def post_timed(url: str, body: dict, headers: dict | None = None) -> tuple[float, dict[str, float]]:
     """Seconds until the whole answer was read, and the answer's Server-Timing parts (seconds)."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     t0 = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as r:
         r.read()
@@ -236,6 +239,8 @@ def main() -> None:
     engine = ImageEngine(parse_args({"model": model, "adapters_dir": reg}), device="cpu")
     body = {"prompt": "a red circle", "steps": args.steps, "seed": 0}
     job = Job(prompt=body["prompt"], n=1, width=64, height=64, steps=args.steps, guidance=7.5, seed=0)
+    adapter_body = {**body, "adapter": "lora-a"}
+    routed = {"serve_multiplexed_model_id": "lora-a"}  # the adapter set's id: its ids sorted, joined by "+"
     for _ in range(3):
         engine.run([job])  # warm-up
 
@@ -245,6 +250,8 @@ def main() -> None:
     serve.run(build_app(app_args(reg, args.steps, args.threads, True)), name="on", route_prefix="/on")
     serve.run(build_app(app_args(reg, args.steps, args.threads, False)), name="off", route_prefix="/off")
     serve.run(build_app(app_args(reg, args.steps, args.threads, False, one=True)), name="one", route_prefix="/one")
+    # the header's pair on an app of its own, so the adapter resident there does not touch `one`'s base requests
+    serve.run(build_app(app_args(reg, args.steps, args.threads, False, one=True)), name="hdr", route_prefix="/hdr")
     for name, mix in (("mix", True), ("sep", False)):  # batching on in both: mixed-adapter batching on / off
         serve.run(build_app(app_args(reg, args.steps, args.threads, True, mix, args.adapters)), name=name,
                   route_prefix=f"/{name}")
@@ -252,14 +259,18 @@ def main() -> None:
     for prefix in ("/on", "/off", "/one"):
         for _ in range(3):
             post(f"{base}{prefix}/v1/generate", body)
+    for _ in range(3):
+        post_timed(f"{base}/hdr/v1/generate", adapter_body, routed)  # lora-a resident
     keep = KeepAlive(base)
     for prefix in ("/mix", "/sep"):  # every adapter resident before anything is timed
         for name in mixed_ids:
             post(f"{base}{prefix}/v1/generate", {**body, "adapter": name})
 
     direct, timed, healthz, tput = [], [], [], {"on": [], "off": [], "mix": [], "sep": []}
-    lats = {"two_new": [], "two_keep": [], "one_new": [], "one_keep": []}  # the latency variants' (wall, timing)
-    order = ("direct", "two_new", "one_new", "two_keep", "one_keep")
+    # the latency variants' (wall, timing); `one_adapter` and `one_header` ask for lora-a, the second naming it in
+    # the multiplex header as well (each against the other: the body's adapter costs the same in both)
+    lats = {"two_new": [], "two_keep": [], "one_new": [], "one_keep": [], "one_adapter": [], "one_header": []}
+    order = ("direct", "two_new", "one_new", "two_keep", "one_keep", "one_adapter", "one_header")
     for r in range(args.rounds):
         # the latency variants take turns request by request, each turn starting one variant later: this VM's
         # speed drifts by 10-20% within seconds (BENCHMARKS.md), so blocks of one variant at a time compared
@@ -273,8 +284,13 @@ def main() -> None:
                     direct.append(time.perf_counter() - t0)
                     continue
                 path = f"/{'off' if variant.startswith('two') else 'one'}/v1/generate"
-                lats[variant].append(keep.post_timed(path, body) if variant.endswith("keep")
-                                     else post_timed(base + path, body))
+                if variant.endswith("keep"):
+                    lats[variant].append(keep.post_timed(path, body))
+                elif variant in ("one_adapter", "one_header"):
+                    lats[variant].append(post_timed(f"{base}/hdr/v1/generate", adapter_body,
+                                                    routed if variant == "one_header" else None))
+                else:
+                    lats[variant].append(post_timed(base + path, body))
         timed = lats["two_new"]
         healthz += [get(f"{base}/off/healthz") for _ in range(args.requests)]
         served = [w for w, _ in timed]
@@ -324,6 +340,7 @@ def main() -> None:
         "batching_on_over_off": tp["batching_on"] / tp["batching_off"],
         "switch_over_generation": sw["switch"] / sw["generation"],
         "reload_over_switch": sw["reload_pipeline"] / sw["switch"],
+        "header_over_no_header_p50": lat["one_header_p50"] / lat["one_adapter_p50"],
         "mixed_over_per_adapter_serve": mx["serve_rps_mixed"] / mx["serve_rps_per_adapter"],
         "mixed_over_per_adapter_engine": mx["per_adapter_s"] / mx["mixed_s"],
     }
@@ -341,6 +358,9 @@ def main() -> None:
                         ("two_keep", "two deployments, kept connection"),
                         ("one_new", "one deployment, a connection per request"),
                         ("one_keep", "one deployment, kept connection"))) +
+          f"| one deployment, adapter lora-a: p50 (ms) with / without the multiplex header | "
+          f"{lat['one_header_p50']:.1f} / {lat['one_adapter_p50']:.1f} = "
+          f"{res['ratios']['header_over_no_header_p50']:.3f} | |\n"
           f"| throughput @{args.concurrency} batching on / off (req/s) | {tp['batching_on']:.2f} / "
           f"{tp['batching_off']:.2f} = {res['ratios']['batching_on_over_off']:.2f}x | >= 1.5x |\n"
           f"| adapter switch / generation / pipeline reload (ms) | {sw['switch']:.2f} / {sw['generation']:.1f} / "
