@@ -289,13 +289,9 @@ def main() -> None:
                                     **({"sched": sched[k]} if sched[k] else {})}
                                 for k, v in samples.items()}
     ray.shutdown()
-    print(f"{'batch':<7}{'variant':<12}{'median step (ms)':>18}{'mean (ms)':>11}{'data wait (ms)':>16}"
-          f"{'overhead (ms)':>15}{'ratio vs plain':>16}{'steps':>7}")
-    for b, rows in results.items():
-        for k, row in rows.items():
-            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>18.2f}{row['mean_step_ms']:>11.2f}"
-                  f"{row['median_data_ms']:>16.2f}{row['overhead_ms']:>15.2f}"
-                  f"{row['ratio_vs_plain']:>16.3f}{row['steps_measured']:>7}")
+    print_table(results, [("median step (ms)", "median_step_ms", ".2f"), ("mean (ms)", "mean_step_ms", ".2f"),
+                          ("data wait (ms)", "median_data_ms", ".2f"), ("overhead (ms)", "overhead_ms", ".2f"),
+                          ("ratio vs plain", "ratio_vs_plain", ".3f"), ("steps", "steps_measured", "d")])
     if sampler is not None:
         sampler.stop.set()
         print("\nper round: preempted per step (two busiest threads), their cores, sleeps/s machine-wide")
@@ -304,9 +300,23 @@ def main() -> None:
                 for w in row.get("sched", []):
                     print(f"{b[5:]:<7}{k:<12}{' / '.join(f'{x:.0f}' for x in w['preempted_per_step']):>12}"
                           f"{' / '.join(f'{x:.2f}' for x in w['busiest_cores']):>14}{w['sleeps_per_s']:>9.0f}")
+    write_results(args, results)
+
+
+def print_table(results: dict, columns: list[tuple[str, str, str]]) -> None:
+    """One row per batch size and variant: `columns` are (heading, the row's key, format spec)."""
+    widths = [max(len(heading) + 2, 8) for heading, _, _ in columns]
+    print(f"{'batch':<7}{'variant':<12}" + "".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths)))
+    for b, rows in results.items():
+        for k, row in rows.items():
+            cells = (f"{row[key]:>{w}{spec}}" for (_, key, spec), w in zip(columns, widths))
+            print(f"{b[5:]:<7}{k:<12}" + "".join(cells))
+
+
+def write_results(args, results: dict, **extra) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "results": results,
+    out.write_text(json.dumps({"args": vars(args), "threads": THREADS, **extra, "results": results,
                                "torch": torch.__version__, "ray": ray.__version__}, indent=2))
     print(f"wrote {out}")
 
@@ -346,19 +356,12 @@ def paired_main(args, storage: str, data: str) -> None:
                 "steps_measured": len(v)}
             for k, v in ray_times.items()}
     ray.shutdown()
-    print(f"{'batch':<7}{'variant':<12}{'Ray step (ms)':>15}{'plain step (ms)':>17}{'ratio':>8}"
-          + (f"{'engine step (ms)':>18}{'ratio':>8}" if args.engine_loop else "") + f"{'pair ratio':>12}{'steps':>7}")
-    for b, rows in results.items():
-        for k, row in rows.items():
-            engine = (f"{row['engine_median_step_ms']:>18.2f}{row['ratio_vs_engine']:>8.3f}" if args.engine_loop
-                      else "")
-            print(f"{b[5:]:<7}{k:<12}{row['median_step_ms']:>15.2f}{row['plain_median_step_ms']:>17.2f}"
-                  f"{row['ratio_vs_plain']:>8.3f}{engine}{row['pair_ratio_median']:>12.3f}{row['steps_measured']:>7}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "threads": THREADS, "paired": True, "results": results,
-                               "torch": torch.__version__, "ray": ray.__version__}, indent=2))
-    print(f"wrote {out}")
+    engine = [("engine step (ms)", "engine_median_step_ms", ".2f"), ("ratio", "ratio_vs_engine", ".3f")]
+    print_table(results, [("Ray step (ms)", "median_step_ms", ".2f"),
+                          ("plain step (ms)", "plain_median_step_ms", ".2f"),
+                          ("ratio", "ratio_vs_plain", ".3f"), *(engine if args.engine_loop else []),
+                          ("pair ratio", "pair_ratio_median", ".3f"), ("steps", "steps_measured", "d")])
+    write_results(args, results, paired=True)
 
 
 if __name__ == "__main__":
