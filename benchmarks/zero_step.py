@@ -36,7 +36,7 @@ from diffray.trainers.lora.task import LoraTask
 from diffray.trainers.session import WorkerEnv
 
 from common import init_ray  # benchmarks/common.py: the script's folder is on sys.path
-from train_overhead import REPO, make_cfg, one_rank_group
+from train_overhead import REPO, make_cfg, one_rank_engine, one_rank_group
 
 VARIANTS = (("ddp", "ddp"), ("zero2_contiguous", "deepspeed"), ("zero2_in_place", "deepspeed"))
 
@@ -94,8 +94,7 @@ def measure(args) -> dict:
         if name == "zero2_contiguous":
             engine_module.build_deepspeed_config = contiguous_config
         try:
-            engine = engine_module.build_engine(task.module, cfg.strategy, cfg.optim, args.batch, 1, total, "fp32",
-                                                torch.device("cpu"))
+            engine = one_rank_engine(task.module, cfg)  # looks up engine_module.build_deepspeed_config
         finally:
             engine_module.build_deepspeed_config = build_deepspeed_config
         trainable = sum(p.numel() for p in engine.trainable_parameters())

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
     # a Ray run and the plain loops (torch, and the same engine in-process) taking turns through paired_hooks.py
-    "train_overhead --paired": ["--paired", "--engine-loop", "--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4",
-                                "--num-images", "16"],
+    "train_overhead --paired": ["--paired", "--engine-loop", "--steps", "3", "--warmup", "1", "--rounds", "1",
+                                "--batch-sizes", "4", "--num-images", "16"],
     "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8", "--in-ray-task"],  # the task runs `measure`
     "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
     "hotswap": ["--backend", "aot_eager", "--loras", "2", "--repeats", "1", "--steps", "2"],
