@@ -82,3 +82,41 @@ def test_zero2_with_gradients_in_place_steps_as_with_contiguous_buckets(one_rank
     for a, b in zip(weights[None], weights[100]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(weights[100], start)) > 0.1  # it trained
+
+
+def test_a_checkpoint_written_with_contiguous_buckets_resumes_with_gradients_in_place(one_rank, tmp_path):
+    """A ZeRO-2 checkpoint from before adapters kept their gradients in place (`contiguous_gradients` on)
+    resumes under today's layout and continues exactly as an uninterrupted run: the layout changes how
+    gradients are reduced, not the flat optimizer partition the checkpoint holds."""
+    from diffray.trainers.components import zero
+
+    batches = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+
+    def engine():
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        return module, build_engine(module, StrategySection(), OptimSection(lr=0.05, warmup_steps=2), 2, 1, 5,
+                                    "fp32", torch.device("cpu"))
+
+    def train(eng, xs):
+        for x in xs:
+            eng.backward(eng(x).pow(2).mean())
+            eng.step()
+
+    module, whole = engine()
+    assert whole.ds.optimizer.contiguous_gradients is False  # today's adapter layout
+    train(whole, batches)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(zero, "SMALL_GRADIENTS", 0)  # the layout every ZeRO-2 run had before
+        _, old = engine()
+        assert old.ds.optimizer.contiguous_gradients is True
+        train(old, batches[:3])
+        old.save(tmp_path)
+    resumed_module, resumed = engine()
+    assert resumed.ds.optimizer.contiguous_gradients is False
+    resumed.load(tmp_path)
+    assert resumed.lr == old.lr  # the warmup schedule resumes at step 3
+    train(resumed, batches[3:])
+    for a, b in zip(module.parameters(), resumed_module.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
