@@ -70,7 +70,7 @@ def data_sample(out_dir: Path = typer.Argument(..., help="Directory for the gene
 
 
 @data_app.command("world")
-def data_world(out_dir: Path = typer.Argument(..., help="Directory for the dataset (replaced if it exists)"),
+def data_world(out_dir: Path = typer.Argument(..., help="Directory for the dataset (a dataset diffray wrote there is replaced)"),
                split: str = typer.Option("pretrain", help="pretrain | heldout | base | star | cyan | striped | "
                                          "subject | all"),
                num_images: int = typer.Option(1000, min=1, help="Number of images (scenes 0..N-1)"),

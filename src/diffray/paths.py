@@ -20,6 +20,27 @@ def cache_dir() -> Path:
     return root.resolve()
 
 
+def check_replaceable(out: str | Path, marker: str) -> None:
+    """Refuse, before any work, to replace a folder diffray did not write. A writer that replaces its output
+    folder calls this first: `out` may be missing, an empty folder, or a folder holding `marker` (the file
+    that writer leaves in every folder it writes).
+
+    Raises:
+        StorageError: `out` is a file, or a non-empty folder without `marker` (naming both).
+    """
+    from diffray.errors import StorageError
+
+    out = Path(out).expanduser()
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise StorageError(f"{out}: exists and is not a folder; give a new folder to write to")
+    if (out / marker).is_file() or next(out.iterdir(), None) is None:
+        return
+    raise StorageError(f"{out}: folder exists, is not empty and was not written by diffray (it has no {marker}); "
+                       "it would be replaced, so give a new or empty folder")
+
+
 def is_builtin(path: str) -> bool:
     return str(path).startswith(BUILTIN_PREFIX)
 

@@ -59,7 +59,7 @@ def write_sample_dataset(out_dir: str | Path, num_images: int = 32, resolution: 
     its `subject` split. Built in a temporary sibling folder and moved into place, so readers never see a
     half-written set.
     """
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "dataset.json") as tmp:
         train = list(zip(range(num_images), canny_controls(seed, "pretrain", resolution)))
         _write_split(tmp / "train", [(image, scene.caption) for _, (_, scene, image, _) in train])
         _write_split(tmp / "subject", [(render(scene_at(seed, "subject", i), resolution), INSTANCE_PROMPT)

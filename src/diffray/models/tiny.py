@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from diffray.errors import ModelError
+from diffray.paths import check_replaceable
 
 PRESETS = ("tiny", "tiny-random", "sd15-shaped", "tiny-sdxl", "sdxl-shaped", "tiny-flux", "flux-shaped")
 PRETRAINED = ("tiny",)  # presets whose builtin is shipped weights (one set: no `?seed=`)
@@ -324,17 +325,19 @@ def build_pipeline_dir(out_dir: str | Path, preset: str = "tiny", seed: int = 0,
     """Build a preset and save it as a diffusers dir (safetensors). A pretrained preset (`tiny`) is a copy
     of its shipped weights unless `random_init` (its architecture at random, from `seed`: where
     pretraining starts). Atomic: everything is written to a temporary sibling that is then renamed onto
-    `out_dir`, so a half-written dir never appears there (an existing `out_dir` is replaced). The tiny
-    presets also get a matching ControlNet in `controlnet/`.
+    `out_dir`, so a half-written dir never appears there (an existing `out_dir` that diffray wrote is
+    replaced). The tiny presets also get a matching ControlNet in `controlnet/`.
 
     Returns the absolute output dir. Raises `ModelError` for an unknown preset (before any work), or for
-    a pretrained preset asked for another seed or whose weights are not installed.
+    a pretrained preset asked for another seed or whose weights are not installed; `StorageError` (before
+    any work) for an `out_dir` that is a file or a non-empty folder without `diffray_model.json`.
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from diffray.logs import quiet_hf
 
     preset_configs(preset)
+    check_replaceable(out_dir, "diffray_model.json")
     source = None
     if preset in PRETRAINED and not random_init:
         source = shipped(preset)

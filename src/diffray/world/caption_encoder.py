@@ -92,7 +92,7 @@ def train_caption_encoder(model_dir: Path, data_dir: Path, out_dir: Path, *, ste
                "heldout_accuracy": accuracy, "captions": len(rows),
                "config": {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "fields": list(FIELDS)},
                "artifact": str(out_dir)}
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), STAGE_FILE) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("text_encoder"))
         encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         (tmp / STAGE_FILE).write_text(json.dumps(figures, indent=2))

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from diffray.errors import ConfigError
+from diffray.paths import check_replaceable
 from diffray.world.caption_encoder import train_caption_encoder
 
 
@@ -150,7 +151,7 @@ def _with_vae(base: Path, vae_artifact: Path, dest: Path) -> Path:
     from diffray.world.writers import atomic_dir
 
     if not (dest / "model_index.json").is_file():
-        with atomic_dir(dest) as tmp:
+        with atomic_dir(dest, "model_index.json") as tmp:
             shutil.copytree(base, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("vae"))
             shutil.copytree(vae_artifact, tmp / "vae", ignore=shutil.ignore_patterns("*.md", "*.json", "samples*"))
             shutil.copy2(vae_artifact / "config.json", tmp / "vae" / "config.json")
@@ -165,7 +166,7 @@ def _assemble(unet_artifact: Path, out: Path, card: dict) -> Path:
     from diffray.models.tiny import tokenizer_words, write_tokenizer_files
     from diffray.world.writers import atomic_dir
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "diffray_model.json") as tmp:
         shutil.copytree(unet_artifact, tmp, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*non_ema*", "samples*", "README.md", "diffray_stage.json",
                                                       "diffray_card.json"))
@@ -229,6 +230,7 @@ def pretrain_world(out_dir: str | Path, plan: PretrainPlan = PretrainPlan(), wor
     checkpoints live in `work_dir` (default `<out_dir>.work`), so a rerun resumes. Returns the card."""
     plan.check()
     out = Path(out_dir).expanduser().resolve()
+    check_replaceable(out, "diffray_model.json")  # before hours of work, not at the end
     work = Path(work_dir).expanduser().resolve() if work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

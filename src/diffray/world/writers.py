@@ -16,7 +16,7 @@ from typing import Iterator
 from filelock import FileLock
 
 from diffray.errors import ConfigError
-from diffray.paths import cache_dir
+from diffray.paths import cache_dir, check_replaceable
 from diffray.world.render import png_bytes, render
 from diffray.world.scenes import SIZE_WORD_P, SPLITS, check_split, scene_at
 
@@ -30,8 +30,11 @@ ROWS_PER_GROUP = 1_000  # Parquet: rows per row group (a Ray read task each)
 
 
 @contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """A fresh temporary sibling of `out` to fill; on success it replaces `out` (old contents removed)."""
+def atomic_dir(out: str | Path, marker: str) -> Iterator[Path]:
+    """A fresh temporary sibling of `out` to fill; on success it replaces `out` (old contents removed).
+    `marker` is the file the caller writes into every folder it makes: an existing non-empty `out` without it
+    is refused before any work (`check_replaceable`)."""
+    check_replaceable(out, marker)
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -107,7 +110,7 @@ def write_world_dataset(out: str | Path, split: str = "pretrain", num_images: in
     """
     check_split(split)
     check_options(num_images, resolution, fmt, size_p, position_p)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "dataset.json") as tmp:
         rows = _rows(split, num_images, seed, resolution, size_p, position_p)
         (_write_parquet if fmt == "parquet" else _write_imagefolder)(tmp, rows)
         info = {"name": f"diffray-world/{split}", "world_version": WORLD_VERSION, "split": split,
@@ -132,7 +135,7 @@ def builtin_world(split: str) -> Path:
             return write_world_dataset(root, split, BUILTIN_SIZES[split], BUILTIN_SEED)
         from diffray.world.suites import write_canny_pairs
 
-        with atomic_dir(root) as tmp:
+        with atomic_dir(root, "dataset.json") as tmp:
             write_canny_pairs(tmp, BUILTIN_SIZES[split], BUILTIN_SEED)
             info = {"name": "diffray-world/canny", "world_version": WORLD_VERSION, "split": "pretrain",
                     "conditioning": "canny", "seed": BUILTIN_SEED, "num_images": BUILTIN_SIZES[split]}
