@@ -335,8 +335,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {path}: {exc}", field=path) from None
         except yaml.YAMLError:
             value = raw
-        if isinstance(value, str) and _looks_like_float(value):
-            value = float(value)
+        if "#" in raw and "#" not in repr(value):  # ` #...` read as a YAML comment: the user meant the text
+            value = raw
         set_path(out, path, value)
     return out
 
@@ -354,10 +354,6 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
         node = child
     node[keys[-1]] = value
 
-
-def _looks_like_float(s: str) -> bool:
-    # PyYAML (YAML 1.1) reads `1e-4` as a string; users mean a number.
-    return bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", s.strip()))
 
 
 deep_copy = copy.deepcopy  # of a config dict (YAML scalars, lists, dicts)

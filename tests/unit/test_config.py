@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from diffray import yaml_io
 from diffray.config import apply_overrides
 from diffray.methods import load_config, validate_config
 from diffray.trainers.lora import LoraTrainConfig
@@ -89,6 +90,32 @@ def test_missing_and_malformed_files(tmp_path):
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listy)
+
+
+def test_a_repeated_section_or_key_is_refused_with_both_lines(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("train:\n  max_steps: 5000\nlora:\n  rank: 4\ntrain:\n  log_every: 10\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML at line 5: found duplicate key 'train' \(first at line 1\)"):
+        load_config(dup)
+    dup.write_text("train:\n  max_steps: 5000\n  max_steps: 10\n")
+    with pytest.raises(ConfigError, match="at line 3: found duplicate key 'max_steps' \\(first at line 2\\)"):
+        load_config(dup)
+    # A merge key is not a repeat: the keys written after `<<: *base` override the merged ones.
+    assert yaml_io.load("a: &t {x: 1, y: 2}\nb:\n  <<: *t\n  y: 5\n") == {"a": {"x": 1, "y": 2}, "b": {"x": 1, "y": 5}}
+
+
+def test_exponent_numbers_are_numbers_in_files_lists_and_overrides(tmp_path):
+    assert yaml_io.load("lr: 1e-4\nspace: [1e-5, 1.0e-3, -2E+3, 5e2]\nwords: [1e, e5]\n") == {
+        "lr": 1e-4, "space": [1e-5, 1e-3, -2000.0, 500.0], "words": ["1e", "e5"]}
+    assert apply_overrides({}, ["optim.lr=3e-4"]) == {"optim": {"lr": 3e-4}}
+
+
+def test_a_hash_in_an_override_value_is_text_not_a_comment():
+    out = apply_overrides({}, ["data.default_caption=a photo of item #3", "lora.init_from=/data/run #2/artifact",
+                               "train.validation_prompts=['a #1 red circle']", "train.max_steps=7"])
+    assert out["data"]["default_caption"] == "a photo of item #3"
+    assert out["lora"]["init_from"] == "/data/run #2/artifact"
+    assert out["train"] == {"validation_prompts": ["a #1 red circle"], "max_steps": 7}
 
 
 def test_config_round_trips_through_dict():
