@@ -197,7 +197,7 @@ class TrainSection(Section, Accelerator):
     validation_grids: bool = Field(True, description="Render validation image grids at validation steps (false: "
                                    "val_loss only, as Tune trials do).")
     validation_prompts: list[str] = Field(["a red circle on a blue background"],
-                                          description="Prompts for validation grids.")
+                                          description="Prompts for validation grids (empty: no prompt row).")
     validation_inference_steps: int = Field(10, ge=1, le=200, description="Sampler steps for validation.")
     progress_bar: bool = Field(True, description="Show training progress on the driver (a live bar on a terminal, "
                                "else a plain line every N steps) when run from the CLI.")

@@ -284,10 +284,12 @@ class DenoisingTask(StepTask):
         return batch_mean(self.losses(engine, batch, session.VALIDATION_STEP, dropout=False), batch.get("loss_mask"))
 
     def validation_grid(self, step: int):
-        """One row of `train.validation_prompts` rendered with the current weights."""
+        """One row of `train.validation_prompts` rendered with the current weights (None without prompts:
+        `validation_prompts: []` turns the grid off as `validation_grids: false` does)."""
         from diffray.images import make_grid
 
-        return make_grid([self.render(self.cfg.train.validation_prompts)])
+        prompts = self.cfg.train.validation_prompts
+        return make_grid([self.render(prompts)]) if prompts else None
 
     def render(self, prompts: list[str]) -> list:
         """Images of `prompts` (seeds run seed + i) with the family's validation sampler (DDIM for the
