@@ -56,6 +56,8 @@ def _job_with(tmp_path, edit) -> Path:
     (lambda d: d["tune"].update(scheduler={"name": "sha", "grace_period": 5, "reduction_factor": 2.5}),
      "tune.scheduler.grace_period", "rungs [12] are not multiples of train.validate_every (5)"),
     (lambda d: d["lora"].update(rank=0), "lora.rank", "greater than"),
+    (lambda d: d["tune"].update(metric="val_los"), "tune.metric",
+     "trials do not report 'val_los' (they report val_loss, loss, loss_first_mean, loss_last_mean)"),
 ])
 def test_bad_jobs_name_the_field(tmp_path, edit, field, message):
     with pytest.raises(ConfigError) as err:
@@ -138,3 +140,11 @@ def test_on_an_autoscaling_cluster_every_trial_is_asked_for_at_once():
     assert job.num_trials == 8 and trial_concurrency(job, autoscaled=True) == 8  # the alive nodes are no limit
     capped = load_tune_job(REPO / "configs" / "tune_lora.yaml", ["tune.max_concurrent_trials=3"])
     assert trial_concurrency(capped, autoscaled=True) == 3
+
+
+def test_the_metrics_a_job_may_name_are_the_ones_a_trial_reports():
+    from diffray.trainers.session import summary_metrics
+    from diffray.tune.config import TRIAL_METRICS
+
+    state = {"step": 5, "first_losses": [0.3], "recent_losses": [0.2], "val_loss": 0.25, "val_loss_step": 5}
+    assert set(TRIAL_METRICS) <= set(summary_metrics(state))

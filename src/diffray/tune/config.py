@@ -26,6 +26,9 @@ from diffray.tune.space import Domain, check_space, parse_space
 
 # Trials share one set of datasets and one resource shape, so the space may not touch these sections.
 FIXED_SECTIONS = ("method", "run", "model", "data", "scaling")
+# What every trial of a dataset method reports (`session.summary_metrics`); a method with a `step_metric`
+# (DDPO) reports that one instead.
+TRIAL_METRICS = ("val_loss", "loss", "loss_first_mean", "loss_last_mean")
 
 
 class SchedulerSection(Section):
@@ -138,6 +141,9 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
         metric, mode, why = step_metric
         if (tune.metric, tune.mode) != (metric, mode):
             raise ConfigError(f"{why}: set tune.metric: {metric} and tune.mode: {mode}", field="tune.metric")
+    elif tune.metric not in TRIAL_METRICS:
+        raise ConfigError(f"trials do not report {tune.metric!r} (they report {', '.join(TRIAL_METRICS)})",
+                          field="tune.metric")
     elif tune.metric == "val_loss":
         if train.data is None or train.data.validation_fraction <= 0:
             raise ConfigError("metric val_loss needs held-out rows: set data.validation_fraction (e.g. 0.2)",
