@@ -11,6 +11,7 @@ Ray's, Ray Data's and DeepSpeed's own output goes to the run's log files unless 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -175,7 +176,7 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     """Counts, image-size histogram, caption lengths, what validation would quarantine, and a contact sheet."""
     import json
 
-    from diffray.config import DataSection
+    from diffray.config import DataSection, validate_as
     from diffray.data import resolve_data_path
     from diffray.data.inspect import format_summary, inspect_dataset
     from diffray.cluster import connect_ray
@@ -183,9 +184,15 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
         raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
                           "multiple of 8")
-    data = DataSection(path=path, caption_column=caption_column, image_column=image_column,
-                       min_image_size=min_image_size, aspect_buckets=buckets is not None,
-                       resolution=buckets or 64, bucket_step=bucket_step if buckets else 64)
+    flags = {"resolution": "--buckets", "bucket_step": "--bucket-step", "min_image_size": "--min-image-size",
+             "caption_column": "--caption-column", "image_column": "--image-column"}
+    try:
+        data = validate_as(DataSection, {"path": path, "caption_column": caption_column, "image_column": image_column,
+                                         "min_image_size": min_image_size, "aspect_buckets": buckets is not None,
+                                         "resolution": buckets or 64, "bucket_step": bucket_step if buckets else 64})
+    except ConfigError as exc:  # name the option the user typed, not the config field behind it
+        raise ConfigError(re.sub(r"(?:^|(?<=; ))(\w+):", lambda m: flags.get(m.group(1), m.group(1)) + ":",
+                                 str(exc))) from None
     connect_ray()
     summary = inspect_dataset(resolve_data_path(path), data, out, sample, report_dir).summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
@@ -326,6 +333,13 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
                                                 "server's)")) -> None:
     """Render images with the base model, a LoRA / Textual Inversion adapter and/or ControlNets, as one grid PNG;
     with --url, on a diffray server (retries with backoff while it is busy or restarting)."""
+    local_only = {"--model": model, "--compare-base": compare_base, "--controlnet": controlnet,
+                  "--control-image": control_image, "--control-scale": control_scale}
+    if url and any(local_only.values()):  # the server draws with its own base model and adapters
+        raise ConfigError(f"{', '.join(k for k, v in local_only.items() if v)}: not with --url (the server's "
+                          "own model and adapters draw; --adapter names one of its adapter ids)")
+    if size is not None and not url:
+        raise ConfigError("--size: only with --url (a local grid is drawn at the model's own size)")
     if url:
         from diffray.serve.client import generate_remote
 

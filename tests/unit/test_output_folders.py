@@ -4,20 +4,8 @@ work, with its name, and keeps every file."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
-
-from diffray.cli import main
-
-
-def diffray(args, monkeypatch, capsys) -> tuple[int, str]:
-    """Run the console entry point as a user does: its exit code and what it printed."""
-    monkeypatch.setattr(sys, "argv", ["diffray", *map(str, args)])
-    with pytest.raises(SystemExit) as stop:
-        main()
-    out = capsys.readouterr()
-    return stop.value.code or 0, out.out + out.err
+from testkit.cli import diffray
 
 
 def user_folder(root):

@@ -1,0 +1,24 @@
+"""Command-line options that feed a config section are checked as the section is, and an error names the
+option the user typed (one line, exit 2), before Ray starts."""
+
+from __future__ import annotations
+
+from testkit.cli import diffray
+
+
+def test_inspect_names_its_own_options_when_the_data_section_refuses_them(tmp_path, monkeypatch, capsys):
+    code, out = diffray(["data", "inspect", tmp_path, "--buckets", "8192", "--bucket-step", "2048"], monkeypatch,
+                        capsys)
+    assert code == 2
+    assert out == ("diffray: error: --buckets: Input should be less than or equal to 4096; "
+                   "--bucket-step: Input should be less than or equal to 1024\n")
+
+
+def test_generate_refuses_options_the_chosen_side_would_ignore(tmp_path, monkeypatch, capsys):
+    remote = ["generate", "-p", "a red circle", "--url", "http://127.0.0.1:9", "--out", tmp_path / "x.png"]
+    code, out = diffray([*remote, "--model", "builtin:tiny", "--controlnet", tmp_path], monkeypatch, capsys)
+    assert code == 2 and out.startswith("diffray: error: --model, --controlnet: not with --url")
+    code, out = diffray(["generate", "-p", "a red circle", "--size", "128", "--out", tmp_path / "x.png"],
+                        monkeypatch, capsys)
+    assert code == 2 and out == "diffray: error: --size: only with --url (a local grid is drawn at the model's own size)\n"
+    assert not (tmp_path / "x.png").exists()
