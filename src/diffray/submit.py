@@ -66,10 +66,19 @@ def entrypoint(args: list[str]) -> str:
     return shlex.join(["diffray", *args])
 
 
+def command_of(args: list[str]) -> list[str]:
+    """The command and its arguments, after `diffray`'s own options (`-v train x.yaml` -> `train x.yaml`)."""
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        i += 1
+    return list(args[i:])
+
+
 def with_storage_path(args: list[str], storage_path: str | None) -> list[str]:
     """`args` with `run.storage_path=storage_path` added to a `train` or `tune` command that does not set it."""
-    if (not storage_path or len(args) < 2 or args[0] not in ("train", "tune") or args[1] == "results"
-            or any(a.startswith("run.storage_path=") for a in args)):
+    cmd = command_of(args)
+    if (not storage_path or len(cmd) < 2 or cmd[0] not in ("train", "tune") or cmd[1] == "results"
+            or any(a.startswith("run.storage_path=") for a in cmd)):
         return list(args)
     return [*args, f"run.storage_path={storage_path}"]
 
@@ -81,6 +90,7 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     Raises:
         ConfigError: the config file is missing or invalid (as `diffray train` would say).
     """
+    args = command_of(args)
     if len(args) < 2 or args[0] not in ("train", "tune") or args[1].startswith("-") or args[1] == "results":
         return
     from diffray.methods import load_config

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
     (["train", "configs/lora.yaml", "run.storage_path=/shared"], ["train", "configs/lora.yaml", "run.storage_path=/shared"]),
     (["tune", "results", "s3://b/runs/tune-lora"], ["tune", "results", "s3://b/runs/tune-lora"]),
     (["generate", "--prompt", "x"], ["generate", "--prompt", "x"]),
+    (["-v", "train", "configs/lora.yaml"], ["-v", "train", "configs/lora.yaml", "run.storage_path=s3://b/runs"]),
 ])
 def test_storage_path_reaches_train_and_tune_jobs_that_do_not_set_it(args, expected):
     assert with_storage_path(args, "s3://b/runs") == expected
@@ -43,6 +44,8 @@ def test_precheck_validates_train_and_tune_configs_and_warns_on_relative_storage
         precheck(["tune", "configs/tune_lora.yaml", "tune.scheduler.grace_period=1"], REPO, io.StringIO())
     with pytest.raises(ConfigError, match="no such config under the working dir"):
         precheck(["train", "configs/nope.yaml"], REPO, io.StringIO())
+    with pytest.raises(ConfigError, match=r"lora\.rnak: unknown key"):  # after diffray's own options too
+        precheck(["--verbose", "train", "configs/lora.yaml", "lora.rnak=3"], REPO, io.StringIO())
 
 
 @pytest.mark.parametrize("config", ["lora_sdxl.yaml", "dreambooth_sdxl.yaml", "textual_inversion_sdxl.yaml",
