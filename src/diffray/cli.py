@@ -184,15 +184,13 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
         raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
                           "multiple of 8")
-    flags = {"resolution": "--buckets", "bucket_step": "--bucket-step", "min_image_size": "--min-image-size",
-             "caption_column": "--caption-column", "image_column": "--image-column"}
     try:
         data = validate_as(DataSection, {"path": path, "caption_column": caption_column, "image_column": image_column,
                                          "min_image_size": min_image_size, "aspect_buckets": buckets is not None,
                                          "resolution": buckets or 64, "bucket_step": bucket_step if buckets else 64})
-    except ConfigError as exc:  # name the option the user typed, not the config field behind it
-        raise ConfigError(re.sub(r"(?:^|(?<=; ))(\w+):", lambda m: flags.get(m.group(1), m.group(1)) + ":",
-                                 str(exc))) from None
+    except ConfigError as exc:  # name the option the user typed (--bucket-step), not the field behind it
+        raise ConfigError(re.sub(r"(?:^|(?<=; ))(\w+):", lambda m: "--" + {"resolution": "buckets"}.get(
+            m.group(1), m.group(1)).replace("_", "-") + ":", str(exc))) from None
     connect_ray()
     summary = inspect_dataset(resolve_data_path(path), data, out, sample, report_dir).summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
