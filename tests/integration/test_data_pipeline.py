@@ -134,6 +134,12 @@ def test_parquet_and_hf_datasets_yield_the_same_batches_as_the_imagefolder(ray_c
         got = sorted_batch(prepare_training_dataset(source, tiny_model_path, d, 3)[0])
         for key in ("sample_id", "pixel_values", "input_ids"):
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{source}: {key}")
+    # A Parquet file of relative image paths under the default column names (file_name, text).
+    pq.write_table(pa.table({"file_name": [r["file_name"] for r in rows], "text": [r["text"] for r in rows]}),
+                   root / "paths.parquet")
+    got = sorted_batch(prepare_training_dataset(str(root / "paths.parquet"), tiny_model_path, cfg.data, 3)[0])
+    for key in ("sample_id", "pixel_values", "input_ids"):
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=f"paths.parquet: {key}")
 
     # What HF `datasets` writes for an Image feature: a struct {bytes, path} column named "image".
     hf = datasets.Dataset.from_dict({"image": [str(root / r["file_name"]) for r in rows],

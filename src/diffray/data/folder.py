@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,14 +29,19 @@ def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
     """(line number, record, error) triples from metadata.jsonl or metadata.csv text; blank lines skipped.
 
     A JSONL line that is not JSON, or not a JSON object, is kept as (n, None, why) so that validation
-    quarantines that row alone.
+    quarantines that row alone. A CSV record's number is the line it starts on.
+
+    Raises:
+        DatasetError: a CSV file that is not valid CSV, or whose quoted field swallows following rows (a
+            stray quote), naming `name` and the line where the record starts.
     """
     if name.endswith(".csv"):
-        # line 1 is the header; numbering is off only for quoted captions spanning lines
-        return [(n, rec, "") for n, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2)]
+        return _csv_records(name, text)
     records: list[tuple[int, dict | None, str]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    # "\n" only: str.splitlines() also splits on U+2028, U+0085, \x1c... which JSON allows raw inside strings.
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
+        if not line.strip(" \t"):
             continue
         try:
             rec = json.loads(line)
@@ -47,6 +53,44 @@ def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
         else:
             records.append((n, None, f"metadata line {n}: a JSON {type(rec).__name__}, not an object"))
     return records
+
+
+# A line inside a quoted field that starts like a row of its own ("name.png,"): the quote opened above it
+# was never meant to span lines.
+_ROW_START = re.compile(r"\n\s*[^,\"\n]+\.(?:png|jpe?g|webp|bmp)\s*,", re.IGNORECASE)
+_UNCLOSED = "a stray quote? Close it, or write a quote inside a quoted field as \"\""
+
+
+def _csv_records(name: str, text: str) -> list[tuple[int, dict | None, str]]:
+    """`parse_metadata` for CSV: csv.DictReader's records (extra fields under None, missing ones None),
+    numbered by the line each starts on; strict, so a quote never closed is an error, not one huge caption."""
+    reader = csv.reader(io.StringIO(text), strict=True)
+    header: list[str] | None = None
+    records: list[tuple[int, dict | None, str]] = []
+    start = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return records
+        except csv.Error as exc:
+            why = "not valid CSV" if reader.line_num <= start else \
+                f"a quote opened in this row is still open at line {reader.line_num}"
+            raise DatasetError(f"{name}: line {start}: {why} ({exc}); {_UNCLOSED}") from None
+        if row and header is None:
+            header = row
+        elif row:
+            swallowed = next((m for m in map(_ROW_START.search, row) if m), None)
+            if swallowed is not None:
+                first = swallowed.string[swallowed.start() + 1:].split("\n")[0][:60]
+                raise DatasetError(f"{name}: line {start}: a quoted field opened here runs to line {reader.line_num}"
+                                   f" over lines that look like rows ({first!r}); {_UNCLOSED}")
+            rec: dict = dict(zip(header, row))
+            if len(row) > len(header):
+                rec[None] = row[len(header):]
+            rec.update((k, None) for k in header[len(row):])
+            records.append((start, rec, ""))
+        start = reader.line_num + 1
 
 
 @dataclass(frozen=True)
@@ -130,7 +174,7 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
         raise DatasetError(f"{root}: no metadata.jsonl or metadata.csv (expected an imagefolder with "
                            f"{image_column}/{caption_column} columns)")
     with fs.open_input_stream(meta) as f:
-        records = parse_metadata(meta, f.read().decode("utf-8"))
+        records = parse_metadata(meta, decode_text(meta, f.read()))
     if not records:
         raise DatasetError(f"{meta}: no rows")
     for col in (image_column, caption_column, conditioning_column, mask_column):
@@ -141,6 +185,20 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
     name = posixpath.basename(meta)
     return meta, [_row(fs, root, k, n, rec, error, columns, paths, name)
                   for k, (n, rec, error) in enumerate(records)]
+
+
+def decode_text(name: str, data: bytes) -> str:
+    """A metadata file's bytes as text: UTF-8, a leading byte-order mark (Excel's "CSV UTF-8") dropped.
+
+    Raises:
+        DatasetError: bytes that are not UTF-8 (a cp1252/Latin-1 export), naming the file, line and offset.
+    """
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{name}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line});"
+                           " save it as UTF-8") from None
 
 
 def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | None, error: str,

@@ -58,14 +58,46 @@ def is_parquet(path: str) -> bool:
 
 def resolve_columns(schema: pa.Schema, file: str, caption_column: str, image_column: str,
                     conditioning_column: str | None) -> tuple[str, str, str | None]:
-    """The image, caption and conditioning column names in this schema (image falls back to HF's 'image')."""
+    """The image, caption and conditioning column names in this schema. The default `file_name` reads HF's
+    'image' column where the file has one (an HF `datasets` file may carry both: its images and their original
+    names), else a column of paths under that name; another name falls back to 'image' too."""
     names = set(schema.names)
-    image = image_column if image_column in names else (HF_IMAGE_COLUMN if HF_IMAGE_COLUMN in names else None)
+    if image_column == "file_name" and HF_IMAGE_COLUMN in names:
+        image = HF_IMAGE_COLUMN
+    else:
+        image = image_column if image_column in names else (HF_IMAGE_COLUMN if HF_IMAGE_COLUMN in names else None)
     for want, got in ((image_column, image), (caption_column, caption_column if caption_column in names else None),
                       (conditioning_column, conditioning_column if conditioning_column in names else None)):
         if want is not None and got is None:
-            raise DatasetError(f"{file}: missing column {want!r} (has: {', '.join(schema.names)})")
+            also = f" or {HF_IMAGE_COLUMN!r}" if want == image_column != HF_IMAGE_COLUMN else ""
+            raise DatasetError(f"{file}: missing column {want!r}{also} (has: {', '.join(schema.names)})")
     return image, caption_column, conditioning_column
+
+
+def check_caption_type(schema: pa.Schema, file: str, column: str) -> None:
+    """DatasetError unless `column` holds text: string or binary (UTF-8 bytes), possibly dictionary-encoded,
+    or only nulls. A float or list column would otherwise train on "nan" or "['a', 'red']"."""
+    kind = schema.field(column).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_binary,
+            pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_null)
+    if not any(is_text(value) for is_text in text):
+        raise DatasetError(f"{file}: caption column {column!r} holds {kind}, not text (string or UTF-8 binary)")
+
+
+def caption_cell(value, column: str) -> tuple[str | None, str]:
+    """(caption, "") of one caption cell, or (None, why it cannot be used). None and NaN are a missing
+    caption (data.default_caption applies); bytes must be UTF-8."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None, ""
+    if isinstance(value, str):
+        return value, ""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8"), ""
+        except UnicodeDecodeError as exc:
+            return None, f"{column} is not UTF-8 text (byte 0x{value[exc.start]:02x} at offset {exc.start})"
+    return None, f"{column} is a {type(value).__name__}, not text"
 
 
 @dataclass(frozen=True)
@@ -106,6 +138,7 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
         except (OSError, pa.ArrowException) as exc:
             raise DatasetError(f"{file}: not a readable Parquet file ({exc})") from None
         image, caption, cond = resolve_columns(schema, file, caption_column, image_column, conditioning_column)
+        check_caption_type(schema, file, caption)
         if mask_column is not None and mask_column not in schema.names:
             raise DatasetError(f"{file}: missing column {mask_column!r} (has: {', '.join(schema.names)})")
         pair = pair_label = label = ""
@@ -184,37 +217,43 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
             labels = [str(it[k]) for k in ("label", "pair_label") if it.get(k)]
             table = read_row_group(fs, str(it["file"]), int(it["row_group"]),
                                    [it["image"], it["caption"], *names.values(), *labels])
-            read_rows(table, it, names, out)
+            table_rows(fs, table, it, names, out, id_offset, paths)
         return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
                 **{k: np.array(v, dtype=object) for k, v in out.items()}}
-
-    def read_rows(table: pa.Table, it: dict, names: dict[str, str], out: dict[str, list]) -> None:
-        folder = posixpath.dirname(str(it["file"]))
-        images, captions = table.column(it["image"]).to_pylist(), table.column(it["caption"]).to_pylist()
-        others = {col: table.column(name).to_pylist() for col, name in names.items()}
-        prefs = row_preferences(table, it)
-        for i in range(table.num_rows):
-            if prefs is not None:
-                if prefs[i] is None:
-                    continue
-                if prefs[i] == 1:  # the second image won: it becomes the row's image
-                    images[i], others["pair_image"][i] = others["pair_image"][i], images[i]
-            out["sample_id"].append(int(it["first_id"]) + i + id_offset)
-            out["source"].append(f"{it['file']}#{int(it['first_row']) + i}")
-            out["caption"].append(None if captions[i] is None else str(captions[i]))
-            img, error = image_bytes(fs, images[i], folder, it["image"], paths)
-            out["image"].append(img)
-            for col, values in others.items():  # conditioning and mask images: same rules as the image
-                data, why = image_bytes(fs, values[i], folder, names[col], paths)
-                out.setdefault(col, []).append(data)
-                error = error or why
-            out["error"].append(error)
 
     ds = ray.data.from_items(items).map_batches(read_group, batch_size=1, batch_format="numpy")
     total = sum(it["num_rows"] for it in items)
     if pairs is not None:
         total = count_preferences(fs, items, total, path)
     return raise_original_errors(ds), total
+
+
+def table_rows(fs: pafs.FileSystem, table: pa.Table, it: dict, names: dict[str, str], out: dict[str, list],
+               id_offset: int = 0, paths: PathRules = LOCAL_ONLY) -> None:
+    """Append the rows of one row group `table` (work item `it` of `row_groups`) to the columns `out`;
+    `names` maps the extra raw columns (conditioning_image, ...) to theirs in the file."""
+    folder = posixpath.dirname(str(it["file"]))
+    images, captions = table.column(it["image"]).to_pylist(), table.column(it["caption"]).to_pylist()
+    others = {col: table.column(name).to_pylist() for col, name in names.items()}
+    prefs = row_preferences(table, it)
+    for i in range(table.num_rows):
+        if prefs is not None:
+            if prefs[i] is None:
+                continue
+            if prefs[i] == 1:  # the second image won: it becomes the row's image
+                images[i], others["pair_image"][i] = others["pair_image"][i], images[i]
+        out["sample_id"].append(int(it["first_id"]) + i + id_offset)
+        out["source"].append(f"{it['file']}#{int(it['first_row']) + i}")
+        caption, error = caption_cell(captions[i], str(it["caption"]))
+        out["caption"].append(caption)
+        img, why = image_bytes(fs, images[i], folder, it["image"], paths)
+        out["image"].append(img)
+        error = error or why
+        for col, values in others.items():  # conditioning and mask images: same rules as the image
+            data, why = image_bytes(fs, values[i], folder, names[col], paths)
+            out.setdefault(col, []).append(data)
+            error = error or why
+        out["error"].append(error)
 
 
 def row_preferences(table: pa.Table, item: dict) -> list[int | None] | None:

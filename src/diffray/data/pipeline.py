@@ -51,8 +51,8 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
     if source_format(path, data.format) == "parquet":
         from diffray.data.parquet import read_parquet_rows
 
-        image_column = "image" if data.image_column == "file_name" else data.image_column
-        ds, total = read_parquet_rows(path, data.caption_column, image_column, data.conditioning_column, id_offset,
+        # data.image_column as it is: resolve_columns falls back to HF's 'image' when the file has no such column
+        ds, total = read_parquet_rows(path, data.caption_column, data.image_column, data.conditioning_column, id_offset,
                                       PathRules.of(data), data.mask_column, pair_columns(data))
         if prompt is not None:
             ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
