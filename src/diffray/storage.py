@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,8 +33,18 @@ def is_uri(path: str | Path) -> bool:
 
 
 def absolute(path: str | Path) -> str:
-    """A URI unchanged; a local path expanded and made absolute (against the current directory)."""
-    return str(path) if is_uri(path) else str(Path(path).expanduser().resolve())
+    """A URI unchanged; a local path expanded and made absolute (against the current directory).
+
+    Raises:
+        StorageError: a local path that reads as a URI missing a slash (`s3:/bucket/runs`), which would
+            otherwise become a folder named `s3:` here.
+    """
+    if is_uri(path):
+        return str(path)
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(path)):
+        scheme, rest = str(path).split(":", 1)
+        raise StorageError(f"{path}: a URI needs two slashes after its scheme ({scheme}://{rest.lstrip('/')})")
+    return str(Path(path).expanduser().resolve())
 
 
 def join(base: str, *parts: str) -> str:
@@ -51,8 +62,8 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), absolute(path)
     try:
         fs, inner = pafs.FileSystem.from_uri(str(path))
-    except (pa.ArrowException, ValueError) as exc:
-        raise StorageError(f"{path}: cannot open URI ({exc})") from None
+    except (pa.ArrowException, ValueError, OSError) as exc:  # OSError: e.g. hdfs:// without a JVM
+        raise StorageError(f"{path}: cannot open URI ({str(exc).strip().splitlines()[0]})") from None
     return fs, inner.rstrip("/") or inner
 
 
@@ -165,7 +176,7 @@ def incomplete(manifest: bytes | None, sizes: dict[str, int]) -> str | None:
     try:
         files = json.loads(manifest.decode("utf-8"))["files"]
         wanted = {str(k): int(v) for k, v in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):  # 1e400; "[" * 10**5
         return f"{MANIFEST} is not a JSON object with a files map"
     missing = sorted(k for k, v in wanted.items() if sizes.get(k) != v)
     return f"{len(missing)} file(s) missing or of another size than {MANIFEST} says: {missing[:3]}" if missing else None

@@ -31,3 +31,19 @@ def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="diffray.trainers.loop"):
         upload_logs(str(logs), "s3://no-such-bucket-here/r/logs")
     assert "logs not uploaded to s3://no-such-bucket-here/r/logs" in caplog.text and str(logs) in caplog.text
+
+
+def test_a_uri_missing_a_slash_or_a_filesystem_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    from diffray.errors import StorageError
+
+    with pytest.raises(StorageError, match=r"^s3:/my-bucket/runs: a URI needs two slashes after its scheme "
+                                           r"\(s3://my-bucket/runs\)$"):
+        storage.resolve("s3:/my-bucket/runs")
+    monkeypatch.chdir(tmp_path)
+    assert not list(tmp_path.iterdir())  # no folder named `s3:` made here
+    assert storage.absolute("C:/data") == str(tmp_path / "C:" / "data")  # a one-letter name is a path
+    with pytest.raises(StorageError) as err:  # pyarrow's HDFS needs a JVM: its long OSError, one line
+        storage.resolve("hdfs://namenode:8020/runs")
+    assert str(err.value).startswith("hdfs://namenode:8020/runs: cannot open URI (") and "\n" not in str(err.value)
