@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -162,10 +162,13 @@ class ExportSection(Section):
         "artifact/<format>/ (kohya: the A1111/ComfyUI layout; peft: a PEFT adapter dir per component).")
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]  # what torch's AdamW accepts (it raised inside the workers)
+
+
 class OptimSection(Section):
     lr: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
         "constant_with_warmup", description="Learning-rate schedule (diffusers.optimization).")

@@ -57,13 +57,22 @@ def pipeline_class_of(path: str) -> str:
     for a local dir or a hub repo without the index.
 
     Raises:
-        ModelError: a hub id whose index cannot be read (offline and not cached, no such repo, no access).
+        ModelError: a hub id whose index cannot be read (offline and not cached, no such repo, no access); a
+            local `model_index.json` that is not a JSON object.
     """
     import json
 
+    from diffray.errors import ModelError
+
     index = Path(path) / "model_index.json"
     if index.is_file():
-        return json.loads(index.read_text()).get("_class_name", "")
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise ModelError(f"{index}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{index}: must be a JSON object, got {type(data).__name__}")
+        return str(data.get("_class_name", ""))
     if Path(path).expanduser().exists() or not looks_like_hub_id(path):
         return ""
     hub_index = _hub_index(str(path))

@@ -65,6 +65,7 @@ def test_overrides_parse_types():
     ("train.timestep_range=[900, 100]", "train.timestep_range: [900, 100]: needs [lo, hi] with 0 <= lo < hi <= 1000"),
     ("train.timestep_range=[0, 1001]", "train.timestep_range: [0, 1001]: needs"),
     ("bogus.key=1", "bogus: unknown key"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas.1: Input should be less than 1"),
 ])
 def test_bad_values_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:

@@ -267,3 +267,15 @@ def test_textual_inversion_files_load_only_into_a_model_with_their_number_of_enc
     load_textual_inversion(xl_pipe, two)
     for tok, enc in ((xl_pipe.tokenizer, xl_pipe.text_encoder), (xl_pipe.tokenizer_2, xl_pipe.text_encoder_2)):
         assert "<x>" in tok.get_vocab() and enc.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+@pytest.mark.parametrize("text, why", [("{", "not valid JSON"), ("[1, 2]", "must be a JSON object, got list"),
+                                       (b"\xff\xfe{", "not valid JSON")])
+def test_a_broken_model_index_names_the_file(tmp_path, text, why):
+    from diffray.errors import ModelError
+    from diffray.models.family import family_of
+
+    index = tmp_path / "model_index.json"
+    index.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelError, match=f"^{index}: {why}"):
+        family_of(str(tmp_path))
