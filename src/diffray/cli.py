@@ -11,7 +11,6 @@ Ray's, Ray Data's and DeepSpeed's own output goes to the run's log files unless 
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -176,21 +175,12 @@ def data_inspect(path: str = typer.Argument(..., help="Imagefolder dir, Parquet 
     """Counts, image-size histogram, caption lengths, what validation would quarantine, and a contact sheet."""
     import json
 
-    from diffray.config import DataSection, validate_as
     from diffray.data import resolve_data_path
-    from diffray.data.inspect import format_summary, inspect_dataset
+    from diffray.data.inspect import check_outputs, format_summary, inspect_dataset, inspect_section
     from diffray.cluster import connect_ray
 
-    if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
-        raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
-                          "multiple of 8")
-    try:
-        data = validate_as(DataSection, {"path": path, "caption_column": caption_column, "image_column": image_column,
-                                         "min_image_size": min_image_size, "aspect_buckets": buckets is not None,
-                                         "resolution": buckets or 64, "bucket_step": bucket_step if buckets else 64})
-    except ConfigError as exc:  # name the option the user typed (--bucket-step), not the field behind it
-        raise ConfigError(re.sub(r"(?:^|(?<=; ))(\w+):", lambda m: "--" + {"resolution": "buckets"}.get(
-            m.group(1), m.group(1)).replace("_", "-") + ":", str(exc))) from None
+    data = inspect_section(path, caption_column, image_column, min_image_size, buckets, bucket_step)
+    check_outputs(out, report_dir)
     connect_ray()
     summary = inspect_dataset(resolve_data_path(path), data, out, sample, report_dir).summary()
     typer.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))

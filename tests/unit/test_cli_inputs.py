@@ -22,3 +22,11 @@ def test_generate_refuses_options_the_chosen_side_would_ignore(tmp_path, monkeyp
                         monkeypatch, capsys)
     assert code == 2 and out == "diffray: error: --size: only with --url (a local grid is drawn at the model's own size)\n"
     assert not (tmp_path / "x.png").exists()
+
+
+def test_inspect_checks_where_it_will_write_before_reading_a_row(tmp_path, monkeypatch, capsys):
+    (tmp_path / "report").write_text("a file")
+    for flag, value, why in (("--out", tmp_path / "sheet", "not an image file name (give .png, .jpg or .webp)"),
+                             ("--report-dir", tmp_path / "report", "is a file, not a folder")):
+        code, out = diffray(["data", "inspect", "builtin:sample", flag, value], monkeypatch, capsys)
+        assert (code, out) == (1, f"diffray: error: {flag} {value}: {why}\n")

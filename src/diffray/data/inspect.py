@@ -147,6 +147,39 @@ def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16,
     return result
 
 
+def inspect_section(path: str, caption_column: str, image_column: str, min_image_size: int, buckets: int | None,
+                    bucket_step: int):
+    """The data section `diffray data inspect`'s options describe (`buckets`: the aspect-bucket resolution, or
+    None). Raises ConfigError naming the option the user typed (--bucket-step), not the field behind it."""
+    import re
+
+    from diffray.config import DataSection, validate_as
+    from diffray.errors import ConfigError
+
+    if buckets is not None and (bucket_step % 8 or buckets % bucket_step):
+        raise ConfigError(f"--buckets {buckets} must be a multiple of --bucket-step {bucket_step}, itself a "
+                          "multiple of 8")
+    try:
+        return validate_as(DataSection, {"path": path, "caption_column": caption_column, "image_column": image_column,
+                                         "min_image_size": min_image_size, "aspect_buckets": buckets is not None,
+                                         "resolution": buckets or 64, "bucket_step": bucket_step if buckets else 64})
+    except ConfigError as exc:
+        raise ConfigError(re.sub(r"(?:^|(?<=; ))(\w+):", lambda m: "--" + {"resolution": "buckets"}.get(
+            m.group(1), m.group(1)).replace("_", "-") + ":", str(exc))) from None
+
+
+def check_outputs(sheet: Path | None, report_dir: str | Path | None) -> None:
+    """The paths `inspect_dataset` writes at its end (the contact sheet, the quarantine report's folder),
+    checked before the pass over the rows. Raises DatasetError naming the option."""
+    from diffray import storage
+    from diffray.errors import DatasetError
+
+    if sheet is not None and sheet.suffix.lower() not in Image.registered_extensions():
+        raise DatasetError(f"--out {sheet}: not an image file name (give .png, .jpg or .webp)")
+    if report_dir is not None and not storage.is_uri(report_dir) and Path(report_dir).expanduser().is_file():
+        raise DatasetError(f"--report-dir {report_dir}: is a file, not a folder")
+
+
 def format_summary(summary: dict) -> str:
     """Human-readable lines (the JSON form is `json.dumps(summary)`)."""
     lines = [f"{summary['source']}: {summary['rows']} rows, {summary['usable']} usable, "
