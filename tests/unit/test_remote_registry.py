@@ -182,3 +182,35 @@ def test_a_replacement_that_lists_the_same_is_noticed_while_fresh_and_old_entrie
     for _ in range(3):
         assert reg.get("one").path == old
     assert sorted((tmp_path / "copies").iterdir()) == before, "an old entry is not downloaded again"
+
+
+HOSTILE_MANIFESTS = {"huge-size": b'{"files": {"x": 1e400}}', "nan-size": b'{"files": {"x": NaN}}',
+                     "deep": b"[" * 100_000, "deep-files": b'{"files": ' + b"[" * 100_000 + b"}",
+                     "not-utf8": b"\xff\xfe", "files-list": b'{"files": [1]}', "no-files": b"{}"}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_MANIFESTS))
+def test_a_malformed_manifest_is_an_incomplete_entry_not_an_error(tmp_path, name):
+    """Anyone who can write the bucket writes manifests: one that overflows int() or the JSON parser's stack
+    hides only its own entry, and the listing (GET /v1/models) still answers with the others."""
+    raw = HOSTILE_MANIFESTS[name]
+    assert storage.incomplete(raw, {"x": 1}) == f"{storage.MANIFEST} is not a JSON object with a files map"
+    store = tmp_path / "store"
+    publish_adapter(str(artifact(tmp_path / "a")), f"file://{store}", "good")
+    (store / "evil").mkdir()
+    (store / "evil" / LORA).write_bytes(lora_bytes())
+    (store / "evil" / storage.MANIFEST).write_bytes(raw)
+    reg = RemoteRegistry(f"file://{store}", listing_ttl_s=0, copies=tmp_path / "copies")
+    assert [(i.id, i.available) for i in reg.list()] == [("good", True)]
+    assert reg.inspect("evil") is None and reg.get("good").available
+    with pytest.raises(AdapterNotFound):
+        reg.get("evil")
+
+
+def test_an_entry_whose_id_names_the_base_model_is_not_listed_from_a_store(tmp_path):
+    store = tmp_path / "store"
+    publish_adapter(str(artifact(tmp_path / "a")), f"file://{store}", "good")
+    (store / "good").rename(store / "dall-e-3")  # published under an allowed name, renamed in the bucket
+    publish_adapter(str(artifact(tmp_path / "b")), f"file://{store}", "good")
+    reg = RemoteRegistry(f"file://{store}", listing_ttl_s=0, copies=tmp_path / "copies")
+    assert [i.id for i in reg.list()] == ["good"] and reg.inspect("dall-e-3") is None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from diffray.errors import ConfigError, RequestError
-from diffray.serve.config import Limits, check_exposure, is_loopback, load_serve_file, parse_args
+from diffray.serve.config import Limits, check_exposure, default_size, is_loopback, load_serve_file, parse_args
 from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job, images_job,
                                    parse_size)
 
@@ -38,6 +38,10 @@ def test_overrides_reach_args_and_http_options():
     ({"batching": {"max_batch_size": "many"}}, "batching.max_batch_size"),
     ({"modle": "x"}, "modle"),
     ({"controlnets": {"canny": {"path": "x", "preprocess": "sobel"}}}, "controlnets.canny.preprocess"),
+    ({"default_steps": 60, "limits": {"max_steps": 50}}, "default_steps"),
+    ({"default_size": 1024, "limits": {"max_side": 512}}, "default_size"),
+    ({"default_size": 100}, "default_size"),
+    ({"default_size": 64, "limits": {"min_side": 128}}, "default_size"),
 ])
 def test_bad_args_name_the_field(data, field):
     with pytest.raises(ConfigError) as err:
@@ -129,6 +133,9 @@ def test_images_job_maps_model_to_adapter():
     assert (job.width, job.height, job.n, job.seed, job.adapters) == (64, 128, 2, 3, (("my-lora", 1.0),))
     for base in (None, "base", "dall-e-2"):
         assert images_job(ImagesRequest(prompt="p", model=base), LIMITS, 64, 4).adapters == ()
+    with pytest.raises(RequestError) as err:  # refused as `adapter: ""` is, never the base model in disguise
+        images_job(ImagesRequest(prompt="p", model=""), LIMITS, 64, 4)
+    assert err.value.param == "model"
 
 
 @pytest.mark.parametrize("body,param", [
@@ -239,3 +246,25 @@ def test_one_deployment_takes_the_generators_options():
     assert d.max_ongoing_requests == 256  # HTTP requests; the Generator's limits are checked by the replica
     two = build_app({"auth": {"api_keys": ["k"]}})._bound_deployment
     assert two.ray_actor_options == {"num_cpus": 0.5} and two.init_args[0] is not None
+
+
+@pytest.mark.parametrize("args,native,want", [
+    ({}, 512, 512), ({"limits": {"max_side": 1024}}, 1024, 1024),
+    ({"default_size": 512}, 1024, 512),  # a configured default wins over the native size
+    ({"default_size": 1024, "limits": {"max_side": 1024}}, 512, 1024),
+    ({}, 1024, "limits.max_side"), ({"limits": {"max_side": 768}}, 1024, "limits.max_side"),
+    ({"limits": {"min_side": 128}}, 64, "limits.min_side"),
+])
+def test_the_default_size_is_within_the_limits_or_refused_at_start(args, native, want):
+    """A request that gives no size is drawn at the default, which passes the checks a given size does: an
+    SDXL or Flux base (native 1024) under limits.max_side 512 is refused at start, naming the limit, never
+    drawn at 1024 nor answered with a 400 naming a `width` the client did not send."""
+    cfg = parse_args(args)
+    if isinstance(want, int):
+        assert default_size(cfg, native) == want
+        assert parse_size(None, want, cfg.limits) == (want, want)
+        assert generate_job(GenerateRequest(prompt="x"), cfg.limits, want, 4).width == want
+        return
+    with pytest.raises(ConfigError) as err:
+        default_size(cfg, native)
+    assert err.value.field == want and str(native) in str(err.value)

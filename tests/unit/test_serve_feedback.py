@@ -57,12 +57,19 @@ def test_malformed_bodies_name_the_field(patch, field):
     ({"b64_json": b64_png(size=(256, 8))}, "images.1.b64_json", 400),
     ({"b64_json": base64.b64encode(os.urandom(70_000)).decode()}, "images.1.b64_json", 413),
     ({"b64_json": b64_png(), "model": "../etc"}, "images.1.model", 400),
+    ({"b64_json": b64_png(), "model": ""}, "images.1.model", 400),
 ])
 def test_bad_images_and_ids_are_4xx_naming_them(image, param, status):
     req = FeedbackRequest(**body(images=[{"b64_json": b64_png()}, image]))
     with pytest.raises(RequestError) as err:
         feedback_record(req, LIMITS, CFG, None)
     assert (err.value.param, err.value.status) == (param, status)
+
+
+def test_names_the_images_api_maps_to_the_base_model_are_recorded_as_base():
+    for name in ("base", "dall-e-2", "dall-e-3", "gpt-image-1"):
+        rec = record(images=[{"b64_json": b64_png(), "model": name}, {"b64_json": b64_png(), "model": "lora-a"}])
+        assert rec.models == ("base", "lora-a")
 
 
 def test_images_are_stored_as_clean_png():

@@ -46,6 +46,32 @@ def test_bad_ids_rejected_whole_string(bad):
     assert err.value.param == "adapters.0.id" and "\n" not in err.value.message
 
 
+@pytest.mark.parametrize("reserved", ["base", "dall-e-2", "dall-e-3", "gpt-image-1"])
+def test_ids_that_name_the_base_model_are_refused_listed_never_and_not_published(tmp_path, reserved, caplog):
+    """The images API maps these `model`s to the base model: an adapter by that name could never be asked for,
+    and /v1/models would list `base` twice. Refused as ids, skipped (with a warning) in a folder, and publishing
+    refuses them."""
+    from diffray.errors import ConfigError
+    from diffray.loop import publish_adapter
+
+    with pytest.raises(RequestError, match="names the base model") as err:
+        check_adapter_id(reserved, "adapter")
+    assert err.value.param == "adapter"
+    assert check_adapter_id(reserved.upper()) == reserved.upper()  # ids are case-sensitive, as the API's names
+    _artifact(tmp_path / "reg", reserved, {LORA: lora_bytes()})
+    (tmp_path / "reg" / f"{reserved}.safetensors").write_bytes(lora_bytes())
+    _artifact(tmp_path / "reg", "fine", {LORA: lora_bytes()})
+    reg = AdapterRegistry(tmp_path / "reg")
+    assert [a.id for a in reg.list()] == ["fine"]
+    assert f"entry {reserved!r} is not served: its id names the base model" in caplog.text
+    with pytest.raises(RequestError):
+        reg.get(reserved)
+    art = _artifact(tmp_path / "run", "artifact", {LORA: lora_bytes()})
+    with pytest.raises(ConfigError) as err:
+        publish_adapter(str(art), str(tmp_path / "out"), reserved)
+    assert err.value.field == "publish" and not (tmp_path / "out" / reserved).exists()
+
+
 @pytest.mark.parametrize("good", ["my-lora", "a", "v1.2_final", "A" * 64, "..a"])
 def test_good_ids(good):
     assert check_adapter_id(good) == good
@@ -75,6 +101,12 @@ def test_kinds_listing_and_rescan(tmp_path):
     assert reg.get("new").kind == "lora"
 
 
+def _header_bytes(header: dict, data_len: int) -> bytes:
+    """A safetensors file with this (possibly malformed) JSON header and `data_len` zero bytes of data."""
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + b"\0" * data_len
+
+
 def _broken_weights() -> dict[str, tuple[str, bytes]]:
     good = lora_bytes()
     n = int.from_bytes(good[:8], "little")
@@ -89,6 +121,15 @@ def _broken_weights() -> dict[str, tuple[str, bytes]]:
         "header-deep": (LORA, (4000).to_bytes(8, "little") + b"[" * 2000 + b"]" * 2000),
         "padded": (LORA, good + b"\0" * 16),
         "bad-dtype": (LORA, good[:8] + good[8:8 + n].replace(b'"F32"', b'"Q99"') + good[8 + n:]),
+        "dtype-list": (LORA, _header_bytes({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, 4)),
+        "dtype-dict": (LORA, _header_bytes({"w": {"dtype": {"a": 1}, "shape": [1], "data_offsets": [0, 4]}}, 4)),
+        "dtype-null": (LORA, _header_bytes({"w": {"dtype": None, "shape": [1], "data_offsets": [0, 4]}}, 4)),
+        "shape-dict": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": {"a": 1}, "data_offsets": [0, 4]}}, 4)),
+        "shape-negative": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, 4)),
+        "shape-float": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}, 4)),
+        "offsets-nested": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [[0], 4]}}, 4)),
+        "offsets-three": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 4]}}, 4)),
+        "offsets-string": (LORA, _header_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": "0,4"}}, 4)),
         "nan": (LORA, lora_bytes(fill=float("nan"))),
         "inf": (LORA, lora_bytes(fill=float("inf"))),
         "no-tensors": (LORA, st_save({})),
@@ -111,6 +152,21 @@ def test_broken_weights_are_listed_unavailable_and_refused_by_name(tmp_path, nam
     with pytest.raises(AdapterError, match=f"adapter '{name}' is unavailable") as err:
         reg.get(name)
     assert str(tmp_path) not in str(err.value)
+
+
+@pytest.mark.parametrize("field", ["dtype", "shape", "data_offsets"])
+@pytest.mark.parametrize("value", [["F32"], {"a": 1}, None, [[0], 4], -1])
+def test_a_malformed_header_field_is_a_problem_naming_the_file(tmp_path, field, value):
+    """Any JSON value in any header field the parser reads is a reported problem, never a TypeError: a listing
+    (and the engine's sweep, which inspects every resident adapter) must survive one hostile artifact."""
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], field: value}
+    (tmp_path / "hostile.safetensors").write_bytes(_header_bytes({"w": entry}, 4))
+    _artifact(tmp_path, "fine", {LORA: lora_bytes()})
+    listed = {a.id: a for a in AdapterRegistry(tmp_path).list()}
+    assert listed["fine"].available
+    assert listed["hostile"].problem.startswith("hostile.safetensors: ")
+    with pytest.raises(AdapterError, match="'hostile' is unavailable: hostile.safetensors: "):
+        AdapterRegistry(tmp_path).get("hostile")
 
 
 CARDS = {"list": "[1, 2]", "string": '"hi"', "number": "5", "null": "null", "deep": "[" * 50_000 + "]" * 50_000,

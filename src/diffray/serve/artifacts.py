@@ -91,7 +91,7 @@ def _check_offsets(header: dict[str, Any], data_len: int, name: str) -> None:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise ArtifactProblem(f"{name}: malformed tensor entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict here is unhashable: check the type first
             raise ArtifactProblem(f"{name}: unsupported tensor dtype")
         if not isinstance(shape, list) or len(shape) > 8 or not all(_nonneg_int(d) for d in shape):
             raise ArtifactProblem(f"{name}: malformed tensor shape")

@@ -26,7 +26,7 @@ class Timing:
 
     queued_s: float
     run_s: float
-    batch_size: int
+    batch_size: int  # jobs handed to `run` together (the engine may split them into several pipeline calls)
 
 
 class Batcher:

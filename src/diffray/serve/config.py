@@ -162,10 +162,49 @@ class ServeArgs(Section):
                                      f"Generator's: set generator.{name} (or generator.autoscaling) instead")
         return self
 
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> ServeArgs:
+        # A default is what a request that gives none is drawn with: it must pass the checks a given value does.
+        if self.default_steps > self.limits.max_steps:
+            raise ValueError(f"default_steps: {self.default_steps} is above limits.max_steps "
+                             f"({self.limits.max_steps}): lower it or raise the limit")
+        if self.default_size is not None:
+            problem = side_problem(self.default_size, self.limits)
+            if problem:
+                raise ValueError(f"default_size: {problem}")
+        return self
+
     def api_keys(self) -> list[str]:
         """Configured keys plus those in $DIFFRAY_API_KEYS (read where this runs: the ingress replica)."""
         env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
         return list(dict.fromkeys([*self.auth.api_keys, *env]))
+
+
+def side_problem(side: int, limits: Limits) -> str | None:
+    """Why `side` pixels is no width or height a request may have under `limits` (None when it may)."""
+    if side % 8 or not limits.min_side <= side <= limits.max_side:
+        return f"{side} must be a multiple of 8 in [{limits.min_side}, {limits.max_side}]"
+    return None
+
+
+def default_size(args: ServeArgs, native: int) -> int:
+    """The width and height of a request that gives none: `default_size`, else the model's `native` size,
+    which must then be within the limits too. Refused, not shrunk: a model drawn below its native size
+    (SDXL or Flux at 512) gives poor images, and a deployment should say so at start rather than serve them.
+
+    Raises:
+        ConfigError: naming `limits.max_side` (or `limits.min_side`) when the native size is outside them.
+    """
+    if args.default_size is not None:
+        return args.default_size  # checked against the limits by ServeArgs
+    if native > args.limits.max_side:
+        raise ConfigError(f"{args.limits.max_side} is below the model's native size {native}, which requests that "
+                          f"give no size are drawn at: raise limits.max_side to {native}, or set default_size "
+                          f"(a multiple of 8, at most {args.limits.max_side})", field="limits.max_side")
+    if side_problem(native, args.limits):
+        raise ConfigError(f"{args.limits.min_side} is above the model's native size {native}: lower it, or set "
+                          "default_size", field="limits.min_side")
+    return native
 
 
 def parse_args(data: dict[str, Any] | None) -> ServeArgs:

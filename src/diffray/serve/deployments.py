@@ -30,7 +30,7 @@ from diffray.serve import pages
 from diffray.serve.api_models import (BEARER, FeedbackAccepted, GenerateResponse, Health, ImagesResponse, ModelList,
                                       ServerStatus, error_responses)
 from diffray.serve.artifacts import card_text
-from diffray.serve.config import parse_args
+from diffray.serve.config import default_size, parse_args
 from diffray.serve.drawing import Drawing
 from diffray.serve.exposure import enforce
 from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
@@ -98,8 +98,10 @@ def answer_headers(result: dict, t0: float) -> dict[str, str]:
     """An image answer's headers: the replica that drew it, and a Server-Timing header saying where the
     request's time went, in ms: `ingress` (this handler, from the validated request to the encoded images),
     `generator` (its call to the Generator, the actor hop included), and within the replica `adapters`
-    (loading or finding the adapter set), `queue` (waiting for its batch to start) and `engine` (the
-    batch's pipeline call and PNG encoding, shared by the `batch` jobs in it)."""
+    (loading or finding the adapter set), `queue` (waiting for its batch to start) and `engine` (the engine's
+    run over the whole batch: its pipeline calls and PNG encoding). `X-Diffray-Batch` is how many jobs the
+    batcher handed to the engine together; the engine splits them into one pipeline call per shape and
+    adapter set (or per shape, mixing one LoRA each), so a job's own call may have held fewer."""
     timing = {**result["timing"], "ingress": time.perf_counter() - t0}
     parts = [f"{name};dur={timing[name] * 1e3:.1f}" for name in ("ingress", "generator", "adapters", "queue", "engine")]
     return {"X-Diffray-Replica": result["replica"], "X-Diffray-Batch": str(timing["batch"]),
@@ -140,7 +142,7 @@ class Ingress:
         from diffray.models.family import family_of
 
         model_path = resolve_model_path(self.args.model)
-        self.default_size = self.args.default_size or _native_size(model_path)
+        self.default_size = default_size(self.args, _native_size(model_path))  # ConfigError when over the limits
         family = family_of(model_path)
         self.family, self.default_guidance = family.name, family.default_guidance
         fb = self.args.feedback

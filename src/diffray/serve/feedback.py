@@ -20,8 +20,8 @@ from pydantic import Field
 
 from diffray.errors import RequestError
 from diffray.serve.config import FeedbackSection, Limits
-from diffray.serve.registry import check_adapter_id
-from diffray.serve.schemas import BASE_IDS, MAX_SEED, SCHEDULERS, Body, Text, check_prompt, decode_b64_image
+from diffray.serve.registry import RESERVED_IDS, check_adapter_id
+from diffray.serve.schemas import MAX_SEED, SCHEDULERS, Body, Text, check_prompt, decode_b64_image
 
 CHOICES = ("left", "right", "tie", "both_bad")
 FEEDBACK_ID = r"[A-Za-z0-9_-]{8,64}"
@@ -86,7 +86,8 @@ def clean_png(b64: str, param: str, cfg: FeedbackSection) -> bytes:
 
 
 def _model_id(model: str, param: str) -> str:
-    return "base" if model in BASE_IDS else check_adapter_id(model, param)
+    """`base` for any name the images API maps to the base model (`base`, `dall-e-3`, ...), else the adapter id."""
+    return "base" if model in RESERVED_IDS else check_adapter_id(model, param)
 
 
 def feedback_record(req: FeedbackRequest, limits: Limits, cfg: FeedbackSection, user: str | None) -> FeedbackRecord:

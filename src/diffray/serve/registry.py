@@ -23,10 +23,12 @@ from diffray.errors import AdapterError, AdapterNotFound, RequestError
 from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS
 from diffray.models.textual_inversion import SDXL_KEYS, TI_WEIGHTS
 from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
+from diffray.serve.schemas import BASE_IDS, OPENAI_MODEL_NAMES
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+RESERVED_IDS = frozenset(BASE_IDS + OPENAI_MODEL_NAMES)  # the images API maps these `model`s to the base model
 CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 KINDS = ("lora", "textual_inversion", "controlnet")
 MAX_TI_TOKEN_CHARS = 100
@@ -56,16 +58,21 @@ class AdapterInfo:
 
 
 def valid_id(adapter_id: Any) -> bool:
+    """A plain name (1-64 of `A-Za-z0-9._-`, whole string, not `.`/`..`) that names no base model (`RESERVED_IDS`):
+    an entry with another name is never listed, served or published."""
     return isinstance(adapter_id, str) and ADAPTER_ID.fullmatch(adapter_id) is not None \
-        and not set(adapter_id) <= {"."}
+        and not set(adapter_id) <= {"."} and adapter_id not in RESERVED_IDS
 
 
 def check_adapter_id(adapter_id: Any, param: str = "model") -> str:
-    """The id if it is a plain name (1-64 of `A-Za-z0-9._-`, whole string, not `.`/`..`).
+    """The id if it is `valid_id`.
 
     Raises:
-        RequestError: naming `param` (the bad value is not echoed back).
+        RequestError: naming `param` (the bad value is not echoed back, but for a reserved name).
     """
+    if adapter_id in RESERVED_IDS:
+        raise RequestError(f"{adapter_id!r} names the base model, not an adapter: leave the adapter out to draw "
+                           "with the base model", param=param)
     if not valid_id(adapter_id):
         raise RequestError("invalid adapter id: use 1-64 of A-Z a-z 0-9 . _ - (no paths, URLs or whitespace)",
                            param=param)
@@ -205,8 +212,23 @@ class AdapterRegistry:
             return []
         out = []
         for name in dict.fromkeys(n.removesuffix(".safetensors") for n in names):
-            if valid_id(name) and not name.startswith("."):
+            if name in RESERVED_IDS:
+                warn_reserved(str(self.root), name)
+            elif valid_id(name) and not name.startswith("."):
                 info = self.inspect(name)
                 if info is not None:
                     out.append(info)
         return out
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_reserved(where: str, name: str) -> None:
+    """Log (once per registry and name) that an entry is not served because its id names the base model: a
+    client asking for it gets the base model, so listing it would show `base` twice and serve it never."""
+    if (where, name) in _WARNED or len(_WARNED) > 1024:
+        return
+    _WARNED.add((where, name))
+    log.warning("adapter registry %s: entry %r is not served: %s", where, name,
+                f"its id names the base model ({', '.join(sorted(RESERVED_IDS))}); rename it")

@@ -38,7 +38,8 @@ import pyarrow.fs as pafs
 from diffray import storage
 from diffray.paths import cache_dir
 from diffray.serve.artifacts import CARD, ArtifactProblem, parse_card
-from diffray.serve.registry import AdapterInfo, AdapterRegistry, kind_by_names, valid_id
+from diffray.serve.registry import (RESERVED_IDS, AdapterInfo, AdapterRegistry, kind_by_names, valid_id,
+                                   warn_reserved)
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2
@@ -168,6 +169,8 @@ class RemoteRegistry(AdapterRegistry):
     def list(self) -> list[AdapterInfo]:
         out = []
         for name, entry in sorted(self.entries().items()):
+            if name in RESERVED_IDS:
+                warn_reserved(self.uri, name)
             if not valid_id(name) or name.startswith(".") or not self.whole(entry):
                 continue
             card, problem = {}, None if entry.kind() != "unknown" else "holds no LoRA, Textual Inversion or ControlNet"

@@ -17,10 +17,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from diffray.errors import DatasetError, RequestError
-from diffray.serve.config import Limits
+from diffray.serve.config import Limits, side_problem
 
 BASE_IDS = ("base",)  # `model` values that mean "no adapter"
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1")  # OpenAI defaults map to the base model too
+# so no adapter may have one of these ids: the images API could never reach it (`registry.valid_id`)
 SCHEDULERS = ("default", "ddim", "ddpm", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
 MAX_SEED = 2**63 - 1
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
@@ -149,14 +150,15 @@ def check_prompt(text: str, limits: Limits, param: str) -> str:
 
 
 def check_side(value: int, limits: Limits, param: str) -> int:
-    if value % 8 or not limits.min_side <= value <= limits.max_side:
-        raise RequestError(f"{value} must be a multiple of 8 in [{limits.min_side}, {limits.max_side}]",
-                           param=param)
+    problem = side_problem(value, limits)
+    if problem:
+        raise RequestError(problem, param=param)
     return value
 
 
 def parse_size(size: str | None, default: int, limits: Limits) -> tuple[int, int]:
-    """`"WxH"` -> (width, height), both checked. Raises RequestError naming `size`."""
+    """`"WxH"` -> (width, height), both checked; `default` square when None (within the limits: the config
+    and the Ingress check it at start, `config.default_size`). Raises RequestError naming `size`."""
     if size is None:
         return default, default
     m = _SIZE.fullmatch(size)
@@ -183,7 +185,14 @@ def check_common(n: int, steps: int, guidance: float, seed: int | None, limits: 
 
 
 def adapter_of_model(model: str | None) -> str | None:
-    """The adapter id an OpenAI `model` names; None for the base model."""
+    """The adapter id an OpenAI `model` names; None for the base model (left out, `base` or an OpenAI name).
+
+    Raises:
+        RequestError: naming `model` when it is empty (as `adapter: ""` and a feedback `model: ""` are refused).
+    """
+    if model == "":
+        raise RequestError("must not be empty: an adapter id from GET /v1/models, or leave it out (or `base`) "
+                           "for the base model", param="model")
     if model is None or model in BASE_IDS or model in OPENAI_MODEL_NAMES:
         return None
     return model
@@ -197,7 +206,8 @@ def images_job(req: ImagesRequest, limits: Limits, default_size: int, default_st
     seed = check_common(req.n, default_steps, default_guidance, req.seed, limits)
     adapter = adapter_of_model(req.model)
     return Job(prompt=check_prompt(req.prompt, limits, "prompt"), n=req.n, width=width, height=height,
-               steps=default_steps, guidance=default_guidance, seed=seed, adapters=((adapter, 1.0),) if adapter else ())
+               steps=default_steps, guidance=default_guidance, seed=seed,
+               adapters=((adapter, 1.0),) if adapter is not None else ())
 
 
 def generate_job(req: GenerateRequest, limits: Limits, default_size: int, default_steps: int,

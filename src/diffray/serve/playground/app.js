@@ -5,6 +5,10 @@
 "use strict";
 
 const KEY_SLOT = "diffray.apiKey";
+// Where the app is mounted (`/`, or a Serve route prefix such as `/diffray/`): this script is its
+// `playground/app.js`. API paths are relative and resolved against it, never against the host's root.
+// (document.currentScript is only set while the script's top level runs.)
+const APP_ROOT = new URL("../", document.currentScript.src);
 const GALLERY_SIZE = 12;
 const $ = (id) => document.getElementById(id);
 let pair = null; // the comparison on screen: {prompt, negative_prompt, images: [{b64_json, model, ...}, ...]}
@@ -19,13 +23,15 @@ function showError(message) {
   box.hidden = !message;
 }
 
-// One API call: JSON in and out; an error answer becomes an Error whose message a person can read.
+// One API call (`path` relative to the app's root, e.g. "v1/models"): JSON in and out; an error answer
+// becomes an Error whose message a person can read.
 async function api(method, path, body) {
   const headers = {"Content-Type": "application/json"};
   if (apiKey()) headers["Authorization"] = "Bearer " + apiKey();
   let response;
   try {
-    response = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+    const init = {method, headers, body: body === undefined ? undefined : JSON.stringify(body)};
+    response = await fetch(new URL(path, APP_ROOT), init);
   } catch (err) {
     throw new Error("cannot reach the server (" + err.message + ")");
   }
@@ -50,7 +56,7 @@ function option(value, label, disabled, title) {
 }
 
 async function loadModels() {
-  const models = await api("GET", "/v1/models");
+  const models = await api("GET", "v1/models");
   const pickers = [$("model"), $("left-model"), $("right-model")];
   pickers.forEach((s) => s.replaceChildren());
   $("control-model").replaceChildren(option("", "none"));
@@ -149,7 +155,7 @@ async function generate() {
   try {
     const seed = intOrNull("seed") ?? randomSeed();
     const model = $("model").value;
-    const result = await api("POST", "/v1/generate", await requestBody(model, seed));
+    const result = await api("POST", "v1/generate", await requestBody(model, seed));
     for (const img of result.images) addToGallery(img.b64_json, $("prompt").value, model + " · seed " + img.seed);
     $("generate-status").textContent = "done";
   } catch (err) {
@@ -181,7 +187,7 @@ async function compare() {
   try {
     const wanted = sides();
     const bodies = await Promise.all(wanted.map((s) => requestBody(s.model, s.seed)));
-    const results = await Promise.all(bodies.map((b) => api("POST", "/v1/generate", b)));
+    const results = await Promise.all(bodies.map((b) => api("POST", "v1/generate", b)));
     const images = results.map((r, i) => ({b64_json: r.images[0].b64_json, model: wanted[i].model || "base",
                                            seed: r.seed, steps: bodies[i].steps, guidance: bodies[i].guidance}));
     ["left", "right"].forEach((side, i) => {
@@ -203,7 +209,7 @@ async function prefer(choice) {
   const body = {id: newId(), prompt: pair.prompt, images: pair.images, choice};
   if (pair.negative_prompt) body.negative_prompt = pair.negative_prompt;
   try {
-    const saved = await api("POST", "/v1/feedback", body);
+    const saved = await api("POST", "v1/feedback", body);
     $("feedback-status").textContent = "Recorded: " + choice.replace("_", " ") + " (" + saved.id + ")";
     pair = null;
   } catch (err) {
