@@ -61,12 +61,12 @@ def check_new_id(adapters_dir: str | Path, adapter_id: str, replace: bool) -> No
         ConfigError: naming --publish.
     """
     from diffray import storage
-    from diffray.serve.registry import valid_id
-    from diffray.serve.schemas import BASE_IDS
+    from diffray.serve.registry import RESERVED_IDS, valid_id
 
-    if not valid_id(adapter_id) or adapter_id.startswith(".") or adapter_id in BASE_IDS:
+    if not valid_id(adapter_id) or adapter_id.startswith("."):  # valid_id refuses RESERVED_IDS too
         raise ConfigError(f"{adapter_id!r} is not an adapter id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with "
-                          "'.', not 'base'", field="publish")
+                          f"'.', none of {', '.join(sorted(RESERVED_IDS))} (they name the base model)",
+                          field="publish")
     names = (adapter_id, f"{adapter_id}.safetensors")
     taken = [p for p in (storage.join(str(adapters_dir), n) for n in names) if storage.exists(p)]
     if taken and not replace:

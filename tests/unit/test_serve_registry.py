@@ -70,6 +70,7 @@ def test_ids_that_name_the_base_model_are_refused_listed_never_and_not_published
     with pytest.raises(ConfigError) as err:
         publish_adapter(str(art), str(tmp_path / "out"), reserved)
     assert err.value.field == "publish" and not (tmp_path / "out" / reserved).exists()
+    assert "none of base, dall-e-2, dall-e-3, gpt-image-1 (they name the base model)" in str(err.value)
 
 
 @pytest.mark.parametrize("good", ["my-lora", "a", "v1.2_final", "A" * 64, "..a"])
