@@ -245,3 +245,34 @@ def test_step_counts_the_sampler_cannot_run_fail_alone_before_any_pipeline_call(
     out = engine.run([job(scheduler=scheduler, steps=steps, width=8, height=8), job(seed=77)])
     assert isinstance(out[0], RequestError) and out[0].param == "steps" and isinstance(out[1], list)
     assert engine.steps_done - before == 2  # only the good job ran
+
+
+def test_controlnet_pipelines_are_kept_least_recently_used_first_out(tiny_model_path, tmp_path):
+    """Each registry ControlNet a request names holds a pipeline with its weights: at most
+    generator.max_controlnets_per_replica stay (a client cycling through many cannot grow the replica), the
+    least recently used goes first, a kept one is reused as it is, and an evicted one draws the same again."""
+    from testkit.adapters import controlnet_from_unet
+
+    from diffray.serve.engine import ImageEngine
+
+    for i in range(3):
+        controlnet_from_unet(tiny_model_path, tmp_path / f"cn{i}", seed=i)
+    engine = ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(tmp_path),
+                                     "generator": {"max_controlnets_per_replica": 2}}), device="cpu")
+    ctrl = Image.new("RGB", (64, 64), (255, 255, 255))
+
+    def draw(name):
+        (out,) = engine.run([job(controlnet=name, control_image=ctrl)])
+        assert isinstance(out, list), out
+        return out
+
+    first = draw("cn0")
+    draw("cn1")
+    kept = engine.control_pipes["cn1"][1]
+    draw("cn0")  # cn0 is now the most recent: cn1 goes next
+    draw("cn2")
+    assert list(engine.control_pipes) == ["cn0", "cn2"]
+    assert engine.controlnet_pipe("cn0") is engine.control_pipes["cn0"][1]  # kept: reused (and now most recent)
+    assert draw("cn1") is not None and engine.control_pipes["cn1"][1] is not kept  # evicted: built again
+    assert list(engine.control_pipes) == ["cn0", "cn1"]
+    assert same_pixels(draw("cn0"), first)

@@ -99,6 +99,8 @@ class GeneratorSection(Section, Accelerator):
                                      "(-1: unbounded).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on a 503.")
     max_adapters_per_replica: int = Field(4, ge=1, description="Resident adapter sets per replica (LRU).")
+    max_controlnets_per_replica: int = Field(4, ge=1, description="ControlNet pipelines kept per replica, each with "
+                                             "its ControlNet's weights (LRU; an evicted one is loaded again on use).")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Pipeline dtype (fp16 "
                                                              "only on GPU).")
     in_ingress: bool = Field(False, description="Run the pipeline in the Ingress's own replicas: one deployment, "

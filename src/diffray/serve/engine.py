@@ -96,7 +96,7 @@ class ImageEngine:
         self.lock = threading.RLock()
         self.schedulers = {"default": self.pipe.scheduler}
         self.step_checks: dict[tuple[str, int], RequestError | None] = {}
-        self.control_pipes: dict[str, object] = {}
+        self.control_pipes: collections.OrderedDict[str, tuple] = collections.OrderedDict()  # LRU: recent last
         self.native_size = (int(self.pipe.vae.config.sample_size) if self.flux else
                             int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor))
         self.call_args = {k: v for k, v in call_args(self.pipe).items() if k == "max_sequence_length"}
@@ -168,11 +168,13 @@ class ImageEngine:
             if info.kind != "controlnet":
                 raise RequestError(f"{name!r} is a {info.kind}, not a ControlNet", param="control.model")
             path, sub, key = info.path, None, ("registry", info.fingerprint)
-        cached = self.control_pipes.get(name)
+        cached = self.control_pipes.pop(name, None)
         if cached is None or cached[0] != key:  # new, or replaced on disk
-            self.control_pipes.pop(name, None)
-            self.control_pipes[name] = (key, self._build_control_pipe(name, path, sub))
-        return self.control_pipes[name][1]
+            cached = (key, self._build_control_pipe(name, path, sub))
+        self.control_pipes[name] = cached
+        while len(self.control_pipes) > self.args.generator.max_controlnets_per_replica:  # its weights go with it
+            self.control_pipes.popitem(last=False)
+        return cached[1]
 
     def _build_control_pipe(self, name: str, path: str, sub: str | None):
         from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
