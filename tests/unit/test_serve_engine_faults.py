@@ -276,3 +276,33 @@ def test_controlnet_pipelines_are_kept_least_recently_used_first_out(tiny_model_
     assert draw("cn1") is not None and engine.control_pipes["cn1"][1] is not kept  # evicted: built again
     assert list(engine.control_pipes) == ["cn0", "cn1"]
     assert same_pixels(draw("cn0"), first)
+
+
+def test_an_adapter_set_dropped_on_the_event_loop_releases_without_blocking_it(setup):
+    """A load whose caller was cancelled leaves its finished AdapterSet to be dropped on the replica's event
+    loop. Releasing it waits for the engine lock, which a running batch holds: that wait happens on a thread,
+    so the loop goes on serving, and the adapter is released once the batch ends."""
+    import asyncio
+
+    from diffray.serve.drawing import AdapterSet
+
+    engine = setup[0]
+    held, finish = threading.Event(), threading.Event()
+
+    def batch():  # a batch running in the engine: it holds the lock until told to finish
+        with engine.lock:
+            held.set()
+            finish.wait(timeout=20)  # with the bug, the loop blocks until then
+
+    async def drop_on_the_loop() -> bool:
+        adapters = await asyncio.to_thread(AdapterSet, engine, ["lora"])
+        assert "lora" in engine.resident
+        threading.Thread(target=batch, daemon=True).start()
+        assert await asyncio.to_thread(held.wait, 60)
+        del adapters  # on the loop thread, while the batch holds the lock
+        return finish.is_set()
+
+    assert asyncio.run(drop_on_the_loop()) is False  # the loop went on before the batch ended
+    assert "lora" in engine.resident  # not released while the batch ran
+    finish.set()
+    wait_until(lambda: "lora" not in engine.resident, "the dropped adapter set released after the batch")

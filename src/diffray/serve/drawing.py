@@ -6,6 +6,7 @@ holds its own (`deployments`).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from ray import serve
@@ -25,7 +26,14 @@ class AdapterSet:
     def __del__(self):  # Serve calls this on LRU eviction (in a thread); later calls do nothing. Never raises.
         if getattr(self, "live", False):
             self.live = False
-            self.engine.release(self.ids)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # a plain thread: release here
+                self.engine.release(self.ids)
+            else:  # dropped on the event loop (a load whose caller was cancelled): the engine lock may be held
+                # by a running batch for seconds, so wait for it on a thread of its own, not on the loop
+                threading.Thread(target=self.engine.release, args=(self.ids,), name="diffray-release",
+                                 daemon=True).start()
 
 
 class Drawing:
