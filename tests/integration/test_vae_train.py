@@ -49,3 +49,24 @@ def test_vae_learns_and_exports_a_unit_variance_autoencoder(ray_cluster, tmp_pat
     with torch.no_grad():
         std = (vae.encode(x).latent_dist.mean * vae.config.scaling_factor).std().item()
     assert 0.8 < std < 1.25, std
+
+
+@pytest.mark.slow
+@pytest.mark.eval  # ~3 min on 2 cores (two runs). CI: unit/test_vae.py checks the same rows without Ray
+def test_resumed_run_exports_the_scaling_factor_of_a_straight_run(ray_cluster, tmp_path, faults):
+    # The rows behind scaling_factor are the first ones each rank trains on; a worker killed at step 3 resumes
+    # from step 2's checkpoint, past those batches, and must still export the straight run's factor.
+    cards = {}
+    for name, drill in [("straight", {}), ("killed", {"kill_rank_at_step": {"rank": 0, "step": 3, "registered": 2}})]:
+        faults(**drill)
+        cfg = load_config(REPO / "configs" / "vae.yaml", [TINY_RANDOM, f"run.storage_path={tmp_path / 'runs'}",
+                                                          f"run.name={name}", "train.max_steps=4",
+                                                          "train.checkpoint_every=2", "train.validate_every=null",
+                                                          "train.validation_grids=false", "train.progress_bar=false"])
+        result = run_training(cfg)
+        cards[name] = read_card(result.artifact_dir)
+    lines = (tmp_path / "runs" / "killed" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [e["resumed_from_step"] for e in map(json.loads, lines) if e.get("event") == "start"] == [0, 2]
+    straight, killed = cards["straight"], cards["killed"]
+    assert killed["scaling_rows"] == straight["scaling_rows"] == 16  # 4 steps x micro-batch 4 on rank 0
+    assert killed["scaling_factor"] == pytest.approx(straight["scaling_factor"], rel=1e-6)

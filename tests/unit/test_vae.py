@@ -1,8 +1,9 @@
 """`method: vae` without Ray: config rules, the loss terms, seeded from-scratch init, the grid and the
-exported scaling factor."""
+exported scaling factor (and its rows after a resume)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,27 @@ def test_export_scaling_factor_gives_unit_latents_and_grid(tiny_model_path, tmp_
         x = torch.cat(task.rows)
         latents = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     assert abs(latents.std().item() - 1.0) < 1e-4
+
+
+def numbered_stream(name, cfg, env, skip: int = 0):
+    """Stands in for `session.data_stream`: micro-batch i is the same tensor on every read, as on resume."""
+    for i in itertools.count(skip):
+        g = torch.Generator().manual_seed(i)
+        yield {"sample_id": torch.arange(4) + 4 * i, "pixel_values": torch.rand(4, 3, 64, 64, generator=g) * 2 - 1}
+
+
+def test_resumed_task_keeps_the_rows_and_scaling_factor_of_a_straight_run(tiny_model_path, monkeypatch):
+    # The kept rows are the first ones the stream yields; a resume from step 2 skips those batches, yet its
+    # grid and exported scaling_factor must be those of the run without the restart.
+    monkeypatch.setattr("diffray.trainers.session.data_stream", numbered_stream)
+    straight, resumed = task_of(tiny_model_path, scaling_samples=6), task_of(tiny_model_path, scaling_samples=6)
+    straight.start(None, {"step": 0})
+    resumed.start(None, {"step": 2})
+    with torch.no_grad():
+        for step in (1, 2, 3):
+            straight.next_loss(straight.module, step)
+        resumed.next_loss(resumed.module, 3)
+    assert next(straight.stream)["sample_id"].tolist() == next(resumed.stream)["sample_id"].tolist()
+    assert sum(len(r) for r in resumed.rows) == 6
+    assert torch.equal(torch.cat(resumed.rows), torch.cat(straight.rows))
+    assert resumed.scaling_factor() == straight.scaling_factor()

@@ -1,6 +1,6 @@
 """`method: vae` in the shared loop: the engine trains `KeyedAutoencoder` (the AutoencoderKL, its posterior
 sample keyed by (seed, step, sample_id) as everywhere else); rank-local rows seen in training feed the
-validation grid and the exported `scaling_factor`."""
+validation grid and the exported `scaling_factor` (a resumed run keeps the same rows as one without a restart)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,12 @@ class VaeTask(StepTask):
         self.stream = None
 
     def start(self, engine, state: dict) -> None:
-        self.stream = session.data_stream("train", self.cfg, self.env, state["step"] * self.grad_accum_steps)
+        # A resume reads the micro-batches it skips (the stream yields them in the same order) so that the
+        # kept rows, and with them the grid and the exported scaling_factor, are those of a run without
+        # the restart; the rows stay out of the trainer state (64 rows at 512 px would be ~200 MB of JSON).
+        self.stream = session.data_stream("train", self.cfg, self.env)
+        for _ in range(state["step"] * self.grad_accum_steps):
+            self.keep_rows(next(self.stream)["pixel_values"])
 
     def losses(self, engine, batch: dict, step: int) -> torch.Tensor:
         """Per-sample L1 + MSE reconstruction + kl_weight x KL(posterior || N(0, I)) per latent element."""
