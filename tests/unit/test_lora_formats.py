@@ -4,6 +4,8 @@ the diffusers artifact's predictions in stock loaders; a kohya file survives imp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -193,3 +195,137 @@ def test_preflight_refuses_a_missing_init_from_and_formats_that_cannot_carry_the
     assert err.value.field == "export.formats"
     preflight(cfg(lora={"variant": "rslora"}, export={"formats": ["kohya", "peft"]}), "unused")  # alpha folded
     preflight(cfg(lora={"variant": "dora"}, export={"formats": ["diffusers"]}), "unused")
+
+
+def _xl_unet_out(unet):
+    """The SDXL UNet's prediction on fixed random inputs (both encoders' states, pooled embedding, size ids)."""
+    cfg, g = unet.config, torch.Generator().manual_seed(0)
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    with torch.no_grad():
+        return unet(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500]),
+                    encoder_hidden_states=torch.randn(1, 77, cfg.cross_attention_dim, generator=g),
+                    added_cond_kwargs={"text_embeds": torch.randn(1, pooled, generator=g),
+                                       "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+
+
+def test_sdxl_unet_lora_kohya_export_loads_in_stock_sdxl_and_says_sdxl(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffray.models.adapters import add_lora
+    from diffray.models.family import family_of
+    from diffray.models.loading import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny-sdxl")
+    comps = family_of(path).load(path)
+    add_lora(comps.unet, 4, 8.0, 0.0, ["to_q", "to_k", "to_v", "to_out.0"], 0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in comps.unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    want = _xl_unet_out(comps.unet)
+    artifact = export_lora(tmp_path / "artifact", comps.unet, None,
+                           {"family": "stable-diffusion-xl", "config": {"run": {"name": "xl"}}})
+    kohya = lora_formats.export_artifact(artifact, "kohya", tmp_path / "kohya") / "xl.safetensors"
+    with safe_open(str(kohya), "pt") as f:
+        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    pipe = StableDiffusionXLPipeline.from_pretrained(path)
+    before = _xl_unet_out(pipe.unet)
+    pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    assert (_xl_unet_out(pipe.unet) - want).abs().max().item() < 1e-4
+    assert (before - want).abs().max().item() > 1e-3  # the adapter does change the output
+
+
+def _synthetic_artifact(folder, components, card):
+    """A diffusers-layout LoRA artifact with one rank-2 layer per component (no model needed)."""
+    folder.mkdir(parents=True)
+    sd = {}
+    for c in components:
+        sd[f"{c}.blocks.0.to_q.lora.down.weight"] = torch.ones(2, 8)
+        sd[f"{c}.blocks.0.to_q.lora.up.weight"] = torch.ones(8, 2)
+    save_file(sd, str(folder / "pytorch_lora_weights.safetensors"))
+    (folder / "diffray_card.json").write_text(card if isinstance(card, str) else json.dumps(card))
+    return folder
+
+
+@pytest.mark.parametrize("components,family,fmt,refused", [
+    (("unet", "text_encoder", "text_encoder_2"), "stable-diffusion-xl", "kohya", "text_encoder, text_encoder_2"),
+    (("unet", "text_encoder", "text_encoder_2"), "stable-diffusion-xl", "peft", "text_encoder, text_encoder_2"),
+    (("unet", "text_encoder", "text_encoder_2"), None, "kohya", "text_encoder, text_encoder_2"),  # told by its keys
+    (("unet", "text_encoder"), "stable-diffusion-xl", "kohya", "text_encoder"),
+    (("transformer",), "flux", "kohya", "transformer"),
+    (("transformer",), None, "peft", "transformer"),
+])
+def test_a_format_that_cannot_hold_a_family_lora_is_refused_before_out_exists(components, family, fmt, refused,
+                                                                               tmp_path):
+    card = {"config": {"run": {"name": "x"}}, **({"family": family} if family else {})}
+    artifact = _synthetic_artifact(tmp_path / "artifact", components, card)
+    want = family or ("flux" if "transformer" in components else "stable-diffusion-xl")
+    with pytest.raises(ConfigError, match=f"format: a {fmt} export .*{want} LoRA.*{refused}") as err:
+        lora_formats.export_artifact(artifact, fmt, tmp_path / "out" / fmt)
+    assert err.value.field == "format"
+    assert not (tmp_path / "out").exists()  # nothing half-written, no empty folder
+    # the artifact's own layout holds every component
+    done = lora_formats.export_artifact(artifact, "diffusers", tmp_path / "copy")
+    assert sorted(p.name for p in done.iterdir()) == ["diffray_card.json", "pytorch_lora_weights.safetensors"]
+
+
+@pytest.mark.parametrize("fmt", lora_formats.FORMATS)
+def test_export_bad_out_or_card_is_one_typed_error_and_writes_nothing(fmt, tmp_path):
+    from diffray.errors import AdapterError, StorageError
+
+    artifact = _synthetic_artifact(tmp_path / "artifact", ("unet",), {"config": {"run": {"name": "x"}}})
+    before = {p.name: p.read_bytes() for p in artifact.iterdir()}
+    for out in (artifact, tmp_path / "artifact" / ".." / "artifact"):
+        with pytest.raises(ConfigError, match="OUT: .* is the artifact itself") as err:
+            lora_formats.export_artifact(artifact, fmt, out)
+        assert err.value.field == "OUT"
+    assert {p.name: p.read_bytes() for p in artifact.iterdir()} == before  # the source is never written to
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError, match="OUT: .*a_file is a file, not a folder"):
+        lora_formats.export_artifact(artifact, fmt, a_file)
+    with pytest.raises(StorageError, match="a_file/sub: cannot write"):
+        lora_formats.export_artifact(artifact, fmt, a_file / "sub")
+    bad = _synthetic_artifact(tmp_path / "bad", ("unet",), "{bad")
+    with pytest.raises(AdapterError, match="bad/diffray_card.json: not valid JSON"):
+        lora_formats.export_artifact(bad, fmt, tmp_path / "out" / "deep")
+    with pytest.raises(AdapterError, match="listcard/diffray_card.json: not a JSON object"):
+        lora_formats.export_artifact(_synthetic_artifact(tmp_path / "listcard", ("unet",), "[]"), fmt, tmp_path / "o")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_export_that_fails_while_writing_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from diffray.errors import StorageError
+
+    artifact = _synthetic_artifact(tmp_path / "artifact", ("unet",), {"config": {"run": {"name": "x"}}})
+
+    def disk_full(weights, out_dir, card):
+        (out_dir / "x.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lora_formats, "write_kohya", disk_full)
+    with pytest.raises(StorageError, match="new/kohya: cannot write the kohya export \\(No space left on device\\)"):
+        lora_formats.export_artifact(artifact, "kohya", tmp_path / "new" / "kohya")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made is kept
+    with pytest.raises(StorageError):
+        lora_formats.export_artifact(artifact, "kohya", tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()
+
+
+def test_export_command_refusals_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from diffray.cli import main
+
+    artifact = _synthetic_artifact(tmp_path / "artifact", ("unet", "text_encoder", "text_encoder_2"),
+                                   {"family": "stable-diffusion-xl"})
+    for args in ([str(artifact), str(tmp_path / "out"), "-f", "kohya"],
+                 [str(artifact), str(artifact), "-f", "diffusers"]):
+        monkeypatch.setattr(sys, "argv", ["diffray", "export", *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("diffray: error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

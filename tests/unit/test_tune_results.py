@@ -71,3 +71,16 @@ def test_sha_decisions_survive_a_restored_experiment(tmp_path):
     assert again.waiting("a") and again.waiting("b") and not again.waiting("c")
     assert again.on_trial_result(None, a, {"step": 6, "val_loss": 0.3}) == again.PAUSE  # judged at rung 3 only
     assert again.records[0]["a"] == -0.1 and again.expected == [3, None]
+
+
+def test_results_of_an_experiment_stopped_before_tune_saved_state_is_a_typed_error(tmp_path):
+    """`diffray tune results DIR` on a job killed before Tune wrote experiment_state-*.json: one line."""
+    from diffray.errors import ConfigError
+    from diffray.tune.results import JOB_FILE, read_experiment
+
+    exp = tmp_path / "tune-lora"
+    exp.mkdir()
+    (exp / JOB_FILE).write_text((Path(__file__).parents[2] / "configs" / "tune_lora.yaml").read_text())
+    with pytest.raises(ConfigError, match=f"{exp}: no trial results yet \\(the experiment never started or was "
+                                          "stopped before Tune saved its state\\)"):
+        read_experiment(str(exp))

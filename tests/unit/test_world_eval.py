@@ -121,3 +121,25 @@ def test_subject_and_controlnet_metrics():
     cn = score_rows("controlnet", {"num": 4}, ["base"], cn_items, perfect_images("controlnet", cn_items), 1.0)
     assert cn.metrics["base"]["edge_f1"]["mean"] == 1.0 and cn.metrics["base"]["shape_iou"]["mean"] > 0.7
     assert ("control", 0) in cn.images
+
+
+def test_textual_inversion_token_is_the_one_the_adapter_loads_as(tmp_path):
+    """An SDXL embedding file's keys are the encoders' (`clip_l`/`clip_g`): the token is the card's, so eval
+    prompts name what `load_textual_inversion` adds; an SD file's one key is its token."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffray.models.adapters import write_card
+    from diffray.models.textual_inversion import SDXL_KEYS, TI_WEIGHTS
+    from diffray.world.evaluate import ti_token
+
+    xl, sd = tmp_path / "xl", tmp_path / "sd"
+    for d, tensors in ((xl, {k: torch.zeros(1, 8) for k in SDXL_KEYS}), (sd, {"<cat-toy>": torch.zeros(1, 8)})):
+        d.mkdir()
+        save_file(tensors, str(d / TI_WEIGHTS))
+        write_card(d, {"method": "textual_inversion", "placeholder_token": "<star>" if d == xl else "<cat-toy>"})
+    assert ti_token(str(xl)) == "<star>"
+    assert ti_token(str(sd)) == "<cat-toy>"
+    assert ti_token(None) is None and ti_token(str(tmp_path)) is None  # not a TI adapter
+    items = build_suite("star", 2, 0, 64, ti_token(str(xl)))
+    assert all("<star>" in i.adapter_prompt and "clip" not in i.adapter_prompt for i in items)

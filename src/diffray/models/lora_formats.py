@@ -11,6 +11,7 @@ Never imports ray.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffray.errors import ConfigError
+from diffray.errors import AdapterError, ConfigError, StorageError
 from diffray.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
+# What the kohya and PEFT exports hold of each family's LoRA: SDXL's two text encoders (kohya's lora_te1_/
+# lora_te2_) and Flux's transformer have no writer here, so a LoRA with them is refused, never cut short.
+EXPORTABLE = {"stable-diffusion": ("unet", "text_encoder"), "stable-diffusion-xl": ("unet",), "flux": ()}
+KOHYA_BASE_VERSION = {"stable-diffusion": "sd_v1", "stable-diffusion-xl": "sdxl_base_v1-0"}  # ss_base_model_version
 _SUFFIXES = {  # (down, up) key suffixes of each layout
     "diffusers": (".lora.down.weight", ".lora.up.weight"),
     "diffusers_te": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
@@ -156,10 +161,34 @@ def kohya_metadata(weights: LoraWeights, card: dict) -> dict[str, str]:
     """The `ss_*` fields kohya files carry, so A1111/ComfyUI and their tools show rank and alpha."""
     first = weights[min(weights)]
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
-            "ss_network_alpha": f"{first.alpha:g}", "ss_base_model_version": "sd_v1",
+            "ss_network_alpha": f"{first.alpha:g}",
+            "ss_base_model_version": KOHYA_BASE_VERSION.get(lora_family(weights, card), "sd_v1"),
             "ss_output_name": str(card.get("config", {}).get("run", {}).get("name", "lora")),
             "ss_training_comment": f"diffray {card.get('method', 'lora')}",
             "ss_steps": str(card.get("steps", ""))}
+
+
+def lora_family(weights: LoraWeights, card: dict) -> str:
+    """The base-model family of a LoRA: its card's `family` (training writes it), else what its components
+    tell (`transformer.` layers are Flux's, `text_encoder_2.` SDXL's, anything else Stable Diffusion's)."""
+    family = card.get("family")
+    if isinstance(family, str) and family:
+        return family
+    components = {k.split(".", 1)[0] for k in weights}
+    return "flux" if "transformer" in components else \
+        "stable-diffusion-xl" if "text_encoder_2" in components else "stable-diffusion"
+
+
+def check_exportable(weights: LoraWeights, card: dict, fmt: str) -> None:
+    """ConfigError (naming `format`, the family and the components) when `fmt` cannot hold every layer."""
+    family = lora_family(weights, card)
+    allowed = EXPORTABLE.get(family, ())
+    extra = sorted({k.split(".", 1)[0] for k in weights} - set(allowed))
+    if extra:
+        what = (f"holds the {' and '.join(allowed)} layers of a {family} LoRA only, not its {', '.join(extra)}"
+                if allowed else f"cannot hold a {family} LoRA (its {', '.join(extra)} layers)")
+        raise ConfigError(f"a {fmt} export {what}; "
+                          "the artifact itself (diffusers layout) is the file to use", field="format")
 
 
 def module_names(unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None = None) -> list[str]:
@@ -260,12 +289,14 @@ def write_peft(weights: LoraWeights, out_dir: Path) -> Path:
 
 def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path:
     """Write a LoRA artifact dir (`pytorch_lora_weights.safetensors`) in `fmt` into out_dir, with its card.
+    Everything is checked before out_dir is created; out_dir is removed again when writing fails.
 
     Raises:
-        ConfigError: unknown format, or `artifact` holds no LoRA.
+        ConfigError: unknown format or one that cannot hold this LoRA, `artifact` holds no LoRA, or out_dir
+            is the artifact itself or a file.
+        AdapterError: the artifact's card is not a JSON object.
+        StorageError: out_dir cannot be created or written.
     """
-    import shutil
-
     if fmt not in FORMATS:
         raise ConfigError(f"{fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     src = Path(artifact).expanduser()
@@ -273,18 +304,45 @@ def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path
     if not weights_file.is_file():
         raise ConfigError(f"{src}: not a LoRA artifact (no pytorch_lora_weights.safetensors)")
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"{out} is the artifact itself: name another folder (the source is never written to)",
+                          field="OUT")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder", field="OUT")
     card_file = src / "diffray_card.json"
-    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-    if fmt == "diffusers":
-        shutil.copyfile(weights_file, out / weights_file.name)
-    else:
-        sd, metadata = read_safetensors(weights_file)
-        weights = _nonempty(from_prefixed(sd, metadata), weights_file)
-        write_kohya(weights, out, card) if fmt == "kohya" else write_peft(weights, out)
-    if card_file.is_file():
-        shutil.copyfile(card_file, out / card_file.name)
+    card = _read_card(card_file)
+    weights = None if fmt == "diffusers" else _nonempty(from_prefixed(*read_safetensors(weights_file)), weights_file)
+    if weights is not None:
+        check_exportable(weights, card, fmt)
+    created = next((p for p in reversed([out, *out.absolute().parents]) if not p.exists()), None)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if fmt == "diffusers":
+            shutil.copyfile(weights_file, out / weights_file.name)
+        else:
+            write_kohya(weights, out, card) if fmt == "kohya" else write_peft(weights, out)
+        if card_file.is_file():
+            shutil.copyfile(card_file, out / card_file.name)
+    except BaseException as exc:
+        if created is not None:  # never leave an empty or half-written OUT (or parents made for it) behind
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise StorageError(f"{out}: cannot write the {fmt} export ({exc.strerror or exc})") from None
+        raise
     return out
+
+
+def _read_card(card_file: Path) -> dict:
+    """The artifact's card ({} when it has none); AdapterError naming the file when it is not a JSON object."""
+    if not card_file.is_file():
+        return {}
+    try:
+        card = json.loads(card_file.read_text())
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise AdapterError(f"{card_file}: not valid JSON ({exc})") from None
+    if not isinstance(card, dict):
+        raise AdapterError(f"{card_file}: not a JSON object (an adapter card)")
+    return card
 
 
 def load_into(model: torch.nn.Module, layers: LoraWeights, rank: int, alpha: float, source: str) -> int:

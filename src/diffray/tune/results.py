@@ -43,6 +43,9 @@ def collect_rows(exp_dir: str, job) -> list[TrialRow]:
     """Every trial of the experiment in `exp_dir`, best first (finished trials before stopped ones)."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
+    if not _has_tune_state(exp_dir):
+        raise ConfigError(f"{exp_dir}: no trial results yet (the experiment never started or was stopped before "
+                          "Tune saved its state)")
     analysis = ExperimentAnalysis(exp_dir, default_metric=job.tune.metric, default_mode=job.tune.mode)
     frames = analysis.trial_dataframes
     errors = {r.path: r.error for r in ResultGrid(analysis)}
@@ -51,6 +54,14 @@ def collect_rows(exp_dir: str, job) -> list[TrialRow]:
     sign = 1.0 if job.tune.mode == "min" else -1.0
     rows.sort(key=lambda r: (STATUS_ORDER[r.status], _nan_last(sign * r.metric)))
     return rows
+
+
+def _has_tune_state(exp_dir: str) -> bool:
+    """Whether Tune saved the experiment's state (`experiment_state-*.json`), which it writes only once
+    trials are running: a job killed before that leaves `tune_job.yaml` alone."""
+    fs, base = storage.resolve(exp_dir)
+    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
+               for i in storage.list_files(fs, base))
 
 
 def stop_marker(exp_dir: str, trial_id: str) -> str:

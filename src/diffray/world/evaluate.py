@@ -111,15 +111,13 @@ def adapter_kind(adapter: str | None, controlnet: str | None) -> str | None:
 
 
 def ti_token(adapter: str | None) -> str | None:
-    """The placeholder token stored in a Textual Inversion adapter dir, or None for other adapters."""
-    from safetensors import safe_open
-
-    from diffray.models.textual_inversion import TI_WEIGHTS
+    """The placeholder token of a Textual Inversion adapter dir (the one `load_textual_inversion` adds: an
+    SDXL file's keys are `clip_l`/`clip_g`, its token is on the card), or None for other adapters."""
+    from diffray.models.textual_inversion import TI_WEIGHTS, stored_token
 
     if not adapter or not (Path(adapter) / TI_WEIGHTS).is_file():
         return None
-    with safe_open(str(Path(adapter) / TI_WEIGHTS), framework="np") as f:
-        return next(iter(f.keys()), None)
+    return stored_token(adapter)
 
 
 def check_inputs(model: str | None, adapter: str | None, controlnet: str | None, steps: int, guidance: float,
