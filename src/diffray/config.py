@@ -30,7 +30,8 @@ class Section(BaseModel):
 
 class RunSection(Section):
     name: str = Field("lora-sample", pattern=RUN_NAME_PATTERN,
-                      description="Run name; a rerun with the same name and storage_path resumes.")
+                      description="Run name; a rerun with the same name and storage_path resumes (with the "
+                      "settings the run was started with: trainers/rerun.py).")
     storage_path: str = Field("./runs", description="Local dir or pyarrow URI (s3://...) for checkpoints.")
     seed: int = Field(0, ge=0, description="Seed for LoRA init, noise, timesteps and data augmentation.")
 

@@ -23,6 +23,7 @@ from diffray.models.adapters import read_card, write_card
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers.loop import train_loop_per_worker, upload_logs
 from diffray.trainers.progress import RunStatus, watch_progress
+from diffray.trainers.rerun import check_rerun, record_settings
 from diffray.trainers import tracking
 from diffray.trainers.session import ARTIFACT_DIR, VALIDATION
 
@@ -124,7 +125,8 @@ def fit_checked(trainer: TorchTrainer, status, what: str, log_dir: str, hint: st
     if step is not None:
         last = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingError(f"{what}: loss became NaN/inf at step {step}; training stopped. Last good checkpoint: "
-                            f"{last}. Try a lower optim.lr or optim.max_grad_norm (logs: {log_dir}).")
+                            f"{last}. Try a lower optim.lr or optim.max_grad_norm under a new run.name (a rerun "
+                            f"resumes with the run's own settings) (logs: {log_dir}).")
     return result
 
 
@@ -137,13 +139,15 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     model_path = resolve_model_path(cfg.model.path)
     method_of(cfg.method).check(cfg, model_path)
     tracking.check(cfg.tracking)
+    run_dir, log_dir = run_dirs(cfg)
+    check_rerun(cfg, run_dir)
     connect_ray()
     check_resources(cfg.scaling)
-    run_dir, log_dir = run_dirs(cfg)
     remote_logs = logs_uri(run_dir)
     handler = logs.attach_run_log(f"{log_dir}/driver.log")
     try:
         datasets = build_datasets(cfg, model_path, log_dir)
+        record_settings(cfg, run_dir)
         status = RunStatus.remote()
         result = fit_checked(build_trainer(cfg, model_path, datasets, log_dir, status, logs_uri=remote_logs),
                              status, f"training run {cfg.run.name!r}", log_dir,
