@@ -323,11 +323,32 @@ def test_least_recently_used_adapter_is_evicted_and_reloads_the_same(hostile):
     (I, {"prompt": "x", "model": "lora-a\n"}, "model"),
     (I, {"prompt": "x", "size": "64x64\n"}, "size"),
     (G, {"prompt": "x", "control": {"model": "cn-x\n", "image": "AAAA"}}, "control.model"),
+    (I, {"prompt": "x", "model": ""}, "model"),  # was the base model, silently
+    (G, {"prompt": "x", "adapter": "dall-e-3"}, "adapter"),  # a name the images API gives the base model
 ])
 def test_ids_and_sizes_must_match_whole(hostile, path, body, param):
     status, js, _ = hostile.call("POST", path, body)
     assert_clean_4xx(hostile, status, js, param)
     assert status == 400
+
+
+def test_the_playground_under_a_route_prefix_loads_its_assets_and_reaches_its_api(hostile):
+    """Served at /slow/, the page's stylesheet and script and the API paths its script resolves against the
+    app's root are the app's own (absolute /playground/... and /v1/... reached the app at / instead)."""
+    import re
+    from urllib.parse import urljoin
+
+    status, page, _ = hostile.call("GET", "/slow/", key=None)
+    assert status == 200
+    assets = re.findall(r'(?:href|src)="([^"]+)"', page["text"])
+    assert sorted(assets) == ["playground/app.js", "playground/style.css"]
+    for asset in assets:
+        assert urljoin("/slow/", asset).startswith("/slow/playground/")
+        assert hostile.call("GET", urljoin("/slow/", asset), key=None)[0] == 200
+    status, script, _ = hostile.call("GET", "/slow/playground/app.js", key=None)
+    assert '"v1/models"' in script["text"] and not re.search(r"[\x27\"]/v1/", script["text"])  # no absolute URL
+    status, models, _ = hostile.call("GET", urljoin(urljoin("/slow/", "playground/app.js"), "../v1/models"))
+    assert status == 200 and "data" in models
 
 
 @pytest.mark.parametrize("values", [("Bearer " + KEY, "Bearer nope"), ("Bearer nope", "Bearer " + KEY),
