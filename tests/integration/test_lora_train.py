@@ -211,6 +211,10 @@ def test_resume_is_exact_under_ddp_with_every_loss_option(ray_cluster, tmp_path)
     weights = adapter(resumed)
     assert any(k.startswith("text_encoder.") for k in weights) and any(k.startswith("unet.") for k in weights)
     assert_same_adapter(weights, adapter(straight), "DDP: 4 steps + resume to 8")
+    from diffray.errors import ConfigError  # a rerun with another learning rate would go on with the old one
+
+    with pytest.raises(ConfigError, match=r"run 'ddp-resumed' in .* was started with other settings: optim.lr "):
+        run_training(small_cfg(tmp_path, "ddp-resumed", *opts, "optim.lr=1e-5"))
 
 
 def test_bad_dataset_is_a_clear_error(ray_cluster, tmp_path):
