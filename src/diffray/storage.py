@@ -63,7 +63,8 @@ def resolve(path: str | Path) -> tuple[pafs.FileSystem, str]:
     try:
         fs, inner = pafs.FileSystem.from_uri(str(path))
     except (pa.ArrowException, ValueError, OSError) as exc:  # OSError: e.g. hdfs:// without a JVM
-        raise StorageError(f"{path}: cannot open URI ({str(exc).strip().splitlines()[0]})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StorageError(f"{path}: cannot open URI ({first})") from None
     return fs, inner.rstrip("/") or inner
 
 
