@@ -315,17 +315,11 @@ def test_export_that_fails_while_writing_removes_the_folders_it_made(tmp_path, m
 
 
 def test_export_command_refusals_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    import sys
-
-    from diffray.cli import main
+    from testkit.cli import diffray
 
     artifact = _synthetic_artifact(tmp_path / "artifact", ("unet", "text_encoder", "text_encoder_2"),
                                    {"family": "stable-diffusion-xl"})
-    for args in ([str(artifact), str(tmp_path / "out"), "-f", "kohya"],
-                 [str(artifact), str(artifact), "-f", "diffusers"]):
-        monkeypatch.setattr(sys, "argv", ["diffray", "export", *args])
-        with pytest.raises(SystemExit) as exit_:
-            main()
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.startswith("diffray: error: ") and err.count("\n") == 1, err
+    for args in ([artifact, tmp_path / "out", "-f", "kohya"], [artifact, artifact, "-f", "diffusers"]):
+        code, err = diffray(["export", *args], monkeypatch, capsys)
+        assert code == 2 and err.startswith("diffray: error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
