@@ -36,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
+@pytest.fixture(autouse=True)
+def cli_logging_undone():
+    """A test that runs the CLI in-process (`testkit.cli`, typer's CliRunner) sets up its terminal on the
+    `diffray` logger: its own stderr handler and no propagation. Undone after each test, or later tests'
+    `caplog` would never see diffray's records."""
+    import logging
+
+    log = logging.getLogger("diffray")
+    saved = list(log.handlers), log.propagate, log.level
+    yield
+    log.handlers[:] = saved[0]
+    log.propagate = saved[1]
+    log.setLevel(saved[2])  # setLevel, not the attribute: it also clears the loggers' level caches
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 endpoint on 127.0.0.1 (tests/testkit/s3.py) for the whole session. Its AWS_* variables are set

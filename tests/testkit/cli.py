@@ -8,7 +8,8 @@ import pytest
 
 
 def diffray(args, monkeypatch, capsys) -> tuple[int, str]:
-    """Run `diffray ARGS` through `diffray.cli.main` (which turns errors into one line and an exit code)."""
+    """Run `diffray ARGS` through `diffray.cli.main` (which turns errors into one line and an exit code).
+    The terminal logging it sets up is undone after the test (conftest's `cli_logging_undone`)."""
     from diffray.cli import main
 
     monkeypatch.setattr(sys, "argv", ["diffray", *map(str, args)])
