@@ -45,6 +45,9 @@ def cli_logging_undone():
 
     log = logging.getLogger("diffray")
     saved = list(log.handlers), log.propagate, log.level
+    for name, logger in list(logging.root.manager.loggerDict.items()):  # a library's dictConfig may disable them
+        if name.startswith("diffray.") and isinstance(logger, logging.Logger):
+            logger.disabled = False
     yield
     log.handlers[:] = saved[0]
     log.propagate = saved[1]
