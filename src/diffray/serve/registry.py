@@ -23,12 +23,11 @@ from diffray.errors import AdapterError, AdapterNotFound, RequestError
 from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS
 from diffray.models.textual_inversion import SDXL_KEYS, TI_WEIGHTS
 from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
-from diffray.serve.schemas import BASE_IDS, OPENAI_MODEL_NAMES
+from diffray.serve.schemas import RESERVED_IDS
 
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-RESERVED_IDS = frozenset(BASE_IDS + OPENAI_MODEL_NAMES)  # the images API maps these `model`s to the base model
 CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 KINDS = ("lora", "textual_inversion", "controlnet")
 MAX_TI_TOKEN_CHARS = 100
@@ -212,9 +211,7 @@ class AdapterRegistry:
             return []
         out = []
         for name in dict.fromkeys(n.removesuffix(".safetensors") for n in names):
-            if name in RESERVED_IDS:
-                warn_reserved(str(self.root), name)
-            elif valid_id(name) and not name.startswith("."):
+            if listable(str(self.root), name):
                 info = self.inspect(name)
                 if info is not None:
                     out.append(info)
@@ -224,9 +221,16 @@ class AdapterRegistry:
 _WARNED: set[tuple[str, str]] = set()
 
 
-def warn_reserved(where: str, name: str) -> None:
-    """Log (once per registry and name) that an entry is not served because its id names the base model: a
-    client asking for it gets the base model, so listing it would show `base` twice and serve it never."""
+def listable(where: str, name: str) -> bool:
+    """Whether the registry `where`'s entry `name` is listed: a `valid_id`, not hidden (a leading '.': still being
+    copied in). A reserved id (`RESERVED_IDS`) is logged, once per registry and name, and not listed: a client
+    asking for it gets the base model, so listing it would show `base` twice and serve it never."""
+    if name in RESERVED_IDS:
+        _warn_reserved(where, name)
+    return valid_id(name) and not name.startswith(".")
+
+
+def _warn_reserved(where: str, name: str) -> None:
     if (where, name) in _WARNED or len(_WARNED) > 1024:
         return
     _WARNED.add((where, name))

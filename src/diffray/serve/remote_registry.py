@@ -38,8 +38,7 @@ import pyarrow.fs as pafs
 from diffray import storage
 from diffray.paths import cache_dir
 from diffray.serve.artifacts import CARD, ArtifactProblem, parse_card
-from diffray.serve.registry import (RESERVED_IDS, AdapterInfo, AdapterRegistry, kind_by_names, valid_id,
-                                   warn_reserved)
+from diffray.serve.registry import AdapterInfo, AdapterRegistry, kind_by_names, listable, valid_id
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2
@@ -169,9 +168,7 @@ class RemoteRegistry(AdapterRegistry):
     def list(self) -> list[AdapterInfo]:
         out = []
         for name, entry in sorted(self.entries().items()):
-            if name in RESERVED_IDS:
-                warn_reserved(self.uri, name)
-            if not valid_id(name) or name.startswith(".") or not self.whole(entry):
+            if not listable(self.uri, name) or not self.whole(entry):
                 continue
             card, problem = {}, None if entry.kind() != "unknown" else "holds no LoRA, Textual Inversion or ControlNet"
             if CARD in entry.sizes:

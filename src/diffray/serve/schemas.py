@@ -22,6 +22,7 @@ from diffray.serve.config import Limits, side_problem
 BASE_IDS = ("base",)  # `model` values that mean "no adapter"
 OPENAI_MODEL_NAMES = ("dall-e-2", "dall-e-3", "gpt-image-1")  # OpenAI defaults map to the base model too
 # so no adapter may have one of these ids: the images API could never reach it (`registry.valid_id`)
+RESERVED_IDS = frozenset(BASE_IDS + OPENAI_MODEL_NAMES)
 SCHEDULERS = ("default", "ddim", "ddpm", "pndm", "euler", "euler_a", "dpmpp_2m", "unipc")
 MAX_SEED = 2**63 - 1
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
@@ -193,7 +194,7 @@ def adapter_of_model(model: str | None) -> str | None:
     if model == "":
         raise RequestError("must not be empty: an adapter id from GET /v1/models, or leave it out (or `base`) "
                            "for the base model", param="model")
-    if model is None or model in BASE_IDS or model in OPENAI_MODEL_NAMES:
+    if model is None or model in RESERVED_IDS:
         return None
     return model
 
