@@ -278,6 +278,36 @@ def test_controlnet_pipelines_are_kept_least_recently_used_first_out(tiny_model_
     assert same_pixels(draw("cn0"), first)
 
 
+def test_a_deleted_or_replaced_registry_controlnet_leaves_the_replica_at_the_next_run(tiny_model_path, tmp_path):
+    """A registry ControlNet's pipeline holds its weights: once its folder is deleted the next batch (whatever it
+    asks) drops it instead of keeping it until the LRU evicts it; once replaced, the old one is dropped and the
+    new content is built on request. A configured ControlNet is never swept."""
+    import shutil
+
+    from testkit.adapters import controlnet_from_unet
+
+    from diffray.serve.engine import ImageEngine
+
+    controlnet_from_unet(tiny_model_path, tmp_path / "cn0", seed=0)
+    controlnet_from_unet(tiny_model_path, tmp_path / "cn1", seed=1)
+    engine = ImageEngine(parse_args({"model": tiny_model_path, "adapters_dir": str(tmp_path)}), device="cpu")
+    ctrl = Image.new("RGB", (64, 64), (255, 255, 255))
+    for name in ("cn0", "cn1"):
+        assert isinstance(engine.run([job(controlnet=name, control_image=ctrl)])[0], list)
+    old = engine.control_pipes["cn1"][1]
+    assert engine.info()["controlnets"] == ["cn0", "cn1"]
+
+    shutil.rmtree(tmp_path / "cn0")
+    shutil.rmtree(tmp_path / "cn1")
+    controlnet_from_unet(tiny_model_path, tmp_path / "cn1", seed=5)  # same id, other weights
+    assert isinstance(engine.run([job()])[0], list)  # a plain request sweeps
+    assert engine.info()["controlnets"] == []
+    (out,) = engine.run([job(controlnet="cn0", control_image=ctrl)])
+    assert isinstance(out, RequestError) and out.status == 404 and out.param == "control.model"
+    assert isinstance(engine.run([job(controlnet="cn1", control_image=ctrl)])[0], list)
+    assert engine.control_pipes["cn1"][1] is not old and engine.info()["controlnets"] == ["cn1"]
+
+
 def test_an_adapter_set_dropped_on_the_event_loop_releases_without_blocking_it(setup):
     """A load whose caller was cancelled leaves its finished AdapterSet to be dropped on the replica's event
     loop. Releasing it waits for the engine lock, which a running batch holds: that wait happens on a thread,

@@ -29,7 +29,7 @@ import torch
 from diffray.errors import AdapterError, AdapterNotFound, DiffrayError, RequestError
 from diffray.models import speed
 from diffray.models.flux import call_args
-from diffray.serve import hotswap, mixing
+from diffray.serve import controls, hotswap, mixing
 from diffray.serve.config import ServeArgs
 from diffray.serve.remote_registry import open_registry
 from diffray.serve.resident import ResidentAdapters, peft_name  # noqa: F401 - peft_name re-exported
@@ -147,8 +147,7 @@ class ImageEngine:
 
     # ------------------------------------------------------------------------------------- control, samplers
     def controlnet_pipe(self, name: str):
-        """The ControlNet pipeline for a configured name or registry id (built once per content, shares the
-        base pipeline's modules, so resident LoRAs apply to it too).
+        """The ControlNet pipeline for a configured name or registry id (`controls.build`, once per content).
 
         Raises:
             RequestError: naming `control.model` (404 unknown, 422 broken or not loadable, 400 not a ControlNet).
@@ -170,34 +169,11 @@ class ImageEngine:
             path, sub, key = info.path, None, ("registry", info.fingerprint)
         cached = self.control_pipes.pop(name, None)
         if cached is None or cached[0] != key:  # new, or replaced on disk
-            cached = (key, self._build_control_pipe(name, path, sub))
+            cached = (key, controls.build(self.pipe, name, path, sub, self.flux, self.device))
         self.control_pipes[name] = cached
         while len(self.control_pipes) > self.args.generator.max_controlnets_per_replica:  # its weights go with it
             self.control_pipes.popitem(last=False)
         return cached[1]
-
-    def _build_control_pipe(self, name: str, path: str, sub: str | None):
-        from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
-                               StableDiffusionXLPipeline)
-
-        try:
-            if self.flux:
-                raise RequestError("ControlNets are not served with a Flux model yet", param="control.model",
-                                   status=422)
-            cn = ControlNetModel.from_pretrained(path, subfolder=sub, use_safetensors=True, dtype=self.pipe.unet.dtype)
-        except Exception as exc:  # noqa: BLE001 - any loader failure is the artifact's
-            log.warning("ControlNet %s failed to load: %s: %s", name, type(exc).__name__, exc)
-            raise RequestError(f"ControlNet {name!r} cannot be loaded ({type(exc).__name__})", param="control.model",
-                               status=422) from None
-        for key in ("cross_attention_dim", "addition_embed_type", "in_channels"):  # made for another base model
-            if cn.config.get(key) != self.pipe.unet.config.get(key):
-                raise RequestError(f"ControlNet {name!r} does not fit this model: its {key} is {cn.config.get(key)!r}, "
-                                   f"the model's {self.pipe.unet.config.get(key)!r}", param="control.model", status=422)
-        cls = (StableDiffusionXLControlNetPipeline if isinstance(self.pipe, StableDiffusionXLPipeline)
-               else StableDiffusionControlNetPipeline)
-        cp = cls.from_pipe(self.pipe, controlnet=cn.to(self.device))
-        cp.set_progress_bar_config(disable=True)
-        return cp
 
     def scheduler(self, name: str):
         if self.flux and name != "default":
@@ -219,6 +195,8 @@ class ImageEngine:
         groups: dict[tuple, list[int]] = {}
         with self.lock:
             self.adapters.sweep()
+            for name in controls.stale(self.control_pipes, self.registry):  # deleted or replaced: weights go
+                del self.control_pipes[name]
             slots: dict[tuple, list[dict[str, float]]] = {}  # per shape key: the mixed calls' LoRA weights
             for i, job in enumerate(jobs):
                 out[i] = self._check_text(job) or self._check_steps(job)
@@ -361,7 +339,7 @@ class ImageEngine:
         first = jobs[0]
         pipe = self.controlnet_pipe(first.controlnet) if first.controlnet else self.pipe
         pipe.scheduler = self.scheduler(first.scheduler)
-        prompts, negs, gens, controls = [], [], [], []
+        prompts, negs, gens, conds = [], [], [], []
         for job in jobs:
             # the job's own TIs' tokens, and no other's
             prompt, neg = self.adapters.prompt_texts(job.adapters, job.prompt, job.negative_prompt or "")
@@ -369,10 +347,10 @@ class ImageEngine:
                 prompts.append(prompt)
                 negs.append(neg)
                 gens.append(torch.Generator(device="cpu").manual_seed(job.seed + j))
-                controls.append(job.control_image)
+                conds.append(job.control_image)
         extra = dict(self.call_args)
         if first.controlnet:
-            extra = {"image": controls, "controlnet_conditioning_scale": first.control_scale}
+            extra = {"image": conds, "controlnet_conditioning_scale": first.control_scale}
         with torch.inference_mode(), adapter_context:
             result = pipe(prompt=prompts, negative_prompt=negs if first.negative_prompt is not None else None,
                           height=first.height, width=first.width, num_inference_steps=first.steps,
@@ -387,7 +365,7 @@ class ImageEngine:
 
         return {"native_size": self.native_size, "device": self.device, "dtype": str(self.pipe.dtype),
                 "graphs": counters["stats"]["unique_graphs"],
-                "resident": sorted(self.adapters.loaded),
+                "resident": sorted(self.adapters.loaded), "controlnets": list(self.control_pipes),
                 "steps_done": self.steps_done, "abandoned": [list(x) for x in self.cancel_log],
                 "runs": self.runs, "batches": [list(x) for x in self.batch_log],
                 "busy": not self._idle()}
