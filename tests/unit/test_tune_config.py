@@ -148,3 +148,40 @@ def test_the_metrics_a_job_may_name_are_the_ones_a_trial_reports():
 
     state = {"step": 5, "first_losses": [0.3], "recent_losses": [0.2], "val_loss": 0.25, "val_loss_step": 5}
     assert set(TRIAL_METRICS) <= set(summary_metrics(state))
+
+
+def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_path, tiny_model_path, monkeypatch,
+                                                                         capsys):
+    """Rerunning an experiment name restores what Tune saved (its space, scheduler and trials) and resumes its
+    trials with the rerun's training config: with another learning rate or rung the results would mix two
+    experiments under one table. Such a rerun is refused, naming what changed, before Ray starts; what leaves the
+    trained weights alone may change, and an experiment Tune never saved state for starts anew."""
+    from testkit.cli import diffray
+
+    from diffray.errors import ConfigError
+    from diffray.tune.results import check_resume, save_job
+
+    base = [f"run.storage_path={tmp_path}", f"model.path={tiny_model_path}"]
+    exp = tmp_path / "tune-lora"
+    save_job(load_tune_job(TUNE_LORA, base), str(exp))
+    check_resume(load_tune_job(TUNE_LORA, [*base, "optim.lr=0.5"]), str(exp))  # no Tune state yet: starts anew
+    (exp / "experiment_state-2026-12-06_22-00-00.json").write_text("{}")
+
+    def no_ray():
+        raise AssertionError("Ray was started before the rerun's settings were checked")
+
+    monkeypatch.setattr("diffray.tune.runner.connect_ray", no_ray)
+
+    for change, named in [("optim.lr=0.5", "optim.lr 0.001 (now 0.5)"),
+                          ("tune.scheduler.grace_period=10", "tune.scheduler.grace_period 5 (now 10)"),
+                          ("train.max_steps=60", "train.max_steps 30 (now 60)")]:
+        code, text = diffray(["tune", TUNE_LORA, *base, change], monkeypatch, capsys)
+        assert code == 2 and text.count("\n") == 1, text
+        assert text.startswith(f"diffray: error: tune.name: experiment {exp} was started with other settings: "
+                               f"{named}. A rerun resumes"), text
+
+    for free in (["train.log_every=1", "failure.max_failures=2"],  # how it is watched
+                 ["scaling.num_workers=2", "train.micro_batch_size=2"]):  # the same global batch of 4
+        check_resume(load_tune_job(TUNE_LORA, [*base, *free]), str(exp))
+    with pytest.raises(ConfigError, match="train.micro_batch_size 4 \\(now 2\\)"):
+        check_resume(load_tune_job(TUNE_LORA, [*base, "train.micro_batch_size=2"]), str(exp))

@@ -48,18 +48,24 @@ def global_batch(settings: dict[str, Any]) -> int | None:
     return None if None in values else values[0] * values[1] * values[2]
 
 
-def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """The settings a rerun may not change, as `key old (now new)`; empty when it may resume."""
+def differences(before: dict[str, Any], now: dict[str, Any], may_extend: bool = True) -> list[str]:
+    """The settings a rerun may not change, as `key old (now new)`; empty when it may resume. `may_extend`:
+    a higher `train.max_steps` may resume."""
     a, b = flat(before), flat(now)
     keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k) and not k.startswith(FREE)]
     out = []
     for key in keys:
-        if key == "train.max_steps" and (a.get(key) or 0) <= (b.get(key) or 0):
+        if may_extend and key == "train.max_steps" and (a.get(key) or 0) <= (b.get(key) or 0):
             continue  # a rerun may extend the run
         if key in BATCH and global_batch(a) == global_batch(b):
             continue
         out.append(f"{key} {json.dumps(a.get(key))} (now {json.dumps(b.get(key))})")
     return out
+
+
+def shown(changed: list[str]) -> str:
+    more = f", and {len(changed) - MAX_SHOWN} more" if len(changed) > MAX_SHOWN else ""
+    return ", ".join(changed[:MAX_SHOWN]) + more
 
 
 def check_rerun(cfg, run_dir: str) -> None:
@@ -82,11 +88,10 @@ def check_rerun(cfg, run_dir: str) -> None:
                               "was started with (restore it, or give a new run.name)", field="run.name")
         changed = differences(before, now)
         if changed:
-            more = f", and {len(changed) - MAX_SHOWN} more" if len(changed) > MAX_SHOWN else ""
             raise ConfigError(
-                f"run {cfg.run.name!r} in {run_dir} was started with other settings: {', '.join(changed[:MAX_SHOWN])}"
-                f"{more}. A rerun resumes a run from its checkpoint, so only with its settings (it may raise "
-                "train.max_steps): restore them, or give a new run.name", field="run.name")
+                f"run {cfg.run.name!r} in {run_dir} was started with other settings: {shown(changed)}. A rerun "
+                "resumes a run from its checkpoint, so only with its settings (it may raise train.max_steps): "
+                "restore them, or give a new run.name", field="run.name")
 
 
 def record_settings(cfg, run_dir: str) -> None:

@@ -215,8 +215,53 @@ def read_experiment(exp_dir: str):
     job_file = storage.join(exp_dir, JOB_FILE)
     if not storage.exists(job_file):
         raise ConfigError(f"{exp_dir} is not a diffray tune experiment (no {JOB_FILE})", field="DIR")
+    job = load_tune_job(_local_job_file(exp_dir))
+    return job, collect_rows(exp_dir, job)
+
+
+def _local_job_file(exp_dir: str) -> str:
+    job_file = storage.join(exp_dir, JOB_FILE)
     if storage.is_uri(job_file):  # the YAML loader reads local files: a copy beside the local logs
         job_file = storage.write_text(storage.local_dir(exp_dir, JOB_FILE), storage.read_text(job_file))
-    job = load_tune_job(job_file)
-    return job, collect_rows(exp_dir, job)
+    return job_file
+
+
+def save_job(job, exp_dir: str) -> None:
+    """Keep the job (after overrides) beside the experiment: `diffray tune results DIR` reads it back, and a
+    rerun is checked against it (`check_resume`)."""
+    import yaml
+
+    storage.write_text(storage.join(exp_dir, JOB_FILE),
+                       yaml.safe_dump({**job.base, "tune": job.tune.model_dump(mode="json")}, sort_keys=False))
+
+
+def check_resume(job, exp_dir: str) -> None:
+    """A rerun of an experiment that Tune saved state for restores it: Tune keeps its own space, search,
+    scheduler and trials, and the unfinished trials go on from their checkpoints with the rerun's training
+    config. So it may change only what a training rerun may (`trainers.rerun.FREE`, the same global batch),
+    not `train.max_steps` (the trials' budget) nor anything under `tune`. An experiment without Tune state
+    (stopped before its trials ran) starts anew and passes.
+
+    Raises:
+        ConfigError: naming `tune.name`, the experiment's folder and the settings that differ.
+    """
+    from diffray.trainers.rerun import differences, shown
+    from diffray.tune.config import load_tune_job
+
+    if not storage.exists(storage.join(exp_dir, JOB_FILE)) or not _has_tune_state(exp_dir):
+        return
+    try:
+        before = load_tune_job(_local_job_file(exp_dir))
+    except ConfigError as exc:
+        raise ConfigError(f"{storage.join(exp_dir, JOB_FILE)} is not the job this experiment was started with "
+                          f"({exc}): restore it, or give a new tune.name", field="tune.name") from None
+
+    def settings(j) -> dict[str, Any]:
+        return {**j.train.model_dump(mode="json"), "tune": j.tune.model_dump(mode="json")}
+
+    changed = differences(settings(before), settings(job), may_extend=False)
+    if changed:
+        raise ConfigError(f"experiment {exp_dir} was started with other settings: {shown(changed)}. A rerun "
+                          "resumes the experiment as Tune saved it, so only with its settings: restore them, or "
+                          "give a new tune.name", field="tune.name")
 

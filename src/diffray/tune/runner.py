@@ -6,7 +6,8 @@ take `scaling.*` resources like any training job.
 The datasets are built and materialized once on the driver and shared by every trial. Every validation
 step reports `val_loss` (held-out rows, fixed noise and timesteps), which the scheduler (ASHA by default)
 compares at its rungs. Rerunning the same experiment name restores it with `Tuner.restore`: finished
-trials are kept, unfinished ones resume from their own last checkpoint.
+trials are kept, unfinished ones resume from their own last checkpoint; only with the settings it was
+started with (`results.check_resume`, before Ray starts).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from diffray.trainers.progress import RunStatus
 from diffray.trainers.loop import upload_logs
 from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, logs_uri, run_dirs
 from diffray.tune.config import TuneJob, rungs
-from diffray.tune.results import JOB_FILE, TrialRow, collect_rows, write_report
+from diffray.tune.results import TrialRow, check_resume, collect_rows, save_job, write_report
 from diffray.tune.schedulers import build_scheduler
 from diffray.tune.space import param_space, resolve_params, trial_config
 
@@ -148,10 +149,11 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     cfg = job.train
     model_path = resolve_model_path(cfg.model.path)
     method_of(cfg.method).check(cfg, model_path)
-    connect_ray()
-    check_resources(cfg.scaling)
     root = storage.absolute(cfg.run.storage_path)
     exp_dir = storage.join(root, job.name)
+    check_resume(job, exp_dir)
+    connect_ray()
+    check_resources(cfg.scaling)
     restored = tune.Tuner.can_restore(exp_dir)
     datasets = build_datasets(cfg, model_path, storage.local_dir(exp_dir, "data-reports"))
     trainable = tune.with_resources(
@@ -164,8 +166,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = new_tuner(job, trainable, root, concurrency, on_trial)
-        job_yaml = {**job.base, "tune": job.tune.model_dump(mode="json")}
-        storage.write_text(f"{exp_dir}/{JOB_FILE}", yaml.safe_dump(job_yaml, sort_keys=False))
+        save_job(job, exp_dir)
     try:
         tuner.fit()
     finally:
