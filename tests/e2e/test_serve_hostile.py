@@ -50,7 +50,7 @@ def hostile(ray_cluster, tiny_model_path, tmp_path_factory):
     from ray import serve
 
     from diffray.serve.app import build_app
-    from testkit.adapters import random_textual_inversion
+    from testkit.adapters import random_lora, random_textual_inversion
 
     reg, spare = tmp_path_factory.mktemp("hostile-adapters"), tmp_path_factory.mktemp("spare")
     adapter_registry(tiny_model_path, reg)
@@ -59,7 +59,12 @@ def hostile(ray_cluster, tiny_model_path, tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args(reg, reg.parent / "fb.db")), name=APP, route_prefix="/")
-    slow = app_args(tmp_path_factory.mktemp("slow-adapters"), reg.parent / "fb-slow.db",
+    slow_reg = tmp_path_factory.mktemp("slow-adapters")  # an adapter `fine` and entries that name the base model
+    for name in ("fine", "base", "dall-e-3"):
+        random_lora(tiny_model_path, slow_reg / name, seed=9)
+    (slow_reg / "gpt-image-1.safetensors").write_bytes((slow_reg / "fine" / "pytorch_lora_weights.safetensors")
+                                                       .read_bytes())
+    slow = app_args(slow_reg, reg.parent / "fb-slow.db",
                     limits={"max_side": 256, "max_steps": 1000, "request_timeout_s": 3}, batching={"enabled": False})
     serve.run(build_app(slow), name=SLOW_APP, route_prefix="/slow")
     yield Hostile(f"http://127.0.0.1:{port}", reg, spare, tiny_model_path)
@@ -324,6 +329,8 @@ def test_least_recently_used_adapter_is_evicted_and_reloads_the_same(hostile):
     (I, {"prompt": "x", "size": "64x64\n"}, "size"),
     (G, {"prompt": "x", "control": {"model": "cn-x\n", "image": "AAAA"}}, "control.model"),
     (I, {"prompt": "x", "model": ""}, "model"),  # was the base model, silently
+    (G, {"prompt": "x", "adapter": ""}, "adapter"),
+    (G, {"prompt": "x", "adapters": [{"id": ""}]}, "adapters.0.id"),
     (G, {"prompt": "x", "adapter": "dall-e-3"}, "adapter"),  # a name the images API gives the base model
 ])
 def test_ids_and_sizes_must_match_whole(hostile, path, body, param):
@@ -349,6 +356,39 @@ def test_the_playground_under_a_route_prefix_loads_its_assets_and_reaches_its_ap
     assert '"v1/models"' in script["text"] and not re.search(r"[\x27\"]/v1/", script["text"])  # no absolute URL
     status, models, _ = hostile.call("GET", urljoin(urljoin("/slow/", "playground/app.js"), "../v1/models"))
     assert status == 200 and "data" in models
+
+
+def test_the_playground_at_a_bare_route_prefix_redirects_into_the_app(hostile):
+    """`/slow` (no slash) redirects to `/slow/`, so the page's relative URLs resolve inside the app."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(hostile.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("GET", "/slow")
+        r = conn.getresponse()
+        assert r.status in (307, 308) and urlsplit(r.getheader("location")).path == "/slow/", (r.status, r.headers)
+    finally:
+        conn.close()
+
+
+def test_ids_that_name_the_base_model_are_never_listed_or_served_as_adapters(hostile):
+    """The slow app's registry holds `fine` and entries named base, dall-e-3 and gpt-image-1 (a bare
+    .safetensors): the images API gives those names the base model, so they are not listed and a request for
+    them is drawn by the base model, at its native size (64) when it gives none; /v1/generate refuses them."""
+    status, models, _ = hostile.call("GET", "/slow/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["base", "fine", "canny"]  # canny: configured
+    drawn = {}
+    for model in ("base", "dall-e-3", "gpt-image-1", "fine"):
+        status, js, _ = hostile.call("POST", "/slow" + I, {"prompt": "a red circle", "model": model, "seed": 3})
+        assert status == 200, js
+        drawn[model] = png_array(js["data"][0]["b64_json"])
+    assert drawn["base"].shape == (64, 64, 3)
+    assert np.array_equal(drawn["dall-e-3"], drawn["base"]) and np.array_equal(drawn["gpt-image-1"], drawn["base"])
+    assert not np.array_equal(drawn["fine"], drawn["base"])  # the LoRA of that name draws otherwise
+    status, js, _ = hostile.call("POST", "/slow" + G, {"prompt": "x", "adapter": "base"})
+    assert status == 400 and js["error"]["param"] == "adapter" and "base model" in js["error"]["message"]
 
 
 @pytest.mark.parametrize("values", [("Bearer " + KEY, "Bearer nope"), ("Bearer nope", "Bearer " + KEY),

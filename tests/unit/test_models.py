@@ -219,3 +219,43 @@ def test_sdxl_shaped_has_the_real_architecture():
         two = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=tiny.SD15_VOCAB, **cfg["text_encoder_2"]))
     count = {name: sum(p.numel() for p in m.parameters()) for name, m in [("unet", unet), ("one", one), ("two", two)]}
     assert count == {"unet": 2_567_463_684, "one": 123_060_480, "two": 694_659_840}, count
+
+
+def _model_configs(root: Path, flux: bool) -> None:
+    """The config files `native_size` reads, as an SD 2.x-like model (UNet 96 x VAE factor 8) or a Flux one
+    (no UNet; the VAE's 1024) lays them out."""
+    (root / "vae").mkdir(parents=True)
+    (root / "vae" / "config.json").write_text(json.dumps({"sample_size": 1024,
+                                                           "block_out_channels": [128, 256, 512, 512]}))
+    if flux:
+        (root / "transformer").mkdir()
+        (root / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    else:
+        (root / "unet").mkdir()
+        (root / "unet" / "config.json").write_text(json.dumps({"sample_size": 96}))
+        (root / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"]}))
+
+
+def test_native_size_is_read_from_the_config_files_of_a_local_dir_or_a_hub_model(tmp_path, monkeypatch, caplog):
+    """The size a served request without one is drawn at: a hub model's config files are read through
+    huggingface_hub's cache as `from_pretrained` reads them (this one was 512 for any hub id, an SDXL or Flux
+    base included); a model whose files cannot be read is 512 with a warning that names it."""
+    import huggingface_hub.constants as hub
+
+    from diffray.models.loading import native_size
+
+    assert native_size(resolve_model_path("builtin:tiny-random")) == 64
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    for name, flux, want in (("sd2-like", False, 768), ("flux-like", True, 1024)):
+        _model_configs(tmp_path / "local" / name, flux)
+        assert native_size(str(tmp_path / "local" / name)) == want
+        repo = tmp_path / "hub" / f"models--org--{name}"  # huggingface_hub's own cache layout
+        _model_configs(repo / "snapshots" / rev, flux)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # the cache only: no network here
+    assert (native_size("org/sd2-like"), native_size("org/flux-like")) == (768, 1024)
+    with caplog.at_level("WARNING", logger="diffray.models.loading"):
+        assert native_size("org/not-cached") == 512
+    assert "native size of model org/not-cached is unknown" in caplog.text and "set default_size" in caplog.text

@@ -268,3 +268,17 @@ def test_the_default_size_is_within_the_limits_or_refused_at_start(args, native,
     with pytest.raises(ConfigError) as err:
         default_size(cfg, native)
     assert err.value.field == want and str(native) in str(err.value)
+
+
+def test_a_local_model_above_max_side_is_refused_when_the_app_is_built(tiny_model_path):
+    """`diffray serve` or `serve run` on a model in a local folder whose native size (64 here) is above
+    limits.max_side stops before anything deploys, naming the limit (before, each Ingress replica failed at
+    start, in a loop, with the error in the replica's log); a default_size within the limits serves it."""
+    from diffray.serve.app import build_app
+
+    args = {"model": tiny_model_path, "limits": {"max_side": 32}, "auth": {"api_keys": ["k"]}}
+    with pytest.raises(ConfigError) as err:
+        build_app(args)
+    assert err.value.field == "limits.max_side" and "below the model's native size 64" in str(err.value)
+    assert build_app({**args, "default_size": 32}) is not None
+    assert build_app({**args, "limits": {"max_side": 64}}) is not None

@@ -1,11 +1,14 @@
 """Resolve a model reference (`builtin:`, local dir, hub id) and load Stable Diffusion components from it.
 
 Loads are safetensors-only and every load failure becomes a `ModelError` naming the path. Never imports
-ray, and never downloads by itself: a hub id is passed through to `from_pretrained` unchanged.
+ray, and never downloads weights by itself: a hub id is passed through to `from_pretrained` unchanged
+(`native_size` reads a hub model's config files through huggingface_hub's cache, as `from_pretrained` does).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,9 @@ from filelock import FileLock
 from diffray.errors import ModelError
 from diffray.logs import quiet_hf
 from diffray.paths import BUILTIN_PREFIX, cache_dir, is_builtin, looks_like_hub_id, pipeline_class_of
+
+log = logging.getLogger(__name__)
+FALLBACK_SIZE = 512
 
 LOAD_ERRORS = (OSError, ValueError)  # what from_pretrained raises for missing or malformed files
 
@@ -156,3 +162,29 @@ def load_controlnet(path: str):
         return ControlNetModel.from_pretrained(path, use_safetensors=True)
     except LOAD_ERRORS as exc:
         raise ModelError(f"{path}: not a ControlNet dir ({str(exc).strip().splitlines()[0]})") from None
+
+
+def native_size(path: str) -> int:
+    """Pixels of the model's native square size, from its config files alone (no weights): those of a local
+    dir (`resolve_model_path`'s), or of a hub id through huggingface_hub (fetched once, then read from its
+    cache; `HF_HUB_OFFLINE` reads the cache only). `FALLBACK_SIZE`, with a warning, when they cannot be read.
+    """
+
+    def config(name: str) -> dict:
+        if Path(path).is_dir():
+            return json.loads((Path(path) / name).read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(path, name)).read_text())
+
+    try:
+        vae = config("vae/config.json")
+        local = Path(path).is_dir()
+        if (Path(path) / "transformer").is_dir() if local else "transformer" in config("model_index.json"):
+            return int(vae["sample_size"])  # Flux: the VAE's size (FluxPipeline says 1024 for any)
+        return int(config("unet/config.json")["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except Exception as exc:  # noqa: BLE001 - unreadable, missing or offline: the fallback below says so
+        log.warning("the native size of model %s is unknown (%s: %s): requests that give no size are drawn at "
+                    "%d px; set default_size to choose", path, type(exc).__name__, str(exc).splitlines()[0] if str(exc)
+                    else "", FALLBACK_SIZE)
+        return FALLBACK_SIZE

@@ -1,17 +1,19 @@
 """`build_app(args)`: the Serve application builder named in configs/serve.yaml
 (`import_path: diffray.serve.app:build_app`), so `serve run`, `serve deploy` and `diffray serve` all
-build the same app. Args are validated here (ConfigError naming the field) before anything deploys.
+build the same app. Args are validated here (ConfigError naming the field) before anything deploys, and
+a model in a local folder is checked against the size limits here too (its replicas check every model).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from diffray.serve.config import ServeArgs, parse_args
+from diffray.serve.config import ServeArgs, default_size, parse_args
 from diffray.serve.exposure import enforce
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,18 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         args: `ServeArgs` fields (model, adapters_dir, controlnets, limits, auth, generator, batching,
             ingress, feedback); the `args:` mapping of a Serve config file.
     Raises:
-        ConfigError: a bad arg (naming it), or no API key while the proxy binds a non-loopback host (each
-            Ingress replica checks again at start, with the keys it sees).
+        ConfigError: a bad arg (naming it), a local model whose native size is outside the limits (naming
+            `limits.max_side`), or no API key while the proxy binds a non-loopback host (each Ingress replica
+            checks both again at start, with the keys and model it sees).
     """
     from diffray.serve.deployments import Generator, Ingress
 
     cfg = parse_args(args)
     enforce(cfg)
+    if Path(cfg.model).expanduser().is_dir():  # a builtin or hub model is read by the replicas only
+        from diffray.models.loading import native_size, resolve_model_path
+
+        default_size(cfg, native_size(resolve_model_path(cfg.model)))  # ConfigError naming limits.max_side
     plain = cfg.model_dump(mode="json")
     if cfg.generator.in_ingress:  # one deployment: the Generator's replicas, resources and autoscaling
         return Ingress.options(**{**generator_options(cfg), "max_ongoing_requests": cfg.ingress.max_ongoing_requests,

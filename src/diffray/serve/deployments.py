@@ -73,20 +73,6 @@ def _client_error(exc: DiffrayError, param: Optional[str] = "model") -> RequestE
     return RequestError(str(cause), status=422)
 
 
-def _native_size(model_path: str) -> int:
-    """Pixels of the model's native square size, from its config files (no weights loaded)."""
-    import json
-
-    try:
-        vae = json.loads((Path(model_path) / "vae" / "config.json").read_text())
-        if (Path(model_path) / "transformer").is_dir():  # Flux: the VAE's size (FluxPipeline says 1024 for any)
-            return int(vae["sample_size"])
-        unet = json.loads((Path(model_path) / "unet" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 512
-
-
 def _model_name(model: str) -> str:
     """The base model as shown to clients: a builtin or hub id as is, a local folder by its name only."""
     if model.startswith("builtin:") or (not model.startswith(("/", ".", "~")) and model.count("/") == 1):
@@ -129,7 +115,7 @@ class Ingress:
     the Generator's handle, or None with `generator.in_ingress`: this replica then draws itself."""
 
     def __init__(self, generator, args: dict):
-        from diffray.models.loading import resolve_model_path
+        from diffray.models.loading import native_size, resolve_model_path
         from diffray.serve.feedback_store import FeedbackStore
 
         self.args = parse_args(args)
@@ -142,7 +128,7 @@ class Ingress:
         from diffray.models.family import family_of
 
         model_path = resolve_model_path(self.args.model)
-        self.default_size = default_size(self.args, _native_size(model_path))  # ConfigError when over the limits
+        self.default_size = default_size(self.args, native_size(model_path))  # ConfigError when over the limits
         family = family_of(model_path)
         self.family, self.default_guidance = family.name, family.default_guidance
         fb = self.args.feedback
