@@ -243,12 +243,19 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true", help="each Ray run and a plain loop take turns step by step")
     ap.add_argument("--engine-loop", action="store_true",
                     help="with --paired: a second plain loop in each turn steps the Ray run's engine in this process")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="with --paired: the one plain loop of each turn steps the Ray run's engine in this process "
+                    "(no bare torch loop): the ratio is what Ray Train and the worker's loop add to the engine")
+    ap.add_argument("--variants", nargs="+", choices=("ddp", "zero2"), default=["ddp", "zero2"],
+                    help="with --paired: the Ray runs to measure")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/train_overhead[_paired].json")
     args = ap.parse_args()
     if args.sched and args.paired:
         ap.error("--sched samples the unpaired runs only; run it without --paired")
-    if args.engine_loop and not args.paired:
-        ap.error("--engine-loop is a second plain loop of --paired; add --paired")
+    if (args.engine_loop or args.engine_only) and not args.paired:
+        ap.error("--engine-loop and --engine-only change the plain loops of --paired; add --paired")
+    if args.engine_loop and args.engine_only:
+        ap.error("--engine-only pairs with the engine alone; --engine-loop with both: pick one")
     args.out = args.out or str(REPO / "benchmarks" / "results" /
                                ("train_overhead_paired.json" if args.paired else "train_overhead.json"))
     THREADS = args.threads
@@ -324,19 +331,21 @@ def write_results(args, results: dict, **extra) -> None:
 def paired_main(args, storage: str, data: str) -> None:
     """`--paired`: Ray + DDP and Ray + ZeRO-2, each run taking turns step by step with a bare torch loop of its
     own (`taking_turns`) and, with `--engine-loop`, also with the same engine (DDP engine or DeepSpeed ZeRO-2)
-    stepped in this process. The ratios are the Ray steps' median over each plain loop's median (over the torch
-    loop: the issue's figure; over the engine: what Ray Train and the worker's loop add to the engine's own
-    cost), and the median of the per-pair ratios (Ray step s over the torch step of the same turn)."""
+    stepped in this process (`--engine-only`: with that engine instead of the torch loop). The ratios are the
+    Ray steps' median over each plain loop's median (over the torch loop: the issue's figure; over the engine:
+    what Ray Train and the worker's loop add to the engine's own cost), and the median of the per-pair ratios
+    (Ray step s over the first plain loop's step of the same turn)."""
     results = {}
     for b in args.batch_sizes:
-        ray_times: dict[str, list[float]] = {"ray_ddp": [], "ray_zero2": []}
+        variants = tuple((f"ray_{v}", {"ddp": "ddp", "zero2": "deepspeed"}[v]) for v in args.variants)
+        ray_times: dict[str, list[float]] = {k: [] for k, _ in variants}
         plain_times: dict[str, list[float]] = {k: [] for k in ray_times}
         engine_times: dict[str, list[float]] = {k: [] for k in ray_times}
-        variants = (("ray_ddp", "ddp"), ("ray_zero2", "deepspeed"))
         for r in range(args.rounds):
-            for k, strategy in variants[r % 2:] + variants[:r % 2]:
+            for k, strategy in variants[r % len(variants):] + variants[:r % len(variants)]:
                 pair_dir = Path(tempfile.mkdtemp(dir=storage))
-                loops = [(make_cfg(storage, f"plain-{k}{b}-{r}", args.steps, "ddp", b, data), False)]
+                loops = [(make_cfg(storage, f"plain-{k}{b}-{r}", args.steps, strategy if args.engine_only else "ddp",
+                                   b, data), args.engine_only)]
                 if args.engine_loop:
                     loops.append((make_cfg(storage, f"engine-{k}{b}-{r}", args.steps, strategy, b, data), True))
                 (times, _, _), plain = taking_turns(
@@ -361,7 +370,7 @@ def paired_main(args, storage: str, data: str) -> None:
                           ("plain step (ms)", "plain_median_step_ms", ".2f"),
                           ("ratio", "ratio_vs_plain", ".3f"), *(engine if args.engine_loop else []),
                           ("pair ratio", "pair_ratio_median", ".3f"), ("steps", "steps_measured", "d")])
-    write_results(args, results, paired=True)
+    write_results(args, results, paired=True, plain="engine" if args.engine_only else "torch")
 
 
 if __name__ == "__main__":

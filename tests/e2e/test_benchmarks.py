@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOY = {
     "train_overhead": ["--steps", "3", "--warmup", "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
-    # a Ray run and the plain loops (torch, and the same engine in-process) taking turns through paired_hooks.py
-    "train_overhead --paired": ["--paired", "--engine-loop", "--steps", "3", "--warmup", "1", "--rounds", "1",
-                                "--batch-sizes", "4", "--num-images", "16"],
+    # a Ray run and the plain loops (torch, and the same engine in-process) taking turns through paired_hooks.py;
+    # then one with the same engine alone as its plain loop
+    "train_overhead --paired": ["--paired", "--engine-loop", "--variants", "zero2", "--steps", "3", "--warmup", "1",
+                                "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
+    "train_overhead --engine-only": ["--paired", "--engine-only", "--variants", "ddp", "--steps", "3", "--warmup",
+                                     "1", "--rounds", "1", "--batch-sizes", "4", "--num-images", "16"],
     "zero_step": ["--steps", "2", "--rounds", "1", "--num-images", "8", "--in-ray-task"],  # the task runs `measure`
     "gpu": ["--dry"],  # CPU, tiny random model: every section, compile with the aot_eager backend
     "hotswap": ["--backend", "aot_eager", "--loras", "2", "--repeats", "1", "--steps", "2"],
@@ -56,4 +59,9 @@ def test_benchmark_runs_at_toy_size(name, tmp_path, request):
                           cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text()), "the script wrote its results"
+    written = json.loads(out.read_text())
+    assert written, "the script wrote its results"
+    if name.startswith("train_overhead --"):  # the runs asked for, against the plain loop asked for
+        variant = TOY[name][TOY[name].index("--variants") + 1]
+        assert list(written["results"]["batch4"]) == [f"ray_{variant}"]
+        assert written["plain"] == ("engine" if "--engine-only" in TOY[name] else "torch")
