@@ -184,7 +184,7 @@ def native_size(path: str) -> int:
             return int(vae["sample_size"])  # Flux: the VAE's size (FluxPipeline says 1024 for any)
         return int(config("unet/config.json")["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except Exception as exc:  # noqa: BLE001 - unreadable, missing or offline: the fallback below says so
+        first_line = (str(exc).splitlines() or [""])[0]
         log.warning("the native size of model %s is unknown (%s: %s): requests that give no size are drawn at "
-                    "%d px; set default_size to choose", path, type(exc).__name__, str(exc).splitlines()[0] if str(exc)
-                    else "", FALLBACK_SIZE)
+                    "%d px; set default_size to choose", path, type(exc).__name__, first_line, FALLBACK_SIZE)
         return FALLBACK_SIZE
