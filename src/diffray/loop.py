@@ -6,9 +6,11 @@ the previous adapter.
 
 Publishing follows the registry's rule: the artifact is copied under a hidden name (`.<id>.publish-*`, which
 the registry skips), checked as the server would check it, and renamed into place; a replaced adapter is
-renamed away first, so a reader sees the old folder or the new one. Each run is named after the adapter
-it publishes and the export's content (`<id>-<sha256[:8]>`): rerunning on the same feedback resumes that
-run, new feedback (or a `--replace` round) trains afresh instead of resuming an older run.
+swapped with the new one in one step (Linux's RENAME_EXCHANGE), so a reader sees the old folder or the new
+one (where the filesystem cannot swap, the old one is renamed away first: for a moment there is neither).
+Each run is named after the adapter it publishes and the export's content (`<id>-<sha256[:8]>`): rerunning
+on the same feedback resumes that run, new feedback (or a `--replace` round) trains afresh instead of
+resuming an older run.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
         old = root / f".{adapter_id}.old-{uuid.uuid4().hex[:8]}"
         if final.exists():
             check_new_id(root, adapter_id, replace)  # taken since the first check: refuse unless replacing
+            if _exchange(tmp, final):  # one step: a reader never finds the id missing; tmp now holds the old
+                return str(final)
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -129,6 +133,19 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
         shutil.rmtree(tmp, ignore_errors=True)
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or
+    filesystem cannot, and then nothing moved."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _upload(folder: Path, root: str, adapter_id: str, replace: bool) -> str:
@@ -164,10 +181,16 @@ def plan_configs(config: Path, overrides: list[str], then: Path | None, then_ove
     named `run_name` (or `<run_name>-reward` and `<run_name>`) unless overridden; data.path is the export.
 
     Raises:
-        ConfigError: a method the loop does not train, a reward model without a DDPO job (or the reverse).
+        ConfigError: a method the loop does not train, a reward model without a DDPO job (or the reverse), an
+            override the loop would drop (data.path, --then-set without --then).
     """
     from diffray.methods import load_config
 
+    if any(o.partition("=")[0].strip() == "data.path" for o in overrides):
+        raise ConfigError("the loop trains on the feedback export; choose where it goes with --export",
+                          field="data.path")
+    if then is None and then_overrides:
+        raise ConfigError(f"{then_overrides[0]!r} overrides the --then job, and there is none", field="then-set")
     method = load_config(config, overrides).method
     if method not in METHODS:
         raise ConfigError(f"{config}: method {method!r}; feedback trains {' or '.join(METHODS)}", field="method")
@@ -199,6 +222,9 @@ def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, 
         from diffray.trainers.runner import run_training as train
     adapters_dir = str(adapters_dir) if storage.is_uri(adapters_dir) else Path(adapters_dir).expanduser()
     check_new_id(adapters_dir, adapter_id, replace)
+    if not adapter_id[0].isalnum():  # the runs are named after it, and a run name starts with a letter or digit
+        raise ConfigError(f"{adapter_id!r}: the loop names its training run after the id, so start it with a "
+                          "letter or digit", field="publish")
     export = Path(export or Path("outputs") / "feedback" / f"{adapter_id}.parquet").absolute()
     plan_configs(config, overrides, then, then_overrides or [], export, adapter_id)  # fail before exporting
     export_parquet(db, export, "png")  # lossless: the trainers read pixels
@@ -211,7 +237,8 @@ def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, 
     extra = list(then_overrides or [])
     if then is not None:
         prompts = export.with_suffix(".prompts.txt")
-        prompts.write_text("\n".join(p.replace("\n", " ") for p in summary.prompts) + "\n")
+        # one prompt a line, as the reader splits them (str.splitlines: also \r, U+2028, ...)
+        prompts.write_text("\n".join(" ".join(p.splitlines()) for p in summary.prompts) + "\n")
         extra.append(f"ddpo.prompts_file={prompts}")
     first, _ = plan_configs(config, overrides, then, extra, export, run_name)
     result = LoopResult(summary, adapter_id=adapter_id)

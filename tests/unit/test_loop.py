@@ -6,11 +6,13 @@ is tests/e2e/test_feedback_loop.py."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
+from testkit.wait import wait_until
 
 from diffray.errors import ConfigError, DiffrayError
 from diffray.loop import plan_configs, publish_adapter, run_loop, summarize_export
@@ -61,6 +63,33 @@ def test_publish_is_atomic_checked_and_refuses_a_taken_id(tmp_path):
     assert sorted(p.name for p in registry.iterdir()) == ["aligned-v1"]
 
 
+def _watch(folder: str, stop: str, out: str) -> None:
+    missing = looks = 0
+    Path(f"{out}.ready").touch()
+    while not os.path.exists(stop):
+        looks, missing = looks + 1, missing + (not os.path.isdir(folder))
+    Path(out).write_text(f"{missing} {looks}")
+
+
+def test_a_replaced_adapter_is_never_missing_to_a_reader(tmp_path):
+    import multiprocessing as mp
+
+    registry = tmp_path / "adapters"
+    arts = [lora_artifact(tmp_path / f"art{i}", seed=i) for i in range(2)]
+    publish_adapter(str(arts[0]), registry, "v1")
+    stop, out = tmp_path / "stop", tmp_path / "seen"
+    reader = mp.get_context("spawn").Process(target=_watch, args=(str(registry / "v1"), str(stop), str(out)))
+    reader.start()
+    wait_until(lambda: Path(f"{out}.ready").exists(), "the reader started", timeout=120)
+    for i in range(60):  # a server replica looking the adapter up while it is replaced must find one
+        publish_adapter(str(arts[(i + 1) % 2]), registry, "v1", replace=True)
+    stop.touch()
+    reader.join(60)
+    missing, looks = map(int, out.read_text().split())
+    assert looks > 0 and missing == 0, f"{missing} of {looks} looks found no adapter"
+    assert sorted(p.name for p in registry.iterdir()) == ["v1"]
+
+
 @pytest.mark.parametrize("bad", ["../x", "base", ".hidden", "a b", "x" * 65])
 def test_publish_refuses_ids_that_are_no_adapter_ids(tmp_path, bad):
     with pytest.raises(ConfigError) as err:
@@ -107,6 +136,16 @@ def test_plans_name_runs_after_the_adapter_and_train_on_the_export(tmp_path):
 def test_wrong_job_kinds_are_refused_before_anything_runs(tmp_path, config, then, match):
     with pytest.raises(ConfigError, match=match):
         plan_configs(REPO / "configs" / config, [], then and REPO / "configs" / then, [], tmp_path / "x", "v")
+
+
+@pytest.mark.parametrize("overrides, then_overrides, field", [
+    (["data.path=other.parquet"], [], "data.path"),  # the export is what the loop trains on
+    ([], ["train.max_steps=1"], "then-set"),  # --then-set without a --then job
+])
+def test_overrides_the_loop_would_drop_are_refused(tmp_path, overrides, then_overrides, field):
+    with pytest.raises(ConfigError) as err:
+        plan_configs(REPO / "configs/diffusion_dpo.yaml", overrides, None, then_overrides, tmp_path / "x", "v")
+    assert err.value.field == field
 
 
 def test_run_loop_exports_trains_then_ddpo_with_the_feedback_prompts_and_publishes(tmp_path):
@@ -160,3 +199,34 @@ def test_run_loop_refuses_feedback_without_preferences_and_taken_ids_before_trai
     with pytest.raises(DiffrayError, match="no feedback store"):
         run_loop(tmp_path / "missing.db", tmp_path / "adapters", "v3", REPO / "configs/diffusion_dpo.yaml", [],
                  export=tmp_path / "x.parquet", train=train)
+
+
+def test_ddpo_prompts_file_keeps_each_feedback_prompt_whole(tmp_path):
+    from diffray.trainers.components.prompts import read_prompts
+
+    db = store_with(tmp_path / "fb.db", ["left"])
+    for i, prompt in enumerate(["a red\rcircle", "a blue\u2028square", "a green\r\ntriangle"]):
+        req = FeedbackRequest.model_validate({"prompt": prompt, "choice": "right", "id": f"line-{i:04d}",
+                                              "images": [{"b64_json": PNG}, {"b64_json": PNG}]})
+        FeedbackStore(db).add(feedback_record(req, Limits(), FeedbackSection(), None))
+    trained = []
+
+    def train(cfg):
+        trained.append(cfg)
+        return RunResult(str(tmp_path), str(lora_artifact(tmp_path / f"art{len(trained)}")), "", 1, 0, 0, 1, {})
+
+    run_loop(db, tmp_path / "adapters", "v2", REPO / "configs/reward_model.yaml", [], then=REPO / "configs/ddpo.yaml",
+             export=tmp_path / "fb.parquet", train=train, echo=lambda _: None)
+    assert read_prompts([], trained[1].ddpo.prompts_file, "ddpo.prompts_file") == [
+        "a red circle 0", "a red circle", "a blue square", "a green triangle"]
+
+
+@pytest.mark.parametrize("adapter_id", ["_v1", "-v1"])
+def test_an_id_no_run_can_be_named_after_is_refused_naming_publish(tmp_path, monkeypatch, capsys, adapter_id):
+    from testkit.cli import diffray
+
+    db = store_with(tmp_path / "fb.db", ["left"])
+    code, text = diffray(["feedback", "train", REPO / "configs/diffusion_dpo.yaml", f"--publish={adapter_id}",
+                          "--db", db, "--adapters-dir", tmp_path / "adapters"], monkeypatch, capsys)
+    assert code == 2 and text.startswith("diffray: error: publish:") and "run.name" not in text, text
+    assert not (tmp_path / "adapters").exists() and not (REPO / "outputs/feedback" / f"{adapter_id}.parquet").exists()

@@ -1,6 +1,8 @@
 """The feedback store without Ray: request checks (4xx naming the field), images re-encoded as clean PNG,
 idempotent ids, concurrent writers in several processes, a writer SIGKILLed mid-stream losing nothing it
-acknowledged, and the Pick-a-Pic-style Parquet export read back by pyarrow and HF datasets."""
+acknowledged, a store locked past its busy timeout answering 503, and the Pick-a-Pic-style Parquet export read
+back by pyarrow and HF datasets (never onto the store, no partial file after a failure, bounded row groups,
+no temp copy of the store)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import io
 import multiprocessing as mp
 import os
 import signal
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -162,3 +165,115 @@ def test_export_of_an_empty_store_and_a_missing_one(tmp_path):
     assert export_parquet(tmp_path / "fb.db", tmp_path / "e.parquet") == 0
     with pytest.raises(DiffrayError, match="no feedback store"):
         export_parquet(tmp_path / "none.db", tmp_path / "e.parquet")
+
+
+def test_an_export_onto_the_store_itself_is_refused_and_the_store_kept(tmp_path, monkeypatch, capsys):
+    from testkit.cli import diffray
+
+    db = tmp_path / "fb.db"
+    FeedbackStore(db).add(record(id="kept-0001"))
+    for out in (db, tmp_path / "fb.db-wal"):
+        code, text = diffray(["feedback", "export", out, "--db", db], monkeypatch, capsys)
+        assert code == 1 and "the feedback store itself" in text and "Traceback" not in text
+    assert [r["id"] for r in FeedbackStore(db).rows()] == ["kept-0001"]
+
+
+def test_a_failed_export_names_the_file_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from testkit.cli import diffray
+
+    FeedbackStore(tmp_path / "fb.db").add(record(id="kept-0001"))
+    (tmp_path / "notes.txt").write_text("not a database " * 100)
+    (tmp_path / "folder").mkdir()
+    damaged = FeedbackStore(tmp_path / "damaged.db")
+    damaged.add(record(id="fine-0001"))
+    damaged.add(record(id="damaged-1"))
+    with closing(sqlite3.connect(damaged.path)) as db:  # a blob damaged on disk: fails mid-write
+        db.execute("UPDATE feedback SET image_1 = x'00ff' WHERE id = 'damaged-1'")
+        db.commit()
+    for db, out, says in [(tmp_path / "notes.txt", tmp_path / "o.parquet", "notes.txt: cannot open"),
+                          (tmp_path / "fb.db", tmp_path / "folder", "folder is a folder"),
+                          (damaged.path, tmp_path / "d.parquet", "cannot export")]:
+        code, text = diffray(["feedback", "export", out, "--db", db], monkeypatch, capsys)
+        assert code == 1 and says in text and "internal error" not in text, text
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".parquet"]
+    assert list((tmp_path / "folder").iterdir()) == []
+
+
+def test_exporting_a_database_that_is_no_feedback_store_changes_nothing(tmp_path):
+    import sqlite3
+
+    from diffray.errors import DiffrayError
+
+    other = tmp_path / "app.db"
+    with closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.commit()
+    before = other.read_bytes()
+    with pytest.raises(DiffrayError, match="app.db is not a feedback store"):
+        export_parquet(other, tmp_path / "o.parquet")
+    assert other.read_bytes() == before and not (tmp_path / "o.parquet").exists()
+
+
+def test_a_store_locked_past_the_busy_timeout_answers_503_and_the_retry_is_stored(tmp_path, monkeypatch):
+    import sqlite3
+
+    from diffray.serve import feedback_store
+
+    monkeypatch.setattr(feedback_store, "BUSY_TIMEOUT_MS", 200)  # the 30 s wait, shortened
+    store = FeedbackStore(tmp_path / "fb.db")
+    with closing(sqlite3.connect(store.path, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # another replica (or a stuck process) holds the write lock
+        with pytest.raises(RequestError) as err:
+            store.add(record(id="locked-0001"))
+        other.execute("ROLLBACK")
+    assert (err.value.status, err.value.retry_after) == (503, 1) and "retry" in err.value.message
+    assert store.add(record(id="locked-0001"))[2] is False and store.count() == 1
+
+
+def test_export_row_groups_are_bounded_in_bytes_not_only_rows(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from diffray.serve import feedback_store
+
+    monkeypatch.setattr(feedback_store, "EXPORT_BATCH_BYTES", 128 << 10)  # 64 MiB scaled down to 128 KiB
+    noise = np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3), dtype=np.uint8)
+    store, cfg = FeedbackStore(tmp_path / "fb.db"), FeedbackSection(max_image_bytes=200_000, max_image_side=128)
+    for i in range(6):  # ~50 KB of noise PNG per image, 2 per row: the 256-row batch would hold all in one
+        pngs = []
+        for k in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(np.roll(noise[i], k, axis=0)).save(buf, format="PNG")
+            pngs.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
+        req = FeedbackRequest(**body(id=f"big-{i:04d}", images=pngs))
+        store.add(feedback_record(req, LIMITS, cfg, None))
+    assert export_parquet(tmp_path / "fb.db", tmp_path / "o.parquet", "png") == 6
+    meta = pq.ParquetFile(tmp_path / "o.parquet").metadata
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    assert len(groups) == 3 and all(g.total_byte_size < 256 << 10 for g in groups)
+    assert pq.read_table(tmp_path / "o.parquet").column("ranking_id").to_pylist() == [f"big-{i:04d}" for i in range(6)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's per-process I/O counters")
+def test_export_streams_the_store_without_copying_it_through_a_sort(tmp_path):
+    import pyarrow.parquet as pq
+
+    def written() -> int:
+        return int(next(x for x in open("/proc/self/io") if x.startswith("wchar")).split()[1])
+
+    noise = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    store, cfg = FeedbackStore(tmp_path / "fb.db"), FeedbackSection(max_image_bytes=300_000, max_image_side=256)
+    for i in range(40):  # ~15 MB of images: far past what SQLite sorts in memory
+        pngs = []
+        for k in range(2):
+            buf = io.BytesIO()
+            Image.fromarray(np.roll(noise, 2 * i + k, axis=1)).save(buf, format="PNG")
+            pngs.append({"b64_json": base64.b64encode(buf.getvalue()).decode()})
+        store.add(feedback_record(FeedbackRequest(**body(id=f"row-{39 - i:04d}", images=pngs)), LIMITS, cfg, None))
+    before = written()
+    assert export_parquet(tmp_path / "fb.db", tmp_path / "o.parquet", "png") == 40
+    size = os.path.getsize(tmp_path / "o.parquet")
+    assert written() - before < 1.2 * size, "the export wrote the store out twice (a temp sort of every image)"
+    ids = pq.read_table(tmp_path / "o.parquet", columns=["ranking_id"]).column("ranking_id").to_pylist()
+    assert ids == [f"row-{39 - i:04d}" for i in range(40)], "oldest first, not by id"

@@ -219,7 +219,7 @@ class Ingress:
 
     @api.post("/v1/feedback", summary="Record which of two images of one prompt a person preferred",
               response_model=FeedbackAccepted, dependencies=AUTH,
-              responses=error_responses(400, 401, 404, 409, 413))
+              responses=error_responses(400, 401, 404, 409, 413, 503))
     async def post_feedback(self, req: FeedbackRequest,
                             creds: Optional[HTTPAuthorizationCredentials] = Security(BEARER)) -> dict:
         if self.feedback is None:

@@ -40,14 +40,23 @@ CREATE TABLE IF NOT EXISTS feedback (
 )"""
 LABELS = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5), "both_bad": (0.0, 0.0)}
 BUSY_TIMEOUT_MS = 30_000
+EXPORT_BATCH_ROWS, EXPORT_BATCH_BYTES = 256, 64 << 20  # one Parquet row group: at most this many rows or bytes
 
 
 class FeedbackStore:
     """Preference records in one SQLite file (created with its folder when missing)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """`create` False: only open an existing store, writing nothing (an export of a wrong file changes
+        nothing in it). Raises DiffrayError naming the file."""
         self.path = Path(path).expanduser()
         try:
+            if not create:
+                with closing(self._connect()) as db:
+                    found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='feedback'")
+                    if found.fetchone() is None:
+                        raise DiffrayError(f"{self.path} is not a feedback store (no feedback table)")
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as db:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -64,21 +73,29 @@ class FeedbackStore:
 
     def add(self, rec: FeedbackRecord) -> tuple[str, float, bool]:
         """Store `rec`; returns (id, created, duplicate). Raises RequestError 409 when the id is taken by
-        other content."""
+        other content, 503 (with Retry-After) when the store cannot write now (locked past the busy timeout by
+        other writers, disk full or failing): nothing was stored, a retry is safe."""
         rec_id, digest = rec.id or uuid.uuid4().hex, rec.digest()
-        with closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                row = db.execute("SELECT digest, created FROM feedback WHERE id = ?", (rec_id,)).fetchone()
-                if row is None:
-                    db.execute("INSERT INTO feedback VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                               (rec_id, rec.created, digest, rec.prompt, rec.negative_prompt, rec.choice, rec.user,
-                                rec.models[0], rec.models[1], json.dumps(rec.params[0]), json.dumps(rec.params[1]),
-                                rec.images[0], rec.images[1]))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+        try:
+            with closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = db.execute("SELECT digest, created FROM feedback WHERE id = ?", (rec_id,)).fetchone()
+                    if row is None:
+                        db.execute("INSERT INTO feedback VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                                   (rec_id, rec.created, digest, rec.prompt, rec.negative_prompt, rec.choice,
+                                    rec.user, rec.models[0], rec.models[1], json.dumps(rec.params[0]),
+                                    json.dumps(rec.params[1]), rec.images[0], rec.images[1]))
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:  # SQLite may have rolled back itself (disk full, I/O error)
+                        db.execute("ROLLBACK")
+                    raise
+        except sqlite3.OperationalError as exc:  # the server's state, not the request's: 503, never a bare 500
+            err = RequestError(f"the feedback store cannot write now ({exc}); retry later", status=503,
+                               kind="unavailable")
+            err.retry_after = 1  # type: ignore[attr-defined]
+            raise err from None
         if row is None:
             return rec_id, rec.created, False
         if row[0] != digest:
@@ -95,9 +112,14 @@ class FeedbackStore:
         with closing(self._connect()) as db:
             db.row_factory = sqlite3.Row
             db.execute("BEGIN")  # one read snapshot: concurrent writers do not change what we export
-            cur = db.execute("SELECT * FROM feedback ORDER BY created, id")
-            while chunk := cur.fetchmany(batch):
-                yield from (dict(r) for r in chunk)
+            # the order from the ids alone, then the rows by primary key: `SELECT * ... ORDER BY` would copy
+            # every image through SQLite's sorter (temp files as large as the store)
+            ids = [r[0] for r in db.execute("SELECT id FROM feedback ORDER BY created, id")]
+            for start in range(0, len(ids), batch):
+                chunk = ids[start:start + batch]
+                found = {r["id"]: dict(r) for r in db.execute(
+                    f"SELECT * FROM feedback WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+                yield from (found[i] for i in chunk)
             db.execute("COMMIT")
 
 
@@ -131,13 +153,22 @@ def export_parquet(db_path: str | Path, out: str | Path, image_format: str = "jp
     number of rows. `image_format` jpeg (Pick-a-Pic's `jpg_*`) or png (lossless).
 
     Raises:
-        DiffrayError: no store at `db_path`.
+        DiffrayError: no store at `db_path`, `out` is the store itself or a folder, or cannot be written (no
+            partial file is left behind).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not Path(db_path).expanduser().is_file():
+    db_file = Path(db_path).expanduser()
+    if not db_file.is_file():
         raise DiffrayError(f"no feedback store at {db_path} (feedback.path of the serve config)")
+    out = Path(out).expanduser()
+    store_files = {Path(f"{db_file.resolve()}{s}") for s in ("", "-wal", "-shm", "-journal")}
+    if out.resolve() in store_files or (out.is_file() and os.path.samefile(out, db_file)):
+        raise DiffrayError(f"{out} is the feedback store itself: export to another file")
+    if out.is_dir():
+        raise DiffrayError(f"{out} is a folder: name the Parquet file to write")
+    store = FeedbackStore(db_file, create=False)
     schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
                         ("label_0", pa.float64()), ("label_1", pa.float64()), ("choice", pa.string()),
                         ("has_label", pa.bool_()), ("are_different", pa.bool_()), ("best_image_uid", pa.string()),
@@ -145,20 +176,25 @@ def export_parquet(db_path: str | Path, out: str | Path, image_format: str = "jp
                         ("model_1", pa.string()), ("ranking_id", pa.string()),
                         ("created_at", pa.timestamp("us", tz="UTC")), ("user_id", pa.string()),
                         ("negative_prompt", pa.string()), ("params_0", pa.string()), ("params_1", pa.string())])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    n, batch = 0, []
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for row in FeedbackStore(db_path).rows():
-            batch.append(pickapic_row(row, image_format))
-            if len(batch) == 256:
+    n, batch, size = 0, [], 0
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for row in store.rows(batch=16):  # images of up to max_image_side: memory bounded by bytes too
+                batch.append(pickapic_row(row, image_format))
+                size += len(batch[-1]["jpg_0"]) + len(batch[-1]["jpg_1"])
+                if len(batch) == EXPORT_BATCH_ROWS or size >= EXPORT_BATCH_BYTES:
+                    writer.write_table(_table(batch, schema))
+                    n, batch, size = n + len(batch), [], 0
+            if batch or n == 0:
                 writer.write_table(_table(batch, schema))
-                n, batch = n + len(batch), []
-        if batch or n == 0:
-            writer.write_table(_table(batch, schema))
-            n += len(batch)
-    os.replace(tmp, out)
+                n += len(batch)
+        os.replace(tmp, out)
+    except (OSError, sqlite3.Error) as exc:
+        raise DiffrayError(f"cannot export {db_path} to {out}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no partial file
     return n
 
 
