@@ -237,7 +237,8 @@ def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value .
 def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
                                             help="The diffray command to run on the cluster, e.g. train CONFIG"),
            address: Optional[str] = typer.Option(None, help="Job server URL (default: $RAY_API_SERVER_ADDRESS, "
-                                                 "else http://127.0.0.1:8265: a local head or `ray dashboard` tunnel)"),
+                                                 "else an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265: a local "
+                                                 "head or `ray dashboard` tunnel)"),
            working_dir: Path = typer.Option(Path("."), help="Uploaded as the job's cwd (configs/ travel with it)"),
            env: Optional[list[str]] = typer.Option(None, "--env", help="KEY=VALUE for the job (repeatable)"),
            exclude: Optional[list[str]] = typer.Option(None, help="Extra path pattern not to upload (repeatable)"),

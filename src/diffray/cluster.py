@@ -50,6 +50,7 @@ def connect_ray() -> None:
     because Ray Train's placement-group cleaner asks the state API whether a controller has died: without
     it a trial that Tune stops leaks its workers' placement group.
     """
+    check_cluster_address(os.environ.get("RAY_ADDRESS", ""))  # before this process's environment is changed
     import ray
     from ray.data import DataContext  # imported here so its loggers exist when they are quieted
 
@@ -67,6 +68,19 @@ def connect_ray() -> None:
     else:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=logs.verbose())
     logs.quiet_libraries()  # handlers Ray adds while it starts
+
+
+def check_cluster_address(address: str) -> None:
+    """Refuse a job server URL in RAY_ADDRESS (Ray's job docs export one for `ray job submit`): `ray.init`
+    wants the cluster's GCS address.
+
+    Raises:
+        ConfigError: naming the variable and what to do instead.
+    """
+    if address.split("://")[0].lower() in ("http", "https"):
+        raise ConfigError(f"RAY_ADDRESS={address} is a job server URL (what `ray job submit` and `diffray submit` "
+                          "read), not a cluster to join: unset it to run on a local cluster, set it to the head's "
+                          "GCS address (HOST:6379) on a cluster node, or run the command with `diffray submit`")
 
 
 def workers_that_fit(bundle: dict[str, float], nodes: list[dict[str, float]]) -> int:

@@ -15,6 +15,7 @@ that variable, as `ray start` does; a token is never sent in clear to a remote h
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -26,10 +27,13 @@ from diffray.errors import ConfigError, DiffrayError
 from diffray.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# Never uploaded with the working dir (Ray also honours .gitignore and .rayignore there).
-DEFAULT_EXCLUDES = [".git", ".venv", ".cache", "runs", "outputs", "__pycache__", "*.pyc", ".pytest_cache"]
+# Never uploaded with the working dir (Ray also honours .gitignore and .rayignore there): diffray's own output
+# folders among them (the serving feedback store holds people's prompts and images; URI runs log to runs-logs).
+DEFAULT_EXCLUDES = [".git", ".venv", ".cache", "runs", "outputs", "__pycache__", "*.pyc", ".pytest_cache",
+                    "/feedback/", "/runs-logs/"]
 JOB_ENV = {"PYTHONUNBUFFERED": "1"}  # logs reach `tail_job_logs` as they are written
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # read by `job_server_address` only
 
 
 class JobFailed(DiffrayError):
@@ -37,9 +41,12 @@ class JobFailed(DiffrayError):
 
 
 def job_server_address(address: str | None) -> str:
-    """The job server URL: `address`, else $RAY_API_SERVER_ADDRESS, else the local default; a bare
+    """The job server URL: `address`, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s)
+    URL (as `ray job submit` reads them; a bare RAY_ADDRESS is a GCS address), else the local default; a bare
     host:port gets http://."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_ADDRESS
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    http_ray_address = ray_address if urlparse(ray_address).scheme in ("http", "https") else None
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or http_ray_address or DEFAULT_ADDRESS
     return address if is_uri(address) else f"http://{address}"
 
 
@@ -83,6 +90,14 @@ def with_storage_path(args: list[str], storage_path: str | None) -> list[str]:
     return [*args, f"run.storage_path={storage_path}"]
 
 
+def job_config(args: list[str]) -> str | None:
+    """The config file of a `train` or `tune` job (`tune results DIR` has none)."""
+    cmd = command_of(args)
+    if len(cmd) < 2 or cmd[0] not in ("train", "tune") or cmd[1].startswith("-") or cmd[1] == "results":
+        return None
+    return cmd[1]
+
+
 def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     """Validate a `train` or `tune` job's config here, before anything is uploaded, and warn when its runs
     would land in the job's temporary working dir on the cluster.
@@ -90,15 +105,16 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     Raises:
         ConfigError: the config file is missing or invalid (as `diffray train` would say).
     """
-    args = command_of(args)
-    if len(args) < 2 or args[0] not in ("train", "tune") or args[1].startswith("-") or args[1] == "results":
+    config = job_config(args)
+    if config is None:
         return
     from diffray.methods import load_config
     from diffray.tune.config import load_tune_job
 
-    path = Path(args[1]) if Path(args[1]).is_absolute() else working_dir / args[1]
+    args = command_of(args)
+    path = Path(config) if Path(config).is_absolute() else working_dir / config
     if not path.is_file():
-        raise ConfigError(f"{args[1]}: no such config under the working dir {working_dir}")
+        raise ConfigError(f"{config}: no such config under the working dir {working_dir}")
     overrides = [a for a in args[2:] if not a.startswith("-")]
     cfg = load_config(path, overrides) if args[0] == "train" else load_tune_job(path, overrides).train
     storage = cfg.run.storage_path
@@ -113,6 +129,73 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], excludes: list[str]
         raise ConfigError(f"--working-dir {working_dir}: not a directory")
     return {"working_dir": str(working_dir), "excludes": [*DEFAULT_EXCLUDES, *excludes],
             "env_vars": {**JOB_ENV, **env_vars}}
+
+
+def upload_files(working_dir: Path, excludes: list[str]) -> dict[str, int] | None:
+    """The files Ray's zip of the working dir will hold (its own walk: the runtime env's `excludes`, .gitignore
+    unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, .rayignore), by path relative to it, each with its bytes in the
+    zip (Ray stores files uncompressed: the size plus the headers). None when this Ray has no such walk (a
+    private API: the checks that need it are then skipped, and Ray's own errors stand)."""
+    try:
+        from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+    except ImportError:
+        return None
+    files: dict[str, int] = {}
+
+    def add(path: Path) -> None:
+        if path.is_file():
+            name = path.relative_to(working_dir).as_posix()
+            files[name] = path.stat().st_size + 76 + 2 * len(name)
+
+    quiet = logging.getLogger(f"{__name__}.upload")  # Ray logs each ignore file it reads again when it zips
+    quiet.setLevel(logging.WARNING)
+    try:
+        _dir_travel(working_dir, [_get_excludes(working_dir, excludes)], add, logger=quiet,
+                    include_gitignore=os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1")
+    except TypeError:  # another signature in another Ray release
+        return None
+    return files
+
+
+def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> None:
+    """Refuse an upload the job would fail on: a `train`/`tune` config the upload leaves out (outside the
+    working dir, or excluded), or a working dir above the job server's request limit (100 MiB in Ray 2.60),
+    which answers a bare 413 after the whole dir was zipped and sent.
+
+    Raises:
+        ConfigError: naming the config and why it is left out, or the size, the limit and the largest entries.
+    """
+    files = upload_files(working_dir, excludes)
+    if files is None:
+        return
+    try:
+        from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
+        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+    except ImportError:
+        DASHBOARD_CLIENT_MAX_SIZE = GCS_STORAGE_MAX_SIZE = 100 * 2**20  # Ray 2.60's
+    config = job_config(args)
+    if config is not None:  # as written (a symlinked dir inside is zipped as it is named), or resolved
+        names = {os.path.relpath(f(working_dir / config), working_dir) for f in (os.path.normpath, os.path.realpath)}
+        inside = [Path(n).as_posix() for n in names if n != ".." and not n.startswith(f"..{os.sep}")]
+        if not inside:
+            raise ConfigError(f"{config}: outside the working dir {working_dir}, so the job would not find it on "
+                              "the cluster; move it under the working dir or pass --working-dir")
+        if not any(name in files for name in inside):
+            raise ConfigError(f"{config}: left out of the upload (.gitignore, .rayignore or --exclude), so the job "
+                              "would not find it on the cluster")
+    sizes: dict[str, int] = {}
+    for name, size in files.items():
+        sizes[name.split("/")[0]] = sizes.get(name.split("/")[0], 0) + size
+    limit = min(DASHBOARD_CLIENT_MAX_SIZE, GCS_STORAGE_MAX_SIZE)
+    if sum(sizes.values()) < limit:
+        return
+    top = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    largest = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in
+                        [kv for kv in top if kv[1] >= 2**20] or top)
+    raise ConfigError(f"--working-dir {working_dir}: {sum(sizes.values()) / 2**20:.0f} MiB to upload, over the "
+                      f"Ray job server's limit of {limit / 2**20:.0f} MiB; largest: {largest}. Leave them out with "
+                      "--exclude PATTERN or a .rayignore line (data and models belong on storage every node reads, "
+                      "e.g. s3://...)")
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -132,6 +215,9 @@ def job_client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given: the job (and the token,
+    # sent only to a loopback `address`) would go to another server than the one named here.
+    saved = {k: os.environ.pop(k) for k in ADDRESS_ENV if k in os.environ}
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
@@ -144,6 +230,8 @@ def job_client(address: str):
         raise DiffrayError(f"cannot reach the Ray job server at {address} ({reason}); is the cluster up? "
                            "For a cluster started with `ray up cluster.yaml`, run `ray dashboard cluster.yaml` "
                            f"(an SSH tunnel) and use {DEFAULT_ADDRESS}") from None
+    finally:
+        os.environ.update(saved)
 
 
 def follow_logs(client, job_id: str, out: TextIO) -> None:
@@ -166,7 +254,8 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
         The submission id (the job succeeded, or was only submitted when `follow` is false).
 
     Raises:
-        ConfigError: bad arguments or an invalid train config (checked before uploading).
+        ConfigError: bad arguments, an invalid train config, a config the upload leaves out or a working dir
+            too large to upload (checked before uploading).
         DiffrayError: the job server is unreachable or refuses the token.
         JobFailed: the job ended FAILED or STOPPED (its message included).
     """
@@ -176,6 +265,7 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
     working_dir = working_dir.resolve()
     env = runtime_env(working_dir, env_vars, excludes)
     precheck(args, working_dir, err)
+    check_upload(args, working_dir, env["excludes"])
     client = job_client(address)
     job_id = client.submit_job(entrypoint=command, runtime_env=env)
     print(f"diffray: submitted {job_id} to {address}: {command}", file=err, flush=True)

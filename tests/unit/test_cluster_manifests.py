@@ -126,3 +126,20 @@ def test_kuberay_manifest_keeps_token_auth_on_and_exposes_nothing(path):
                 assert "hostPort" not in port, port
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("RAY_AUTH_MODE", "token") == "token"
+
+
+def test_the_rayservice_keeps_no_feedback_on_a_pods_own_disk():
+    """The Ingress's feedback store (SQLite, on by default at ./feedback/feedback.db) on a worker pod's own disk
+    would vanish with the pod when it scales down, and with the whole cluster at every RayService upgrade: it is
+    either off or on a persistent volume that every pod running the Ingress mounts writable."""
+    from diffray.serve.config import parse_args
+
+    doc = load(REPO / "deploy" / "kuberay" / "rayservice.yaml")
+    args = parse_args(yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"])
+    if not args.feedback.enabled:
+        return
+    for pod in [g["template"]["spec"] for g in cluster_spec(doc)["workerGroupSpecs"]]:  # the head has no CPU
+        claims = {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])
+                  if m["name"] in claims and not m.get("readOnly")]
+        assert any(Path(args.feedback.path).is_relative_to(m) for m in mounts), (args.feedback.path, mounts)

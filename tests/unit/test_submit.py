@@ -3,14 +3,63 @@
 from __future__ import annotations
 
 import io
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from diffray.errors import ConfigError
 from diffray.submit import entrypoint, precheck, with_storage_path
+from testkit.cli import diffray
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def http_server_that_records():
+    """A local HTTP server answering 404 to everything; yields (its URL, the paths it was asked for)."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the http.server hook)
+            asked.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("env", ["RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"])
+def test_the_address_given_is_the_server_asked_whatever_the_environment_says(env, monkeypatch, capsys, tmp_path):
+    """Ray's JobSubmissionClient lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override the address it is given:
+    `--address` named one cluster while the job (and a token meant for a loopback address) went to another."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))  # no RAY_AUTH_MODE set behind our back
+    with http_server_that_records() as (named, asked_named), http_server_that_records() as (other, asked_other):
+        monkeypatch.setenv(env, other)
+        code, out = diffray(["submit", "--address", named, "--", "generate", "--prompt", "x"], monkeypatch, capsys)
+    assert code != 0 and f"cannot reach the Ray job server at {named}" in out, out
+    assert asked_named and not asked_other, (asked_named, asked_other)
+
+
+def test_an_http_ray_address_is_the_default_as_for_ray_job_submit(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    with http_server_that_records() as (url, asked):
+        monkeypatch.setenv("RAY_ADDRESS", url)
+        code, out = diffray(["submit", "--", "generate", "--prompt", "x"], monkeypatch, capsys)
+    assert code != 0 and f"cannot reach the Ray job server at {url}" in out and asked, out
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -60,3 +109,74 @@ def test_every_family_config_submits_as_the_sd_ones_do(config):
     assert entrypoint(args) == f"diffray train configs/{config} train.max_steps=8 run.storage_path=s3://b/runs"
     with pytest.raises(ConfigError, match="train.max_stepz"):
         precheck([*args, "train.max_stepz=4"], REPO, io.StringIO())
+
+
+def test_a_working_dir_over_the_job_servers_limit_is_one_line_naming_what_to_leave_out(monkeypatch, capsys, tmp_path):
+    """Above the job server's 100 MiB request limit the upload failed after zipping and sending everything, as
+    'internal error: RuntimeError: Request failed with status code 413: Maximum request body size 104857600
+    exceeded', naming nothing to leave out. Sizes are counted on the files Ray's walk keeps."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "job.yaml").write_text("method: lora\n")
+    for folder in ("data", "runs"):  # sparse files: no disk used
+        (tmp_path / folder).mkdir()
+        with open(tmp_path / folder / "big.bin", "wb") as f:
+            f.truncate(101 * 2**20)
+    (tmp_path / ".gitignore").write_text("/ignored/\n")
+    (tmp_path / "ignored").mkdir()
+    with open(tmp_path / "ignored" / "big.bin", "wb") as f:
+        f.truncate(101 * 2**20)
+    args = ["submit", "--working-dir", str(tmp_path), "--address", "http://127.0.0.1:9"]
+    code, out = diffray([*args, "--", "generate", "--prompt", "x"], monkeypatch, capsys)
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert "101 MiB to upload, over the Ray job server's limit of 100 MiB; largest: data (101 MiB)" in out, out
+    assert "--exclude" in out and "ignored" not in out.split("largest:")[1]
+    code, out = diffray([*args, "--exclude", "data", "--", "generate", "--prompt", "x"], monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+
+
+def test_a_config_the_upload_leaves_out_is_refused_before_uploading(monkeypatch, capsys, tmp_path):
+    """The config was checked here, then the job failed on the cluster, which never got it: a file outside the
+    working dir (an absolute path, `../`), or one the upload excludes (`outputs/`, .gitignore, .rayignore)."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    wd = tmp_path / "wd"
+    for folder in ("configs", "outputs", "private"):
+        (wd / folder).mkdir(parents=True)
+        (wd / folder / "lora.yaml").write_text((REPO / "configs" / "lora.yaml").read_text())
+    (tmp_path / "lora.yaml").write_text((REPO / "configs" / "lora.yaml").read_text())
+    (wd / ".rayignore").write_text("private/\n")
+    args = ["submit", "--working-dir", str(wd), "--address", "http://127.0.0.1:9", "--", "train"]
+    for config, why in [(str(tmp_path / "lora.yaml"), "outside the working dir"), ("../lora.yaml", "outside"),
+                        ("outputs/lora.yaml", "left out of the upload"), ("private/lora.yaml", "left out")]:
+        code, out = diffray([*args, config, "run.storage_path=s3://b/runs"], monkeypatch, capsys)
+        assert code == 2 and f"diffray: error: {config}: {why}" in out, (config, out)
+    code, out = diffray([*args, "configs/lora.yaml", "run.storage_path=s3://b/runs"], monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+    (tmp_path / "link").symlink_to(wd)  # an absolute path through a symlinked dir (macOS's /tmp) is inside
+    args[2] = str(tmp_path / "link")
+    code, out = diffray([*args, str(tmp_path / "link" / "configs" / "lora.yaml"), "run.storage_path=s3://b/runs"],
+                        monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+
+
+def test_a_job_server_url_in_ray_address_is_one_line_for_commands_that_join_a_cluster(monkeypatch, capsys, tmp_path):
+    """Ray's job docs have users export RAY_ADDRESS=http://127.0.0.1:8265 for `ray job submit`; `diffray train` in
+    that shell ended in an 'internal error' from `ray.init` (before any cluster starts: none is started here)."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    code, out = diffray(["train", REPO / "configs" / "lora.yaml", f"run.storage_path={tmp_path}"], monkeypatch, capsys)
+    assert code == 2 and out.strip().splitlines()[-1].startswith(
+        "diffray: error: RAY_ADDRESS=http://127.0.0.1:9 is a job server URL"), out
+    assert "internal error" not in out
+
+
+def test_diffrays_own_output_folders_are_never_uploaded_even_without_a_gitignore(tmp_path):
+    """A job's working dir outside this repository has no .gitignore: runs/ and outputs/ stayed home, but the
+    serving feedback store (people's prompts and images) and the logs of URI runs (./runs-logs) were uploaded."""
+    from diffray.submit import runtime_env, upload_files
+
+    for name in ("configs/lora.yaml", "runs/a/x.json", "outputs/grid.png", "feedback/feedback.db",
+                 "runs-logs/lora/driver.log", "data/feedback/ok.txt", ".venv/bin/python"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    env = runtime_env(tmp_path, {}, [])
+    assert sorted(upload_files(tmp_path, env["excludes"])) == ["configs/lora.yaml", "data/feedback/ok.txt"]
