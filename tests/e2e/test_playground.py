@@ -38,7 +38,9 @@ def site(ray_cluster, tiny_model_path, tmp_path_factory):
 
     reg = tmp_path_factory.mktemp("pg-adapters")
     random_lora(tiny_model_path, reg / "lora-a", seed=1)
-    yield from serve_feedback_app(APP, reg, ingress={"num_replicas": 2, "num_cpus": 0.25})
+    # feedback images up to 200 kB: a pair is over the app's limits.max_body_bytes (300 kB), within its own cap
+    yield from serve_feedback_app(APP, reg, ingress={"num_replicas": 2, "num_cpus": 0.25},
+                                  feedback={"path": str(reg.parent / "feedback.db"), "max_image_bytes": 200_000})
 
 
 def export(db: Path, out: Path) -> list[dict]:
@@ -71,6 +73,25 @@ def pair_body(prompt="a red circle", **kw) -> dict:
 def test_bad_feedback_posts_are_4xx(site, body, key, status, param):
     got, js, _ = site.call("POST", "/v1/feedback", body, key=key)
     assert (got, js["error"]["param"]) == (status, param), js
+
+
+def test_a_pair_larger_than_a_generation_request_is_accepted(site, tmp_path):
+    """A feedback post holds two images: its body cap is two feedback.max_image_bytes images, not the 300 kB of
+    limits.max_body_bytes (a pair of 1024 px PNGs was refused 413 under the shipped 4 MB)."""
+    import io
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    noise = [b64_png(Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))) for _ in range(2)]
+    body = pair_body(id="big-" + uuid.uuid4().hex[:12], images=[{"b64_json": noise[0], "model": "base", "seed": 1},
+                                                                 {"b64_json": noise[1], "model": "lora-a", "seed": 1}])
+    assert len(json.dumps(body)) > 300_000
+    status, js, _ = site.call("POST", "/v1/feedback", body)
+    assert status == 200, js
+    rows = [r for r in export(site.db, tmp_path / "fb.parquet") if r["ranking_id"] == body["id"]]
+    assert len(rows) == 1 and Image.open(io.BytesIO(rows[0]["jpg_0"])).size == (200, 200)
 
 
 def test_a_feedback_post_is_stored_once_and_exported(site, tmp_path):

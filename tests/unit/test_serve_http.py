@@ -82,6 +82,32 @@ def test_body_cap_declared_and_streamed(client):
     assert r.status_code == 413
 
 
+def test_a_path_with_its_own_body_cap_is_held_to_it_and_the_others_to_the_default():
+    """A feedback post carries two images, more than a generation request: its path has its own cap (larger, or
+    smaller), counted on the streamed body too; every other path keeps max_body_bytes."""
+    from diffray.serve.config import FeedbackSection, Limits
+
+    app = FastAPI()
+    cap = FeedbackSection(max_image_bytes=3000).max_body_bytes(Limits(max_body_bytes=2000))
+    assert cap == 2 * (4000 + 4) + 65536
+    app.add_middleware(EdgeMiddleware, policy=EdgePolicy(api_keys=["k"], max_body_bytes=2000,
+                                                         body_bytes_by_path={"/v1/feedback": cap}))
+    install_error_handlers(app)
+
+    @app.post("/v1/feedback")
+    @app.post("/v1/generate")
+    async def size(req: dict):
+        return {"size": len(req["x"])}
+
+    c = TestClient(app, raise_server_exceptions=False)
+    assert c.post("/v1/feedback", json={"x": "y" * 9000}, headers=AUTH).json() == {"size": 9000}
+    r = c.post("/v1/generate", json={"x": "y" * 9000}, headers=AUTH)
+    assert r.status_code == 413 and "the limit of 2000" in r.json()["error"]["message"]
+    r = c.post("/v1/feedback", content=(b"y" * 1000 for _ in range(cap // 1000 + 1)),
+               headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and f"the limit of {cap}" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("method, headers, body_read", [
     ("GET", [], False), ("GET", [(b"content-length", b"0")], False),
     ("POST", [(b"content-length", b"2")], True), ("POST", [(b"transfer-encoding", b"chunked")], True)])

@@ -135,6 +135,11 @@ class FeedbackSection(Section):
                                  "feedback post.")
     max_image_side: int = Field(2048, ge=8, description="Largest width or height of an image in a feedback post.")
 
+    def max_body_bytes(self, limits: Limits) -> int:
+        """The body cap of POST /v1/feedback: two images of max_image_bytes (base64) and 64 KiB of the rest, or
+        limits.max_body_bytes when larger (a pair of 1024 px PNGs is more than one generation request holds)."""
+        return max(limits.max_body_bytes, 2 * (self.max_image_bytes * 4 // 3 + 4) + 64 * 1024)
+
 
 class ServeArgs(Section):
     model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny.")

@@ -125,13 +125,14 @@ class Ingress:
         self.registry = open_registry(self.args.adapters_dir, self.args.adapters_listing_ttl_s)
         POLICY.api_keys = self.args.api_keys()
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
+        fb = self.args.feedback
+        POLICY.body_bytes_by_path = {"/v1/feedback": fb.max_body_bytes(self.args.limits)} if fb.enabled else {}
         from diffray.models.family import family_of
 
         model_path = resolve_model_path(self.args.model)
         self.default_size = default_size(self.args, native_size(model_path))  # ConfigError when over the limits
         family = family_of(model_path)
         self.family, self.default_guidance = family.name, family.default_guidance
-        fb = self.args.feedback
         self.feedback = FeedbackStore(fb.path) if fb.enabled else None
         self.app_name = serve.get_replica_context().app_name
         self.in_flight = 0

@@ -65,6 +65,10 @@ class EdgePolicy:
 
     api_keys: list[str] = field(default_factory=list)
     max_body_bytes: int = 4_000_000
+    body_bytes_by_path: dict[str, int] = field(default_factory=dict)  # another cap for these app paths
+
+    def body_cap(self, scope) -> int:
+        return self.body_bytes_by_path.get(app_path(scope), self.max_body_bytes)
 
 
 def json_error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -114,7 +118,7 @@ class EdgeMiddleware:
         if refused is not None:
             return await refused(scope, receive, send)
         headers = dict(pairs)
-        cap = self.policy.max_body_bytes
+        cap = self.policy.body_cap(scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
             return await self._too_large(scope, receive, send, int(declared))
@@ -147,7 +151,7 @@ class EdgeMiddleware:
         return await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send, size: int):
-        resp = json_error(413, f"request body of {size} bytes exceeds the limit of {self.policy.max_body_bytes}",
+        resp = json_error(413, f"request body of {size} bytes exceeds the limit of {self.policy.body_cap(scope)}",
                           "body", "request_too_large")
         await resp(scope, receive, send)
 
