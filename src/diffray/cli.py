@@ -249,7 +249,9 @@ def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
     """Run a diffray command on a running Ray cluster as a Ray job: `diffray submit -- train configs/lora.yaml`."""
     from diffray.submit import parse_env, submit_job
 
-    submit_job(address, args, working_dir, parse_env(env or []), exclude or [], storage_path, follow)
+    job_id = submit_job(address, args, working_dir, parse_env(env or []), exclude or [], storage_path, follow)
+    if not follow:
+        typer.echo(job_id)  # alone on stdout: `ID=$(diffray submit --no-follow -- ...)`
 
 
 @app.command("demo")

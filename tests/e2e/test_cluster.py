@@ -307,12 +307,19 @@ def test_serve_deploy_to_the_cluster_answers_with_the_trained_adapter(local_clus
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_diffray_submit_of_an_8_gpu_job_fails_fast_naming_what_the_cluster_has(local_cluster, tmp_path):
-    proc = subprocess.run(
-        [DIFFRAY, "submit", "--address", local_cluster.dashboard, "--working-dir", str(REPO),
-         "--env", f"DIFFRAY_CACHE={os.environ['DIFFRAY_CACHE']}", "--storage-path", str(tmp_path / "runs"),
-         "--", "train", "configs/lora.yaml", "scaling.num_workers=8", "scaling.use_gpu=true",
-         "scaling.wait_for_resources=false"],  # this cluster has an autoscaler: diffray would wait by default
-        env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    """Followed, the job's one-line error and its status; with --no-follow, the submission id alone on stdout."""
+    def submit(*options):
+        return subprocess.run(
+            [DIFFRAY, "submit", "--address", local_cluster.dashboard, "--working-dir", str(REPO), *options,
+             "--env", f"DIFFRAY_CACHE={os.environ['DIFFRAY_CACHE']}", "--storage-path", str(tmp_path / "runs"),
+             "--", "train", "configs/lora.yaml", "scaling.num_workers=8", "scaling.use_gpu=true",
+             "scaling.wait_for_resources=false"],  # this cluster has an autoscaler: diffray would wait by default
+            env=local_cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    quick = submit("--no-follow")
+    assert quick.returncode == 0 and re.fullmatch(r"raysubmit_\w+\n", quick.stdout), quick.stdout + quick.stderr
+    assert f"submitted {quick.stdout.strip()} to {local_cluster.dashboard}" in quick.stderr, quick.stderr
+    proc = submit()
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the job's own one-line error, streamed from its logs (a gpu_1x node the Serve test used may still be up)
     want = r"scaling: 8 workers x \(1 CPU, 1 GPU\) do not fit this cluster, whose [12] node\(s\) have \[1 CPU, 0 GPU"
