@@ -70,6 +70,11 @@ def connect_ray() -> None:
     logs.quiet_libraries()  # handlers Ray adds while it starts
 
 
+def is_job_server_url(address: str) -> bool:
+    """An http(s) URL: a Ray job server's (dashboard's) address, not a cluster's GCS address (HOST:PORT)."""
+    return address.split("://")[0].lower() in ("http", "https") and "://" in address
+
+
 def check_cluster_address(address: str) -> None:
     """Refuse a job server URL in RAY_ADDRESS (Ray's job docs export one for `ray job submit`): `ray.init`
     wants the cluster's GCS address.
@@ -77,7 +82,7 @@ def check_cluster_address(address: str) -> None:
     Raises:
         ConfigError: naming the variable and what to do instead.
     """
-    if address.split("://")[0].lower() in ("http", "https"):
+    if is_job_server_url(address):
         raise ConfigError(f"RAY_ADDRESS={address} is a job server URL (what `ray job submit` and `diffray submit` "
                           "read), not a cluster to join: unset it to run on a local cluster, set it to the head's "
                           "GCS address (HOST:6379) on a cluster node, or run the command with `diffray submit`")

@@ -44,8 +44,10 @@ def job_server_address(address: str | None) -> str:
     """The job server URL: `address`, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s)
     URL (as `ray job submit` reads them; a bare RAY_ADDRESS is a GCS address), else the local default; a bare
     host:port gets http://."""
+    from diffray.cluster import is_job_server_url
+
     ray_address = os.environ.get("RAY_ADDRESS", "")
-    http_ray_address = ray_address if urlparse(ray_address).scheme in ("http", "https") else None
+    http_ray_address = ray_address if is_job_server_url(ray_address) else None
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or http_ray_address or DEFAULT_ADDRESS
     return address if is_uri(address) else f"http://{address}"
 
