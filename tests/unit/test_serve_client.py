@@ -84,3 +84,15 @@ def test_a_4xx_is_not_retried_and_names_the_field(scripted):
     with pytest.raises(RequestError) as err:
         post_json(scripted["url"] + "/v1/generate", {"prompt": ""}, retry=RetryPolicy(attempts=5, backoff_s=0))
     assert len(scripted["bodies"]) == 1 and err.value.status == 400 and err.value.param == "prompt"
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000", "ftp://127.0.0.1:8000", "http://"])
+def test_a_url_no_server_can_answer_is_one_line_at_once_not_six_retries(url, tmp_path, monkeypatch, capsys):
+    """`--url localhost:8000` (no scheme) was retried 6 times with backoff ('unknown url type') before the
+    error: it names `--url` now, before any request."""
+    from testkit.cli import diffray
+
+    code, out = diffray(["generate", "--url", url, "--prompt", "a red circle", "--out", tmp_path], monkeypatch,
+                        capsys)
+    assert code == 2 and out == f"diffray: error: --url: {url}: not the http(s) URL of a diffray server " \
+        "(http://HOST:PORT)\n", out

@@ -12,12 +12,13 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffray.errors import DiffrayError, RequestError
+from diffray.errors import ConfigError, DiffrayError, RequestError
 
 RETRY_STATUS = (408, 502, 503, 504)
 
@@ -35,13 +36,22 @@ class RetryPolicy:
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
 
 
+def check_server_url(url: str) -> None:
+    """Raises ConfigError naming `--url` when `url` is no http(s) URL with a host (no retry could reach it)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{url}: not the http(s) URL of a diffray server (http://HOST:PORT)", field="--url")
+
+
 def post_json(url: str, body: dict[str, Any], api_key: str | None = None, timeout: float = 300.0,
               retry: RetryPolicy | None = None, on_retry=None) -> tuple[dict, dict]:
     """POST `body`, retrying transient failures. Returns (JSON answer, response headers).
 
     Raises:
+        ConfigError: naming `--url` when `url` is no http(s) URL (no retry could reach it).
         RequestError: a 4xx (the server's message and field), or retries exhausted on 5xx/connection errors.
     """
+    check_server_url(url)
     retry = retry or RetryPolicy()
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -106,8 +116,10 @@ def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_
     """One /v1/generate request per prompt; PNGs saved as `<out stem>-<prompt>-<image>.png` next to `out`.
 
     Raises:
+        ConfigError: `url` is no http(s) URL (`check_server_url`).
         RequestError: the server refused a request, or it stayed unreachable through the retries.
     """
+    check_server_url(url)
     endpoint = url.rstrip("/") + "/v1/generate"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = 
         ConfigError: a suite without plain prompts, or bad sizes.
         RequestError: the endpoint refused a request (its message and field) or stayed unreachable.
     """
-    from diffray.serve.client import post_json
+    from diffray.serve.client import check_server_url, post_json
     from diffray.world.report import score_image
     from diffray.world.suites import CONCEPT_SUITES, build_suite, check_suite
 
@@ -45,6 +45,7 @@ def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = 
         raise ConfigError(f"{suite!r}: the judge compares models on prompt suites (prompts, heldout)", field="suite")
     if not 1 <= workers <= 64:
         raise ConfigError(f"must be 1 to 64, got {workers}", field="workers")
+    check_server_url(url)
     base = url.rstrip("/")
     items = build_suite(suite, num, seed, size)
     nonce = uuid.uuid4().hex
