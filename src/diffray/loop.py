@@ -63,7 +63,8 @@ def check_new_id(adapters_dir: str | Path, adapter_id: str, replace: bool) -> No
         ConfigError: naming --publish.
     """
     from diffray import storage
-    from diffray.serve.registry import RESERVED_IDS, valid_id
+    from diffray.serve.registry import valid_id
+    from diffray.serve.schemas import RESERVED_IDS
 
     if not valid_id(adapter_id) or adapter_id.startswith("."):  # valid_id refuses RESERVED_IDS too
         raise ConfigError(f"{adapter_id!r} is not an adapter id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with "

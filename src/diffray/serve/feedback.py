@@ -20,8 +20,8 @@ from pydantic import Field
 
 from diffray.errors import RequestError
 from diffray.serve.config import FeedbackSection, Limits
-from diffray.serve.registry import RESERVED_IDS, check_adapter_id
-from diffray.serve.schemas import MAX_SEED, SCHEDULERS, Body, Text, check_prompt, decode_b64_image
+from diffray.serve.registry import check_adapter_id
+from diffray.serve.schemas import MAX_SEED, RESERVED_IDS, SCHEDULERS, Body, Text, check_prompt, decode_b64_image
 
 CHOICES = ("left", "right", "tie", "both_bad")
 FEEDBACK_ID = r"[A-Za-z0-9_-]{8,64}"
