@@ -169,7 +169,8 @@ def test_errors_name_the_path_or_the_presets(tmp_path):
                              r"sdxl-shaped, tiny-flux, flux-shaped\)"):
         build_pipeline_dir(tmp_path / "x", preset="xl")
     assert not (tmp_path / "x").exists()
-    assert resolve_model_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert resolve_model_path(hub_id) == hub_id
 
 
 def test_incomplete_dir_is_a_model_error(seed0, tmp_path):
