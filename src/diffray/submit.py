@@ -28,9 +28,11 @@ from diffray.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir (Ray also honours .gitignore and .rayignore there): diffray's own output
-# folders among them (the serving feedback store holds people's prompts and images; URI runs log to runs-logs).
+# folders among them (the serving feedback store holds people's prompts and images; URI runs log to runs-logs),
+# and dotenv files, which hold secrets (a job gets its variables from --env, on the cluster only).
+SECRET_FILES = [".env", ".env.*"]
 DEFAULT_EXCLUDES = [".git", ".venv", ".cache", "runs", "outputs", "__pycache__", "*.pyc", ".pytest_cache",
-                    "/feedback/", "/runs-logs/"]
+                    "/feedback/", "/runs-logs/", *SECRET_FILES]
 JOB_ENV = {"PYTHONUNBUFFERED": "1"}  # logs reach `tail_job_logs` as they are written
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # read by `job_server_address` only
@@ -100,6 +102,17 @@ def job_config(args: list[str]) -> str | None:
     return cmd[1]
 
 
+def on_cluster_only(config: str) -> bool:
+    """An absolute config path that does not exist here: one in the cluster's image (`/app/configs/x.yaml`),
+    which the job reads there and nothing uploads."""
+    return Path(config).is_absolute() and not Path(config).exists()
+
+
+def secret_files(working_dir: Path) -> list[str]:
+    """The dotenv files at the top of the working dir, which the upload leaves out (`SECRET_FILES`)."""
+    return sorted(p.name for pattern in SECRET_FILES for p in working_dir.glob(pattern))
+
+
 def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     """Validate a `train` or `tune` job's config here, before anything is uploaded, and warn when its runs
     would land in the job's temporary working dir on the cluster.
@@ -114,6 +127,10 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
     from diffray.tune.config import load_tune_job
 
     args = command_of(args)
+    if on_cluster_only(config):
+        print(f"diffray: warning: {config} is not on this machine: the job reads it from the cluster's nodes (an "
+              "image path), so it is not checked here", file=err)
+        return
     path = Path(config) if Path(config).is_absolute() else working_dir / config
     if not path.is_file():
         raise ConfigError(f"{config}: no such config under the working dir {working_dir}")
@@ -176,7 +193,7 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
     except ImportError:
         DASHBOARD_CLIENT_MAX_SIZE = GCS_STORAGE_MAX_SIZE = 100 * 2**20  # Ray 2.60's
     config = job_config(args)
-    if config is not None:  # as written (a symlinked dir inside is zipped as it is named), or resolved
+    if config is not None and not on_cluster_only(config):  # as written (a symlinked dir inside is zipped as it is named), or resolved
         names = {os.path.relpath(f(working_dir / config), working_dir) for f in (os.path.normpath, os.path.realpath)}
         inside = [Path(n).as_posix() for n in names if n != ".." and not n.startswith(f"..{os.sep}")]
         if not inside:
@@ -249,7 +266,7 @@ def follow_logs(client, job_id: str, out: TextIO) -> None:
 
 def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars: dict[str, str],
                excludes: list[str], storage_path: str | None = None, follow: bool = True,
-               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> str:
+               out: TextIO | None = None, err: TextIO | None = None) -> str:
     """Submit `diffray ARGS` as a Ray job; with `follow`, stream its logs and wait for it to end.
 
     Returns:
@@ -261,6 +278,7 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
         DiffrayError: the job server is unreachable or refuses the token.
         JobFailed: the job ended FAILED or STOPPED (its message included).
     """
+    out, err = out or sys.stdout, err or sys.stderr  # as they are now (pytest's capture swaps them)
     address = job_server_address(address)
     args = with_storage_path(args, storage_path)
     command = entrypoint(args)
@@ -268,6 +286,9 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
     env = runtime_env(working_dir, env_vars, excludes)
     precheck(args, working_dir, err)
     check_upload(args, working_dir, env["excludes"])
+    if secrets := secret_files(working_dir):
+        print(f"diffray: left out of the upload: {', '.join(secrets)} (secrets stay on this machine; give the job "
+              "its variables with --env KEY=VALUE)", file=err, flush=True)
     client = job_client(address)
     job_id = client.submit_job(entrypoint=command, runtime_env=env)
     print(f"diffray: submitted {job_id} to {address}: {command}", file=err, flush=True)

@@ -180,3 +180,41 @@ def test_diffrays_own_output_folders_are_never_uploaded_even_without_a_gitignore
         (tmp_path / name).write_text("x")
     env = runtime_env(tmp_path, {}, [])
     assert sorted(upload_files(tmp_path, env["excludes"])) == ["configs/lora.yaml", "data/feedback/ok.txt"]
+
+
+def test_dotenv_files_are_never_uploaded_and_the_user_is_told(monkeypatch, capsys, tmp_path):
+    """A working dir with a .env (API keys, storage credentials) and no .gitignore had it zipped and uploaded to
+    the cluster's object store with the job."""
+    from diffray.submit import runtime_env, upload_files
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    wd = tmp_path / "wd"
+    for name in ("configs/lora.yaml", ".env", ".env.production", "sub/.env", "envs/a.txt", "environment.yml"):
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("x")
+    assert sorted(upload_files(wd, runtime_env(wd, {}, [])["excludes"])) == [
+        "configs/lora.yaml", "environment.yml", "envs/a.txt"]
+    args = ["submit", "--working-dir", str(wd), "--address", "http://127.0.0.1:9", "--", "generate", "--prompt", "x"]
+    code, out = diffray(args, monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+    assert ("diffray: left out of the upload: .env, .env.production (secrets stay on this machine; give the job "
+            "its variables with --env KEY=VALUE)") in out, out
+    (wd / ".env").unlink()
+    (wd / ".env.production").unlink()
+    code, out = diffray(args, monkeypatch, capsys)
+    assert code == 1 and "left out of the upload" not in out, out
+
+
+def test_a_config_only_in_the_clusters_image_is_submitted_with_a_warning(monkeypatch, capsys, tmp_path):
+    """`diffray submit -- train /app/configs/lora.yaml` for a config baked into the cluster's image was refused
+    ("no such config under the working dir"); one that exists here outside the working dir still is."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    (tmp_path / "wd").mkdir()
+    image_config = str(tmp_path / "image" / "configs" / "lora.yaml")
+    args = ["submit", "--working-dir", str(tmp_path / "wd"), "--address", "http://127.0.0.1:9", "--", "train"]
+    code, out = diffray([*args, image_config, "run.storage_path=s3://b/runs"], monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+    assert (f"diffray: warning: {image_config} is not on this machine: the job reads it from the cluster's nodes "
+            "(an image path), so it is not checked here") in out, out
+    code, out = diffray([*args, "configs/lora.yaml"], monkeypatch, capsys)
+    assert code == 2 and "configs/lora.yaml: no such config under the working dir" in out, out
