@@ -282,3 +282,48 @@ def test_a_local_model_above_max_side_is_refused_when_the_app_is_built(tiny_mode
     assert err.value.field == "limits.max_side" and "below the model's native size 64" in str(err.value)
     assert build_app({**args, "default_size": 32}) is not None
     assert build_app({**args, "limits": {"max_side": 64}}) is not None
+
+
+def test_a_relative_feedback_path_is_pinned_where_the_config_is_read(tmp_path, monkeypatch, capsys):
+    """Each Ray process has its own working directory: a relative feedback.path once meant one store to the
+    replicas (their cwd) and another to `diffray feedback export` (the shell's). It is made absolute where the
+    config is read, and the replicas, which parse the dumped args again in their own cwd, keep it."""
+    from testkit.cli import diffray
+
+    from diffray.serve.feedback import FeedbackRequest, feedback_record
+    from diffray.serve.feedback_store import FeedbackStore
+
+    config = tmp_path / "configs" / "serve.yaml"
+    config.parent.mkdir()
+    config.write_text("applications:\n  - name: diffray\n    import_path: diffray.serve.app:build_app\n"
+                      "    args:\n      feedback: {path: ./feedback/feedback.db}\n")
+    work, replica = tmp_path / "work", tmp_path / "replica"
+    work.mkdir(), replica.mkdir()
+    monkeypatch.chdir(work)
+    args = load_serve_file(str(config))[2]
+    assert args.feedback.path == str(work / "feedback" / "feedback.db")
+    monkeypatch.chdir(replica)  # an Ingress replica: the dumped args, its own working directory
+    served = parse_args(args.model_dump(mode="json")).feedback
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEklEQVR4nGP4z8CAFWEXHbQSACj/P8Fu7N9hAAAAAElFTkSuQmCC")
+    req = FeedbackRequest.model_validate({"prompt": "a red circle", "choice": "left",
+                                          "images": [{"b64_json": png}, {"b64_json": png}]})
+    FeedbackStore(served.path).add(feedback_record(req, Limits(), served, None))
+    monkeypatch.chdir(work)
+    code, text = diffray(["feedback", "export", tmp_path / "out.parquet", "--serve-config", config],
+                         monkeypatch, capsys)
+    assert code == 0 and "wrote 1 preference pairs" in text, text
+    assert not (replica / "feedback").exists()
+
+
+@pytest.mark.parametrize("feedback", [None, {}, {"path": "feedback.db"}])
+def test_a_relative_feedback_path_in_a_ray_working_dir_copy_is_refused(tmp_path, monkeypatch, feedback):
+    """In a runtime_env working_dir (Ray's per-deploy copy, the cwd of every process of the app) a relative store
+    would be lost at the next deploy and never be what `diffray feedback export` reads: refused, naming the
+    field. An absolute path, or feedback off, is fine."""
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match=r"^feedback\.path: .*relative.*working_dir.*absolute path"):
+        parse_args({} if feedback is None else {"feedback": feedback})
+    assert parse_args({"feedback": {"path": str(tmp_path / "fb.db")}}).feedback.path == str(tmp_path / "fb.db")
+    assert not parse_args({"feedback": {"enabled": False}}).feedback.enabled

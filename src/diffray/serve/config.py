@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from diffray.config import Section, format_validation_error
 from diffray.errors import ConfigError
@@ -129,11 +130,29 @@ class IngressSection(Section):
 
 class FeedbackSection(Section):
     enabled: bool = Field(True, description="Accept POST /v1/feedback (preference pairs from the playground).")
-    path: str = Field("./feedback/feedback.db", description="SQLite database (WAL mode) of the feedback store, on "
-                      "a local disk of the node(s) running the Ingress; created when missing.")
+    path: str = Field("./feedback/feedback.db", validate_default=True, description="SQLite database (WAL mode) of "
+                      "the feedback store, on a local disk of the node(s) running the Ingress; created when missing. "
+                      "A relative path is made absolute once, against the working directory of the process that "
+                      "reads the config (`diffray serve`, `diffray feedback ...`, or Serve's app builder under "
+                      "`serve run/deploy`), and the replicas get that absolute path; refused inside a Ray "
+                      "runtime_env working_dir copy, which each deploy replaces.")
     max_image_bytes: int = Field(2_000_000, ge=1024, description="Largest image (decoded from base64) in a "
                                  "feedback post.")
     max_image_side: int = Field(2048, ge=8, description="Largest width or height of an image in a feedback post.")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str, info: ValidationInfo) -> str:
+        # Each Ray process has its own working directory (a runtime_env working_dir is a copy per node and
+        # deploy): pinned here, the server's replicas and `diffray feedback export` read one file.
+        if os.path.isabs(os.path.expanduser(path)):
+            return os.path.expanduser(path)
+        cwd = Path.cwd()
+        if info.data.get("enabled", True) and in_ray_working_dir_copy(cwd):
+            raise ValueError(f"{path!r} is relative, and this process runs in {cwd}, a copy of a Ray runtime_env "
+                             "working_dir that the next deploy replaces (and `diffray feedback` on your machine "
+                             "never reads): give an absolute path on a local disk of the Ingress's node")
+        return os.path.abspath(path)
 
     def max_body_bytes(self, limits: Limits) -> int:
         """The body cap of POST /v1/feedback: two images of max_image_bytes (base64) and 64 KiB of the rest, or
@@ -158,7 +177,8 @@ class ServeArgs(Section):
     generator: GeneratorSection = Field(default_factory=GeneratorSection, description="Generator deployment.")
     batching: Batching = Field(default_factory=Batching, description="Dynamic batching in the Generator.")
     ingress: IngressSection = Field(default_factory=IngressSection, description="Ingress deployment.")
-    feedback: FeedbackSection = Field(default_factory=FeedbackSection, description="Preference feedback store.")
+    feedback: FeedbackSection = Field(default_factory=dict, validate_default=True,  # errors then name feedback.*
+                                      description="Preference feedback store.")
 
     @model_validator(mode="after")
     def _one_deployment(self) -> ServeArgs:
@@ -185,6 +205,12 @@ class ServeArgs(Section):
         """Configured keys plus those in $DIFFRAY_API_KEYS (read where this runs: the ingress replica)."""
         env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
         return list(dict.fromkeys([*self.auth.api_keys, *env]))
+
+
+def in_ray_working_dir_copy(folder: Path) -> bool:
+    """Whether `folder` lies in a copy Ray unpacked for a runtime_env `working_dir`
+    (`<session>/runtime_resources/working_dir_files/<package>/...`: the cwd of every process of that job or app)."""
+    return any(p.name == "working_dir_files" and p.parent.name == "runtime_resources" for p in folder.parents)
 
 
 def side_problem(side: int, limits: Limits) -> str | None:
