@@ -45,8 +45,9 @@ def feedback_train(
     adapters_dir: Optional[str] = typer.Option(None, help="Adapter registry to publish into (a folder or "
                                                "s3://...); default: adapters_dir of --serve-config"),
     serve_config: Path = SERVE_CONFIG,
-    export: Optional[Path] = typer.Option(None, help="Where the Parquet export goes (default "
-                                          "outputs/feedback/<id>.parquet)"),
+    export: Optional[Path] = typer.Option(None, help="Where the Parquet export goes, replaced each round (default "
+                                          "outputs/feedback/<id>-<hash of the export>.parquet: one file per "
+                                          "feedback, so an earlier run's data stays)"),
     replace: bool = typer.Option(False, help="Replace an adapter of the same id (the server notices by content)"),
 ) -> None:
     """Train on the collected preferences and publish the adapter where the running server picks it up."""

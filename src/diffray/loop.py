@@ -7,10 +7,12 @@ the previous adapter.
 Publishing follows the registry's rule: the artifact is copied under a hidden name (`.<id>.publish-*`, which
 the registry skips), checked as the server would check it, and renamed into place; a replaced adapter is
 swapped with the new one in one step (Linux's RENAME_EXCHANGE), so a reader sees the old folder or the new
-one (where the filesystem cannot swap, the old one is renamed away first: for a moment there is neither).
+one (where the filesystem cannot swap, the old one is renamed away first: for a moment there is neither); a
+replaced bare `<id>.safetensors` file is removed once the folder, which the registry serves first, is in place.
 Each run is named after the adapter it publishes and the export's content (`<id>-<sha256[:8]>`): rerunning
 on the same feedback resumes that run, new feedback (or a `--replace` round) trains afresh instead of
-resuming an older run.
+resuming an older run. The default export is named after the run too (`outputs/feedback/<run>.parquet`), so a
+later round never overwrites the data an earlier run trained on, which its config and its adapter's card name.
 """
 
 from __future__ import annotations
@@ -119,14 +121,16 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
         if remote:
             return _upload(tmp, root, adapter_id, replace)
         final = root / adapter_id
-        old = root / f".{adapter_id}.old-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            check_new_id(root, adapter_id, replace)  # taken since the first check: refuse unless replacing
-            if _exchange(tmp, final):  # one step: a reader never finds the id missing; tmp now holds the old
-                return str(final)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        check_new_id(root, adapter_id, replace)  # taken since the first check (folder or file): refuse unless replacing
+        # one step: a reader never finds the id missing; tmp then holds the old folder (removed below)
+        if not (final.exists() and _exchange(tmp, final)):
+            old = root / f".{adapter_id}.old-{uuid.uuid4().hex[:8]}"
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        if replace:  # the folder is in place and wins over a bare file: removing it leaves no gap
+            _remove_bare_file(root, adapter_id)
         return str(final)
     except (OSError, pa.ArrowException) as exc:
         raise DiffrayError(f"cannot publish {artifact} to {root}: {exc}") from None
@@ -134,6 +138,24 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
         shutil.rmtree(tmp, ignore_errors=True)
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_bare_file(root: Path, adapter_id: str) -> None:
+    """Remove the replaced `<id>.safetensors` LoRA file beside the newly published `<id>/` folder. The registry
+    serves the folder when both exist, but the old file would be served as `<id>` again once the folder is
+    removed, and anyone reading the registry by hand sees two artifacts for one id: a replaced adapter leaves
+    nothing behind (as `_upload` does on object storage). A link is removed, never its target.
+
+    Raises:
+        DiffrayError: the file cannot be removed (the folder is published and served).
+    """
+    bare = root / f"{adapter_id}.safetensors"
+    try:
+        if bare.is_symlink() or bare.is_file():
+            bare.unlink()
+    except OSError as exc:
+        raise DiffrayError(f"published {root / adapter_id}, but the replaced {bare} cannot be removed ({exc}): "
+                           "remove it by hand") from None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -166,6 +188,37 @@ def _upload(folder: Path, root: str, adapter_id: str, replace: bool) -> str:
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)
     return storage.copy_dir(pafs.LocalFileSystem(), str(folder), dest)
+
+
+def export_round(db: Path, adapter_id: str, export: Path | None = None) -> tuple[Path, str]:
+    """Export the store `db` (PNG: the trainers read pixels) for one round; its run is `<id>-<sha256[:8] of the
+    export>`: the same feedback resumes that run, new feedback trains afresh. Returns (export, run name).
+
+    Without `export` the file is `outputs/feedback/<run name>.parquet`, written aside and renamed into place:
+    one file per content, so a later round (new feedback, a `--replace`) never overwrites the data an earlier
+    run trained on, and a rerun on the same feedback rewrites the same bytes its resumed run reads. A given
+    `export` is written there, replacing what it held (never the store itself: `export_parquet` refuses it).
+
+    Raises:
+        DiffrayError: no store at `db`, or the export cannot be written.
+    """
+    from diffray.serve.artifacts import sha256_file
+    from diffray.serve.feedback_store import export_parquet
+
+    folder = (Path("outputs") / "feedback").absolute()
+    out = Path(export).absolute() if export else folder / f".{adapter_id}.export-{uuid.uuid4().hex[:8]}.parquet"
+    try:
+        export_parquet(db, out, "png")
+        run_name = f"{adapter_id}-{sha256_file(out)[:8]}"
+        if export is None:
+            os.replace(out, folder / f"{run_name}.parquet")
+            out = folder / f"{run_name}.parquet"
+    except OSError as exc:
+        raise DiffrayError(f"cannot export {db} to {out}: {exc}") from None
+    finally:
+        if export is None and out.name.startswith("."):
+            out.unlink(missing_ok=True)  # a failed round leaves no hidden export behind
+    return out, run_name
 
 
 @dataclass
@@ -216,8 +269,6 @@ def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, 
     """Export the store `db`, train on it (and DDPO after a reward model), publish the adapter.
     `train(cfg)` runs one job and returns its RunResult (default: `run_training`)."""
     from diffray import storage
-    from diffray.serve.artifacts import sha256_file
-    from diffray.serve.feedback_store import export_parquet
 
     if train is None:
         from diffray.trainers.runner import run_training as train
@@ -226,11 +277,10 @@ def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, 
     if not adapter_id[0].isalnum():  # the runs are named after it, and a run name starts with a letter or digit
         raise ConfigError(f"{adapter_id!r}: the loop names its training run after the id, so start it with a "
                           "letter or digit", field="publish")
-    export = Path(export or Path("outputs") / "feedback" / f"{adapter_id}.parquet").absolute()
-    plan_configs(config, overrides, then, then_overrides or [], export, adapter_id)  # fail before exporting
-    export_parquet(db, export, "png")  # lossless: the trainers read pixels
+    # the plans' refusals come before anything is exported (the default export is named after its content)
+    plan_configs(config, overrides, then, then_overrides or [], Path(export or "feedback.parquet"), adapter_id)
+    export, run_name = export_round(db, adapter_id, export)
     summary = summarize_export(export)
-    run_name = f"{adapter_id}-{sha256_file(export)[:8]}"  # same feedback: resume; new feedback: a new run
     echo(summary.line())
     if summary.preferred == 0:
         raise DiffrayError(f"{db}: no pair prefers one image ({summary.pairs} ties or both bad): collect more "

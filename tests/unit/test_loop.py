@@ -229,4 +229,74 @@ def test_an_id_no_run_can_be_named_after_is_refused_naming_publish(tmp_path, mon
     code, text = diffray(["feedback", "train", REPO / "configs/diffusion_dpo.yaml", f"--publish={adapter_id}",
                           "--db", db, "--adapters-dir", tmp_path / "adapters"], monkeypatch, capsys)
     assert code == 2 and text.startswith("diffray: error: publish:") and "run.name" not in text, text
-    assert not (tmp_path / "adapters").exists() and not (REPO / "outputs/feedback" / f"{adapter_id}.parquet").exists()
+    exports = [p for g in (f"{adapter_id}-*.parquet", f".{adapter_id}.export-*")
+               for p in (REPO / "outputs/feedback").glob(g)]
+    assert not (tmp_path / "adapters").exists() and not exports
+
+
+def test_each_rounds_default_export_is_its_own_file_so_an_earlier_run_keeps_its_data(tmp_path, monkeypatch):
+    """A --replace round on new feedback once overwrote outputs/feedback/<id>.parquet: the earlier run's config and
+    the adapter card it published then named a file holding the later round's pairs."""
+    monkeypatch.chdir(tmp_path)  # the default export goes under ./outputs/feedback
+    db = store_with(tmp_path / "fb.db", ["left", "right"])
+    trained = []
+
+    def train(cfg):
+        trained.append(cfg)
+        art = tmp_path / "runs" / cfg.run.name / "artifact"
+        if not art.exists():
+            lora_artifact(art, seed=len(trained))
+        return RunResult(str(art.parent), str(art), str(art.parent / "logs"), 2, 0.7, 0.6, 1.0, {})
+
+    def round_(replace: bool):
+        run_loop(db, tmp_path / "adapters", "v2", REPO / "configs/diffusion_dpo.yaml", [], replace=replace,
+                 train=train, echo=lambda _: None)
+        return trained[-1], AdapterRegistry(tmp_path / "adapters").get("v2").card["feedback"]["export"]
+
+    first, first_card_export = round_(False)
+    first_data = Path(first.data.path)
+    first_bytes = first_data.read_bytes()
+    again, _ = round_(True)  # the same feedback: the same run, trained on the same file (it resumes)
+    assert (again.run.name, again.data.path) == (first.run.name, first.data.path)
+    store_with(db, ["left", "right", "tie", "right"])
+    later, later_card_export = round_(True)  # new feedback: a new run on a new file
+    assert first_data.read_bytes() == first_bytes and summarize_export(first_data).pairs == 2
+    assert later.run.name != first.run.name and summarize_export(Path(later.data.path)).pairs == 4
+    assert (first_card_export, later_card_export) == (first.data.path, later.data.path)
+    folder = tmp_path / "outputs" / "feedback"
+    assert first_data == folder / f"{first.run.name}.parquet"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{r.run.name}.parquet" for r in (first, later))
+
+
+@pytest.mark.parametrize("linked", [False, True])
+def test_replacing_a_bare_lora_file_publishes_the_folder_and_leaves_no_file_behind(tmp_path, linked):
+    """A local --replace over `<id>.safetensors` once left the file beside the new `<id>/` folder (object storage
+    removed it): the old LoRA served again as soon as the folder went. Nothing is removed without --replace, nor
+    by a replace that fails its checks; a link is removed, never its target."""
+    registry = tmp_path / "adapters"
+    registry.mkdir()
+    weights = (lora_artifact(tmp_path / "kohya", seed=5) / "pytorch_lora_weights.safetensors").read_bytes()
+    bare = registry / "v1.safetensors"
+    if linked:
+        (tmp_path / "elsewhere.safetensors").write_bytes(weights)
+        bare.symlink_to(tmp_path / "elsewhere.safetensors")
+    else:
+        bare.write_bytes(weights)
+        assert AdapterRegistry(registry).get("v1").weights == "v1.safetensors"
+    new = lora_artifact(tmp_path / "run" / "artifact", seed=1)
+    with pytest.raises(ConfigError, match="already exists.*--replace"):
+        publish_adapter(str(new), registry, "v1")
+    broken = lora_artifact(tmp_path / "broken", seed=2)
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(DiffrayError, match="cannot serve"):
+        publish_adapter(str(broken), registry, "v1", replace=True)
+    assert [p.name for p in registry.iterdir()] == ["v1.safetensors"] and bare.read_bytes() == weights
+
+    out = publish_adapter(str(new), registry, "v1", replace=True)
+    assert sorted(p.name for p in registry.iterdir()) == ["v1"]
+    info = AdapterRegistry(registry).get("v1")
+    assert info.path == out and info.weights_name == "pytorch_lora_weights.safetensors"
+    assert (Path(out) / info.weights_name).read_bytes() == (new / "pytorch_lora_weights.safetensors").read_bytes()
+    assert [a.id for a in AdapterRegistry(registry).list()] == ["v1"]
+    if linked:
+        assert (tmp_path / "elsewhere.safetensors").read_bytes() == weights
