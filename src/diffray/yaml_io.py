@@ -63,10 +63,9 @@ class _BoundedLoader(yaml.SafeLoader):
 
 
 # YAML 1.1 (PyYAML) reads `1e-4` as a string: it wants a dot in the mantissa. YAML 1.2 and JSON read a number,
-# which is what a learning rate or a search bound means.
-_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                     re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                                     list("-+0123456789."))
+# which is what a learning rate or a search bound means (so does a string PyYAML writes unquoted, e.g. `0E0`).
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_BoundedLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def load(text: str) -> Any:

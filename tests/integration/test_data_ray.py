@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from diffray.config import DataSection
@@ -92,3 +94,25 @@ def test_bad_rows_are_quarantined_and_bad_folders_raise(ray_2cpu, model_dir, tmp
     (root / "metadata.csv").write_text("file_name,caption\n0000.png,a red circle\n0002.png,a blue square\n")
     rows = read_imagefolder(f"file://{root}", caption_column="caption").take_all()
     assert sorted((r["sample_id"], r["caption"]) for r in rows) == [(0, "a red circle"), (1, "a blue square")]
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "parquet"])
+def test_a_row_without_caption_or_image_alone_in_its_block_neither_crashes_nor_drops_its_neighbours(
+        ray_2cpu, model_dir, tmp_path, fmt):
+    # Ray Data turns a block's all-None column into float NaN, which did not concatenate with the next block's
+    # strings or bytes: one uncaptioned row (data.default_caption) or missing image crashed the training pass.
+    root = write_sample_dataset(tmp_path / "s", num_images=6) / "train"
+    meta = [json.loads(x) for x in (root / "metadata.jsonl").read_text().splitlines()]
+    del meta[2]["text"]
+    meta.append({"file_name": "gone.png", "text": "a missing file"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    path = root
+    if fmt == "parquet":  # one row per row group: a Ray task (and block) per row
+        path = tmp_path / "data.parquet"
+        images = [(root / m["file_name"]).read_bytes() if (root / m["file_name"]).exists() else None for m in meta]
+        pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "text": [m.get("text") for m in meta]}),
+                       path, row_group_size=1)
+    data = DataSection(path=str(path), resolution=32, default_caption="a shape", max_bad_fraction=0.2)
+    ds, report = prepare_training_dataset(str(path), model_dir, data, seed=0)
+    assert [(r["sample_id"], r["reason"]) for r in report.quarantined] == [(6, "image file not found")]
+    assert sorted(ds.materialize().to_pandas()["sample_id"]) == [0, 1, 2, 3, 4, 5]

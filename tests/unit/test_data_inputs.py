@@ -144,6 +144,32 @@ def test_a_parquet_caption_column_that_is_not_text_is_an_error_naming_it_and_its
         row_groups(fs, files, "text", "image", None)
 
 
+@pytest.mark.parametrize("images, kind", [
+    (pa.array([512, 768]), "int64"),  # data.image_column=width of a LAION-style shard
+    (pa.array([0.5, 1.0]), "double"),
+    (pa.array([[PNG], [PNG]]), "list<"),
+    (pa.array([{"data": PNG}, {"data": PNG}]), "struct<data: binary>"),
+])
+def test_a_parquet_image_column_that_cannot_hold_images_is_an_error_naming_it_and_its_type(tmp_path, images, kind):
+    # Read as paths, every row would be quarantined as "image file not found".
+    fs, files = _parquet(tmp_path, pa.table({"image": images, "text": ["a", "b"]}))
+    with pytest.raises(DatasetError, match=rf"data\.parquet: image column 'image' holds {re.escape(kind)}.*, not im"):
+        row_groups(fs, files, "text", "image", None)
+
+
+@pytest.mark.parametrize("images", [
+    pa.array([PNG, None]), pa.array([PNG, None], pa.large_binary()), pa.array([PNG, PNG]).dictionary_encode(),
+    pa.array([{"bytes": PNG, "path": None}, {"bytes": None, "path": None}]), pa.array([None, None]),
+])
+def test_parquet_image_columns_of_bytes_hf_structs_or_nulls_still_read(tmp_path, images):
+    fs, files = _parquet(tmp_path, pa.table({"image": images, "text": ["a", "b"]}))
+    assert _rows(fs, files)["image"] == [None if v is None else PNG for v in _cells(images)]
+
+
+def _cells(images: pa.Array) -> list:
+    return [v.get("bytes") if isinstance(v, dict) else v for v in images.to_pylist()]
+
+
 @pytest.mark.parametrize("captions", [
     pa.array([b"a red square", b"\xff\xfe bad", None], pa.binary()),
     pa.array([b"a red square", b"\xff\xfe bad", None], pa.large_binary()),

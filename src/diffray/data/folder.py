@@ -48,11 +48,24 @@ def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
         except json.JSONDecodeError as exc:
             records.append((n, None, f"metadata line {n}: invalid JSON ({exc.msg})"))
             continue
+        except RecursionError:  # json's decoder recurses once per [ or {
+            records.append((n, None, f"metadata line {n}: JSON nested too deeply"))
+            continue
         if isinstance(rec, dict):
             records.append((n, rec, ""))
         else:
             records.append((n, None, f"metadata line {n}: a JSON {type(rec).__name__}, not an object"))
     return records
+
+
+def lone_surrogate(text: str) -> int:
+    """Where `text` holds an unpaired UTF-16 surrogate (JSON allows the escape "\\ud83d" alone, e.g. from a
+    JavaScript string cut inside an emoji; no file system and no tokenizer accepts it), else -1."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return -1
 
 
 # A line inside a quoted field that starts like a row of its own ("name.png,"): the quote opened above it
@@ -123,6 +136,8 @@ def member(fs: pafs.FileSystem, root: str, name, column: str, paths: PathRules =
         return "", f"{column} is a JSON {type(name).__name__}, not a file name"
     if "\x00" in name:  # the OS refuses such a path outright (ValueError from every path call)
         return "", f"{column} {name[:200]!r} holds a NUL character, not a file name"
+    if lone_surrogate(name) >= 0:  # every path call raises UnicodeEncodeError
+        return "", f"{column} {name[:200]!r} holds an unpaired UTF-16 surrogate, not a file name"
     outside = f"{column} {name[:200]!r} is not a file inside the dataset folder"
     if storage.is_uri(name) or name.startswith("/"):
         base = next((r for r in paths.roots if _under(name, r)), None)
@@ -210,6 +225,10 @@ def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | Non
     caption = rec.get(caption_column)
     if caption is not None and not isinstance(caption, str):
         error = error or f"metadata line {n}: {caption_column} is a JSON {type(caption).__name__}, not text"
+    elif caption is not None and (at := lone_surrogate(caption)) >= 0:
+        error = error or (f"metadata line {n}: {caption_column} holds an unpaired UTF-16 surrogate "
+                          f"({caption[at]!r} at character {at}: a string cut inside an emoji?), not text")
+        caption = None
     row = {"sample_id": sample_id, "caption": caption if isinstance(caption, str) else None, "line": n}
     for key, col in (("source", image_column), ("conditioning_source", conditioning_column),
                      ("mask_source", mask_column)):

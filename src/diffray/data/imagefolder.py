@@ -9,7 +9,7 @@ import ray.data
 
 from diffray import storage
 from diffray.data.folder import LOCAL_ONLY, PathRules, folder_rows, open_path
-from diffray.data.raydata import raise_original_errors
+from diffray.data.raydata import raise_original_errors, raw_block
 
 def read_imagefolder(path: str, caption_column: str = "text", image_column: str = "file_name",
                      prompt: str | None = None, id_offset: int = 0,
@@ -32,13 +32,13 @@ def rows_dataset(fs, root: str, rows: list[dict]) -> ray.data.Dataset:
         return np.array([storage.read_or_none(fs, open_path(root, s)) if s and not e else None
                          for s, e in zip(sources, errors)], dtype=object)
 
-    def load_bytes(batch: dict) -> dict:
+    def load_bytes(batch: dict):
         batch["image"] = read(batch["source"], batch["error"])
         if "conditioning_source" in batch:
             batch["conditioning_image"] = read(batch["conditioning_source"], batch["error"])
         if "mask_source" in batch:
             batch["mask_image"] = read(batch["mask_source"], batch["error"])
         batch["source"] = np.array([open_path(root, s) for s in batch["source"]], dtype=object)
-        return batch
+        return raw_block(batch)
 
     return raise_original_errors(ray.data.from_items(rows).map_batches(load_bytes, batch_format="numpy"))

@@ -14,7 +14,6 @@ import logging
 import posixpath
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -22,7 +21,7 @@ import ray.data
 
 from diffray import storage
 from diffray.data.folder import LOCAL_ONLY, PathRules, member, open_path
-from diffray.data.raydata import raise_original_errors
+from diffray.data.raydata import raise_original_errors, raw_block
 from diffray.errors import DatasetError
 
 HF_IMAGE_COLUMN = "image"
@@ -85,6 +84,20 @@ def check_caption_type(schema: pa.Schema, file: str, column: str) -> None:
         raise DatasetError(f"{file}: caption column {column!r} holds {kind}, not text (string or UTF-8 binary)")
 
 
+def check_image_type(schema: pa.Schema, file: str, column: str, what: str = "image") -> None:
+    """DatasetError unless `column` can hold images: bytes, an HF `Image` struct {bytes, path}, file path strings
+    (possibly dictionary-encoded), or only nulls. Another column (a width, a label, a list) would otherwise
+    quarantine every row as "image file not found"."""
+    kind = schema.field(column).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    flat = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary,
+            pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
+    hf_image = pa.types.is_struct(value) and any(value.get_field_index(f) >= 0 for f in ("bytes", "path"))
+    if not (hf_image or any(is_image(value) for is_image in flat)):
+        raise DatasetError(f"{file}: {what} column {column!r} holds {kind}, not images (bytes, an HF Image struct "
+                           "{bytes, path} or file paths)")
+
+
 def caption_cell(value, column: str) -> tuple[str | None, str]:
     """(caption, "") of one caption cell, or (None, why it cannot be used). None and NaN are a missing
     caption (data.default_caption applies); bytes must be UTF-8."""
@@ -141,6 +154,9 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
         check_caption_type(schema, file, caption)
         if mask_column is not None and mask_column not in schema.names:
             raise DatasetError(f"{file}: missing column {mask_column!r} (has: {', '.join(schema.names)})")
+        for what, col in (("image", image), ("conditioning image", cond), ("mask", mask_column)):
+            if col is not None:
+                check_image_type(schema, file, col, what)
         pair = pair_label = label = ""
         if pairs is not None:
             for col in (pairs.pair, pairs.image_label):
@@ -148,6 +164,7 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
                     raise DatasetError(f"{file}: missing column {col!r} of the preference pairs "
                                        f"(has: {', '.join(schema.names)})")
             pair, label = pairs.pair, pairs.image_label
+            check_image_type(schema, file, pair, "pair image")
             pair_label = pairs.pair_label if pairs.pair_label in schema.names else ""
         first_row = 0
         for g in range(meta.num_row_groups):
@@ -207,7 +224,7 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
     # raw column -> the item key holding its name
     extra = {"conditioning_image": "conditioning", "mask_image": "mask", "pair_image": "pair"}
 
-    def read_group(batch: dict) -> dict:
+    def read_group(batch: dict):
         out: dict[str, list] = {"sample_id": [], "source": [], "caption": [], "image": [], "error": []}
         for i, item in enumerate(batch["file"]):
             it = {k: batch[k][i] for k in batch}
@@ -218,8 +235,7 @@ def read_parquet_rows(path: str, caption_column: str = "text", image_column: str
             table = read_row_group(fs, str(it["file"]), int(it["row_group"]),
                                    [it["image"], it["caption"], *names.values(), *labels])
             table_rows(fs, table, it, names, out, id_offset, paths)
-        return {"sample_id": np.asarray(out.pop("sample_id"), dtype=np.int64),
-                **{k: np.array(v, dtype=object) for k, v in out.items()}}
+        return raw_block(out)
 
     ds = ray.data.from_items(items).map_batches(read_group, batch_size=1, batch_format="numpy")
     total = sum(it["num_rows"] for it in items)

@@ -22,7 +22,7 @@ import ray.data
 from diffray import storage
 from diffray.data.captions import with_trigger
 from diffray.data.imagefolder import rows_dataset
-from diffray.data.raydata import in_order, raise_original_errors
+from diffray.data.raydata import in_order, raise_original_errors, raw_block
 from diffray.data.folder import PathRules
 from diffray.data.transforms import BLACK, aspect_buckets, mirror_caption, preprocess_images, tokenize_captions
 from diffray.data.validate import Rules, caption_of, check_row
@@ -55,7 +55,7 @@ def read_source(path: str, data, prompt: str | None = None, id_offset: int = 0) 
         ds, total = read_parquet_rows(path, data.caption_column, data.image_column, data.conditioning_column, id_offset,
                                       PathRules.of(data), data.mask_column, pair_columns(data))
         if prompt is not None:
-            ds = ds.map_batches(lambda b: {**b, "caption": np.array([prompt] * len(b["sample_id"]), dtype=object)},
+            ds = ds.map_batches(lambda b: raw_block({**b, "caption": [prompt] * len(b["sample_id"])}),
                                 batch_format="numpy")
         return ds, total
     if pair_columns(data) is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import ray.data
 
 
@@ -23,3 +24,26 @@ def in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
     shuffle buffer is seeded per epoch). Changes only this dataset's context."""
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+def raw_block(columns: dict) -> pa.Table:
+    """A block of raw rows (a reader's map function returns it) with fixed Arrow types: `sample_id` int64,
+    the `*image` columns binary, every other column string; a cell of another type (NaN) becomes null.
+
+    Returned as numpy, a column that is None in every row of a block becomes float NaN in Ray Data, and that
+    block then cannot be concatenated with the next one's strings or bytes: a row without a caption or image
+    (quarantined, or captioned by data.default_caption) alone in its block would crash the training pass.
+    """
+    def cell(value, binary: bool):
+        if binary:
+            return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+        return value if isinstance(value, str) else None
+
+    out = {}
+    for name, values in columns.items():
+        if name == "sample_id":
+            out[name] = pa.array([int(v) for v in values], pa.int64())
+        else:
+            binary = name.endswith("image")
+            out[name] = pa.array([cell(v, binary) for v in values], pa.binary() if binary else pa.string())
+    return pa.table(out)
