@@ -182,6 +182,36 @@ def test_a_file_name_with_a_nul_character_is_a_bad_row_not_a_crash(tmp_path):
     assert len(rows) == 1 and "holds a NUL character" in rows[0]["error"] and "file_name" in rows[0]["error"]
 
 
+def test_images_no_metadata_row_names_and_files_a_concept_folder_skips_are_named_in_a_warning(tmp_path, caplog):
+    """16 images and 2 metadata lines trained on 2 without a word; a DreamBooth folder dropped its .gif
+    silently, and macOS's `._x.png` resource fork (not an image) failed the whole job as undecodable."""
+    from PIL import Image
+
+    meta, concept = tmp_path / "meta", tmp_path / "concept"
+    for folder in (meta, concept):
+        folder.mkdir()
+        for i in range(7):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i:02d}.png")
+    (meta / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "a"}\n'
+                                         '{"file_name": "./01.png", "text": 3}\n')  # quarantined, still named
+    (meta / "._00.png").write_bytes(b"\x00\x05\x16\x07")
+    with caplog.at_level("WARNING", logger="diffray.data.folder"):
+        _, _, rows = folder_rows(str(meta))
+    assert len(rows) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{meta}/metadata.jsonl: 5 image file(s) beside it are in none of its rows, so not trained on: "
+        "02.png, 03.png, 04.png, 05.png, 06.png"]
+    caplog.clear()
+    (concept / "a.gif").write_bytes(b"GIF89a")
+    (concept / "._00.png").write_bytes(b"\x00\x05\x16\x07")
+    (concept / ".DS_Store").write_bytes(b"\x00")
+    with caplog.at_level("WARNING", logger="diffray.data.folder"):
+        _, _, rows = folder_rows(str(concept), prompt="a photo of sks dog")
+    assert [r["source"] for r in rows] == [f"{i:02d}.png" for i in range(7)]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{concept}: 1 file(s) not read, not .png/.jpg/.jpeg/.webp/.bmp: a.gif"]
+
+
 def test_a_metadata_line_nested_too_deeply_is_a_bad_row_not_an_internal_error():
     """json.loads raises RecursionError, not JSONDecodeError, on `[[[[...` some thousands deep."""
     text = '{"file_name": "a.png", "text": "a"}\n' + "[" * 100_000 + "]" * 100_000 + '\n{"file_name": "b.png"}\n'

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import posixpath
 import re
@@ -23,6 +24,7 @@ from diffray import storage
 from diffray.errors import DatasetError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+log = logging.getLogger(__name__)
 
 
 def parse_metadata(name: str, text: str) -> list[tuple[int, dict | None, str]]:
@@ -198,8 +200,14 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
             raise DatasetError(f"{meta}: missing column {col!r} (has: {', '.join(have)})")
     columns = (caption_column, image_column, conditioning_column, mask_column)
     name = posixpath.basename(meta)
-    return meta, [_row(fs, root, k, n, rec, error, columns, paths, name)
-                  for k, (n, rec, error) in enumerate(records)]
+    rows = [_row(fs, root, k, n, rec, error, columns, paths, name) for k, (n, rec, error) in enumerate(records)]
+    named = {posixpath.normpath(rec[c]) for _, rec, _ in records if rec for c in columns[1:]
+             if c and isinstance(rec.get(c), str)}
+    unnamed = [n for n in folder_files(fs, root) if n.lower().endswith(IMAGE_SUFFIXES) and n not in named]
+    if unnamed:  # a metadata file that lists only some of the images beside it trains on those only
+        log.warning("%s: %d image file(s) beside it are in none of its rows, so not trained on: %s", meta,
+                    len(unnamed), few(unnamed))
+    return meta, rows
 
 
 def decode_text(name: str, data: bytes) -> str:
@@ -247,14 +255,29 @@ def _row(fs: pafs.FileSystem, root: str, sample_id: int, n: int, rec: dict | Non
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+def folder_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The names of the files at the top of the folder, in name order, hidden ones (`.name`) left out."""
+    return [i.base_name for i in storage.list_files(fs, root) if not i.base_name.startswith(".")]
+
+
+def few(names: list[str], most: int = 5) -> str:
+    """The first `most` names, and how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def has_metadata(fs: pafs.FileSystem, root: str) -> bool:
     """True when the folder holds metadata.jsonl or metadata.csv."""
     return any(i.type == pafs.FileType.File for i in fs.get_file_info([f"{root}/{m}" for m in METADATA_FILES]))
 
 
 def list_images(fs: pafs.FileSystem, root: str, prompt: str, paths: PathRules = LOCAL_ONLY) -> list[dict]:
-    """Rows for a plain folder of images (no metadata file), every caption `prompt`, in name order."""
-    names = [i.base_name for i in storage.list_files(fs, root) if i.base_name.lower().endswith(IMAGE_SUFFIXES)]
+    """Rows for a plain folder of images (no metadata file), every caption `prompt`, in name order. Hidden
+    files (`.DS_Store`, macOS's `._name.png` resource forks) are skipped, as by HF datasets; other files are
+    named in a warning."""
+    files = folder_files(fs, root)
+    names = [n for n in files if n.lower().endswith(IMAGE_SUFFIXES)]
+    if others := [n for n in files if not n.lower().endswith(IMAGE_SUFFIXES)]:
+        log.warning("%s: %d file(s) not read, not %s: %s", root, len(others), "/".join(IMAGE_SUFFIXES), few(others))
     if not names:
         raise DatasetError(f"{root}: no images ({'/'.join(IMAGE_SUFFIXES)}) and no metadata.jsonl/csv")
     rows = []
