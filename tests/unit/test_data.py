@@ -87,6 +87,14 @@ def test_odd_modes_decode_to_rgb(mode):
     assert out.mode == "RGB" and out.size == (20, 10)
 
 
+def test_a_float_image_in_0_to_1_is_scaled_as_such_not_decoded_black():
+    ramp = np.tile(np.linspace(0.0, 1.0, 16, dtype=np.float32), (4, 1))
+    out = np.asarray(decode_image(png(Image.fromarray(ramp, mode="F"), "TIFF"), "ramp.tif"))
+    assert out[0, 0, 0] == 0 and out[0, -1, 0] == 255 and abs(int(out[0, 8, 0]) - 136) <= 1
+    wide = np.tile(np.linspace(0.0, 200.0, 16, dtype=np.float32), (4, 1))  # floats past 1: 8-bit values
+    assert np.asarray(decode_image(png(Image.fromarray(wide, mode="F"), "TIFF"), "wide.tif"))[0, -1, 0] == 200
+
+
 def test_exif_rotation_is_applied():
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     exif = Image.Exif()
@@ -96,8 +104,10 @@ def test_exif_rotation_is_applied():
 
 
 def test_garbage_names_the_source():
-    with pytest.raises(DatasetError, match="broken.png: cannot decode image"):
+    with pytest.raises(DatasetError, match="broken.png: cannot decode image") as err:
         decode_image(b"this is text, not a png", "broken.png")
+    assert str(err.value) == ("broken.png: cannot decode image (no image format PIL reads; the file starts with "
+                              "b'this is ')")  # not PIL's "<_io.BytesIO object at 0x7f...>"
     with pytest.raises(DatasetError, match="trunc.png"):
         decode_image(png(Image.new("RGB", (64, 64)))[:40], "trunc.png")
 

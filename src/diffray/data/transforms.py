@@ -27,7 +27,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                  background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Decode to RGB: EXIF orientation applied, alpha composited on `background` (white for photos;
     black for control images, where transparent means "no signal"), palette/CMYK/1-bit converted,
-    grayscale replicated to 3 channels, 16-bit and float grayscale scaled to 8 bits.
+    grayscale replicated to 3 channels, 16-bit and float grayscale scaled to 8 bits (float in [0, 1] as such).
 
     The size in the header is checked against `max_pixels` before any pixel is decoded, so a
     decompression bomb costs nothing. Raises DatasetError naming `source` for empty, undecodable,
@@ -54,11 +54,16 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise
     except Image.DecompressionBombError as exc:
         raise DatasetError(f"{source}: exceeds the decompression-bomb limit ({exc})") from None
+    except Image.UnidentifiedImageError:  # its message names an in-memory buffer, not the file
+        raise DatasetError(f"{source}: cannot decode image (no image format PIL reads; the file starts with "
+                           f"{data[:8]!r})") from None
     except Exception as exc:  # PIL raises many types for broken files
         raise DatasetError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from None
     if img.mode in HIGH_BIT_MODES:
         a = np.asarray(img, dtype=np.float64)
         top = 255.0 if a.size == 0 or a.max() <= 255 else (65535.0 if a.max() <= 65535 else float(a.max()))
+        if img.mode == "F" and a.size and 0 <= a.min() and a.max() <= 1.0:  # float images in [0, 1]
+            top = 1.0
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
