@@ -140,7 +140,9 @@ def inspect_dataset(path: str, data, sheet: Path | None, sample: int = 16,
         result.report = write_quarantine([r for r in rows if r["reason"]], report_dir)
     if sheet is not None and result.good:
         want = {r["sample_id"] for r in result.good[:sample]}
-        picked = raw.filter(lambda r: int(r["sample_id"]) in want).take_all()
+        from ray.data.expressions import col
+
+        picked = raw.filter(expr=col("sample_id").is_in(sorted(want))).take_all()
         picked.sort(key=lambda r: int(r["sample_id"]))
         result.sheet = str(contact_sheet([(r["image"], caption_of(r["caption"], rules) or "") for r in picked], sheet,
                                          max_pixels=rules.max_image_pixels))
