@@ -13,7 +13,7 @@ import typer
 
 def export_command(
     artifact: Path = typer.Argument(..., help="A LoRA run's artifact dir (pytorch_lora_weights.safetensors)"),
-    out: Path = typer.Argument(..., help="Output dir (created; the adapter card is copied beside)"),
+    out: Path = typer.Argument(..., help="Output dir: new, empty or an earlier export (replaced whole), with the card"),
     fmt: str = typer.Option(..., "--format", "-f", help="kohya (A1111/ComfyUI) | diffusers | peft"),
 ) -> None:
     """Write a LoRA artifact in another layout: kohya (`lora_unet_*`, `.alpha`), diffusers or PEFT."""

@@ -299,6 +299,8 @@ def test_export_that_fails_while_writing_removes_the_folders_it_made(tmp_path, m
     from diffray.errors import StorageError
 
     artifact = _synthetic_artifact(tmp_path / "artifact", ("unet",), {"config": {"run": {"name": "x"}}})
+    prev = lora_formats.export_artifact(artifact, "kohya", tmp_path / "prev")
+    before = {p.name: p.read_bytes() for p in prev.iterdir()}
 
     def disk_full(weights, out_dir, card):
         (out_dir / "x.safetensors").write_bytes(b"half")
@@ -311,7 +313,10 @@ def test_export_that_fails_while_writing_removes_the_folders_it_made(tmp_path, m
     (tmp_path / "mine").mkdir()  # a folder the user made is kept
     with pytest.raises(StorageError):
         lora_formats.export_artifact(artifact, "kohya", tmp_path / "mine")
-    assert (tmp_path / "mine").is_dir()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    with pytest.raises(StorageError):  # an earlier export at OUT is kept whole (replaced only when complete)
+        lora_formats.export_artifact(artifact, "kohya", prev)
+    assert {p.name: p.read_bytes() for p in prev.iterdir()} == before
 
 
 def test_export_command_refusals_are_one_line_errors(tmp_path, capsys, monkeypatch):

@@ -19,8 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from diffray.errors import AdapterError, ConfigError, StorageError
-from diffray.models.adapters import PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from diffray.errors import ConfigError
+from diffray.models.adapters import CARD, LORA_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
+from diffray.models.export_io import check_out, kohya_name, read_card_file, replaced_dir, write_export_card
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
@@ -163,7 +164,7 @@ def kohya_metadata(weights: LoraWeights, card: dict) -> dict[str, str]:
     return {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
             "ss_network_alpha": f"{first.alpha:g}",
             "ss_base_model_version": KOHYA_BASE_VERSION.get(lora_family(weights, card), "sd_v1"),
-            "ss_output_name": str(card.get("config", {}).get("run", {}).get("name", "lora")),
+            "ss_output_name": kohya_name(card),
             "ss_training_comment": f"diffray {card.get('method', 'lora')}",
             "ss_steps": str(card.get("steps", ""))}
 
@@ -288,61 +289,37 @@ def write_peft(weights: LoraWeights, out_dir: Path) -> Path:
 
 
 def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path:
-    """Write a LoRA artifact dir (`pytorch_lora_weights.safetensors`) in `fmt` into out_dir, with its card.
-    Everything is checked before out_dir is created; out_dir is removed again when writing fails.
+    """Write a LoRA artifact dir (`pytorch_lora_weights.safetensors`) in `fmt` into out_dir, with its card made
+    public (`export_io.public_value`). Everything is checked before anything is written; the export is built
+    in a temporary sibling that replaces out_dir (an earlier export) only when complete.
 
     Raises:
         ConfigError: unknown format or one that cannot hold this LoRA, `artifact` holds no LoRA, or out_dir
-            is the artifact itself or a file.
-        AdapterError: the artifact's card is not a JSON object.
+            is the artifact, holds it, is a file or a non-empty folder that is not an export.
+        AdapterError: the artifact's card is not a JSON object, or names the kohya file outside out_dir.
         StorageError: out_dir cannot be created or written.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"{fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     src = Path(artifact).expanduser()
-    weights_file = src / "pytorch_lora_weights.safetensors"
+    weights_file = src / LORA_WEIGHTS
     if not weights_file.is_file():
-        raise ConfigError(f"{src}: not a LoRA artifact (no pytorch_lora_weights.safetensors)")
+        raise ConfigError(f"{src}: not a LoRA artifact (no {LORA_WEIGHTS})")
     out = Path(out_dir).expanduser()
-    if out.resolve() == src.resolve():
-        raise ConfigError(f"{out} is the artifact itself: name another folder (the source is never written to)",
-                          field="OUT")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file, not a folder", field="OUT")
-    card_file = src / "diffray_card.json"
-    card = _read_card(card_file)
+    check_out(src, out)
+    card = read_card_file(src / CARD)
+    if fmt == "kohya":
+        kohya_name(card, src / CARD)
     weights = None if fmt == "diffusers" else _nonempty(from_prefixed(*read_safetensors(weights_file)), weights_file)
     if weights is not None:
         check_exportable(weights, card, fmt)
-    created = next((p for p in reversed([out, *out.absolute().parents]) if not p.exists()), None)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with replaced_dir(out, f"{fmt} export") as tmp:
         if fmt == "diffusers":
-            shutil.copyfile(weights_file, out / weights_file.name)
+            shutil.copyfile(weights_file, tmp / weights_file.name)
         else:
-            write_kohya(weights, out, card) if fmt == "kohya" else write_peft(weights, out)
-        if card_file.is_file():
-            shutil.copyfile(card_file, out / card_file.name)
-    except BaseException as exc:
-        if created is not None:  # never leave an empty or half-written OUT (or parents made for it) behind
-            shutil.rmtree(created, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise StorageError(f"{out}: cannot write the {fmt} export ({exc.strerror or exc})") from None
-        raise
+            write_kohya(weights, tmp, card) if fmt == "kohya" else write_peft(weights, tmp)
+        write_export_card(tmp, card, fmt)
     return out
-
-
-def _read_card(card_file: Path) -> dict:
-    """The artifact's card ({} when it has none); AdapterError naming the file when it is not a JSON object."""
-    if not card_file.is_file():
-        return {}
-    try:
-        card = json.loads(card_file.read_text())
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise AdapterError(f"{card_file}: not valid JSON ({exc})") from None
-    if not isinstance(card, dict):
-        raise AdapterError(f"{card_file}: not a JSON object (an adapter card)")
-    return card
 
 
 def load_into(model: torch.nn.Module, layers: LoraWeights, rank: int, alpha: float, source: str) -> int:
