@@ -103,3 +103,20 @@ def test_the_exported_card_and_kohya_metadata_carry_no_local_path_or_credentials
     with safe_open(str(tmp_path / "exports" / "kohya" / "sks-lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and not any(str(tmp_path) in v for v in meta.values())
+
+
+@pytest.mark.parametrize("content,why", [(b"", "not a readable safetensors file"),
+                                         (b"\x80\x04\x95pickle bytes", "not a readable safetensors file"),
+                                         (None, "holds no tensors")])
+def test_the_diffusers_format_refuses_a_weights_file_that_is_no_safetensors(tmp_path, content, why):
+    """`--format diffusers` copied the weights file unread: a truncated file or pickle bytes named
+    .safetensors were exported "successfully"."""
+    src = artifact(tmp_path / "a")
+    weights = src / "pytorch_lora_weights.safetensors"
+    if content is None:
+        save_file({}, str(weights))
+    else:
+        weights.write_bytes(content)
+    with pytest.raises(ConfigError, match=why):
+        lora_formats.export_artifact(src, "diffusers", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -310,7 +310,10 @@ def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path
     card = read_card_file(src / CARD)
     if fmt == "kohya":
         kohya_name(card, src / CARD)
-    weights = None if fmt == "diffusers" else _nonempty(from_prefixed(*read_safetensors(weights_file)), weights_file)
+    tensors = read_safetensors(weights_file)  # the diffusers format copies the file: a readable one all the same
+    if not tensors[0]:
+        raise ConfigError(f"{weights_file}: holds no tensors")
+    weights = None if fmt == "diffusers" else _nonempty(from_prefixed(*tensors), weights_file)
     if weights is not None:
         check_exportable(weights, card, fmt)
     with replaced_dir(out, f"{fmt} export") as tmp:
