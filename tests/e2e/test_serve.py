@@ -57,12 +57,15 @@ def server(ray_cluster, tiny_model_path, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------- happy paths
-def test_health_models_docs(server):
+def test_health_models_docs(server, tiny_model_path):
     assert server.call("GET", "/healthz", key=None)[:2] == (200, {"status": "ok"})
     status, js, _ = server.call("GET", "/v1/models")
     kinds = {m["id"]: m["kind"] for m in js["data"]}
     assert status == 200 and kinds == {"base": "base", "lora-a": "lora", "lora-b": "lora",
                                        "ti-x": "textual_inversion", "cn-x": "controlnet", "canny": "controlnet"}
+    # the adapters' cards name the trainer's local model folder: clients see its name, not the server's path
+    bases = {m["id"]: m.get("base_model") for m in js["data"] if m["kind"] == "lora"}
+    assert bases == {"lora-a": Path(tiny_model_path).name, "lora-b": Path(tiny_model_path).name}, bases
     status, spec, _ = server.call("GET", "/openapi.json", key=None)
     assert status == 200 and {"/v1/images/generations", "/v1/generate", "/v1/models"} <= set(spec["paths"])
     assert server.call("GET", "/docs", key=None)[0] == 200

@@ -74,7 +74,8 @@ def _client_error(exc: DiffrayError, param: Optional[str] = "model") -> RequestE
 
 
 def _model_name(model: str) -> str:
-    """The base model as shown to clients: a builtin or hub id as is, a local folder by its name only."""
+    """The base model as shown to clients: a builtin or hub id as is, a local folder or a URI (which may hold
+    credentials) by its last name only."""
     if model.startswith("builtin:") or (not model.startswith(("/", ".", "~")) and model.count("/") == 1):
         return model
     return Path(model).name
@@ -182,7 +183,7 @@ class Ingress:
         for a in await asyncio.to_thread(self.registry.list):
             problem = a.problem or self._family_problem(a)
             data.append({"id": a.id, "created": int(a.mtime), "kind": a.kind, "available": problem is None,
-                         "reason": problem, "base_model": card_text(a.card, "base_model"),
+                         "reason": problem, "base_model": _model_name(card_text(a.card, "base_model") or "") or None,
                          "method": card_text(a.card, "method"), "family": card_text(a.card, "family")})
         data += [{"id": name, "created": now, "kind": "controlnet"} for name in self.args.controlnets]
         return {"object": "list", "data": data}
