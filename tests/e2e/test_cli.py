@@ -113,3 +113,39 @@ def test_driver_killed_and_rerun_resumes(ray_cluster, tmp_path):
     after = [e["step"] for e in events[events.index(next(e for e in events if e.get("resumed_from_step") == starts[1]
                                                            and e.get("event") == "start")):] if "loss" in e]
     assert after[0] == starts[1] + 1 and after[-1] == 40
+
+
+@pytest.mark.slow  # two training runs of the CLI (~100 s); CI's slow suite runs it
+def test_ctrl_c_during_training_exits_130_saying_how_to_resume_and_the_rerun_resumes(ray_cluster, tmp_path):
+    # Ray Train's SIGINT handler aborts the run and calls sys.exit(0): `diffray train` ended with status 1 and
+    # nothing on the terminal, as if it had failed, and its handler stayed on after fit().
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    runs = tmp_path / "runs"
+    args = [DIFFRAY, "train", "configs/lora.yaml", f"run.storage_path={runs}", "run.name=ctrl-c", "train.max_steps=30",
+            "train.checkpoint_every=5", "train.validate_every=null", "model.path=builtin:tiny-random"]
+    metrics = runs / "ctrl-c" / "logs" / "metrics.jsonl"
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+
+    def steps() -> list[int]:
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return [json.loads(x)["step"] for x in lines if '"loss"' in x]
+
+    def driver_alive() -> None:
+        assert driver.poll() is None, "driver ended before Ctrl-C"
+
+    wait_until(lambda: len(steps()) >= 12, "step 12 in metrics.jsonl", timeout=300, alive=driver_alive)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, err[-2000:]
+    assert "diffray: warning: training run 'ctrl-c' interrupted; its checkpoints are kept: rerun the same command " \
+           "to resume" in err
+    last = max(steps())
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("done: steps=30 ")
+    events = [json.loads(x) for x in metrics.read_text().splitlines()]
+    starts = [e["resumed_from_step"] for e in events if e.get("event") == "start"]
+    assert len(starts) == 2 and 5 <= starts[1] <= last and starts[1] % 5 == 0, (starts, last)

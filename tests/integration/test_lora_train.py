@@ -191,6 +191,28 @@ def test_checkpoint_killed_mid_write_never_replaces_last_good(ray_cluster, tmp_p
     assert checkpoint_steps(run_dir) == [4, 6, 8]  # exactly the last keep_checkpoints=3
 
 
+@pytest.mark.slow  # ~110 s with its straight run; CI's slow suite runs it beside the mid-write drill
+def test_a_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(ray_cluster, tmp_path, straight_run):
+    # A registered checkpoint damaged afterwards (a node that lost power before its page cache reached the disk, a
+    # copy stopped half-way) made the run unresumable: every rerun failed on it ("JSONDecodeError", "EOFError: Ran
+    # out of input") though intact older checkpoints sat beside it.
+    run_dir = tmp_path / "runs" / "damaged"
+    assert run_training(small_cfg(tmp_path, "damaged", "train.max_steps=6", "train.validate_every=null",
+                                  "train.keep_checkpoints=3")).steps == 6
+    ckpt = {json.loads((p / "trainer_state.json").read_text())["step"]: p
+            for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+    assert sorted(ckpt) == [2, 4, 6]
+    (ckpt[6] / "trainer_state.json").write_text('{"step": 6, "first_l')  # torn JSON
+    shard = ckpt[4] / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"  # rank 1's ZeRO shard, cut in half
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run_training(small_cfg(tmp_path, "damaged", "train.validate_every=null", "train.keep_checkpoints=3"))
+    assert starts(str(run_dir)) == [0, 2] and result.steps == 8
+    assert_same_adapter(adapter(result), straight_run, "resumed from step 2 past two damaged checkpoints")
+    warned = (run_dir / "logs" / "driver.log").read_text()  # and the terminal: "diffray: warning: ..."
+    assert f"{ckpt[6]}: trainer_state.json is not valid JSON" in warned
+    assert f"{ckpt[4]}: state/zero_pp_rank_1_mp_rank_00_optim_states.pt has " in warned
+
+
 # The option matrix's DDP entry: LoRA on the text encoder too, v-prediction, Min-SNR, noise offset, gradient
 # checkpointing, a cosine schedule, LoRA dropout (the global RNG, seeded per step) and gradient accumulation.
 DDP_OPTIONS = ["strategy.name=ddp", "lora.train_text_encoder=true", "model.prediction_type=v_prediction",

@@ -13,6 +13,7 @@ from diffray.config import apply_overrides
 from diffray.errors import ConfigError
 from diffray.methods import validate_config
 from diffray.trainers.rerun import RUN_CONFIG, check_rerun, record_settings
+from diffray.trainers.runner import run_training
 
 
 def cfg(*overrides: str):
@@ -65,3 +66,22 @@ def test_the_recorded_floor_rises_with_an_extended_run_and_a_broken_record_is_na
     (tmp_path / RUN_CONFIG).write_text("[1, 2]")
     with pytest.raises(ConfigError, match=f"{RUN_CONFIG}: not the JSON of a run's settings"):
         check_rerun(cfg(), str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file", "read_only"])
+def test_a_storage_path_that_cannot_hold_the_run_is_one_error_naming_the_field(tmp_path, where):
+    # Was "internal error: NotADirectoryError: [Errno 20] Not a directory: '.../lora-sample/logs'", and for a
+    # folder that cannot be written, "internal error: FileNotFoundError"/"PermissionError".
+    (tmp_path / "afile").write_text("not a folder")
+    storage_path = {"file": tmp_path / "afile", "under_a_file": tmp_path / "afile" / "runs",
+                    "read_only": "/sys/diffray-runs"}[where]  # sysfs: no new folders, not even for root
+    with pytest.raises(ConfigError) as err:
+        run_training(cfg(f"run.storage_path={storage_path}", "model.path=builtin:tiny-random"))
+    assert err.value.field == "run.storage_path"
+    if where == "read_only":
+        assert str(err.value).startswith("run.storage_path: cannot write the run's folder /sys/diffray-runs/mix: ")
+    else:
+        assert str(err.value) == (f"run.storage_path: {tmp_path / 'afile'} is a file, not a folder (the run's folder "
+                                  f"would be {storage_path}/mix)")
+    assert (tmp_path / "afile").read_text() == "not a folder"
+

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from diffray import logs, storage
-from diffray.trainers import hooks, session, tracking
+from diffray.trainers import checkpoints, hooks, session, tracking
 from diffray.trainers.engine import build_engine
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class WorkerLoop:
                                    task.optimizer_steps, env.precision, env.device)
         if t.ema_decay is not None:
             self.engine.attach_ema(t.ema_decay, t.ema_on_cpu)
-        self.state = session.restore(self.engine) or session.initial_state()
+        self.state = checkpoints.restore(self.engine, env, info.status) or session.initial_state()
         task.load_state(self.state)
         task.start(self.engine, self.state)
         trackers = tracking.open_trackers(cfg.tracking, cfg.run.name, cfg.model_dump(mode="json"),
@@ -230,7 +230,7 @@ class WorkerLoop:
                     if self.engine.ema is not None:
                         self.task.export_raw(artifact)
                     self.logger.artifact(artifact)
-        session.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)
+        checkpoints.save_checkpoint(self.engine, self.env, self.state, report, self.info.log_dir, artifact)
         if self.info.logs_uri:
             upload_logs(self.info.log_dir, self.info.logs_uri)
 

@@ -6,8 +6,12 @@ artifact out of the final checkpoint. `diffray.tune.runner` builds its trials fr
 from __future__ import annotations
 
 import logging
+import signal
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow.fs as pafs
@@ -17,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from diffray import logs, storage
 from diffray.cluster import check_resources, connect_ray, worker_env_vars
-from diffray.errors import DiffrayError, TrainingError
+from diffray.errors import ConfigError, DiffrayError, TrainingError
 from diffray.methods import method_of
 from diffray.models.adapters import read_card, write_card
 from diffray.trainers.datasets import build_datasets
@@ -116,12 +120,28 @@ def fit_checked(trainer: TorchTrainer, status, what: str, log_dir: str, hint: st
                 on_progress: ProgressCallback | None = None) -> ray.train.Result:
     """`trainer.fit()`, passing rank 0's step metrics to `on_progress` meanwhile. A worker failure or a
     NaN/inf loss becomes a TrainingError naming `what` (e.g. "training run 'x'"), the cause and the logs."""
+    main = threading.current_thread() is threading.main_thread()  # where Ray Train registers its SIGINT handler
+    previous = signal.getsignal(signal.SIGINT) if main else None
     with watch_progress(status, on_progress):
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as exc:
             raise TrainingError(f"{what} failed: {root_cause(exc)} (logs: {log_dir}{hint})") from None
-    step = ray.get(status.get.remote()).get("nonfinite_loss_step")
+        except SystemExit:
+            if not main:
+                raise
+            # Ctrl-C: Ray Train's handler aborted the run (its registered checkpoints stay) and called sys.exit(0),
+            # which ended `diffray train` with status 1 and not a word; a KeyboardInterrupt exits 130.
+            log.warning("%s interrupted; its checkpoints are kept: rerun the same command to resume (logs: %s)",
+                        what, log_dir)
+            raise KeyboardInterrupt from None
+        finally:
+            if main:  # Ray's handler outlives fit(): a later Ctrl-C (exporting the artifact) would exit 0 silently
+                signal.signal(signal.SIGINT, previous)
+    reported = ray.get(status.get.remote())
+    for damaged in reported.get("skipped_checkpoints") or []:
+        log.warning("%s resumed from an older checkpoint, skipping a damaged one: %s", what, damaged)
+    step = reported.get("nonfinite_loss_step")
     if step is not None:
         last = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingError(f"{what}: loss became NaN/inf at step {step}; training stopped. Last good checkpoint: "
@@ -140,6 +160,7 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     method_of(cfg.method).check(cfg, model_path)
     tracking.check(cfg.tracking)
     run_dir, log_dir = run_dirs(cfg)
+    check_storage(run_dir)
     check_rerun(cfg, run_dir)
     connect_ray()
     check_resources(cfg.scaling)
@@ -165,6 +186,28 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
         write_card(artifact, {**read_card(artifact), "wall_time_s": round(wall, 3)})
     return RunResult(run_dir, artifact, log_dir, int(m.get("step", 0)), float(m.get("loss_first_mean", float("nan"))),
                      float(m.get("loss_last_mean", float("nan"))), wall, dict(m))
+
+
+def check_storage(run_dir: str) -> None:
+    """A run dir on local disk can be created and written (object storage is checked when it is opened).
+
+    Raises:
+        ConfigError: naming run.storage_path, the folder and why (a file in the way, no permission, disk full).
+    """
+    if storage.is_uri(run_dir):
+        return
+    blocker = next((p for p in (Path(run_dir), *Path(run_dir).parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"{blocker} is a file, not a folder (the run's folder would be {run_dir})",
+                          field="run.storage_path")
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".diffray-write-check-"):
+            pass
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and exc.filename != run_dir else ""
+        raise ConfigError(f"cannot write the run's folder {run_dir}: {exc.strerror or exc}{where}",
+                          field="run.storage_path") from None
 
 
 def export_artifact(checkpoint: ray.train.Checkpoint, dest: str) -> str:

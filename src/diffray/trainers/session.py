@@ -1,6 +1,6 @@
 """Worker-side pieces the training loop and the method tasks share: rank/device setup, the batch
-streams, collectives over ranks, the trainer state and its summary, metrics logging, and checkpoint
-save + report + restore.
+streams, collectives over ranks, the trainer state and its summary, and metrics logging (checkpoint
+save + report + restore: `diffray.trainers.checkpoints`).
 
 Small functions and one logger class, not a base trainer: the one loop (`diffray.trainers.loop`) and
 the tasks call what they need from here. Runs on Ray Train workers only.
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -326,39 +324,6 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
-
-
-def restore(engine) -> dict[str, Any] | None:
-    """Load the latest reported checkpoint into `engine`; returns its trainer state or None."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        engine.load(Path(d))
-        engine.load_ema(Path(d))
-    return state
-
-
-def save_checkpoint(engine, env: WorkerEnv, state: dict[str, Any], metrics: dict[str, float],
-                    log_dir: str, artifact: Path | None = None) -> None:
-    """Write engine state (+ an exported `artifact` dir, rank 0) and report it; all ranks call this.
-
-    Ray registers the checkpoint only after every rank has reported, so a write interrupted by a
-    crash never replaces the last good checkpoint. `trainer_state.json` is written last.
-    """
-    with tempfile.TemporaryDirectory(prefix="diffray-ckpt-") as tmp:
-        d = Path(tmp)
-        engine.save(d)
-        engine.save_ema(d, env.is_main)
-        hooks.current().checkpoint_written(env.rank, state["step"], log_dir)
-        if artifact is not None:
-            shutil.copytree(artifact, d / ARTIFACT_DIR)
-            shutil.rmtree(artifact, ignore_errors=True)
-        if env.is_main:
-            (d / STATE_FILE).write_text(json.dumps(state))
-        has_files = any(d.iterdir())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if has_files else None)
 
 
 def schedule(train: TrainSection, step: int) -> tuple[bool, bool, bool]:
