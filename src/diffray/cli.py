@@ -228,7 +228,7 @@ def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value .
     typer.echo(f"{len(outcome.rows)} trials ({done} completed, {early} stopped early), {outcome.concurrency} at a "
                f"time, {outcome.wall_time_s:.1f}s{' (resumed)' if outcome.restored else ''}; results: {outcome.exp_dir}")
     if outcome.best is None:
-        raise DiffrayError("no trial finished; see the table's error column and the trials' logs")
+        raise DiffrayError("no trial finished; see the failed trials' errors above, results.csv and the trials' logs")
     typer.echo(f"best: {outcome.best.trial_id} {outcome.best.params} {metric}={outcome.best.metric:.6g}\n"
                f"artifact: {outcome.best_artifact}\nconfig: {outcome.best_config}")
 

@@ -316,3 +316,77 @@ def test_a_search_on_object_storage_keeps_results_best_adapter_and_logs_there(s3
     rows = [json.loads(x) for x in s3.fs.open_input_stream(trial_logs[0]).read().decode().splitlines()]
     assert [r["step"] for r in rows if "loss" in r and "event" not in r] == [1, 2, 3, 4]
     assert any(k.startswith(f"{exp}/data-reports/") for k in keys), keys
+
+
+# Two or three short trials, one at a time, every trial run to the end (fifo): 6 steps, val_loss at 3 and 6.
+SHORT = [*QUICK, "train.max_steps=6", "train.checkpoint_every=6", "tune.scheduler.name=fifo",
+         "tune.max_concurrent_trials=1", "tune.shuffle_grid=false"]
+
+
+@pytest.mark.slow
+def test_an_interrupted_search_is_not_reported_as_finished_and_its_rerun_completes_it(ray_cluster, tmp_path):
+    """Ctrl-C stops a Tune search gracefully: fit() returns with the state saved and the trials left unrun. That
+    search was reported as finished (exit 0, "2 trials (1 completed ...)", its one finished trial exported as
+    the best). It is an error now that names the unfinished trials and the rerun, with the results so far
+    written and no best; the rerun restores the experiment and runs the rest, the finished trial kept."""
+    import signal
+
+    from diffray.tune.results import read_experiment
+    from diffray.tune.runner import SearchInterrupted, run_tune
+
+    job = tune_job(tmp_path, "tune_lora.yaml", {"space": {"lora.rank": {"grid": [4, 8, 16]}}},
+                   [f"run.storage_path={tmp_path}", "run.name=interrupted", *SHORT])
+    exp = tmp_path / "interrupted"
+    ended: list[str] = []
+
+    def ctrl_c_after_the_first_trial(trial_id, result, how):
+        ended.append(trial_id)
+        if len(ended) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Tune's own handler takes it, as in a terminal
+
+    with pytest.raises(SearchInterrupted) as err:
+        run_tune(job, on_trial=ctrl_c_after_the_first_trial)
+    assert err.value.exit_code == 130 and str(err.value).startswith(
+        f"the search of {exp} was interrupted with 2 of its 3 trials unfinished (no best exported; the finished "
+        f"ones are in {exp}/results.csv): rerun the same command to resume it"), str(err.value)
+    rows = read_experiment(str(exp))[1]
+    assert [(r.trial_id, r.status, r.steps) for r in rows if r.status == "completed"] == [(ended[0], "completed", 6)]
+    assert ended[0] in (exp / "results.csv").read_text() and not (exp / "best").exists()
+    first_log = (exp / "train_runs" / f"trial-{ended[0]}" / "logs" / "metrics.jsonl").read_text()
+
+    outcome = run_tune(job)
+    assert outcome.restored and [(r.status, r.steps) for r in outcome.rows] == [("completed", 6)] * 3
+    assert sorted(r.params["lora.rank"] for r in outcome.rows) == [4, 8, 16]
+    assert (Path(outcome.best_artifact) / "diffray_card.json").is_file()
+    assert (exp / "train_runs" / f"trial-{ended[0]}" / "logs" / "metrics.jsonl").read_text() == first_log, \
+        "the trial that finished before the interruption was run again"
+
+
+@pytest.mark.slow
+def test_a_search_over_list_values_writes_its_table_and_exports_the_best(ray_cluster, tmp_path):
+    """A space over a list-valued setting (LoRA's target modules), one of whose values fails in the workers (a
+    module the UNet does not have). The search ran, then ended in an internal error (`ArrowInvalid: Unsupported
+    Type: list<item: string>` writing results.csv): no table, no plots, and `diffray tune results` failed the same
+    way. Lists are written as their JSON text; the failed trial is in the table with its error, the other exported."""
+    from diffray.tune.results import format_table, read_experiment
+    from diffray.tune.runner import run_tune
+
+    job = tune_job(tmp_path, "tune_lora.yaml",
+                   {"space": {"lora.target_modules": {"grid": [["no_such_module"], ["to_q", "to_v"]]}}},
+                   [f"run.storage_path={tmp_path}", "run.name=lists", *SHORT])
+    outcome = run_tune(job)
+    exp = tmp_path / "lists"
+    done, failed = outcome.rows
+    assert (done.status, done.steps, failed.status) == ("completed", 6, "error") and outcome.best is done
+    assert done.params["lora.target_modules"] == ["to_q", "to_v"] and "no_such_module" in failed.error
+    assert yaml.safe_load(Path(outcome.best_config).read_text())["lora"]["target_modules"] == ["to_q", "to_v"]
+    table = pq.read_table(exp / "results.parquet").to_pylist()
+    assert [(t["lora.target_modules"], t["status"]) for t in table] == [('["to_q","to_v"]', "completed"),
+                                                                        ('["no_such_module"]', "error")]
+    assert "no_such_module" in table[1]["error"] and (exp / "results.csv").read_text().count("\n") == 3
+    assert (exp / "plots" / "metric_vs_params.png").is_file()
+    printed = format_table(outcome.rows, "val_loss").splitlines()
+    assert printed[1].split()[:2] == [done.trial_id, '["to_q","to_v"]'], printed
+    # the failed trial's error is printed, not only kept in results.csv (the console said "no result")
+    assert printed[3].startswith(f"trial {failed.trial_id} failed: ") and "no_such_module" in printed[3], printed
+    assert format_table(read_experiment(str(exp))[1], "val_loss").splitlines() == printed  # `diffray tune results`

@@ -185,3 +185,19 @@ def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_pa
         check_resume(load_tune_job(TUNE_LORA, [*base, *free]), str(exp))
     with pytest.raises(ConfigError, match="train.micro_batch_size 4 \\(now 2\\)"):
         check_resume(load_tune_job(TUNE_LORA, [*base, "train.micro_batch_size=2"]), str(exp))
+
+
+def test_a_tune_storage_path_that_cannot_hold_the_experiment_is_one_line_before_ray(tmp_path, monkeypatch, capsys):
+    """As for `diffray train`: a run.storage_path that is a file was an internal error (NotADirectoryError) once
+    Ray had started."""
+    from testkit.cli import diffray
+
+    def no_ray():
+        raise AssertionError("Ray was started before the storage path was checked")
+
+    monkeypatch.setattr("diffray.tune.runner.connect_ray", no_ray)
+    (tmp_path / "afile").write_text("not a folder")
+    code, text = diffray(["tune", TUNE_LORA, f"run.storage_path={tmp_path / 'afile'}"], monkeypatch, capsys)
+    assert code == 2 and text == (f"diffray: error: run.storage_path: {tmp_path / 'afile'} is a file, not a folder "
+                                  f"(the run's folder would be {tmp_path / 'afile'}/tune-lora)\n"), text
+    assert (tmp_path / "afile").read_text() == "not a folder"

@@ -47,6 +47,11 @@ def test_space_resolves_to_trial_configs_through_tune():
     ({"optim.lr": {"uniform": [1e-3, 1e-4]}}, r"uniform takes \[low, high\] with low < high"),
     ({"optim.lr": {"loguniform": [1e-5, 2.0]}}, r"value 2\.0: optim\.lr: Input should be less than or equal to 1"),
     ({"lora.rank": {"randint": [2, 8.5]}}, r"randint takes integers"),
+    # Tune samples floats inside a range written in integers: every trial failed once Ray ran it
+    ({"lora.rank": {"uniform": [4, 32]}}, r"tune\.space\.lora\.rank: value 22\.46: lora\.rank: Input should be a "
+     r"valid integer, got a number with a fractional part \(uniform samples floats: use randint or choice"),
+    ({"train.micro_batch_size": {"loguniform": [1, 8]}}, r"tune\.space\.train\.micro_batch_size: value 2\.828: "
+     r".*\(loguniform samples floats"),
     ({"lora.rank": [4, 8]}, r"tune\.space\.lora\.rank: must be a mapping with one of choice, grid"),
     ({"lora.rank": {"choice": []}}, r"choice takes a non-empty list"),
     ({"lora.alpha": {"same_as": "lora.rank"}}, r"same_as 'lora\.rank' is not a path of the space"),

@@ -5,6 +5,7 @@ and by `diffray tune results DIR`, which needs only the directory (the job YAML 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ def to_table(rows: list[TrialRow], metric: str) -> pa.Table:
     paths = list(rows[0].params) if rows else []
     cols: dict[str, list] = {"trial_id": [r.trial_id for r in rows]}
     for p in paths:
-        cols[p] = [r.params.get(p) for r in rows]
+        cols[p] = _param_column([r.params.get(p) for r in rows])
     cols[metric] = [r.metric for r in rows]
     cols[f"best_{metric}"] = [r.best_metric for r in rows]
     cols["steps"] = [r.steps for r in rows]
@@ -133,14 +134,26 @@ def to_table(rows: list[TrialRow], metric: str) -> pa.Table:
     return pa.table(cols)
 
 
+def _param_column(values: list[Any]) -> list[Any]:
+    """A searched path's values as one Arrow type. Lists, mappings (`lora.target_modules: {grid: [[to_q], ...]}`)
+    and mixed types (`{choice: [4, auto]}`) become their compact JSON text: a CSV has no list type, and Arrow
+    none for a column of ints and strings."""
+    kinds = {type(v) for v in values if v is not None}
+    if kinds <= {int, float} or (len(kinds) == 1 and not kinds & {list, dict}):
+        return values
+    return [None if v is None else json.dumps(v, separators=(",", ":")) for v in values]
+
+
 def format_table(rows: list[TrialRow], metric: str) -> str:
-    """The table as aligned text, best first."""
+    """The table as aligned text, best first, then a line per failed trial with its error (its first line)."""
     table = to_table(rows, metric).drop(["error"])
     header = table.column_names
     body = [[_fmt(v) for v in row.values()] for row in table.to_pylist()]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    lines += [f"trial {r.trial_id} failed: {r.error.strip().splitlines()[0][:300]}" for r in rows
+              if r.error and r.error.strip()]
     return "\n".join(lines)
 
 

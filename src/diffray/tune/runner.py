@@ -26,13 +26,13 @@ from diffray import logs, storage
 from diffray.cluster import (alive_nodes, check_resources, connect_ray, forwarded_env, nodes_are_added,
                              workers_that_fit)
 from diffray.config import TrackingSection
-from diffray.errors import ConfigError
+from diffray.errors import ConfigError, DiffrayError
 from diffray.methods import method_of
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers import tracking
 from diffray.trainers.progress import RunStatus
 from diffray.trainers.loop import upload_logs
-from diffray.trainers.runner import build_trainer, export_artifact, fit_checked, logs_uri, run_dirs
+from diffray.trainers.runner import build_trainer, check_storage, export_artifact, fit_checked, logs_uri, run_dirs
 from diffray.tune.config import TuneJob, rungs
 from diffray.tune.results import TrialRow, check_resume, collect_rows, save_job, write_report
 from diffray.tune.schedulers import build_scheduler
@@ -42,6 +42,12 @@ from diffray.tune.space import param_space, resolve_params, trial_config
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 TRAIN_RUNS_DIR = "train_runs"
 BEST_DIR = "best"
+
+
+class SearchInterrupted(DiffrayError):
+    """The search stopped (Ctrl-C) before every trial ended; its state is saved and a rerun resumes it."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -142,6 +148,10 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
 
     The job (after overrides) is saved beside the experiment so `diffray tune results DIR` reads the
     experiment back without the original file.
+
+    Raises:
+        SearchInterrupted: the search was stopped (Ctrl-C) before every trial ended; the results so far are
+            written, no best is exported, and a rerun resumes it.
     """
     from diffray.models.loading import resolve_model_path
 
@@ -151,6 +161,7 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     method_of(cfg.method).check(cfg, model_path)
     root = storage.absolute(cfg.run.storage_path)
     exp_dir = storage.join(root, job.name)
+    check_storage(exp_dir)
     check_resume(job, exp_dir)
     connect_ray()
     check_resources(cfg.scaling)
@@ -177,6 +188,13 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
     del tuner, trainable
     gc.collect()
     rows = collect_rows(exp_dir, job)  # read back from the directory, as `diffray tune results` does
+    unfinished = job.num_trials - sum(r.status not in ("running", "pending") for r in rows)
+    if unfinished > 0:  # Tune ends fit() quietly on Ctrl-C (SIGINT/SIGUSR1): not a finished search
+        write_report(rows, job, exp_dir)
+        raise SearchInterrupted(
+            f"the search of {exp_dir} was interrupted with {unfinished} of its {job.num_trials} trials unfinished "
+            f"(no best exported; the finished ones are in {exp_dir}/results.csv): rerun the same command to resume "
+            "it, finished trials are kept")
     best = next((r for r in rows if r.status == "completed"), None)
     artifact = config_path = None
     if best is not None:

@@ -37,8 +37,18 @@ class Domain:
         if self.kind == "randint":
             return [self.args[0], self.args[1] - 1]
         if self.kind in ("loguniform", "uniform"):
-            return [self.args[0], self.args[1]]
+            return [self.args[0], self.args[1], self.inner_value()]
         return []
+
+    def inner_value(self) -> float:
+        """A float strictly inside a uniform/loguniform range, never a whole number: Tune samples floats
+        there, so a range written in integers over an integer setting (`lora.rank: {uniform: [4, 32]}`) is
+        refused before Ray starts instead of failing every trial."""
+        low, high = self.args
+        mid = math.sqrt(low * high) if self.kind == "loguniform" else (low + high) / 2
+        inside = [v for x in (mid, mid + (high - mid) / math.pi) for v in (float(f"{x:.4g}"), float(x))
+                  if low < v < high and not v.is_integer()]
+        return inside[0] if inside else mid
 
     def to_tune(self):
         """The Ray Tune domain (`same_as` has none: `resolve_params` fills ties in after sampling)."""
@@ -123,7 +133,10 @@ def check_space(base: dict[str, Any], domains: list[Domain]) -> None:
             try:
                 trial_config(base, params)
             except ConfigError as exc:
-                raise ConfigError(f"value {value!r}: {exc}", field=f"tune.space.{d.path}") from None
+                hint = ""
+                if d.kind in ("uniform", "loguniform") and "integer" in str(exc):
+                    hint = f" ({d.kind} samples floats: use randint or choice for a whole-number setting)"
+                raise ConfigError(f"value {value!r}: {exc}{hint}", field=f"tune.space.{d.path}") from None
 
 
 def param_space(domains: list[Domain], shuffle_seed: int | None = None) -> dict[str, Any]:
