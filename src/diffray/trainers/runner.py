@@ -6,6 +6,7 @@ artifact out of the final checkpoint. `diffray.tune.runner` builds its trials fr
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import tempfile
 import threading
@@ -200,6 +201,8 @@ def check_storage(run_dir: str) -> None:
     if blocker is not None:
         raise ConfigError(f"{blocker} is a file, not a folder (the run's folder would be {run_dir})",
                           field="run.storage_path")
+    # folders made for the check are removed again: a run refused later (resources, a rerun's settings) leaves none
+    created = next((p for p in reversed([Path(run_dir), *Path(run_dir).parents]) if not p.exists()), None)
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".diffray-write-check-"):
@@ -208,6 +211,9 @@ def check_storage(run_dir: str) -> None:
         where = f" ({exc.filename})" if exc.filename and exc.filename != run_dir else ""
         raise ConfigError(f"cannot write the run's folder {run_dir}: {exc.strerror or exc}{where}",
                           field="run.storage_path") from None
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def export_artifact(checkpoint: ray.train.Checkpoint, dest: str) -> str:
