@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,29 @@ def test_a_relative_feedback_path_in_a_ray_working_dir_copy_is_refused(tmp_path,
         parse_args({} if feedback is None else {"feedback": feedback})
     assert parse_args({"feedback": {"path": str(tmp_path / "fb.db")}}).feedback.path == str(tmp_path / "fb.db")
     assert not parse_args({"feedback": {"enabled": False}}).feedback.enabled
+
+
+def test_relative_local_paths_are_pinned_where_the_config_is_read(tmp_path, monkeypatch):
+    """A replica's working directory is the one its cluster was started in (`ray start` in another folder, then
+    RAY_ADDRESS), so `./adapters` resolved there is not the folder `diffray publish` wrote to: local paths are made
+    absolute where the config is read. URIs, builtins, hub ids and absolute paths are kept; in a runtime_env
+    working_dir copy relative paths stay relative (each replica reads its own copy of the same files)."""
+    (tmp_path / "outputs" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    args = parse_args({"model": "outputs/base", "controlnets": {"edges": {"path": "./cn"}}})
+    assert args.adapters_dir == str(tmp_path / "adapters")
+    assert args.model == str(tmp_path / "outputs" / "base")
+    assert args.controlnets["edges"].path == str(tmp_path / "cn")
+    assert parse_args({"model": "../m"}).model == str(tmp_path.parent / "m")
+    for model in ("org/name", "builtin:tiny", "s3://bucket/model", "/abs/model"):
+        assert parse_args({"model": model}).model == model
+    assert parse_args({"adapters_dir": "s3://bucket/adapters"}).adapters_dir == "s3://bucket/adapters"
+    assert parse_args({"adapters_dir": "~/ads"}).adapters_dir == os.path.expanduser("~/ads")
+    again = parse_args(args.model_dump(mode="json"))  # the replicas' copy, read elsewhere, keeps the paths
+    monkeypatch.chdir(tmp_path / "outputs")
+    assert parse_args(args.model_dump(mode="json")) == again == args
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    args = parse_args({"model": "./base", "feedback": {"enabled": False}})
+    assert (args.adapters_dir, args.model) == ("./adapters", "./base")

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 
 from diffray.config import Section, format_validation_error
 from diffray.errors import ConfigError
+from diffray.paths import looks_like_hub_id
 from diffray.accelerator import Accelerator
 
 API_KEYS_ENV = "DIFFRAY_API_KEYS"  # comma-separated keys, added to auth.api_keys
@@ -22,11 +23,16 @@ API_KEYS_ENV = "DIFFRAY_API_KEYS"  # comma-separated keys, added to auth.api_key
 
 class ControlNetEntry(Section):
     path: str = Field(..., description="ControlNet dir (save_pretrained, safetensors) or a base model dir / "
-                      "builtin: ref with `subfolder`.")
+                      "builtin: ref with `subfolder`; a relative dir is made absolute as `adapters_dir` is.")
     subfolder: str | None = Field(None, description="Subfolder of `path` holding the ControlNet (the tiny model "
                                   "ships one in `controlnet`).")
     preprocess: Literal["canny", "none"] = Field("canny", description="What the server runs on a request's "
                                                  "`control.raw_image` to make the control image.")
+
+    @field_validator("path")
+    @classmethod
+    def _pinned(cls, path: str) -> str:
+        return pinned_local_path(path, hub_ids=True)
 
 
 class Limits(Section):
@@ -161,10 +167,15 @@ class FeedbackSection(Section):
 
 
 class ServeArgs(Section):
-    model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny.")
-    adapters_dir: str = Field("./adapters", description="Adapter registry: a folder of artifact dirs, one per "
-                              "id (LoRA, Textual Inversion, ControlNet, each with diffray_card.json), or a URI "
-                              "on object storage (s3://bucket/adapters, gs://...).")
+    model: str = Field("builtin:tiny", description="Base model: diffusers dir, hub id or builtin:tiny; a relative "
+                       "dir is made absolute as `adapters_dir` is.")
+    adapters_dir: str = Field("./adapters", validate_default=True, description="Adapter registry: a folder of "
+                              "artifact dirs, one per id (LoRA, Textual Inversion, ControlNet, each with "
+                              "diffray_card.json), or a URI on object storage (s3://bucket/adapters, gs://...). A "
+                              "relative folder is made absolute against the working directory of the process that "
+                              "reads the config, so the replicas read the folder `diffray publish` wrote to there "
+                              "(not one under the directory the cluster was started in); inside a Ray runtime_env "
+                              "working_dir copy it is left relative: each replica reads its own copy.")
     adapters_listing_ttl_s: float = Field(5.0, ge=0, description="An object-storage registry is listed at most "
                                           "this often; a new or removed adapter shows after at most this long.")
     controlnets: dict[str, ControlNetEntry] = Field({}, description="ControlNets by name (the `control.model` of "
@@ -179,6 +190,16 @@ class ServeArgs(Section):
     ingress: IngressSection = Field(default_factory=IngressSection, description="Ingress deployment.")
     feedback: FeedbackSection = Field(default_factory=dict, validate_default=True,  # errors then name feedback.*
                                       description="Preference feedback store.")
+
+    @field_validator("model")
+    @classmethod
+    def _pinned_model(cls, path: str) -> str:
+        return pinned_local_path(path, hub_ids=True)
+
+    @field_validator("adapters_dir")
+    @classmethod
+    def _pinned_adapters(cls, path: str) -> str:
+        return pinned_local_path(path, hub_ids=False)
 
     @model_validator(mode="after")
     def _one_deployment(self) -> ServeArgs:
@@ -211,6 +232,20 @@ def in_ray_working_dir_copy(folder: Path) -> bool:
     """Whether `folder` lies in a copy Ray unpacked for a runtime_env `working_dir`
     (`<session>/runtime_resources/working_dir_files/<package>/...`: the cwd of every process of that job or app)."""
     return any(p.name == "working_dir_files" and p.parent.name == "runtime_resources" for p in folder.parents)
+
+
+def pinned_local_path(path: str, hub_ids: bool) -> str:
+    """`path` made absolute against this process's working directory when it is a local path, so every replica
+    reads what the process that read the config meant: a replica's working directory is the one the cluster was
+    started in (`ray start` elsewhere, then RAY_ADDRESS), not the user's. URIs, `builtin:` refs, absolute paths
+    and, with `hub_ids`, a hub id ("org/name" that is no local folder) stay as they are; so does any relative
+    path inside a Ray runtime_env working_dir copy, where each replica has the same files in its own copy."""
+    expanded = os.path.expanduser(path)
+    if "://" in path or path.startswith("builtin:") or os.path.isabs(expanded):
+        return expanded if os.path.isabs(expanded) else path
+    if in_ray_working_dir_copy(Path.cwd()) or (hub_ids and looks_like_hub_id(path) and not os.path.exists(expanded)):
+        return path
+    return os.path.abspath(expanded)
 
 
 def side_problem(side: int, limits: Limits) -> str | None:
