@@ -71,7 +71,8 @@ def test_sha_trials_rungs_and_checkpoints():
     from diffray.tune.runner import sha_rungs
 
     assert rungs(5, 4, 60) == [5, 20] and rungs(5, 3, 60) == [5, 15, 45] and rungs(1, 1.5, 10) == [1, 2, 3, 5, 8]
-    job = load_tune_job(TUNE_LORA, ["tune.scheduler.name=sha", "tune.num_samples=2"])
+    job = load_tune_job(TUNE_LORA, ["tune.scheduler.name=sha", "tune.num_samples=2", "tune.search=random",
+                                    "tune.space.lora.dropout={uniform: [0.0, 0.1]}"])
     assert job.num_trials == 16 and sha_rungs(job) == [5, 15]
     assert sha_rungs(load_tune_job(TUNE_LORA)) == []  # asha: no extra checkpoints
     train = job.train.train.model_copy(update={"checkpoint_steps": [5, 15]})  # checkpoint_every 30
@@ -165,7 +166,7 @@ def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_pa
     exp = tmp_path / "tune-lora"
     save_job(load_tune_job(TUNE_LORA, base), str(exp))
     check_resume(load_tune_job(TUNE_LORA, [*base, "optim.lr=0.5"]), str(exp))  # no Tune state yet: starts anew
-    (exp / "experiment_state-2026-12-06_22-00-00.json").write_text("{}")
+    (exp / "experiment_state-2026-12-06_22-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
 
     def no_ray():
         raise AssertionError("Ray was started before the rerun's settings were checked")

@@ -19,16 +19,20 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from diffray.config import RUN_NAME_PATTERN, Section, TrainConfig, apply_overrides, read_yaml, validate_as
+from diffray.config import (RUN_NAME_PATTERN, Section, TrainConfig, apply_overrides, deep_copy, read_yaml,
+                            validate_as)
 from diffray.methods import method_of, validate_config
 from diffray.errors import ConfigError
 from diffray.tune.space import Domain, check_space, parse_space
 
 # Trials share one set of datasets and one resource shape, so the space may not touch these sections.
 FIXED_SECTIONS = ("method", "run", "model", "data", "scaling")
-# What every trial of a dataset method reports (`session.summary_metrics`); a method with a `step_metric`
-# (DDPO) reports that one instead.
-TRIAL_METRICS = ("val_loss", "loss", "loss_first_mean", "loss_last_mean")
+# What every trial of a dataset method reports (`session.summary_metrics`), each with the mode it is optimised
+# in (all losses: lower is better); a method with a `step_metric` (DDPO) reports that one instead.
+TRIAL_METRICS = {"val_loss": "min", "loss": "min", "loss_first_mean": "min", "loss_last_mean": "min"}
+# Settings of the rung schedulers, which fifo (no rungs: every trial runs to train.max_steps) would ignore.
+RUNG_SETTINGS = ("grace_period", "reduction_factor", "max_t")
+SPACE_PREFIX = "tune.space."
 
 
 class SchedulerSection(Section):
@@ -97,7 +101,7 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
     Raises:
         ConfigError: naming the field (`tune.space.<path>`, `tune.scheduler.grace_period`, ...).
     """
-    data = apply_overrides(read_yaml(path), overrides or [])
+    data = apply_tune_overrides(read_yaml(path), overrides or [])
     if not isinstance(data.get("tune"), dict):
         raise ConfigError("a Tune job needs a `tune:` section with a `space`", field="tune")
     raw_tune = data.pop("tune")
@@ -109,6 +113,46 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
     domains = parse_space(tune.space)
     check_job(data, train, tune, domains)
     return TuneJob(data, train, tune, domains)
+
+
+def apply_tune_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`apply_overrides`, with two readings of tune's own keys:
+    - `tune.space.<path>=V` sets the space's entry `<path>` whole: a space's keys are dotted config paths, which
+      the generic override would nest (`tune.space.optim.lr` as space -> optim -> lr). `=null` takes the entry
+      out of the space (trials then keep the config's value).
+    - `tune.scheduler.name=fifo` switches the scheduler: the rung settings (asha/sha's) set before it, in the file
+      or by earlier overrides, go with it; ones given after it stay, and fifo refuses them (`check_fifo`).
+    """
+    out = deep_copy(data)
+    for item in overrides:
+        path = item.partition("=")[0]
+        if path.startswith(SPACE_PREFIX):
+            _set_space_entry(out, path, item)
+            continue
+        out = apply_overrides(out, [item])
+        scheduler = out["tune"].get("scheduler") if isinstance(out.get("tune"), dict) else None
+        if path == "tune.scheduler.name" and isinstance(scheduler, dict) and scheduler.get("name") == "fifo":
+            for name in RUNG_SETTINGS:
+                scheduler.pop(name, None)
+    return out
+
+
+def _set_space_entry(out: dict[str, Any], path: str, item: str) -> None:
+    """Set (or with null, remove) one entry of `out`'s tune.space from the override `item` of `path`."""
+    value: Any = apply_overrides({}, [item])  # checks the form and reads the value as any override's
+    for key in path.split("."):
+        value = value[key]
+    entry = path[len(SPACE_PREFIX):]
+    tune = out.setdefault("tune", {})
+    if isinstance(tune, dict) and tune.get("space") is None:
+        tune["space"] = {}
+    space = tune.get("space") if isinstance(tune, dict) else None
+    if not isinstance(space, dict):
+        raise ConfigError(f"cannot set {entry} in the space: tune.space is not a mapping", field=path)
+    if value is not None:
+        space[entry] = value
+    elif space.pop(entry, None) is None:
+        raise ConfigError(f"{entry} is not in the space (its paths: {', '.join(map(str, space))})", field=path)
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -144,6 +188,9 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
     elif tune.metric not in TRIAL_METRICS:
         raise ConfigError(f"trials do not report {tune.metric!r} (they report {', '.join(TRIAL_METRICS)})",
                           field="tune.metric")
+    elif tune.mode != TRIAL_METRICS[tune.metric]:  # max on a loss would rank, promote and export the worst trials
+        raise ConfigError(f"tune.metric {tune.metric} is a loss (lower is better): mode {tune.mode} would keep the "
+                          f"worst trials; set tune.mode: {TRIAL_METRICS[tune.metric]}", field="tune.mode")
     elif tune.metric == "val_loss":
         if train.data is None or train.data.validation_fraction <= 0:
             raise ConfigError("metric val_loss needs held-out rows: set data.validation_fraction (e.g. 0.2)",
@@ -151,7 +198,10 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
         if t.validate_every is None:
             raise ConfigError("trials report at validation steps; set train.validate_every (e.g. 5)",
                               field="train.validate_every")
+    check_repeats(tune, domains)
     s = tune.scheduler
+    if s.name == "fifo":
+        check_fifo(s)
     if s.name in ("asha", "sha"):
         max_t = s.max_t or t.max_steps
         if max_t > t.max_steps:
@@ -171,3 +221,22 @@ def check_job(base: dict[str, Any], train: TrainConfig, tune: TuneSection, domai
         if step_metric is None and t.validate_every is not None and s.grace_period < t.validate_every:
             raise ConfigError(f"{s.grace_period} is below train.validate_every ({t.validate_every}): no report "
                               "reaches the first rung in time", field="tune.scheduler.grace_period")
+
+
+def check_repeats(tune: TuneSection, domains: list[Domain]) -> None:
+    """num_samples > 1 over a space with nothing sampled repeats each grid point with the same config and the
+    same run.seed (the run section is not searchable): trials that train, score and cost the same."""
+    if tune.num_samples > 1 and all(d.kind in ("grid", "same_as") for d in domains):
+        raise ConfigError(f"{tune.num_samples} repeats each grid point as identical trials (same config, same "
+                          "run.seed; nothing in tune.space is sampled): set tune.num_samples: 1, or add a sampled "
+                          "domain (search: random); for seed noise, run the search again with another run.seed and "
+                          "tune.name", field="tune.num_samples")
+
+
+def check_fifo(s: SchedulerSection) -> None:
+    """fifo has no rungs: a rung setting given with it would be ignored without a word. A setting at its default
+    passes (a saved job, `tune_job.yaml`, holds every field)."""
+    for name in RUNG_SETTINGS:
+        if getattr(s, name) != SchedulerSection.model_fields[name].default:
+            raise ConfigError(f"scheduler fifo runs every trial to train.max_steps and has no rungs, so {name} "
+                              "(an asha/sha setting) would be ignored: remove it", field=f"tune.scheduler.{name}")

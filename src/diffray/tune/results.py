@@ -5,6 +5,7 @@ and by `diffray tune results DIR`, which needs only the directory (the job YAML 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from diffray import storage
 from diffray.errors import ConfigError
 
 JOB_FILE = "tune_job.yaml"
+STATE_FILES = "experiment_state-*.json"  # Tune's CKPT_FILE_TMPL; it reads the newest by name
 STOPS_DIR = "scheduler_stops"  # <trial_id>.json per trial the scheduler stopped at a rung (written by the runner)
 STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
 
@@ -44,7 +46,7 @@ def collect_rows(exp_dir: str, job) -> list[TrialRow]:
     """Every trial of the experiment in `exp_dir`, best first (finished trials before stopped ones)."""
     from ray.tune import ExperimentAnalysis, ResultGrid
 
-    if not _has_tune_state(exp_dir):
+    if tune_state(exp_dir) is None:
         raise ConfigError(f"{exp_dir}: no trial results yet (the experiment never started or was stopped before "
                           "Tune saved its state)")
     analysis = ExperimentAnalysis(exp_dir, default_metric=job.tune.metric, default_mode=job.tune.mode)
@@ -57,12 +59,43 @@ def collect_rows(exp_dir: str, job) -> list[TrialRow]:
     return rows
 
 
-def _has_tune_state(exp_dir: str) -> bool:
-    """Whether Tune saved the experiment's state (`experiment_state-*.json`), which it writes only once
-    trials are running: a job killed before that leaves `tune_job.yaml` alone."""
+def tune_state(exp_dir: str) -> str | None:
+    """The experiment state that Tune restores and results are read from: the newest `experiment_state-*.json`
+    (Tune writes one once trials are running), checked to be one Ray can read; None when there is none.
+
+    Raises:
+        ConfigError: the file is torn or not Tune's, naming it and what to do. Ray would fail on it with a
+            bare JSONDecodeError (results), or log it and start the whole search anew (a resume).
+    """
     fs, base = storage.resolve(exp_dir)
-    return any(i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json")
-               for i in storage.list_files(fs, base))
+    names = sorted(i.base_name for i in storage.list_files(fs, base) if fnmatch.fnmatchcase(i.base_name, STATE_FILES))
+    if not names:
+        return None
+    problem = _state_problem(storage.read_or_none(fs, f"{base}/{names[-1]}"))
+    if problem is None:
+        return storage.join(exp_dir, names[-1])
+    older = next((n for n in reversed(names[:-1]) if _state_problem(storage.read_or_none(fs, f"{base}/{n}")) is None),
+                 None)
+    back = f"delete it to go back to Tune's previous state {older}, " if older else ""
+    raise ConfigError(f"{storage.join(exp_dir, names[-1])}: Tune's experiment state cannot be read ({problem}): if its "
+                      f"search is still running, try again in a moment; else {back}restore the file from a copy, or "
+                      f"delete {exp_dir} to start the search anew")
+
+
+def _state_problem(data: bytes | None) -> str | None:
+    """Why Tune could not read a state file's bytes, or None when it could."""
+    if data is None:
+        return "the file cannot be read"
+    if not data.strip():
+        return "the file is empty"
+    try:
+        state = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError (a torn write), or bytes that are not UTF-8
+        return f"not JSON: {exc}"
+    if not (isinstance(state, dict) and isinstance(state.get("trial_data"), list)
+            and isinstance(state.get("runner_data"), dict)):
+        return "no trial_data and runner_data in it"
+    return None
 
 
 def stop_marker(exp_dir: str, trial_id: str) -> str:
@@ -256,12 +289,13 @@ def check_resume(job, exp_dir: str) -> None:
     (stopped before its trials ran) starts anew and passes.
 
     Raises:
-        ConfigError: naming `tune.name`, the experiment's folder and the settings that differ.
+        ConfigError: naming `tune.name`, the experiment's folder and the settings that differ; or naming Tune's
+            state file when it cannot be read (`tune_state`), before Ray would restart the search on it.
     """
     from diffray.trainers.rerun import differences, shown
     from diffray.tune.config import load_tune_job
 
-    if not storage.exists(storage.join(exp_dir, JOB_FILE)) or not _has_tune_state(exp_dir):
+    if tune_state(exp_dir) is None or not storage.exists(storage.join(exp_dir, JOB_FILE)):
         return
     try:
         before = load_tune_job(_local_job_file(exp_dir))

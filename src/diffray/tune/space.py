@@ -75,8 +75,11 @@ def parse_domain(path: str, spec: Any) -> Domain:
     """One `path: {kind: args}` entry; ConfigError naming `tune.space.<path>` when malformed."""
     field = f"tune.space.{path}"
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in KINDS:
-        raise ConfigError(f"must be a mapping with one of {', '.join(KINDS)}, e.g. {{choice: [4, 8]}}; got {spec!r}",
-                          field=field)
+        fixed = "" if isinstance(spec, (dict, list)) else (
+            f" (one value for every trial is the config's {path}: take the entry out of the space with "
+            f"{field}=null and set {path}={spec!r})")
+        raise ConfigError(f"must be a mapping with one of {', '.join(KINDS)}, e.g. {{choice: [4, 8]}}; got "
+                          f"{spec!r}{fixed}", field=field)
     kind, args = next(iter(spec.items()))
     if kind == "same_as":
         if not isinstance(args, str) or args == path:
