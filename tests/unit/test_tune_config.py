@@ -165,7 +165,7 @@ def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_pa
     base = [f"run.storage_path={tmp_path}", f"model.path={tiny_model_path}"]
     exp = tmp_path / "tune-lora"
     save_job(load_tune_job(TUNE_LORA, base), str(exp))
-    check_resume(load_tune_job(TUNE_LORA, [*base, "optim.lr=0.5"]), str(exp))  # no Tune state yet: starts anew
+    check_resume(load_tune_job(TUNE_LORA, [*base, "optim.warmup_steps=5"]), str(exp))  # no Tune state: starts anew
     (exp / "experiment_state-2026-12-06_22-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
 
     def no_ray():
@@ -173,7 +173,7 @@ def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_pa
 
     monkeypatch.setattr("diffray.tune.runner.connect_ray", no_ray)
 
-    for change, named in [("optim.lr=0.5", "optim.lr 0.001 (now 0.5)"),
+    for change, named in [("optim.warmup_steps=5", "optim.warmup_steps 2 (now 5)"),
                           ("tune.scheduler.grace_period=10", "tune.scheduler.grace_period 5 (now 10)"),
                           ("train.max_steps=60", "train.max_steps 30 (now 60)")]:
         code, text = diffray(["tune", TUNE_LORA, *base, change], monkeypatch, capsys)

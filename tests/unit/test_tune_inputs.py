@@ -174,3 +174,17 @@ def test_resuming_on_a_torn_state_is_one_line_before_ray(tmp_path, tiny_model_pa
                            "be read (not JSON: Unterminated string"), text
     (exp / f"experiment_state-{NEWER}.json").write_text(GOOD_STATE)  # a readable state: the resume check goes on
     check_resume(load_tune_job(TUNE_LORA, base), str(exp))
+
+
+@pytest.mark.parametrize("override, entry", [("optim.lr=0.5", "optim.lr"), ("lora.alpha=4", "lora.alpha"),
+                                             ("lora.rank=16", "lora.rank")])
+def test_a_command_line_value_of_a_searched_setting_is_refused(override, entry):
+    """`optim.lr=0.5` on `tune_lora.yaml`, whose space searches optim.lr: every trial would overwrite it with its own
+    value, so the search would run as if it had not been given. Refused, naming both; unsearched settings pass."""
+    with pytest.raises(ConfigError) as err:
+        load_tune_job(TUNE_LORA, [override])
+    assert str(err.value).startswith(f"{entry}: {entry} is searched (tune.space.{entry}), which sets it in every "
+                                     "trial, so this value would be ignored"), err.value
+    job = load_tune_job(TUNE_LORA, ["optim.warmup_steps=5", "lora.dropout=0.1", "tune.space.optim.lr=null",
+                                    "optim.lr=0.5"])
+    assert job.train.optim.lr == 0.5 and job.num_trials == 4

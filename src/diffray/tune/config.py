@@ -111,8 +111,24 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
         raise ConfigError(f"tune.{exc}") from None
     train = validate_config(data)
     domains = parse_space(tune.space)
+    check_searched_overrides(overrides or [], tune.space)
     check_job(data, train, tune, domains)
     return TuneJob(data, train, tune, domains)
+
+
+def check_searched_overrides(overrides: list[str], space: dict[str, Any]) -> None:
+    """A command-line value for a setting the space searches would be overwritten in every trial without a word.
+
+    Raises:
+        ConfigError: naming the override's path and the space entry that overwrites it.
+    """
+    for item in overrides:
+        path = item.partition("=")[0].strip()
+        entry = next((k for k in space if path == k or path.startswith(f"{k}.")), None)
+        if entry is not None and not path.startswith("tune."):
+            raise ConfigError(f"{path} is searched (tune.space.{entry}), which sets it in every trial, so this value "
+                              f"would be ignored: change the space, or take the entry out with "
+                              f"tune.space.{entry}=null to use one value", field=path)
 
 
 def apply_tune_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
