@@ -87,15 +87,18 @@ def test_the_exported_card_and_kohya_metadata_carry_no_local_path_or_credentials
         "model": {"path": "builtin:tiny"}, "data": {"path": f"{home}/photos/sks", "image_roots": ["~/pics"]},
         "tracking": {"mlflow": {"tracking_uri": "https://alice:mlflow-token@mlflow.example.com/ml"}}})
     trained_card = card(cfg, tiny_model_path, {"step": 7, "train_time_s": 1.0}, {"loss": 0.1})
+    # a card written by hand or by an older diffray: credential-named fields were copied into the export as is
+    trained_card.update({"hub_token": "hf_abcdefSECRET", "publish": {"aws_secret_access_key": "wJalrSECRET2"}})
     src = artifact(tmp_path / "artifact", card=trained_card)
     assert home in (src / "diffray_card.json").read_text()  # what training writes, on its own machine
     for fmt in lora_formats.FORMATS:
         out = lora_formats.export_artifact(src, fmt, tmp_path / "exports" / fmt)
         text = (out / "diffray_card.json").read_text()
         for leak in (str(tmp_path), "/home", "~/", tiny_model_path, "AKIAEXAMPLE", "wJalrSECRET", "mlflow-token",
-                     "alice:", "region="):
+                     "alice:", "region=", "hf_abcdef"):
             assert leak not in text, (fmt, leak)
         exported = json.loads(text)
+        assert exported["hub_token"] == "<redacted>" and exported["publish"] == {"aws_secret_access_key": "<redacted>"}
         assert exported["base_model"] == "builtin:tiny" and exported["steps"] == 7 and exported["export_format"] == fmt
         assert exported["config"]["data"]["path"] == "<local>/sks"
         assert exported["config"]["run"]["storage_path"] == "s3://bucket/runs"
@@ -103,6 +106,45 @@ def test_the_exported_card_and_kohya_metadata_carry_no_local_path_or_credentials
     with safe_open(str(tmp_path / "exports" / "kohya" / "sks-lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["ss_network_dim"] == "2" and not any(str(tmp_path) in v for v in meta.values())
+
+
+def test_the_artifacts_own_card_holds_no_credentials_and_keeps_what_the_project_reads_back(tmp_path,
+                                                                                            tiny_model_path):
+    """The card written beside a trained artifact held the config's credentials (s3://KEY:SECRET@..., a
+    user:token@ tracking URI). It keeps its local paths: `diffray generate` loads `base_model` and a reward
+    model `base_model_resolved` from it, and a Textual Inversion's `placeholder_token`/`tokens` are read back."""
+    from diffray.models.adapters import read_card, write_card
+    from diffray.trainers.lora import LoraTrainConfig
+    from diffray.trainers.session import card
+
+    home = str(tmp_path / "home" / "alice")
+    cfg = LoraTrainConfig.model_validate({
+        "run": {"name": "sks-lora", "storage_path": "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs?region=eu&"
+                                                    "secret_key=wJalrSECRET2&X-Amz-Security-Token=FwoGSECRET"},
+        "model": {"path": tiny_model_path}, "data": {"path": f"{home}/photos/sks", "trigger_word": "sks"},
+        "tracking": {"mlflow": {"tracking_uri": "https://alice:mlflow-token@mlflow.example.com/ml?token=t0k"}}})
+    own = {**card(cfg, tiny_model_path, {"step": 7}, {"loss": 0.1}), "placeholder_token": "<sks>",
+           "tokens": ["<sks>", "<sks>_1"], "hub_token": "hf_abcdefSECRET", "api_keys": [],
+           "publish": {"aws_secret_access_key": "wJalrSECRET3", "accessToken": "SECRETtok"}}
+    folder = artifact(tmp_path / "artifact")
+    write_card(folder, own)
+    text = (folder / "diffray_card.json").read_text()
+    for leak in ("AKIAEXAMPLE", "SECRET", "mlflow-token", "alice:", "t0k"):
+        assert leak not in text, leak
+    back = read_card(folder)
+    assert back["base_model"] == back["base_model_resolved"] == tiny_model_path  # what generate / reward load
+    assert back["config"]["data"]["path"] == f"{home}/photos/sks" and back["config"]["data"]["trigger_word"] == "sks"
+    assert back["config"]["run"]["storage_path"] == "s3://bucket/runs?region=eu"  # the region still reaches it
+    assert back["config"]["tracking"]["mlflow"]["tracking_uri"] == "https://mlflow.example.com/ml"
+    assert (back["placeholder_token"], back["tokens"], back["api_keys"]) == ("<sks>", ["<sks>", "<sks>_1"], [])
+    assert back["hub_token"] == "<redacted>"
+    assert back["publish"] == {"aws_secret_access_key": "<redacted>", "accessToken": "<redacted>"}
+    write_card(folder, back)  # the runner rewrites the card (wall_time_s): unchanged by a second pass
+    assert read_card(folder) == back
+    exported = json.loads((lora_formats.export_artifact(folder, "kohya", tmp_path / "k") / "diffray_card.json")
+                          .read_text())
+    assert exported["base_model"] == f"<local>/{tiny_model_path.rstrip('/').rsplit('/', 1)[-1]}"
+    assert exported["config"]["run"]["storage_path"] == "s3://bucket/runs"
 
 
 @pytest.mark.parametrize("content,why", [(b"", "not a readable safetensors file"),

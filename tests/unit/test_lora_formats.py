@@ -82,6 +82,46 @@ def test_kohya_export_loads_in_stock_diffusers_and_reproduces_outputs(trained, t
     assert (before - trained["pred"]).abs().max().item() > 1e-2  # the adapter does change the output
 
 
+@pytest.mark.parametrize("method,settings,trigger", [
+    ("lora", {"data": {"trigger_word": "sks", "resolution": 64}, "model": {"prediction_type": "v_prediction"}}, "sks"),
+    ("dreambooth", {"data": {"resolution": 64}, "dreambooth": {"instance_prompt": "a photo of zwx dog"}},
+     "a photo of zwx dog"),
+])
+def test_kohya_export_metadata_names_the_base_model_trigger_and_modelspec(method, settings, trigger, trained,
+                                                                          tiny_model_path, tmp_path):
+    """A1111/ComfyUI/sd-scripts read the base model (ss_sd_model_name), the trigger and the SAI ModelSpec keys;
+    the file carried only rank, alpha and steps. A local base model is named by its folder's name only."""
+    import shutil
+
+    from diffray.trainers.dreambooth import DreamBoothTrainConfig
+    from diffray.trainers.session import card
+
+    kind = DreamBoothTrainConfig if method == "dreambooth" else LoraTrainConfig
+    cfg = kind.model_validate({"run": {"name": "sks-lora"}, **settings,
+                               "model": {"path": str(tmp_path / "home" / "sd15-base"), **settings.get("model", {})}})
+    trained_card = {**card(cfg, tiny_model_path, {"step": 7}, {}), "created": "2026-12-07T04:45:33Z"}
+    if method == "dreambooth":  # what DreamBooth's export adds to the card
+        trained_card["instance_prompt"] = cfg.dreambooth.instance_prompt
+    src = shutil.copytree(trained["artifact"], tmp_path / "artifact")
+    (src / "diffray_card.json").write_text(json.dumps(trained_card))
+    path = lora_formats.export_artifact(src, "kohya", tmp_path / "kohya") / "sks-lora.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.")} == {
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": "sks-lora", "modelspec.resolution": "64x64",
+        "modelspec.date": "2026-12-07T04:45:33Z", "modelspec.trigger_phrase": trigger,
+        "modelspec.description": f"diffray {method} LoRA of sd15-base, 7 steps",
+        **({"modelspec.prediction_type": "v"} if method == "lora" else {})}
+    assert (meta["ss_sd_model_name"], meta["ss_base_model_version"], meta["ss_network_dim"]) == ("sd15-base", "sd_v1",
+                                                                                                  "4")
+    assert not any(str(tmp_path) in v for v in meta.values())
+    if method == "lora":  # still a file stock diffusers loads, with the adapter's outputs
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        assert (_predict(pipe.unet, pipe.text_encoder, _inputs(pipe)) - trained["pred"]).abs().max().item() < 1e-4
+
+
 def test_kohya_file_round_trips_import_export_unchanged(trained, tiny_model_path, tmp_path):
     original = _kohya(trained, tmp_path)
     comps, model = _lora_model(tiny_model_path, init_from=str(original))  # import into a fresh LoRA
@@ -228,7 +268,10 @@ def test_sdxl_unet_lora_kohya_export_loads_in_stock_sdxl_and_says_sdxl(tmp_path)
                            {"family": "stable-diffusion-xl", "config": {"run": {"name": "xl"}}})
     kohya = lora_formats.export_artifact(artifact, "kohya", tmp_path / "kohya") / "xl.safetensors"
     with safe_open(str(kohya), "pt") as f:
-        assert f.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"], meta["modelspec.resolution"]) == (
+        "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models", "1024x1024")
     pipe = StableDiffusionXLPipeline.from_pretrained(path)
     before = _xl_unet_out(pipe.unet)
     pipe.load_lora_weights(str(kohya.parent), weight_name=kohya.name)

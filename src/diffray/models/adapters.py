@@ -19,11 +19,12 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict
 
+from diffray.models.export_io import CARD, without_credentials
+
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's save_pretrained names: LoHa / LoKr artifacts
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained prefixes keys; from_pretrained expects it
-CARD = "diffray_card.json"
 VARIANTS = ("lora", "dora", "rslora", "loha", "lokr")
 PEFT_DIR_VARIANTS = ("loha", "lokr")  # no diffusers LoRA layout: exported as a PEFT adapter dir
 
@@ -146,10 +147,12 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, adapter_n
 
 
 def write_card(out_dir: str | Path, card: dict[str, Any]) -> Path:
-    """A JSON model card: base model, method, config, steps, metrics, creation time."""
+    """A JSON model card: base model, method, config, steps, metrics, creation time. It never holds credentials
+    (`export_io.without_credentials`); local paths stay, as the project reads them back (generate, reward)."""
     path = Path(out_dir) / CARD
-    path.write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **card},
-                               indent=2, default=str))
+    card = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **card}
+    card = without_credentials(json.loads(json.dumps(card, default=str)))  # every value as JSON will hold it
+    path.write_text(json.dumps(card, indent=2))
     return path
 
 

@@ -1,9 +1,11 @@
 """What `diffray export` writes besides the weights: its output folder (checked, then replaced whole and
 atomically), the kohya file's name and the card that leaves the machine with the export.
 
-An export is made to be shared: its card never carries a local absolute path (only the folder's name) or
-the credentials and query of a URI. A card is untrusted input: a field that would name a file outside OUT
-is refused, naming the card and the field. Never imports ray or torch.
+No card carries credentials (`without_credentials`: the value of a key/secret/token/password-named field,
+the user:password@ of a URI, a credential query parameter), the artifact's own card included (`write_card`
+calls it). An export is made to be shared: its card also carries no local absolute path (only the folder's
+name) and no query of a URI (`public_value`). A card is untrusted input: a field that would name a file
+outside OUT is refused, naming the card and the field. Never imports ray or torch.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from diffray.config import RUN_NAME_PATTERN
 from diffray.errors import AdapterError, ConfigError, StorageError
-from diffray.models.adapters import CARD
 
+CARD = "diffray_card.json"  # every artifact's card (`adapters.write_card`), and an export's
 EXPORT_MARK = "export_format"  # the card field that says a folder is an export (so it may be replaced)
 LOCAL = "<local>/"  # what stands for the folders of a local path in an exported card
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*@)?([^?#]*)([?#].*)?$", re.S)
@@ -59,15 +62,66 @@ def kohya_name(card: dict, source: str | Path = CARD) -> str:
     return name
 
 
+REDACTED = "<redacted>"  # what stands for a credential-named field's value in every card
+# A field is a credential when a word of its name is one of _SECRET_WORDS, or a key/token word follows one of
+# _KEY_OWNERS (api_key, access_token, aws_access_key_id); `placeholder_token` or `keep_tokens` are not.
+_SECRET_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "credential", "credentials",
+                 "apikey", "auth", "authorization", "bearer", "cookie", "signature"}
+_KEY_OWNERS = {"api", "access", "secret", "private", "auth", "session", "security", "bearer", "refresh", "client",
+               "hf", "hub", "wandb", "github", "sas", "account", "id"}
+_KEY_WORDS = {"key", "keys", "token", "tokens"}
+_SECRET_PARAMS = {"key", "token", "sig", "code"}  # bare names that are credentials in a URI query (?sig=: SAS)
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether a field (or URI query parameter) named `name` holds a credential, by the words of its name."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower().replace("-", "_").replace(".", "_")
+    parts = [w for w in words.split("_") if w]
+    return bool(_SECRET_WORDS & set(parts)) or any(
+        a in _KEY_OWNERS and b in _KEY_WORDS for a, b in zip(parts, parts[1:]))
+
+
+def without_credentials(value: Any) -> Any:
+    """`value` (a card, or any part of it) with no credentials: a credential-named field's value becomes
+    `REDACTED`, a URI loses its user:password@ and its credential query parameters (region= and the like stay).
+    Local paths stay: the project reads them back from an artifact's own card (generate, reward models)."""
+    return _sanitized(value, _uri_without_credentials)
+
+
 def public_value(value: Any) -> Any:
-    """`value` (a card, or any part of it) without local absolute paths (kept: the last folder's name, after
-    `<local>/`) and without the user:password@ and ?query of URIs (s3://KEY:SECRET@bucket, ?secret_key=...)."""
+    """`value` made public: `without_credentials`, then without local absolute paths (kept: the last folder's
+    name, after `<local>/`) and without any ?query of a URI."""
+    return _sanitized(value, _public_string)
+
+
+def _sanitized(value: Any, string: Callable[[str], str]) -> Any:
     if isinstance(value, dict):
-        return {k: public_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [public_value(v) for v in value]
-    if not isinstance(value, str):
+        return {k: REDACTED if is_credential_name(k) and _filled(v) else _sanitized(v, string)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sanitized(v, string) for v in value]
+    return string(value) if isinstance(value, str) else value
+
+
+def _filled(value: Any) -> bool:
+    """False for a field left empty (api_keys: []): nothing to hide, and the card shows it was unset."""
+    return value is not None and not (isinstance(value, (str, list, tuple, dict)) and not value)
+
+
+def _uri_without_credentials(value: str) -> str:
+    uri = _URI.match(value)
+    if not uri or (not uri.group(2) and not uri.group(4)):
         return value
+    query, _, fragment = (uri.group(4) or "").partition("#")
+    kept = [p for p in query[1:].split("&") if p and not _is_secret_param(p.split("=", 1)[0])] if query else []
+    return uri.group(1) + uri.group(3) + ("?" + "&".join(kept) if kept else "") + ("#" + fragment if fragment else "")
+
+
+def _is_secret_param(name: str) -> bool:
+    return is_credential_name(name) or name.lower() in _SECRET_PARAMS or name.lower().startswith("x-amz-")
+
+
+def _public_string(value: str) -> str:
     uri = _URI.match(value)
     if uri and uri.group(1).lower() == "file://":
         return LOCAL + PurePosixPath(uri.group(3)).name
@@ -78,6 +132,76 @@ def public_value(value: Any) -> Any:
     if re.match(r"^([A-Za-z]:)?\\|^[A-Za-z]:/", value):
         return LOCAL + PureWindowsPath(value).name
     return value
+
+
+def model_name(value: Any) -> str:
+    """How a base model is named outside this machine: a hub id or a URI as is (less credentials and query), a
+    local path by its last folder's name (kohya's `ss_sd_model_name`); '' when there is none."""
+    return _public_string(value).removeprefix(LOCAL) if isinstance(value, str) else ""
+
+
+# What an artifact folder is, by a file that only it holds (the first that fits names it)
+_ARTIFACT_FILES = (("model_index.json", "a full pipeline folder (model_index.json: DreamBooth full, method full)"),
+                   ("learned_embeds.safetensors", "a Textual Inversion embedding (learned_embeds.safetensors)"),
+                   ("adapter_model.safetensors", "a PEFT adapter (adapter_model.safetensors: LoHa or LoKr, which "
+                                                 "have no diffusers or kohya LoRA layout)"))
+
+
+def what_is_at(path: Path) -> str:
+    """What `path` is, in words, for an error saying it is not what was asked for: missing, a file, an empty
+    folder, a full pipeline, a Textual Inversion, a PEFT adapter, a diffusers model (ControlNet, VAE, ...) by
+    its config's class, else some of the files it holds."""
+    if not path.exists():
+        return "no such folder"
+    if not path.is_dir():
+        return "a file, not a folder"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "an empty folder"
+    for name, what in _ARTIFACT_FILES:
+        if name in names:
+            return what
+    if "config.json" in names:
+        try:
+            cls = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            cls = None
+        if isinstance(cls, str) and cls:
+            return f"a ControlNet (config.json: {cls})" if "ControlNet" in cls else f"a diffusers {cls} (config.json)"
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f"a folder holding {shown}"
+
+
+# SAI ModelSpec 1.0 (`modelspec.*` metadata, as kohya sd-scripts writes it) of each family's LoRA
+MODELSPEC_ARCH = {"stable-diffusion": "stable-diffusion-v1", "stable-diffusion-xl": "stable-diffusion-xl-v1-base",
+                  "flux": "flux-1"}
+MODELSPEC_IMPL = {"stable-diffusion": "diffusers",  # sd-scripts' values: diffusers for SD 1.x, SGM for SDXL
+                  "stable-diffusion-xl": "https://github.com/Stability-AI/generative-models",
+                  "flux": "https://github.com/black-forest-labs/flux"}
+_NATIVE_SIDE = {"stable-diffusion": 512, "stable-diffusion-xl": 1024, "flux": 1024}
+
+
+def modelspec(card: dict, family: str, title: str) -> dict[str, str]:
+    """The SAI ModelSpec keys of a LoRA file (all strings: safetensors metadata): version, architecture,
+    implementation, title, resolution (the training one), date (the card's `created`), a description, and the
+    trigger phrase (`data.trigger_word`, else a DreamBooth `instance_prompt`) and prediction type when known."""
+    config = card.get("config") if isinstance(card.get("config"), dict) else {}
+    data, model = (config.get(k) if isinstance(config.get(k), dict) else {} for k in ("data", "model"))
+    side = data.get("resolution") if isinstance(data.get("resolution"), int) else _NATIVE_SIDE.get(family, 512)
+    created = card.get("created")
+    if not (isinstance(created, str) and re.match(r"^\d{4}-\d{2}-\d{2}", created)):
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    base, steps = model_name(card.get("base_model")), card.get("steps")
+    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(model.get("prediction_type"))
+    meta = {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{MODELSPEC_ARCH.get(family, MODELSPEC_ARCH['stable-diffusion'])}/lora",
+            "modelspec.implementation": MODELSPEC_IMPL.get(family, "diffusers"), "modelspec.title": title,
+            "modelspec.resolution": f"{side}x{side}", "modelspec.date": created,
+            "modelspec.description": f"diffray {card.get('method', 'lora')} LoRA" + (f" of {base}" if base else "")
+                                     + (f", {steps} steps" if isinstance(steps, int) else ""),
+            "modelspec.trigger_phrase": data.get("trigger_word") or card.get("instance_prompt"),
+            "modelspec.prediction_type": prediction}
+    return {k: str(v) for k, v in meta.items() if isinstance(v, str) and v}
 
 
 def write_export_card(out_dir: Path, card: dict, fmt: str) -> Path:

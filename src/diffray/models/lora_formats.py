@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from diffray.errors import ConfigError
 from diffray.models.adapters import CARD, LORA_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
-from diffray.models.export_io import check_out, kohya_name, read_card_file, replaced_dir, write_export_card
+from diffray.models.export_io import (check_out, kohya_name, model_name, modelspec, read_card_file, replaced_dir,
+                                      what_is_at, write_export_card)
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
@@ -159,14 +160,18 @@ def _kohya_stem(module: str, legacy: bool = True) -> str:
 
 
 def kohya_metadata(weights: LoraWeights, card: dict) -> dict[str, str]:
-    """The `ss_*` fields kohya files carry, so A1111/ComfyUI and their tools show rank and alpha."""
-    first = weights[min(weights)]
-    return {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
+    """The `ss_*` fields kohya files carry (rank, alpha, base model), so A1111/ComfyUI and their tools show
+    them, and the SAI ModelSpec keys (`export_io.modelspec`)."""
+    first, family, name = weights[min(weights)], lora_family(weights, card), kohya_name(card)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
             "ss_network_alpha": f"{first.alpha:g}",
-            "ss_base_model_version": KOHYA_BASE_VERSION.get(lora_family(weights, card), "sd_v1"),
-            "ss_output_name": kohya_name(card),
+            "ss_base_model_version": KOHYA_BASE_VERSION.get(family, "sd_v1"),
+            "ss_output_name": name,
             "ss_training_comment": f"diffray {card.get('method', 'lora')}",
             "ss_steps": str(card.get("steps", ""))}
+    if model_name(card.get("base_model")):  # kohya's: a hub id as is, a local path by its folder's name
+        meta["ss_sd_model_name"] = model_name(card.get("base_model"))
+    return {**meta, **modelspec(card, family, name)}
 
 
 def lora_family(weights: LoraWeights, card: dict) -> str:
@@ -304,7 +309,8 @@ def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path
     src = Path(artifact).expanduser()
     weights_file = src / LORA_WEIGHTS
     if not weights_file.is_file():
-        raise ConfigError(f"{src}: not a LoRA artifact (no {LORA_WEIGHTS})")
+        raise ConfigError(f"{src}: not a LoRA artifact but {what_is_at(src)}; export takes the artifact folder of "
+                          f"a LoRA run (lora, dreambooth lora mode, ...: one with {LORA_WEIGHTS})", field="ARTIFACT")
     out = Path(out_dir).expanduser()
     check_out(src, out)
     card = read_card_file(src / CARD)
