@@ -25,6 +25,7 @@ from diffray.cluster import check_resources, connect_ray, worker_env_vars
 from diffray.errors import ConfigError, DiffrayError, TrainingError
 from diffray.methods import method_of
 from diffray.models.adapters import read_card, write_card
+from diffray.trainers.checkpoints import repair_snapshot
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers.loop import train_loop_per_worker, upload_logs
 from diffray.trainers.progress import RunStatus, watch_progress
@@ -163,6 +164,7 @@ def run_training(cfg, on_progress: ProgressCallback | None = None) -> RunResult:
     run_dir, log_dir = run_dirs(cfg)
     check_storage(run_dir)
     check_rerun(cfg, run_dir)
+    repair_snapshot(run_dir)  # what Ray reads to resume: a torn one, or one listing deleted checkpoints
     connect_ray()
     check_resources(cfg.scaling)
     remote_logs = logs_uri(run_dir)
