@@ -2,10 +2,9 @@
 submit, config, feedback (eval and pretrain-world are in `diffray.world.command`, export in `diffray.export`,
 feedback in `diffray.feedback_command`).
 
-Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits
-non-zero (2 for config errors). The terminal shows diffray's own lines, a progress bar and the results;
-Ray's, Ray Data's and DeepSpeed's own output goes to the run's log files unless `--verbose` (see
-`diffray.logs`). Heavy imports happen inside commands so `--help` is instant.
+Every user-facing failure is a `DiffrayError`; `main()` prints it as one line on stderr and exits non-zero (2 for
+config errors; 130 for Ctrl-C). The terminal shows diffray's own lines, a progress bar and the results; Ray's, Ray
+Data's and DeepSpeed's output goes to log files unless `--verbose`. Heavy imports are in commands: `--help` is instant.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from diffray import logs
 from diffray.errors import ConfigError, DiffrayError
@@ -24,7 +24,17 @@ from diffray.console import run_with_progress
 from diffray.feedback_command import export_store, feedback_app
 from diffray.world.command import eval_command, pairs_command, pretrain_world_command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class CommandGroup(TyperGroup):
+    def invoke(self, ctx):  # every command, sub-apps' too, runs in here; typer would exit 130 without a word
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # train and tune have said how to resume
+            typer.echo("diffray: interrupted", err=True)
+            sys.exit(130)
+
+
+app = typer.Typer(cls=CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, search and serve Stable Diffusion adapters on a Ray cluster.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: sample set, latent cache, inspection.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect job configs.")
@@ -70,7 +80,8 @@ def data_sample(out_dir: Path = typer.Argument(..., help="Directory for the gene
 
 
 @data_app.command("world")
-def data_world(out_dir: Path = typer.Argument(..., help="Directory for the dataset (a dataset diffray wrote there is replaced)"),
+def data_world(out_dir: Path = typer.Argument(..., help="Directory for the dataset (a dataset diffray wrote there "
+                                              "is replaced)"),
                split: str = typer.Option("pretrain", help="pretrain | heldout | base | star | cyan | striped | "
                                          "subject | all"),
                num_images: int = typer.Option(1000, min=1, help="Number of images (scenes 0..N-1)"),
@@ -223,10 +234,10 @@ def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value .
     outcome = run_tune(job, on_trial=TuneProgress(job.tune.metric, job.tune.mode).record)
     metric = job.tune.metric
     typer.echo(format_table(outcome.rows, metric))
-    done = sum(r.status == "completed" for r in outcome.rows)
-    early = sum(r.stopped_early for r in outcome.rows)
+    done, early = sum(r.status == "completed" for r in outcome.rows), sum(r.stopped_early for r in outcome.rows)
     typer.echo(f"{len(outcome.rows)} trials ({done} completed, {early} stopped early), {outcome.concurrency} at a "
-               f"time, {outcome.wall_time_s:.1f}s{' (resumed)' if outcome.restored else ''}; results: {outcome.exp_dir}")
+               f"time, {outcome.wall_time_s:.1f}s{' (resumed)' if outcome.restored else ''}; results: "
+               f"{outcome.exp_dir}")
     if outcome.best is None:
         raise DiffrayError("no trial finished; see the failed trials' errors above, results.csv and the trials' logs")
     typer.echo(f"best: {outcome.best.trial_id} {outcome.best.params} {metric}={outcome.best.metric:.6g}\n"
@@ -257,8 +268,7 @@ def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
 @app.command("demo")
 def demo(config: Path = typer.Option(Path("configs/demo.yaml"), help="The LoRA job to run"),
          out_dir: Path = typer.Option(Path("outputs"), help="Where the image grid and the eval report go"),
-         suite: str = typer.Option("star", help="The eval suite scored base vs adapter after training "
-                                   "(none: skip)"),
+         suite: str = typer.Option("star", help="The eval suite scored base vs adapter after training (none: skip)"),
          num: int = typer.Option(16, min=1, help="Prompt/seed pairs of the eval"),
          overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides")) -> None:
     """Train the LoRA demo (configs/demo.yaml: the pretrained world model learns the star it never saw),
@@ -378,9 +388,6 @@ def main() -> None:
     except DiffrayError as exc:
         typer.echo(f"diffray: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("diffray: interrupted (rerun the same command to resume training)", err=True)
-        sys.exit(130)
     except Exception as exc:  # an unexpected failure: still one line, the traceback on request
         if os.environ.get("DIFFRAY_DEBUG"):
             raise

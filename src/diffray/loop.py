@@ -83,8 +83,9 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
                     card_extra: dict[str, Any] | None = None) -> str:
     """Copy the artifact folder `artifact` (a local path or URI) into the registry `adapters_dir` (a folder or
     an object-storage URI) as `adapter_id`; `card_extra` is merged into its diffray_card.json. Returns where
-    it went. In a folder the copy is renamed into place; on object storage its manifest is written last
-    (`storage.copy_dir`), so a registry never serves half of it.
+    it went. In a folder the copy is renamed into place; on object storage it is uploaded aside first and then
+    copied into place, its manifest last (`storage.copy_dir`): a registry never serves half of it, and a failed
+    upload leaves a replaced adapter whole.
 
     Raises:
         ConfigError: a bad or taken id.
@@ -133,7 +134,8 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
             _remove_bare_file(root, adapter_id)
         return str(final)
     except (OSError, pa.ArrowException) as exc:
-        raise DiffrayError(f"cannot publish {artifact} to {root}: {exc}") from None
+        why = str(exc).strip().replace("\n", "\\n")  # one line: a key or an AWS message can hold newlines
+        raise DiffrayError(f"cannot publish {artifact} to {root}: {why}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if remote:
@@ -172,22 +174,31 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _upload(folder: Path, root: str, adapter_id: str, replace: bool) -> str:
-    """Upload a checked artifact to `root/adapter_id` on object storage; a replaced one is removed first
-    (its manifest first of all, so no reader takes the old and new files for one adapter)."""
+    """Upload a checked artifact to `root/adapter_id` on object storage. `storage.copy_dir` uploads the files
+    aside first, so an upload that fails leaves a replaced adapter whole, then puts them in place and removes
+    the replaced adapter's other files. A replaced bare `<id>.safetensors` goes once the folder, which the
+    registry serves first, is whole.
+
+    Raises:
+        DiffrayError: the bare file cannot be removed (the folder is published and served).
+    """
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
     from diffray import storage
 
     dest = storage.join(root, adapter_id)
-    fs, path = storage.resolve(dest)
     if storage.exists(dest) or storage.exists(f"{dest}.safetensors"):
         check_new_id(root, adapter_id, replace)  # taken since the first check: refuse unless replacing
-        for gone in (f"{path}/{storage.MANIFEST}", f"{path}.safetensors"):
-            if fs.get_file_info(gone).type == pafs.FileType.File:
-                fs.delete_file(gone)
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-    return storage.copy_dir(pafs.LocalFileSystem(), str(folder), dest)
+    storage.copy_dir(pafs.LocalFileSystem(), str(folder), dest)
+    fs, bare = storage.resolve(f"{dest}.safetensors")
+    try:
+        if fs.get_file_info(bare).type == pafs.FileType.File:
+            fs.delete_file(bare)
+    except (OSError, pa.ArrowException) as exc:
+        raise DiffrayError(f"published {dest}, but the replaced {dest}.safetensors cannot be removed ({exc}): "
+                           "remove it by hand") from None
+    return dest
 
 
 def export_round(db: Path, adapter_id: str, export: Path | None = None) -> tuple[Path, str]:

@@ -129,14 +129,13 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     """Copy the folder `src` (on `fs`) to `dest` (a local path or URI), replacing what is there.
 
     On local disk the new folder is assembled beside `dest` and swapped in with renames, so a reader
-    sees the old folder or the new one, never half of one.
+    sees the old folder or the new one, never half of one. On object storage see `_replace_remote`.
+
+    Raises:
+        StorageError: the copy is in place but files of the folder it replaced could not be removed.
     """
-    if is_uri(dest):  # no rename on object storage: the manifest, written last, says the copy is whole
-        dfs, dpath = resolve(dest)
-        if isinstance(dfs, pafs.LocalFileSystem):  # file://: folders exist before files (no markers on S3)
-            dfs.create_dir(dpath, recursive=True)
-        pafs.copy_files(src, dpath, source_filesystem=fs, destination_filesystem=dfs)
-        write_manifest(dfs, dpath)
+    if is_uri(dest):
+        _replace_remote(fs, src, dest)
         return dest
     dest = absolute(dest)
     tmp, old = f"{dest}.tmp-{uuid.uuid4().hex[:8]}", f"{dest}.old-{uuid.uuid4().hex[:8]}"
@@ -149,6 +148,67 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
     return dest
 
 
+COPY_OBJECT_MAX = 5 * 2**30  # S3's limit for one server-side copy; a bigger file is streamed through this process
+
+
+def _replace_remote(fs: pafs.FileSystem, src: str, dest: str) -> None:
+    """Object storage has no rename, and readers count a folder only once its manifest agrees (`incomplete`).
+    So the files are uploaded first beside `dest` under a hidden name (`.<name>.upload-*`): an upload that
+    fails or is killed leaves the folder at `dest` as it was. Then they are copied into place server-side (no
+    data through this process), the manifest naming them is written, and the files of the replaced folder the
+    new one lacks are removed. The replaced folder's manifest goes before the first copy: during those copies
+    (a request per file) a reader finds no whole folder rather than old and new files taken for one."""
+    dfs, dpath = resolve(dest)
+    parent, name = posixpath.split(dpath)
+    stage = f"{parent}/.{name}.upload-{uuid.uuid4().hex[:8]}"
+    try:
+        # file by file, not pafs.copy_files: when one file fails that returns while others are still being
+        # written (S3's background writes), and they would land after the hidden copy is removed below
+        for rel in _files(fs, src):
+            _stream(fs, f"{src}/{rel}", dfs, f"{stage}/{rel}")
+        new = _files(dfs, stage)
+        new.pop(MANIFEST, None)  # a copied folder's own manifest: a new one is written below
+        old = _files(dfs, dpath)
+        if MANIFEST in old:
+            dfs.delete_file(f"{dpath}/{MANIFEST}")
+        for rel, size in sorted(new.items()):
+            if size < COPY_OBJECT_MAX and not isinstance(dfs, pafs.LocalFileSystem):
+                dfs.copy_file(f"{stage}/{rel}", f"{dpath}/{rel}")
+            else:  # file://: its folders are made first
+                _stream(dfs, f"{stage}/{rel}", dfs, f"{dpath}/{rel}")
+        if isinstance(dfs, pafs.LocalFileSystem):  # an empty folder copied still gets its manifest
+            dfs.create_dir(dpath, recursive=True)
+        write_manifest(dfs, dpath, new)
+    finally:
+        try:
+            dfs.delete_dir(stage)
+        except (OSError, pa.ArrowException):
+            pass  # never uploaded, or unreachable: a hidden leftover no reader lists
+    failed = []
+    for rel in sorted(set(old) - set(new) - {MANIFEST}):
+        try:
+            dfs.delete_file(f"{dpath}/{rel}")
+        except (OSError, pa.ArrowException) as exc:
+            failed.append(f"{rel} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})")
+    if failed:
+        raise StorageError(f"{dest}: copied whole, but {len(failed)} file(s) of the folder it replaced cannot be "
+                           f"removed: {failed[0]}; remove them by hand")
+
+
+def _files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
+    """Every file under `root` (relative path -> bytes); none when there is no `root`."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(i.path, root): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _stream(fs: pafs.FileSystem, src: str, dfs: pafs.FileSystem, dest: str) -> None:
+    """Copy one file; closing the output waits until it is written (S3 too)."""
+    if isinstance(dfs, pafs.LocalFileSystem):
+        dfs.create_dir(posixpath.dirname(dest), recursive=True)
+    with fs.open_input_stream(src) as f, dfs.open_output_stream(dest) as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+
+
 def upload_dir(local: str | Path, dest: str) -> None:
     """Copy every file under the local folder `local` to the URI `dest`, replacing same-named files (logs a
     node writes locally, kept beside a run on object storage). A missing folder copies nothing."""
@@ -159,11 +219,13 @@ def upload_dir(local: str | Path, dest: str) -> None:
                     destination_filesystem=dfs)
 
 
-def write_manifest(fs: pafs.FileSystem, root: str) -> dict[str, int]:
-    """Write `root/MANIFEST` listing every other file under `root` with its size; call it after the last file
-    is written. Readers on object storage treat a folder as whole only when its manifest agrees (`incomplete`)."""
-    files = {posixpath.relpath(i.path, root): i.size for i in list_files(fs, root, recursive=True)}
-    files.pop(MANIFEST, None)
+def write_manifest(fs: pafs.FileSystem, root: str, files: dict[str, int] | None = None) -> dict[str, int]:
+    """Write `root/MANIFEST` listing `files` (relative path -> bytes; default: every other file under `root`);
+    call it after the last file is written. Readers on object storage treat a folder as whole only when its
+    manifest agrees (`incomplete`)."""
+    if files is None:
+        files = {posixpath.relpath(i.path, root): i.size for i in list_files(fs, root, recursive=True)}
+        files.pop(MANIFEST, None)
     with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
         f.write(json.dumps({"files": files}, sort_keys=True).encode())
     return files

@@ -214,3 +214,36 @@ def test_the_default_image_column_falls_back_to_hf_image_and_else_names_both(tmp
     fs, files = _parquet(tmp_path, pa.table({"jpg": [PNG], "text": ["a"]}))
     with pytest.raises(DatasetError, match=r"missing column 'file_name' or 'image' \(has: jpg, text\)"):
         row_groups(fs, files, "text", "file_name", None)
+
+
+# ------------------------------------------------------------------------------------- near-miss file names
+
+def test_a_metadata_name_in_another_case_or_folder_is_quarantined_naming_the_file_meant(tmp_path):
+    """`Images/cat.png` for `images/cat.png` opens on macOS and not on Linux: the row was quarantined as "image
+    file not found", with nothing saying the file is there under another name."""
+    for name in ("images/cat.png", "images/ok.png", "train/Dog.PNG"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(PNG)
+    names = ["Images/cat.png", "dog.png", "gone.png", "images/ok.png"]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a"}) + "\n" for n in names))
+    rows = folder_rows(str(tmp_path))[2]
+    assert [r["error"] for r in rows] == [
+        "metadata line 1: file_name 'Images/cat.png': no such file; did you mean 'images/cat.png'? "
+        "names are case-sensitive",
+        "metadata line 2: file_name 'dog.png': no such file; did you mean 'train/Dog.PNG'? names are case-sensitive",
+        "",  # no file of that name anywhere: validation says "image file not found"
+        ""]
+    assert [r["source"] for r in rows] == ["metadata.jsonl:1", "metadata.jsonl:2", "gone.png", "images/ok.png"]
+
+
+def test_a_parquet_path_in_another_case_or_folder_is_quarantined_naming_the_file_meant(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "cat.png").write_bytes(PNG)
+    (tmp_path / "b.png").write_bytes(PNG + b"b")
+    fs, files = _parquet(tmp_path, pa.table({"file_name": ["Images/cat.png", "b.png", "cat.png", "gone.png"],
+                                             "text": ["a", "b", "c", "d"]}))
+    out = _rows(fs, files, image_column="file_name")
+    assert out["image"] == [None, PNG + b"b", None, None]
+    assert out["error"] == ["file_name 'Images/cat.png': no such file; did you mean 'images/cat.png'? names are "
+                            "case-sensitive", "", "file_name 'cat.png': no such file; did you mean 'images/cat.png'?",
+                            ""]

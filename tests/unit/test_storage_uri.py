@@ -1,9 +1,15 @@
 """Storage helpers against the session's S3 endpoint on 127.0.0.1: a run's local logs uploaded beside it on
-object storage (replaced on each upload, a failed upload only logged)."""
+object storage (replaced on each upload, a failed upload only logged); a folder copied over another one there
+(an artifact exported again) leaves the old one whole when the copy fails, and only the new files when it works."""
 
 from __future__ import annotations
 
+import json
 import logging
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
 
 from diffray import storage
 from diffray.trainers.loop import upload_logs
@@ -47,3 +53,33 @@ def test_a_uri_missing_a_slash_or_a_filesystem_that_cannot_start_is_one_clear_er
     with pytest.raises(StorageError) as err:  # pyarrow's HDFS needs a JVM: its long OSError, one line
         storage.resolve("hdfs://namenode:8020/runs")
     assert str(err.value).startswith("hdfs://namenode:8020/runs: cannot open URI (") and "\n" not in str(err.value)
+
+
+def test_a_folder_copied_over_another_on_object_storage_leaves_it_whole_until_the_copy_is(s3, tmp_path):
+    """The copy went straight into the old folder: a source file that could not be read left the old folder with
+    an empty object of that name (and some new files beside the old manifest); a copy that worked kept the old
+    folder's other files, and its manifest named them too."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, weights in ((old, b"old weights"), (new, b"new weights")):
+        folder.mkdir()
+        (folder / "weights.bin").write_bytes(weights)
+        (folder / "card.json").write_text(json.dumps({"from": folder.name}))
+    (old / "only-old.txt").write_text("stale once replaced")
+    dest = f"{s3.bucket('artifacts')}/run/artifact"
+    storage.copy_dir(pafs.LocalFileSystem(), str(old), dest)
+    before = {k: s3.fs.open_input_stream(k).read() for k in s3.keys(dest.rsplit("/", 2)[0])}
+
+    (new / "zz-unreadable.bin").symlink_to("/proc/self/mem")  # reading it fails (EIO) once the copy reaches it
+    with pytest.raises((OSError, pa.ArrowException)):
+        storage.copy_dir(pafs.LocalFileSystem(), str(new), dest)
+    after = {k: s3.fs.open_input_stream(k).read() for k in s3.keys(dest.rsplit("/", 2)[0])}
+    assert after == before, "the old folder as it was, and no hidden upload left beside it"
+
+    (new / "zz-unreadable.bin").unlink()
+    assert storage.copy_dir(pafs.LocalFileSystem(), str(new), dest) == dest
+    assert s3.keys(dest.rsplit("/", 2)[0]) == [f"{dest[5:]}/{n}" for n in ("card.json", storage.MANIFEST,
+                                                                           "weights.bin")]
+    manifest = s3.fs.open_input_stream(f"{dest[5:]}/{storage.MANIFEST}").read()
+    assert json.loads(manifest)["files"] == {"card.json": (new / "card.json").stat().st_size, "weights.bin": 11}
+    assert storage.incomplete(manifest, {"card.json": (new / "card.json").stat().st_size, "weights.bin": 11}) is None
+    assert s3.fs.open_input_stream(f"{dest[5:]}/weights.bin").read() == b"new weights"

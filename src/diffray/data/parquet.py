@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from diffray import storage
-from diffray.data.folder import LOCAL_ONLY, PathRules, member, open_path
+from diffray.data.folder import LOCAL_ONLY, PathRules, member, missing_with_guess, near_names, open_path
 from diffray.data.raydata import raise_original_errors, raw_block
 from diffray.errors import DatasetError
 
@@ -179,9 +179,11 @@ def row_groups(fs: pafs.FileSystem, files: list[str], caption_column: str, image
 
 
 def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
-                paths: PathRules = LOCAL_ONLY) -> tuple[bytes | None, str]:
+                paths: PathRules = LOCAL_ONLY, near=None) -> tuple[bytes | None, str]:
     """(bytes, "") of one image cell: raw bytes, an HF Image struct {bytes, path}, or a path string; a
-    path must name a file inside the Parquet file's folder (else (None, why), the file never opened)."""
+    path must name a file inside the Parquet file's folder (else (None, why), the file never opened). A path
+    no file has gives (None, "") for validation to report, or (None, why) naming the file `near(path)` (a
+    `near_names` lookup) finds in another case or folder."""
     if value is None:
         return None, ""
     if isinstance(value, dict):
@@ -193,7 +195,29 @@ def image_bytes(fs: pafs.FileSystem, value, folder: str, column: str,
     if isinstance(value, (bytes, bytearray)):
         return bytes(value), ""
     name, error = member(fs, folder, str(value), column, paths)
-    return (None, error) if error else (storage.read_or_none(fs, open_path(folder, name)), "")
+    if error:
+        return None, error
+    data = storage.read_or_none(fs, open_path(folder, name))
+    relative = not name.startswith("/") and not storage.is_uri(name)
+    guess = near(name) if data is None and near is not None and relative else None
+    return data, missing_with_guess(column, name, guess) if guess and guess != name else ""
+
+
+def lazy_near_names(fs: pafs.FileSystem, folder: str):
+    """`near_names` of the files under `folder`, listed at the first lookup (a row group's first missing
+    file), so a row group lists its folder once at most, and one whose files are all there never."""
+    found: list = []
+
+    def near(name: str) -> str | None:
+        if not found:
+            try:
+                listed = [posixpath.relpath(i.path, folder) for i in storage.list_files(fs, folder, recursive=True)]
+            except (OSError, pa.ArrowException):
+                listed = []
+            found.append(near_names(listed))
+        return found[0](name)
+
+    return near
 
 
 def read_row_group(fs: pafs.FileSystem, file: str, group: int, columns: list[str]) -> pa.Table:
@@ -252,6 +276,7 @@ def table_rows(fs: pafs.FileSystem, table: pa.Table, it: dict, names: dict[str, 
     images, captions = table.column(it["image"]).to_pylist(), table.column(it["caption"]).to_pylist()
     others = {col: table.column(name).to_pylist() for col, name in names.items()}
     prefs = row_preferences(table, it)
+    near = lazy_near_names(fs, folder)
     for i in range(table.num_rows):
         if prefs is not None:
             if prefs[i] is None:
@@ -262,11 +287,11 @@ def table_rows(fs: pafs.FileSystem, table: pa.Table, it: dict, names: dict[str, 
         out["source"].append(f"{it['file']}#{int(it['first_row']) + i}")
         caption, error = caption_cell(captions[i], str(it["caption"]))
         out["caption"].append(caption)
-        img, why = image_bytes(fs, images[i], folder, it["image"], paths)
+        img, why = image_bytes(fs, images[i], folder, it["image"], paths, near)
         out["image"].append(img)
         error = error or why
         for col, values in others.items():  # conditioning and mask images: same rules as the image
-            data, why = image_bytes(fs, values[i], folder, names[col], paths)
+            data, why = image_bytes(fs, values[i], folder, names[col], paths, near)
             out.setdefault(col, []).append(data)
             error = error or why
         out["error"].append(error)
