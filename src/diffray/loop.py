@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from diffray.errors import ConfigError, DiffrayError
+from diffray.models.export_io import CARD, without_credentials
 
 METHODS = ("diffusion_dpo", "reward_model")
 PUBLISHABLE = ("lora", "textual_inversion")
@@ -101,9 +102,13 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
 
     remote = storage.is_uri(adapters_dir)
     root = str(adapters_dir) if remote else Path(adapters_dir).expanduser().resolve()
-    check_new_id(root, adapter_id, replace)
-    if not remote:
-        root.mkdir(parents=True, exist_ok=True)
+    try:
+        check_new_id(root, adapter_id, replace)
+        if not remote:
+            root.mkdir(parents=True, exist_ok=True)
+    except (OSError, pa.ArrowException) as exc:  # an endpoint that cannot be reached, a file in the way
+        why = str(exc).strip().replace("\n", "\\n")
+        raise DiffrayError(f"cannot publish {artifact} to {root}: {why}") from None
     staging = Path(tempfile.mkdtemp(prefix="diffray-publish-")) if remote else root
     tmp = staging / f".{adapter_id}.publish-{uuid.uuid4().hex[:8]}"
     try:
@@ -111,10 +116,7 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
         tmp.mkdir()
         pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         (tmp / storage.MANIFEST).unlink(missing_ok=True)  # an object-storage artifact's: a new one is written
-        if card_extra:
-            card_path = tmp / "diffray_card.json"
-            card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-            card_path.write_text(json.dumps({**card, **card_extra}, indent=2, default=str))
+        _publish_card(tmp / CARD, card_extra)
         info = AdapterRegistry(staging).inspect(tmp.name)
         if info is None or info.problem or info.kind not in PUBLISHABLE:
             why = info.problem if info is not None and info.problem else f"kind {getattr(info, 'kind', 'none')}"
@@ -158,6 +160,21 @@ def _remove_bare_file(root: Path, adapter_id: str) -> None:
     except OSError as exc:
         raise DiffrayError(f"published {root / adapter_id}, but the replaced {bare} cannot be removed ({exc}): "
                            "remove it by hand") from None
+
+
+def _publish_card(path: Path, extra: dict[str, Any] | None) -> None:
+    """The card of an adapter being published, with `extra` merged in and no credentials (a card written before
+    cards were kept free of them may hold some). One that is not a JSON object is left for the registry's check
+    to name."""
+    try:
+        card = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(card, dict):
+        return
+    merged = json.loads(json.dumps({**card, **(extra or {})}, default=str))
+    if without_credentials(merged) != card:  # else the card goes out byte for byte
+        path.write_text(json.dumps(without_credentials(merged), indent=2))
 
 
 def _exchange(a: Path, b: Path) -> bool:

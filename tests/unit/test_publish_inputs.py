@@ -97,3 +97,23 @@ def test_ctrl_c_in_a_command_prints_one_line_and_exits_130(tmp_path):
     # the last line (a progress line of the wait may come before it), and nothing else of the interrupt
     assert err.strip().splitlines()[-1] == "diffray: interrupted" and out == "", (out, err)
     assert "Traceback" not in err and "Aborted" not in err and err.count("interrupted") == 1, err
+
+
+def test_a_registry_under_a_file_is_one_line_and_a_published_card_holds_no_credentials(tmp_path):
+    """The registry's own checks ran outside publish's error handling: a registry folder under a file (or an
+    endpoint that cannot be reached) was `internal error: NotADirectoryError`. And the card went out as the
+    artifact had it: one written before cards were kept free of credentials kept its keys in the registry."""
+    (tmp_path / "file").write_text("x")
+    art = artifact(tmp_path / "art", seed=0)
+    with pytest.raises(DiffrayError, match=r"^cannot publish .*art to .*file/adapters: .*Not a directory"):
+        publish_adapter(str(art), tmp_path / "file" / "adapters", "v1")
+    (art / "diffray_card.json").write_text(json.dumps({
+        "method": "lora", "base_model": "builtin:tiny",
+        "config": {"data": {"path": "s3://AKIAEXAMPLE:wJalrSECRET@bucket/data?region=x&secret_key=k2"},
+                   "tracking": {"wandb": {"api_key": "0123abcd"}}}}))
+    out = Path(publish_adapter(str(art), tmp_path / "adapters", "v1", card_extra={"feedback": {"pairs": 3}}))
+    text = (out / "diffray_card.json").read_text()
+    assert not any(s in text for s in ("AKIAEXAMPLE", "wJalrSECRET", "k2", "0123abcd")), text
+    card = json.loads(text)
+    assert card["config"]["data"]["path"] == "s3://bucket/data?region=x" and card["feedback"] == {"pairs": 3}
+    assert card["config"]["tracking"]["wandb"]["api_key"] == "<redacted>" and card["method"] == "lora"
