@@ -81,6 +81,13 @@ def is_dir(path: str | Path) -> bool:
     return file_type(path) == pafs.FileType.Directory
 
 
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder of the local `path` that does not exist yet (`path` itself at most): what to remove
+    to undo `mkdir(parents=True)`; None when `path` exists."""
+    path = Path(path)
+    return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
+
+
 def list_files(fs: pafs.FileSystem, root: str, recursive: bool = False) -> list[pafs.FileInfo]:
     """The files (not folders) under `root`, sorted by path."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))

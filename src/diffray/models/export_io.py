@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from diffray import storage
 from diffray.config import RUN_NAME_PATTERN
 from diffray.errors import AdapterError, ConfigError, StorageError
 
@@ -249,7 +250,7 @@ def replaced_dir(out: Path, what: str) -> Iterator[Path]:
         StorageError: an OSError while writing, naming `out` and `what`.
     """
     target = out.resolve()
-    created = next((p for p in reversed([target, *target.parents]) if not p.exists()), None)
+    created = storage.first_missing(target)
     tmp = old = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ def check_storage(run_dir: str) -> None:
         raise ConfigError(f"{blocker} is a file, not a folder (the run's folder would be {run_dir})",
                           field="run.storage_path")
     # folders made for the check are removed again: a run refused later (resources, a rerun's settings) leaves none
-    created = next((p for p in reversed([Path(run_dir), *Path(run_dir).parents]) if not p.exists()), None)
+    created = storage.first_missing(run_dir)
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".diffray-write-check-"):
