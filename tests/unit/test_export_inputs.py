@@ -69,3 +69,18 @@ def test_a_folder_that_is_no_lora_artifact_is_named_for_what_it_is(kind, what, t
     code, err = diffray(["export", src, tmp_path / "out", "-f", "diffusers"], monkeypatch, capsys)
     assert code == 2 and err.startswith("diffray: error: ARTIFACT: ") and err.count("\n") == 1, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no OUT, nothing else made
+
+
+def test_an_adapter_card_that_is_not_json_is_named_by_every_reader(tmp_path):
+    """`adapters.read_card` (generate, eval, the reward model, the runner) parsed the card itself: a torn one was an
+    internal JSONDecodeError. It reads through export's `read_card_file`: AdapterError naming the file."""
+    from diffray.errors import AdapterError
+    from diffray.models.adapters import read_card
+
+    assert read_card(tmp_path) == {}
+    (tmp_path / "diffray_card.json").write_text('{"method": "lo')
+    with pytest.raises(AdapterError, match=rf"^{tmp_path}/diffray_card.json: not valid JSON \("):
+        read_card(tmp_path)
+    (tmp_path / "diffray_card.json").write_text("[1]")
+    with pytest.raises(AdapterError, match="not a JSON object"):
+        read_card(tmp_path)

@@ -19,7 +19,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict
 
-from diffray.models.export_io import CARD, without_credentials
+from diffray.models.export_io import CARD, read_card_file, without_credentials
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's save_pretrained names: LoHa / LoKr artifacts
@@ -157,5 +157,5 @@ def write_card(out_dir: str | Path, card: dict[str, Any]) -> Path:
 
 
 def read_card(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / CARD
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The adapter's card ({} when it has none); AdapterError naming the file when it is not a JSON object."""
+    return read_card_file(Path(adapter_dir) / CARD)
