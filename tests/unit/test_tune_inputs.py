@@ -188,3 +188,13 @@ def test_a_command_line_value_of_a_searched_setting_is_refused(override, entry):
     job = load_tune_job(TUNE_LORA, ["optim.warmup_steps=5", "lora.dropout=0.1", "tune.space.optim.lr=null",
                                     "optim.lr=0.5"])
     assert job.train.optim.lr == 0.5 and job.num_trials == 4
+
+
+def test_a_search_not_started_yet_has_no_state_to_check(tmp_path):
+    """A first run's experiment folder does not exist before Tune makes it: reading its state found nothing to
+    resume, until the state check listed the missing folder (`internal error: FileNotFoundError` on every new
+    search)."""
+    job = load_tune_job(TUNE_LORA, [f"run.storage_path={tmp_path}"])
+    assert tune_state(str(tmp_path / "tune-lora")) is None
+    check_resume(job, str(tmp_path / "tune-lora"))  # a new search: nothing to compare, no error
+    assert not (tmp_path / "tune-lora").exists()

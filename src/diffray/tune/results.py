@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from diffray import storage
@@ -68,6 +69,8 @@ def tune_state(exp_dir: str) -> str | None:
             bare JSONDecodeError (results), or log it and start the whole search anew (a resume).
     """
     fs, base = storage.resolve(exp_dir)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:  # a search not started yet
+        return None
     names = sorted(i.base_name for i in storage.list_files(fs, base) if fnmatch.fnmatchcase(i.base_name, STATE_FILES))
     if not names:
         return None
