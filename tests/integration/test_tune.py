@@ -390,3 +390,30 @@ def test_a_search_over_list_values_writes_its_table_and_exports_the_best(ray_clu
     # the failed trial's error is printed, not only kept in results.csv (the console said "no result")
     assert printed[3].startswith(f"trial {failed.trial_id} failed: ") and "no_such_module" in printed[3], printed
     assert format_table(read_experiment(str(exp))[1], "val_loss").splitlines() == printed  # `diffray tune results`
+
+
+def test_tunes_own_output_is_off_unless_verbose(ray_cluster, tmp_path, capfd, monkeypatch):
+    """Ray 2.60's output engine printed its experiment box, the results folder and a TensorBoard command under
+    /tmp/ray on every `diffray tune`, at verbose=0 too (its experiment_started checks no verbosity): the table
+    and lines diffray prints were buried. Under `quiet_tune_output` a search prints nothing of its own."""
+    from ray import tune
+
+    from diffray.tune.runner import quiet_tune_output
+
+    monkeypatch.delenv("RAY_AIR_NEW_OUTPUT", raising=False)
+    monkeypatch.delenv("DIFFRAY_VERBOSE", raising=False)
+
+    def trial(config):  # nested: pickled by value (the workers cannot import this test module)
+        tune.report({"loss": float(config["x"])})
+
+    def search(name: str) -> str:
+        capfd.readouterr()
+        tune.Tuner(trial, param_space={"x": tune.grid_search([1, 2])},
+                   run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0)).fit()
+        return capfd.readouterr().out
+
+    with quiet_tune_output():
+        quiet = search("quiet")
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ, "the setting is the search's only"
+    assert quiet.strip() == "", quiet
+    assert "Configuration for experiment" in search("ray-default")  # what it hides: still there in Ray

@@ -12,6 +12,7 @@ started with (`results.check_resume`, before Ray starts).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -179,7 +180,8 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         tuner = new_tuner(job, trainable, root, concurrency, on_trial)
         save_job(job, exp_dir)
     try:
-        tuner.fit()
+        with quiet_tune_output():
+            tuner.fit()
     finally:
         if storage.is_uri(exp_dir):  # the data reports and trackers' local stores, beside the experiment
             upload_logs(storage.local_dir(exp_dir), exp_dir)
@@ -201,6 +203,21 @@ def run_tune(job: TuneJob, on_trial=None) -> TuneOutcome:
         artifact, config_path = export_best(job, best, exp_dir)
     write_report(rows, job, exp_dir)
     return TuneOutcome(exp_dir, rows, best, artifact, config_path, concurrency, time.time() - t0, restored)
+
+
+@contextlib.contextmanager
+def quiet_tune_output():
+    """Tune's terminal output off unless verbose: Ray 2.60's output engine prints its experiment box, the results
+    folder and a TensorBoard command under /tmp/ray even at `verbose=0` (its `experiment_started` checks no
+    verbosity); the legacy engine, at verbose 0, prints nothing. diffray prints its own lines and table."""
+    if logs.verbose() or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
 
 
 def new_tuner(job: TuneJob, trainable, root: str, concurrency: int, on_trial) -> tune.Tuner:
