@@ -202,7 +202,7 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
     name = posixpath.basename(meta)
     rows = [_row(fs, root, k, n, rec, error, columns, paths, name) for k, (n, rec, error) in enumerate(records)]
     listed = [posixpath.relpath(i.path, root) for i in storage.list_files(fs, root, recursive=True)]
-    _name_near_misses(fs, root, rows, listed, columns, name)
+    _name_near_misses(fs, root, rows, listed, columns)
     named = {posixpath.normpath(rec[c]) for _, rec, _ in records if rec for c in columns[1:]
              if c and isinstance(rec.get(c), str)}
     top = [n for n in listed if "/" not in n and not n.startswith(".")]  # as `folder_files` lists them
@@ -214,10 +214,10 @@ def read_metadata(fs: pafs.FileSystem, root: str, caption_column: str, image_col
 
 
 def _name_near_misses(fs: pafs.FileSystem, root: str, rows: list[dict], listed: list[str],
-                      columns: tuple[str, str, str | None, str | None], meta_name: str) -> None:
+                      columns: tuple[str, str, str | None, str | None]) -> None:
     """Quarantine, saying what was probably meant, the rows naming a file the folder lacks when it has one of
-    that name in another case or folder (`Images/cat.png` for `images/cat.png`: one on macOS, two names on Linux);
-    a row naming a file with no such near miss is left for validation ("image file not found")."""
+    that name in another case (`Images/cat.png` for `images/cat.png`: one on macOS, two names on Linux); a row
+    naming a file with no such near miss is left for validation ("image file not found")."""
     near, have = near_names(listed), set(listed)
     cols = [(k, c) for k, c in zip(("source", "conditioning_source", "mask_source"), columns[1:]) if c]
     guesses = [(r, c, r[k], near(r[k])) for r in rows if not r["error"] for k, c in cols
@@ -227,25 +227,21 @@ def _name_near_misses(fs: pafs.FileSystem, root: str, rows: list[dict], listed: 
     for (row, column, name, guess), info in zip(guesses, infos):
         if info.type == pafs.FileType.NotFound and not row["error"]:
             row["error"] = f"metadata line {row['line']}: {missing_with_guess(column, name, guess)}"
-            row.update({k: "" for k in ("conditioning_source", "mask_source") if k in row},
-                       source=f"{meta_name}:{row['line']}")
 
 
 def near_names(files: list[str]) -> Callable[[str], str | None]:
     """A lookup from a relative file name to the listed file (`files`, relative to the same folder) it most
-    likely means: the same path in another case, else the same file name (any case) in another folder."""
-    paths, bases = {}, {}
+    likely means: the same path in another case. (Not the same name in another folder: datasets keep their
+    masks and control images under the image's own name in folders of their own.)"""
+    paths: dict[str, str] = {}
     for f in sorted(files):
-        paths.setdefault(f.lower(), f)
-        bases.setdefault(posixpath.basename(f).lower(), f)
-    return lambda name: paths.get(name.lower()) or bases.get(posixpath.basename(name).lower())
+        paths.setdefault(posixpath.normpath(f).lower(), f)
+    return lambda name: paths.get(posixpath.normpath(name).lower())
 
 
 def missing_with_guess(column: str, name: str, guess: str) -> str:
-    """The one-line reason for a row whose file `name` is missing but `guess` exists."""
-    case = posixpath.basename(guess) != posixpath.basename(name) or guess.lower() == name.lower()
-    return (f"{column} {name[:200]!r}: no such file; did you mean {guess!r}?"
-            f"{' names are case-sensitive' if case else ''}")
+    """The one-line reason for a row whose file `name` is missing but `guess` (its name in another case) exists."""
+    return f"{column} {name[:200]!r}: no such file; did you mean {guess!r}? names are case-sensitive"
 
 
 def decode_text(name: str, data: bytes) -> str:
