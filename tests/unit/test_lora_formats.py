@@ -112,9 +112,10 @@ def test_kohya_export_metadata_names_the_base_model_trigger_and_modelspec(method
         "modelspec.implementation": "diffusers", "modelspec.title": "sks-lora", "modelspec.resolution": "64x64",
         "modelspec.date": "2026-12-07T04:45:33Z", "modelspec.trigger_phrase": trigger,
         "modelspec.description": f"diffray {method} LoRA of sd15-base, 7 steps",
-        **({"modelspec.prediction_type": "v"} if method == "lora" else {})}
-    assert (meta["ss_sd_model_name"], meta["ss_base_model_version"], meta["ss_network_dim"]) == ("sd15-base", "sd_v1",
-                                                                                                  "4")
+        "modelspec.prediction_type": "v" if method == "lora" else "epsilon"}  # the config's, else the base's
+    version = "sd_v1_v" if method == "lora" else "sd_v1"  # sd-scripts' name of a v-prediction SD 1.x LoRA
+    assert (meta["ss_sd_model_name"], meta["ss_base_model_version"], meta["ss_v2"], meta["ss_network_dim"]) == (
+        "sd15-base", version, "False", "4")
     assert not any(str(tmp_path) in v for v in meta.values())
     if method == "lora":  # still a file stock diffusers loads, with the adapter's outputs
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path, safety_checker=None)
@@ -269,7 +270,7 @@ def test_sdxl_unet_lora_kohya_export_loads_in_stock_sdxl_and_says_sdxl(tmp_path)
     kohya = lora_formats.export_artifact(artifact, "kohya", tmp_path / "kohya") / "xl.safetensors"
     with safe_open(str(kohya), "pt") as f:
         meta = f.metadata()
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert (meta["ss_base_model_version"], meta["ss_v2"]) == ("sdxl_base_v1-0", "False")
     assert (meta["modelspec.architecture"], meta["modelspec.implementation"], meta["modelspec.resolution"]) == (
         "stable-diffusion-xl-v1-base/lora", "https://github.com/Stability-AI/generative-models", "1024x1024")
     pipe = StableDiffusionXLPipeline.from_pretrained(path)

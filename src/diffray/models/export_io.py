@@ -180,22 +180,71 @@ MODELSPEC_IMPL = {"stable-diffusion": "diffusers",  # sd-scripts' values: diffus
                   "stable-diffusion-xl": "https://github.com/Stability-AI/generative-models",
                   "flux": "https://github.com/black-forest-labs/flux"}
 _NATIVE_SIDE = {"stable-diffusion": 512, "stable-diffusion-xl": 1024, "flux": 1024}
+# kohya's `ss_base_model_version` of each family's LoRA; SD 1.x/2.x's is made by `kohya_base_version`
+KOHYA_BASE_VERSION = {"stable-diffusion-xl": "sdxl_base_v1-0"}
+# SD 2.x's text encoder (OpenCLIP ViT-H) uses exact GELU, SD 1.x's (CLIP ViT-L) quick_gelu: the activation, not
+# the width (1024 vs 768), tells them apart, so a narrow test model shaped as either says what it is.
+SD2_TEXT_ACT = "gelu"
+
+
+def _section(value: Any, key: str) -> dict:
+    """`value[key]` when both are JSON objects, else {} (a card is untrusted input)."""
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def training_prediction(card: dict) -> str | None:
+    """The prediction type a LoRA trained with: its config's `model.prediction_type`, else its base model's
+    scheduler's (`base_model_config`, recorded by training since SD 2.x support); None when neither says."""
+    for value in (_section(_section(card, "config"), "model").get("prediction_type"),
+                  _section(card, "base_model_config").get("prediction_type")):
+        if value in ("epsilon", "v_prediction"):
+            return value
+    return None
+
+
+def sd_base(card: dict) -> tuple[int, bool]:
+    """(major version, v-prediction) of a Stable Diffusion LoRA's base: 2 when its card's `base_model_config`
+    (`family.base_model_config`) names SD 2.x's text encoder, else 1 (cards written before it was recorded);
+    v-prediction by `training_prediction`."""
+    act = _section(_section(card, "base_model_config"), "text_encoder").get("hidden_act")
+    return (2 if act == SD2_TEXT_ACT else 1), training_prediction(card) == "v_prediction"
+
+
+def kohya_base_version(card: dict, family: str) -> str:
+    """kohya's `ss_base_model_version`: sd-scripts' `sd_v1`/`sd_v2`, with `_v` for a v-prediction LoRA, for
+    Stable Diffusion; `KOHYA_BASE_VERSION`'s for other families."""
+    if family in KOHYA_BASE_VERSION:
+        return KOHYA_BASE_VERSION[family]
+    version, v_pred = sd_base(card)
+    return f"sd_v{version}" + ("_v" if v_pred else "")
+
+
+def modelspec_architecture(card: dict, family: str) -> str:
+    """The ModelSpec architecture of a LoRA (sd-scripts' `determine_architecture`): SD 2.x's is
+    `stable-diffusion-v2-768-v` when trained for v-prediction, else `stable-diffusion-v2-512`."""
+    if family in MODELSPEC_ARCH and family != "stable-diffusion":
+        return f"{MODELSPEC_ARCH[family]}/lora"
+    version, v_pred = sd_base(card)
+    arch = MODELSPEC_ARCH["stable-diffusion"] if version == 1 else \
+        "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+    return f"{arch}/lora"
 
 
 def modelspec(card: dict, family: str, title: str) -> dict[str, str]:
     """The SAI ModelSpec keys of a LoRA file (all strings: safetensors metadata): version, architecture,
     implementation, title, resolution (the training one), date (the card's `created`), a description, and the
     trigger phrase (`data.trigger_word`, else a DreamBooth `instance_prompt`) and prediction type when known."""
-    config = card.get("config") if isinstance(card.get("config"), dict) else {}
-    data, model = (config.get(k) if isinstance(config.get(k), dict) else {} for k in ("data", "model"))
-    side = data.get("resolution") if isinstance(data.get("resolution"), int) else _NATIVE_SIDE.get(family, 512)
+    data = _section(_section(card, "config"), "data")
+    arch = modelspec_architecture(card, family)
+    native = 768 if arch.startswith("stable-diffusion-v2-768") else _NATIVE_SIDE.get(family, 512)
+    side = data.get("resolution") if isinstance(data.get("resolution"), int) else native
     created = card.get("created")
     if not (isinstance(created, str) and re.match(r"^\d{4}-\d{2}-\d{2}", created)):
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     base, steps = model_name(card.get("base_model")), card.get("steps")
-    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(model.get("prediction_type"))
-    meta = {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{MODELSPEC_ARCH.get(family, MODELSPEC_ARCH['stable-diffusion'])}/lora",
+    prediction = {"epsilon": "epsilon", "v_prediction": "v"}.get(training_prediction(card))
+    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
             "modelspec.implementation": MODELSPEC_IMPL.get(family, "diffusers"), "modelspec.title": title,
             "modelspec.resolution": f"{side}x{side}", "modelspec.date": created,
             "modelspec.description": f"diffray {card.get('method', 'lora')} LoRA" + (f" of {base}" if base else "")

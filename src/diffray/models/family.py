@@ -12,11 +12,13 @@ not support, before Ray starts. Never imports Ray.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from diffray.errors import ConfigError, ModelError
 from diffray.models.flux import Flux
-from diffray.models.loading import SDComponents, load_components, pipeline_class_of
+from diffray.models.loading import LOAD_ERRORS, SDComponents, load_components, pipeline_class_of
 from diffray.trainers.components.diffusion import NoisedLatents, diffusion_target, noise_latents
 
 
@@ -121,6 +123,45 @@ class StableDiffusion:
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+
+def base_model_config(model_path: str) -> dict:
+    """What tells an SD 1.x base from an SD 2.x one, from the model's own config files (no weights; a hub id's
+    through the Hugging Face cache, as loading reads them): the text encoder's activation and width (SD 1.x's
+    CLIP ViT-L: quick_gelu, 768; SD 2.x's OpenCLIP ViT-H: gelu, 1024) and the scheduler's prediction type
+    (SD 2.x 768-v: v_prediction). A LoRA's card records it (`base_model_config`) so that its kohya export
+    names the base it needs (`export_io.sd_base`).
+
+    Raises:
+        ModelError: naming the path, when a config cannot be read.
+    """
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextConfig
+
+    try:  # the libraries' readers: a field the file leaves out is their default, as the model runs with it
+        encoder_config, _ = CLIPTextConfig.get_config_dict(model_path, subfolder="text_encoder")
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(model_path, subfolder="scheduler"))
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{model_path}: cannot read its configs ({str(exc).strip().splitlines()[0]})") from None
+    if not encoder_config:  # transformers reads a missing config.json as an empty one: all defaults, a guess
+        raise ModelError(f"{model_path}: cannot read its configs (no text_encoder/config.json)")
+    text_encoder = CLIPTextConfig.from_dict(encoder_config)
+    return {"text_encoder": {"hidden_act": text_encoder.hidden_act, "hidden_size": text_encoder.hidden_size},
+            "prediction_type": scheduler.config.prediction_type}
+
+
+def version_fields(family_name: str, model_path: str) -> dict:
+    """A card's `base_model_config` (`base_model_config`) for a Stable Diffusion base, so that a kohya export names
+    the SD version it needs; {} for other families, or when the configs cannot be read (logged: the export then
+    says SD 1.x, and the trained weights are worth more than the label)."""
+    if family_name != StableDiffusion.name:
+        return {}
+    try:
+        return {"base_model_config": base_model_config(model_path)}
+    except ModelError as exc:
+        logging.getLogger(__name__).warning("the card does not say which SD version the adapter is for (%s); a "
+                                            "kohya export says SD 1.x", exc)
+        return {}
 
 
 def sdxl_text_states(text_encoder, text_encoder_2, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,15 +21,14 @@ from safetensors.torch import save_file
 
 from diffray.errors import ConfigError
 from diffray.models.adapters import CARD, LORA_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
-from diffray.models.export_io import (check_out, kohya_name, model_name, modelspec, read_card_file, replaced_dir,
-                                      what_is_at, write_export_card)
+from diffray.models.export_io import (check_out, kohya_base_version, kohya_name, model_name, modelspec, read_card_file,
+                                      replaced_dir, sd_base, what_is_at, write_export_card)
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
 # What the kohya and PEFT exports hold of each family's LoRA: SDXL's two text encoders (kohya's lora_te1_/
 # lora_te2_) and Flux's transformer have no writer here, so a LoRA with them is refused, never cut short.
 EXPORTABLE = {"stable-diffusion": ("unet", "text_encoder"), "stable-diffusion-xl": ("unet",), "flux": ()}
-KOHYA_BASE_VERSION = {"stable-diffusion": "sd_v1", "stable-diffusion-xl": "sdxl_base_v1-0"}  # ss_base_model_version
 _SUFFIXES = {  # (down, up) key suffixes of each layout
     "diffusers": (".lora.down.weight", ".lora.up.weight"),
     "diffusers_te": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
@@ -161,11 +160,12 @@ def _kohya_stem(module: str, legacy: bool = True) -> str:
 
 def kohya_metadata(weights: LoraWeights, card: dict) -> dict[str, str]:
     """The `ss_*` fields kohya files carry (rank, alpha, base model), so A1111/ComfyUI and their tools show
-    them, and the SAI ModelSpec keys (`export_io.modelspec`)."""
+    them, and the SAI ModelSpec keys (`export_io.modelspec`). `ss_v2` is what A1111 picks an SD 2.x base by."""
     first, family, name = weights[min(weights)], lora_family(weights, card), kohya_name(card)
+    v2 = family == "stable-diffusion" and sd_base(card)[0] == 2
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(first.rank),
-            "ss_network_alpha": f"{first.alpha:g}",
-            "ss_base_model_version": KOHYA_BASE_VERSION.get(family, "sd_v1"),
+            "ss_network_alpha": f"{first.alpha:g}", "ss_v2": str(v2),
+            "ss_base_model_version": kohya_base_version(card, family),
             "ss_output_name": name,
             "ss_training_comment": f"diffray {card.get('method', 'lora')}",
             "ss_steps": str(card.get("steps", ""))}

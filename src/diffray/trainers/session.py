@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from diffray.config import TrainSection
 from diffray.errors import DatasetError
-from diffray.models.family import family_of
+from diffray.models.family import family_of, version_fields
 from diffray.trainers import hooks
 
 STATE_FILE = "trainer_state.json"
@@ -266,9 +266,11 @@ def summary_metrics(state: dict[str, Any]) -> dict[str, float]:
 
 def card(cfg, model_path: str, state: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
     """Model card fields common to every method (`metrics`: the final checkpoint's). `weights`: the EMA of the
-    trained weights (`train.ema_decay`) or the trained weights; `family`: the base model's (/v1/models)."""
+    trained weights (`train.ema_decay`) or the trained weights; `family`: the base model's (/v1/models), with
+    an SD base's version (`family.version_fields`: what its kohya export says it needs)."""
+    family = family_of(model_path).name
     return {"method": cfg.method, "base_model": cfg.model.path, "base_model_resolved": model_path,
-            "family": family_of(model_path).name,
+            "family": family, **version_fields(family, model_path),
             "steps": state["step"], "metrics": metrics,
             "train_time_s": round(state.get("train_time_s", 0.0), 3),
             "weights": "trained" if cfg.train.ema_decay is None else f"ema (decay {cfg.train.ema_decay})",
