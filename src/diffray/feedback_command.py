@@ -78,8 +78,9 @@ def export_store(out: Path, db: Optional[Path], serve_config: Path, image_format
     from diffray.errors import ConfigError
     from diffray.serve.feedback_store import export_parquet
 
+    image_format = {"jpg": "jpeg"}.get(image_format.lower(), image_format.lower())
     if image_format not in ("jpeg", "png"):
-        raise ConfigError(f"--format {image_format!r}: use jpeg or png", field="format")
+        raise ConfigError(f"{image_format!r}: use jpeg or png", field="--format")
     if db is None:
         from diffray.serve.config import load_serve_file
 

@@ -174,7 +174,7 @@ def test_an_export_onto_the_store_itself_is_refused_and_the_store_kept(tmp_path,
     FeedbackStore(db).add(record(id="kept-0001"))
     for out in (db, tmp_path / "fb.db-wal"):
         code, text = diffray(["feedback", "export", out, "--db", db], monkeypatch, capsys)
-        assert code == 1 and "the feedback store itself" in text and "Traceback" not in text
+        assert code == 2 and "the feedback store itself" in text and "Traceback" not in text
     assert [r["id"] for r in FeedbackStore(db).rows()] == ["kept-0001"]
 
 
@@ -192,11 +192,11 @@ def test_a_failed_export_names_the_file_and_leaves_no_partial_file(tmp_path, mon
     with closing(sqlite3.connect(damaged.path)) as db:  # a blob damaged on disk: fails mid-write
         db.execute("UPDATE feedback SET image_1 = x'00ff' WHERE id = 'damaged-1'")
         db.commit()
-    for db, out, says in [(tmp_path / "notes.txt", tmp_path / "o.parquet", "notes.txt: cannot open"),
+    for db, out, says in [(tmp_path / "notes.txt", tmp_path / "o.parquet", "notes.txt is not a SQLite database"),
                           (tmp_path / "fb.db", tmp_path / "folder", "folder is a folder"),
-                          (damaged.path, tmp_path / "d.parquet", "cannot export")]:
+                          (damaged.path, tmp_path / "d.parquet", "record 'damaged-1' is damaged (image_1")]:
         code, text = diffray(["feedback", "export", out, "--db", db], monkeypatch, capsys)
-        assert code == 1 and says in text and "internal error" not in text, text
+        assert code == 2 and says in text and text.count("\n") == 1 and "internal error" not in text, text
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".parquet"]
     assert list((tmp_path / "folder").iterdir()) == []
 

@@ -6,7 +6,9 @@ SQLite in WAL mode: several Ingress replicas (processes) on one node write to th
 survives any process crash. Images are BLOBs in the same row: a record and its images commit together,
 with no orphan files to clean up. A client id makes retries idempotent (the same id and content is stored
 once; the same id with other content is a 409). The file must be on a local disk (SQLite's locking is not
-safe over network filesystems). Never imports ray or torch.
+safe over network filesystems). The schema's version is the file's `PRAGMA user_version`: a feedback
+table of another schema or a newer version is refused naming the file, never altered. Never imports ray or
+torch.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import uuid
 from contextlib import closing
 from pathlib import Path
 
-from diffray.errors import DiffrayError, RequestError
+from diffray.errors import ConfigError, DiffrayError, RequestError, StorageError
 from diffray.serve.feedback import FeedbackRecord
 
 SCHEMA = """
@@ -38,6 +40,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     image_0 BLOB NOT NULL,
     image_1 BLOB NOT NULL
 )"""
+COLUMNS = [line.split()[0] for line in SCHEMA.strip().splitlines()[1:-1]]
+SCHEMA_VERSION = 1  # PRAGMA user_version: 0 is a store made before versions (the same columns)
 LABELS = {"left": (1.0, 0.0), "right": (0.0, 1.0), "tie": (0.5, 0.5), "both_bad": (0.0, 0.0)}
 BUSY_TIMEOUT_MS = 30_000
 EXPORT_BATCH_ROWS, EXPORT_BATCH_BYTES = 256, 64 << 20  # one Parquet row group: at most this many rows or bytes
@@ -48,22 +52,39 @@ class FeedbackStore:
 
     def __init__(self, path: str | Path, create: bool = True):
         """`create` False: only open an existing store, writing nothing (an export of a wrong file changes
-        nothing in it). Raises DiffrayError naming the file."""
+        nothing in it). Raises ConfigError naming the file when it is no feedback store this version reads,
+        StorageError when it cannot be opened now (locked, unreadable)."""
         self.path = Path(path).expanduser()
         try:
             if not create:
                 with closing(self._connect()) as db:
-                    found = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='feedback'")
-                    if found.fetchone() is None:
-                        raise DiffrayError(f"{self.path} is not a feedback store (no feedback table)")
+                    self._check_schema(db)
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(self._connect()) as db:
+                if db.execute("PRAGMA table_info(feedback)").fetchone():  # a foreign table is left as it is
+                    self._check_schema(db)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(SCHEMA)
-                db.commit()
+                if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
-            raise DiffrayError(f"feedback store {self.path}: cannot open ({exc})") from None
+            raise store_error(self.path, exc) from None
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        """Refuse a file whose feedback table this version cannot read or write (never changes it)."""
+        columns = {r[1] for r in db.execute("PRAGMA table_info(feedback)")}
+        if not columns:
+            raise ConfigError(f"{self.path} is not a feedback store (no feedback table): name the store's file "
+                              "(--db, or feedback.path of the serve config)")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"{self.path}: a feedback store of schema version {version}, written by a newer "
+                              f"diffray (this one reads version {SCHEMA_VERSION}): use that diffray to export it")
+        missing = [c for c in COLUMNS if c not in columns]
+        if missing:
+            raise ConfigError(f"{self.path}: its feedback table has no column {', '.join(missing)} (another "
+                              "program's table, not a diffray feedback store): name the store's file")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -108,38 +129,93 @@ class FeedbackStore:
             return int(db.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
 
     def rows(self, batch: int = 256):
-        """Every record (a dict per row), oldest first, read in one snapshot."""
+        """Every record (a dict per row), oldest first, read in one snapshot. Text that is not UTF-8 (written
+        by another program) comes as str with surrogate escapes: `pickapic_row` names its record."""
         with closing(self._connect()) as db:
             db.row_factory = sqlite3.Row
+            db.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
             db.execute("BEGIN")  # one read snapshot: concurrent writers do not change what we export
-            # the order from the ids alone, then the rows by primary key: `SELECT * ... ORDER BY` would copy
-            # every image through SQLite's sorter (temp files as large as the store)
-            ids = [r[0] for r in db.execute("SELECT id FROM feedback ORDER BY created, id")]
-            for start in range(0, len(ids), batch):
-                chunk = ids[start:start + batch]
-                found = {r["id"]: dict(r) for r in db.execute(
-                    f"SELECT * FROM feedback WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
-                yield from (found[i] for i in chunk)
+            # the order from the rowids alone, then the rows by rowid: `SELECT * ... ORDER BY` would copy every
+            # image through SQLite's sorter (temp files as large as the store); ints, not ids, held meanwhile
+            keys = [r[0] for r in db.execute("SELECT rowid FROM feedback ORDER BY created, id")]
+            for start in range(0, len(keys), batch):
+                chunk = keys[start:start + batch]
+                found = {r["rowid"]: dict(r) for r in db.execute(
+                    f"SELECT rowid, * FROM feedback WHERE rowid IN ({','.join('?' * len(chunk))})", chunk)}
+                yield from (found[k] for k in chunk)
             db.execute("COMMIT")
 
 
-def _image(data: bytes, fmt: str) -> bytes:
-    if fmt == "png":
-        return data
+def store_error(path: Path, exc: BaseException) -> DiffrayError:
+    """One line for a store SQLite cannot open or read: what the file is and what to do."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if path.is_dir():
+        return ConfigError(f"{path} is a folder, not a feedback store: name the SQLite file (--db, or feedback.path "
+                           "of the serve config)")
+    if name == "SQLITE_NOTADB":
+        return ConfigError(f"{path} is not a SQLite database, so no feedback store: name the store's file (--db, or "
+                           "feedback.path of the serve config)")
+    if name.startswith("SQLITE_CORRUPT"):
+        return ConfigError(f"feedback store {path} is damaged ({exc}): restore it from a backup, or recover it "
+                           f"with `sqlite3 {path} .recover`")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StorageError(f"feedback store {path} is locked by another process (waited {BUSY_TIMEOUT_MS / 1000:g} "
+                            "s): retry once it has finished")
+    if name.startswith("SQLITE_CANTOPEN") and path.exists() and not os.access(path, os.R_OK):
+        return StorageError(f"feedback store {path}: permission denied: run as a user who may read it")
+    return StorageError(f"feedback store {path}: cannot open ({exc})")
+
+
+def _image(data, fmt: str, column: str) -> bytes:
+    """A stored image as `fmt` bytes; ValueError naming `column` when it is no readable image."""
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.open(io.BytesIO(data)).convert("RGB").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    if not isinstance(data, bytes):
+        raise ValueError(f"{column} is {type(data).__name__}, not image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            stored = img.format
+            if stored == "PNG":
+                img.verify()  # every chunk whole and its checksum right (a JPEG copy may decode a cut one)
+        if fmt == "png" and stored == "PNG":
+            return data
+        with Image.open(io.BytesIO(data)) as img:  # JPEG, or PNG from another program's format
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format=fmt.upper(), **({"quality": 95} if fmt == "jpeg" else {}))
+            return buf.getvalue()
+    except Image.UnidentifiedImageError:
+        raise ValueError(f"{column} is no image (neither PNG nor another format PIL reads)") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ValueError(f"{column} is no readable image: {type(exc).__name__}: {exc}") from None
+
+
+def _check_fields(row: dict) -> None:
+    """ValueError naming the first column of `row` that no store written by diffray holds."""
+    if row["choice"] not in LABELS:
+        raise ValueError(f"choice {row['choice']!r} is none of {', '.join(LABELS)}")
+    if isinstance(row["created"], bool) or not isinstance(row["created"], (int, float)):
+        raise ValueError(f"created {row['created']!r} is no time")
+    for key in ("id", "prompt", "negative_prompt", "user", "model_0", "model_1", "params_0", "params_1"):
+        if row[key] is None and key in ("negative_prompt", "user"):
+            continue
+        if not isinstance(row[key], str):
+            raise ValueError(f"{key} is {type(row[key]).__name__}, not text")
+        try:
+            row[key].encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{key} is not UTF-8 text: {ascii(row[key])[:80]}") from None
 
 
 def pickapic_row(row: dict, fmt: str) -> dict:
-    """One stored record as a Pick-a-Pic v2 row (plus diffray's own columns)."""
+    """One stored record as a Pick-a-Pic v2 row (plus diffray's own columns). Raises ValueError naming the
+    column when the record is damaged (written over by another program, or on disk)."""
     import hashlib
 
+    _check_fields(row)
     label_0, label_1 = LABELS[row["choice"]]
+    images = [_image(row[f"image_{i}"], fmt, f"image_{i}") for i in (0, 1)]
     uids = [hashlib.sha1(row[f"image_{i}"]).hexdigest() for i in (0, 1)]
-    return {"caption": row["prompt"], "jpg_0": _image(row["image_0"], fmt), "jpg_1": _image(row["image_1"], fmt),
+    return {"caption": row["prompt"], "jpg_0": images[0], "jpg_1": images[1],
             "label_0": label_0, "label_1": label_1, "choice": row["choice"],
             "has_label": row["choice"] != "both_bad", "are_different": uids[0] != uids[1],
             "best_image_uid": uids[0] if label_0 > label_1 else uids[1] if label_1 > label_0 else "",
@@ -148,26 +224,41 @@ def pickapic_row(row: dict, fmt: str) -> dict:
             "negative_prompt": row["negative_prompt"], "params_0": row["params_0"], "params_1": row["params_1"]}
 
 
+def _export_target(db_file: Path, out: Path) -> None:
+    """Refuse a store path that is no file, and an output that is the store, a folder, or under a file."""
+    if db_file.is_dir():
+        raise ConfigError(f"{db_file} is a folder, not a feedback store: name the SQLite file (--db, or "
+                          "feedback.path of the serve config)")
+    if not db_file.is_file():
+        raise ConfigError(f"no feedback store at {db_file} (feedback.path of the serve config, or --db): check the "
+                          "path; the server creates it when it starts")
+    store_files = {Path(f"{db_file.resolve()}{s}") for s in ("", "-wal", "-shm", "-journal")}
+    if out.resolve() in store_files or (out.is_file() and os.path.samefile(out, db_file)):
+        raise ConfigError(f"{out} is the feedback store itself: export to another file")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder: name the Parquet file to write")
+    above = next(p for p in out.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"{out}: {above} is a file, not a folder: choose another path for the Parquet file")
+
+
 def export_parquet(db_path: str | Path, out: str | Path, image_format: str = "jpeg") -> int:
     """Write every record to `out` (one Parquet file, written aside and renamed into place); returns the
-    number of rows. `image_format` jpeg (Pick-a-Pic's `jpg_*`) or png (lossless).
+    number of rows. `image_format` jpeg (Pick-a-Pic's `jpg_*`) or png (lossless). The store is only read.
 
     Raises:
-        DiffrayError: no store at `db_path`, `out` is the store itself or a folder, or cannot be written (no
-            partial file is left behind).
+        ConfigError: no store at `db_path` (missing, a folder, not SQLite, another schema, damaged: a damaged
+            record is named), or `out` is the store itself, a folder or under a file.
+        StorageError, DiffrayError: the store is locked or unreadable, or `out` cannot be written.
+        No partial file, nor a folder the export made, is left behind.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    db_file = Path(db_path).expanduser()
-    if not db_file.is_file():
-        raise DiffrayError(f"no feedback store at {db_path} (feedback.path of the serve config)")
-    out = Path(out).expanduser()
-    store_files = {Path(f"{db_file.resolve()}{s}") for s in ("", "-wal", "-shm", "-journal")}
-    if out.resolve() in store_files or (out.is_file() and os.path.samefile(out, db_file)):
-        raise DiffrayError(f"{out} is the feedback store itself: export to another file")
-    if out.is_dir():
-        raise DiffrayError(f"{out} is a folder: name the Parquet file to write")
+    from diffray.storage import first_missing
+
+    db_file, out = Path(db_path).expanduser(), Path(out).expanduser()
+    _export_target(db_file, out)
     store = FeedbackStore(db_file, create=False)
     schema = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()),
                         ("label_0", pa.float64()), ("label_1", pa.float64()), ("choice", pa.string()),
@@ -176,13 +267,18 @@ def export_parquet(db_path: str | Path, out: str | Path, image_format: str = "jp
                         ("model_1", pa.string()), ("ranking_id", pa.string()),
                         ("created_at", pa.timestamp("us", tz="UTC")), ("user_id", pa.string()),
                         ("negative_prompt", pa.string()), ("params_0", pa.string()), ("params_1", pa.string())])
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    n, batch, size = 0, [], 0
+    tmp, made = out.with_name(f".{out.name}.{os.getpid()}.tmp"), first_missing(out.parent)
+    n, batch, size, done = 0, [], 0, False
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with pq.ParquetWriter(tmp, schema) as writer:
             for row in store.rows(batch=16):  # images of up to max_image_side: memory bounded by bytes too
-                batch.append(pickapic_row(row, image_format))
+                try:
+                    batch.append(pickapic_row(row, image_format))
+                except ValueError as exc:
+                    raise ConfigError(f"{db_file}: record {ascii(row['id'])} is damaged ({exc}); nothing exported. "
+                                      f"Back the store up, remove it with `sqlite3 {db_file} \"DELETE FROM feedback "
+                                      f"WHERE rowid={row['rowid']}\"`, export again") from None
                 size += len(batch[-1]["jpg_0"]) + len(batch[-1]["jpg_1"])
                 if len(batch) == EXPORT_BATCH_ROWS or size >= EXPORT_BATCH_BYTES:
                     writer.write_table(_table(batch, schema))
@@ -191,11 +287,27 @@ def export_parquet(db_path: str | Path, out: str | Path, image_format: str = "jp
                 writer.write_table(_table(batch, schema))
                 n += len(batch)
         os.replace(tmp, out)
-    except (OSError, sqlite3.Error) as exc:
+        done = True
+    except sqlite3.Error as exc:
+        raise store_error(db_file, exc) from None
+    except (OSError, pa.ArrowException) as exc:
         raise DiffrayError(f"cannot export {db_path} to {out}: {exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)  # a failed export leaves no partial file
+        if not done:
+            _undo(tmp, made)
     return n
+
+
+def _undo(tmp: Path, made: Path | None) -> None:
+    """After a failed export: no partial file, and no folder it made (only emptied ones are removed)."""
+    try:
+        tmp.unlink(missing_ok=True)
+        folder = tmp.parent
+        while made is not None and folder.is_relative_to(made):
+            folder.rmdir()
+            folder = folder.parent
+    except OSError:
+        pass  # the first error is the one to report
 
 
 def _table(rows: list[dict], schema):
