@@ -3,6 +3,10 @@ one or more ControlNets with their control images (no Ray)."""
 
 from __future__ import annotations
 
+import math
+import os
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -10,8 +14,11 @@ import torch
 from diffray.errors import AdapterError, ConfigError
 from diffray.images import make_grid
 from diffray.models.flux import call_args
-from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, load_peft_adapter, read_card
+from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, load_peft_adapter
 from diffray.models.textual_inversion import TI_WEIGHTS, load_textual_inversion
+
+MAX_PROMPT_CHARS = 1000  # the server's default `limits.max_prompt_chars`: CLIP reads 77 tokens, the rest is lost
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's largest seed (and the server's)
 
 
 def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
@@ -25,15 +32,139 @@ def load_adapter(pipe, adapter_dir: str, adapter_name: str = "default"):
         try:
             load_peft_adapter(pipe.unet, d, adapter_name)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise AdapterError(f"{d}: cannot load the PEFT adapter into this base model: {exc}") from None
+            raise AdapterError(f"{d}: cannot load the PEFT adapter into this base model: {first_problem(exc)}") \
+                from None
         return pipe
     if not (d / LORA_WEIGHTS).is_file():
         raise AdapterError(f"{d}: no {LORA_WEIGHTS} or {PEFT_WEIGHTS} (is this a LoRA adapter dir?)")
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # it logs the failure we raise, line by line
     try:
-        pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHTS, adapter_name=adapter_name, use_safetensors=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(d), weight_name=LORA_WEIGHTS, adapter_name=adapter_name, use_safetensors=True)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise AdapterError(f"{d}: cannot load LoRA into this base model: {exc}") from None
+        raise AdapterError(f"{d}: cannot load LoRA into this base model: {first_problem(exc)}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    for w in caught:  # a load that worked keeps PEFT's warnings (layers of the file the model lacks)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return pipe
+
+
+def first_problem(exc: Exception) -> str:
+    """One line of a loader's error: torch's state-dict report lists every size mismatch on its own line."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()] or [type(exc).__name__]
+    mismatches = [x for x in lines if x.startswith("size mismatch")]
+    if not mismatches:
+        return lines[0]
+    more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+    return f"{mismatches[0].rstrip('.')}{more}: a LoRA of a model of another shape"
+
+
+def check_adapter_dir(path: str, field: str, weights: tuple[str, ...] = (LORA_WEIGHTS, PEFT_WEIGHTS, TI_WEIGHTS)
+                      ) -> dict:
+    """The card of an adapter (or ControlNet) folder, after checking, before any model loads, that it is a
+    folder holding one of `weights`, its card is a JSON object and its safetensors files are whole and finite.
+
+    Raises:
+        ConfigError: naming `field` and the folder.
+    """
+    from diffray.serve.artifacts import ArtifactProblem, check_safetensors, read_card
+
+    d = Path(path)
+    if not d.is_dir():
+        raise ConfigError(f"{d}: {'not a folder' if d.exists() else 'no such folder'}", field=field)
+    try:
+        card = read_card(d)
+    except (ArtifactProblem, OSError) as exc:
+        raise ConfigError(f"{d}: {exc}", field=field) from None
+    present = [d / w for w in weights if (d / w).is_file()]
+    if not present:
+        what = " (it holds a ControlNet: give it with --controlnet)" if (
+            (d / "config.json").is_file() and field.endswith("adapter")) else ""
+        raise ConfigError(f"{d}: holds none of {', '.join(weights)}{what}", field=field)
+    for f in present:
+        try:
+            problem = check_safetensors(f).problem
+        except OSError as exc:
+            problem = f"{f.name}: cannot be read ({exc.strerror})"
+        if problem:
+            raise ConfigError(f"{d}: {problem}", field=field)
+    return card
+
+
+def check_family(card: dict, path: str, base_path: str, field: str) -> None:
+    """ConfigError when the card says the folder was trained for another model family than the base's."""
+    from diffray.models.family import family_of
+
+    trained, base = card.get("family"), family_of(base_path).name
+    if isinstance(trained, str) and trained and trained != base:
+        raise ConfigError(f"{path}: trained for a {trained} model, but the base model is a {base} model; give "
+                          "--model the adapter's base (its card's base_model)", field=field)
+
+
+def check_render_options(prompts: list[str], seed: int, num_images: int, steps: int, guidance: float | None,
+                         lora_scale: float, control_scales: list[float]) -> None:
+    """ConfigError naming the option and its limit for a value the pipeline would take and draw wrong with."""
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ConfigError(f"prompt {i + 1} is empty", field="--prompt")
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ConfigError(f"prompt {i + 1} has {len(p)} characters; at most {MAX_PROMPT_CHARS}", field="--prompt")
+    if num_images < 1 or steps < 1:
+        raise ConfigError(f"must be >= 1, got {min(num_images, steps)}",
+                          field="--num-images" if num_images < 1 else "--steps")
+    if not 0 <= seed <= MAX_SEED - (num_images - 1):
+        raise ConfigError(f"{seed} must be in [0, 2^63 - {num_images}] (image j uses seed + j)", field="--seed")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ConfigError(f"{guidance} must be a finite number >= 0", field="--guidance")
+    for name, values in (("--lora-scale", [lora_scale]), ("--control-scale", control_scales)):
+        if any(not math.isfinite(v) for v in values):
+            raise ConfigError(f"must be a finite number, got {[v for v in values if not math.isfinite(v)][0]}",
+                              field=name)
+
+
+def check_out_file(out: Path) -> None:
+    """ConfigError (naming --out) when the grid cannot be written there: a folder, an extension PIL cannot
+    write, a parent that is a file or a folder that cannot be written. Checked before any model loads."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give a file name, e.g. {out / 'grid.png'}", field="--out")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ConfigError(f"{out}: {out.suffix or 'no extension'} is not an image format; use .png, .jpg or "
+                          ".webp", field="--out")
+    parent = check_parent(out, "--out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{out}: cannot write in {parent} (permission denied)", field="--out")
+
+
+def check_parent(out: Path, field: str) -> Path:
+    """The nearest existing folder above `out` (where writing will create the rest); ConfigError naming
+    `field` when that is a file."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: {parent} is a file, not a folder", field=field)
+    return parent
+
+
+def save_atomically(image, out: Path) -> None:
+    """Save through a temporary sibling renamed into place: an existing file is replaced whole, never left
+    half-written; ConfigError (naming --out) when the disk refuses."""
+    tmp = out.with_name(f".{out.stem}.tmp-{uuid.uuid4().hex[:8]}{out.suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"{out}: cannot write ({exc.strerror or exc})", field="--out") from None
 
 
 def check_controls(controlnets: list[str], control_images: list[str], scales: list[float]) -> list[float]:
@@ -111,11 +242,18 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
     pipeline at control scale 0 (no control)."""
     from diffray.models.loading import load_pipeline, resolve_model_path
 
-    controlnets = list(controlnets or [])
+    controlnets, out = list(controlnets or []), Path(out)
     scales = check_controls(controlnets, list(control_images or []), list(control_scales or []))
-    cards = [read_card(d) for d in ([adapter] if adapter else []) + controlnets]
-    base = model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
+    check_render_options(prompts, seed, num_images, steps, guidance, lora_scale, scales)
+    check_out_file(out)
+    dirs = [("--adapter", adapter)] * bool(adapter) + [("--controlnet", c) for c in controlnets]
+    cards = [check_adapter_dir(d, f, ("diffusion_pytorch_model.safetensors",) if f == "--controlnet" else
+                               (LORA_WEIGHTS, PEFT_WEIGHTS, TI_WEIGHTS)) for f, d in dirs]
+    base = model or next((c["base_model"] for c in cards if isinstance(c.get("base_model"), str)), None) \
+        or "builtin:tiny"
     base_path = resolve_model_path(base)
+    for (field, d), card in zip(dirs, cards):
+        check_family(card, d, base_path, field)
     pipe = load_pipeline(base_path)
     if guidance is None:  # the family's: classifier-free 7.5 for SD/SDXL, Flux's distilled 3.5
         from diffray.models.family import family_of
@@ -131,13 +269,14 @@ def generate_grid(prompts: list[str], adapter: str | None, model: str | None, ou
         rows += render(pipe, prompts, seed, num_images, steps, guidance, extra=off)
         labels += ["base"] * len(prompts)
     if adapter is not None:
-        load_adapter(pipe, adapter)
+        try:
+            load_adapter(pipe, adapter)
+        except AdapterError as exc:
+            raise ConfigError(str(exc), field="--adapter") from None
     if adapter is not None or controlnets:
         rows += render(pipe, prompts, seed, num_images, steps, guidance, lora_scale if adapter else None, extra)
-        names = (([read_card(adapter).get("method", "adapter")] if adapter else [])
-                 + (["controlnet"] if controlnets else []))
+        method = cards[0].get("method") if adapter else None
+        names = [method if isinstance(method, str) else "adapter"] * bool(adapter) + ["controlnet"] * bool(controlnets)
         labels += ["+".join(names)] * len(prompts)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(rows, labels).save(out)
+    save_atomically(make_grid(rows, labels), out)
     return out

@@ -75,7 +75,7 @@ def test_readme_commands_end_to_end(tmp_path, tiny_model_path):
     assert mismatch.returncode == 2 and mismatch.stderr.strip() == "diffray: error: --control-image needs --controlnet"
 
     bad = run(["generate", "--adapter", str(tmp_path), "-p", "x", "--model", str(model)])
-    assert bad.returncode == 1 and bad.stderr.strip().endswith("(is this a LoRA adapter dir?)")
+    assert bad.returncode == 2 and "holds none of pytorch_lora_weights.safetensors" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

@@ -10,7 +10,12 @@ adapter's unless `compare_base` is off.
 from __future__ import annotations
 
 import io
+import math
+import os
+import re
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +23,19 @@ import numpy as np
 import ray
 from PIL import Image
 
-from diffray.errors import ConfigError
+from diffray.errors import AdapterError, ConfigError, DiffrayError
 from diffray.world.report import EvalResult, score_rows, write_report
 from diffray.world.suites import CONCEPT_SUITES, EvalItem, build_suite, check_suite
 
 
 SPACINGS = (None, "leading", "trailing", "linspace")
+MAX_STEPS = 500  # as `diffray generate`'s: the schedulers hold 1000 training timesteps
+MAX_RESOLUTION = 2048
+LIMITS = {"steps": f"must be in [1, {MAX_STEPS}]", "guidance": "must be a finite number >= 0",
+          "resolution": f"must be a multiple of 8 in [8, {MAX_RESOLUTION}]", "batch_size": "must be >= 1",
+          "lora_scale": "must be a finite number"}
+CONTROLNET_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
+REMOTE_ERROR = re.compile(r"^diffray\.errors\.(\w+): (.+?)\s*$", re.M)
 
 
 class Renderer:
@@ -121,27 +133,44 @@ def ti_token(adapter: str | None) -> str | None:
 
 
 def check_inputs(model: str | None, adapter: str | None, controlnet: str | None, steps: int, guidance: float,
-                 resolution: int, batch_size: int, timestep_spacing: str | None = None) -> str:
+                 resolution: int, batch_size: int, timestep_spacing: str | None = None, lora_scale: float = 1.0) -> str:
     """The base model reference (the adapter's card's base when `model` is None); ConfigError naming a bad
-    option, before Ray or any model starts."""
-    from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS, read_card
-    from diffray.models.textual_inversion import TI_WEIGHTS
+    option (a value out of range, an adapter or ControlNet folder that is missing, broken or of another model
+    family), before Ray starts."""
+    from diffray.generate import check_adapter_dir, check_family
+    from diffray.models.loading import resolve_model_path
 
-    for name, value, ok in (("steps", steps, steps >= 1), ("guidance", guidance, guidance >= 0),
-                            ("resolution", resolution, resolution >= 8 and resolution % 8 == 0),
-                            ("batch_size", batch_size, batch_size >= 1)):
+    for name, value, ok in (("steps", steps, 1 <= steps <= MAX_STEPS),
+                            ("guidance", guidance, math.isfinite(guidance) and guidance >= 0),
+                            ("resolution", resolution, 8 <= resolution <= MAX_RESOLUTION and resolution % 8 == 0),
+                            ("batch_size", batch_size, batch_size >= 1), ("lora_scale", lora_scale,
+                                                                          math.isfinite(lora_scale))):
         if not ok:
-            raise ConfigError(f"bad value {value!r}", field=name)
+            raise ConfigError(f"bad value {value!r} ({LIMITS[name]})", field=name)
     if timestep_spacing not in SPACINGS:
         raise ConfigError(f"must be leading, trailing or linspace, got {timestep_spacing!r}", field="timestep_spacing")
-    for name, d, files in (("adapter", adapter, (LORA_WEIGHTS, PEFT_WEIGHTS, TI_WEIGHTS)),
-                           ("controlnet", controlnet, ("config.json",))):
-        if d is not None and not Path(d).is_dir():
-            raise ConfigError(f"not a directory: {d}", field=name)
-        if d is not None and not any((Path(d) / f).is_file() for f in files):
-            raise ConfigError(f"{d} holds none of {', '.join(files)}", field=name)
-    cards = [read_card(d) for d in (adapter, controlnet) if d]
-    return model or next((c["base_model"] for c in cards if c.get("base_model")), None) or "builtin:tiny"
+    dirs = [(f, d, w) for f, d, w in (("adapter", adapter, None), ("controlnet", controlnet, CONTROLNET_WEIGHTS)) if d]
+    cards = [check_adapter_dir(d, f, *([w] if w else [])) for f, d, w in dirs]
+    base = model or next((c["base_model"] for c in cards if isinstance(c.get("base_model"), str)), None) \
+        or "builtin:tiny"
+    if cards:
+        base_path = resolve_model_path(base)
+        for (field, d, _), card in zip(dirs, cards):
+            check_family(card, d, base_path, field)
+    return base
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse, before Ray starts, a report folder diffray eval did not write (it holds files but no
+    results.json) or one that cannot be a folder (ConfigError naming `out`)."""
+    from diffray.generate import check_parent
+
+    out = Path(out_dir)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file()):
+        raise ConfigError(f"{out}: {'is a file' if out.is_file() else 'folder holds files but no results.json'}"
+                          " (not a report of diffray eval, whose files would overwrite its own); give a new or "
+                          "empty folder", field="out")
+    check_parent(out, "out")
 
 
 def pool_size(num_batches: int) -> tuple[float, int, int]:
@@ -170,7 +199,38 @@ def render_images(items: list[EvalItem], variants: list[str], model_path: str, a
     ds = ray.data.from_items(rows).map_batches(
         Renderer, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus, num_gpus=gpus)
-    return {(str(r["variant"]), int(r["id"])): bytes(r["image"]) for r in ds.take_all()}
+    try:
+        rows_out = ds.take_all()
+    except Exception as exc:  # Ray wraps a renderer's own error (an adapter its model cannot load) in its own
+        cause = diffray_cause(exc)
+        if cause is None:
+            raise
+        raise (ConfigError(str(cause), field="adapter") if isinstance(cause, AdapterError) else cause) from None
+    return {(str(r["variant"]), int(r["id"])): bytes(r["image"]) for r in rows_out}
+
+
+def diffray_cause(exc: BaseException) -> DiffrayError | None:
+    """The DiffrayError a renderer raised, from Ray's wrapper: the object when Ray kept it (`cause`), else
+    rebuilt from the last `diffray.errors.X: message` line of the remote traceback Ray keeps as text (an
+    actor that died in `__init__`); None when the failure is not one of ours."""
+    from diffray import errors
+
+    inner: BaseException | None = exc
+    for _ in range(10):
+        if inner is None or isinstance(inner, DiffrayError):
+            break
+        inner = getattr(inner, "cause", None) or inner.__cause__
+    if isinstance(inner, DiffrayError):
+        return inner
+    found = REMOTE_ERROR.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffrayError)) or cls in (errors.AdapterNotFound,
+                                                                               errors.RequestError):
+        return DiffrayError(message)
+    return cls(message)
 
 
 def absolute(path: str | None) -> str | None:
@@ -195,7 +255,10 @@ def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | No
     from diffray.models.loading import resolve_model_path
 
     t0 = time.time()
-    base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size, timestep_spacing)
+    base_ref = check_inputs(model, adapter, controlnet, steps, guidance, resolution, batch_size, timestep_spacing,
+                            lora_scale)
+    if out_dir is not None:
+        check_out_dir(out_dir)
     token = token if token is not None else (ti_token(adapter) if suite in CONCEPT_SUITES else None)
     check_suite(suite, num, token)
     if controlnet and suite != "controlnet":
@@ -211,8 +274,23 @@ def evaluate(model: str | None = None, suite: str = "prompts", adapter: str | No
                            absolute(controlnet), settings, batch_size)
     result = score_rows(suite, settings, variants, items, images, time.time() - t0)
     if out_dir is not None:
-        write_report(result, out_dir)
+        write_report_whole(result, Path(out_dir))
     return result
+
+
+def write_report_whole(result: EvalResult, out: Path) -> None:
+    """The report's files written into a temporary sibling, then moved into `out` one rename each: a failed
+    write leaves the previous report (or nothing) in place, never a half-written file."""
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        paths = write_report(result, tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for path in paths.values():
+            os.replace(path, out / path.name)
+    except OSError as exc:
+        raise ConfigError(f"{out}: cannot write the report ({exc.strerror or exc})", field="out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["EvalItem", "EvalResult", "evaluate"]

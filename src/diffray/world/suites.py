@@ -53,7 +53,8 @@ class EvalItem:
     control: bytes = b""  # PNG of the control image (controlnet suite)
 
 
-def canny_controls(seed: int, split: str, resolution: int = 64) -> Iterator[tuple[int, Scene, Image.Image, Image.Image]]:
+def canny_controls(seed: int, split: str,
+                   resolution: int = 64) -> Iterator[tuple[int, Scene, Image.Image, Image.Image]]:
     """(index, scene, image, control) for the scenes of `split` whose Canny map (the `canny` preprocessor's
     defaults) traces their outline: Canny on gray sees no edge between colours of equal brightness."""
     from diffray.data.conditioning import make_preprocessor
@@ -99,8 +100,8 @@ def check_suite(suite: str, num: int | None, token: str | None) -> int:
     if suite not in SUITES:
         raise ConfigError(f"unknown suite {suite!r} (allowed: {', '.join(SUITES)})", field="suite")
     num = DEFAULT_NUM if num is None else num
-    if num < 1:
-        raise ConfigError(f"must be >= 1, got {num}", field="num")
+    if not 1 <= num <= SEED_STRIDE:  # more would reuse the generator seeds of the next suite seed
+        raise ConfigError(f"must be in [1, {SEED_STRIDE}], got {num}", field="num")
     if token is not None and (suite not in CONCEPT_SUITES or not token.strip() or " " in token.strip()):
         raise ConfigError(f"{token!r}: a token replaces the concept of a concept suite ({', '.join(CONCEPT_SUITES)}) "
                           "and is one word, e.g. '<star>'", field="token")
@@ -112,7 +113,7 @@ def build_suite(suite: str, num: int | None = None, seed: int = 0, resolution: i
     """The suite's items, the same for the same (suite, num, seed, resolution, token).
 
     Raises:
-        ConfigError: unknown suite, num < 1, or a token for a suite without a concept.
+        ConfigError: unknown suite, num outside [1, SEED_STRIDE], or a token for a suite without a concept.
     """
     num = check_suite(suite, num, token)
     seeds = [seed * SEED_STRIDE + i for i in range(num)]
@@ -121,7 +122,6 @@ def build_suite(suite: str, num: int | None = None, seed: int = 0, resolution: i
         return [EvalItem(i, p, with_token(p, suite, token) if p == INSTANCE_PROMPT else p, seeds[i])
                 for i, p in enumerate(prompts)]
     if suite == "controlnet":
-    
         controls = zip(range(num), canny_controls(EVAL_SEED + seed, SUITE_SPLIT[suite], resolution))
         return [EvalItem(i, scene.caption, scene.caption, seeds[i], png_bytes(control))
                 for i, (_, scene, _, control) in controls]
