@@ -307,10 +307,13 @@ def run_loop(db: Path, adapters_dir: str | Path, adapter_id: str, config: Path, 
                           "letter or digit", field="publish")
     # the plans' refusals come before anything is exported (the default export is named after its content)
     plan_configs(config, overrides, then, then_overrides or [], Path(export or "feedback.parquet"), adapter_id)
+    given = export
     export, run_name = export_round(db, adapter_id, export)
     summary = summarize_export(export)
     echo(summary.line())
     if summary.preferred == 0:
+        if given is None:  # the round's own file: nothing will train on it
+            export.unlink(missing_ok=True)
         raise DiffrayError(f"{db}: no pair prefers one image ({summary.pairs} ties or both bad): collect more "
                            "feedback before training")
     extra = list(then_overrides or [])

@@ -184,7 +184,7 @@ def test_run_loop_exports_trains_then_ddpo_with_the_feedback_prompts_and_publish
     assert trained[-1].run.name.startswith("v2-") and trained[-1].run.name != f"v2-{digest}"
 
 
-def test_run_loop_refuses_feedback_without_preferences_and_taken_ids_before_training(tmp_path):
+def test_run_loop_refuses_feedback_without_preferences_and_taken_ids_before_training(tmp_path, monkeypatch):
     db = store_with(tmp_path / "fb.db", ["tie", "both_bad"])
 
     def train(cfg):
@@ -193,6 +193,12 @@ def test_run_loop_refuses_feedback_without_preferences_and_taken_ids_before_trai
     with pytest.raises(DiffrayError, match="no pair prefers one image"):
         run_loop(db, tmp_path / "adapters", "v2", REPO / "configs/diffusion_dpo.yaml", [],
                  export=tmp_path / "fb.parquet", train=train, echo=lambda _: None)
+    assert (tmp_path / "fb.parquet").is_file()  # a file the user named is theirs
+    monkeypatch.chdir(tmp_path)  # the round's own file goes under ./outputs/feedback: left behind for nothing
+    with pytest.raises(DiffrayError, match="no pair prefers one image"):
+        run_loop(db, tmp_path / "adapters", "v2", REPO / "configs/diffusion_dpo.yaml", [], train=train,
+                 echo=lambda _: None)
+    assert list((tmp_path / "outputs" / "feedback").iterdir()) == []
     lora_artifact(tmp_path / "adapters" / "v1")
     with pytest.raises(ConfigError, match="already exists"):
         run_loop(db, tmp_path / "adapters", "v1", REPO / "configs/diffusion_dpo.yaml", [], train=train)
