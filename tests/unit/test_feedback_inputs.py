@@ -202,3 +202,26 @@ def test_format_names_its_option_once_and_takes_any_case(tmp_path, monkeypatch, 
         code, text = diffray(["data", "export-feedback", tmp_path / "o.parquet", "--db", db, "--format", fmt],
                              monkeypatch, capsys)
         assert code == 0 and pq.read_table(tmp_path / "o.parquet").column("jpg_0")[0].as_py().startswith(magic)
+
+
+def test_a_store_damaged_while_serving_answers_503_and_logs_how_to_recover(tmp_path, caplog):
+    """`add` turned only SQLite's OperationalError into a 503: a store damaged on disk while the server ran
+    (SQLITE_CORRUPT, a DatabaseError) reached the app as an unexpected 500 "internal error: DatabaseError", with
+    nothing telling the operator what happened. Now a 503 saying the store is damaged, and an error in the
+    server's log naming the file and the recovery command."""
+    import logging
+
+    from diffray.errors import RequestError
+
+    store = store_with(tmp_path / "fb.db", 60)
+    sql(store.path, "PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(store.path.read_bytes())
+    data[4096:3 * 4096] = b"\xab" * (2 * 4096)  # the table's pages damaged on disk
+    store.path.write_bytes(bytes(data))
+    req = FeedbackRequest(id="after-0001", prompt="p", choice="left",
+                          images=[{"b64_json": png_b64((1, 2, 3))}, {"b64_json": png_b64((4, 5, 6))}])
+    with caplog.at_level(logging.ERROR, logger="diffray.serve.feedback_store"), pytest.raises(RequestError) as err:
+        store.add(feedback_record(req, Limits(), FeedbackSection(), None))
+    assert err.value.status == 503 and "damaged" in err.value.message
+    assert not hasattr(err.value, "retry_after")  # a retry cannot help
+    assert f"feedback store {store.path} is damaged" in caplog.text and ".recover" in caplog.text

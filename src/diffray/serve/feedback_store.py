@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import sqlite3
 import uuid
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from diffray.errors import ConfigError, DiffrayError, RequestError, StorageError
 from diffray.serve.feedback import FeedbackRecord
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -117,6 +120,10 @@ class FeedbackStore:
                                kind="unavailable")
             err.retry_after = 1  # type: ignore[attr-defined]
             raise err from None
+        except sqlite3.DatabaseError as exc:  # damaged on disk: no retry helps, the operator must act
+            log.error("%s", store_error(self.path, exc))
+            raise RequestError("the feedback store is damaged and cannot take feedback; the server's log says "
+                               "how to recover it", status=503, kind="unavailable") from None
         if row is None:
             return rec_id, rec.created, False
         if row[0] != digest:
