@@ -118,7 +118,7 @@ def test_bad_options_fail_before_ray(tmp_path, tiny_model_path):
     with pytest.raises(ConfigError, match="^timestep_spacing: must be leading, trailing or linspace, got 'middle'"):
         evaluate(suite="star", timestep_spacing="middle")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="^adapter: .*empty holds none of pytorch_lora_weights.safetensors"):
+    with pytest.raises(ConfigError, match="^adapter: .*empty: holds none of pytorch_lora_weights.safetensors"):
         evaluate(suite="star", adapter=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="^controlnet: a ControlNet needs control images"):
         evaluate(suite="star", controlnet=f"{tiny_model_path}/controlnet", model=tiny_model_path)

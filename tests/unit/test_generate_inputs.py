@@ -112,15 +112,23 @@ def test_generate_says_when_the_disk_refuses_the_grid(tiny_model_path, monkeypat
     assert code == 2 and out == "diffray: error: --out: /proc/x.png: cannot write (No such file or directory)\n"
 
 
+def no_ray(monkeypatch) -> None:
+    """Fail the test if the eval gets as far as Ray (`connect_ray`, its first step there): a session's other
+    tests may have started Ray in this process already, so `ray.is_initialized()` says nothing."""
+    def connect():
+        raise AssertionError("the eval reached Ray before refusing its input")
+
+    monkeypatch.setattr("diffray.cluster.connect_ray", connect)
+
+
 @pytest.mark.parametrize("name", ["truncated", "card_not_json", "other_family", "controlnet"])
 def test_eval_refuses_an_adapter_folder_before_ray_starts(tmp_path, name, monkeypatch, capsys):
-    import ray
-
+    no_ray(monkeypatch)
     folder, why = broken_adapters(tmp_path)[name]
     code, out = diffray(["eval", "--adapter", folder, "--model", "builtin:tiny", "--num", "1", "--steps", "1",
                          "--out", tmp_path / "eval"], monkeypatch, capsys)
     assert code == 2 and out.startswith(f"diffray: error: adapter: {folder}: {why}") and out.count("\n") == 1, out
-    assert not ray.is_initialized() and not (tmp_path / "eval").exists()
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -132,11 +140,10 @@ def test_eval_refuses_an_adapter_folder_before_ray_starts(tmp_path, name, monkey
     (["--lora-scale", "nan"], "lora_scale: bad value nan (must be a finite number)"),
 ])
 def test_eval_refuses_values_before_ray_starts(tmp_path, args, message, monkeypatch, capsys):
-    import ray
-
+    no_ray(monkeypatch)
     code, out = diffray(["eval", "--num", "1", *args, "--out", tmp_path / "eval"], monkeypatch, capsys)
     assert code == 2 and out == f"diffray: error: {message}\n"
-    assert not ray.is_initialized() and list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_keeps_a_users_folder_and_refuses_it(tmp_path, monkeypatch, capsys):
