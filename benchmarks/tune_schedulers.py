@@ -28,7 +28,8 @@ def run(config: Path, storage: str, name: str, args, scheduler: str):
         f"run.storage_path={storage}", f"run.name={name}", f"train.max_steps={args.steps}",
         f"train.validate_every={args.validate_every}", f"train.log_every={args.validate_every}",
         f"train.checkpoint_every={args.steps}", f"tune.scheduler.name={scheduler}",
-        f"tune.scheduler.grace_period={args.grace}", f"tune.scheduler.reduction_factor={args.reduction_factor}",
+        *([] if scheduler == "fifo" else [f"tune.scheduler.grace_period={args.grace}",  # fifo has no rungs
+                                          f"tune.scheduler.reduction_factor={args.reduction_factor}"]),
         *args.set])
     t0 = time.perf_counter()
     outcome = run_tune(job)
