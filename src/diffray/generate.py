@@ -146,9 +146,9 @@ def check_out_file(out: Path) -> None:
 def check_parent(out: Path, field: str) -> Path:
     """The nearest existing folder above `out` (where writing will create the rest); ConfigError naming
     `field` when that is a file."""
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    from diffray.storage import nearest_existing_above
+
+    parent = nearest_existing_above(out)
     if not parent.is_dir():
         raise ConfigError(f"{out}: {parent} is a file, not a folder", field=field)
     return parent

@@ -88,6 +88,12 @@ def first_missing(path: str | Path) -> Path | None:
     return next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
 
 
+def nearest_existing_above(path: str | Path) -> Path:
+    """The nearest existing folder (or file in the way) above the local `path`: where writing `path` creates the
+    rest."""
+    return next(p for p in Path(path).absolute().parents if p.exists())
+
+
 def list_files(fs: pafs.FileSystem, root: str, recursive: bool = False) -> list[pafs.FileInfo]:
     """The files (not folders) under `root`, sorted by path."""
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))

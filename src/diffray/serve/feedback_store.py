@@ -24,6 +24,7 @@ from pathlib import Path
 
 from diffray.errors import ConfigError, DiffrayError, RequestError, StorageError
 from diffray.serve.feedback import FeedbackRecord
+from diffray.storage import nearest_existing_above
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ def _export_target(db_file: Path, out: Path) -> None:
         raise ConfigError(f"{out} is the feedback store itself: export to another file")
     if out.is_dir():
         raise ConfigError(f"{out} is a folder: name the Parquet file to write")
-    above = next(p for p in out.absolute().parents if p.exists())
+    above = nearest_existing_above(out)
     if not above.is_dir():
         raise ConfigError(f"{out}: {above} is a file, not a folder: choose another path for the Parquet file")
 
