@@ -172,9 +172,9 @@ def _publish_card(path: Path, extra: dict[str, Any] | None) -> None:
         return
     if not isinstance(card, dict):
         return
-    merged = json.loads(json.dumps({**card, **(extra or {})}, default=str))
-    if without_credentials(merged) != card:  # else the card goes out byte for byte
-        path.write_text(json.dumps(without_credentials(merged), indent=2))
+    clean = without_credentials(json.loads(json.dumps({**card, **(extra or {})}, default=str)))
+    if clean != card:  # else the card goes out byte for byte
+        path.write_text(json.dumps(clean, indent=2))
 
 
 def _exchange(a: Path, b: Path) -> bool:
