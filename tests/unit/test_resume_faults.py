@@ -128,6 +128,28 @@ def test_a_snapshot_with_no_checkpoint_left_is_one_line_naming_it(tmp_path, dama
     assert (run / SNAPSHOT).read_bytes() == before and not asides(run)  # nothing changed
 
 
+def test_a_missing_snapshot_beside_checkpoints_is_rebuilt_and_the_run_resumes(tmp_path, caplog):
+    """Ray's snapshot deleted (or lost with a node's disk) while the checkpoint folders are left: Ray started the run
+    again from step 0 beside them, silently. A first checkpoint that never got its trainer_state.json is no run
+    to resume: nothing is written, and Ray starts it again as before."""
+    run = tmp_path / "r"
+    make_run(run)
+    (run / SNAPSHOT).unlink()
+    manager = CheckpointManager(CheckpointConfig(num_to_keep=3), StorageContext(str(run.parent), run.name))
+    assert manager.latest_checkpoint_result is None  # what Ray's controller saw: a run with nothing to resume
+    with caplog.at_level(logging.WARNING, logger="diffray.trainers.checkpoints"):
+        repair_snapshot(str(run))
+    assert ray_latest(run) == NAMES[2]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == (f"{run / SNAPSHOT} is missing; rebuilt from the run's checkpoint folders, the run resumes "
+                       f"from {NAMES[2]}")
+
+    half = tmp_path / "half"
+    (half / NAMES[0]).mkdir(parents=True)  # Ray's upload of the first checkpoint stopped before its state file
+    repair_snapshot(str(half))
+    assert not (half / SNAPSHOT).exists()
+
+
 def test_a_snapshot_of_another_ray_is_named_with_both_versions(tmp_path):
     import ray
 

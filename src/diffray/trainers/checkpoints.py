@@ -148,7 +148,9 @@ def repair_snapshot(run_dir: str) -> None:
 
     The run then resumes from the checkpoints that are left: the snapshot keeps only those (rebuilt from their
     trainer_state.json when torn); the damaged file is kept beside it as `<name>.damaged-<time>`, and a warning
-    names both. Nothing else is touched: a checkpoint folder is never removed here.
+    names both. A snapshot that is missing (deleted, or lost with a node's disk) beside checkpoint folders is
+    rebuilt from them: Ray would otherwise start the run again from step 0. Nothing else is touched: a
+    checkpoint folder is never removed here.
 
     Raises:
         TrainingError: no checkpoint is left to resume from, or Ray cannot read a whole snapshot written by
@@ -159,7 +161,12 @@ def repair_snapshot(run_dir: str) -> None:
     fs, root = storage.resolve(run_dir)
     path = f"{root}/{SNAPSHOT}"
     data = storage.read_or_none(fs, path)
-    if data is None:
+    if data is None:  # deleted, or lost with the node: Ray would start from step 0 beside the run's checkpoints
+        rebuilt = rebuilt_snapshot(fs, root)
+        if rebuilt["latest_checkpoint_result"] is not None:
+            write_snapshot(fs, path, rebuilt)
+            log.warning("%s is missing; rebuilt from the run's checkpoint folders, the run resumes from %s", path,
+                        rebuilt["latest_checkpoint_result"]["checkpoint_dir_name"])
         return
     try:
         snap = json.loads(data)
@@ -185,11 +192,16 @@ def repair_snapshot(run_dir: str) -> None:
     aside = next(a for a in (f"{stamp}{f'.{i}' if i else ''}" for i in range(1000))
                  if fs.get_file_info(a).type == pafs.FileType.NotFound)
     fs.copy_file(path, aside)
-    with fs.open_output_stream(f"{path}.tmp") as f:
-        f.write(json.dumps(kept).encode())
-    fs.move(f"{path}.tmp", path)
+    write_snapshot(fs, path, kept)
     log.warning("%s %s; the run resumes from %s (the damaged file is kept as %s)", path, why,
                 latest["checkpoint_dir_name"], aside)
+
+
+def write_snapshot(fs: pafs.FileSystem, path: str, snap: dict[str, Any]) -> None:
+    """Replace Ray's snapshot at `path` with `snap`, whole or not at all (written beside it, then moved)."""
+    with fs.open_output_stream(f"{path}.tmp") as f:
+        f.write(json.dumps(snap).encode())
+    fs.move(f"{path}.tmp", path)
 
 
 def ray_reads(snap: Any) -> bool:
@@ -222,7 +234,7 @@ def rebuilt_snapshot(fs: pafs.FileSystem, root: str) -> dict[str, Any]:
     """Ray's snapshot for the run in `root`, from its checkpoint folders whose trainer_state.json holds a step,
     oldest step first (a folder without one is left out: Ray will not read or delete it)."""
     found = []
-    for info in fs.get_file_info(pafs.FileSelector(root)):
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
             continue
         try:
