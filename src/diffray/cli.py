@@ -277,18 +277,18 @@ def demo(config: Path = typer.Option(Path("configs/demo.yaml"), help="The LoRA j
 
     from diffray.generate import generate_grid
     from diffray.methods import load_config
+    from diffray.world.evaluate import check_demo_outputs, evaluate
+    from diffray.world.report import format_table
 
     t0 = time.time()
     cfg = load_config(config, overrides or [])
+    check_demo_outputs(out_dir, suite, num)  # a refusal after the training would throw the training away
     result = run_with_progress(cfg)
     typer.echo(f"logs: {result.log_dir}")
     typer.echo(result.summary_line())
     grid = generate_grid(prompts=cfg.train.validation_prompts, adapter=result.artifact_dir, model=cfg.model.path,
                          out=out_dir / "demo_grid.png", num_images=4, steps=25, guidance=5.0, compare_base=True)
     if suite != "none":
-        from diffray.world.evaluate import evaluate
-        from diffray.world.report import format_table
-
         report = evaluate(model=cfg.model.path, suite=suite, adapter=result.artifact_dir, num=num,
                           out_dir=out_dir / "demo_eval")
         typer.echo(format_table(report))

@@ -30,3 +30,21 @@ def test_inspect_checks_where_it_will_write_before_reading_a_row(tmp_path, monke
                              ("--report-dir", tmp_path / "report", "is a file, not a folder")):
         code, out = diffray(["data", "inspect", "builtin:sample", flag, value], monkeypatch, capsys)
         assert (code, out) == (1, f"diffray: error: {flag} {value}: {why}\n")
+
+
+def test_demo_checks_what_it_writes_after_training_before_it_trains(tmp_path, monkeypatch, capsys):
+    """The grid and the eval report are written after the training: a --out-dir holding someone's own files
+    there, or a --suite that does not exist, was refused only then, and the minutes of training were lost."""
+    (tmp_path / "mine" / "demo_eval").mkdir(parents=True)
+    (tmp_path / "mine" / "demo_eval" / "notes.txt").write_text("the user's own")
+    (tmp_path / "grid" / "demo_grid.png").mkdir(parents=True)
+    for args, why in (
+            (["--out-dir", tmp_path / "mine"], f"--out-dir: {tmp_path / 'mine' / 'demo_eval'}: folder holds files "
+                                               "but no results.json"),
+            (["--out-dir", tmp_path / "grid"], f"--out-dir: {tmp_path / 'grid' / 'demo_grid.png'} is a folder"),
+            (["--out-dir", tmp_path / "new", "--suite", "stars"], "suite: unknown suite 'stars'")):
+        code, out = diffray(["demo", *args, "train.max_steps=1", f"run.storage_path={tmp_path / 'runs'}"],
+                            monkeypatch, capsys)
+        assert code == 2 and out.startswith(f"diffray: error: {why}"), out
+    assert (tmp_path / "mine" / "demo_eval" / "notes.txt").read_text() == "the user's own"
+    assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()  # nothing trained

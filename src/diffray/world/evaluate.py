@@ -173,6 +173,21 @@ def check_out_dir(out_dir: str | Path) -> None:
     check_parent(out, "out")
 
 
+def check_demo_outputs(out_dir: Path, suite: str, num: int) -> None:
+    """What `diffray demo` writes after training, checked before it trains: the grid's file, the report's folder
+    and the suite. ConfigError naming --out-dir (or the suite's own option)."""
+    from diffray.generate import check_out_file
+
+    try:
+        check_out_file(out_dir / "demo_grid.png")
+        if suite != "none":
+            check_out_dir(out_dir / "demo_eval")
+    except ConfigError as exc:
+        raise ConfigError(str(exc).removeprefix(f"{exc.field}: "), field="--out-dir") from None
+    if suite != "none":
+        check_suite(suite, num, None)
+
+
 def pool_size(num_batches: int) -> tuple[float, int, int]:
     """(CPUs per actor, GPUs per actor, most actors): one actor per GPU; on CPU, one per CPU but one (the
     driver and Ray Data need one), never more actors than batches."""
