@@ -97,13 +97,20 @@ def check_adapter_dir(path: str, field: str, weights: tuple[str, ...] = (LORA_WE
 
 
 def check_family(card: dict, path: str, base_path: str, field: str) -> None:
-    """ConfigError when the card says the folder was trained for another model family than the base's."""
-    from diffray.models.family import family_of
+    """ConfigError when the card says the folder was trained for another model family than the base's, or
+    for another Stable Diffusion version (`artifacts.base_mismatch` of its `base_model_config`; reads the base's
+    config files, no weights). A card without it is accepted: loading names a LoRA of another shape."""
+    from diffray.models.family import base_version, family_of
+    from diffray.serve.artifacts import base_mismatch
 
     trained, base = card.get("family"), family_of(base_path).name
     if isinstance(trained, str) and trained and trained != base:
         raise ConfigError(f"{path}: trained for a {trained} model, but the base model is a {base} model; give "
                           "--model the adapter's base (its card's base_model)", field=field)
+    mismatch = base_mismatch(card, (), base_version(base, base_path))
+    if mismatch:
+        raise ConfigError(f"{path}: trained on {mismatch[0]}, but the base model is {mismatch[1]}; give --model "
+                          "the adapter's base (its card's base_model)", field=field)
 
 
 def check_render_options(prompts: list[str], seed: int, num_images: int, steps: int, guidance: float | None,

@@ -164,6 +164,20 @@ def version_fields(family_name: str, model_path: str) -> dict:
         return {}
 
 
+def base_version(family_name: str, model_path: str) -> dict | None:
+    """A Stable Diffusion base's `base_model_config`, what an adapter's card is matched against so that an SD 2.x
+    adapter is refused on an SD 1.x base and the reverse (`artifacts.base_mismatch`); None for other families,
+    or when the configs cannot be read (logged: adapters are then matched by family only)."""
+    if family_name != StableDiffusion.name:
+        return None
+    try:
+        return base_model_config(model_path)
+    except ModelError as exc:
+        logging.getLogger(__name__).warning("adapters are matched to the base by family only, not SD version (%s)",
+                                            exc)
+        return None
+
+
 def sdxl_text_states(text_encoder, text_encoder_2, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL's prompt states of token ids [B, 2, 77]: both encoders' penultimate hidden states concatenated
     [B, 77, D1 + D2], and the second encoder's pooled projection [B, P], as `StableDiffusionXLPipeline`

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,60 @@ def card_text(card: dict[str, Any], key: str) -> str | None:
     """A card field as shown to clients: a short string or None (never a nested value)."""
     value = card.get(key)
     return value[:CARD_FIELD_CHARS] if isinstance(value, str) else None
+
+
+# a LoRA's cross-attention key/value down-projection (kohya `..._attn2_to_k.lora_down.weight`, diffusers/PEFT
+# `...attn2.to_k.lora_A.weight`): its input width is the text states' width, the base's cross-attention dim
+CROSS_ATTENTION_DOWN = re.compile(r".*attn2[._](?:processor[._])?to_[kv](?:_lora)?[._]"
+                                  r"(?:lora_down|lora_A|lora[._]down|down)[._]weight")
+
+
+def sd_version(config: Any) -> tuple[int, int | None] | None:
+    """(major version, text-encoder width) that a `base_model_config` (`family.base_model_config`) names: 2 for SD
+    2.x's exact-GELU text encoder (`export_io.SD2_TEXT_ACT`), else 1; None when it names no activation (a card
+    written before it was recorded, or not an object)."""
+    from diffray.models.export_io import SD2_TEXT_ACT
+
+    text = config.get("text_encoder") if isinstance(config, dict) else None
+    act = text.get("hidden_act") if isinstance(text, dict) else None
+    if not isinstance(act, str):
+        return None
+    width = text.get("hidden_size")
+    return (2 if act == SD2_TEXT_ACT else 1), (width if type(width) is int and width > 0 else None)
+
+
+def lora_width(tensors: tuple) -> int | None:
+    """The text-state width a LoRA's cross-attention layers take (their down-projection's input), by its header's
+    shapes; None when it has no such layer or its layers disagree."""
+    widths = {shape[1] for name, shape in tensors if len(shape) == 2 and CROSS_ATTENTION_DOWN.fullmatch(name)}
+    return widths.pop() if len(widths) == 1 else None
+
+
+def _sd_name(version: tuple[int, int | None]) -> str:
+    return f"SD {version[0]}.x" + (f" (cross-attention {version[1]})" if version[1] else "")
+
+
+def base_mismatch(card: dict[str, Any], tensors: tuple, base: dict | None) -> tuple[str, str] | None:
+    """(what an adapter was trained on, what the base is) when a Stable Diffusion adapter does not fit the SD base
+    `base` (`family.base_version`; None: not SD, or unknown): its card's `base_model_config` names another SD
+    version or text-encoder width, or, for a card without it (older exports, a bare LoRA file), its LoRA layers'
+    `tensors` (header shapes) take another cross-attention width than the base's. None when it fits or nothing
+    says; an adapter of another family is the family check's to refuse."""
+    if base is None or card.get("family", "stable-diffusion") != "stable-diffusion":
+        return None  # before `sd_version`'s import: a base's config comes from `family`, which has torch loaded
+    base_sd = sd_version(base)
+    if base_sd is None:
+        return None
+    base_name = f"SD {base_sd[0]}.x" + (f" ({base_sd[1]})" if base_sd[1] else "")
+    trained = sd_version(card.get("base_model_config"))
+    if trained is not None:
+        if trained[0] != base_sd[0] or (None not in (trained[1], base_sd[1]) and trained[1] != base_sd[1]):
+            return _sd_name(trained), base_name
+        return None
+    width = lora_width(tensors)
+    if width is not None and base_sd[1] is not None and width != base_sd[1]:
+        return f"a model of cross-attention {width}", base_name
+    return None
 
 
 class FileChecks:

@@ -36,6 +36,7 @@ from diffray.serve.exposure import enforce
 from diffray.serve.feedback import FeedbackRequest, feedback_record, key_fingerprint
 from diffray.serve.http import EdgeMiddleware, EdgePolicy, install_error_handlers
 from diffray.serve.remote_registry import open_registry
+from diffray.serve.registry import base_problem
 from diffray.serve.replicas import generator_replicas
 from diffray.serve.schemas import (GenerateRequest, ImagesRequest, Job, decode_b64_image, generate_job,
                                    images_job)
@@ -128,12 +129,13 @@ class Ingress:
         POLICY.max_body_bytes = self.args.limits.max_body_bytes
         fb = self.args.feedback
         POLICY.body_bytes_by_path = {"/v1/feedback": fb.max_body_bytes(self.args.limits)} if fb.enabled else {}
-        from diffray.models.family import family_of
+        from diffray.models.family import base_version, family_of
 
         model_path = resolve_model_path(self.args.model)
         self.default_size = default_size(self.args, native_size(model_path))  # ConfigError when over the limits
         family = family_of(model_path)
         self.family, self.default_guidance = family.name, family.default_guidance
+        self.base_version = base_version(family.name, model_path)  # which SD (1.x/2.x) adapters must be for
         self.feedback = FeedbackStore(fb.path) if fb.enabled else None
         self.app_name = serve.get_replica_context().app_name
         self.in_flight = 0
@@ -234,12 +236,12 @@ class Ingress:
 
     # ---------------------------------------------------------------------------------------- helpers
     def _family_problem(self, info) -> Optional[str]:
-        """Why an artifact whose card names another model family cannot be served here (None: it can, or its
-        card is older than the family field and the replica's load checks it)."""
+        """Why an artifact whose card names another model family, or another SD version (`base_problem`), cannot
+        be served here (None: it can, or its card is older than the family field and the replica's load checks it)."""
         trained = card_text(info.card, "family")
         if trained and trained != self.family:
             return f"trained for a {trained} model; this server's model is {self.family}"
-        return None
+        return base_problem(info, self.base_version)
 
     async def _check_adapters(self, job: Job, single_param: Optional[str]) -> None:
         for i, (adapter_id, _) in enumerate(job.adapters):

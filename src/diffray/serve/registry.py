@@ -22,7 +22,7 @@ from typing import Any
 from diffray.errors import AdapterError, AdapterNotFound, RequestError
 from diffray.models.adapters import LORA_WEIGHTS, PEFT_WEIGHTS
 from diffray.models.textual_inversion import SDXL_KEYS, TI_WEIGHTS
-from diffray.serve.artifacts import ArtifactProblem, FileChecks, read_card
+from diffray.serve.artifacts import ArtifactProblem, FileChecks, base_mismatch, read_card
 from diffray.serve.schemas import RESERVED_IDS
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,14 @@ def lora_file_problem(name: str, tensors: tuple) -> str | None:
     if not all(LORA_FILE_KEY.fullmatch(key) for key, _ in tensors):
         return f"{name}: not a LoRA file (keys must follow the kohya or diffusers layout)"
     return None
+
+
+def base_problem(info: AdapterInfo, base: dict | None) -> str | None:
+    """Why an entry cannot be served on the Stable Diffusion base `base` (`family.base_version`): it was trained on
+    another SD version (`artifacts.base_mismatch`: by its card, or a card-less LoRA's shapes). The family check's
+    companion: listed as the entry's reason, refused as the family is."""
+    mismatch = base_mismatch(info.card, info.tensors if info.kind == "lora" else (), base)
+    return f"trained on {mismatch[0]}; this server's model is {mismatch[1]}" if mismatch else None
 
 
 class AdapterRegistry:
