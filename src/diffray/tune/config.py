@@ -101,7 +101,27 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
     Raises:
         ConfigError: naming the field (`tune.space.<path>`, `tune.scheduler.grace_period`, ...).
     """
-    data = apply_tune_overrides(read_yaml(path), overrides or [])
+    job = _parse_job(apply_tune_overrides(read_yaml(path), overrides or []))
+    check_searched_overrides(overrides or [], job.tune.space)
+    check_job(job.base, job.train, job.tune, job.domains)
+    return job
+
+
+def load_saved_job(path: str | Path) -> TuneJob:
+    """The job an experiment was started with (`tune_job.yaml`, saved after overrides), read back for its results:
+    its sections and space validated, but not the rules on how a search may be set up (`check_job`). An older
+    diffray may have run a search those rules refuse now (a grid repeated, mode max on a loss, rung settings with
+    fifo); its trials are still the ones it ran. A resume applies them (`results.check_resume`). A saved job has no
+    overrides, so `check_searched_overrides` never applies to it.
+
+    Raises:
+        ConfigError: naming the field of a section or space entry that cannot be read.
+    """
+    return _parse_job(read_yaml(path))
+
+
+def _parse_job(data: dict[str, Any]) -> TuneJob:
+    """The job's two halves validated on their own, and its space parsed."""
     if not isinstance(data.get("tune"), dict):
         raise ConfigError("a Tune job needs a `tune:` section with a `space`", field="tune")
     raw_tune = data.pop("tune")
@@ -109,11 +129,7 @@ def load_tune_job(path: str | Path, overrides: list[str] | None = None) -> TuneJ
         tune = validate_as(TuneSection, raw_tune)
     except ConfigError as exc:
         raise ConfigError(f"tune.{exc}") from None
-    train = validate_config(data)
-    domains = parse_space(tune.space)
-    check_searched_overrides(overrides or [], tune.space)
-    check_job(data, train, tune, domains)
-    return TuneJob(data, train, tune, domains)
+    return TuneJob(data, validate_config(data), tune, parse_space(tune.space))
 
 
 def check_searched_overrides(overrides: list[str], space: dict[str, Any]) -> None:

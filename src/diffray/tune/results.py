@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
+import pickletools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ from diffray import storage
 from diffray.errors import ConfigError
 
 JOB_FILE = "tune_job.yaml"
+TUNER_FILE = "tuner.pkl"  # Tune's saved Tuner, written once as a search starts; Tuner.restore unpickles it
 STATE_FILES = "experiment_state-*.json"  # Tune's CKPT_FILE_TMPL; it reads the newest by name
 STOPS_DIR = "scheduler_stops"  # <trial_id>.json per trial the scheduler stopped at a rung (written by the runner)
 STATUS_ORDER = {"completed": 0, "stopped early": 1, "running": 2, "pending": 3, "error": 4}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,6 +102,42 @@ def _state_problem(data: bytes | None) -> str | None:
     if not (isinstance(state, dict) and isinstance(state.get("trial_data"), list)
             and isinstance(state.get("runner_data"), dict)):
         return "no trial_data and runner_data in it"
+    return None
+
+
+def check_tuner_file(exp_dir: str, results_kept: bool) -> None:
+    """Tune's saved Tuner (`tuner.pkl`) checked to be a whole pickle before `Tuner.restore` unpickles it: by its
+    opcodes (`pickletools.genops`), never by running it. Nothing to check when there is none (a new search).
+    `results_kept`: the experiment has Tune state and its saved job, so `diffray tune results` reads it.
+
+    Raises:
+        ConfigError: the file is torn (a crash while Tune wrote it), naming it and what to do. Ray would fail on
+            it with a bare UnpicklingError or EOFError after building the datasets.
+    """
+    fs, base = storage.resolve(exp_dir)
+    if fs.get_file_info(f"{base}/{TUNER_FILE}").type == pafs.FileType.NotFound:
+        return
+    problem = _pickle_problem(storage.read_or_none(fs, f"{base}/{TUNER_FILE}"))
+    if problem is None:
+        return
+    then = (f"its trials' results stay readable with `diffray tune results {exp_dir}`; to search again, move "
+            f"{exp_dir} aside (its results can be read there too) or give a new tune.name" if results_kept else
+            f"no trial results were saved: delete {exp_dir}, or give a new tune.name, to start the search anew")
+    raise ConfigError(f"{storage.join(exp_dir, TUNER_FILE)}: Tune's saved search is damaged ({problem}), so it "
+                      f"cannot be resumed: {then}")
+
+
+def _pickle_problem(data: bytes | None) -> str | None:
+    """Why a pickle's bytes are not a whole pickle (a truncated write), or None when they are."""
+    if data is None:
+        return "the file cannot be read"
+    if not data:
+        return "the file is empty"
+    try:
+        for _ in pickletools.genops(data):  # reads the opcodes only; raises at the end of a stream cut short
+            pass
+    except ValueError as exc:  # UnicodeDecodeError included (a string cut mid-character)
+        return f"not a whole pickle: {exc}"
     return None
 
 
@@ -257,14 +297,20 @@ def plot_results(rows: list[TrialRow], job, out_dir: Path) -> dict[str, str]:
 
 
 def read_experiment(exp_dir: str):
-    """(job, rows) of a finished or interrupted experiment dir written by `diffray tune`."""
-    from diffray.tune.config import load_tune_job
+    """(job, rows) of a finished or interrupted experiment dir written by `diffray tune`. A saved job that today's
+    rules on setting up a search refuse (`check_job`) is read as it ran, with a warning naming the rule."""
+    from diffray.tune.config import check_job, load_saved_job
 
     exp_dir = storage.absolute(exp_dir)  # Tune reads experiment dirs by absolute path or URI
     job_file = storage.join(exp_dir, JOB_FILE)
     if not storage.exists(job_file):
         raise ConfigError(f"{exp_dir} is not a diffray tune experiment (no {JOB_FILE})", field="DIR")
-    job = load_tune_job(_local_job_file(exp_dir))
+    job = load_saved_job(_local_job_file(exp_dir))
+    try:
+        check_job(job.base, job.train, job.tune, job.domains)
+    except ConfigError as exc:
+        log.warning("%s: this search was set up in a way diffray refuses now (%s); its results are read as it ran",
+                    job_file, exc)
     return job, collect_rows(exp_dir, job)
 
 
@@ -292,19 +338,28 @@ def check_resume(job, exp_dir: str) -> None:
     (stopped before its trials ran) starts anew and passes.
 
     Raises:
-        ConfigError: naming `tune.name`, the experiment's folder and the settings that differ; or naming Tune's
-            state file when it cannot be read (`tune_state`), before Ray would restart the search on it.
+        ConfigError: naming `tune.name`, the experiment's folder and the settings that differ; naming the saved
+            job's setting that diffray refuses now (`check_job`); or naming Tune's state file or its saved Tuner
+            when it cannot be read (`tune_state`, `check_tuner_file`), before Ray would start on it.
     """
     from diffray.trainers.rerun import differences, shown
-    from diffray.tune.config import load_tune_job
+    from diffray.tune.config import check_job, load_saved_job
 
-    if tune_state(exp_dir) is None or not storage.exists(storage.join(exp_dir, JOB_FILE)):
+    state, saved = tune_state(exp_dir), storage.exists(storage.join(exp_dir, JOB_FILE))
+    check_tuner_file(exp_dir, results_kept=state is not None and saved)
+    if state is None or not saved:
         return
     try:
-        before = load_tune_job(_local_job_file(exp_dir))
+        before = load_saved_job(_local_job_file(exp_dir))
     except ConfigError as exc:
         raise ConfigError(f"{storage.join(exp_dir, JOB_FILE)} is not the job this experiment was started with "
                           f"({exc}): restore it, or give a new tune.name", field="tune.name") from None
+    try:  # saved by an older diffray, before a rule it breaks: Tune would resume it as it was set up
+        check_job(before.base, before.train, before.tune, before.domains)
+    except ConfigError as exc:
+        raise ConfigError(f"experiment {exp_dir} was started with a setting diffray refuses now, so it cannot be "
+                          f"resumed ({exc}). Its trials' results stay readable with `diffray tune results {exp_dir}`; "
+                          "to search again, fix the setting and give a new tune.name") from None
 
     def settings(j) -> dict[str, Any]:
         return {**j.train.model_dump(mode="json"), "tune": j.tune.model_dump(mode="json")}

@@ -7,7 +7,7 @@ The datasets are built and materialized once on the driver and shared by every t
 step reports `val_loss` (held-out rows, fixed noise and timesteps), which the scheduler (ASHA by default)
 compares at its rungs. Rerunning the same experiment name restores it with `Tuner.restore`: finished
 trials are kept, unfinished ones resume from their own last checkpoint; only with the settings it was
-started with (`results.check_resume`, before Ray starts).
+started with, and only when Tune's files in it are whole (`results.check_resume`, before Ray starts).
 """
 
 from __future__ import annotations
