@@ -160,6 +160,8 @@ def test_a_failed_trial_is_reported_and_resumes_from_its_own_checkpoint(ray_clus
     assert f"trial {failed.trial_id} failed: worker rank 0" in failed.error and "died" in failed.error, failed.error
     assert [s for s, _ in failed.history] == [3, 6] and _losses(runs / f"trial-{failed.trial_id}") == [1, 3, 6]
     done_log = (runs / f"trial-{done.trial_id}" / "logs" / "metrics.jsonl").read_text()
+    snapshot = runs / f"trial-{failed.trial_id}" / "checkpoint_manager_snapshot.json"
+    snapshot.write_bytes(snapshot.read_bytes()[:100])  # torn by a crash: Ray's controller of the trial died on it
 
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -167,6 +169,7 @@ def test_a_failed_trial_is_reported_and_resumes_from_its_own_checkpoint(ray_clus
     resumed = runs / f"trial-{failed.trial_id}"
     assert _starts(resumed) == [0, 6], "the failed trial restarted from step 0, not from its step-6 checkpoint"
     assert _losses(resumed) == [1, 3, 6, 9, 12]  # steps 7-12 ran once, after the step-6 checkpoint
+    assert len(list(snapshot.parent.glob(f"{snapshot.name}.damaged-*"))) == 1  # the torn one kept aside
     assert (runs / f"trial-{done.trial_id}" / "logs" / "metrics.jsonl").read_text() == done_log, \
         "the finished trial was run again"
     rows = {r.params["failure.max_failures"]: r for r in read_experiment(str(exp))[1]}

@@ -29,6 +29,7 @@ from diffray.cluster import (alive_nodes, check_resources, connect_ray, forwarde
 from diffray.config import TrackingSection
 from diffray.errors import ConfigError, DiffrayError
 from diffray.methods import method_of
+from diffray.trainers.checkpoints import repair_snapshot
 from diffray.trainers.datasets import build_datasets
 from diffray.trainers import tracking
 from diffray.trainers.progress import RunStatus
@@ -84,6 +85,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], domains, datasets
         "run": cfg.run.model_copy(update={"name": f"trial-{trial_id}", "storage_path": f"{exp_dir}/{TRAIN_RUNS_DIR}"}),
         "tracking": TrackingSection()})  # the Tune logger callbacks track trials (one run each), not the workers
     run_dir, log_dir = run_dirs(cfg)
+    repair_snapshot(run_dir)  # a resumed trial's Ray snapshot, torn or listing deleted checkpoints, as in `train`
     status = RunStatus.remote()
     reports = Queue(actor_options={"num_cpus": 0})
     trainer = build_trainer(cfg, model_path, datasets, log_dir, status, callbacks=[ForwardReports(reports)],
