@@ -100,6 +100,22 @@ def test_results_table_orders_columns_and_formats():
     assert text[1].split()[:4] == ["a", "8", "0.001", "0.512346"] and text[3].split()[3] == "nan"
 
 
+def test_plots_of_a_search_no_trial_has_reported_in_yet_are_drawn_without_a_warning(tmp_path):
+    """`diffray tune results` on a search just started printed matplotlib's "No artists with labels found to put
+    in legend" on the terminal."""
+    import warnings
+
+    from diffray.tune.config import load_tune_job
+    from diffray.tune.results import plot_results
+
+    rows = [TrialRow("a", {"lora.rank": 8}, "pending", 0, math.nan, math.nan),
+            TrialRow("b", {"lora.rank": 4}, "running", 0, math.nan, math.nan)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots = plot_results(rows, load_tune_job(TUNE_LORA), tmp_path)
+    assert all(Path(p).stat().st_size > 0 for p in plots.values())
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path):
     import subprocess
     import sys

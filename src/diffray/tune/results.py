@@ -271,7 +271,8 @@ def plot_results(rows: list[TrialRow], job, out_dir: Path) -> dict[str, str]:
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{job.name}: {metric} per trial (dashed: stopped early)")
-    ax.legend(fontsize=6)
+    if any(r.history for r in rows):  # no trial has reported yet: no line to name (matplotlib warns on an empty one)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     step_png = out_dir / "metric_vs_step.png"
     fig.savefig(step_png, dpi=100)
