@@ -4,6 +4,7 @@ each refusal naming its field; the results table built from trial rows."""
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,7 @@ def test_a_rerun_that_changes_a_restored_experiment_is_refused_before_ray(tmp_pa
     save_job(load_tune_job(TUNE_LORA, base), str(exp))
     check_resume(load_tune_job(TUNE_LORA, [*base, "optim.warmup_steps=5"]), str(exp))  # no Tune state: starts anew
     (exp / "experiment_state-2026-12-06_22-00-00.json").write_text('{"trial_data": [], "runner_data": {}}')
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"_tuner_kwargs": {}}))  # Tune saves it as a search starts
 
     def no_ray():
         raise AssertionError("Ray was started before the rerun's settings were checked")

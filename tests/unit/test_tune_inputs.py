@@ -4,6 +4,7 @@ one line naming the field or the file, before Ray starts."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,7 @@ def test_resuming_on_a_torn_state_is_one_line_before_ray(tmp_path, tiny_model_pa
     base = [f"run.storage_path={tmp_path}", f"model.path={tiny_model_path}"]
     exp = tmp_path / "tune-lora"
     save_job(load_tune_job(TUNE_LORA, base), str(exp))
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"_tuner_kwargs": {}}))  # Tune saves it as a search starts
     (exp / f"experiment_state-{NEWER}.json").write_text('{"trial_data": [["{\\"trial_id')
     code, text = diffray(["tune", TUNE_LORA, *base], monkeypatch, capsys)
     assert code == 2 and text.count("\n") == 1, text

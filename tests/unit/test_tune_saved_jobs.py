@@ -110,6 +110,7 @@ def _old_experiment(tmp_path, tune: dict) -> Path:
     data = {**job.base, "tune": {**job.tune.model_dump(mode="json"), **tune}}
     (exp / JOB_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
     (exp / STATE).write_text(GOOD_STATE)
+    (exp / TUNER_FILE).write_bytes(pickle.dumps(TUNER_STATE, protocol=5))
     return exp
 
 
@@ -144,3 +145,18 @@ def test_resuming_a_saved_job_refused_today_names_the_rule(tmp_path, case):
     (exp / JOB_FILE).write_text(yaml.safe_dump({**saved, "tune": {**saved["tune"], "mode": "sideways"}}))
     with pytest.raises(ConfigError, match=f"{exp}/{JOB_FILE} is not the job this experiment was started with"):
         check_resume(load_tune_job(TUNE_LORA, [f"run.storage_path={tmp_path}", *fix]), str(exp))
+
+
+def test_resuming_a_search_whose_tuner_pkl_was_deleted_is_one_line(tmp_path):
+    """Without tuner.pkl, `Tuner.can_restore` says no, and Tune started a new search in the folder of the old one,
+    beside its trials (their results then mixed in one table)."""
+    base = [f"run.storage_path={tmp_path}"]
+    exp = tmp_path / "tune-lora"
+    exp.mkdir()
+    save_job(load_tune_job(TUNE_LORA, base), str(exp))
+    (exp / STATE).write_text(GOOD_STATE)
+    with pytest.raises(ConfigError) as err:
+        check_resume(load_tune_job(TUNE_LORA, base), str(exp))
+    assert str(err.value) == (f"{exp}/{TUNER_FILE} is missing beside the search's saved trials, so it cannot be "
+                              f"resumed: its trials' results stay readable with `diffray tune results {exp}`; to "
+                              f"search again, move {exp} aside or give a new tune.name")

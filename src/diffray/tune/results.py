@@ -107,7 +107,8 @@ def _state_problem(data: bytes | None) -> str | None:
 
 def check_tuner_file(exp_dir: str, results_kept: bool) -> None:
     """Tune's saved Tuner (`tuner.pkl`) checked to be a whole pickle before `Tuner.restore` unpickles it: by its
-    opcodes (`pickletools.genops`), never by running it. Nothing to check when there is none (a new search).
+    opcodes (`pickletools.genops`), never by running it. Nothing to check when there is none in a new search (one
+    with saved trials has lost it: refused).
     `results_kept`: the experiment has Tune state and its saved job, so `diffray tune results` reads it.
 
     Raises:
@@ -116,6 +117,10 @@ def check_tuner_file(exp_dir: str, results_kept: bool) -> None:
     """
     fs, base = storage.resolve(exp_dir)
     if fs.get_file_info(f"{base}/{TUNER_FILE}").type == pafs.FileType.NotFound:
+        if results_kept:  # deleted: Tune would start a new search in the folder, beside the old one's trials
+            raise ConfigError(f"{storage.join(exp_dir, TUNER_FILE)} is missing beside the search's saved trials, so it "
+                              f"cannot be resumed: its trials' results stay readable with `diffray tune results "
+                              f"{exp_dir}`; to search again, move {exp_dir} aside or give a new tune.name")
         return
     problem = _pickle_problem(storage.read_or_none(fs, f"{base}/{TUNER_FILE}"))
     if problem is None:
