@@ -11,11 +11,15 @@ This module must never import Ray, torch or anything heavier than pyarrow.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
+import threading
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +29,12 @@ from diffray.errors import StorageError
 
 MANIFEST = "diffray_manifest.json"  # written last into a folder copied to object storage: its files and sizes
 LOCAL_LOGS = "runs-logs"  # a URI run writes its logs under ./runs-logs/<name> and uploads them beside the run
+COPY_THREADS = 8  # files of a folder copied at once: one S3 stream is far slower than the link it runs on
+log = logging.getLogger(__name__)
+
+
+class CopyError(StorageError, OSError):
+    """A file of a folder copy failed. Also an OSError, like the I/O error it wraps, for callers that catch those."""
 
 
 def is_uri(path: str | Path) -> bool:
@@ -45,6 +55,18 @@ def absolute(path: str | Path) -> str:
         scheme, rest = str(path).split(":", 1)
         raise StorageError(f"{path}: a URI needs two slashes after its scheme ({scheme}://{rest.lstrip('/')})")
     return str(Path(path).expanduser().resolve())
+
+
+def local_path(path: str | Path) -> str | None:
+    """The absolute local path of a plain path or a `file://` (`local://`) URI: the same folder, written the same
+    way (atomic renames, no staging); None for any other URI.
+
+    Raises:
+        StorageError: as `absolute` and `resolve` (`file:/x`, `file://host/x`).
+    """
+    if not str(path).startswith(("file://", "local://")):
+        return None if is_uri(path) else absolute(path)
+    return resolve(path)[1]
 
 
 def join(base: str, *parts: str) -> str:
@@ -95,9 +117,33 @@ def nearest_existing_above(path: str | Path) -> Path:
 
 
 def list_files(fs: pafs.FileSystem, root: str, recursive: bool = False) -> list[pafs.FileInfo]:
-    """The files (not folders) under `root`, sorted by path."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=recursive))
+    """The files (not folders) under `root`, sorted by path; recursively, links back into a folder they are in
+    are skipped (`walk`)."""
+    infos = walk(fs, root) if recursive else fs.get_file_info(pafs.FileSelector(root))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
+
+
+def walk(fs: pafs.FileSystem, root: str, allow_not_found: bool = False) -> list[pafs.FileInfo]:
+    """Everything under `root`, as `FileSelector(root, recursive=True)` lists it, except on local disk a link to
+    a folder the link is inside of (`root` or above), which is skipped with a warning naming it. pyarrow follows
+    links to folders, so one such link (`sub/up -> ..`) lists the folder again under ever longer names until the
+    OS's limit of 40 links (ELOOP), and two list it 2**40 times. Skipped, not refused: all the link holds is
+    listed already, under its real path, and a `latest -> .` left in a dataset folder is harmless otherwise."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=allow_not_found))
+    real_root = os.path.realpath(root)  # and the folders it is in: a link to one of those leads back into it
+    infos, todo = [], [(root, (real_root, *map(str, Path(real_root).parents)))]
+    while todo:
+        folder, above = todo.pop()
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=allow_not_found)):
+            if info.type == pafs.FileType.Directory:
+                real = os.path.realpath(info.path)
+                if real in above:
+                    log.warning("%s: not listed, a link to %s, a folder it is inside of (a loop)", info.path, real)
+                    continue
+                todo.append((info.path, (*above, real)))
+            infos.append(info)
+    return infos
 
 
 def read_or_none(fs: pafs.FileSystem, path: str) -> bytes | None:
@@ -119,19 +165,21 @@ def read_text(path: str | Path) -> str:
 
 
 def write_bytes(path: str | Path, data: bytes) -> str:
-    """Write a file, creating its folder; on local disk atomically (a temp sibling renamed into place)."""
-    if is_uri(path):
+    """Write a file, creating its folder; on local disk (`file://` too) atomically (a temp sibling renamed into
+    place). Returns `path`; a local path made absolute."""
+    local = local_path(path)
+    if local is None:
         fs, p = resolve(path)
         fs.create_dir(posixpath.dirname(p), recursive=True)
         with fs.open_output_stream(p) as f:
             f.write(data)
         return str(path)
-    target = Path(absolute(path))
+    target = Path(local)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
     os.replace(tmp, target)
-    return str(target)
+    return str(path) if is_uri(path) else local
 
 
 def write_text(path: str | Path, text: str) -> str:
@@ -139,29 +187,49 @@ def write_text(path: str | Path, text: str) -> str:
 
 
 def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
-    """Copy the folder `src` (on `fs`) to `dest` (a local path or URI), replacing what is there.
+    """Copy the folder `src` (on `fs`) to `dest` (a local path or URI), replacing what is there; a few files at
+    a time (`COPY_THREADS`), each streamed once.
 
-    On local disk the new folder is assembled beside `dest` and swapped in with renames, so a reader
-    sees the old folder or the new one, never half of one. On object storage see `_replace_remote`.
+    On local disk the new folder is assembled beside `dest` and swapped in with renames, so a reader sees the
+    old folder or the new one, never half of one. A `file://` URI is the same local folder and is written the
+    same way, except that like any URI it gets a manifest (written before the swap): its readers treat it as
+    object storage (`RemoteRegistry`). On object storage see `_replace_remote`. Either way a copy that fails
+    returns only once no file is being written any more.
+
+    Returns:
+        `dest`; a local path made absolute.
 
     Raises:
+        CopyError: a file could not be copied (naming the first one); the folder at `dest` is as it was.
         StorageError: the copy is in place but files of the folder it replaced could not be removed.
     """
-    if is_uri(dest):
+    local = local_path(dest)
+    if local is None:
         _replace_remote(fs, src, dest)
         return dest
-    dest = absolute(dest)
-    tmp, old = f"{dest}.tmp-{uuid.uuid4().hex[:8]}", f"{dest}.old-{uuid.uuid4().hex[:8]}"
-    Path(tmp).mkdir(parents=True)
-    pafs.copy_files(src, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    if Path(dest).exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
+    tmp, old = f"{local}.tmp-{uuid.uuid4().hex[:8]}", f"{local}.old-{uuid.uuid4().hex[:8]}"
+    infos, lfs = walk(fs, src), pafs.LocalFileSystem()
+    sizes = {posixpath.relpath(i.path, src): i.size for i in infos if i.type == pafs.FileType.File}
+    if is_uri(dest):
+        sizes.pop(MANIFEST, None)  # a copied folder's own manifest: a new one is written below
+    try:
+        Path(tmp).mkdir(parents=True)
+        for d in (i for i in infos if i.type == pafs.FileType.Directory):  # empty ones too
+            Path(tmp, posixpath.relpath(d.path, src)).mkdir(parents=True, exist_ok=True)
+        _copy_all(src, dest, [(rel, _streamer(fs, f"{src}/{rel}", lfs, f"{tmp}/{rel}")) for rel in sorted(sizes)])
+        if is_uri(dest):
+            write_manifest(lfs, tmp, sizes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if Path(local).exists():
+        os.replace(local, old)
+    os.replace(tmp, local)
     shutil.rmtree(old, ignore_errors=True)
-    return dest
+    return dest if is_uri(dest) else local
 
 
-COPY_OBJECT_MAX = 5 * 2**30  # S3's limit for one server-side copy; a bigger file is streamed through this process
+COPY_OBJECT_MAX = 5 * 2**30  # S3's limit for one server-side copy
 
 
 def _replace_remote(fs: pafs.FileSystem, src: str, dest: str) -> None:
@@ -170,56 +238,105 @@ def _replace_remote(fs: pafs.FileSystem, src: str, dest: str) -> None:
     fails or is killed leaves the folder at `dest` as it was. Then they are copied into place server-side (no
     data through this process), the manifest naming them is written, and the files of the replaced folder the
     new one lacks are removed. The replaced folder's manifest goes before the first copy: during those copies
-    (a request per file) a reader finds no whole folder rather than old and new files taken for one."""
+    (a request per file) a reader finds no whole folder rather than old and new files taken for one.
+
+    A file of `COPY_OBJECT_MAX` or more cannot be copied server-side: when the replaced folder has no file of its
+    name it is uploaded straight into place (its old manifest does not name it, so that folder stays whole, and a
+    failed upload removes it again); only one that replaces a file of the old folder is staged and then streamed
+    once more, as the old file must stay until the manifest goes."""
     dfs, dpath = resolve(dest)
     parent, name = posixpath.split(dpath)
     stage = f"{parent}/.{name}.upload-{uuid.uuid4().hex[:8]}"
+    sizes = _files(fs, src)
+    sizes.pop(MANIFEST, None)  # a copied folder's own manifest: a new one is written below
+    old = _files(dfs, dpath)
+    direct = {rel for rel, size in sizes.items() if size >= COPY_OBJECT_MAX and rel not in old}
     try:
-        # file by file, not pafs.copy_files: when one file fails that returns while others are still being
-        # written (S3's background writes), and they would land after the hidden copy is removed below
-        for rel in _files(fs, src):
-            _stream(fs, f"{src}/{rel}", dfs, f"{stage}/{rel}")
-        new = _files(dfs, stage)
-        new.pop(MANIFEST, None)  # a copied folder's own manifest: a new one is written below
-        old = _files(dfs, dpath)
+        _copy_all(src, dest, [(rel, _streamer(fs, f"{src}/{rel}", dfs, f"{dpath if rel in direct else stage}/{rel}"))
+                              for rel in sorted(sizes)])
         if MANIFEST in old:
             dfs.delete_file(f"{dpath}/{MANIFEST}")
-        for rel, size in sorted(new.items()):
-            if size < COPY_OBJECT_MAX and not isinstance(dfs, pafs.LocalFileSystem):
-                dfs.copy_file(f"{stage}/{rel}", f"{dpath}/{rel}")
-            else:  # file://: its folders are made first
-                _stream(dfs, f"{stage}/{rel}", dfs, f"{dpath}/{rel}")
-        if isinstance(dfs, pafs.LocalFileSystem):  # an empty folder copied still gets its manifest
-            dfs.create_dir(dpath, recursive=True)
-        write_manifest(dfs, dpath, new)
+        _copy_all(stage, dest, [(rel, _server_copy(dfs, f"{stage}/{rel}", f"{dpath}/{rel}", sizes[rel]))
+                                for rel in sorted(set(sizes) - direct)])
+        write_manifest(dfs, dpath, sizes)
+    except BaseException:
+        for rel in direct:
+            _delete_quietly(dfs, f"{dpath}/{rel}")
+        raise
     finally:
-        try:
-            dfs.delete_dir(stage)
-        except (OSError, pa.ArrowException):
-            pass  # never uploaded, or unreachable: a hidden leftover no reader lists
+        _delete_quietly(dfs, stage, folder=True)  # never uploaded, or unreachable: a hidden leftover no reader lists
     failed = []
-    for rel in sorted(set(old) - set(new) - {MANIFEST}):
+    for rel in sorted(set(old) - set(sizes) - {MANIFEST}):
         try:
             dfs.delete_file(f"{dpath}/{rel}")
         except (OSError, pa.ArrowException) as exc:
-            failed.append(f"{rel} ({(str(exc).strip().splitlines() or [type(exc).__name__])[0]})")
+            failed.append(f"{rel} ({_first_line(exc)})")
     if failed:
         raise StorageError(f"{dest}: copied whole, but {len(failed)} file(s) of the folder it replaced cannot be "
                            f"removed: {failed[0]}; remove them by hand")
 
 
+def _copy_all(src: str, dest: str, copies: list[tuple[str, Callable[[], None]]]) -> None:
+    """Run `copies` ((relative name, copy)) on up to `COPY_THREADS` threads; once one fails, those not started
+    are skipped. Returns, or raises, only when no copy is running: S3 writes end when their stream closes, and
+    one landing after the caller cleaned up would be left behind.
+
+    Raises:
+        CopyError: naming the first file (in `copies` order) that could not be copied from `src` to `dest`.
+    """
+    failed = threading.Event()
+
+    def run(copy: Callable[[], None]) -> BaseException | None:
+        if failed.is_set():
+            return None
+        try:
+            copy()
+        except (OSError, pa.ArrowException) as exc:
+            failed.set()
+            return exc
+        return None
+
+    if not copies:
+        return
+    with ThreadPoolExecutor(min(COPY_THREADS, len(copies)), thread_name_prefix="diffray-copy") as pool:
+        errors = list(pool.map(run, [copy for _, copy in copies]))
+    bad = [(rel, exc) for (rel, _), exc in zip(copies, errors) if exc is not None]
+    if bad:
+        more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
+        raise CopyError(f"cannot copy {src}/{bad[0][0]} to {dest}: {_first_line(bad[0][1])}{more}") from bad[0][1]
+
+
 def _files(fs: pafs.FileSystem, root: str) -> dict[str, int]:
     """Every file under `root` (relative path -> bytes); none when there is no `root`."""
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    infos = walk(fs, root, allow_not_found=True)
     return {posixpath.relpath(i.path, root): i.size for i in infos if i.type == pafs.FileType.File}
 
 
-def _stream(fs: pafs.FileSystem, src: str, dfs: pafs.FileSystem, dest: str) -> None:
-    """Copy one file; closing the output waits until it is written (S3 too)."""
-    if isinstance(dfs, pafs.LocalFileSystem):
-        dfs.create_dir(posixpath.dirname(dest), recursive=True)
-    with fs.open_input_stream(src) as f, dfs.open_output_stream(dest) as out:
-        shutil.copyfileobj(f, out, 1 << 20)
+def _streamer(fs: pafs.FileSystem, src: str, dfs: pafs.FileSystem, dest: str) -> Callable[[], None]:
+    """A copy of one file, streamed in chunks (on S3 a multipart upload); closing the output waits until it is
+    written."""
+    def copy() -> None:
+        if isinstance(dfs, pafs.LocalFileSystem):
+            dfs.create_dir(posixpath.dirname(dest), recursive=True)
+        with fs.open_input_stream(src) as f, dfs.open_output_stream(dest) as out:
+            shutil.copyfileobj(f, out, 8 << 20)
+    return copy
+
+
+def _server_copy(fs: pafs.FileSystem, src: str, dest: str, size: int) -> Callable[[], None]:
+    """A copy of one file within `fs`: server-side on object storage, streamed when too big for that."""
+    return (lambda: fs.copy_file(src, dest)) if size < COPY_OBJECT_MAX else _streamer(fs, src, fs, dest)
+
+
+def _delete_quietly(fs: pafs.FileSystem, path: str, folder: bool = False) -> None:
+    try:
+        fs.delete_dir(path) if folder else fs.delete_file(path)
+    except (OSError, pa.ArrowException):
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def upload_dir(local: str | Path, dest: str) -> None:
