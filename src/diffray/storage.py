@@ -201,8 +201,12 @@ def copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> str:
 
     Raises:
         CopyError: a file could not be copied (naming the first one); the folder at `dest` is as it was.
-        StorageError: the copy is in place but files of the folder it replaced could not be removed.
+        StorageError: `src` is no folder (the folder at `dest` is as it was: on object storage an empty copy
+            would have replaced it), or the copy is in place but files of the folder it replaced could not be
+            removed.
     """
+    if fs.get_file_info(src).type != pafs.FileType.Directory:
+        raise StorageError(f"cannot copy {src} to {dest}: no such folder")
     local = local_path(dest)
     if local is None:
         _replace_remote(fs, src, dest)

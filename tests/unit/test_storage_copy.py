@@ -235,3 +235,18 @@ def test_a_link_looping_back_into_a_dataset_folder_is_listed_once_with_a_warning
     assert [(r["source"], r["error"]) for r in rows] == [("a.png", "")]
     warning = f"{root}/sub/{link}: not listed, a link to {root if link == 'up' else tmp_path}, a folder it is inside of"
     assert caplog.messages == [f"{warning} (a loop)"] * 2
+
+
+def test_a_missing_source_folder_leaves_the_destination_as_it_was(s3, tmp_path):
+    """Object storage: the copy listed no file, removed every file of the folder it replaced and wrote an empty
+    manifest in its place."""
+    old = _folder(tmp_path / "old", {"weights.bin": b"w" * 100})
+    for dest in (f"{s3.bucket('copy')}/art", str(tmp_path / "art")):
+        storage.copy_dir(pafs.LocalFileSystem(), old, dest)
+        dfs, dpath = storage.resolve(dest)
+        before = {i.path: dfs.open_input_stream(i.path).read() for i in storage.list_files(dfs, dpath, recursive=True)}
+        with pytest.raises(storage.StorageError) as err:
+            storage.copy_dir(pafs.LocalFileSystem(), str(tmp_path / "gone"), dest)
+        assert str(err.value) == f"cannot copy {tmp_path / 'gone'} to {dest}: no such folder"
+        assert {i.path: dfs.open_input_stream(i.path).read()
+                for i in storage.list_files(dfs, dpath, recursive=True)} == before
