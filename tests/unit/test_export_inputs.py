@@ -31,8 +31,6 @@ def _make(kind, at):
     if kind == "pipeline":  # DreamBooth full / method full: save_pretrained of a pipeline
         (at / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
         (at / "unet").mkdir()
-    elif kind == "textual_inversion":
-        _weights(at / "learned_embeds.safetensors")
     elif kind == "peft":  # a LoHa / LoKr run's artifact
         _weights(at / "adapter_model.safetensors")
         (at / "adapter_config.json").write_text("{}")
@@ -53,7 +51,6 @@ def _make(kind, at):
     ("file", "a file, not a folder"),
     ("empty", "an empty folder"),
     ("pipeline", r"a full pipeline folder \(model_index.json"),
-    ("textual_inversion", r"a Textual Inversion embedding \(learned_embeds.safetensors\)"),
     ("peft", r"a PEFT adapter \(adapter_model.safetensors: LoHa or LoKr"),
     ("controlnet", r"a ControlNet \(config.json: ControlNetModel\)"),
     ("vae", r"a diffusers AutoencoderKL \(config.json\)"),

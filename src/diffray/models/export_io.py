@@ -179,6 +179,8 @@ MODELSPEC_ARCH = {"stable-diffusion": "stable-diffusion-v1", "stable-diffusion-x
 MODELSPEC_IMPL = {"stable-diffusion": "diffusers",  # sd-scripts' values: diffusers for SD 1.x, SGM for SDXL
                   "stable-diffusion-xl": "https://github.com/Stability-AI/generative-models",
                   "flux": "https://github.com/black-forest-labs/flux"}
+# The architecture suffix of each adapter kind (sd-scripts' ADAPTER_*) -> how a description names it
+MODELSPEC_ADAPTERS = {"lora": "LoRA", "textual-inversion": "embedding"}
 _NATIVE_SIDE = {"stable-diffusion": 512, "stable-diffusion-xl": 1024, "flux": 1024}
 # kohya's `ss_base_model_version` of each family's LoRA; SD 1.x/2.x's is made by `kohya_base_version`
 KOHYA_BASE_VERSION = {"stable-diffusion-xl": "sdxl_base_v1-0"}
@@ -220,23 +222,26 @@ def kohya_base_version(card: dict, family: str) -> str:
     return f"sd_v{version}" + ("_v" if v_pred else "")
 
 
-def modelspec_architecture(card: dict, family: str) -> str:
-    """The ModelSpec architecture of a LoRA (sd-scripts' `determine_architecture`): SD 2.x's is
-    `stable-diffusion-v2-768-v` when trained for v-prediction, else `stable-diffusion-v2-512`."""
+def modelspec_architecture(card: dict, family: str, adapter: str = "lora") -> str:
+    """The ModelSpec architecture of an adapter (sd-scripts' `determine_architecture`): the base's, then
+    `/<adapter>` (`MODELSPEC_ADAPTERS`). SD 2.x's is `stable-diffusion-v2-768-v` when trained for
+    v-prediction, else `stable-diffusion-v2-512`."""
     if family in MODELSPEC_ARCH and family != "stable-diffusion":
-        return f"{MODELSPEC_ARCH[family]}/lora"
+        return f"{MODELSPEC_ARCH[family]}/{adapter}"
     version, v_pred = sd_base(card)
     arch = MODELSPEC_ARCH["stable-diffusion"] if version == 1 else \
         "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-    return f"{arch}/lora"
+    return f"{arch}/{adapter}"
 
 
-def modelspec(card: dict, family: str, title: str) -> dict[str, str]:
-    """The SAI ModelSpec keys of a LoRA file (all strings: safetensors metadata): version, architecture,
-    implementation, title, resolution (the training one), date (the card's `created`), a description, and the
-    trigger phrase (`data.trigger_word`, else a DreamBooth `instance_prompt`) and prediction type when known."""
+def modelspec(card: dict, family: str, title: str, adapter: str = "lora",
+              trigger: str | None = None) -> dict[str, str]:
+    """The SAI ModelSpec keys of an adapter file (all strings: safetensors metadata): version, architecture
+    (of `adapter`: a `MODELSPEC_ADAPTERS` key), implementation, title, resolution (the training one), date (the
+    card's `created`), a description, and the trigger phrase (`trigger`, else `data.trigger_word`, else a
+    DreamBooth `instance_prompt`) and prediction type when known."""
     data = _section(_section(card, "config"), "data")
-    arch = modelspec_architecture(card, family)
+    arch = modelspec_architecture(card, family, adapter)
     native = 768 if arch.startswith("stable-diffusion-v2-768") else _NATIVE_SIDE.get(family, 512)
     side = data.get("resolution") if isinstance(data.get("resolution"), int) else native
     created = card.get("created")
@@ -247,9 +252,10 @@ def modelspec(card: dict, family: str, title: str) -> dict[str, str]:
     meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
             "modelspec.implementation": MODELSPEC_IMPL.get(family, "diffusers"), "modelspec.title": title,
             "modelspec.resolution": f"{side}x{side}", "modelspec.date": created,
-            "modelspec.description": f"diffray {card.get('method', 'lora')} LoRA" + (f" of {base}" if base else "")
+            "modelspec.description": f"diffray {card.get('method', 'lora')} {MODELSPEC_ADAPTERS[adapter]}"
+                                     + (f" of {base}" if base else "")
                                      + (f", {steps} steps" if isinstance(steps, int) else ""),
-            "modelspec.trigger_phrase": data.get("trigger_word") or card.get("instance_prompt"),
+            "modelspec.trigger_phrase": trigger or data.get("trigger_word") or card.get("instance_prompt"),
             "modelspec.prediction_type": prediction}
     return {k: str(v) for k, v in meta.items() if isinstance(v, str) and v}
 

@@ -23,6 +23,7 @@ from diffray.errors import ConfigError
 from diffray.models.adapters import CARD, LORA_WEIGHTS, PEFT_CONFIG, PEFT_PREFIX, PEFT_WEIGHTS
 from diffray.models.export_io import (check_out, kohya_base_version, kohya_name, model_name, modelspec, read_card_file,
                                       replaced_dir, sd_base, what_is_at, write_export_card)
+from diffray.models.ti_formats import export_ti_artifact, is_ti_artifact
 
 FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # SD 1.x/2.x kohya prefixes
@@ -295,22 +296,27 @@ def write_peft(weights: LoraWeights, out_dir: Path) -> Path:
 
 def export_artifact(artifact: str | Path, fmt: str, out_dir: str | Path) -> Path:
     """Write a LoRA artifact dir (`pytorch_lora_weights.safetensors`) in `fmt` into out_dir, with its card made
-    public (`export_io.public_value`). Everything is checked before anything is written; the export is built
-    in a temporary sibling that replaces out_dir (an earlier export) only when complete.
+    public (`export_io.public_value`); a Textual Inversion artifact goes to `ti_formats.export_ti_artifact`.
+    Everything is checked before anything is written; the export is built in a temporary sibling that replaces
+    out_dir (an earlier export) only when complete.
 
     Raises:
-        ConfigError: unknown format or one that cannot hold this LoRA, `artifact` holds no LoRA, or out_dir
-            is the artifact, holds it, is a file or a non-empty folder that is not an export.
-        AdapterError: the artifact's card is not a JSON object, or names the kohya file outside out_dir.
+        ConfigError: unknown format or one that cannot hold this LoRA (or TI), `artifact` holds no LoRA or TI,
+            or out_dir is the artifact, holds it, is a file or a non-empty folder that is not an export.
+        AdapterError: the artifact's card is not a JSON object, or names the kohya file outside out_dir (or a TI
+            token that names no file).
         StorageError: out_dir cannot be created or written.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"{fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     src = Path(artifact).expanduser()
     weights_file = src / LORA_WEIGHTS
+    if not weights_file.is_file() and is_ti_artifact(src):
+        return export_ti_artifact(src, fmt, Path(out_dir).expanduser())
+    if fmt not in FORMATS:
+        raise ConfigError(f"{fmt!r} is not one of {', '.join(FORMATS)}", field="format")
     if not weights_file.is_file():
         raise ConfigError(f"{src}: not a LoRA artifact but {what_is_at(src)}; export takes the artifact folder of "
-                          f"a LoRA run (lora, dreambooth lora mode, ...: one with {LORA_WEIGHTS})", field="ARTIFACT")
+                          f"a LoRA run (lora, dreambooth lora mode, ...: one with {LORA_WEIGHTS}) or of a Textual "
+                          "Inversion run (learned_embeds.safetensors)", field="ARTIFACT")
     out = Path(out_dir).expanduser()
     check_out(src, out)
     card = read_card_file(src / CARD)
