@@ -63,7 +63,7 @@ def test_learns_only_the_new_token_and_exports_a_stock_embedding(ray_cluster, tm
 
     # weight_decay > 0: AdamW would decay every row of the matrix; the guard must undo it each step.
     cfg = ti_cfg(tmp_path, "ti", "train.max_steps=16", "train.checkpoint_every=8", "train.validate_every=16",
-                 "optim.weight_decay=0.1")
+                 "optim.weight_decay=0.1", "export.formats=[kohya]")
     assert cfg.scaling.num_workers == 2 and cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 2
     result = run_training(cfg)
     assert result.steps == 16 and result.loss_first_mean == result.loss_first_mean  # finite, not NaN
@@ -85,6 +85,8 @@ def test_learns_only_the_new_token_and_exports_a_stock_embedding(ray_cluster, tm
     assert (trained[token_id] - init).norm() > 0.1, "the new row trained away from its initializer"
     learned = load_file(str(Path(result.artifact_dir) / TI_WEIGHTS))
     assert list(learned) == [TOK] and torch.equal(learned[TOK], trained[token_id:token_id + 1])
+    a1111 = load_file(str(Path(result.artifact_dir) / "kohya" / "sks-widget.safetensors"))  # export.formats
+    assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"], learned[TOK])
 
     # Learning: on the same noise/timestep/template draws, the trained token denoises better than its start.
     before = fixed_draw_loss(cfg, tiny_model_path, None, range(1, 9))

@@ -57,6 +57,11 @@ def test_config_defaults_and_errors():
          "dataset"),
         ({"textual_inversion": {"captions": "dataset", "concept_word": "two words"}},
          "textual_inversion.concept_word: String should match"),
+        ({"export": {"formats": ["kohya", "peft"]}}, "export.formats: a Textual Inversion embedding has no peft "
+                                                      "layout; its formats are kohya"),
+        ({"export": {"formats": ["kohya"]}, "textual_inversion": {"placeholder_token": "<nul>"}},
+         "export.formats: kohya: textual_inversion.placeholder_token: placeholder_token '<nul>' cannot name the "
+         "embedding file (a Windows device name"),
     ]:
         with pytest.raises(ConfigError) as err:
             validate_config({"method": "textual_inversion", **raw})

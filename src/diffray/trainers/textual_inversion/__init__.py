@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from diffray.config import DataSection, RunSection, Section, TrainConfig
-from diffray.errors import ConfigError
+from diffray.config import DataSection, ExportSection, RunSection, Section, TrainConfig
+from diffray.errors import ConfigError, DiffrayError
 from diffray.trainers.method import DataSource, Method
 
 
@@ -48,6 +48,8 @@ class TextualInversionTrainConfig(TrainConfig):
                               description="The concept's images; their captions are replaced by templates unless "
                                           "textual_inversion.captions is 'dataset'.")
     textual_inversion: TextualInversionSection = Field(default_factory=TextualInversionSection)
+    export: ExportSection = Field(default_factory=ExportSection,
+                                  description="kohya: also the A1111/ComfyUI embedding file, in artifact/kohya/.")
 
     @model_validator(mode="after")
     def _check(self) -> TextualInversionTrainConfig:
@@ -59,6 +61,16 @@ class TextualInversionTrainConfig(TrainConfig):
         if ti.concept_word is not None and ti.captions != "dataset":
             raise ValueError("textual_inversion.concept_word: names a word of the dataset's captions; it needs "
                              "textual_inversion.captions: dataset")
+        if "peft" in self.export.formats:
+            raise ValueError("export.formats: a Textual Inversion embedding has no peft layout; its formats are "
+                             "kohya (the A1111/ComfyUI embedding file) and diffusers")
+        if "kohya" in self.export.formats:  # the file is named after the token: refused now, not after training
+            from diffray.models.ti_formats import embedding_name
+
+            try:
+                embedding_name(ti.placeholder_token, "textual_inversion.placeholder_token")
+            except DiffrayError as exc:
+                raise ValueError(f"export.formats: kohya: {exc}") from None
         return self
 
 

@@ -115,8 +115,13 @@ class TextualInversionTask(DenoisingTask):
             guard.restore()
 
     def export(self, out_dir: Path, card: dict[str, Any]) -> Path:
+        from diffray.models.lora_formats import export_artifact
+
         second = {} if self.comps.text_encoder_2 is None else dict(text_encoder_2=self.comps.text_encoder_2,
                                                                     token_ids_2=self.token_ids[1])
         card = {**card, **card_fields(self.cfg, bool(second))}
-        return export_textual_inversion(out_dir, self.comps.text_encoder, self.token_ids[0],
-                                        self.cfg.textual_inversion.placeholder_token, card, **second)
+        out = export_textual_inversion(out_dir, self.comps.text_encoder, self.token_ids[0],
+                                       self.cfg.textual_inversion.placeholder_token, card, **second)
+        for fmt in self.cfg.export.formats:  # artifact/<format>/, as a LoRA run's (kohya: the A1111 embedding)
+            export_artifact(out, fmt, out / fmt)
+        return out
