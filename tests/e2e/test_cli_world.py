@@ -50,3 +50,19 @@ def test_eval_prints_table_and_writes_report(ray_cluster, tmp_path):
     assert json.loads((report / "results.json").read_text())["settings"]["num"] == 2
     bad = run(["eval", "--suite", "prompts", "--token", "<star>"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("diffray: error: token: ")
+
+    # A card-less LoRA of a wider model is found only as the renderers load it: one line, not Ray Data's 80-line
+    # trace of an actor that died starting (printed as a bug of Ray's own) above it.
+    import numpy as np
+    from safetensors.numpy import save
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    (wide / "pytorch_lora_weights.safetensors").write_bytes(save({
+        key: np.ones((4, 1024), np.float32), key.replace("lora_A", "lora_B"): np.zeros((32, 4), np.float32)}))
+    bad = run(["eval", "--model", "builtin:tiny-random", "--adapter", str(wide), "--suite", "prompts", "--num", "2",
+               "--steps", "2"], ray_address=ray.get_runtime_context().gcs_address)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith(f"diffray: error: adapter: {wide}: cannot load LoRA into "
+                                                          "this base model: size mismatch"), bad.stderr[-3000:]

@@ -44,9 +44,16 @@ class Renderer:
     Chunks are fixed on the driver, so base and adapter images of an item come from equal batches (a batch's
     size changes the float result in its last bits)."""
 
-    def __init__(self, items: list[EvalItem], model_path: str, adapter: str | None, controlnet: str | None,
-                 steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int,
-                 timestep_spacing: str | None = None):
+    def __init__(self, *args, **kwargs):
+        self.failed: DiffrayError | None = None
+        try:
+            self._load(*args, **kwargs)
+        except DiffrayError as exc:  # raised by the first batch: Ray Data prints an actor that dies starting as a
+            self.failed = exc        # bug of its own, with its whole trace, before the driver sees the error
+
+    def _load(self, items: list[EvalItem], model_path: str, adapter: str | None, controlnet: str | None,
+              steps: int, guidance: float, resolution: int, lora_scale: float, batch_size: int, threads: int,
+              timestep_spacing: str | None = None) -> None:
         import torch
 
         from diffray.generate import load_adapter
@@ -93,6 +100,8 @@ class Renderer:
         return pipe(prompts, generator=gens, **extra).images
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.failed is not None:
+            raise self.failed
         out: dict[str, list] = {"id": [], "variant": [], "image": []}
         for variant, chunk in zip(batch["variant"], batch["chunk"]):
             items = self.items[int(chunk) * self.batch_size:(int(chunk) + 1) * self.batch_size]
