@@ -245,8 +245,8 @@ def tune(args: list[str] = typer.Argument(..., metavar="CONFIG [key.path=value .
 
 
 @app.command("submit", context_settings={"allow_interspersed_args": False})
-def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
-                                            help="The diffray command to run on the cluster, e.g. train CONFIG"),
+def submit(ctx: typer.Context, args: Optional[list[str]] = typer.Argument(
+               None, metavar="-- COMMAND", help="The diffray command to run on the cluster, e.g. train CONFIG"),
            address: Optional[str] = typer.Option(None, help="Job server URL (default: $RAY_API_SERVER_ADDRESS, "
                                                  "else an http(s) $RAY_ADDRESS, else http://127.0.0.1:8265: a local "
                                                  "head or `ray dashboard` tunnel)"),
@@ -259,8 +259,8 @@ def submit(args: list[str] = typer.Argument(..., metavar="-- COMMAND",
            follow: bool = typer.Option(True, help="Stream the job's logs and exit with its status")) -> None:
     """Run a diffray command on a running Ray cluster as a Ray job: `diffray submit -- train configs/lora.yaml`."""
     from diffray.submit import parse_env, submit_job
-
-    job_id = submit_job(address, args, working_dir, parse_env(env or []), exclude or [], storage_path, follow)
+    job_id = submit_job(address, args or [], working_dir, parse_env(env or []), exclude or [], storage_path, follow,
+                        diffray=ctx.find_root().command)  # the commands and options a job's `diffray` takes
     if not follow:
         typer.echo(job_id)  # alone on stdout: `ID=$(diffray submit --no-follow -- ...)`
 

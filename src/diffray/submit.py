@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -36,6 +37,7 @@ DEFAULT_EXCLUDES = [".git", ".venv", ".cache", "runs", "outputs", "__pycache__",
 JOB_ENV = {"PYTHONUNBUFFERED": "1"}  # logs reach `tail_job_logs` as they are written
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # read by `job_server_address` only
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a variable a shell can set and read
 
 
 class JobFailed(DiffrayError):
@@ -50,8 +52,38 @@ def job_server_address(address: str | None) -> str:
 
     ray_address = os.environ.get("RAY_ADDRESS", "")
     http_ray_address = ray_address if is_job_server_url(ray_address) else None
+    source = ("--address" if address else "RAY_API_SERVER_ADDRESS" if os.environ.get("RAY_API_SERVER_ADDRESS")
+              else "RAY_ADDRESS" if http_ray_address else "the default address")
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or http_ray_address or DEFAULT_ADDRESS
-    return address if is_uri(address) else f"http://{address}"
+    address = address if is_uri(address) else f"http://{address}"
+    check_address(address, source)
+    return address
+
+
+def check_address(address: str, source: str) -> None:
+    """Refuse an http(s) address that is no URL (Ray's client raised a bare ValueError, or 'cannot reach' for a
+    port out of range) and a Ray Client address (ray://, the cluster's, not its job server's).
+
+    Raises:
+        ConfigError: naming `source` (the option or variable) and the address, credentials hidden (`shown`).
+    """
+    scheme = address.split("://")[0].lower()
+    try:
+        parsed = urlparse(address)
+        host, _ = parsed.hostname, parsed.port  # each raises ValueError on a malformed netloc or port
+    except ValueError as exc:
+        raise ConfigError(f"{source} {shown(address)}: not a URL ({exc}); expected http://HOST:PORT") from None
+    if scheme == "ray":
+        raise ConfigError(f"{source} {shown(address)}: a Ray Client address; give the job server's (dashboard's) "
+                          f"URL, e.g. http://HOST:8265")
+    if scheme in ("http", "https") and not host:
+        raise ConfigError(f"{source} {shown(address)}: no host; expected http://HOST:PORT")
+
+
+def shown(text: str) -> str:
+    """`text` (an address, or a message naming one) fit to print: credentials in a URL (http://user:pw@host, basic
+    auth through a proxy, or a token as the user name) as ***."""
+    return re.sub(r"//[^/?#\s]*@", "//***@", text)
 
 
 def token_available() -> bool:
@@ -69,12 +101,32 @@ def enable_token_for_loopback(address: str) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def entrypoint(args: list[str]) -> str:
-    """The job's shell command: `diffray` with the arguments quoted."""
-    if not args:
+def entrypoint(args: list[str], diffray=None) -> str:
+    """The job's shell command: `diffray` with the arguments quoted; with `diffray`, the CLI's click group, a
+    command or option it lacks is refused (`check_command`)."""
+    if not args or not command_of(args):
         raise ConfigError("nothing to submit: give a diffray command after --, e.g. "
                           "`diffray submit -- train configs/lora.yaml`")
+    if diffray is not None:
+        check_command(args, diffray)
     return shlex.join(["diffray", *args])
+
+
+def check_command(args: list[str], diffray) -> None:
+    """Refuse, before the upload, a command or leading option that `diffray` (the CLI's click group, passed in:
+    this module must not import the CLI) would reject: the job failed on the cluster with a usage error
+    (`-- python x.py`, `-- trian x.yaml`).
+
+    Raises:
+        ConfigError: naming the command or option and the ones diffray has.
+    """
+    cmd = command_of(args)
+    options = {opt for param in diffray.params for opt in param.opts} | {"--help"}
+    if unknown := [a for a in args[:len(args) - len(cmd)] if a not in options]:
+        raise ConfigError(f"{unknown[0]}: not an option of diffray (before the command: {', '.join(sorted(options))})")
+    if cmd[0] not in diffray.commands:
+        raise ConfigError(f"{cmd[0]}: not a diffray command; `diffray submit -- COMMAND` runs `diffray COMMAND` "
+                          f"on the cluster, one of: {', '.join(sorted(diffray.commands))}")
 
 
 def command_of(args: list[str]) -> list[str]:
@@ -193,7 +245,8 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
     except ImportError:
         DASHBOARD_CLIENT_MAX_SIZE = GCS_STORAGE_MAX_SIZE = 100 * 2**20  # Ray 2.60's
     config = job_config(args)
-    if config is not None and not on_cluster_only(config):  # as written (a symlinked dir inside is zipped as it is named), or resolved
+    # as written (a symlinked dir inside is zipped as it is named), or resolved
+    if config is not None and not on_cluster_only(config):
         names = {os.path.relpath(f(working_dir / config), working_dir) for f in (os.path.normpath, os.path.realpath)}
         inside = [Path(n).as_posix() for n in names if n != ".." and not n.startswith(f"..{os.sep}")]
         if not inside:
@@ -218,12 +271,25 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
-    """`KEY=VALUE` strings -> a dict (ConfigError naming a malformed one)."""
+    """`KEY=VALUE` strings -> a dict.
+
+    Raises:
+        ConfigError: naming a malformed pair, a key that is no variable name or one given twice; never a value
+            (a secret), nor a pair without `=` unless it is a bare name.
+    """
     out = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, 1):
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep and ENV_NAME.fullmatch(pair):
             raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        if not sep or not key:
+            raise ConfigError(f"--env number {number}: expected KEY=VALUE (" + ("no '='" if not sep else "no key")
+                              + "; the value is not shown here: it may be a secret)")
+        if not ENV_NAME.fullmatch(key):
+            raise ConfigError(f"--env {key!r}=...: not a variable name (letters, digits and _, not starting with "
+                              "a digit)")
+        if key in out:
+            raise ConfigError(f"--env {key}: given twice; give each variable once")
         out[key] = value
     return out
 
@@ -240,13 +306,13 @@ def job_client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
-        raise DiffrayError(f"the Ray job server at {address} refused the request: token authentication is on; "
+        raise DiffrayError(f"the Ray job server at {shown(address)} refused the request: token authentication is on; "
                            "set RAY_AUTH_MODE=token and provide the cluster's token (RAY_AUTH_TOKEN, "
                            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray get-auth-token` on the head prints "
                            "it)") from None
     except Exception as exc:  # ConnectionError, requests errors, a bad URL: the same advice applies
         reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise DiffrayError(f"cannot reach the Ray job server at {address} ({reason}); is the cluster up? "
+        raise DiffrayError(f"cannot reach the Ray job server at {shown(address)} ({shown(reason)}); is the cluster up? "
                            "For a cluster started with `ray up cluster.yaml`, run `ray dashboard cluster.yaml` "
                            f"(an SSH tunnel) and use {DEFAULT_ADDRESS}") from None
     finally:
@@ -266,8 +332,9 @@ def follow_logs(client, job_id: str, out: TextIO) -> None:
 
 def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars: dict[str, str],
                excludes: list[str], storage_path: str | None = None, follow: bool = True,
-               out: TextIO | None = None, err: TextIO | None = None) -> str:
-    """Submit `diffray ARGS` as a Ray job; with `follow`, stream its logs and wait for it to end.
+               out: TextIO | None = None, err: TextIO | None = None, diffray=None) -> str:
+    """Submit `diffray ARGS` as a Ray job; with `follow`, stream its logs and wait for it to end. With `diffray`,
+    the CLI's click group, the command is checked against it before anything is uploaded.
 
     Returns:
         The submission id (the job succeeded, or was only submitted when `follow` is false).
@@ -281,7 +348,7 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
     out, err = out or sys.stdout, err or sys.stderr  # as they are now (pytest's capture swaps them)
     address = job_server_address(address)
     args = with_storage_path(args, storage_path)
-    command = entrypoint(args)
+    command = entrypoint(args, diffray)
     working_dir = working_dir.resolve()
     env = runtime_env(working_dir, env_vars, excludes)
     precheck(args, working_dir, err)
@@ -291,14 +358,15 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
               "its variables with --env KEY=VALUE)", file=err, flush=True)
     client = job_client(address)
     job_id = client.submit_job(entrypoint=command, runtime_env=env)
-    print(f"diffray: submitted {job_id} to {address}: {command}", file=err, flush=True)
+    print(f"diffray: submitted {job_id} to {shown(address)}: {command}", file=err, flush=True)
     if not follow:
         return job_id
     try:
         follow_logs(client, job_id, out)
     except KeyboardInterrupt:
+        where = shown(address)
         raise DiffrayError(f"stopped following {job_id}; the job keeps running (`ray job logs --follow "
-                           f"--address {address} {job_id}`, `ray job stop --address {address} {job_id}`)") from None
+                           f"--address {where} {job_id}`, `ray job stop --address {where} {job_id}`)") from None
     return wait_for_end(client, job_id)
 
 
