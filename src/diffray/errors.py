@@ -6,6 +6,8 @@ heavy libraries so any layer can raise these.
 
 from __future__ import annotations
 
+import re
+
 
 class DiffrayError(Exception):
     """Base class: a user-facing error whose message is shown as-is (no traceback)."""
@@ -66,3 +68,10 @@ class RequestError(DiffrayError):
 
     def __reduce__(self):  # keep the fields when Ray pickles the error across processes
         return (type(self), (self.message, self.param, self.status, self.kind))
+
+
+def hidden_credentials(text: str) -> str:
+    """`text` (a URL, or a message naming URLs) fit to print in an error: each URL's `user:password@` (basic auth
+    through a proxy, a token as the user name) as `***@`."""
+    text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:)//[^/?#]*@", r"\1//***@", text)  # a URL's own, spaces and all
+    return re.sub(r"//[^/?#\s]*@", "//***@", text)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
 
-from diffray.errors import ConfigError, DiffrayError
+from diffray.errors import ConfigError, DiffrayError, hidden_credentials
 from diffray.storage import is_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -65,25 +65,19 @@ def check_address(address: str, source: str) -> None:
     port out of range) and a Ray Client address (ray://, the cluster's, not its job server's).
 
     Raises:
-        ConfigError: naming `source` (the option or variable) and the address, credentials hidden (`shown`).
+        ConfigError: naming `source` (the option or variable) and the address, credentials hidden.
     """
-    scheme = address.split("://")[0].lower()
+    scheme, where = address.split("://")[0].lower(), f"{source} {hidden_credentials(address)}"
     try:
         parsed = urlparse(address)
         host, _ = parsed.hostname, parsed.port  # each raises ValueError on a malformed netloc or port
     except ValueError as exc:
-        raise ConfigError(f"{source} {shown(address)}: not a URL ({exc}); expected http://HOST:PORT") from None
+        raise ConfigError(f"{where}: not a URL ({exc}); expected http://HOST:PORT") from None
     if scheme == "ray":
-        raise ConfigError(f"{source} {shown(address)}: a Ray Client address; give the job server's (dashboard's) "
-                          f"URL, e.g. http://HOST:8265")
+        raise ConfigError(f"{where}: a Ray Client address; give the job server's (dashboard's) URL, e.g. "
+                          "http://HOST:8265")
     if scheme in ("http", "https") and not host:
-        raise ConfigError(f"{source} {shown(address)}: no host; expected http://HOST:PORT")
-
-
-def shown(text: str) -> str:
-    """`text` (an address, or a message naming one) fit to print: credentials in a URL (http://user:pw@host, basic
-    auth through a proxy, or a token as the user name) as ***."""
-    return re.sub(r"//[^/?#\s]*@", "//***@", text)
+        raise ConfigError(f"{where}: no host; expected http://HOST:PORT")
 
 
 def token_available() -> bool:
@@ -306,15 +300,16 @@ def job_client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError:
-        raise DiffrayError(f"the Ray job server at {shown(address)} refused the request: token authentication is on; "
-                           "set RAY_AUTH_MODE=token and provide the cluster's token (RAY_AUTH_TOKEN, "
-                           "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray get-auth-token` on the head prints "
-                           "it)") from None
+        raise DiffrayError(f"the Ray job server at {hidden_credentials(address)} refused the request: token "
+                           "authentication is on; set RAY_AUTH_MODE=token and provide the cluster's token "
+                           "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; `ray get-auth-token` on the "
+                           "head prints it)") from None
     except Exception as exc:  # ConnectionError, requests errors, a bad URL: the same advice applies
         reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise DiffrayError(f"cannot reach the Ray job server at {shown(address)} ({shown(reason)}); is the cluster up? "
-                           "For a cluster started with `ray up cluster.yaml`, run `ray dashboard cluster.yaml` "
-                           f"(an SSH tunnel) and use {DEFAULT_ADDRESS}") from None
+        raise DiffrayError(f"cannot reach the Ray job server at {hidden_credentials(address)} "
+                           f"({hidden_credentials(reason)}); is the cluster up? For a cluster started with `ray up "
+                           f"cluster.yaml`, run `ray dashboard cluster.yaml` (an SSH tunnel) and use {DEFAULT_ADDRESS}"
+                           ) from None
     finally:
         os.environ.update(saved)
 
@@ -358,13 +353,13 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
               "its variables with --env KEY=VALUE)", file=err, flush=True)
     client = job_client(address)
     job_id = client.submit_job(entrypoint=command, runtime_env=env)
-    print(f"diffray: submitted {job_id} to {shown(address)}: {command}", file=err, flush=True)
+    print(f"diffray: submitted {job_id} to {hidden_credentials(address)}: {command}", file=err, flush=True)
     if not follow:
         return job_id
     try:
         follow_logs(client, job_id, out)
     except KeyboardInterrupt:
-        where = shown(address)
+        where = hidden_credentials(address)
         raise DiffrayError(f"stopped following {job_id}; the job keeps running (`ray job logs --follow "
                            f"--address {where} {job_id}`, `ray job stop --address {where} {job_id}`)") from None
     return wait_for_end(client, job_id)

@@ -254,3 +254,15 @@ def test_the_cli_prints_one_line_without_a_traceback(server, tmp_path, monkeypat
     assert code == 1 and "Traceback" not in out and not list(tmp_path.iterdir()), out
     assert line == (f"diffray: error: {server.url}/v1/generate: the answer is not JSON (Expecting value: "
                     "'proxy login'); is --url a diffray server?"), out
+
+
+def test_credentials_are_hidden_in_a_url_and_in_a_message_naming_urls():
+    """One helper for the client and `diffray submit`: a URL's own userinfo (spaces and '@' included), and each
+    URL's in a message, never its path or what follows."""
+    from diffray.errors import hidden_credentials
+
+    assert hidden_credentials("http://us er:p w@h:1/v1") == "http://***@h:1/v1"
+    assert hidden_credentials("https://me:p@ss@host/") == "https://***@host/"
+    assert hidden_credentials("at http://a:b@h (see x@y), then ray://t0k@h2:1") == \
+        "at http://***@h (see x@y), then ray://***@h2:1"
+    assert hidden_credentials("http://host:8265/a@b") == "http://host:8265/a@b"

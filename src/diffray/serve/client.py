@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffray.errors import ConfigError, DiffrayError, RequestError
+from diffray.errors import ConfigError, DiffrayError, RequestError, hidden_credentials
 
 RETRY_STATUS = (408, 429, 502, 503, 504)
 MAX_ANSWER_BYTES = 512 * 2**20  # far above n images at the server's size limits; a stream past it is no answer
@@ -47,15 +47,10 @@ class RetryPolicy:
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
 
 
-def shown_url(url: str) -> str:
-    """`url` as messages may show it: any `user:password@` replaced by `***@`."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1***@", url)
-
-
 def check_server_url(url: str) -> None:
     """Raises ConfigError naming `--url` when `url` is no http(s) URL with a host and a valid port (no retry
     could reach it), or carries credentials (never sent: the key goes in a header)."""
-    shown = shown_url(url)
+    shown = hidden_credentials(url)
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
@@ -87,7 +82,7 @@ def post_json(url: str, body: dict[str, Any], api_key: str | None = None, timeou
             no JSON object (not retried), or retries exhausted on 408/429/5xx, timeouts and connection errors.
     """
     check_server_url(url)
-    where, retry = shown_url(url), retry or RetryPolicy()
+    where, retry = hidden_credentials(url), retry or RetryPolicy()
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -176,7 +171,7 @@ def _refusal(exc: urllib.error.HTTPError, where: str) -> RequestError:
     """A non-retried HTTP error as one line: the server's message and field, and what to do."""
     message, param = _error_message(exc)
     if 300 <= exc.code < 400:
-        to = shown_url(exc.headers.get("Location") or "nowhere")
+        to = hidden_credentials(exc.headers.get("Location") or "nowhere")
         return RequestError(f"{where}: redirected (HTTP {exc.code}) to {to}, not followed; give --url the "
                             "server's own address", status=exc.code)
     hint = ""
@@ -261,12 +256,12 @@ def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_
             body.update(adapter=adapter, adapter_scale=lora_scale)
         with Spinner(f"[{p + 1}/{len(prompts)}] generating"):
             answer, _ = post_json(endpoint, body, api_key=api_key, retry=retry, on_retry=note)
-        pngs = answer_pngs(answer, shown_url(endpoint))  # all checked before any is written
+        pngs = answer_pngs(answer, hidden_credentials(endpoint))  # all checked before any is written
         for i, png in enumerate(pngs):
             paths.append(write_atomically(png, out.with_name(f"{out.stem}-{p}-{i}.png")))
         print(f"[{p + 1}/{len(prompts)}] {len(pngs)} image(s) seed {answer.get('seed')}", file=sys.stderr, flush=True)
     if not paths:
-        raise DiffrayError(f"{shown_url(endpoint)}: no images in the answer")
+        raise DiffrayError(f"{hidden_credentials(endpoint)}: no images in the answer")
     return paths
 
 
