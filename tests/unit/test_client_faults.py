@@ -266,3 +266,12 @@ def test_credentials_are_hidden_in_a_url_and_in_a_message_naming_urls():
     assert hidden_credentials("at http://a:b@h (see x@y), then ray://t0k@h2:1") == \
         "at http://***@h (see x@y), then ray://***@h2:1"
     assert hidden_credentials("http://host:8265/a@b") == "http://host:8265/a@b"
+
+
+def test_the_spinner_writes_nothing_into_a_log(capsys):
+    """Not a terminal (CI, nohup, a Ray job's log): its `\\r` updates, two a second, each became a line of the log."""
+    from diffray.serve.client import Spinner
+
+    with Spinner("[1/1] generating") as spinner:
+        assert not spinner.thread.is_alive()
+    assert capsys.readouterr().err == ""

@@ -201,7 +201,8 @@ def _connection_problem(reason: BaseException | str, timeout: float) -> str:
 
 
 class Spinner:
-    """Elapsed seconds on stderr while a long request runs (progress for long generations)."""
+    """Elapsed seconds on stderr while a long request runs (progress for long generations), on a terminal only: in
+    a log (CI, `nohup`, a Ray job) each `\r` update would be a line of its own, two a second."""
 
     def __init__(self, label: str):
         self.label, self.done = label, threading.Event()
@@ -213,13 +214,15 @@ class Spinner:
             print(f"\r{self.label}: {time.time() - t0:5.1f}s", end="", file=sys.stderr, flush=True)
 
     def __enter__(self):
-        self.thread.start()
+        if sys.stderr.isatty():
+            self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.done.set()
-        self.thread.join()
-        print("\r", end="", file=sys.stderr, flush=True)
+        if self.thread.ident is not None:  # started
+            self.thread.join()
+            print("\r", end="", file=sys.stderr, flush=True)
 
 
 def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_images: int = 1,
