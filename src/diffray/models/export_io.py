@@ -205,12 +205,17 @@ def training_prediction(card: dict) -> str | None:
     return None
 
 
+def sd_major(config: Any) -> int | None:
+    """The Stable Diffusion major version a `base_model_config` (`family.base_model_config`) names: 2 for SD 2.x's
+    exact-GELU text encoder, else 1; None when it names no activation (a card written before it was recorded)."""
+    act = _section(config, "text_encoder").get("hidden_act")
+    return None if not isinstance(act, str) else 2 if act == SD2_TEXT_ACT else 1
+
+
 def sd_base(card: dict) -> tuple[int, bool]:
-    """(major version, v-prediction) of a Stable Diffusion LoRA's base: 2 when its card's `base_model_config`
-    (`family.base_model_config`) names SD 2.x's text encoder, else 1 (cards written before it was recorded);
-    v-prediction by `training_prediction`."""
-    act = _section(_section(card, "base_model_config"), "text_encoder").get("hidden_act")
-    return (2 if act == SD2_TEXT_ACT else 1), training_prediction(card) == "v_prediction"
+    """(major version, v-prediction) of a Stable Diffusion LoRA's base: `sd_major` of its card's
+    `base_model_config`, 1 for cards written before it was recorded; v-prediction by `training_prediction`."""
+    return sd_major(_section(card, "base_model_config")) or 1, training_prediction(card) == "v_prediction"
 
 
 def kohya_base_version(card: dict, family: str) -> str:

@@ -205,17 +205,16 @@ CROSS_ATTENTION_DOWN = re.compile(r".*attn2[._](?:processor[._])?to_[kv](?:_lora
 
 
 def sd_version(config: Any) -> tuple[int, int | None] | None:
-    """(major version, text-encoder width) that a `base_model_config` (`family.base_model_config`) names: 2 for SD
-    2.x's exact-GELU text encoder (`export_io.SD2_TEXT_ACT`), else 1; None when it names no activation (a card
-    written before it was recorded, or not an object)."""
-    from diffray.models.export_io import SD2_TEXT_ACT
+    """(major version, text-encoder width) that a `base_model_config` (`family.base_model_config`) names: the
+    version by `export_io.sd_major`; None when it names no activation (a card written before it was recorded, or
+    not an object)."""
+    from diffray.models.export_io import sd_major
 
-    text = config.get("text_encoder") if isinstance(config, dict) else None
-    act = text.get("hidden_act") if isinstance(text, dict) else None
-    if not isinstance(act, str):
+    major = sd_major(config)
+    if major is None:
         return None
-    width = text.get("hidden_size")
-    return (2 if act == SD2_TEXT_ACT else 1), (width if type(width) is int and width > 0 else None)
+    width = config["text_encoder"].get("hidden_size")
+    return major, (width if type(width) is int and width > 0 else None)
 
 
 def lora_width(tensors: tuple) -> int | None:
