@@ -113,8 +113,10 @@ def publish_adapter(artifact: str, adapters_dir: str | Path, adapter_id: str, re
     tmp = staging / f".{adapter_id}.publish-{uuid.uuid4().hex[:8]}"
     try:
         fs, src = storage.resolve(artifact)
-        tmp.mkdir()
-        pafs.copy_files(src, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if (kind := fs.get_file_info(src).type) != pafs.FileType.Directory:
+            what = "a file" if kind == pafs.FileType.File else "no such folder"
+            raise DiffrayError(f"{artifact}: {what}; publish takes an artifact folder (runs/NAME/artifact)")
+        storage.copy_dir(fs, src, str(tmp))  # a few files at a time; returns once no write is running
         (tmp / storage.MANIFEST).unlink(missing_ok=True)  # an object-storage artifact's: a new one is written
         _publish_card(tmp / CARD, card_extra)
         info = AdapterRegistry(staging).inspect(tmp.name)

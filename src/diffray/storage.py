@@ -345,12 +345,15 @@ def _first_line(exc: BaseException) -> str:
 
 def upload_dir(local: str | Path, dest: str) -> None:
     """Copy every file under the local folder `local` to the URI `dest`, replacing same-named files (logs a
-    node writes locally, kept beside a run on object storage). A missing folder copies nothing."""
+    node writes locally, kept beside a run on object storage). A missing folder copies nothing.
+
+    Raises:
+        CopyError: naming the first file that could not be copied, once no copy is running any more."""
     if not Path(local).is_dir():
         return
-    dfs, dpath = resolve(dest)
-    pafs.copy_files(str(Path(local).resolve()), dpath, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=dfs)
+    (dfs, dpath), lfs, src = resolve(dest), pafs.LocalFileSystem(), str(Path(local).resolve())
+    names = sorted(posixpath.relpath(i.path, src) for i in walk(lfs, src) if i.type == pafs.FileType.File)
+    _copy_all(src, dest, [(rel, _streamer(lfs, f"{src}/{rel}", dfs, f"{dpath}/{rel}")) for rel in names])
 
 
 def write_manifest(fs: pafs.FileSystem, root: str, files: dict[str, int] | None = None) -> dict[str, int]:

@@ -117,3 +117,25 @@ def test_a_registry_under_a_file_is_one_line_and_a_published_card_holds_no_crede
     card = json.loads(text)
     assert card["config"]["data"]["path"] == "s3://bucket/data?region=x" and card["feedback"] == {"pairs": 3}
     assert card["config"]["tracking"]["wandb"]["api_key"] == "<redacted>" and card["method"] == "lora"
+
+
+def test_a_missing_or_file_artifact_is_named_and_an_object_storage_artifact_is_copied_whole(s3, tmp_path):
+    """A missing artifact was pyarrow's "Failed to open local file"; a file was "Is a directory" about a hidden
+    temporary folder. An artifact on object storage is published with all its files (copy_dir, a few at a time;
+    pyarrow's copy_files returned on its first failure while other downloads were still being written)."""
+    adapters = tmp_path / "adapters"
+    with pytest.raises(DiffrayError) as err:
+        publish_adapter(str(tmp_path / "nope"), adapters, "v1")
+    assert str(err.value) == f"{tmp_path / 'nope'}: no such folder; publish takes an artifact folder " \
+                             "(runs/NAME/artifact)"
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(DiffrayError, match=r"weights\.safetensors: a file; publish takes an artifact folder"):
+        publish_adapter(str(tmp_path / "weights.safetensors"), adapters, "v1")
+    assert not adapters.exists() or not any(adapters.iterdir()), "nothing left behind"
+    art = artifact(tmp_path / "art", seed=1, **{f"extra{i}.txt": str(i).encode() for i in range(10)})
+    remote = f"{s3.bucket('arts')}/art"
+    storage.copy_dir(storage.resolve(str(art))[0], str(art), remote)
+    out = Path(publish_adapter(remote, adapters, "v1"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in art.iterdir())  # no manifest copied
+    assert (out / LORA).read_bytes() == (art / LORA).read_bytes()
+    assert sorted(p.name for p in adapters.iterdir()) == ["v1"]

@@ -39,6 +39,30 @@ def test_a_failed_upload_is_logged_and_training_goes_on(s3, tmp_path, caplog):
     assert "logs not uploaded to s3://no-such-bucket-here/r/logs" in caplog.text and str(logs) in caplog.text
 
 
+def test_a_file_that_cannot_be_uploaded_is_named_after_the_other_files_are_written(tmp_path, caplog):
+    """One log file's destination has a file where its folder should be: the error names that file (pyarrow's
+    copy_files raised its own message on the first failure, whatever else was still being written; that the
+    error waits for the other writes is `test_storage_copy.py`'s, with barriers), and the upload of the rest
+    works once the file is out of the way."""
+    logs, dest = tmp_path / "logs", tmp_path / "store" / "logs"
+    for name in ("a.jsonl", "tb/events", "z.jsonl"):
+        (logs / name).parent.mkdir(parents=True, exist_ok=True)
+        (logs / name).write_text(name)
+    dest.mkdir(parents=True)
+    (dest / "tb").write_text("a file in the way")
+    with pytest.raises(storage.CopyError) as err:
+        storage.upload_dir(logs, dest.as_uri())
+    assert str(err.value).startswith(f"cannot copy {logs}/tb/events to {dest.as_uri()}: ")
+    assert "\n" not in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="diffray.trainers.loop"):
+        upload_logs(str(logs), dest.as_uri())
+    assert f"cannot copy {logs}/tb/events" in caplog.text
+    (dest / "tb").unlink()
+    storage.upload_dir(logs, dest.as_uri())
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == ["a.jsonl", "tb/events",
+                                                                                         "z.jsonl"]
+
+
 def test_a_uri_missing_a_slash_or_a_filesystem_that_cannot_start_is_one_clear_error(tmp_path, monkeypatch):
     import pytest
 
