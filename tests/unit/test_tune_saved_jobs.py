@@ -160,3 +160,30 @@ def test_resuming_a_search_whose_tuner_pkl_was_deleted_is_one_line(tmp_path):
     assert str(err.value) == (f"{exp}/{TUNER_FILE} is missing beside the search's saved trials, so it cannot be "
                               f"resumed: its trials' results stay readable with `diffray tune results {exp}`; to "
                               f"search again, move {exp} aside or give a new tune.name")
+
+
+def test_a_saved_job_whose_training_config_is_refused_today_is_read_and_its_resume_names_the_field(
+        tmp_path, monkeypatch, capsys):
+    """A saved job with a training setting today's diffray does not know (an older one had it) could be neither read
+    (`diffray tune results` stopped on the unknown key) nor resumed ("tune_job.yaml is not the job this experiment
+    was started with", as if the file had been changed). Its results need only the search's own settings: the table
+    is printed with a warning naming the field; the resume names it and what to do."""
+    from testkit.cli import diffray
+
+    exp = _old_experiment(tmp_path, {})
+    saved = yaml.safe_load((exp / JOB_FILE).read_text())
+    saved["train"]["warmup_ratio"] = 0.1  # no such setting
+    (exp / JOB_FILE).write_text(yaml.safe_dump(saved, sort_keys=False))
+    code, text = diffray(["tune", "results", exp], monkeypatch, capsys)
+    assert code == 0, text
+    assert (f"diffray: warning: {exp}/{JOB_FILE}: this search was set up in a way diffray refuses now (its training "
+            "config: train.warmup_ratio") in text, text
+    assert "trial_id" in text and f"csv: {exp}/results.csv" in text, text
+    with pytest.raises(ConfigError) as err:
+        check_resume(load_tune_job(TUNE_LORA, [f"run.storage_path={tmp_path}"]), str(exp))
+    assert str(err.value).startswith(f"experiment {exp} was started with a setting diffray refuses now, so it cannot "
+                                     "be resumed (its training config: train.warmup_ratio"), str(err.value)
+    from diffray.tune.config import load_saved_job
+
+    job = load_saved_job(exp / JOB_FILE)
+    assert job.train is None and job.name == "tune-lora" and job.max_steps == saved["train"]["max_steps"] > 0

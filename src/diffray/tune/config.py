@@ -76,17 +76,23 @@ class TuneSection(Section):
 @dataclass(frozen=True)
 class TuneJob:
     base: dict[str, Any]        # the raw training config every trial starts from
-    train: TrainConfig          # the validated base config
+    train: TrainConfig | None   # the validated base config; None only for a saved job (`refused` says why)
     tune: TuneSection
     domains: list[Domain]
+    refused: str | None = None  # why today's diffray refuses a saved job's training config (`load_saved_job`)
 
     @property
     def name(self) -> str:
-        return self.tune.name or self.train.run.name
+        if self.tune.name or self.train is not None:
+            return self.tune.name or self.train.run.name
+        return str(_raw(self.base, "run", "name") or "search")
 
     @property
     def max_steps(self) -> int:
-        return self.train.train.max_steps
+        if self.train is not None:
+            return self.train.train.max_steps
+        steps = _raw(self.base, "train", "max_steps")
+        return steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
 
     @property
     def num_trials(self) -> int:
@@ -114,14 +120,19 @@ def load_saved_job(path: str | Path) -> TuneJob:
     fifo); its trials are still the ones it ran. A resume applies them (`results.check_resume`). A saved job has no
     overrides, so `check_searched_overrides` never applies to it.
 
+    Its training config may be refused too (a setting an older diffray had, a limit added since): the job is then
+    read with `train` None and `refused` naming the field, which is enough to read the trials' results (their
+    space, metric and step budget) but not to resume them.
+
     Raises:
-        ConfigError: naming the field of a section or space entry that cannot be read.
+        ConfigError: naming the field of the `tune` section or space entry that cannot be read.
     """
-    return _parse_job(read_yaml(path))
+    return _parse_job(read_yaml(path), saved=True)
 
 
-def _parse_job(data: dict[str, Any]) -> TuneJob:
-    """The job's two halves validated on their own, and its space parsed."""
+def _parse_job(data: dict[str, Any], saved: bool = False) -> TuneJob:
+    """The job's two halves validated on their own, and its space parsed; a `saved` job's training config may fail
+    its validation (`load_saved_job`)."""
     if not isinstance(data.get("tune"), dict):
         raise ConfigError("a Tune job needs a `tune:` section with a `space`", field="tune")
     raw_tune = data.pop("tune")
@@ -129,7 +140,20 @@ def _parse_job(data: dict[str, Any]) -> TuneJob:
         tune = validate_as(TuneSection, raw_tune)
     except ConfigError as exc:
         raise ConfigError(f"tune.{exc}") from None
-    return TuneJob(data, validate_config(data), tune, parse_space(tune.space))
+    try:
+        train = validate_config(data)
+    except ConfigError as exc:
+        if not saved:
+            raise
+        return TuneJob(data, None, tune, parse_space(tune.space), refused=str(exc))
+    return TuneJob(data, train, tune, parse_space(tune.space))
+
+
+def _raw(data: dict[str, Any], *keys: str) -> Any:
+    """`data[k1][k2]...`, None where a level is missing or no mapping (a saved job's unvalidated config)."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def check_searched_overrides(overrides: list[str], space: dict[str, Any]) -> None:

@@ -313,6 +313,8 @@ def read_experiment(exp_dir: str):
         raise ConfigError(f"{exp_dir} is not a diffray tune experiment (no {JOB_FILE})", field="DIR")
     job = load_saved_job(_local_job_file(exp_dir))
     try:
+        if job.refused:
+            raise ConfigError(f"its training config: {job.refused}")
         check_job(job.base, job.train, job.tune, job.domains)
     except ConfigError as exc:
         log.warning("%s: this search was set up in a way diffray refuses now (%s); its results are read as it ran",
@@ -361,6 +363,8 @@ def check_resume(job, exp_dir: str) -> None:
         raise ConfigError(f"{storage.join(exp_dir, JOB_FILE)} is not the job this experiment was started with "
                           f"({exc}): restore it, or give a new tune.name", field="tune.name") from None
     try:  # saved by an older diffray, before a rule it breaks: Tune would resume it as it was set up
+        if before.refused:
+            raise ConfigError(f"its training config: {before.refused}")
         check_job(before.base, before.train, before.tune, before.domains)
     except ConfigError as exc:
         raise ConfigError(f"experiment {exp_dir} was started with a setting diffray refuses now, so it cannot be "
