@@ -330,8 +330,8 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
              url: Optional[str] = typer.Option(None, help="A diffray server (http://host:8000): generate there "
                                                "(--adapter is then an adapter id) and save one PNG per image"),
              api_key: Optional[str] = typer.Option(None, envvar="DIFFRAY_API_KEY", help="Bearer key for --url"),
-             size: Optional[int] = typer.Option(None, min=8, help="Width and height with --url (default: the "
-                                                "server's)")) -> None:
+             size: Optional[int] = typer.Option(None, min=8, help="Width and height with --url (default: server's)"),
+             timeout: Optional[float] = typer.Option(None, help="Seconds per --url attempt (default 300)")) -> None:
     """Render images with the base model, a LoRA / Textual Inversion adapter and/or ControlNets, as one grid PNG;
     with --url, on a diffray server (retries with backoff while it is busy or restarting)."""
     local_only = {"--model": model, "--compare-base": compare_base, "--controlnet": controlnet,
@@ -339,14 +339,14 @@ def generate(prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Promp
     if url and any(local_only.values()):  # the server draws with its own base model and adapters
         raise ConfigError(f"{', '.join(k for k, v in local_only.items() if v)}: not with --url (the server's "
                           "own model and adapters draw; --adapter names one of its adapter ids)")
-    if size is not None and not url:
-        raise ConfigError("--size: only with --url (a local grid is drawn at the model's own size)")
+    if not url and (size is not None or timeout is not None):  # a request's options: nothing to ask locally
+        raise ConfigError("--size: only with --url (a local grid is drawn at the model's own size)" if timeout is None
+                          else "--timeout: only with --url (a local grid waits for no server)")
     if url:
         from diffray.serve.client import generate_remote
 
         paths = generate_remote(url, prompt, out, seed=seed, num_images=num_images, steps=steps, guidance=guidance,
-                                adapter=str(adapter) if adapter else None, lora_scale=lora_scale, size=size,
-                                api_key=api_key)
+                                adapter=adapter, lora_scale=lora_scale, size=size, api_key=api_key, timeout=timeout)
         typer.echo("wrote " + " ".join(str(p) for p in paths))
         return
     from diffray.generate import generate_grid

@@ -103,6 +103,7 @@ def feedback_simulate(
     post: bool = typer.Option(True, help="Post each verdict to /v1/feedback (--no-post: only compare)"),
     workers: int = typer.Option(4, help="Pairs in flight at once"),
     api_key: Optional[str] = typer.Option(None, envvar="DIFFRAY_API_KEY", help="Bearer key"),
+    timeout: float = typer.Option(300.0, help="Seconds to wait for each answer (per attempt; up to 6 attempts)"),
     as_json: bool = typer.Option(False, "--json", help="Print the tallies as JSON"),
 ) -> None:
     """The tiny world's reader as the person at the playground: both models draw each prompt with the same
@@ -110,5 +111,5 @@ def feedback_simulate(
     from diffray.world.judge import format_tallies, judge_endpoint
 
     tallies = judge_endpoint(url, left, right, num=num, suite=suite, seed=seed, steps=steps, guidance=guidance,
-                             size=size, api_key=api_key, post=post, workers=workers)
+                             size=size, api_key=api_key, post=post, workers=workers, timeout=timeout)
     typer.echo(json.dumps(tallies) if as_json else format_tallies(tallies))

@@ -1,15 +1,20 @@
 """The remote client (`diffray generate --url`, `diffray.serve.client`) against real local servers that answer
 badly: every failure is one line naming the endpoint (never its credentials), what came back and what to do;
 only 408/429/5xx-like answers and dropped connections are retried; no redirect is followed; no answer is read
-past its cap; no PNG file is written unless every image of the answer is one."""
+past its cap; no PNG file is written unless every image of the answer is one; each attempt waits `--timeout`
+seconds at most; a Retry-After date is honoured; a base URL's path prefix is kept and a query refused."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,6 +23,7 @@ from PIL import Image
 from diffray.errors import ConfigError, RequestError
 from diffray.serve import client
 from diffray.serve.client import RetryPolicy, check_server_url, generate_remote, post_json
+from diffray.world.judge import judge_endpoint
 
 NO_WAIT = RetryPolicy(attempts=3, backoff_s=0.0)
 
@@ -222,6 +228,9 @@ def test_https_to_a_plain_http_port_fails_at_once_saying_so(server, tmp_path):
     ("http://127.0.0.1:port", "http://127.0.0.1:port: Port could not be cast"),
     ("http://[::1", "http://[::1: Invalid IPv6 URL"),
     ("http://:8000", "http://:8000: not the http(s) URL"),
+    ("http://127.0.0.1:8000/?key=pa55word", "http://127.0.0.1:8000/: a query or fragment (?..., #...) is no part"),
+    ("http://127.0.0.1:8000/diffray#pa55word", "http://127.0.0.1:8000/diffray: a query or fragment"),
+    ("http://127.0.0.1:8000?", "http://127.0.0.1:8000: a query or fragment"),
 ])
 def test_a_url_that_cannot_work_is_refused_before_any_request_without_its_password(url, said):
     with pytest.raises(ConfigError) as err:
@@ -275,3 +284,123 @@ def test_the_spinner_writes_nothing_into_a_log(capsys):
     with Spinner("[1/1] generating") as spinner:
         assert not spinner.thread.is_alive()
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture()
+def silent():
+    """A listener the kernel completes connections for; nobody ever reads or answers (a hung server)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_timeout_bounds_each_attempt_of_generate_url_and_of_the_judge(silent, tmp_path):
+    """A hung server was waited on 300 s per attempt, 6 attempts, whatever the user wanted: `--timeout` (and
+    the judge's `timeout`) now bounds each attempt."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "diffray.cli", "generate", "--url", silent, "--timeout", "0.2",
+                             "-p", "a red circle", "--out", str(tmp_path / "x.png")], stderr=subprocess.PIPE,
+                            text=True, env=env)
+    said = []
+    try:
+        for line in proc.stderr:  # until the first retry (or the end of a process that refused --timeout)
+            said.append(line.rstrip("\n"))
+            if line.startswith("retry "):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert "retry 1 in 0.5s (no answer within 0.2s)" in said, said
+    one_try = RetryPolicy(attempts=1)
+    with pytest.raises(RequestError) as err:
+        generate_remote(silent, ["a red circle"], tmp_path / "x.png", retry=one_try, timeout=0.2)
+    assert str(err.value) == f"{silent}/v1/generate: gave up after 1 attempts (no answer within 0.2s)"
+    with pytest.raises(RequestError) as err:
+        judge_endpoint(silent, "base", "base", num=1, workers=1, timeout=0.2, retry=one_try)
+    assert str(err.value) == f"{silent}/v1/generate: gave up after 1 attempts (no answer within 0.2s)"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_timeout_that_is_not_a_finite_number_above_0_is_one_line_before_any_request(server, value, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from testkit.cli import diffray
+
+    said = f"diffray: error: --timeout: must be a finite number of seconds above 0, got {float(value)}\n"
+    for args in (["generate", "-p", "a red circle", "--out", tmp_path / "x.png"], ["feedback", "simulate", "--right",
+                                                                                 "base", "--num", "1"]):
+        code, out = diffray([*args, "--url", server.url, f"--timeout={value}"], monkeypatch, capsys)
+        assert (code, out) == (2, said)
+    assert server.requests == [] and not list(tmp_path.iterdir())
+
+
+def test_timeout_is_refused_without_url(tmp_path, monkeypatch, capsys):
+    from testkit.cli import diffray
+
+    code, out = diffray(["generate", "-p", "a red circle", "--timeout", "5", "--out", tmp_path / "x.png"],
+                        monkeypatch, capsys)
+    assert (code, out) == (2, "diffray: error: --timeout: only with --url (a local grid waits for no server)\n")
+
+
+def test_retry_after_as_an_http_date_waits_until_then_clamped_and_garbage_backs_off():
+    policy = RetryPolicy(backoff_s=0.5, max_backoff_s=8.0)
+    now = datetime(2026, 10, 21, 7, 27, 57, tzinfo=timezone.utc).timestamp()
+    assert policy.delay(0, "Wed, 21 Oct 2026 07:28:00 GMT", now) == 3.0
+    assert policy.delay(0, "Wed, 21 Oct 2026 07:28:00 +0000", now) == 3.0
+    assert policy.delay(0, "Wed, 21 Oct 2026 07:29:00 GMT", now) == 8.0  # clamped to max_backoff_s
+    assert policy.delay(0, "Wed, 21 Oct 2026 07:27:00 GMT", now) == 0.0  # already past
+    assert policy.delay(0, "5", now) == 5.0 and policy.delay(0, "120", now) == 8.0
+    for garbage in ("soon", "Wed, 32 Oct 2026 07:28:00 GMT", "", "\u00b2", "-3", "1e3", None):
+        assert policy.delay(2, garbage, now) == 2.0, garbage  # the exponential backoff: 0.5 * 2**2
+
+
+def test_a_503_with_a_retry_after_date_is_retried_when_the_server_said(server):
+    """Against a real server: a past date is retried at once, a far one waits max_backoff_s, garbage backs off
+    (it fell back to the backoff for every date)."""
+    def busy(retry_after: str):
+        return answer(503, {"error": {"message": "busy"}}, headers=[("Retry-After", retry_after)])
+
+    server.script = [busy("Wed, 21 Oct 2015 07:28:00 GMT"), busy("Fri, 01 Jan 2100 00:00:00 GMT"), busy("soon"),
+                     IMAGE]
+    waits = []
+    answered, _ = post_json(server.url + "/v1/generate", {}, retry=RetryPolicy(attempts=4, backoff_s=0.001,
+                            max_backoff_s=0.01), on_retry=lambda attempt, why, wait: waits.append(wait))
+    assert len(server.requests) == 4 and answered["seed"] == 3
+    assert waits == pytest.approx([0.0, 0.01, 0.004]), waits
+
+
+def test_a_base_url_with_a_path_prefix_reaches_its_endpoints_for_generate_and_the_judge(server, tmp_path):
+    """Behind a reverse proxy (`http://HOST/PREFIX/`): every endpoint is the prefix then /v1/..., built by one
+    helper for `generate --url` and `feedback simulate`."""
+    from diffray.serve.client import endpoint_url
+
+    assert endpoint_url("http://h:8000", "/v1/generate") == "http://h:8000/v1/generate"
+    assert endpoint_url("https://h/diffray/", "/v1/feedback") == "https://h/diffray/v1/feedback"
+    for base in ("/diffray/", "/diffray"):
+        server.script, server.requests = [IMAGE], []
+        _generate(server.url + base, tmp_path / "x.png")
+        assert [r[1] for r in server.requests] == ["/diffray/v1/generate"]
+    server.script, server.requests = [IMAGE, IMAGE, answer(200, {"stored": True})], []
+    tallies = judge_endpoint(server.url + "/diffray/", "base", "base", num=1, workers=1, retry=NO_WAIT)
+    assert [r[1] for r in server.requests] == ["/diffray/v1/generate"] * 2 + ["/diffray/v1/feedback"]
+    assert tallies["pairs"] == 1
+
+
+def test_a_query_on_the_url_is_refused_before_any_request_by_generate_and_the_judge(server, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`http://h:8000/?x=1` became `http://h:8000/?x=1/v1/generate`: a request to the root with a query."""
+    from testkit.cli import diffray
+
+    url = server.url + "/?x=1"
+    said = (f"--url: {server.url}/: a query or fragment (?..., #...) is no part of a server's address; give its "
+            "base URL (http://HOST:PORT, or http://HOST/PREFIX behind a proxy)")
+    for call in (lambda: _generate(url, tmp_path / "x.png"),
+                 lambda: judge_endpoint(url, "base", "base", num=1, workers=1, retry=NO_WAIT)):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == said
+    code, out = diffray(["generate", "--url", url, "-p", "a red circle", "--out", tmp_path / "x.png"], monkeypatch,
+                        capsys)
+    assert (code, out) == (2, f"diffray: error: {said}\n")
+    assert server.requests == [] and not list(tmp_path.iterdir())

@@ -1,5 +1,7 @@
 """HTTP client of a diffray endpoint (`diffray generate --url`): POST /v1/generate, retry with exponential
-backoff on 408/429/502/503/504 and connection errors (honouring Retry-After), save the PNGs.
+backoff on 408/429/502/503/504 and connection errors (honouring Retry-After, in seconds or as an HTTP date), save
+the PNGs. A server behind a reverse proxy is given by its base URL with the proxy's path prefix
+(`http://HOST/PREFIX`); every endpoint is that path plus `/v1/...` (`endpoint_url`, also for `diffray.world.judge`).
 
 Every failure is one `RequestError` line naming the endpoint (credentials never shown), what came back and
 what to do. It never follows a redirect (that would send the body's API key elsewhere), never reads more than
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import http.client
 import json
+import math
 import os
 import re
 import ssl
@@ -23,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,7 @@ RETRY_STATUS = (408, 429, 502, 503, 504)
 MAX_ANSWER_BYTES = 512 * 2**20  # far above n images at the server's size limits; a stream past it is no answer
 MAX_ERROR_BYTES = 64 * 2**10  # of an error body: its first line is all a message shows
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEFAULT_TIMEOUT_S = 300.0  # per attempt: a generation at the server's largest size and step count fits
 
 
 @dataclass
@@ -40,16 +46,34 @@ class RetryPolicy:
     backoff_s: float = 0.5
     max_backoff_s: float = 8.0
 
-    def delay(self, attempt: int, retry_after: str | None) -> float:
-        """Seconds before retry `attempt` (0-based): Retry-After when given, else exponential."""
-        if retry_after and retry_after.replace(".", "", 1).isdigit():
-            return min(float(retry_after), self.max_backoff_s)
-        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+    def delay(self, attempt: int, retry_after: str | None, now: float | None = None) -> float:
+        """Seconds before retry `attempt` (0-based): Retry-After when it is seconds or an HTTP date (the time
+        until it from `now`, a POSIX time; default the clock's), else exponential; within [0, max_backoff_s]."""
+        wait = retry_after_s(retry_after, time.time() if now is None else now)
+        if wait is None:
+            wait = self.backoff_s * 2 ** attempt
+        return min(max(wait, 0.0), self.max_backoff_s)
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """A Retry-After header's seconds (RFC 9110: delay-seconds or an HTTP date, then the seconds from `now` to it,
+    negative when past); None when absent or neither (the caller backs off instead)."""
+    value = (value or "").strip()
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):  # not str.isdigit: it takes '²', which float() refuses
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # '-0000': UTC by RFC 5322, naive from parsedate_to_datetime
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp() - now
 
 
 def check_server_url(url: str) -> None:
     """Raises ConfigError naming `--url` when `url` is no http(s) URL with a host and a valid port (no retry
-    could reach it), or carries credentials (never sent: the key goes in a header)."""
+    could reach it), carries credentials (never sent: the key goes in a header), or a query or fragment (no
+    endpoint path could follow it; what follows `?` is not shown: it may hold a token)."""
     shown = hidden_credentials(url)
     try:
         parts = urllib.parse.urlsplit(url)
@@ -61,6 +85,25 @@ def check_server_url(url: str) -> None:
     if "@" in parts.netloc:
         raise ConfigError(f"{shown}: credentials in the URL are not sent; give the key with --api-key or "
                           "$DIFFRAY_API_KEY", field="--url")
+    if "?" in url or "#" in url:
+        raise ConfigError(f"{shown.split('?')[0].split('#')[0]}: a query or fragment (?..., #...) is no part of a "
+                          "server's address; give its base URL (http://HOST:PORT, or http://HOST/PREFIX behind a "
+                          "proxy)", field="--url")
+
+
+def endpoint_url(url: str, route: str) -> str:
+    """The endpoint `route` (`/v1/generate`) of the server at base URL `url`: its path (a reverse proxy's prefix,
+    `http://h/diffray/`) then `route`. Raises ConfigError naming `--url` as `check_server_url` does."""
+    check_server_url(url)
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + route, "", ""))
+
+
+def check_timeout(timeout: float) -> float:
+    """`timeout` (seconds per attempt) when it is a finite number above 0; else ConfigError naming `--timeout`."""
+    if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):  # nan and inf compare False
+        raise ConfigError(f"must be a finite number of seconds above 0, got {timeout}", field="--timeout")
+    return float(timeout)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -71,17 +114,18 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
-def post_json(url: str, body: dict[str, Any], api_key: str | None = None, timeout: float = 300.0,
+def post_json(url: str, body: dict[str, Any], api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
               retry: RetryPolicy | None = None, on_retry=None) -> tuple[dict, dict]:
     """POST `body`, retrying transient failures. Returns (JSON answer, response headers).
 
     Raises:
         ConfigError: naming `--url` when `url` is no http(s) URL (no retry could reach it), `--api-key` for a
-            key no header can carry.
+            key no header can carry, `--timeout` for a timeout that is not a finite number above 0.
         RequestError: a refusal (the server's message and field), a redirect, a TLS failure or an answer that is
             no JSON object (not retried), or retries exhausted on 408/429/5xx, timeouts and connection errors.
     """
     check_server_url(url)
+    timeout = check_timeout(timeout)
     where, retry = hidden_credentials(url), retry or RetryPolicy()
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
@@ -226,17 +270,19 @@ class Spinner:
 
 
 def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_images: int = 1,
-                    steps: int | None = None, guidance: float | None = None, adapter: str | None = None,
+                    steps: int | None = None, guidance: float | None = None, adapter: str | Path | None = None,
                     lora_scale: float = 1.0, size: int | None = None, api_key: str | None = None,
-                    retry: RetryPolicy | None = None) -> list[Path]:
+                    retry: RetryPolicy | None = None, timeout: float | None = None) -> list[Path]:
     """One /v1/generate request per prompt; PNGs saved as `<out stem>-<prompt>-<image>.png` next to `out`.
+    `timeout` bounds each attempt's wait for an answer (None: DEFAULT_TIMEOUT_S).
 
     Raises:
-        ConfigError: `url` is no http(s) URL (`check_server_url`), or `out`'s folder cannot be written.
+        ConfigError: `url` is no http(s) base URL (`check_server_url`), `timeout` no finite number above 0, or
+            `out`'s folder cannot be written.
         RequestError: the server refused a request, answered no PNGs, or stayed unreachable through the retries.
     """
-    check_server_url(url)
-    endpoint = url.rstrip("/") + "/v1/generate"
+    endpoint = endpoint_url(url, "/v1/generate")
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else check_timeout(timeout)
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -256,9 +302,9 @@ def generate_remote(url: str, prompts: list[str], out: Path, seed: int = 0, num_
         if size is not None:
             body["width"] = body["height"] = size
         if adapter:
-            body.update(adapter=adapter, adapter_scale=lora_scale)
+            body.update(adapter=str(adapter), adapter_scale=lora_scale)
         with Spinner(f"[{p + 1}/{len(prompts)}] generating"):
-            answer, _ = post_json(endpoint, body, api_key=api_key, retry=retry, on_retry=note)
+            answer, _ = post_json(endpoint, body, api_key=api_key, timeout=timeout, retry=retry, on_retry=note)
         pngs = answer_pngs(answer, hidden_credentials(endpoint))  # all checked before any is written
         for i, png in enumerate(pngs):
             paths.append(write_atomically(png, out.with_name(f"{out.stem}-{p}-{i}.png")))

@@ -6,7 +6,8 @@ image it finds right is preferred; both right is a tie, both wrong both bad). Th
 models on the endpoint: the right model's win rate among the pairs with a preference.
 
 Each post carries its own id (this run's nonce and the prompt's index), so a post retried through a 503 or a
-dropped connection is stored once. HTTP through `diffray.serve.client` (retries on 503 and connection errors).
+dropped connection is stored once. HTTP through `diffray.serve.client` (retries on 503 and connection errors;
+endpoints under the base URL's path, as `diffray generate --url` builds them: `endpoint_url`).
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ CHOICE = {(True, False): "left", (False, True): "right", (True, True): "tie", (F
 
 def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = "prompts", seed: int = 2,
                    steps: int = 25, guidance: float = 5.0, size: int = 64, api_key: str | None = None,
-                   post: bool = True, workers: int = 4) -> dict[str, Any]:
+                   post: bool = True, workers: int = 4, timeout: float = 300.0, retry=None) -> dict[str, Any]:
     """Compare `left` and `right` (adapter ids or `base`) on `num` prompts of `suite` drawn by the endpoint at
     `url`; post each verdict as feedback unless `post` is False. Returns the tallies: left/right accuracy,
-    wins, ties, both bad, and `right_win_rate` (None when no pair had a preference).
+    wins, ties, both bad, and `right_win_rate` (None when no pair had a preference). `timeout` bounds each
+    attempt's wait for an answer; `retry` is the client's `RetryPolicy` (None: its default).
 
     Raises:
-        ConfigError: a suite without plain prompts, or bad sizes.
+        ConfigError: a suite without plain prompts, bad sizes, a `url` that is no server's base URL or a
+            `timeout` that is no finite number of seconds above 0.
         RequestError: the endpoint refused a request (its message and field) or stayed unreachable.
     """
-    from diffray.serve.client import check_server_url, post_json
+    from diffray.serve.client import check_timeout, endpoint_url, post_json
     from diffray.world.report import score_image
     from diffray.world.suites import CONCEPT_SUITES, build_suite, check_suite
 
@@ -45,8 +48,8 @@ def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = 
         raise ConfigError(f"{suite!r}: the judge compares models on prompt suites (prompts, heldout)", field="suite")
     if not 1 <= workers <= 64:
         raise ConfigError(f"must be 1 to 64, got {workers}", field="workers")
-    check_server_url(url)
-    base = url.rstrip("/")
+    generate_at, feedback_at = endpoint_url(url, "/v1/generate"), endpoint_url(url, "/v1/feedback")
+    timeout = check_timeout(timeout)
     items = build_suite(suite, num, seed, size)
     nonce = uuid.uuid4().hex
 
@@ -55,7 +58,7 @@ def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = 
                 "height": size}
         if model != "base":
             body["adapter"] = model
-        return post_json(f"{base}/v1/generate", body, api_key)[0]["images"][0]["b64_json"]
+        return post_json(generate_at, body, api_key, timeout=timeout, retry=retry)[0]["images"][0]["b64_json"]
 
     seeds_of = (lambda s: (s, s + 1)) if left == right else (lambda s: (s, s))  # one model: two seeds
 
@@ -69,7 +72,7 @@ def judge_endpoint(url: str, left: str, right: str, num: int = 32, suite: str = 
                     "choice": CHOICE[verdict],
                     "images": [{"b64_json": b, "model": m, "seed": s, "steps": steps, "guidance": guidance}
                                for b, m, s in zip(pngs, (left, right), seeds)]}
-            post_json(f"{base}/v1/feedback", body, api_key)
+            post_json(feedback_at, body, api_key, timeout=timeout, retry=retry)
         return verdict  # type: ignore[return-value]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
