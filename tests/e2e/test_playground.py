@@ -1,7 +1,9 @@
 """The playground and the feedback store against a real Serve app (two Ingress replicas writing one
 SQLite file): headless Chromium (Debian's chromium + chromium-driver, driven by Selenium) opens the page,
 enters the API key once, generates, compares two adapters, clicks a preference, and the preference is in
-`diffray data export-feedback`'s Parquet; a prompt with markup is shown as text. Feedback posts that are
+`diffray data export-feedback`'s Parquet; a prompt with markup is shown as text. The page's failure paths
+are driven through a recorder of its API calls (`NET`): lost, late and made-up answers, double clicks, an
+edited prompt while drawing, an unusable key; and its controls are labelled. Feedback posts that are
 malformed, oversized or unauthenticated get 4xx; 200 concurrent posts with the Ingress replicas killed in
 the middle are each in the export exactly once (slow).
 
@@ -195,6 +197,219 @@ def _show_result_for_screenshot(d) -> None:
     _wait(d, lambda d: len(d.find_elements("css selector", "#gallery figure")) >= 1)
     d.find_element("id", "compare").click()
     _wait(d, lambda d: d.find_element("id", "prefer-left").is_enabled())
+
+
+# ------------------------------------------------------------- the browser: failures, races, accessibility
+# Installed after the page loaded (app.js looks `fetch` up at each call): records each API call as
+# "METHOD v1/...", and applies the rule set for it: "hold" (the server answers; the page gets the answer
+# once the test releases it), "lose-once" (the server answers; the page gets a network error, once),
+# "fail" (a network error; the server sees nothing) or {status, body, headers} (a made-up answer).
+NET = r"""
+const net = window.__net = {calls: [], rules: {}, gates: {}, answered: {}};
+const realFetch = window.fetch.bind(window);
+net.release = (key) => { (net.gates[key] || []).splice(0).forEach((go) => go()); };
+window.fetch = async (input, init) => {
+  const key = ((init && init.method) || "GET") + " " + new URL(String(input)).pathname.replace(/^.*?\/v1\//, "v1/");
+  net.calls.push(key);
+  const rule = net.rules[key];
+  if (rule === "fail") throw new TypeError("Failed to fetch");
+  if (rule && typeof rule === "object") return new Response(rule.body, {status: rule.status, headers: rule.headers});
+  const answer = await realFetch(input, init);
+  net.answered[key] = (net.answered[key] || 0) + 1;
+  if (rule === "lose-once") { delete net.rules[key]; throw new TypeError("Failed to fetch"); }
+  if (rule === "hold") await new Promise((go) => (net.gates[key] = net.gates[key] || []).push(go));
+  return answer;
+};
+"""
+
+
+def _open_with_key(d, site) -> None:
+    """The page with the key entered, models listed and the network recorder (`NET`) installed."""
+    from selenium.webdriver.support.ui import Select
+
+    d.get(site.url + "/")
+    _set(d, "api-key", KEY)
+    d.find_element("id", "save-key").click()
+    _wait(d, lambda d: len(Select(d.find_element("id", "model")).options) >= 2 and not _text(d, "error"))
+    d.execute_script(NET)
+    _set(d, "steps", "2")
+    _set(d, "seed", "3")
+
+
+def _rule(d, key: str, rule) -> None:
+    d.execute_script("window.__net.rules[arguments[0]] = arguments[1];", key, rule)
+
+
+def _held(d, key: str) -> int:
+    return d.execute_script("return (window.__net.gates[arguments[0]] || []).length;", key)
+
+
+def _compare(d, prompt: str) -> None:
+    _set(d, "prompt", prompt)
+    d.find_element("id", "compare").click()
+    _wait(d, lambda d: d.find_element("id", "prefer-left").is_enabled())
+
+
+def _stored(site, tmp_path, prompt: str) -> list[dict]:
+    return [r for r in export(site.db, tmp_path / f"fb-{uuid.uuid4().hex[:6]}.parquet") if r["caption"] == prompt]
+
+
+def _left_stored_but_its_answer_lost(d, site) -> str:
+    """A comparison drawn and Left clicked; the server stores it, the page gets a network error. Its prompt."""
+    _open_with_key(d, site)
+    prompt = "lost answer " + uuid.uuid4().hex[:8]
+    _compare(d, prompt)
+    _rule(d, "POST v1/feedback", "lose-once")
+    d.find_element("id", "prefer-left").click()
+    _wait(d, lambda d: "cannot reach the server" in _text(d, "error")
+          and d.find_element("id", "prefer-left").is_enabled())  # the page lets the person click again
+    return prompt
+
+
+def test_a_preference_retried_after_a_lost_answer_is_stored_once_and_its_error_goes(site, browser, tmp_path):
+    """The retry is the same comparison (same id), so it is stored once, and the old error leaves the screen."""
+    d = browser
+    prompt = _left_stored_but_its_answer_lost(d, site)
+    d.find_element("id", "prefer-left").click()
+    _wait(d, lambda d: _text(d, "feedback-status").startswith("Recorded: left"))
+    assert [r["choice"] for r in _stored(site, tmp_path, prompt)] == ["left"]  # once, not once per click
+    assert not d.find_element("id", "error").is_displayed()
+
+
+def test_a_changed_mind_after_a_lost_answer_is_told_the_first_choice_stands(site, browser, tmp_path):
+    """A click on Right after Left's lost answer is the same comparison: one row (left), and the page says it
+    was already recorded."""
+    d = browser
+    prompt = _left_stored_but_its_answer_lost(d, site)
+    d.find_element("id", "prefer-right").click()
+    _wait(d, lambda d: _text(d, "feedback-status").startswith("Already recorded"))
+    assert not d.find_element("id", "prefer-right").is_enabled() and not _text(d, "error")
+    assert [r["choice"] for r in _stored(site, tmp_path, prompt)] == ["left"]
+
+
+def test_a_key_with_a_character_a_header_cannot_carry_is_refused_where_it_is_entered(site, browser):
+    """A key pasted with a zero-width space: kept, every call failed as "cannot reach the server"."""
+    d = browser
+    d.get(site.url + "/")
+    _wait(d, lambda d: "401" in _text(d, "error"))
+    d.execute_script("document.getElementById('api-key').value = arguments[0];", KEY + "\u200b")
+    d.find_element("id", "save-key").click()
+    _wait(d, lambda d: "printable ASCII" in _text(d, "error"), timeout=30)
+    assert d.execute_script("return sessionStorage.getItem('diffray.apiKey');") is None
+
+
+def test_a_preference_answered_after_the_next_comparison_began_leaves_that_comparison_votable(site, browser, tmp_path):
+    """A slow feedback answer must not clear the comparison that was drawn meanwhile: its buttons stay live
+    and a click on them is recorded for it (the late answer used to set the page's pair to none, so the
+    next click did nothing)."""
+    d = browser
+    _open_with_key(d, site)
+    first, second = ("late answer " + uuid.uuid4().hex[:8] for _ in range(2))
+    _compare(d, first)
+    _rule(d, "POST v1/feedback", "hold")
+    d.find_element("id", "prefer-right").click()
+    _wait(d, lambda d: _held(d, "POST v1/feedback") == 1)
+    _compare(d, second)
+    _rule(d, "POST v1/feedback", None)
+    d.execute_script("window.__net.release('POST v1/feedback');")
+    time.sleep(1)  # the late answer is handled
+    assert _text(d, "feedback-status") == "Which is better?"
+    d.find_element("id", "prefer-left").click()
+    _wait(d, lambda d: _text(d, "feedback-status").startswith("Recorded: left"), timeout=30)
+    assert [r["choice"] for r in _stored(site, tmp_path, first)] == ["right"]
+    assert [r["choice"] for r in _stored(site, tmp_path, second)] == ["left"]
+
+
+def test_compare_clicked_twice_draws_one_pair_and_a_failed_compare_frees_the_button(site, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    d = browser
+    _open_with_key(d, site)
+    ActionChains(d).double_click(d.find_element("id", "compare")).perform()
+    _wait(d, lambda d: d.find_element("id", "prefer-left").is_enabled())
+    calls = d.execute_script("return window.__net.calls;")
+    assert calls.count("POST v1/generate") == 2, calls  # one pair, not two racing to the screen
+    assert d.find_element("id", "compare").is_enabled()
+    _rule(d, "POST v1/generate", "fail")
+    d.find_element("id", "compare").click()
+    _wait(d, lambda d: "cannot reach the server" in _text(d, "error"))
+    assert d.find_element("id", "compare").is_enabled() and _text(d, "feedback-status") == ""
+    assert not d.find_element("id", "prefer-left").is_enabled()
+
+
+def test_a_result_is_captioned_with_the_prompt_that_made_it(site, browser):
+    """The prompt box edited while an image is drawn: the gallery names the prompt that was sent."""
+    d = browser
+    _open_with_key(d, site)
+    _set(d, "prompt", "the prompt that was sent")
+    _rule(d, "POST v1/generate", "hold")
+    d.find_element("id", "generate").click()
+    _wait(d, lambda d: _held(d, "POST v1/generate") == 1)
+    _set(d, "prompt", "typed while it was drawn")
+    d.execute_script("window.__net.release('POST v1/generate');")
+    _wait(d, lambda d: len(d.find_elements("css selector", "#gallery figure")) == 1)
+    assert d.find_element("css selector", "#gallery figcaption .prompt").text == "the prompt that was sent"
+
+
+@pytest.mark.parametrize("answer,shown", [
+    ({"status": 502, "body": "<html><h1>Bad Gateway</h1></html>", "headers": {"Content-Type": "text/html"}},
+     "502 no details from the server"),  # a proxy's page, no statusText (HTTP/2)
+    ({"status": 200, "body": "<html>sign in to the network</html>", "headers": {"Content-Type": "text/html"}},
+     "200 the server's answer is not JSON"),  # a captive portal
+    ({"status": 503, "headers": {"Content-Type": "application/json", "Retry-After": "7"},
+      "body": '{"error": {"message": "the server is at capacity; retry later", "type": "overloaded"}}'},
+     "503 the server is at capacity; retry later (retry in 7 s)"),
+    ("fail", "cannot reach the server (Failed to fetch)"),
+])
+def test_a_failed_generation_shows_a_readable_message_and_frees_the_button(site, browser, answer, shown):
+    d = browser
+    _open_with_key(d, site)
+    _rule(d, "POST v1/generate", answer)
+    d.find_element("id", "generate").click()
+    _wait(d, lambda d: _text(d, "error") != "", timeout=30)
+    assert _text(d, "error") == shown
+    assert d.find_element("id", "generate").is_enabled() and _text(d, "generate-status") == ""
+
+
+def test_markup_in_a_model_list_and_an_error_message_is_shown_as_text(site, browser):
+    """A guard (it passed before the fixes above too): ids, reasons and error messages are never parsed as HTML."""
+    import json
+
+    d = browser
+    _open_with_key(d, site)
+    evil = '<img src=x onerror="window.__pwned = 1">'
+    js = {"Content-Type": "application/json"}
+    models = {"object": "list", "data": [{"id": "base", "kind": "base"},
+                                         {"id": "x" + evil, "kind": "lora" + evil, "available": False, "reason": evil},
+                                         {"id": "cn" + evil, "kind": "controlnet"}]}
+    _rule(d, "GET v1/models", {"status": 200, "body": json.dumps(models), "headers": js})
+    d.find_element("id", "save-key").click()  # lists the models again
+    _wait(d, lambda d: d.execute_script("return document.getElementById('model').options.length") == 2, timeout=30)
+    error = {"error": {"message": evil, "param": "prompt" + evil, "type": "invalid_request_error"}}
+    _rule(d, "POST v1/generate", {"status": 400, "body": json.dumps(error), "headers": js})
+    d.find_element("id", "generate").click()
+    _wait(d, lambda d: _text(d, "error") != "", timeout=30)
+    assert _text(d, "error") == f"400 prompt{evil}: {evil}"
+    assert d.execute_script("return document.getElementById('model').options[1].textContent") == \
+        f"x{evil} (lora{evil}) - unavailable: {evil}"
+    assert d.execute_script("return window.__pwned === undefined && "
+                            "document.querySelectorAll('#error *, select :not(option)').length === 0")
+
+
+def test_every_control_is_labelled_and_status_lines_are_announced(site, browser):
+    d = browser
+    d.get(site.url + "/")
+    unlabelled = d.execute_script("""
+        return [...document.querySelectorAll('input, select, textarea, button')]
+          .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+          .map((el) => el.id);""")
+    assert unlabelled == []
+    silent = d.execute_script("""
+        return ['key-status', 'generate-status', 'feedback-status', 'error'].filter((id) => {
+          const el = document.getElementById(id);
+          return !el.getAttribute('aria-live') && !['status', 'alert'].includes(el.getAttribute('role'));
+        });""")
+    assert silent == []  # screen readers hear "generating...", "done", errors
 
 
 # ------------------------------------------------------------------------------------- robustness (slow)

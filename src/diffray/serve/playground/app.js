@@ -11,7 +11,7 @@ const KEY_SLOT = "diffray.apiKey";
 const APP_ROOT = new URL("../", document.currentScript.src);
 const GALLERY_SIZE = 12;
 const $ = (id) => document.getElementById(id);
-let pair = null; // the comparison on screen: {prompt, negative_prompt, images: [{b64_json, model, ...}, ...]}
+let pair = null; // the comparison on screen: {id, prompt, negative_prompt, images: [{b64_json, model, ...}, ...]}
 
 function apiKey() {
   return sessionStorage.getItem(KEY_SLOT) || "";
@@ -23,8 +23,14 @@ function showError(message) {
   box.hidden = !message;
 }
 
+function apiError(status, message) {
+  const err = new Error(message);
+  err.status = status; // 0: no answer at all
+  return err;
+}
+
 // One API call (`path` relative to the app's root, e.g. "v1/models"): JSON in and out; an error answer
-// becomes an Error whose message a person can read.
+// (or one that is not JSON, such as a proxy's HTML page) becomes an Error whose message a person can read.
 async function api(method, path, body) {
   const headers = {"Content-Type": "application/json"};
   if (apiKey()) headers["Authorization"] = "Bearer " + apiKey();
@@ -33,16 +39,21 @@ async function api(method, path, body) {
     const init = {method, headers, body: body === undefined ? undefined : JSON.stringify(body)};
     response = await fetch(new URL(path, APP_ROOT), init);
   } catch (err) {
-    throw new Error("cannot reach the server (" + err.message + ")");
+    throw apiError(0, "cannot reach the server (" + err.message + ")");
   }
   let payload = null;
   try { payload = await response.json(); } catch (err) { payload = null; }
   if (!response.ok) {
     const e = payload && payload.error ? payload.error : {};
     const field = e.param ? e.param + ": " : "";
-    const hint = response.status === 401 ? " (enter the API key at the top)" : "";
-    throw new Error(response.status + " " + field + (e.message || response.statusText) + hint);
+    const wait = response.headers.get("Retry-After");
+    const hint = response.status === 401 ? " (enter the API key at the top)"
+      : /^\d+$/.test(wait || "") ? " (retry in " + wait + " s)" : "";
+    // statusText is empty over HTTP/2 and for many proxies' pages
+    const message = e.message || response.statusText || "no details from the server";
+    throw apiError(response.status, response.status + " " + field + message + hint);
   }
+  if (payload === null) throw apiError(response.status, response.status + " the server's answer is not JSON");
   return payload;
 }
 
@@ -117,7 +128,8 @@ async function requestBody(model, seed) {
   return body;
 }
 
-// A fresh id per click, so a retried post is stored once (getRandomValues works on plain http too).
+// One id per comparison, reused by every click on it: a retry after a lost answer is stored once, and a
+// comparison is never stored twice (getRandomValues works on plain http too).
 function newId() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -154,9 +166,11 @@ async function generate() {
   $("generate-status").textContent = "generating...";
   try {
     const seed = intOrNull("seed") ?? randomSeed();
-    const model = $("model").value;
-    const result = await api("POST", "v1/generate", await requestBody(model, seed));
-    for (const img of result.images) addToGallery(img.b64_json, $("prompt").value, model + " · seed " + img.seed);
+    const model = $("model").value || "base";
+    const body = await requestBody(model, seed);
+    const result = await api("POST", "v1/generate", body);
+    // the prompt that was sent: the box may have been edited while the images were drawn
+    for (const img of result.images) addToGallery(img.b64_json, body.prompt, model + " · seed " + img.seed);
     $("generate-status").textContent = "done";
   } catch (err) {
     showError(err.message);
@@ -182,6 +196,7 @@ function setChoicesEnabled(on) {
 async function compare() {
   showError("");
   setChoicesEnabled(false);
+  $("compare").disabled = true; // one comparison at a time: a second click must not draw (and show) another
   pair = null;
   $("feedback-status").textContent = "generating both...";
   try {
@@ -194,27 +209,41 @@ async function compare() {
       $(side + "-img").src = "data:image/png;base64," + images[i].b64_json;
       caption($(side + "-caption"), bodies[i].prompt, images[i].model + " · seed " + images[i].seed);
     });
-    pair = {prompt: bodies[0].prompt, negative_prompt: bodies[0].negative_prompt, images};
+    pair = {id: newId(), prompt: bodies[0].prompt, negative_prompt: bodies[0].negative_prompt, images};
     $("feedback-status").textContent = "Which is better?";
     setChoicesEnabled(true);
   } catch (err) {
     showError(err.message);
     $("feedback-status").textContent = "";
+  } finally {
+    $("compare").disabled = false;
   }
 }
 
+// Records a choice for the comparison on screen. Its answer may come after a newer comparison was started:
+// then that one (its buttons, its status line) is left as it is.
 async function prefer(choice) {
-  if (!pair) return;
+  const shown = pair;
+  if (!shown) return;
+  showError("");
   setChoicesEnabled(false);
-  const body = {id: newId(), prompt: pair.prompt, images: pair.images, choice};
-  if (pair.negative_prompt) body.negative_prompt = pair.negative_prompt;
+  const body = {id: shown.id, prompt: shown.prompt, images: shown.images, choice};
+  if (shown.negative_prompt) body.negative_prompt = shown.negative_prompt;
   try {
     const saved = await api("POST", "v1/feedback", body);
+    if (pair !== shown) return;
     $("feedback-status").textContent = "Recorded: " + choice.replace("_", " ") + " (" + saved.id + ")";
     pair = null;
   } catch (err) {
-    showError(err.message);
-    setChoicesEnabled(true);
+    if (pair !== shown) {
+      showError("the preference for the previous comparison was not recorded: " + err.message);
+    } else if (err.status === 409) { // an earlier click on this comparison reached the server after all
+      $("feedback-status").textContent = "Already recorded: an earlier click on this comparison reached the server";
+      pair = null;
+    } else {
+      showError(err.message);
+      setChoicesEnabled(true);
+    }
   }
 }
 
@@ -223,7 +252,14 @@ function init() {
   $("key-status").textContent = apiKey() ? "key set for this tab" : "";
   $("key-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    sessionStorage.setItem(KEY_SLOT, $("api-key").value.trim());
+    const key = $("api-key").value.trim();
+    // A header carries no other character: kept, such a key would fail every call as "cannot reach the server"
+    if (/[^\x20-\x7e]/.test(key)) {
+      showError("not used: the API key holds a character other than printable ASCII (a hidden or typographic "
+                + "character pasted with it?)");
+      return;
+    }
+    sessionStorage.setItem(KEY_SLOT, key);
     $("key-status").textContent = apiKey() ? "key set for this tab" : "no key";
     loadModels().then(() => showError(""), (err) => showError(err.message));
   });
