@@ -13,6 +13,7 @@ Set DIFFRAY_SCREENSHOT=docs/img/playground.png to refresh the README's screensho
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -165,6 +166,7 @@ def test_playground_generate_compare_prefer_and_export(site, browser, tmp_path):
                             "document.querySelectorAll('#gallery script, #gallery figcaption img').length === 0")
     Select(d.find_element("id", "left-model")).select_by_value("base")
     Select(d.find_element("id", "right-model")).select_by_value("lora-a")
+    _set(d, "scale", "0.5")  # the adapter's strength: stored with the preference (it was not)
     d.find_element("id", "compare").click()
     _wait(d, lambda d: d.find_element("id", "prefer-right").is_enabled())
     d.find_element("id", "prefer-right").click()
@@ -187,6 +189,8 @@ def test_playground_generate_compare_prefer_and_export(site, browser, tmp_path):
     rows = [r for r in export(site.db, tmp_path / "fb.parquet") if r["ranking_id"] == feedback_id]
     assert len(rows) == 1 and rows[0]["choice"] == "right" and rows[0]["caption"] == HOSTILE_PROMPT
     assert (rows[0]["model_0"], rows[0]["model_1"], rows[0]["label_0"]) == ("base", "lora-a", 0.0)
+    made = [json.loads(rows[0][f"params_{i}"]) for i in (0, 1)]
+    assert "adapter_scale" not in made[0] and made[1]["adapter_scale"] == 0.5, made
 
 
 def _show_result_for_screenshot(d) -> None:

@@ -277,3 +277,30 @@ def test_export_streams_the_store_without_copying_it_through_a_sort(tmp_path):
     assert written() - before < 1.2 * size, "the export wrote the store out twice (a temp sort of every image)"
     ids = pq.read_table(tmp_path / "o.parquet", columns=["ranking_id"]).column("ranking_id").to_pylist()
     assert ids == [f"row-{39 - i:04d}" for i in range(40)], "oldest first, not by id"
+
+
+def test_an_adapters_strength_and_controlnet_are_stored_with_the_preference(tmp_path):
+    """A comparison drawn at adapter strength 0.3 or with a ControlNet was stored as a plain adapter comparison
+    (no field for either): the pair then read as the adapter at full strength. Sent, both are kept per image and
+    exported; a record without them keeps its old shape; out of the generation API's bounds is refused."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    images = [{"b64_json": b64_png(), "model": "base", "seed": 1, "control_model": "canny", "control_scale": 0.8},
+              {"b64_json": b64_png((1, 2, 3)), "model": "lora-a", "seed": 1, "adapter_scale": 0.3}]
+    rec = record(id="made-with-0001", images=images)
+    assert rec.params[0] == {"seed": 1, "steps": None, "guidance": None, "scheduler": None, "control_model": "canny",
+                             "control_scale": 0.8}
+    assert rec.params[1]["adapter_scale"] == 0.3 and "control_model" not in rec.params[1]
+    assert record().params[0] == {"seed": 1, "steps": None, "guidance": None, "scheduler": None}
+    store = FeedbackStore(tmp_path / "fb.db")
+    store.add(rec)
+    export_parquet(tmp_path / "fb.db", tmp_path / "pairs.parquet")
+    row = pq.read_table(tmp_path / "pairs.parquet").to_pylist()[0]
+    assert json.loads(row["params_1"])["adapter_scale"] == 0.3 and json.loads(row["params_0"])["control_scale"] == 0.8
+    for bad, field in (({"adapter_scale": 9.0}, "adapter_scale"), ({"control_scale": -1}, "control_scale"),
+                       ({"control_model": "x" * 65}, "control_model")):
+        with pytest.raises(ValidationError) as err:
+            FeedbackRequest(**body(images=[{**images[1], **bad}, images[0]]))
+        assert err.value.errors()[0]["loc"] == ("images", 0, field)

@@ -36,6 +36,12 @@ class ComparedImage(Body):
     steps: int | None = Field(None, ge=1, le=10_000, description="Its sampler steps.")
     guidance: float | None = Field(None, ge=0, le=1000, allow_inf_nan=False, description="Its guidance scale.")
     scheduler: Literal[SCHEDULERS] | None = Field(None, description="Its sampler.")  # type: ignore[valid-type]
+    adapter_scale: float | None = Field(None, ge=-8.0, le=8.0, allow_inf_nan=False, description="Its adapter's "
+                                        "LoRA strength (as the request's adapter_scale).")
+    control_model: Text | None = Field(None, min_length=1, max_length=64, description="The ControlNet that "
+                                       "guided it (the request's control.model).")
+    control_scale: float | None = Field(None, ge=0.0, le=4.0, allow_inf_nan=False, description="That "
+                                        "ControlNet's conditioning scale.")
 
 
 class FeedbackRequest(Body):
@@ -97,11 +103,18 @@ def feedback_record(req: FeedbackRequest, limits: Limits, cfg: FeedbackSection, 
         raise RequestError(f"{len(req.negative_prompt)} characters; at most {limits.max_prompt_chars}",
                            param="negative_prompt")
     models = tuple(_model_id(im.model, f"images.{i}.model") for i, im in enumerate(req.images))
-    params = tuple({"seed": im.seed, "steps": im.steps, "guidance": im.guidance, "scheduler": im.scheduler}
-                   for im in req.images)
+    params = tuple(_params(im) for im in req.images)
     images = tuple(clean_png(im.b64_json, f"images.{i}.b64_json", cfg) for i, im in enumerate(req.images))
     return FeedbackRecord(req.id, prompt, req.negative_prompt, req.choice, models, params, images,  # type: ignore[arg-type]
                           user, time.time())
+
+
+def _params(im: ComparedImage) -> dict:
+    """How an image was made, as stored: seed, steps, guidance and sampler always (None when not sent); the
+    adapter's strength and the ControlNet only when sent (a record of a plain comparison keeps its old shape)."""
+    made = {"seed": im.seed, "steps": im.steps, "guidance": im.guidance, "scheduler": im.scheduler}
+    extra = {"adapter_scale": im.adapter_scale, "control_model": im.control_model, "control_scale": im.control_scale}
+    return {**made, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def key_fingerprint(token: str | None) -> str | None:

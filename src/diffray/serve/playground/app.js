@@ -193,6 +193,14 @@ function setChoicesEnabled(on) {
   document.querySelectorAll(".choices button").forEach((b) => { b.disabled = !on; });
 }
 
+// What else made an image, recorded with a preference: its adapter's strength, its ControlNet and scale.
+function madeWith(body) {
+  const made = {};
+  if (body.adapter) made.adapter_scale = body.adapter_scale;
+  if (body.control) { made.control_model = body.control.model; made.control_scale = body.control.scale; }
+  return made;
+}
+
 async function compare() {
   showError("");
   setChoicesEnabled(false);
@@ -204,7 +212,8 @@ async function compare() {
     const bodies = await Promise.all(wanted.map((s) => requestBody(s.model, s.seed)));
     const results = await Promise.all(bodies.map((b) => api("POST", "v1/generate", b)));
     const images = results.map((r, i) => ({b64_json: r.images[0].b64_json, model: wanted[i].model || "base",
-                                           seed: r.seed, steps: bodies[i].steps, guidance: bodies[i].guidance}));
+                                           seed: r.seed, steps: bodies[i].steps, guidance: bodies[i].guidance,
+                                           ...madeWith(bodies[i])}));
     ["left", "right"].forEach((side, i) => {
       $(side + "-img").src = "data:image/png;base64," + images[i].b64_json;
       caption($(side + "-caption"), bodies[i].prompt, images[i].model + " · seed " + images[i].seed);
