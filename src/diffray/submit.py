@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
@@ -160,8 +161,8 @@ def secret_files(working_dir: Path) -> list[str]:
 
 
 def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
-    """Validate a `train` or `tune` job's config here, before anything is uploaded, and warn when its runs
-    would land in the job's temporary working dir on the cluster.
+    """Validate a `train` or `tune` job's config here, before anything is uploaded, and warn about its local
+    paths that the cluster's nodes may not see (`local_path_warnings`).
 
     Raises:
         ConfigError: the config file is missing or invalid (as `diffray train` would say).
@@ -182,10 +183,25 @@ def precheck(args: list[str], working_dir: Path, err: TextIO) -> None:
         raise ConfigError(f"{config}: no such config under the working dir {working_dir}")
     overrides = [a for a in args[2:] if not a.startswith("-")]
     cfg = load_config(path, overrides) if args[0] == "train" else load_tune_job(path, overrides).train
-    storage = cfg.run.storage_path
-    if not is_uri(storage) and not Path(storage).expanduser().is_absolute():
-        print(f"diffray: warning: run.storage_path={storage} is relative: on the cluster it lands in the job's "
-              "temporary working dir; pass --storage-path (shared storage, e.g. s3://bucket/runs)", file=err)
+    for line in local_path_warnings(cfg.run.storage_path, cfg.data.path, cfg.model.path):
+        print(f"diffray: warning: {line}", file=err)
+
+
+def local_path_warnings(storage: str, data: str, model: str) -> list[str]:
+    """One line per local path of the job that the cluster's nodes may not see (an absolute one inside the working
+    dir too: the nodes unpack the upload elsewhere); none for URIs, hub ids, `builtin:` or relative data/model paths."""
+    relative = not is_uri(storage) and not Path(storage).expanduser().is_absolute()
+    lines = [f"run.storage_path={storage} is relative: on the cluster it lands in the job's temporary working dir; "
+             "pass --storage-path (shared storage, e.g. s3://bucket/runs)"] if relative else []
+    if not is_uri(storage) and not relative:  # with several nodes, each writes its checkpoints to its own disk
+        lines.append(f"run.storage_path={storage} is a local path: every node of the cluster must see it (a shared "
+                     "filesystem); else pass --storage-path (object storage, e.g. s3://bucket/runs)")
+    for field, path in (("data.path", data), ("model.path", model)):
+        if not is_uri(path) and Path(path).expanduser().is_absolute():
+            lines.append(f"{field}={path} is an absolute local path: the job reads it on the cluster's nodes, not "
+                         "from the upload; every node must see it (a shared filesystem), else use object storage "
+                         "(s3://...) or a path relative to the working dir")
+    return lines
 
 
 def runtime_env(working_dir: Path, env_vars: dict[str, str], excludes: list[str]) -> dict:
@@ -196,26 +212,39 @@ def runtime_env(working_dir: Path, env_vars: dict[str, str], excludes: list[str]
             "env_vars": {**JOB_ENV, **env_vars}}
 
 
-def upload_files(working_dir: Path, excludes: list[str]) -> dict[str, int] | None:
+def upload_limit() -> int:
+    """The most bytes the job server takes in one upload (100 MiB in Ray 2.60)."""
+    try:
+        from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
+        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+        return min(DASHBOARD_CLIENT_MAX_SIZE, GCS_STORAGE_MAX_SIZE)
+    except ImportError:
+        return 100 * 2**20  # Ray 2.60's
+
+
+def upload_files(working_dir: Path, excludes: list[str], limit: int | None = None) -> dict[str, int] | None:
     """The files Ray's zip of the working dir will hold (its own walk: the runtime env's `excludes`, .gitignore
     unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1, .rayignore), by path relative to it, each with its bytes in the
-    zip (Ray stores files uncompressed: the size plus the headers). None when this Ray has no such walk (a
-    private API: the checks that need it are then skipped, and Ray's own errors stand)."""
+    zip (Ray stores files uncompressed: the size plus the headers), until they reach `limit` (`upload_limit()`).
+    None when this Ray has no such walk (a private API: the checks that need it are skipped, Ray's errors stand)."""
     try:
         from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
     except ImportError:
         return None
     files: dict[str, int] = {}
+    total, limit = 0, upload_limit() if limit is None else limit
 
     def add(path: Path) -> None:
+        nonlocal total
         if path.is_file():
             name = path.relative_to(working_dir).as_posix()
             files[name] = path.stat().st_size + 76 + 2 * len(name)
+            total += files[name]
 
     quiet = logging.getLogger(f"{__name__}.upload")  # Ray logs each ignore file it reads again when it zips
     quiet.setLevel(logging.WARNING)
-    try:
-        _dir_travel(working_dir, [_get_excludes(working_dir, excludes)], add, logger=quiet,
+    try:  # the first exclude skips the rest of the walk once over the limit: counting all of /usr took minutes
+        _dir_travel(working_dir, [lambda _: total >= limit, _get_excludes(working_dir, excludes)], add, logger=quiet,
                     include_gitignore=os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1")
     except TypeError:  # another signature in another Ray release
         return None
@@ -223,21 +252,15 @@ def upload_files(working_dir: Path, excludes: list[str]) -> dict[str, int] | Non
 
 
 def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> None:
-    """Refuse an upload the job would fail on: a `train`/`tune` config the upload leaves out (outside the
-    working dir, or excluded), or a working dir above the job server's request limit (100 MiB in Ray 2.60),
-    which answers a bare 413 after the whole dir was zipped and sent.
+    """Refuse an upload the job would fail on: a `train`/`tune` config it leaves out (outside the working dir, or
+    excluded), or a dir over `upload_limit()` (the job server answers a bare 413 after it was all zipped and sent).
 
     Raises:
         ConfigError: naming the config and why it is left out, or the size, the limit and the largest entries.
     """
-    files = upload_files(working_dir, excludes)
+    files = upload_files(working_dir, excludes, limit := upload_limit())
     if files is None:
         return
-    try:
-        from ray._private.ray_constants import DASHBOARD_CLIENT_MAX_SIZE
-        from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
-    except ImportError:
-        DASHBOARD_CLIENT_MAX_SIZE = GCS_STORAGE_MAX_SIZE = 100 * 2**20  # Ray 2.60's
     config = job_config(args)
     # as written (a symlinked dir inside is zipped as it is named), or resolved
     if config is not None and not on_cluster_only(config):
@@ -246,22 +269,21 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
         if not inside:
             raise ConfigError(f"{config}: outside the working dir {working_dir}, so the job would not find it on "
                               "the cluster; move it under the working dir or pass --working-dir")
-        if not any(name in files for name in inside):
+        if sum(files.values()) < limit and not any(name in files for name in inside):  # else the walk stopped early
             raise ConfigError(f"{config}: left out of the upload (.gitignore, .rayignore or --exclude), so the job "
                               "would not find it on the cluster")
     sizes: dict[str, int] = {}
     for name, size in files.items():
         sizes[name.split("/")[0]] = sizes.get(name.split("/")[0], 0) + size
-    limit = min(DASHBOARD_CLIENT_MAX_SIZE, GCS_STORAGE_MAX_SIZE)
     if sum(sizes.values()) < limit:
         return
     top = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
     largest = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in
                         [kv for kv in top if kv[1] >= 2**20] or top)
-    raise ConfigError(f"--working-dir {working_dir}: {sum(sizes.values()) / 2**20:.0f} MiB to upload, over the "
-                      f"Ray job server's limit of {limit / 2**20:.0f} MiB; largest: {largest}. Leave them out with "
-                      "--exclude PATTERN or a .rayignore line (data and models belong on storage every node reads, "
-                      "e.g. s3://...)")
+    raise ConfigError(f"--working-dir {working_dir}: at least {sum(sizes.values()) / 2**20:.0f} MiB to upload, over "
+                      f"the Ray job server's limit of {limit / 2**20:.0f} MiB; largest counted: {largest}. Leave them "
+                      "out with --exclude PATTERN or a .rayignore line (data and models belong on storage every node "
+                      "reads, e.g. s3://...)")
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -367,8 +389,6 @@ def submit_job(address: str | None, args: list[str], working_dir: Path, env_vars
 
 def wait_for_end(client, job_id: str, poll_s: float = 0.5, timeout_s: float = 60.0) -> str:
     """The job's final status once its logs have ended (the status can trail the log stream)."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     info = client.get_job_info(job_id)
     while not info.status.is_terminal() and time.monotonic() < deadline:

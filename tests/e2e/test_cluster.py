@@ -333,7 +333,7 @@ def test_diffray_submit_of_an_8_gpu_job_fails_fast_naming_what_the_cluster_has(l
 def test_diffray_submit_to_an_unreachable_address_is_one_line():
     (port,) = free_ports(1)
     proc = subprocess.run([DIFFRAY, "submit", "--address", f"http://127.0.0.1:{port}", "--", "train",
-                           "configs/lora.yaml", "run.storage_path=/tmp/unused"],
+                           "configs/lora.yaml", "run.storage_path=s3://bucket/unused"],  # a local one adds a warning
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [

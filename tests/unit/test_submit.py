@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,10 +130,73 @@ def test_a_working_dir_over_the_job_servers_limit_is_one_line_naming_what_to_lea
     args = ["submit", "--working-dir", str(tmp_path), "--address", "http://127.0.0.1:9"]
     code, out = diffray([*args, "--", "generate", "--prompt", "x"], monkeypatch, capsys)
     assert code == 2 and len(out.strip().splitlines()) == 1, out
-    assert "101 MiB to upload, over the Ray job server's limit of 100 MiB; largest: data (101 MiB)" in out, out
-    assert "--exclude" in out and "ignored" not in out.split("largest:")[1]
+    assert "at least 101 MiB to upload, over the Ray job server's limit of 100 MiB; largest counted: data (101 MiB)" \
+        in out, out
+    assert "--exclude" in out and "ignored" not in out.split("largest counted:")[1]
     code, out = diffray([*args, "--exclude", "data", "--", "generate", "--prompt", "x"], monkeypatch, capsys)
     assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+
+
+def test_counting_the_upload_stops_at_the_limit(monkeypatch, capsys, tmp_path):
+    """`diffray submit --working-dir /usr` counted every file (over 100 s) before refusing: the count stops once
+    it is over the limit. Each of three folders holds a file over it, so whatever order the walk takes, it meets
+    one of them before it reaches a second folder."""
+    from diffray.submit import runtime_env, upload_files
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    wd = tmp_path / "wd"
+    for folder in ("d1", "d2", "d3"):
+        (wd / folder).mkdir(parents=True)
+        for i in range(20):
+            (wd / folder / f"small{i}.txt").write_text("x")
+        with open(wd / folder / "big.bin", "wb") as f:  # sparse: no disk used
+            f.truncate(101 * 2**20)
+    counted = upload_files(wd, runtime_env(wd, {}, [])["excludes"])
+    assert [name.endswith("big.bin") for name in counted].count(True) == 1, sorted(counted)
+    assert len({name.split("/")[0] for name in counted}) == 1 and len(counted) <= 21, sorted(counted)
+    code, out = diffray(["submit", "--working-dir", str(wd), "--address", "http://127.0.0.1:9", "--", "generate",
+                         "--prompt", "x"], monkeypatch, capsys)
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert re.search(r"at least 101 MiB to upload, over the Ray job server's limit of 100 MiB; largest counted: "
+                     r"d[123] \(101 MiB\)\. Leave", out), out
+
+
+def test_local_storage_data_and_model_paths_are_warned_about_not_uris_hub_ids_or_relative_paths():
+    """An absolute run.storage_path passed silently, though with more than one node each worker wrote its
+    checkpoints to its own disk; so did an absolute data.path or model.path, which the nodes read from their own
+    disks too (inside the working dir as well: the nodes unpack the upload elsewhere)."""
+    def warnings(*overrides):
+        err = io.StringIO()
+        precheck(["train", "configs/lora.yaml", *overrides], REPO, err)
+        return err.getvalue().splitlines()
+
+    assert warnings("run.storage_path=/mnt/shared/runs") == [
+        "diffray: warning: run.storage_path=/mnt/shared/runs is a local path: every node of the cluster must see it "
+        "(a shared filesystem); else pass --storage-path (object storage, e.g. s3://bucket/runs)"]
+    for storage, kind in [("~/runs", "a local path"), ("runs", "relative")]:  # one line each, never both
+        assert [w.split(": ")[2] for w in warnings(f"run.storage_path={storage}")] == [
+            f"run.storage_path={storage} is {kind}"]
+    data_model = warnings("run.storage_path=s3://b/runs", "data.path=/home/me/data", f"model.path={REPO}/models/sd")
+    assert data_model == [
+        f"diffray: warning: {field}={path} is an absolute local path: the job reads it on the cluster's nodes, not "
+        "from the upload; every node must see it (a shared filesystem), else use object storage (s3://...) or a "
+        "path relative to the working dir" for field, path in [("data.path", "/home/me/data"),
+                                                              ("model.path", f"{REPO}/models/sd")]]
+    for fine in (["data.path=s3://b/data", "model.path=stable-diffusion-v1-5/stable-diffusion-v1-5"],
+                 ["data.path=data/shapes", "model.path=models/sd15"]):
+        assert warnings("run.storage_path=gs://b/runs", *fine) == [], fine
+
+
+def test_local_path_warnings_do_not_stop_the_submission(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "lora.yaml").write_text((REPO / "configs" / "lora.yaml").read_text())
+    code, out = diffray(["submit", "--working-dir", str(tmp_path), "--address", "http://127.0.0.1:9",
+                         "--storage-path", "/mnt/shared/runs", "--", "train", "configs/lora.yaml",
+                         "data.path=/srv/data"], monkeypatch, capsys)
+    assert code == 1 and "cannot reach the Ray job server at http://127.0.0.1:9" in out, out
+    assert "warning: run.storage_path=/mnt/shared/runs is a local path" in out, out
+    assert "warning: data.path=/srv/data is an absolute local path" in out, out
 
 
 def test_a_config_the_upload_leaves_out_is_refused_before_uploading(monkeypatch, capsys, tmp_path):
