@@ -116,7 +116,7 @@ def data_prepare(config: Path = typer.Argument(..., help="Job YAML (its data sec
 
 @data_app.command("condition")
 def data_condition(src: str = typer.Argument(..., help="Image dataset: imagefolder, Parquet, or a URI of either"),
-                   dst: Path = typer.Argument(..., help="New folder for the paired dataset"),
+                   dst: str = typer.Argument(..., help="New folder for the paired dataset, or a URI (s3://...)"),
                    kind: str = typer.Option("canny", "--type", help="Preprocessor: canny | depth (| registered ones)"),
                    low_threshold: int = typer.Option(100, help="canny: lower hysteresis threshold"),
                    high_threshold: int = typer.Option(200, help="canny: upper hysteresis threshold"),

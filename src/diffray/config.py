@@ -89,9 +89,9 @@ class DataSection(Section):
                                     "of rows is quarantined.")
     shuffle_buffer: int = Field(256, ge=0, description="Per-epoch shuffle of each worker's rows through a local "
                                 "buffer of this size, seeded by (run.seed, epoch, rank); 0 keeps the dataset order.")
-    cache: str = Field("off", description="Latent cache: off | auto (build under the cache dir on first use, "
-                       "keyed by data, model and transform settings) | DIR or a URI such as s3://bucket/latents "
-                       "(built by `diffray data prepare`; a URI is what every node of a cluster reads).")
+    cache: str = Field("off", min_length=1, description="Latent cache: off | auto (build under the cache dir on "
+                       "first use, keyed by data, model and transform settings) | DIR or a URI such as s3://bucket/"
+                       "latents (built by `diffray data prepare`; a URI is what every node of a cluster reads).")
     validation_fraction: float = Field(0.0, ge=0.0, le=0.5, description="Hold out this fraction of the rows "
                                        "(picked by a hash of the sample id: the same rows for the same data) and "
                                        "log their denoising loss, at fixed noise and timesteps, as val_loss at "

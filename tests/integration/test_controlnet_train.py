@@ -134,7 +134,7 @@ def test_controlnet_trains_under_zero3_from_the_latent_cache(ray_cluster, tmp_pa
     assert max((trained[k] - exported[k]).abs().max().item() for k in trained) < 1e-6
 
 
-def test_data_condition_job_and_bad_pairs(s3, ray_cluster, tmp_path, tiny_model_path):
+def test_data_condition_job_and_bad_pairs(s3, ray_cluster, tmp_path, tiny_model_path, monkeypatch, capsys):
     # The Ray Data job gives the same pairs as the built-in paired set (same images, same edges).
     out, pairs, bad = condition_dataset(resolve_data_path("builtin:sample"), tmp_path / "pairs", "canny")
     assert (pairs, bad) == (32, 0) and out == str(tmp_path / "pairs")
@@ -147,9 +147,13 @@ def test_data_condition_job_and_bad_pairs(s3, ray_cluster, tmp_path, tiny_model_
     with pytest.raises(DatasetError, match="pairs: output folder exists and is not empty"):
         condition_dataset(resolve_data_path("builtin:sample"), tmp_path / "pairs", "canny")
 
-    # No shared filesystem: the tasks write the pairs straight to object storage, the same bytes.
+    # No shared filesystem: the tasks write the pairs straight to object storage, the same bytes. From the command
+    # line (its DST was a Path, which made s3://b/x s3:/b/x).
+    from testkit.cli import diffray
+
     remote = f"{s3.bucket('pairs')}/canny"
-    assert condition_dataset(resolve_data_path("builtin:sample"), remote, "canny") == (remote, 32, 0)
+    code, text = diffray(["data", "condition", "builtin:sample", remote], monkeypatch, capsys)
+    assert code == 0 and f"wrote 32 pairs to {remote} (0 quarantined)\n" in text, text
     names = [k.removeprefix(f"{remote[5:]}/") for k in s3.keys(remote)]
     top = {n for n in names if "/" not in n}
     assert len(names) == 2 * 32 + 3 and top == {"conditioning.json", "metadata.jsonl", "quarantine.jsonl"}, top
@@ -176,3 +180,43 @@ def test_data_condition_job_and_bad_pairs(s3, ray_cluster, tmp_path, tiny_model_
     # A dataset without the conditioning column: one clear line before training.
     with pytest.raises(DatasetError, match="conditioning_image"):
         run_training(cn_cfg(tmp_path, "no-column", "data.path=builtin:sample"))
+
+
+def test_data_condition_runs_that_fail_leave_dst_ready_for_a_rerun(ray_cluster, tmp_path, monkeypatch):
+    """A run that fails validation leaves DST holding only its quarantine report (named in the error), and a rerun
+    replaces it; a run that fails while writing pairs leaves no half-written images/ or conditioning/; DST that
+    cannot be created is one line naming it."""
+    from diffray.data import conditioning
+    from diffray.data.sample import write_sample_dataset
+    from diffray.errors import StorageError
+
+    good = write_sample_dataset(tmp_path / "sample", num_images=4) / "train"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "x"}}\n' for i in range(3)))
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png")
+    dst = tmp_path / "pairs"
+    with pytest.raises(DatasetError, match=rf"3 of 3 rows are bad .*report: {dst}/quarantine.jsonl"):
+        condition_dataset(str(bad), dst, "canny")
+    assert [p.name for p in dst.iterdir()] == ["quarantine.jsonl"]
+
+    real = conditioning.condition_batch
+
+    def fails_after_two_pairs(batch, **kwargs):  # a full disk or a lost node, half-way through
+        real({k: v[:2] for k, v in batch.items()}, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(conditioning, "condition_batch", fails_after_two_pairs)
+    with pytest.raises(StorageError, match=r"pairs: cannot write the paired dataset \(No space left on device\)$"):
+        condition_dataset(str(good), dst, "canny")  # one line, not Ray's traceback of the task
+    assert [p.name for p in dst.iterdir()] == ["quarantine.jsonl"], "no half-written pairs"
+    monkeypatch.undo()
+
+    assert condition_dataset(str(good), dst, "canny") == (str(dst), 4, 0)
+    assert (dst / "quarantine.jsonl").read_text() == ""  # this run's report, not the failed run's
+    assert len(list((dst / "conditioning").iterdir())) == 4 and not list(tmp_path.glob(".pairs*"))
+
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(StorageError, match=r"afile/sub: cannot create the output folder \(.*Not a directory"):
+        condition_dataset(str(good), tmp_path / "afile" / "sub", "canny")

@@ -192,3 +192,37 @@ def test_generate_control_arguments_are_checked_before_loading(tmp_path):
                           control_images=imgs, control_scales=scales)
     with pytest.raises(ModelError, match="not a ControlNet dir"):
         load_controlnet(str(tmp_path))
+
+
+def test_data_condition_refuses_a_file_or_a_used_folder_as_dst_before_any_work(tmp_path):
+    """DST a file, or a folder holding an interrupted run's pairs or other files: one line naming DST, nothing in
+    it touched, and no Ray job started (the checks come before the source is read)."""
+    from diffray.data.conditioning import condition_dataset
+    from diffray.errors import DatasetError, StorageError
+
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(StorageError, match="afile: exists and is a file; give a new or empty folder"):
+        condition_dataset(str(tmp_path / "missing-src"), tmp_path / "afile", "canny")
+    assert (tmp_path / "afile").read_text() == "keep"
+    (tmp_path / "half" / "images").mkdir(parents=True)
+    (tmp_path / "half" / "images" / "00000000.png").write_bytes(b"png")
+    with pytest.raises(DatasetError, match=r"half: holds the unfinished output of an interrupted run \(no metadata"):
+        condition_dataset(str(tmp_path / "missing-src"), tmp_path / "half", "canny")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DatasetError, match="mine: output folder exists and is not empty"):
+        condition_dataset(str(tmp_path / "missing-src"), tmp_path / "mine", "canny")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_depth_without_a_model_folder_and_an_empty_cache_setting_are_one_line_naming_them(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """`data condition --type depth` without --model-path said `depth() missing 1 required positional argument`;
+    `data.cache=` (empty) was taken as the current folder and a latent cache was built there."""
+    from testkit.cli import diffray
+
+    code, text = diffray(["data", "condition", tmp_path, tmp_path / "out", "--type", "depth"], monkeypatch, capsys)
+    assert code == 2 and text == ("diffray: error: model_path: depth needs a transformers depth-estimation model in a "
+                                  "local folder (--model-path; nothing is downloaded)\n"), text
+    with pytest.raises(ConfigError, match="data.cache"):
+        validate_config({"method": "lora", "model": {"path": "builtin:tiny"}, "data": {"path": "x", "cache": ""}})

@@ -97,3 +97,28 @@ def test_the_encoder_stores_loss_masks_beside_the_latents(tiny_model_path):
     out = Encoder(tiny_model_path, use_gpu=False)(batch)
     np.testing.assert_array_equal(out["loss_mask"], mask)
     assert out["latent_mean"].shape == (2, 4, 8, 8)
+
+
+def test_a_cache_root_inside_the_dataset_a_file_or_not_creatable_is_refused_before_any_work(tmp_path, tiny_model_path):
+    """`data.cache` inside `data.path` would put the cache's files into the dataset: a new key on every run (never
+    reused) and, for Parquet, shards read as rows. A file, or a folder below a file, cannot hold it. Each is one
+    line naming the field or path, before the key is computed or Ray is used."""
+    from diffray.data.cache import build_cache
+    from diffray.errors import ConfigError, StorageError
+
+    data = write_sample_dataset(tmp_path / "sample", num_images=2) / "train"
+    (tmp_path / "afile").write_text("keep")
+
+    def build(cache: Path) -> None:
+        cfg = load_config(REPO / "configs" / "lora.yaml", [f"data.path={data}", f"data.cache={cache}"])
+        build_cache(cfg, tiny_model_path, str(data))
+
+    for inside in (data / "latents", data):
+        with pytest.raises(ConfigError, match=rf"data\.cache: {inside} is inside the dataset {data}"):
+            build(inside)
+    assert not (data / "latents").exists()
+    with pytest.raises(ConfigError, match=r"data\.cache: .*afile is a file; give a folder"):
+        build(tmp_path / "afile")
+    with pytest.raises(StorageError, match=r"afile/sub: cannot create the latent cache folder \(Not a directory\)"):
+        build(tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -40,7 +40,7 @@ import torch
 
 from diffray import storage
 from diffray.data.raydata import in_order
-from diffray.errors import DatasetError
+from diffray.errors import ConfigError, DatasetError, StorageError
 from diffray.paths import cache_dir
 
 CACHE_VERSION = 3  # 2: control images with alpha composited on black; 3: flipped captions mirrored
@@ -103,6 +103,28 @@ def cache_root(cfg) -> str:
     if c == "off":
         raise ValueError("data.cache is off")
     return str(cache_dir() / "latents") if c == "auto" else storage.absolute(c)
+
+
+def check_cache_root(root: str, path: str) -> None:
+    """Refuse, before any work, a cache root (`data.cache`) that is a file, cannot be created, or lies inside the
+    dataset `path` it caches: every build would add files to the dataset, so its key would change on every run
+    (a new cache each time, none ever reused) and a Parquet folder would read the cache's shards as its rows.
+
+    Raises:
+        ConfigError: (field data.cache) the root is a file or inside the dataset.
+        StorageError: the local root cannot be created.
+    """
+    src = storage.absolute(path).rstrip("/")
+    if root == src or root.startswith(src + "/"):
+        raise ConfigError(f"{root} is inside the dataset {path}: its files would become part of the dataset; "
+                          "give a folder outside it", field="data.cache")
+    if storage.file_type(root) == pafs.FileType.File:
+        raise ConfigError(f"{root} is a file; give a folder for the latent cache", field="data.cache")
+    if not storage.is_uri(root):
+        try:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"{root}: cannot create the latent cache folder ({exc.strerror or exc})") from None
 
 
 class Encoder:
@@ -174,7 +196,9 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
     """
     from diffray.data.pipeline import prepare_training_dataset
 
-    out = storage.join(cache_root(cfg), cache_key(cfg, model_path, path, prompt, id_offset))
+    root = cache_root(cfg)
+    check_cache_root(root, path)
+    out = storage.join(root, cache_key(cfg, model_path, path, prompt, id_offset))
     if storage.exists(storage.join(out, CACHE_INFO)):
         return out, False
     t0 = time.time()
@@ -188,14 +212,12 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
         fs.create_dir(inner, recursive=True)
         fs.delete_dir_contents(inner, missing_dir_ok=True)
     ds, report = prepare_training_dataset(path, model_path, cfg.data, cfg.run.seed, tmp, prompt, id_offset)
-    cpus, pool = encoder_resources(cfg.scaling, ray.cluster_resources().get("CPU", 1.0))
-    encoded = ds.map_batches(Encoder, batch_size=batch_size, batch_format="numpy",
-                             fn_constructor_kwargs={"model_path": model_path, "use_gpu": cfg.scaling.use_gpu,
-                                                    "threads": int(cfg.scaling.cpus_per_worker)},
-                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus,
-                             num_gpus=1 if cfg.scaling.use_gpu else 0)
-    # rows in any order: `read_cache` returns them in sample-id order
-    encoded.write_parquet(storage.join(out, SHARDS) if remote else str(tmp / SHARDS))
+    try:
+        encode_to_parquet(ds, cfg.scaling, model_path, batch_size, storage.join(out, SHARDS) if remote
+                          else str(tmp / SHARDS))
+    except BaseException:  # a failed or interrupted build: its partial shards are never read, so none is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     info = {"key": posixpath.basename(out), "settings": cache_settings(cfg, path, prompt, id_offset),
             "model": model_path, "rows": report.used, "quarantined": len(report.quarantined),
             "build_time_s": round(time.time() - t0, 3)}
@@ -215,6 +237,17 @@ def build_cache(cfg, model_path: str, path: str, prompt: str | None = None, id_o
     log.info("latent cache %s: %d rows encoded, %d quarantined in %.1fs", out, report.used, len(report.quarantined),
              info["build_time_s"])
     return out, True
+
+
+def encode_to_parquet(ds: ray.data.Dataset, scaling, model_path: str, batch_size: int, shards: str) -> None:
+    """Encode the preprocessed rows of `ds` on a pool of `Encoder` actors and write them as Parquet to `shards`."""
+    cpus, pool = encoder_resources(scaling, ray.cluster_resources().get("CPU", 1.0))
+    encoded = ds.map_batches(Encoder, batch_size=batch_size, batch_format="numpy",
+                             fn_constructor_kwargs={"model_path": model_path, "use_gpu": scaling.use_gpu,
+                                                    "threads": int(scaling.cpus_per_worker)},
+                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=pool), num_cpus=cpus,
+                             num_gpus=1 if scaling.use_gpu else 0)
+    encoded.write_parquet(shards)  # rows in any order: `read_cache` returns them in sample-id order
 
 
 def read_cache(folder: str | Path) -> ray.data.Dataset:

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import posixpath
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 from PIL import Image
 
 from diffray import storage
-from diffray.errors import ConfigError, DatasetError
+from diffray.errors import ConfigError, DatasetError, DiffrayError, StorageError
 from diffray.registry import Registry
 from diffray.world.render import png_bytes
 
@@ -63,8 +68,11 @@ def canny(low_threshold: int = 100, high_threshold: int = 200) -> Preprocessor:
 
 
 @register("depth")
-def depth(model_path: str) -> Preprocessor:
+def depth(model_path: str | None = None) -> Preprocessor:
     """Relative depth from a transformers depth-estimation model in a local folder, as RGB (near = bright)."""
+    if not model_path:
+        raise ConfigError("depth needs a transformers depth-estimation model in a local folder (--model-path; "
+                          "nothing is downloaded)", field="model_path")
     if not Path(model_path).is_dir():
         raise ConfigError(f"depth model not found: {model_path} (a local folder; nothing is downloaded)",
                           field="model_path")
@@ -117,12 +125,61 @@ def condition_batch(batch: dict, kind: str, options: dict, out_dir: str, rules, 
 
 
 def _prepare_out(dst: str | Path) -> str:
-    """`dst` as an absolute path or URI, refused when it holds anything."""
+    """`dst` as an absolute path or URI: a new or empty folder, or one holding only the quarantine report of a
+    run that failed validation (replaced). Anything else is refused before any work, nothing in it touched.
+
+    Raises:
+        StorageError: `dst` is a file.
+        DatasetError: `dst` holds other files (the unfinished output of an interrupted run named as such).
+    """
+    from diffray.data.pipeline import QUARANTINE_FILE
+
     out = storage.absolute(dst)
     fs, root = storage.resolve(out)
-    if fs.get_file_info(root).type != pafs.FileType.NotFound and storage.list_files(fs, root, recursive=True):
-        raise DatasetError(f"{dst}: output folder exists and is not empty")
-    return out
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.File:
+        raise StorageError(f"{dst}: exists and is a file; give a new or empty folder for the paired dataset")
+    files = [] if kind == pafs.FileType.NotFound else [
+        posixpath.relpath(i.path, root) for i in storage.list_files(fs, root, recursive=True)]
+    if files in ([], [QUARANTINE_FILE]):
+        return out
+    if "metadata.jsonl" not in files and any(f.startswith((f"{IMAGES_DIR}/", f"{CONDITIONING_DIR}/")) for f in files):
+        raise DatasetError(f"{dst}: holds the unfinished output of an interrupted run (no metadata.jsonl); "
+                           "remove it or give a new folder")
+    raise DatasetError(f"{dst}: output folder exists and is not empty")
+
+
+def _make_out(out: str, dst: str | Path) -> None:
+    """Create the folder `out` (of `dst`) for the quarantine report, or fail naming it before any work."""
+    fs, root = storage.resolve(out)
+    try:
+        fs.create_dir(root, recursive=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise StorageError(f"{dst}: cannot create the output folder ({getattr(exc, 'strerror', None) or exc})") \
+            from None
+    if storage.local_path(out) is not None and not os.access(root, os.W_OK):
+        raise StorageError(f"{dst}: the output folder is not writable")
+
+
+@contextmanager
+def _written_whole(out: str) -> Iterator[str]:
+    """Where to write the pairs of `out`: on local disk a temporary sibling that replaces `out` (which holds only
+    the quarantine report) once complete (`replaced_dir`), so a failed or killed run leaves `out` as it was; on
+    object storage `out` itself, its images/ and conditioning/ removed again when the run fails."""
+    from diffray.models.export_io import replaced_dir
+
+    local = storage.local_path(out)
+    if local is not None:
+        with replaced_dir(Path(local), "paired dataset") as stage:
+            yield str(stage)
+        return
+    fs, root = storage.resolve(out)
+    try:
+        yield out
+    except BaseException:
+        for sub in (IMAGES_DIR, CONDITIONING_DIR):
+            storage._delete_quietly(fs, f"{root}/{sub}", folder=True)
+        raise
 
 
 def _finish(out: str, rows: list[dict], src: str, kind: str, options: dict) -> None:
@@ -135,6 +192,19 @@ def _finish(out: str, rows: list[dict], src: str, kind: str, options: dict) -> N
         + "\n" for r in rows))
 
 
+def _pairs(ds) -> list[dict]:
+    """The metadata rows of the pairing job `ds`. A task's I/O or diffray error is raised as the task raised it
+    (a full disk, a preprocessor's wrong size), so it reads as one line, not as Ray's traceback of the task."""
+    from diffray.data.raydata import raise_original_errors
+
+    try:
+        return raise_original_errors(ds).take_all()
+    except Exception as exc:
+        if isinstance(cause := getattr(exc, "cause", None), (OSError, DiffrayError)):
+            raise cause from None
+        raise
+
+
 def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None = None,
                       data=None) -> tuple[str, int, int]:
     """Write the paired dataset of `src` into `dst` as a Ray Data job: images/ (PNG), conditioning/
@@ -142,15 +212,19 @@ def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None
     quarantine.jsonl for rows that fail validation. Returns (dst, pairs written, rows quarantined).
 
     `data`: a config `data` section (columns, validation limits, bad-row limit); defaults when None.
-    Each task writes its files into `dst` directly, so on a multi-node cluster `dst` is a URI
-    (`s3://...`) or a shared filesystem path; `metadata.jsonl` is written last.
+    Each task writes its files into `dst` itself (on local disk into a temporary sibling renamed into place at the
+    end), so on a multi-node cluster `dst` is a URI (`s3://...`) or a shared filesystem path; `metadata.jsonl` is
+    written last.
 
     Raises:
         ConfigError: unknown preprocessor or option (before any work).
-        DatasetError: `dst` exists and is not empty; the source is unreadable or too many rows are bad.
+        DatasetError: `dst` holds files (but a failed run's quarantine report); the source is unreadable or too
+            many rows are bad (then `dst` holds that report only).
+        StorageError: `dst` is a file or cannot be created or written; a run that fails writing pairs (or is
+            interrupted) leaves `dst` as it was on local disk, without images/ and conditioning/ on object storage.
     """
     from diffray.config import DataSection
-    from diffray.data.pipeline import read_source, validate_rows
+    from diffray.data.pipeline import read_source, validate_rows, write_quarantine
     from diffray.data.validate import Rules
 
     options = dict(options or {})
@@ -159,11 +233,16 @@ def condition_dataset(src: str, dst: str | Path, kind: str, options: dict | None
     out = _prepare_out(dst)
     raw, total = read_source(src, data)
     rules = Rules.of(data)
+    _make_out(out, dst)
+    # The report goes into `out` itself: a run that fails validation leaves it there (and nothing else).
     report = validate_rows(raw, total, src, rules, data.max_bad_fraction, out)
-    rows = raw.map_batches(condition_batch, batch_format="numpy", batch_size=16,
-                           fn_kwargs={"kind": kind, "options": options, "out_dir": out,
-                                      "rules": rules, "skip": report.bad_ids}).take_all()
-    _finish(out, rows, src, kind, options)
+    with _written_whole(out) as target:
+        if target != out:
+            write_quarantine(report.quarantined, target)
+        rows = _pairs(raw.map_batches(condition_batch, batch_format="numpy", batch_size=16,
+                                      fn_kwargs={"kind": kind, "options": options, "out_dir": target,
+                                                 "rules": rules, "skip": report.bad_ids}))
+        _finish(target, rows, src, kind, options)
     log.info("conditioned %s -> %s: %d pairs (%s), %d quarantined", src, out, len(rows), kind, len(report.quarantined))
     return out, len(rows), len(report.quarantined)
 
