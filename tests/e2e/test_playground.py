@@ -206,7 +206,7 @@ def _show_result_for_screenshot(d) -> None:
 # ------------------------------------------------------------- the browser: failures, races, accessibility
 # Installed after the page loaded (app.js looks `fetch` up at each call): records each API call as
 # "METHOD v1/...", and applies the rule set for it: "hold" (the server answers; the page gets the answer
-# once the test releases it), "lose-once" (the server answers; the page gets a network error, once),
+# once the test releases it, and has handled it when `release` returns: the rest is microtasks), "lose-once" (the server answers; the page gets a network error, once),
 # "fail" (a network error; the server sees nothing) or {status, body, headers} (a made-up answer).
 NET = r"""
 const net = window.__net = {calls: [], rules: {}, gates: {}, answered: {}};
@@ -221,7 +221,12 @@ window.fetch = async (input, init) => {
   const answer = await realFetch(input, init);
   net.answered[key] = (net.answered[key] || 0) + 1;
   if (rule === "lose-once") { delete net.rules[key]; throw new TypeError("Failed to fetch"); }
-  if (rule === "hold") await new Promise((go) => (net.gates[key] = net.gates[key] || []).push(go));
+  if (rule === "hold") {  // read now: once released, the page handles it in microtasks, before the test's next call
+    const body = await answer.text();
+    await new Promise((go) => (net.gates[key] = net.gates[key] || []).push(go));
+    return {ok: answer.ok, status: answer.status, statusText: answer.statusText, headers: answer.headers,
+            json: async () => JSON.parse(body)};
+  }
   return answer;
 };
 """
@@ -315,8 +320,7 @@ def test_a_preference_answered_after_the_next_comparison_began_leaves_that_compa
     _wait(d, lambda d: _held(d, "POST v1/feedback") == 1)
     _compare(d, second)
     _rule(d, "POST v1/feedback", None)
-    d.execute_script("window.__net.release('POST v1/feedback');")
-    time.sleep(1)  # the late answer is handled
+    d.execute_script("window.__net.release('POST v1/feedback');")  # the page has handled it when this returns
     assert _text(d, "feedback-status") == "Which is better?"
     d.find_element("id", "prefer-left").click()
     _wait(d, lambda d: _text(d, "feedback-status").startswith("Recorded: left"), timeout=30)
