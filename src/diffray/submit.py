@@ -261,7 +261,7 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
     files = upload_files(working_dir, excludes, limit := upload_limit())
     if files is None:
         return
-    config = job_config(args)
+    config, counted = job_config(args), sum(files.values())  # counted < limit: the walk saw every file
     # as written (a symlinked dir inside is zipped as it is named), or resolved
     if config is not None and not on_cluster_only(config):
         names = {os.path.relpath(f(working_dir / config), working_dir) for f in (os.path.normpath, os.path.realpath)}
@@ -269,18 +269,18 @@ def check_upload(args: list[str], working_dir: Path, excludes: list[str]) -> Non
         if not inside:
             raise ConfigError(f"{config}: outside the working dir {working_dir}, so the job would not find it on "
                               "the cluster; move it under the working dir or pass --working-dir")
-        if sum(files.values()) < limit and not any(name in files for name in inside):  # else the walk stopped early
+        if counted < limit and not any(name in files for name in inside):
             raise ConfigError(f"{config}: left out of the upload (.gitignore, .rayignore or --exclude), so the job "
                               "would not find it on the cluster")
+    if counted < limit:
+        return
     sizes: dict[str, int] = {}
     for name, size in files.items():
         sizes[name.split("/")[0]] = sizes.get(name.split("/")[0], 0) + size
-    if sum(sizes.values()) < limit:
-        return
     top = sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
     largest = ", ".join(f"{name} ({size / 2**20:.0f} MiB)" for name, size in
                         [kv for kv in top if kv[1] >= 2**20] or top)
-    raise ConfigError(f"--working-dir {working_dir}: at least {sum(sizes.values()) / 2**20:.0f} MiB to upload, over "
+    raise ConfigError(f"--working-dir {working_dir}: at least {counted / 2**20:.0f} MiB to upload, over "
                       f"the Ray job server's limit of {limit / 2**20:.0f} MiB; largest counted: {largest}. Leave them "
                       "out with --exclude PATTERN or a .rayignore line (data and models belong on storage every node "
                       "reads, e.g. s3://...)")

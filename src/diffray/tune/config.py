@@ -83,8 +83,10 @@ class TuneJob:
 
     @property
     def name(self) -> str:
-        if self.tune.name or self.train is not None:
-            return self.tune.name or self.train.run.name
+        if self.tune.name:
+            return self.tune.name
+        if self.train is not None:
+            return self.train.run.name
         return str(_raw(self.base, "run", "name") or "search")
 
     @property
